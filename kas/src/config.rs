@@ -1,0 +1,326 @@
+//! kas configuration: one typed structure read from TOML, overridable by flags, validated
+//! once at start so a bad value stops the process with the field's name instead of
+//! surfacing later as a confusing runtime failure.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentListenerConfig,
+    pub observability: ObservabilityConfig,
+    pub gitlab: GitlabConfig,
+    pub agent_configuration: AgentConfigurationConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentListenerConfig {
+    /// Where agentk connects: gRPC (h2c) and gRPC over websocket share this port.
+    pub listen: SocketAddr,
+    /// Interval of HTTP/2 PINGs that find dead agents without any idle timeout.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Largest websocket message accepted from an agent.
+    pub max_websocket_message_bytes: usize,
+}
+
+impl Default for AgentListenerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8150).into(),
+            keepalive_interval: Duration::from_secs(50),
+            max_websocket_message_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilityConfig {
+    /// `/liveness`, `/readiness` and `/metrics` live here, apart from agent traffic, so a
+    /// health checker measures the pod without competing with agents.
+    pub listen: SocketAddr,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8151).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitlabConfig {
+    /// Base URL of GitLab's API, e.g. `https://gitlab.com`.
+    pub address: String,
+    /// URL agents should use for GitLab; defaults to `address`.
+    pub external_url: Option<String>,
+    /// File holding the base64 shared secret (GitLab's `.gitlab_kas_secret`).
+    pub authentication_secret_file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub api_timeout: Duration,
+    /// How long a successful token check is trusted before GitLab is asked again.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
+    /// How long a definite rejection (401/403/404) is remembered; GitLab being
+    /// unreachable is never cached.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_error_ttl: Duration,
+    /// Upper bound on remembered tokens, so a flood of random tokens cannot grow memory.
+    pub auth_cache_max_entries: usize,
+}
+
+impl Default for GitlabConfig {
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            external_url: None,
+            authentication_secret_file: PathBuf::new(),
+            api_timeout: Duration::from_secs(10),
+            auth_cache_ttl: Duration::from_secs(300),
+            auth_cache_error_ttl: Duration::from_secs(10),
+            auth_cache_max_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfigurationConfig {
+    /// How often the configuration branch is checked for a new commit.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Optional GitLab API token (read_repository) for reading the agent's config file.
+    /// Without it the agent's own token is presented, which the local GitLab stand-in accepts.
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl Default for AgentConfigurationConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(300),
+            api_token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time between `/readiness` turning 503 and the listener closing: long enough for
+    /// health checkers in front of us to stop sending new agents.
+    #[serde(with = "humantime_serde")]
+    pub readiness_delay: Duration,
+    /// How long open streams may continue after the listener closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            readiness_delay: Duration::from_secs(5),
+            drain_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `kas=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            agent: AgentListenerConfig::default(),
+            observability: ObservabilityConfig::default(),
+            gitlab: GitlabConfig::default(),
+            agent_configuration: AgentConfigurationConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file. Unknown keys are errors: a misspelt setting must not be ignored.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; the error text carries line, column and the offending key.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what the types cannot express. Called after flags are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let address = self.gitlab.address.trim();
+        if address.is_empty() {
+            return Err(invalid("gitlab.address", "is required (GitLab's base URL)"));
+        }
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(invalid(
+                "gitlab.address",
+                format!("must start with http:// or https://, got {address:?}"),
+            ));
+        }
+        if self
+            .gitlab
+            .authentication_secret_file
+            .as_os_str()
+            .is_empty()
+        {
+            return Err(invalid(
+                "gitlab.authentication_secret_file",
+                "is required (file with the base64 secret shared with GitLab)",
+            ));
+        }
+        if self.agent.listen == self.observability.listen {
+            return Err(invalid(
+                "observability.listen",
+                "must differ from agent.listen: health checks use their own port",
+            ));
+        }
+        let nonzero: [(&'static str, Duration); 5] = [
+            ("gitlab.api_timeout", self.gitlab.api_timeout),
+            ("gitlab.auth_cache_ttl", self.gitlab.auth_cache_ttl),
+            (
+                "agent_configuration.poll_interval",
+                self.agent_configuration.poll_interval,
+            ),
+            ("agent.keepalive_interval", self.agent.keepalive_interval),
+            ("shutdown.drain_deadline", self.shutdown.drain_deadline),
+        ];
+        for (field, value) in nonzero {
+            if value.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        if self.gitlab.auth_cache_max_entries == 0 {
+            return Err(invalid(
+                "gitlab.auth_cache_max_entries",
+                "must be at least 1",
+            ));
+        }
+        if self.agent.max_websocket_message_bytes < 16 * 1024 {
+            return Err(invalid(
+                "agent.max_websocket_message_bytes",
+                "must be at least 16384 (one HTTP/2 frame)",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn external_url(&self) -> &str {
+        self.gitlab
+            .external_url
+            .as_deref()
+            .unwrap_or(&self.gitlab.address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_names_the_key_and_line() {
+        let err = Config::from_toml("[gitlab]\naddress = \"http://x\"\nadress = 1\n").unwrap_err();
+        assert!(err.contains("adress"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = Config::from_toml("[shutdown]\ndrain_deadline = \"soon\"\n").unwrap_err();
+        assert!(err.contains("drain_deadline"), "{err}");
+    }
+
+    #[test]
+    fn missing_address_is_reported_by_field() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("gitlab.address"), "{err}");
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = Config::from_toml(
+            r#"
+            [agent]
+            listen = "127.0.0.1:9150"
+            keepalive_interval = "20s"
+            [observability]
+            listen = "127.0.0.1:9151"
+            [gitlab]
+            address = "https://gitlab.example.com"
+            authentication_secret_file = "/etc/kas/secret"
+            auth_cache_ttl = "1m"
+            [agent_configuration]
+            poll_interval = "2s"
+            [shutdown]
+            readiness_delay = "0s"
+            drain_deadline = "10s"
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.agent_configuration.poll_interval,
+            Duration::from_secs(2)
+        );
+        assert_eq!(cfg.external_url(), "https://gitlab.example.com");
+    }
+}

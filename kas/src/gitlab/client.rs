@@ -1,0 +1,286 @@
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use prometheus::HistogramVec;
+use serde::Deserialize;
+
+use super::jwt::{sign_api_request_jwt, JWT_HEADER};
+use super::SharedSecret;
+
+/// What GitLab tells kas about an agent token (`GET /api/v4/internal/kubernetes/agent_info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub agent_id: i64,
+    pub agent_name: String,
+    pub project_id: i64,
+    pub project_path: String,
+    pub default_branch: String,
+}
+
+/// GitLab's answer, reduced to what a gRPC caller can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GitlabError {
+    #[error("GitLab rejected the agent token")]
+    Unauthenticated,
+    #[error("GitLab denied access")]
+    PermissionDenied,
+    #[error("GitLab does not know this agent or resource")]
+    NotFound,
+    #[error("GitLab is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl GitlabError {
+    /// A definite answer about the token, as opposed to GitLab being unreachable.
+    pub fn is_definite(&self) -> bool {
+        !matches!(self, GitlabError::Unavailable(_))
+    }
+
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            GitlabError::Unauthenticated => "unauthenticated",
+            GitlabError::PermissionDenied => "permission_denied",
+            GitlabError::NotFound => "not_found",
+            GitlabError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl From<GitlabError> for tonic::Status {
+    fn from(e: GitlabError) -> Self {
+        match e {
+            // The exact message agentk shows operators for a bad token or shared secret.
+            GitlabError::Unauthenticated => tonic::Status::unauthenticated("unauthenticated"),
+            GitlabError::PermissionDenied => tonic::Status::permission_denied("forbidden"),
+            GitlabError::NotFound => tonic::Status::not_found("agent not found"),
+            GitlabError::Unavailable(_) => {
+                tonic::Status::unavailable("GitLab is unavailable, try again later")
+            }
+        }
+    }
+}
+
+/// How a repository read is authorised.
+#[derive(Clone, Copy)]
+pub enum RepoAuth<'a> {
+    /// The agent's own token (what the local GitLab stand-in accepts).
+    AgentToken(&'a str),
+    /// A GitLab API token with read_repository.
+    ApiToken(&'a str),
+}
+
+#[derive(Clone)]
+pub struct GitlabClient {
+    http: reqwest::Client,
+    base: String,
+    secret: SharedSecret,
+    latency: HistogramVec,
+}
+
+#[derive(Deserialize)]
+struct AgentInfoBody {
+    project_id: i64,
+    agent_id: i64,
+    agent_name: String,
+    #[serde(default)]
+    default_branch: String,
+    #[serde(default)]
+    gitaly_repository: Option<GitalyRepositoryBody>,
+}
+
+#[derive(Deserialize)]
+struct GitalyRepositoryBody {
+    #[serde(default)]
+    gl_project_path: String,
+}
+
+#[derive(Deserialize)]
+struct BranchBody {
+    commit: CommitBody,
+}
+
+#[derive(Deserialize)]
+struct CommitBody {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct FileBody {
+    content: String,
+    #[serde(default)]
+    encoding: String,
+}
+
+/// Percent-encodes one URL path segment the way GitLab's API wants ids and file paths
+/// (`/` becomes `%2F`).
+pub(crate) fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl GitlabClient {
+    pub fn new(
+        base: &str,
+        secret: SharedSecret,
+        timeout: Duration,
+        latency: HistogramVec,
+    ) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("kas-edge-kas/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            secret,
+            latency,
+        })
+    }
+
+    /// One GET against GitLab with kas's JWT; maps transport failures and statuses to
+    /// `GitlabError` and records latency per endpoint and outcome.
+    async fn get(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        auth: RepoAuth<'_>,
+    ) -> Result<bytes::Bytes, GitlabError> {
+        let started = Instant::now();
+        let result = self.get_inner(path, auth).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome_label(),
+        };
+        self.latency
+            .with_label_values(&[endpoint, outcome])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn get_inner(&self, path: &str, auth: RepoAuth<'_>) -> Result<bytes::Bytes, GitlabError> {
+        let jwt = sign_api_request_jwt(&self.secret).map_err(GitlabError::Unavailable)?;
+        let request = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .header(JWT_HEADER, jwt)
+            .header(http::header::ACCEPT, "application/json");
+        let request = match auth {
+            RepoAuth::AgentToken(token) => request.bearer_auth(token),
+            RepoAuth::ApiToken(token) => request.header("PRIVATE-TOKEN", token),
+        };
+        let response = request
+            .send()
+            .await
+            // reqwest's error text names the URL but never headers, so no token leaks.
+            .map_err(|e| GitlabError::Unavailable(e.without_url().to_string()))?;
+        match response.status().as_u16() {
+            200..=299 => response
+                .bytes()
+                .await
+                .map_err(|e| GitlabError::Unavailable(e.without_url().to_string())),
+            401 => Err(GitlabError::Unauthenticated),
+            403 => Err(GitlabError::PermissionDenied),
+            404 => Err(GitlabError::NotFound),
+            status => Err(GitlabError::Unavailable(format!("HTTP status {status}"))),
+        }
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, GitlabError> {
+        serde_json::from_slice(body)
+            .map_err(|e| GitlabError::Unavailable(format!("unexpected {what} response: {e}")))
+    }
+
+    pub async fn agent_info(&self, agent_token: &str) -> Result<AgentInfo, GitlabError> {
+        let body = self
+            .get(
+                "agent_info",
+                "/api/v4/internal/kubernetes/agent_info",
+                RepoAuth::AgentToken(agent_token),
+            )
+            .await?;
+        let info: AgentInfoBody = Self::decode(&body, "agent_info")?;
+        Ok(AgentInfo {
+            agent_id: info.agent_id,
+            agent_name: info.agent_name,
+            project_id: info.project_id,
+            project_path: info
+                .gitaly_repository
+                .map(|r| r.gl_project_path)
+                .unwrap_or_default(),
+            default_branch: if info.default_branch.is_empty() {
+                "main".into()
+            } else {
+                info.default_branch
+            },
+        })
+    }
+
+    /// The commit id at the head of `branch`.
+    pub async fn branch_head(
+        &self,
+        auth: RepoAuth<'_>,
+        project_id: i64,
+        branch: &str,
+    ) -> Result<String, GitlabError> {
+        let path = format!(
+            "/api/v4/projects/{project_id}/repository/branches/{}",
+            encode_segment(branch)
+        );
+        let body = self.get("branch", &path, auth).await?;
+        let branch: BranchBody = Self::decode(&body, "branch")?;
+        Ok(branch.commit.id)
+    }
+
+    /// A file's bytes at `git_ref`, or `None` when it does not exist.
+    pub async fn repository_file(
+        &self,
+        auth: RepoAuth<'_>,
+        project_id: i64,
+        file_path: &str,
+        git_ref: &str,
+    ) -> Result<Option<Vec<u8>>, GitlabError> {
+        let path = format!(
+            "/api/v4/projects/{project_id}/repository/files/{}?ref={}",
+            encode_segment(file_path),
+            encode_segment(git_ref)
+        );
+        let body = match self.get("repository_file", &path, auth).await {
+            Ok(body) => body,
+            Err(GitlabError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let file: FileBody = Self::decode(&body, "repository file")?;
+        if !file.encoding.is_empty() && file.encoding != "base64" {
+            return Err(GitlabError::Unavailable(format!(
+                "unsupported file encoding {:?}",
+                file.encoding
+            )));
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(file.content.replace(['\n', '\r'], ""))
+            .map(Some)
+            .map_err(|e| GitlabError::Unavailable(format!("file content is not base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_segment;
+
+    #[test]
+    fn segments_are_encoded_like_gitlab_expects() {
+        assert_eq!(
+            encode_segment(".gitlab/agents/demo/config.yaml"),
+            ".gitlab%2Fagents%2Fdemo%2Fconfig.yaml"
+        );
+        assert_eq!(encode_segment("a b"), "a%20b");
+    }
+}

@@ -1,0 +1,10 @@
+//! Everything kas learns, it learns from GitLab: this module is the only place that talks
+//! to GitLab's API, so the wire format and its error mapping live together.
+
+mod client;
+mod jwt;
+mod secret;
+
+pub use client::{AgentInfo, GitlabClient, GitlabError, RepoAuth};
+pub use jwt::{verify_api_request_jwt, ApiRequestClaims, JWT_AUDIENCE, JWT_HEADER, JWT_ISSUER};
+pub use secret::{SecretError, SharedSecret};

@@ -1,0 +1,25 @@
+//! A stateless GitLab agent server (kas).
+//!
+//! Agents connect over gRPC (h2c) or gRPC over a `ws-tunnel` websocket on one port; every
+//! request is authenticated with GitLab and every fact comes from GitLab, so any pod can
+//! serve any agent and pods can come and go behind the edge.
+//!
+//! Layout: [`config`] (typed settings) → [`server`] (wiring and drain) → [`listener`]
+//! (transports) → [`services`] (gRPC) → [`auth`], [`agent_config`] → [`gitlab`] (the one
+//! place that talks to GitLab). [`gitlab_standin`] and [`devstack`] run a local system.
+
+pub mod agent_config;
+pub mod auth;
+pub mod config;
+pub mod devstack;
+pub mod gitlab;
+pub mod gitlab_standin;
+mod listener;
+pub mod metrics;
+mod observability;
+pub mod server;
+mod services;
+pub mod wstunnel;
+
+pub use config::Config;
+pub use server::BoundKas;

@@ -1,0 +1,270 @@
+//! The agent port: gRPC over HTTP/2 cleartext and gRPC over a `ws-tunnel` websocket on
+//! one listener, both ending in the same tonic router.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tower::ServiceExt;
+
+use crate::config::AgentListenerConfig;
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::wstunnel::{WsByteStream, SUBPROTOCOL};
+
+/// A slow client may take this long to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer that does not answer an HTTP/2 PING within this time is dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+struct ListenerCtx {
+    routes: Routes,
+    metrics: Metrics,
+    /// Cancelled when the drain starts: every connection sends GOAWAY (HTTP/2) or closes
+    /// once idle (HTTP/1), while its open streams continue.
+    goaway: CancellationToken,
+    /// Every connection task, so the drain can wait for them.
+    tracker: TaskTracker,
+    ws_config: WebSocketConfig,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+/// One per TCP connection: counts it as a gRPC agent once it speaks HTTP/2.
+struct ConnCtx {
+    listener: Arc<ListenerCtx>,
+    grpc_guard: OnceLock<GaugeGuard>,
+}
+
+fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::new(Full::new(Bytes::from_static(text.as_bytes()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
+    req.method() == Method::GET
+        && header_has_token(req.headers(), header::CONNECTION, "upgrade")
+        && header_has_token(req.headers(), header::UPGRADE, "websocket")
+}
+
+impl ConnCtx {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        if req.version() == Version::HTTP_2 {
+            self.grpc_guard.get_or_init(|| {
+                GaugeGuard::new(
+                    self.listener
+                        .metrics
+                        .connected_agents
+                        .with_label_values(&["grpc"]),
+                )
+            });
+            return self.listener.routes.clone().oneshot(req).await;
+        }
+        if is_websocket_upgrade(&req) {
+            return Ok(self.listener.clone().accept_websocket(req));
+        }
+        Ok(text_response(
+            StatusCode::BAD_REQUEST,
+            "this is the kas agent port: speak gRPC over HTTP/2 or open a ws-tunnel websocket\n",
+        ))
+    }
+}
+
+impl ListenerCtx {
+    /// Answers the upgrade and, once hyper hands over the socket, serves HTTP/2 inside.
+    fn accept_websocket(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let headers = req.headers();
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        {
+            let mut r = text_response(
+                StatusCode::UPGRADE_REQUIRED,
+                "websocket version 13 required\n",
+            );
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                header::HeaderValue::from_static("13"),
+            );
+            return r;
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return text_response(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        };
+        if !header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL) {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "websocket subprotocol ws-tunnel is required\n",
+            );
+        }
+        let accept = derive_accept_key(key.as_bytes());
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        self.tracker.clone().spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket upgrade failed");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(self.ws_config),
+            )
+            .await;
+            let _guard = GaugeGuard::new(
+                self.metrics
+                    .connected_agents
+                    .with_label_values(&["websocket"]),
+            );
+            let conn = self.h2.serve_connection(
+                TokioIo::new(WsByteStream::new(ws)),
+                TowerToHyperService::new(self.routes.clone()),
+            );
+            if let Err(e) = until_goaway(conn, &self.goaway, |c| c.graceful_shutdown()).await {
+                tracing::debug!(error = %e, "websocket tunnel ended with an error");
+            }
+        });
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("upgrade"),
+        );
+        h.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::HeaderValue::from_static(SUBPROTOCOL),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        response
+    }
+}
+
+/// Drives a connection; when `goaway` fires, asks it to shut down gracefully and keeps
+/// driving it until its last stream is done.
+async fn until_goaway<F, E>(
+    conn: F,
+    goaway: &CancellationToken,
+    start_graceful: impl FnOnce(std::pin::Pin<&mut F>),
+) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => return result,
+        _ = goaway.cancelled() => {}
+    }
+    start_graceful(conn.as_mut());
+    conn.await
+}
+
+/// Handles for draining the agent listener's connections.
+#[derive(Clone, Default)]
+pub(crate) struct Drain {
+    pub goaway: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Accepts agents until `stop` fires. Connections outlive the accept loop; they are
+/// drained through `drain`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    cfg: &AgentListenerConfig,
+    metrics: Metrics,
+    stop: CancellationToken,
+    drain: Drain,
+) {
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .keep_alive_interval(Some(cfg.keepalive_interval))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(cfg.keepalive_interval))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let ctx = Arc::new(ListenerCtx {
+        routes,
+        metrics,
+        goaway: drain.goaway.clone(),
+        tracker: drain.tracker.clone(),
+        ws_config: WebSocketConfig::default()
+            .max_message_size(Some(cfg.max_websocket_message_bytes))
+            .max_frame_size(Some(cfg.max_websocket_message_bytes)),
+        h2,
+    });
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_ctx = Arc::new(ConnCtx {
+            listener: ctx.clone(),
+            grpc_guard: OnceLock::new(),
+        });
+        let service = service_fn(move |req| conn_ctx.clone().handle(req));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let goaway = drain.goaway.clone();
+        drain.tracker.spawn(async move {
+            if let Err(e) = until_goaway(conn, &goaway, |c| c.graceful_shutdown()).await {
+                tracing::debug!(%peer, error = %e, "agent connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,168 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use kas::devstack::{DevStack, DevStackOptions};
+use kas::{BoundKas, Config};
+
+/// A stateless GitLab agent server.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Agent listener address (gRPC and websocket), e.g. 0.0.0.0:8150.
+    #[arg(long)]
+    agent_listen: Option<SocketAddr>,
+    /// Observability listener address (/liveness, /readiness, /metrics).
+    #[arg(long)]
+    observability_listen: Option<SocketAddr>,
+    /// GitLab base URL.
+    #[arg(long)]
+    gitlab_address: Option<String>,
+    /// File with the base64 secret shared with GitLab.
+    #[arg(long)]
+    gitlab_secret_file: Option<PathBuf>,
+    /// Name reported in logs and diagnostics (defaults to $POD_NAME or the host name).
+    #[arg(long)]
+    pod_name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and exit.
+    Check(ServeArgs),
+    /// Start the local stack: a GitLab stand-in and three kas pods on loopback.
+    Dev {
+        /// Directory for the generated secret, demo token and demo repository.
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+    },
+}
+
+impl ServeArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.agent_listen {
+            config.agent.listen = v;
+        }
+        if let Some(v) = self.observability_listen {
+            config.observability.listen = v;
+        }
+        if let Some(v) = &self.gitlab_address {
+            config.gitlab.address = v.clone();
+        }
+        if let Some(v) = &self.gitlab_secret_file {
+            config.gitlab.authentication_secret_file = v.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn pod_name(&self) -> String {
+        self.pod_name
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "kas".into())
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Check(args)) => {
+            let config = args.load()?;
+            kas::gitlab::SharedSecret::from_file(&config.gitlab.authentication_secret_file)?;
+            println!("configuration is valid");
+            Ok(())
+        }
+        Some(Command::Dev { dir }) => {
+            init_logging("info");
+            let opts = DevStackOptions {
+                dir,
+                ..DevStackOptions::default()
+            };
+            let stack = DevStack::start(&opts).await?;
+            println!(
+                "\nkas local stack is up (Ctrl-C stops it)\n{}",
+                stack.describe()
+            );
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                termination().await;
+                let _ = tx.send(true);
+            });
+            stack.run(rx).await
+        }
+        None => {
+            let config = cli.serve.load()?;
+            init_logging(&config.log.level);
+            let kas = BoundKas::bind(config, &cli.serve.pod_name())
+                .await
+                .context("kas cannot start")?;
+            kas.run(termination()).await
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kas: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Prometheus metrics of one kas instance. Each instance owns its registry so several kas
+//! pods can run in one process (the local stack, tests) without mixing their numbers.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open agent connections by transport (`grpc` = h2c, `websocket`).
+    pub connected_agents: IntGaugeVec,
+    /// Open RPC streams by method.
+    pub streams: IntGaugeVec,
+    /// Token checks by outcome (`ok`, `cached`, `unauthenticated`, ...).
+    pub auth_results: IntCounterVec,
+    /// GitLab API latency by endpoint and outcome.
+    pub gitlab_api_latency: HistogramVec,
+    /// Configuration messages sent to agents, and failures to produce one.
+    pub config_events: IntCounterVec,
+    /// 1 while ready to take new agents.
+    pub ready: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+    // Names are constants of this module; a clash is a programming error caught by tests.
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let connected_agents = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "kas_connected_agents",
+                    "Open agent connections by transport.",
+                ),
+                &["transport"],
+            )
+            .expect("valid metric"),
+        );
+        let streams = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("kas_open_streams", "Open gRPC streams by method."),
+                &["method"],
+            )
+            .expect("valid metric"),
+        );
+        let auth_results = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("kas_auth_results_total", "Agent token checks by outcome."),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        let gitlab_api_latency = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "kas_gitlab_api_request_duration_seconds",
+                    "GitLab API request latency by endpoint and outcome.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["endpoint", "outcome"],
+            )
+            .expect("valid metric"),
+        );
+        let config_events = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "kas_agent_configuration_events_total",
+                    "Configurations sent to agents (`sent`) and failures to read one.",
+                ),
+                &["event"],
+            )
+            .expect("valid metric"),
+        );
+        let ready = register(
+            &registry,
+            IntGauge::new("kas_ready", "1 while this kas accepts new agents.")
+                .expect("valid metric"),
+        );
+        Self {
+            registry,
+            connected_agents,
+            streams,
+            auth_results,
+            gitlab_api_latency,
+            config_events,
+            ready,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Holds a gauge up for as long as the guard lives (a connection, a stream).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,164 @@
+//! Wires one kas instance together and runs its lifecycle, including the drain order the
+//! edge depends on: readiness 503 → wait → stop accepting + GOAWAY → streams run until the
+//! deadline → remaining streams end with OK → exit.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent_config::GitlabApiSource;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::gitlab::{GitlabClient, SharedSecret};
+use crate::listener::{self, Drain};
+use crate::metrics::Metrics;
+use crate::observability::Observability;
+use crate::services::{self, Shared};
+
+/// After the deadline ends parked streams, connections get this long to say goodbye.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// A kas whose ports are bound (so tests can bind `:0` and learn the addresses) but that
+/// does not serve until [`BoundKas::run`].
+pub struct BoundKas {
+    config: Config,
+    agent_listener: TcpListener,
+    obs_listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+async fn bind(addr: SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {field} = {addr}"))
+}
+
+impl BoundKas {
+    /// Checks the configuration's external inputs (secret file, token file) and binds the
+    /// ports. `pod_name` is reported by the diagnostics service and in logs.
+    pub async fn bind(config: Config, pod_name: &str) -> anyhow::Result<Self> {
+        config.validate()?;
+        let secret = SharedSecret::from_file(&config.gitlab.authentication_secret_file)
+            .context("gitlab.authentication_secret_file")?;
+        let metrics = Metrics::new();
+        let gitlab = GitlabClient::new(
+            &config.gitlab.address,
+            secret,
+            config.gitlab.api_timeout,
+            metrics.gitlab_api_latency.clone(),
+        )?;
+        let config_source = GitlabApiSource::new(
+            gitlab.clone(),
+            config.agent_configuration.api_token_file.as_deref(),
+        )?;
+        let auth = Authenticator::new(
+            gitlab,
+            metrics.clone(),
+            config.gitlab.auth_cache_ttl,
+            config.gitlab.auth_cache_error_ttl,
+            config.gitlab.auth_cache_max_entries,
+        );
+        let agent_listener = bind(config.agent.listen, "agent.listen").await?;
+        let obs_listener = bind(config.observability.listen, "observability.listen").await?;
+        let shared = Arc::new(Shared {
+            auth,
+            config_source: Arc::new(config_source),
+            metrics,
+            poll_interval: config.agent_configuration.poll_interval,
+            gitlab_external_url: config.external_url().to_owned(),
+            pod_name: pod_name.to_owned(),
+            end_streams: CancellationToken::new(),
+        });
+        Ok(Self {
+            config,
+            agent_listener,
+            obs_listener,
+            shared,
+        })
+    }
+
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.agent_listener
+            .local_addr()
+            .unwrap_or(self.config.agent.listen)
+    }
+
+    pub fn observability_addr(&self) -> SocketAddr {
+        self.obs_listener
+            .local_addr()
+            .unwrap_or(self.config.observability.listen)
+    }
+
+    /// Serves until `shutdown` resolves, then drains. Returns once every connection is
+    /// closed or the drain deadline (plus a short flush) has passed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let pod = self.shared.pod_name.clone();
+        let agent_addr = self.agent_addr();
+        let obs_addr = self.observability_addr();
+        let ready = Arc::new(AtomicBool::new(true));
+        let metrics = self.shared.metrics.clone();
+        metrics.ready.set(1);
+
+        let obs_stop = CancellationToken::new();
+        let obs = Observability {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+        };
+        let obs_task = tokio::spawn(obs.serve(self.obs_listener, obs_stop.clone()));
+
+        let stop_accepting = CancellationToken::new();
+        let drain = Drain::default();
+        let routes = services::routes(self.shared.clone());
+        let agent_cfg = self.config.agent.clone();
+        let accept_task = {
+            let (stop, drain, metrics) = (stop_accepting.clone(), drain.clone(), metrics.clone());
+            tokio::spawn(async move {
+                listener::serve(
+                    self.agent_listener,
+                    routes,
+                    &agent_cfg,
+                    metrics,
+                    stop,
+                    drain,
+                )
+                .await
+            })
+        };
+        tracing::info!(%pod, %agent_addr, %obs_addr, "kas serving");
+
+        shutdown.await;
+        let cfg = &self.config.shutdown;
+        ready.store(false, Ordering::SeqCst);
+        metrics.ready.set(0);
+        tracing::info!(%pod, delay = ?cfg.readiness_delay, "shutdown: readiness is now 503");
+        tokio::time::sleep(cfg.readiness_delay).await;
+
+        stop_accepting.cancel();
+        accept_task.await.context("agent listener task failed")?;
+        drain.goaway.cancel();
+        drain.tracker.close();
+        tracing::info!(%pod, deadline = ?cfg.drain_deadline, "shutdown: listener closed, GOAWAY sent, draining");
+        let drained = drain.tracker.wait();
+        tokio::pin!(drained);
+        tokio::select! {
+            _ = &mut drained => tracing::info!(%pod, "shutdown: all connections drained"),
+            _ = tokio::time::sleep(cfg.drain_deadline) => {
+                tracing::info!(%pod, "shutdown: drain deadline reached, ending open streams");
+                self.shared.end_streams.cancel();
+                if tokio::time::timeout(FINAL_FLUSH, &mut drained).await.is_err() {
+                    tracing::warn!(%pod, "shutdown: connections still open after the final flush; closing");
+                }
+            }
+        }
+        obs_stop.cancel();
+        let _ = obs_task.await;
+        tracing::info!(%pod, "shutdown complete");
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! The gRPC services kas offers agents. Each authenticates its caller through GitLab, so
+//! any kas pod can serve any agent.
+
+mod configuration;
+mod diagnostics;
+mod registrar;
+mod tunnel;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic::service::Routes;
+
+use kas_proto::agent_configuration::agent_configuration_server::AgentConfigurationServer;
+use kas_proto::agent_registrar::agent_registrar_server::AgentRegistrarServer;
+use kas_proto::diagnostics::diagnostics_server::DiagnosticsServer;
+use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
+
+use crate::agent_config::ConfigSource;
+use crate::auth::Authenticator;
+use crate::metrics::{GaugeGuard, Metrics};
+
+/// State every service shares.
+pub struct Shared {
+    pub auth: Authenticator,
+    pub config_source: Arc<dyn ConfigSource>,
+    pub metrics: Metrics,
+    pub poll_interval: Duration,
+    pub gitlab_external_url: String,
+    /// Reported by the diagnostics service so callers can see which pod answered.
+    pub pod_name: String,
+    /// Cancelled at the drain deadline: long-lived streams end with OK so agents
+    /// reconnect elsewhere instead of being cut.
+    pub end_streams: CancellationToken,
+}
+
+impl Shared {
+    fn stream_guard(&self, method: &str) -> GaugeGuard {
+        GaugeGuard::new(self.metrics.streams.with_label_values(&[method]))
+    }
+}
+
+/// All agent-facing services as one router, shared by the h2c and websocket paths.
+pub fn routes(shared: Arc<Shared>) -> Routes {
+    // agentk compresses every call with gzip; answer in kind.
+    let gzip = CompressionEncoding::Gzip;
+    let health = {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        // The reporter only needs to live while the status is set; SERVING is the default
+        // for the empty service name, and readiness is handled on the observability port.
+        drop(reporter);
+        service
+    };
+    Routes::new(
+        AgentConfigurationServer::new(configuration::AgentConfigurationService::new(
+            shared.clone(),
+        ))
+        .accept_compressed(gzip)
+        .send_compressed(gzip),
+    )
+    .add_service(
+        AgentRegistrarServer::new(registrar::AgentRegistrarService::new(shared.clone()))
+            .accept_compressed(gzip)
+            .send_compressed(gzip),
+    )
+    .add_service(
+        ReverseTunnelServer::new(tunnel::ReverseTunnelService::new(shared.clone()))
+            .accept_compressed(gzip)
+            .send_compressed(gzip),
+    )
+    .add_service(
+        DiagnosticsServer::new(diagnostics::DiagnosticsService::new(shared))
+            .accept_compressed(gzip),
+    )
+    .add_service(health)
+}

@@ -1,0 +1,69 @@
+//! The wire protocol between agentk, the edge and kas.
+//!
+//! Package, service, method and field numbers follow GitLab's `gitlab-agent` project so a
+//! real agent talks to our kas unchanged. The module tree mirrors the proto packages.
+
+pub mod gitlab {
+    pub mod agent {
+        pub mod entity {
+            tonic::include_proto!("gitlab.agent.entity");
+        }
+        pub mod agentcfg {
+            tonic::include_proto!("gitlab.agent.agentcfg");
+        }
+        pub mod prototool {
+            tonic::include_proto!("gitlab.agent.prototool");
+        }
+        pub mod agent_configuration {
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.agent_configuration.rpc");
+            }
+        }
+        pub mod agent_registrar {
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.agent_registrar.rpc");
+            }
+        }
+        pub mod reverse_tunnel {
+            pub mod info {
+                tonic::include_proto!("gitlab.agent.reverse_tunnel.info");
+            }
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.reverse_tunnel.rpc");
+            }
+        }
+    }
+}
+
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+pub use gitlab::agent::agent_configuration::rpc as agent_configuration;
+pub use gitlab::agent::agent_registrar::rpc as agent_registrar;
+pub use gitlab::agent::agentcfg;
+pub use gitlab::agent::entity;
+pub use gitlab::agent::reverse_tunnel::rpc as reverse_tunnel;
+
+pub mod kas_edge {
+    pub mod diagnostics {
+        pub mod v1 {
+            tonic::include_proto!("kas_edge.diagnostics.v1");
+        }
+    }
+}
+
+pub use kas_edge::diagnostics::v1 as diagnostics;
+
+/// gRPC method paths, for routing and per-method metrics without string typos.
+pub mod paths {
+    pub const GET_CONFIGURATION: &str =
+        "/gitlab.agent.agent_configuration.rpc.AgentConfiguration/GetConfiguration";
+    pub const REGISTER: &str = "/gitlab.agent.agent_registrar.rpc.AgentRegistrar/Register";
+    pub const REVERSE_TUNNEL_CONNECT: &str =
+        "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect";
+    pub const DIAGNOSTICS_PING: &str = "/kas_edge.diagnostics.v1.Diagnostics/Ping";
+    pub const DIAGNOSTICS_ECHO: &str = "/kas_edge.diagnostics.v1.Diagnostics/Echo";
+}

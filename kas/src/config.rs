@@ -31,7 +31,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub agent: AgentListenerConfig,
@@ -172,19 +172,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            agent: AgentListenerConfig::default(),
-            observability: ObservabilityConfig::default(),
-            gitlab: GitlabConfig::default(),
-            agent_configuration: AgentConfigurationConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 impl Config {
     /// Reads a TOML file. Unknown keys are errors: a misspelt setting must not be ignored.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -226,7 +213,7 @@ impl Config {
                 "is required (file with the base64 secret shared with GitLab)",
             ));
         }
-        if self.agent.listen == self.observability.listen {
+        if self.agent.listen == self.observability.listen && self.agent.listen.port() != 0 {
             return Err(invalid(
                 "observability.listen",
                 "must differ from agent.listen: health checks use their own port",

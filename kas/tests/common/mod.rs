@@ -66,7 +66,6 @@ impl Harness {
         config.shutdown.readiness_delay = Duration::from_millis(500);
         config.shutdown.drain_deadline = Duration::from_secs(3);
         tweak(&mut config);
-        // Port 0 for both listeners would be "equal" to validation; give obs its own.
         let kas = BoundKas::bind(config, "kas-test").await.unwrap();
         let agent_addr = kas.agent_addr();
         let obs_addr = kas.observability_addr();

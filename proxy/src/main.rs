@@ -1,1 +1,63 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use kas_edge::EdgeConfig;
+
+/// The edge in front of GitLab's agent server (kas).
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the edge.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (and the files it names) and exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Check { config } => EdgeConfig::from_file(&config)
+            .map(|_| {
+                println!("{}: configuration is valid", config.display());
+            })
+            .map_err(anyhow::Error::from),
+        Command::Run { config } => EdgeConfig::from_file(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| {
+                init_logging(&cfg.log.level);
+                kas_edge::edge::run(cfg)
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kas-edge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

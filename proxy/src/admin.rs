@@ -1,0 +1,174 @@
+//! The edge's own plain-HTTP endpoints, served outside pingora on a small side runtime so
+//! they keep answering while pingora's listeners drain:
+//! - the admin port: `/healthz`, `/readyz` (503 from the first moment of a drain), `/metrics`;
+//! - the optional `:80` listener: health and ACME paths answered, everything else
+//!   redirected to https.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::metrics::EdgeMetrics;
+use crate::pool::Pool;
+
+/// What the admin endpoints report.
+pub struct EdgeState {
+    pub ready: AtomicBool,
+    pub pool: Arc<Pool>,
+    pub metrics: EdgeMetrics,
+    pub https_port: u16,
+}
+
+impl EdgeState {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Serves `handler` on `listener` over HTTP/1.1 until the process ends.
+pub async fn serve<F>(listener: TcpListener, handler: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| {
+                let response = handler(&req);
+                async move { Ok::<_, Infallible>(response) }
+            }),
+        );
+        tokio::spawn(conn);
+    }
+}
+
+pub fn admin_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) -> Response<Body> {
+    move |req| {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if state.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/metrics" => {
+                let mut r = text(StatusCode::OK, state.metrics.render(&state.pool));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            _ => text(StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n"),
+        }
+    }
+}
+
+/// Builds the https URL for a plain-HTTP request, keeping the host and path.
+fn https_location(req: &Request<Incoming>, https_port: u16) -> Option<String> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())?;
+    // Strip a port, minding IPv6 literals like [::1]:80.
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if name.is_empty() || name.contains(['/', '@', ' ']) {
+        return None;
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    Some(if https_port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{https_port}{path}")
+    })
+}
+
+pub fn redirect_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) -> Response<Body> {
+    move |req| {
+        let path = req.uri().path();
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if path.starts_with("/.well-known/acme-challenge/") {
+            return text(StatusCode::NOT_FOUND, "no ACME challenge pending\n");
+        }
+        match https_location(req, state.https_port) {
+            Some(location) => {
+                let mut r = text(StatusCode::PERMANENT_REDIRECT, format!("see {location}\n"));
+                if let Ok(v) = header::HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                r
+            }
+            None => text(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"),
+        }
+    }
+}
+
+/// A future for a fixed-address listener, bound now so a busy port fails start-up with a
+/// clear message instead of later inside a task.
+pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))
+}
+
+/// Keeps `f` from being dropped if the side runtime is asked to run it detached.
+pub fn spawn_named(
+    rt: &tokio::runtime::Handle,
+    name: &'static str,
+    f: impl Future<Output = ()> + Send + 'static,
+) {
+    rt.spawn(async move {
+        f.await;
+        tracing::debug!(task = name, "background task ended");
+    });
+}

@@ -1,0 +1,404 @@
+//! The edge's configuration: one TOML file, one typed structure, validated at load so
+//! that a bad value stops the edge (or `kas-edge check`) with the file, line and field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's message names the line, column and key.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub discovery: DiscoveryConfig,
+    pub health: HealthConfig,
+    pub upstream: UpstreamConfig,
+    pub downstream: DownstreamConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// The public TLS listener agents connect to.
+    pub https: SocketAddr,
+    /// Plain HTTP: health and ACME paths, everything else redirected to https. Optional.
+    pub http: Option<SocketAddr>,
+    /// The edge's own `/healthz`, `/readyz`, `/metrics`.
+    pub admin: SocketAddr,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            https: ([0, 0, 0, 0], 443).into(),
+            http: Some(([0, 0, 0, 0], 80).into()),
+            admin: ([0, 0, 0, 0], 8081).into(),
+            threads: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificates, chosen by SNI from their names; the first is the default. Empty:
+    /// a self-signed certificate for `hosts` is generated at start (development only).
+    pub certificates: Vec<CertificateConfig>,
+    /// Public host names of the edge (e.g. `kas.gitlab.com`), used for a generated certificate.
+    pub hosts: Vec<String>,
+    /// Where a generated certificate is written, so clients can be told to trust it.
+    pub self_signed_dir: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            certificates: Vec::new(),
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            self_signed_dir: None,
+        }
+    }
+}
+
+/// How kas pods are found. Every source yields pod IP:port pairs; traffic goes there
+/// directly, never through a Service's virtual IP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DiscoveryConfig {
+    /// A fixed list of pod addresses.
+    Static { endpoints: Vec<SocketAddr> },
+    /// A headless Service's DNS name, re-resolved (A and AAAA) at `interval`.
+    Dns {
+        name: String,
+        port: u16,
+        #[serde(default = "default_dns_interval", with = "humantime_serde")]
+        interval: Duration,
+    },
+    /// EndpointSlices of a Service, watched through the Kubernetes API (in-cluster).
+    Kubernetes {
+        #[serde(default)]
+        namespace: Option<String>,
+        service: String,
+        #[serde(default)]
+        port_name: Option<String>,
+        #[serde(default)]
+        port: Option<u16>,
+    },
+}
+
+fn default_dns_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig::Static {
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+/// Active checks of each pod's observability port, like a GKE BackendConfig healthCheck.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// kas serves `/readiness` on its observability port, not the traffic port.
+    pub port: u16,
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passes before a pod gets traffic (also for new pods).
+    pub healthy_threshold: u32,
+    /// Consecutive failures before a pod stops getting new traffic.
+    pub unhealthy_threshold: u32,
+    /// After a failed connect or reset, the pod gets no new traffic for this long.
+    #[serde(with = "humantime_serde")]
+    pub passive_backoff: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            port: 8151,
+            path: "/readiness".into(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+            passive_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Concurrent gRPC streams per upstream HTTP/2 connection (pingora's default is 1).
+    pub max_h2_streams: usize,
+    /// HTTP/2 PINGs find dead pods without an idle timeout on healthy streams.
+    #[serde(with = "humantime_serde")]
+    pub h2_ping_interval: Duration,
+    /// TCP keepalive idle time towards pods.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    /// How many pods a request may try when connecting fails.
+    pub max_connect_attempts: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            max_h2_streams: 256,
+            h2_ping_interval: Duration::from_secs(30),
+            tcp_keepalive: Duration::from_secs(60),
+            max_connect_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamConfig {
+    /// TCP keepalive idle time towards agents: how dead peers are found, since no idle
+    /// timeout may cut a healthy agent connection.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        Self {
+            tcp_keepalive: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Between `/readyz` turning 503 and the listeners closing: time for the load
+    /// balancer in front to stop sending new connections.
+    #[serde(with = "humantime_serde")]
+    pub readiness_delay: Duration,
+    /// How long open websockets and streams may continue after the listeners closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            readiness_delay: Duration::from_secs(5),
+            drain_deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+impl EdgeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: EdgeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot; `path` only labels the errors.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        if self.listen.threads == 0 {
+            return Err(invalid("listen.threads", "must be at least 1".into()));
+        }
+        let mut addrs = vec![
+            ("listen.https", self.listen.https),
+            ("listen.admin", self.listen.admin),
+        ];
+        if let Some(http) = self.listen.http {
+            addrs.push(("listen.http", http));
+        }
+        for (i, (name, a)) in addrs.iter().enumerate() {
+            if let Some((other, _)) = addrs[..i].iter().find(|(_, b)| b == a && a.port() != 0) {
+                return Err(invalid(name, format!("{a} is already used by {other}")));
+            }
+        }
+        if self.tls.certificates.is_empty() && self.tls.hosts.is_empty() {
+            return Err(invalid(
+                "tls.hosts",
+                "needed to generate a certificate when tls.certificates is empty".into(),
+            ));
+        }
+        match &self.discovery {
+            DiscoveryConfig::Static { endpoints } if endpoints.is_empty() => {
+                return Err(invalid(
+                    "discovery.endpoints",
+                    "list at least one kas pod address (ip:port)".into(),
+                ))
+            }
+            DiscoveryConfig::Dns { name, interval, .. } => {
+                if name.trim().is_empty() {
+                    return Err(invalid("discovery.name", "must not be empty".into()));
+                }
+                if interval.is_zero() {
+                    return Err(invalid(
+                        "discovery.interval",
+                        "must be greater than zero".into(),
+                    ));
+                }
+            }
+            DiscoveryConfig::Kubernetes { service, .. } if service.trim().is_empty() => {
+                return Err(invalid("discovery.service", "must not be empty".into()))
+            }
+            _ => {}
+        }
+        if !self.health.path.starts_with('/') {
+            return Err(invalid("health.path", "must start with /".into()));
+        }
+        for (field, value) in [
+            ("health.interval", self.health.interval),
+            ("health.timeout", self.health.timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.h2_ping_interval", self.upstream.h2_ping_interval),
+            ("shutdown.drain_deadline", self.shutdown.drain_deadline),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(field, "must be greater than zero".into()));
+            }
+        }
+        if self.health.timeout > self.health.interval {
+            return Err(invalid(
+                "health.timeout",
+                "must not exceed health.interval".into(),
+            ));
+        }
+        for (field, value) in [
+            ("health.healthy_threshold", self.health.healthy_threshold),
+            (
+                "health.unhealthy_threshold",
+                self.health.unhealthy_threshold,
+            ),
+            (
+                "upstream.max_connect_attempts",
+                self.upstream.max_connect_attempts,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
+        if self.upstream.max_h2_streams == 0 {
+            return Err(invalid(
+                "upstream.max_h2_streams",
+                "must be at least 1".into(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<EdgeConfig, String> {
+        let config: EdgeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config
+            .validate(Path::new("edge.toml"))
+            .map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    const MINIMAL: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n";
+
+    #[test]
+    fn minimal_static_config() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.health.port, 8151);
+        assert_eq!(c.upstream.max_h2_streams, 256);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let err = parse(&format!("{MINIMAL}[health]\nintervall = \"1s\"\n")).unwrap_err();
+        assert!(err.contains("intervall") && err.contains("line 5"), "{err}");
+        let err = parse(&format!("{MINIMAL}[health]\ntimeout = \"9s\"\n")).unwrap_err();
+        assert!(err.contains("health.timeout"), "{err}");
+        let err = parse("[discovery]\nkind = \"static\"\nendpoints = []\n").unwrap_err();
+        assert!(err.contains("discovery.endpoints"), "{err}");
+        let err = parse("[discovery]\nkind = \"consul\"\n").unwrap_err();
+        assert!(err.contains("consul"), "{err}");
+    }
+
+    #[test]
+    fn dns_and_kubernetes_sources() {
+        let c =
+            parse("[discovery]\nkind = \"dns\"\nname = \"kas.gitlab.svc\"\nport = 8150\n").unwrap();
+        assert!(
+            matches!(c.discovery, DiscoveryConfig::Dns { interval, .. } if interval == Duration::from_secs(5))
+        );
+        let c =
+            parse("[discovery]\nkind = \"kubernetes\"\nservice = \"kas\"\nport_name = \"agent\"\n")
+                .unwrap();
+        assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes { .. }));
+    }
+}

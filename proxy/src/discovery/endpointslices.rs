@@ -1,0 +1,1 @@
+//! Placeholder until the Kubernetes EndpointSlice watcher lands.

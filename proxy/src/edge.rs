@@ -1,0 +1,228 @@
+//! Where the edge is wired together: configuration in, pingora server out.
+//!
+//! Layers, outside in: TCP accept → TLS (certificate resolver, hot reload) → HTTP proxy
+//! (`proxy::EdgeProxy`) → pod pool (discovery + health + least in-flight). The admin and
+//! plain-HTTP listeners and the background tasks (discovery, health checks, certificate
+//! watching) run on a small side runtime so they outlive pingora's listeners in a drain.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TcpSocketOptions;
+use pingora::protocols::l4::ext::TcpKeepalive;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::watch;
+
+use crate::admin::{self, EdgeState};
+use crate::config::{DiscoveryConfig, EdgeConfig};
+use crate::discovery::{self, Endpoint};
+use crate::metrics::EdgeMetrics;
+use crate::pool::Pool;
+use crate::proxy::EdgeProxy;
+use crate::tls_setup;
+
+/// SIGTERM: readiness 503 first, listeners close only after `readiness_delay`.
+/// SIGINT: the same, without the delay (an operator at a terminal wants it gone).
+struct EdgeSignals {
+    state: Arc<EdgeState>,
+    readiness_delay: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for EdgeSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; waiting forever");
+            std::future::pending::<()>().await;
+            return ShutdownSignal::FastShutdown;
+        };
+        let delay = tokio::select! {
+            _ = term.recv() => self.readiness_delay,
+            _ = int.recv() => Duration::ZERO,
+        };
+        self.state.set_ready(false);
+        tracing::info!(delay = ?delay, "shutdown: readiness is now 503; listeners close after the delay");
+        tokio::time::sleep(delay).await;
+        tracing::info!("shutdown: closing listeners, sending GOAWAY; open streams continue until the drain deadline");
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Ends the process as soon as the drain has nothing left to wait for, instead of
+/// pingora's unconditional grace-period sleep.
+fn exit_when_drained(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    metrics: EdgeMetrics,
+    deadline: Duration,
+) {
+    std::thread::spawn(move || {
+        loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            let open: i64 = ["grpc", "websocket", "http"]
+                .iter()
+                .map(|p| metrics.active.with_label_values(&[p]).get())
+                .sum();
+            if open == 0 {
+                tracing::info!("shutdown: all streams drained, exiting");
+                std::process::exit(0);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::info!("shutdown: drain deadline reached, closing remaining connections");
+    });
+}
+
+fn start_discovery(
+    rt: &tokio::runtime::Handle,
+    config: &DiscoveryConfig,
+) -> anyhow::Result<watch::Receiver<Vec<Endpoint>>> {
+    let (tx, rx) = watch::channel(Vec::new());
+    match config.clone() {
+        DiscoveryConfig::Static { endpoints } => {
+            discovery::publish(&tx, endpoints.into_iter().map(Endpoint::plain).collect());
+            // Keep the sender alive: a closed channel would read as "discovery ended".
+            rt.spawn(async move { tx.closed().await });
+        }
+        DiscoveryConfig::Dns {
+            name,
+            port,
+            interval,
+        } => {
+            rt.spawn(discovery::run_dns(name, port, interval, tx));
+        }
+        DiscoveryConfig::Kubernetes { .. } => {
+            anyhow::bail!("discovery.kind = \"kubernetes\" is not available in this build yet")
+        }
+    }
+    Ok(rx)
+}
+
+/// Runs the edge until a signal ends it. Blocks the calling thread.
+pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("edge-side")
+        .enable_all()
+        .build()
+        .context("cannot start the side runtime")?;
+    let metrics = EdgeMetrics::new();
+    let pool = Arc::new(Pool::new(config.health.port, config.health.passive_backoff));
+    let state = Arc::new(EdgeState {
+        ready: AtomicBool::new(false),
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        https_port: config.listen.https.port(),
+    });
+
+    // Fail fast and clearly on busy ports, before pingora takes over.
+    let (admin_listener, http_listener) = side.block_on(async {
+        let admin_listener = admin::bind(config.listen.admin, "listen.admin").await?;
+        let http_listener = match config.listen.http {
+            Some(addr) => Some(admin::bind(addr, "listen.http").await?),
+            None => None,
+        };
+        drop(admin::bind(config.listen.https, "listen.https").await?);
+        anyhow::Ok((admin_listener, http_listener))
+    })?;
+    side.spawn(admin::serve(
+        admin_listener,
+        admin::admin_handler(state.clone()),
+    ));
+    if let Some(listener) = http_listener {
+        side.spawn(admin::serve(
+            listener,
+            admin::redirect_handler(state.clone()),
+        ));
+    }
+
+    let tls = tls_setup::TlsSetup::new(&config.tls, metrics.clone(), side.handle())?;
+
+    let mut endpoints = start_discovery(side.handle(), &config.discovery)?;
+    {
+        let pool = pool.clone();
+        side.spawn(async move {
+            loop {
+                let snapshot = endpoints.borrow_and_update().clone();
+                pool.update(&snapshot);
+                if endpoints.changed().await.is_err() {
+                    tracing::warn!("discovery ended; keeping the last set of pods");
+                    return;
+                }
+            }
+        });
+    }
+    side.spawn(crate::health::run(
+        pool.clone(),
+        config.health.clone(),
+        metrics.clone(),
+    ));
+
+    let conf = ServerConf {
+        threads: config.listen.threads,
+        grace_period_seconds: Some(config.shutdown.drain_deadline.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let proxy = EdgeProxy {
+        pool,
+        metrics: metrics.clone(),
+        upstream: config.upstream.clone(),
+    };
+    let mut service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "kas-edge");
+    let mut tls_settings = TlsSettings::with_callbacks(tls.handshake_callbacks())
+        .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    tls_settings.set_cert_resolver(tls.resolver());
+    tls_settings.enable_h2();
+    let mut socket = TcpSocketOptions::default();
+    socket.tcp_keepalive = Some(TcpKeepalive {
+        idle: config.downstream.tcp_keepalive,
+        interval: Duration::from_secs(10),
+        count: 3,
+        #[cfg(target_os = "linux")]
+        user_timeout: Duration::ZERO,
+    });
+    service.add_tls_with_settings(&config.listen.https.to_string(), Some(socket), tls_settings);
+    server.add_service(service);
+
+    exit_when_drained(
+        server.watch_execution_phase(),
+        metrics,
+        config.shutdown.drain_deadline,
+    );
+    state.set_ready(true);
+    tracing::info!(
+        https = %config.listen.https,
+        admin = %config.listen.admin,
+        http = ?config.listen.http,
+        "kas-edge serving"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(EdgeSignals {
+            state,
+            readiness_delay: config.shutdown.readiness_delay,
+        }),
+    });
+    drop(tls);
+    side.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! kas-edge: the edge in front of kas pods.
+//!
+//! One module per concern, wired together in [`edge`]:
+//! [`config`] (typed TOML) · [`tls`] (certificates, SNI, hot reload) · [`discovery`]
+//! (static, DNS, EndpointSlices) · [`pool`] (pods, least in-flight) · [`health`] (active
+//! checks on the observability port) · [`proxy`] (pingora `ProxyHttp`: gRPC over h2c,
+//! websocket tunnels) · [`metrics`] · [`admin`] (health, metrics, http→https).
+
+pub mod admin;
+pub mod config;
+pub mod discovery;
+pub mod edge;
+pub mod health;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod tls;
+mod tls_setup;
+
+pub use config::EdgeConfig;

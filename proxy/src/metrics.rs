@@ -1,0 +1,155 @@
+//! The edge's Prometheus metrics, in its own registry served on the admin port.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::pool::Pool;
+
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    registry: Registry,
+    /// Requests and streams by protocol (`grpc`, `websocket`, `http`) and final status.
+    pub requests: IntCounterVec,
+    /// Streams and websocket tunnels open now, by protocol.
+    pub active: IntGaugeVec,
+    /// Body bytes by direction (`from_client`, `to_client`).
+    pub bytes: IntCounterVec,
+    /// Time to first response header from the pod, by protocol.
+    pub upstream_latency: HistogramVec,
+    pub upstream_healthy: IntGaugeVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub upstream_connect_failures: IntCounterVec,
+    pub health_check_failures: IntCounterVec,
+    /// TLS handshakes by result (`started` at ClientHello, `completed`).
+    pub tls_handshakes: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
+    pub ready: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+impl EdgeMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            requests: counter(
+                &r,
+                "edge_requests_total",
+                "Requests/streams by protocol and status.",
+                &["protocol", "status"],
+            ),
+            active: gauge(
+                &r,
+                "edge_active_streams",
+                "Open streams and websocket tunnels by protocol.",
+                &["protocol"],
+            ),
+            bytes: counter(
+                &r,
+                "edge_body_bytes_total",
+                "Body bytes by direction.",
+                &["direction"],
+            ),
+            upstream_latency: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edge_upstream_response_seconds",
+                        "Time from request to the pod's response header, by protocol.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                    &["protocol"],
+                )
+                .expect("valid metric"),
+            ),
+            upstream_healthy: gauge(
+                &r,
+                "edge_upstream_healthy",
+                "1 if the pod passes health checks.",
+                &["pod"],
+            ),
+            upstream_in_flight: gauge(
+                &r,
+                "edge_upstream_in_flight",
+                "Streams open to the pod.",
+                &["pod"],
+            ),
+            upstream_connect_failures: counter(
+                &r,
+                "edge_upstream_connect_failures_total",
+                "Failed connects by pod.",
+                &["pod"],
+            ),
+            health_check_failures: counter(
+                &r,
+                "edge_health_check_failures_total",
+                "Failed health checks by pod.",
+                &["pod"],
+            ),
+            tls_handshakes: counter(
+                &r,
+                "edge_tls_handshakes_total",
+                "TLS handshakes started and completed.",
+                &["result"],
+            ),
+            tls_reloads: counter(
+                &r,
+                "edge_tls_reloads_total",
+                "Certificate reloads by result.",
+                &["result"],
+            ),
+            ready: register(
+                &r,
+                IntGauge::new("edge_ready", "1 while the edge accepts new connections.")
+                    .expect("valid metric"),
+            ),
+            registry: r,
+        }
+    }
+
+    /// Renders all metrics, refreshing the per-pod gauges from the pool first so pods
+    /// that left discovery also leave the output.
+    pub fn render(&self, pool: &Pool) -> String {
+        self.upstream_healthy.reset();
+        self.upstream_in_flight.reset();
+        for pod in pool.pods().iter() {
+            self.upstream_healthy
+                .with_label_values(&[&pod.label])
+                .set(i64::from(pod.is_healthy()));
+            self.upstream_in_flight
+                .with_label_values(&[&pod.label])
+                .set(pod.in_flight() as i64);
+        }
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

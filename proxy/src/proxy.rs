@@ -1,0 +1,298 @@
+//! The HTTP proxy itself: pingora's `ProxyHttp` seam. Classifies each request (gRPC,
+//! websocket, other HTTP), picks the least-loaded healthy pod and forwards over the right
+//! upstream protocol: gRPC over HTTP/2 cleartext (streams and trailers end to end),
+//! websockets over HTTP/1.1 as a raw tunnel after the upgrade.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::protocols::l4::ext::TcpKeepalive;
+use pingora::proxy::FailToProxy;
+use prometheus::IntGauge;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::EdgeMetrics;
+use crate::pool::{PodGuard, Pool};
+
+/// gRPC status UNAVAILABLE.
+const GRPC_UNAVAILABLE: &str = "14";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC over HTTP/2 (`grpcs://` agents).
+    Grpc,
+    /// An HTTP/1.1 websocket upgrade (`wss://` agents, gRPC inside).
+    Websocket,
+    /// Anything else; forwarded over HTTP/1.1.
+    Http,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Websocket => "websocket",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// Decrements a gauge when the request ends, whichever way it ends.
+struct ActiveGuard(IntGauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub struct RequestCtx {
+    protocol: Protocol,
+    started: Instant,
+    /// The in-flight slot on the chosen pod, held for the whole stream or tunnel.
+    pod: Option<PodGuard>,
+    attempts: u32,
+    upstream_latency_recorded: bool,
+    _active: Option<ActiveGuard>,
+}
+
+pub struct EdgeProxy {
+    pub pool: Arc<Pool>,
+    pub metrics: EdgeMetrics,
+    pub upstream: UpstreamConfig,
+}
+
+fn classify(session: &Session) -> Protocol {
+    if session.is_upgrade_req() {
+        return Protocol::Websocket;
+    }
+    let grpc = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && session.as_downstream().is_http2() {
+        Protocol::Grpc
+    } else {
+        Protocol::Http
+    }
+}
+
+/// Answers without a pod: gRPC gets a trailers-only response (HEADERS with END_STREAM
+/// carrying `grpc-status`), which every gRPC client maps to the status; others get 503.
+async fn respond_unavailable(session: &mut Session, protocol: Protocol, why: &str) -> u16 {
+    if protocol == Protocol::Grpc {
+        let written = (|| -> Result<()> {
+            let mut resp = ResponseHeader::build(200, Some(4))?;
+            resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+            resp.insert_header("grpc-status", GRPC_UNAVAILABLE)?;
+            resp.insert_header("grpc-message", why)?;
+            match session.as_downstream_mut() {
+                HttpSession::H2(h2) => h2.write_response_header(Box::new(resp), true),
+                _ => Err(Error::explain(
+                    InternalError,
+                    "gRPC on a non-HTTP/2 session",
+                )),
+            }
+        })();
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "could not write the gRPC error response");
+        }
+        200
+    } else {
+        let body = Bytes::from(format!("{why}\n"));
+        if let Err(e) = session.respond_error_with_body(503, body).await {
+            tracing::debug!(error = %e, "could not write the 503 response");
+        }
+        503
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            protocol: Protocol::Http,
+            started: Instant::now(),
+            pod: None,
+            attempts: 0,
+            upstream_latency_recorded: false,
+            _active: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.protocol = classify(session);
+        let gauge = self
+            .metrics
+            .active
+            .with_label_values(&[ctx.protocol.label()]);
+        gauge.inc();
+        ctx._active = Some(ActiveGuard(gauge));
+        if ctx.protocol == Protocol::Websocket {
+            // pingora's HTTP/1 read timeout (60 s) would otherwise also apply to the
+            // upgraded tunnel and cut idle agents; dead peers are found by TCP keepalive.
+            session.set_read_timeout(None);
+            session.set_write_timeout(None);
+        }
+        if !self.pool.any_accepting() {
+            respond_unavailable(session, ctx.protocol, "no healthy kas pod").await;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
+        // A retry releases the slot on the pod that failed before taking a new one.
+        ctx.pod = None;
+        let guard = self
+            .pool
+            .pick()
+            .ok_or_else(|| Error::explain(HTTPStatus(503), "no healthy kas pod"))?;
+        let mut peer = HttpPeer::new(guard.pod().addr, false, String::new());
+        let opts = &mut peer.options;
+        opts.connection_timeout = Some(self.upstream.connect_timeout);
+        opts.read_timeout = None;
+        opts.write_timeout = None;
+        opts.idle_timeout = Some(Duration::from_secs(60));
+        opts.tcp_keepalive = Some(TcpKeepalive {
+            idle: self.upstream.tcp_keepalive,
+            interval: Duration::from_secs(10),
+            count: 3,
+            #[cfg(target_os = "linux")]
+            user_timeout: Duration::ZERO,
+        });
+        if ctx.protocol == Protocol::Grpc {
+            opts.set_http_version(2, 2);
+            opts.max_h2_streams = self.upstream.max_h2_streams;
+            opts.h2_ping_interval = Some(self.upstream.h2_ping_interval);
+        } else {
+            opts.set_http_version(1, 1);
+        }
+        ctx.pod = Some(guard);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(guard) = &ctx.pod {
+            self.pool.mark_failed(guard.pod());
+            self.metrics
+                .upstream_connect_failures
+                .with_label_values(&[&guard.pod().label])
+                .inc();
+        }
+        // Nothing reached the pod yet, so another pod may take the request.
+        if ctx.attempts < self.upstream.max_connect_attempts {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if !ctx.upstream_latency_recorded {
+            ctx.upstream_latency_recorded = true;
+            self.metrics
+                .upstream_latency
+                .with_label_values(&[ctx.protocol.label()])
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        let already_answered = session.response_written().is_some();
+        let error_code = if code == 0 || already_answered {
+            code
+        } else if ctx.protocol == Protocol::Grpc || code == 503 || code == 502 {
+            respond_unavailable(session, ctx.protocol, "kas is unavailable").await
+        } else {
+            if let Err(err) = session.respond_error(code).await {
+                tracing::debug!(error = %err, "could not write the error response");
+            }
+            code
+        };
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let protocol = ctx.protocol.label();
+        self.metrics
+            .requests
+            .with_label_values(&[protocol, &status.to_string()])
+            .inc();
+        let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
+        self.metrics
+            .bytes
+            .with_label_values(&["from_client"])
+            .inc_by(bytes_in as u64);
+        self.metrics
+            .bytes
+            .with_label_values(&["to_client"])
+            .inc_by(bytes_out as u64);
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let req = session.req_header();
+        tracing::info!(
+            target: "access",
+            client,
+            protocol,
+            method = %req.method,
+            path = %req.uri.path(),
+            pod = ctx.pod.as_ref().map(|g| g.pod().label.as_str()).unwrap_or("-"),
+            status,
+            duration_ms = ctx.started.elapsed().as_millis() as u64,
+            bytes_in,
+            bytes_out,
+            error = e.map(|e| e.to_string()),
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! The edge over real sockets: TLS handshakes, gRPC over HTTP/2 and over websocket through
+//! the `kas-edge` binary to real kas pods, pod health and balancing, drain on SIGTERM.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+use kas_proto::agent_configuration::ConfigurationRequest;
+use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+use kas_proto::diagnostics::{PingRequest, PingResponse};
+
+async fn ping(channel: &Channel) -> Result<String, tonic::Status> {
+    let response = DiagnosticsClient::new(channel.clone())
+        .ping(with_token(PingRequest {
+            payload: b"hi".to_vec(),
+        }))
+        .await?;
+    Ok(response.into_inner().pod)
+}
+
+/// Opens an Echo stream and returns a function-like pair to exchange one message.
+struct Echo {
+    tx: tokio::sync::mpsc::Sender<PingRequest>,
+    rx: tonic::Streaming<PingResponse>,
+}
+
+impl Echo {
+    async fn open(channel: &Channel) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let rx = DiagnosticsClient::new(channel.clone())
+            .echo(with_token(ReceiverStream::new(rx)))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn round_trip(&mut self, text: &str) -> Result<PingResponse, String> {
+        self.tx
+            .send(PingRequest {
+                payload: text.as_bytes().to_vec(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(STEP, self.rx.message()).await {
+            Ok(Ok(Some(r))) => Ok(r),
+            other => Err(format!("{other:?}")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn tls_alpn_offers_h2_and_http11() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    for (offer, expect) in [
+        (vec![&b"h2"[..], b"http/1.1"], &b"h2"[..]),
+        (vec![&b"http/1.1"[..]], b"http/1.1"),
+    ] {
+        let tls = tls_connect(edge.https, &edge.tls_client(&offer), None)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(expect));
+    }
+    let admin = edge.admin;
+    eventually("two completed handshakes counted", STEP, || async move {
+        http_get(admin, "/metrics")
+            .await
+            .is_some_and(|(_, m)| m.contains("edge_tls_handshakes_total{result=\"completed\"} 2"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn grpc_unary_server_streaming_and_bidi_pass_through_with_trailers() {
+    let cluster = Cluster::start(2).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(2).await;
+    let channel = edge.grpc_channel().await;
+
+    // Unary, and an error status carried in trailers end to end.
+    assert!(ping(&channel).await.unwrap().starts_with("kas-"));
+    let mut bad = tonic::Request::new(PingRequest::default());
+    bad.metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    let status = DiagnosticsClient::new(channel.clone())
+        .ping(bad)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(status.message(), "unauthenticated");
+
+    // Server streaming: the configuration, then again after a change.
+    let mut config = AgentConfigurationClient::new(channel.clone())
+        .get_configuration(with_token(ConfigurationRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(STEP, config.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.configuration.unwrap().agent_id,
+        cluster.agent.agent_id
+    );
+    cluster
+        .gitlab
+        .write_agent_config(
+            &cluster.agent,
+            "observability:\n  logging:\n    level: warn\n",
+        )
+        .unwrap();
+    let second = tokio::time::timeout(STEP, config.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_ne!(second.commit_id, first.commit_id);
+
+    // Bidirectional, many messages each way.
+    let mut echo = Echo::open(&channel).await;
+    for i in 0..20 {
+        let text = format!("message {i}");
+        assert_eq!(
+            echo.round_trip(&text).await.unwrap().payload,
+            text.as_bytes()
+        );
+    }
+    // Clean end: the server's OK trailers arrive after the client closes its side.
+    drop(echo.tx);
+    let end = tokio::time::timeout(STEP, echo.rx.message()).await.unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+#[tokio::test]
+async fn websocket_carries_grpc_through_the_edge() {
+    let cluster = Cluster::start(2).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(2).await;
+    let channel = edge.ws_channel().await.unwrap();
+    assert!(ping(&channel).await.unwrap().starts_with("kas-"));
+    let mut config = AgentConfigurationClient::new(channel.clone())
+        .get_configuration(with_token(ConfigurationRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(STEP, config.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!first.commit_id.is_empty());
+    let mut echo = Echo::open(&channel).await;
+    for i in 0..10 {
+        assert!(echo.round_trip(&format!("ws {i}")).await.is_ok());
+    }
+    let metrics = edge.metrics().await;
+    assert!(
+        metrics.contains("edge_active_streams{protocol=\"websocket\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn idle_websocket_outlives_pingoras_default_timeout() {
+    // Must exceed pingora's 60 s HTTP/1 read timeout; shorter only for local iteration.
+    let idle: u64 = std::env::var("KAS_EDGE_IDLE_TEST_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(65);
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(1).await;
+    let channel = edge.ws_channel().await.unwrap();
+    let mut echo = Echo::open(&channel).await;
+    echo.round_trip("before").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(idle)).await;
+    echo.round_trip("after an idle minute").await.unwrap();
+}
+
+#[tokio::test]
+async fn unready_pod_gets_no_new_connections_and_keeps_its_open_ones() {
+    let mut cluster = Cluster::start(2).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(2).await;
+    // One websocket agent on each pod.
+    let (a, b) = (
+        edge.ws_channel().await.unwrap(),
+        edge.ws_channel().await.unwrap(),
+    );
+    let (mut echo_a, mut echo_b) = (Echo::open(&a).await, Echo::open(&b).await);
+    let pod_a = echo_a.round_trip("a").await.unwrap().pod;
+    let pod_b = echo_b.round_trip("b").await.unwrap().pod;
+    assert_ne!(
+        pod_a, pod_b,
+        "least in-flight puts the two agents on different pods"
+    );
+
+    let draining = cluster.pods.iter_mut().find(|p| p.name == pod_a).unwrap();
+    draining.begin_shutdown();
+    edge.wait_healthy(1).await;
+
+    for _ in 0..6 {
+        let channel = edge.ws_channel().await.unwrap();
+        assert_eq!(
+            ping(&channel).await.unwrap(),
+            pod_b,
+            "new agents avoid the unready pod"
+        );
+    }
+    assert_eq!(echo_a.round_trip("still here").await.unwrap().pod, pod_a);
+}
+
+#[tokio::test]
+async fn killed_pod_agents_reconnect_to_a_healthy_one() {
+    let mut cluster = Cluster::start(2).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(2).await;
+    let first = edge.ws_channel().await.unwrap();
+    let mut echo = Echo::open(&first).await;
+    let victim = echo.round_trip("x").await.unwrap().pod;
+    cluster
+        .pods
+        .iter_mut()
+        .find(|p| p.name == victim)
+        .unwrap()
+        .kill();
+
+    // The agent's stream is cut with the pod...
+    let cut = echo.round_trip("y").await;
+    assert!(cut.is_err(), "{cut:?}");
+    // ...and reconnecting lands on the survivor at once: connect failures to the dead
+    // pod are retried elsewhere before its health check even notices.
+    for _ in 0..5 {
+        let channel = edge.ws_channel().await.unwrap();
+        let pod = ping(&channel).await.unwrap();
+        assert_ne!(pod, victim);
+    }
+}
+
+#[tokio::test]
+async fn least_in_flight_spreads_30_agents_over_3_pods() {
+    let cluster = Cluster::start(3).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(3).await;
+    let mut channels = Vec::new();
+    let mut per_pod: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let channel = edge.ws_channel().await.unwrap();
+        *per_pod.entry(ping(&channel).await.unwrap()).or_default() += 1;
+        channels.push(channel);
+    }
+    assert_eq!(per_pod.len(), 3, "{per_pod:?}");
+    for (pod, n) in &per_pod {
+        assert!((9..=11).contains(n), "{pod} has {n}: {per_pod:?}");
+    }
+}
+
+#[tokio::test]
+async fn no_healthy_pod_answers_grpc_14_and_http_503_promptly() {
+    let cluster = Cluster::start(0).await;
+    // Addresses where nothing listens.
+    let nowhere = [std::net::SocketAddr::new(
+        ip(cluster.subnet, 10),
+        AGENT_PORT,
+    )];
+    let edge = Edge::start(cluster.subnet, &nowhere, "").await;
+    let channel = edge.grpc_channel().await;
+    let status = tokio::time::timeout(Duration::from_secs(5), ping(&channel))
+        .await
+        .expect("prompt")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"http/1.1"]), None)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Protocol: ws-tunnel\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .expect("prompt")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+}
+
+#[tokio::test]
+async fn plain_http_redirects_to_https_and_answers_health() {
+    let cluster = Cluster::start(0).await;
+    let edge = Edge::start(
+        cluster.subnet,
+        &[std::net::SocketAddr::new(
+            ip(cluster.subnet, 10),
+            AGENT_PORT,
+        )],
+        "",
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://{}/some/path?x=1", edge.http))
+        .header("host", "kas.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"],
+        format!(
+            "https://kas.example.test:{}/some/path?x=1",
+            edge.https.port()
+        )
+    );
+    assert_eq!(http_get(edge.http, "/healthz").await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn sigterm_drains_readiness_first_then_listener_then_streams() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(
+        cluster.subnet,
+        &cluster.endpoints(),
+        "[shutdown]\nreadiness_delay = \"2s\"\ndrain_deadline = \"4s\"\n",
+    )
+    .await;
+    edge.wait_healthy(1).await;
+    let channel = edge.ws_channel().await.unwrap();
+    let mut echo = Echo::open(&channel).await;
+    echo.round_trip("before").await.unwrap();
+
+    edge.signal("TERM");
+    let admin = edge.admin;
+    eventually("readyz 503", STEP, || async move {
+        matches!(http_get(admin, "/readyz").await, Some((503, _)))
+    })
+    .await;
+    // Readiness is 503 but new agents are still accepted during the delay.
+    let late = edge
+        .ws_channel()
+        .await
+        .expect("listener open during readiness delay");
+    assert!(ping(&late).await.is_ok());
+
+    let https = edge.https;
+    eventually("listener closed", STEP, || async move {
+        tokio::net::TcpStream::connect(https).await.is_err()
+    })
+    .await;
+    // The open websocket keeps working after the listener closed.
+    assert_eq!(
+        echo.round_trip("during drain").await.unwrap().payload,
+        b"during drain"
+    );
+
+    let mut child = edge;
+    let deadline = std::time::Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = child.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "edge did not exit after the drain deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        echo.round_trip("after").await.is_err(),
+        "the tunnel ends with the process"
+    );
+}

@@ -57,12 +57,16 @@ impl ShutdownSignalWatch for EdgeSignals {
     }
 }
 
+/// Called once the edge has drained, just before the process ends.
+pub type DrainedHook = Box<dyn FnOnce() + Send>;
+
 /// Ends the process as soon as the drain has nothing left to wait for, instead of
 /// pingora's unconditional grace-period sleep.
 fn exit_when_drained(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
     metrics: EdgeMetrics,
     deadline: Duration,
+    on_drained: Arc<std::sync::Mutex<Option<DrainedHook>>>,
 ) {
     std::thread::spawn(move || {
         loop {
@@ -80,6 +84,7 @@ fn exit_when_drained(
                 .sum();
             if open == 0 {
                 tracing::info!("shutdown: all streams drained, exiting");
+                run_hook(&on_drained);
                 std::process::exit(0);
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -113,8 +118,22 @@ fn start_discovery(
     Ok(rx)
 }
 
+fn run_hook(hook: &std::sync::Mutex<Option<DrainedHook>>) {
+    let hook = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(hook) = hook {
+        hook();
+    }
+}
+
 /// Runs the edge until a signal ends it. Blocks the calling thread.
 pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
+    run_with_hook(config, Box::new(|| {}))
+}
+
+/// Like [`run`], calling `on_drained` once the drain is over (the local stack uses it to
+/// stop its kas pods before the process ends).
+pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Result<()> {
+    let on_drained = Arc::new(std::sync::Mutex::new(Some(on_drained)));
     let side = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("edge-side")
@@ -208,6 +227,7 @@ pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
         server.watch_execution_phase(),
         metrics,
         config.shutdown.drain_deadline,
+        on_drained.clone(),
     );
     state.set_ready(true);
     tracing::info!(
@@ -223,6 +243,7 @@ pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
         }),
     });
     drop(tls);
+    run_hook(&on_drained);
     side.shutdown_timeout(Duration::from_millis(200));
     Ok(())
 }

@@ -25,6 +25,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Start the local stack: GitLab stand-in, 3 kas pods and the edge in front.
+    Dev {
+        /// Directory for generated secrets, token, certificate and demo repository.
+        #[arg(long, default_value = ".dev")]
+        dir: PathBuf,
+    },
 }
 
 fn init_logging(filter: &str) {
@@ -46,6 +52,10 @@ fn main() -> ExitCode {
                 println!("{}: configuration is valid", config.display());
             })
             .map_err(anyhow::Error::from),
+        Command::Dev { dir } => {
+            init_logging("info");
+            kas_edge::dev::run(dir)
+        }
         Command::Run { config } => EdgeConfig::from_file(&config)
             .map_err(anyhow::Error::from)
             .and_then(|cfg| {

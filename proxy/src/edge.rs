@@ -16,10 +16,12 @@ use pingora::listeners::TcpSocketOptions;
 use pingora::protocols::l4::ext::TcpKeepalive;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
 use tokio::sync::watch;
 
 use crate::admin::{self, EdgeState};
 use crate::config::{DiscoveryConfig, EdgeConfig};
+use crate::connections::{ConnectionRegistry, Tracked};
 use crate::discovery::{self, Endpoint};
 use crate::metrics::EdgeMetrics;
 use crate::pool::Pool;
@@ -206,8 +208,12 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         metrics: metrics.clone(),
         upstream: config.upstream.clone(),
     };
-    let mut service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "kas-edge");
+    let registry = ConnectionRegistry::new(metrics.open_connections.clone());
+    let app = Tracked {
+        inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
+        registry: registry.clone(),
+    };
+    let mut service = Service::new("kas-edge".to_string(), app);
     let mut tls_settings = TlsSettings::with_callbacks(tls.handshake_callbacks())
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     tls_settings.set_cert_resolver(tls.resolver());

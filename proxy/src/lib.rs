@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod connections;
 pub mod dev;
 pub mod discovery;
 pub mod edge;

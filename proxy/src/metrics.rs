@@ -25,6 +25,8 @@ pub struct EdgeMetrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_reloads: IntCounterVec,
     pub ready: IntGauge,
+    /// Downstream connections open now (after the TLS handshake).
+    pub open_connections: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -123,6 +125,11 @@ impl EdgeMetrics {
             ready: register(
                 &r,
                 IntGauge::new("edge_ready", "1 while the edge accepts new connections.")
+                    .expect("valid metric"),
+            ),
+            open_connections: register(
+                &r,
+                IntGauge::new("edge_open_connections", "Downstream connections open now.")
                     .expect("valid metric"),
             ),
             registry: r,

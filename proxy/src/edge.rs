@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use crate::admin::{self, EdgeState};
 use crate::config::{DiscoveryConfig, EdgeConfig};
 use crate::connections::{ConnectionRegistry, Tracked};
-use crate::discovery::{self, Endpoint};
+use crate::discovery::{self, endpointslices, Endpoint};
+
+/// Where Kubernetes mounts the pod's namespace.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 use crate::metrics::EdgeMetrics;
 use crate::pool::Pool;
 use crate::proxy::EdgeProxy;
@@ -113,8 +116,34 @@ fn start_discovery(
         } => {
             rt.spawn(discovery::run_dns(name, port, interval, tx));
         }
-        DiscoveryConfig::Kubernetes { .. } => {
-            anyhow::bail!("discovery.kind = \"kubernetes\" is not available in this build yet")
+        DiscoveryConfig::Kubernetes {
+            namespace,
+            service,
+            port_name,
+            port,
+        } => {
+            let namespace = match namespace {
+                Some(ns) => ns,
+                None => std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                    .map(|ns| ns.trim().to_owned())
+                    .context(
+                        "discovery.namespace is not set and the pod's own namespace is unknown",
+                    )?,
+            };
+            let cfg = endpointslices::EndpointSliceConfig {
+                namespace,
+                service,
+                port_name,
+                port,
+            };
+            let client = rt
+                .block_on(endpointslices::in_cluster_client())
+                .context("discovery.kind = \"kubernetes\" needs in-cluster credentials")?;
+            rt.spawn(async move {
+                if let Err(e) = endpointslices::run(client, cfg, tx).await {
+                    tracing::error!(error = %e, "EndpointSlice discovery stopped");
+                }
+            });
         }
     }
     Ok(rx)
@@ -135,6 +164,8 @@ pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
 /// Like [`run`], calling `on_drained` once the drain is over (the local stack uses it to
 /// stop its kas pods before the process ends).
 pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Result<()> {
+    // One crypto provider for every TLS user in the process (pingora, kube, ACME).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let on_drained = Arc::new(std::sync::Mutex::new(Some(on_drained)));
     let side = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -172,7 +203,7 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         ));
     }
 
-    let tls = tls_setup::TlsSetup::new(&config.tls, metrics.clone(), side.handle())?;
+    let tls = tls_setup::TlsSetup::new(&config.tls, metrics.clone())?;
 
     let mut endpoints = start_discovery(side.handle(), &config.discovery)?;
     {

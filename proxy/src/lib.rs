@@ -12,10 +12,12 @@ pub mod connections;
 pub mod dev;
 pub mod discovery;
 pub mod edge;
+pub mod filewatch;
 pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod tls;
 mod tls_setup;
 

@@ -24,6 +24,8 @@ pub struct EdgeMetrics {
     /// TLS handshakes by result (`started` at ClientHello, `completed`).
     pub tls_handshakes: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    /// Seconds until the earliest certificate expires (negative once expired).
+    pub tls_cert_expiry: IntGauge,
     pub ready: IntGauge,
     /// Downstream connections open now (after the TLS handshake).
     pub open_connections: IntGauge,
@@ -126,6 +128,14 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new("edge_ready", "1 while the edge accepts new connections.")
                     .expect("valid metric"),
+            ),
+            tls_cert_expiry: register(
+                &r,
+                IntGauge::new(
+                    "edge_tls_certificate_expiry_seconds",
+                    "Seconds until the earliest certificate expires.",
+                )
+                .expect("valid metric"),
             ),
             open_connections: register(
                 &r,

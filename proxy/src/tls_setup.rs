@@ -1,21 +1,44 @@
 //! Turns `[tls]` configuration into what pingora's listener needs: a certificate resolver
-//! (hot-reloaded from files, or a generated self-signed certificate in development) and
-//! handshake callbacks that feed metrics.
+//! (hot-reloaded when the files change, or a generated self-signed certificate in
+//! development) and handshake callbacks that feed metrics.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use pingora::listeners::{TlsAccept, TlsAcceptCallbacks};
 use pingora::protocols::tls::TlsRef;
-use rustls::server::ResolvesServerCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use crate::config::TlsConfig;
+use crate::filewatch::FileWatcher;
 use crate::metrics::EdgeMetrics;
 use crate::tls::{self, CertResolver, CertSource};
+
+/// Burst of file events (an editor, a Secret update) coalesced into one reload.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+/// Safety net for volumes where inotify misses changes.
+const RELOAD_POLL: Duration = Duration::from_secs(30);
 
 pub struct TlsSetup {
     resolver: Arc<CertResolver>,
     metrics: EdgeMetrics,
+    _watcher: Option<FileWatcher>,
+}
+
+/// Counts handshakes at ClientHello, then delegates certificate choice.
+#[derive(Debug)]
+struct CountingResolver {
+    inner: Arc<CertResolver>,
+    started: prometheus::IntCounter,
+}
+
+impl ResolvesServerCert for CountingResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.started.inc();
+        self.inner.resolve(hello)
+    }
 }
 
 struct HandshakeMetrics(EdgeMetrics);
@@ -34,47 +57,75 @@ impl TlsAccept for HandshakeMetrics {
     }
 }
 
+fn seconds_left(not_after: SystemTime) -> i64 {
+    match not_after.duration_since(SystemTime::now()) {
+        Ok(left) => left.as_secs() as i64,
+        Err(past) => -(past.duration().as_secs() as i64),
+    }
+}
+
+/// The certificate sources from configuration, or a generated self-signed one.
+pub fn sources(config: &TlsConfig) -> anyhow::Result<Vec<CertSource>> {
+    if !config.certificates.is_empty() {
+        return Ok(config
+            .certificates
+            .iter()
+            .map(|c| CertSource {
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+            })
+            .collect());
+    }
+    let dir = config
+        .self_signed_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("kas-edge-self-signed"));
+    let source = tls::write_self_signed(&dir, &config.hosts)?;
+    tracing::warn!(
+        hosts = ?config.hosts,
+        cert = %source.cert.display(),
+        "no tls.certificates configured: serving a generated self-signed certificate (development only)"
+    );
+    Ok(vec![source])
+}
+
 impl TlsSetup {
-    pub fn new(
-        config: &TlsConfig,
-        metrics: EdgeMetrics,
-        _rt: &tokio::runtime::Handle,
-    ) -> anyhow::Result<Self> {
-        let sources: Vec<CertSource> = if config.certificates.is_empty() {
-            let dir = config
-                .self_signed_dir
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join("kas-edge-self-signed"));
-            std::fs::create_dir_all(&dir)?;
-            let (cert, key) = tls::self_signed(&config.hosts)?;
-            let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
-            std::fs::write(&cert_path, cert)?;
-            std::fs::write(&key_path, key)?;
-            tracing::warn!(
-                hosts = ?config.hosts,
-                cert = %cert_path.display(),
-                "no tls.certificates configured: serving a generated self-signed certificate (development only)"
-            );
-            vec![CertSource {
-                cert: cert_path,
-                key: key_path,
-            }]
+    pub fn new(config: &TlsConfig, metrics: EdgeMetrics) -> anyhow::Result<Self> {
+        let resolver = Arc::new(CertResolver::new(sources(config)?)?);
+        metrics
+            .tls_cert_expiry
+            .set(seconds_left(resolver.not_after()));
+        let watcher = if config.certificates.is_empty() {
+            None
         } else {
-            config
-                .certificates
-                .iter()
-                .map(|c| CertSource {
-                    cert: c.cert.clone(),
-                    key: c.key.clone(),
-                })
-                .collect()
+            let m = metrics.clone();
+            let watcher = resolver.watch(RELOAD_DEBOUNCE, Some(RELOAD_POLL), move |result| match result {
+                Ok(summary) if summary.changed => {
+                    m.tls_reloads.with_label_values(&["ok"]).inc();
+                    m.tls_cert_expiry.set(seconds_left(summary.earliest_not_after));
+                    tracing::info!(certificates = summary.certificates, names = ?summary.names, "TLS certificates reloaded");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    m.tls_reloads.with_label_values(&["error"]).inc();
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the previous certificates");
+                }
+            })?;
+            Some(watcher)
         };
-        let resolver = Arc::new(CertResolver::new(sources)?);
-        Ok(Self { resolver, metrics })
+        tracing::info!(names = ?resolver.current_names(), "TLS certificates loaded");
+        Ok(Self {
+            resolver,
+            metrics,
+            _watcher: watcher,
+        })
     }
 
     pub fn resolver(&self) -> Arc<dyn ResolvesServerCert> {
-        self.resolver.clone()
+        Arc::new(CountingResolver {
+            inner: self.resolver.clone(),
+            started: self.metrics.tls_handshakes.with_label_values(&["started"]),
+        })
     }
 
     pub fn handshake_callbacks(&self) -> TlsAcceptCallbacks {

@@ -1,1 +1,1183 @@
-//! Placeholder until the Kubernetes EndpointSlice watcher lands.
+//! kas pod discovery from the EndpointSlices of kas's headless Service.
+//!
+//! The edge connects to kas pods directly instead of through a Service VIP, so it
+//! needs the pod IPs themselves. EndpointSlices (not the older Endpoints object)
+//! carry the `terminating` condition, which lets the edge drain a pod that is
+//! shutting down instead of cutting its agents off, and for a dual-stack
+//! Service they list both address families.
+
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::Endpoint;
+
+/// Label the EndpointSlice controller puts on every slice it manages for a Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Pause before replacing a watcher stream that ended. kube's watcher is meant
+/// to be endless, so this only guards against a tight loop if that changes.
+const RESTART_DELAY: Duration = Duration::from_secs(5);
+
+/// Which Service's slices to follow and which of its ports carries agent traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSliceConfig {
+    /// Namespace of the kas Service; slices live next to their Service.
+    pub namespace: String,
+    /// Name of the kas (headless) Service.
+    pub service: String,
+    /// Service port name (e.g. "agent"). Preferred over `port` because it
+    /// names the port's role and so survives a renumbering.
+    pub port_name: Option<String>,
+    /// Pod-side (target) port number: slices list container ports, not the
+    /// Service's `port`. Used when `port_name` is unset or matches nothing.
+    /// With neither set, a slice must list exactly one TCP port.
+    pub port: Option<u16>,
+}
+
+/// Configuration mistakes that no amount of retrying would fix.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointSliceError {
+    #[error("kas discovery: namespace {0:?} is not a valid Kubernetes name (1-63 lowercase letters, digits or '-')")]
+    InvalidNamespace(String),
+    #[error("kas discovery: Service name {0:?} is not a valid Kubernetes name (1-63 lowercase letters, digits or '-')")]
+    InvalidService(String),
+    #[error("kas discovery: port name is empty; leave it unset to select the port by number")]
+    EmptyPortName,
+    #[error("kas discovery: port 0 cannot carry traffic")]
+    ZeroPort,
+}
+
+impl EndpointSliceConfig {
+    /// Rejects names that would make a malformed URL or label selector, so a
+    /// typo fails at start-up instead of as an endless stream of 400s.
+    fn validate(&self) -> Result<(), EndpointSliceError> {
+        if !is_dns_label(&self.namespace) {
+            return Err(EndpointSliceError::InvalidNamespace(self.namespace.clone()));
+        }
+        if !is_dns_label(&self.service) {
+            return Err(EndpointSliceError::InvalidService(self.service.clone()));
+        }
+        if self.port_name.as_deref() == Some("") {
+            return Err(EndpointSliceError::EmptyPortName);
+        }
+        if self.port == Some(0) {
+            return Err(EndpointSliceError::ZeroPort);
+        }
+        Ok(())
+    }
+
+    fn label_selector(&self) -> String {
+        format!("{SERVICE_NAME_LABEL}={}", self.service)
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Follows the kas Service's EndpointSlices and publishes the pods on `tx`.
+///
+/// Returns an error only for configuration mistakes, and `Ok` once every
+/// receiver is gone (nobody left to route with these pods). API failures are
+/// logged and retried with kube's default back-off (0.8 s growing to 30 s):
+/// the edge must keep serving from the last known pods while the API server
+/// is unreachable, so they never end the loop.
+///
+/// Nothing is published until the first complete list, so receivers never see
+/// a partial set; that first list is always announced, even if it equals the
+/// channel's initial value, so that receivers can tell "synced" from "not yet".
+/// After that, only actual changes are published.
+pub async fn run(
+    client: kube::Client,
+    cfg: EndpointSliceConfig,
+    tx: watch::Sender<Vec<Endpoint>>,
+) -> Result<(), EndpointSliceError> {
+    cfg.validate()?;
+    let api: Api<EndpointSlice> = Api::namespaced(client, &cfg.namespace);
+    let watch_config = watcher::Config::default().labels(&cfg.label_selector());
+    let ports = PortSelector {
+        name: cfg.port_name.clone(),
+        number: cfg.port,
+    };
+    let mut slices = SliceSet::default();
+
+    loop {
+        let mut events = pin!(watcher(api.clone(), watch_config.clone()).default_backoff());
+        loop {
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = tx.closed() => {
+                    stopped(&cfg);
+                    return Ok(());
+                }
+            };
+            match event {
+                Some(Ok(event)) => {
+                    if let Some(update) = slices.apply(event, &ports, &cfg) {
+                        publish(&tx, update, &cfg);
+                    }
+                }
+                Some(Err(err)) => log_watch_error(&err, &cfg),
+                None => break,
+            }
+        }
+        // A fresh watcher relists, and the Init..InitDone handling in SliceSet
+        // reconciles whatever changed while no stream was running.
+        warn!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            "kas EndpointSlice watch ended unexpectedly; restarting it"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(RESTART_DELAY) => {}
+            () = tx.closed() => {
+                stopped(&cfg);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn stopped(cfg: &EndpointSliceConfig) {
+    debug!(
+        namespace = %cfg.namespace,
+        service = %cfg.service,
+        "no receivers left; stopping kas EndpointSlice discovery"
+    );
+}
+
+/// Builds a client from the pod's service account.
+///
+/// Async because building a kube client spawns its request-buffer task, which
+/// needs a running Tokio runtime.
+pub async fn in_cluster_client() -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+
+    // kube's own error here is a bare "environment variable not found", which
+    // does not tell an operator that the edge simply is not running in a pod.
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        if std::env::var_os(var).is_none() {
+            anyhow::bail!(
+                "kas EndpointSlice discovery needs the Kubernetes API, but {var} is not set: \
+                 the edge is not running inside a Kubernetes pod"
+            );
+        }
+    }
+    let config = kube::Config::incluster().context(
+        "loading the in-cluster service account (token, CA and namespace under \
+         /var/run/secrets/kubernetes.io/serviceaccount; is automountServiceAccountToken off?)",
+    )?;
+    kube::Client::try_from(config).context("building a Kubernetes client from the service account")
+}
+
+fn log_watch_error(err: &watcher::Error, cfg: &EndpointSliceConfig) {
+    let status = match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    };
+    match status {
+        // Routine: the API server forgot our resourceVersion; the watcher relists.
+        Some(410) => debug!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            error = %err,
+            "kas EndpointSlice watch expired; relisting"
+        ),
+        Some(403) => warn!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            error = %err,
+            "kas EndpointSlice watch forbidden: the edge's service account needs get, list and \
+             watch on endpointslices.discovery.k8s.io in this namespace; retrying with back-off"
+        ),
+        _ => warn!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            error = %err,
+            "kas EndpointSlice watch failed; keeping the last known pods and retrying with back-off"
+        ),
+    }
+}
+
+fn publish(tx: &watch::Sender<Vec<Endpoint>>, update: Update, cfg: &EndpointSliceConfig) -> bool {
+    let Update { endpoints, force } = update;
+    let total = endpoints.len();
+    let ready = endpoints
+        .iter()
+        .filter(|e| e.ready && !e.terminating)
+        .count();
+    let terminating = endpoints.iter().filter(|e| e.terminating).count();
+    let sent = tx.send_if_modified(|current| {
+        if !force && *current == endpoints {
+            return false;
+        }
+        *current = endpoints;
+        true
+    });
+    if sent {
+        info!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            total,
+            ready,
+            terminating,
+            "kas endpoints updated"
+        );
+    }
+    sent
+}
+
+/// A list to offer to receivers; `force` announces the first complete list.
+#[derive(Debug)]
+struct Update {
+    endpoints: Vec<Endpoint>,
+    force: bool,
+}
+
+/// The slices currently known, already reduced to endpoints, keyed by slice name.
+#[derive(Debug, Default)]
+struct SliceSet {
+    live: BTreeMap<String, Vec<Endpoint>>,
+    /// Collects a (re)list between `Init` and `InitDone`. It replaces `live`
+    /// wholesale, which is what drops slices deleted while the watch was down:
+    /// no `Delete` event is ever sent for those.
+    relisting: Option<BTreeMap<String, Vec<Endpoint>>>,
+    synced: bool,
+}
+
+impl SliceSet {
+    /// Returns the merged endpoints when `live` may have changed.
+    fn apply(
+        &mut self,
+        event: Event<EndpointSlice>,
+        ports: &PortSelector,
+        cfg: &EndpointSliceConfig,
+    ) -> Option<Update> {
+        match event {
+            Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                None
+            }
+            Event::InitApply(slice) => {
+                let name = slice.name_any();
+                let endpoints = slice_endpoints(&slice, ports, cfg);
+                self.relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(name, endpoints);
+                None
+            }
+            Event::InitDone => {
+                self.live = self.relisting.take().unwrap_or_default();
+                let force = !self.synced;
+                self.synced = true;
+                Some(Update {
+                    endpoints: self.merged(),
+                    force,
+                })
+            }
+            Event::Apply(slice) => {
+                let name = slice.name_any();
+                let endpoints = slice_endpoints(&slice, ports, cfg);
+                self.live.insert(name, endpoints);
+                self.update()
+            }
+            Event::Delete(slice) => {
+                self.live.remove(&slice.name_any());
+                self.update()
+            }
+        }
+    }
+
+    fn update(&self) -> Option<Update> {
+        // The watcher only sends Apply/Delete after InitDone; holding back
+        // anyway keeps the "never a partial list" promise if that ever changes.
+        self.synced.then(|| Update {
+            endpoints: self.merged(),
+            force: false,
+        })
+    }
+
+    /// One entry per address, sorted by address.
+    ///
+    /// The same pod can briefly appear in two slices while the EndpointSlice
+    /// controller rebalances them, possibly with different conditions. Two
+    /// entries for one address would make the pool double-count the pod, so
+    /// keep one, preferring the copy that says the pod can take traffic.
+    fn merged(&self) -> Vec<Endpoint> {
+        fn rank(e: &Endpoint) -> (bool, bool, bool) {
+            (e.ready && !e.terminating, !e.terminating, e.name.is_some())
+        }
+        let mut by_addr: BTreeMap<SocketAddr, &Endpoint> = BTreeMap::new();
+        for e in self.live.values().flatten() {
+            match by_addr.entry(e.addr) {
+                Entry::Vacant(v) => {
+                    v.insert(e);
+                }
+                Entry::Occupied(mut o) => {
+                    // The full Ord breaks ties so the result does not depend on slice names.
+                    if (rank(e), e) > (rank(o.get()), *o.get()) {
+                        o.insert(e);
+                    }
+                }
+            }
+        }
+        by_addr.into_values().cloned().collect()
+    }
+}
+
+#[derive(Debug)]
+struct PortSelector {
+    name: Option<String>,
+    number: Option<u16>,
+}
+
+impl PortSelector {
+    /// Falls back to "the only port" only when nothing was configured: if a
+    /// configured name or number is missing, guessing could send agents to a
+    /// metrics or health port.
+    fn pick(&self, ports: &[EndpointPort]) -> Option<u16> {
+        let tcp = || {
+            ports
+                .iter()
+                .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+        };
+        if let Some(name) = &self.name {
+            if let Some(p) = tcp().find(|p| p.name.as_deref() == Some(name.as_str())) {
+                return port_number(p);
+            }
+        }
+        if let Some(number) = self.number {
+            return tcp()
+                .any(|p| port_number(p) == Some(number))
+                .then_some(number);
+        }
+        if self.name.is_some() {
+            return None;
+        }
+        let mut candidates = tcp();
+        match (candidates.next(), candidates.next()) {
+            (Some(only), None) => port_number(only),
+            _ => None,
+        }
+    }
+}
+
+fn port_number(p: &EndpointPort) -> Option<u16> {
+    p.port
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|&n| n != 0)
+}
+
+/// Endpoints of one slice, or none (with a warning) when the traffic port
+/// cannot be determined: a slice without it tells us nothing usable.
+fn slice_endpoints(
+    slice: &EndpointSlice,
+    ports: &PortSelector,
+    cfg: &EndpointSliceConfig,
+) -> Vec<Endpoint> {
+    let slice_name = slice.name_any();
+    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        // FQDN slices name hosts, not pods; the edge needs IPs.
+        debug!(
+            slice = %slice_name,
+            address_type = %slice.address_type,
+            "ignoring EndpointSlice that does not list IP addresses"
+        );
+        return Vec::new();
+    }
+    let slice_ports = slice.ports.as_deref().unwrap_or_default();
+    let Some(port) = ports.pick(slice_ports) else {
+        let available: Vec<String> = slice_ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:{}/{}",
+                    p.name.as_deref().unwrap_or(""),
+                    p.port.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                    p.protocol.as_deref().unwrap_or("TCP")
+                )
+            })
+            .collect();
+        warn!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            slice = %slice_name,
+            port_name = ?cfg.port_name,
+            port = ?cfg.port,
+            ?available,
+            "EndpointSlice has no matching kas agent port; ignoring its endpoints"
+        );
+        return Vec::new();
+    };
+
+    let mut out = Vec::new();
+    for ep in &slice.endpoints {
+        let conditions = ep.conditions.as_ref();
+        // The API defines a missing `ready` as "unknown, treat as ready".
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+        let name = ep
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| r.name.clone());
+        for address in &ep.addresses {
+            match address.parse::<IpAddr>() {
+                Ok(ip) => out.push(Endpoint {
+                    addr: SocketAddr::new(ip, port),
+                    name: name.clone(),
+                    ready,
+                    terminating,
+                }),
+                Err(err) => warn!(
+                    slice = %slice_name,
+                    %address,
+                    error = %err,
+                    "ignoring EndpointSlice address that is not an IP"
+                ),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::{Frame, Incoming};
+    use hyper::{Method, Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use serde_json::{json, Value};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+
+    const NS: &str = "gitlab-agent";
+    const SVC: &str = "kas";
+    const WAIT: Duration = Duration::from_secs(10);
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    // ---- fake kube-apiserver -------------------------------------------------
+
+    #[derive(Default)]
+    struct FakeState {
+        items: Vec<Value>,
+        resource_version: String,
+        fail_next_lists: usize,
+        lists: usize,
+        watches: Vec<mpsc::UnboundedSender<Value>>,
+        requests: Vec<String>,
+    }
+
+    struct FakeApi {
+        addr: SocketAddr,
+        state: Arc<Mutex<FakeState>>,
+        watches_opened: watch::Receiver<usize>,
+        server: JoinHandle<()>,
+    }
+
+    impl Drop for FakeApi {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    impl FakeApi {
+        async fn start(items: Vec<Value>, resource_version: &str) -> FakeApi {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let state = Arc::new(Mutex::new(FakeState {
+                items,
+                resource_version: resource_version.to_owned(),
+                ..FakeState::default()
+            }));
+            let (opened_tx, watches_opened) = watch::channel(0);
+            let opened_tx = Arc::new(opened_tx);
+            let server_state = state.clone();
+            let server = tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let state = server_state.clone();
+                    let opened = opened_tx.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let response = handle(&state, &opened, req);
+                            async move { Ok::<_, Infallible>(response) }
+                        });
+                        // Connections end with errors when the watcher drops a
+                        // watch; that is expected and irrelevant to the tests.
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+            FakeApi {
+                addr,
+                state,
+                watches_opened,
+                server,
+            }
+        }
+
+        fn client(&self) -> kube::Client {
+            let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+            config.default_namespace = NS.to_owned();
+            kube::Client::try_from(config).unwrap()
+        }
+
+        async fn wait_for_watches(&mut self, n: usize) {
+            let waited =
+                tokio::time::timeout(WAIT, self.watches_opened.wait_for(|&o| o >= n)).await;
+            assert!(
+                matches!(waited, Ok(Ok(_))),
+                "timed out waiting for watch #{n}; requests: {:#?}",
+                self.state.lock().unwrap().requests
+            );
+        }
+
+        /// Streams one event on the newest watch connection.
+        fn push(&self, event_type: &str, object: Value) {
+            let state = self.state.lock().unwrap();
+            let watch = state.watches.last().expect("no watch connection open");
+            watch
+                .send(json!({ "type": event_type, "object": object }))
+                .expect("watch connection closed");
+        }
+
+        fn set_list(&self, items: Vec<Value>, resource_version: &str) {
+            let mut state = self.state.lock().unwrap();
+            state.items = items;
+            state.resource_version = resource_version.to_owned();
+        }
+
+        fn requests(&self) -> Vec<String> {
+            self.state.lock().unwrap().requests.clone()
+        }
+    }
+
+    fn handle(
+        state: &Mutex<FakeState>,
+        watches_opened: &watch::Sender<usize>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let uri = req.uri().to_string();
+        eprintln!("fake kube-apiserver: {} {uri}", req.method());
+        let mut state = state.lock().unwrap();
+        state.requests.push(uri);
+
+        let expected_path = format!("/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices");
+        if req.method() != Method::GET || req.uri().path() != expected_path {
+            return status(StatusCode::NOT_FOUND, "NotFound");
+        }
+        // Only these parameters matter; others (limit, timeoutSeconds,
+        // allowWatchBookmarks, sendInitialEvents, ...) are ignored like a real
+        // server would honour them without changing what this test serves.
+        let query = parse_query(req.uri().query().unwrap_or(""));
+        let selector = format!("{SERVICE_NAME_LABEL}={SVC}");
+        if query.get("labelSelector") != Some(&selector) {
+            return status(StatusCode::BAD_REQUEST, "BadRequest");
+        }
+        let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+
+        if !watching {
+            state.lists += 1;
+            if state.fail_next_lists > 0 {
+                state.fail_next_lists -= 1;
+                return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
+            }
+            let list = json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSliceList",
+                "metadata": { "resourceVersion": state.resource_version },
+                "items": state.items,
+            });
+            return json_response(StatusCode::OK, &list);
+        }
+
+        if !query.contains_key("resourceVersion") {
+            return status(StatusCode::BAD_REQUEST, "BadRequest");
+        }
+        let (tx, rx) = mpsc::unbounded_channel::<Value>();
+        state.watches.push(tx);
+        watches_opened.send_modify(|n| *n += 1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let event = rx.recv().await?;
+            let line = Bytes::from(format!("{event}\n"));
+            Some((Ok::<_, Infallible>(Frame::data(line)), rx))
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .unwrap()
+    }
+
+    fn status(code: StatusCode, reason: &str) -> Response<Body> {
+        let body = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": format!("fake apiserver: {reason}"),
+            "reason": reason,
+            "code": code.as_u16(),
+        });
+        json_response(code, &body)
+    }
+
+    fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())).boxed())
+            .unwrap()
+    }
+
+    fn parse_query(query: &str) -> HashMap<String, String> {
+        query
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (percent_decode(k), percent_decode(v))
+            })
+            .collect()
+    }
+
+    fn percent_decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                b => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    // ---- fixtures ------------------------------------------------------------
+
+    fn slice(name: &str, rv: &str, address_type: &str, endpoints: Vec<Value>) -> Value {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "resourceVersion": rv,
+                "labels": { SERVICE_NAME_LABEL: SVC },
+            },
+            "addressType": address_type,
+            "endpoints": endpoints,
+            // "agent" second, so picking the first or only port would be wrong.
+            "ports": [
+                { "name": "metrics", "port": 8151, "protocol": "TCP" },
+                { "name": "agent", "port": 8150, "protocol": "TCP" },
+            ],
+        })
+    }
+
+    fn pod(ip: &str, pod: &str, conditions: Value) -> Value {
+        json!({
+            "addresses": [ip],
+            "conditions": conditions,
+            "targetRef": { "kind": "Pod", "name": pod, "namespace": NS },
+        })
+    }
+
+    fn ep(addr: &str, name: Option<&str>, ready: bool, terminating: bool) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            name: name.map(str::to_owned),
+            ready,
+            terminating,
+        }
+    }
+
+    fn config() -> EndpointSliceConfig {
+        EndpointSliceConfig {
+            namespace: NS.to_owned(),
+            service: SVC.to_owned(),
+            port_name: Some("agent".to_owned()),
+            port: None,
+        }
+    }
+
+    fn spawn_discovery(
+        fake: &FakeApi,
+    ) -> (
+        watch::Receiver<Vec<Endpoint>>,
+        JoinHandle<Result<(), EndpointSliceError>>,
+    ) {
+        let (tx, rx) = watch::channel(Vec::new());
+        let task = tokio::spawn(run(fake.client(), config(), tx));
+        (rx, task)
+    }
+
+    async fn expect(rx: &mut watch::Receiver<Vec<Endpoint>>, what: &str, want: Vec<Endpoint>) {
+        let got = tokio::time::timeout(WAIT, rx.wait_for(|v| *v == want))
+            .await
+            .map(|r| r.is_ok());
+        assert!(
+            matches!(got, Ok(true)),
+            "timed out waiting for {what}\n want: {want:#?}\n last published: {:#?}",
+            *rx.borrow()
+        );
+    }
+
+    // ---- over real sockets ---------------------------------------------------
+
+    #[tokio::test]
+    async fn follows_list_then_modified_added_deleted() {
+        let initial = slice(
+            "kas-a",
+            "10",
+            "IPv4",
+            vec![
+                pod(
+                    "192.0.2.1",
+                    "kas-0",
+                    json!({ "ready": true, "terminating": false }),
+                ),
+                // No conditions at all: ready by API definition, not terminating.
+                json!({ "addresses": ["192.0.2.2"], "targetRef": { "kind": "Pod", "name": "kas-1" } }),
+                // Not a pod: no name.
+                json!({ "addresses": ["192.0.2.9"], "targetRef": { "kind": "Node", "name": "n1" } }),
+            ],
+        );
+        let mut fake = FakeApi::start(vec![initial], "100").await;
+        let (mut rx, task) = spawn_discovery(&fake);
+
+        expect(
+            &mut rx,
+            "the initial list on the named port",
+            vec![
+                ep("192.0.2.1:8150", Some("kas-0"), true, false),
+                ep("192.0.2.2:8150", Some("kas-1"), true, false),
+                ep("192.0.2.9:8150", None, true, false),
+            ],
+        )
+        .await;
+
+        fake.wait_for_watches(1).await;
+        fake.push(
+            "MODIFIED",
+            slice(
+                "kas-a",
+                "101",
+                "IPv4",
+                vec![
+                    pod("192.0.2.1", "kas-0", json!({ "ready": true })),
+                    pod(
+                        "192.0.2.2",
+                        "kas-1",
+                        json!({ "ready": false, "serving": true, "terminating": true }),
+                    ),
+                ],
+            ),
+        );
+        expect(
+            &mut rx,
+            "kas-1 marked not ready and terminating",
+            vec![
+                ep("192.0.2.1:8150", Some("kas-0"), true, false),
+                ep("192.0.2.2:8150", Some("kas-1"), false, true),
+            ],
+        )
+        .await;
+
+        let second = slice(
+            "kas-b",
+            "102",
+            "IPv4",
+            vec![pod("192.0.2.3", "kas-2", json!({ "ready": true }))],
+        );
+        fake.push("ADDED", second.clone());
+        expect(
+            &mut rx,
+            "the second slice's pod added",
+            vec![
+                ep("192.0.2.1:8150", Some("kas-0"), true, false),
+                ep("192.0.2.2:8150", Some("kas-1"), false, true),
+                ep("192.0.2.3:8150", Some("kas-2"), true, false),
+            ],
+        )
+        .await;
+
+        fake.push("DELETED", slice("kas-a", "103", "IPv4", vec![]));
+        expect(
+            &mut rx,
+            "the first slice's pods removed",
+            vec![ep("192.0.2.3:8150", Some("kas-2"), true, false)],
+        )
+        .await;
+
+        let requests = fake.requests();
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.contains("watch=true") && r.contains("resourceVersion=100")),
+            "the watch must resume from the list's resourceVersion: {requests:#?}"
+        );
+        assert!(!task.is_finished(), "discovery must keep running");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn lists_ipv6_and_dual_stack_addresses() {
+        let v4 = slice(
+            "kas-v4",
+            "10",
+            "IPv4",
+            vec![pod("192.0.2.1", "kas-0", json!({ "ready": true }))],
+        );
+        let v6 = slice(
+            "kas-v6",
+            "11",
+            "IPv6",
+            vec![
+                pod("2001:db8::1", "kas-0", json!({ "ready": true })),
+                pod("2001:db8::2", "kas-1", json!({ "ready": false })),
+            ],
+        );
+        let fake = FakeApi::start(vec![v6, v4], "100").await;
+        let (mut rx, task) = spawn_discovery(&fake);
+        expect(
+            &mut rx,
+            "IPv4 and IPv6 endpoints",
+            vec![
+                ep("192.0.2.1:8150", Some("kas-0"), true, false),
+                ep("[2001:db8::1]:8150", Some("kas-0"), true, false),
+                ep("[2001:db8::2]:8150", Some("kas-1"), false, false),
+            ],
+        )
+        .await;
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn relist_after_expired_watch_drops_vanished_slices() {
+        let a = slice(
+            "kas-a",
+            "10",
+            "IPv4",
+            vec![pod("192.0.2.1", "kas-0", json!({ "ready": true }))],
+        );
+        let b = slice(
+            "kas-b",
+            "11",
+            "IPv4",
+            vec![pod("192.0.2.2", "kas-1", json!({ "ready": true }))],
+        );
+        let mut fake = FakeApi::start(vec![a.clone(), b], "100").await;
+        let (mut rx, task) = spawn_discovery(&fake);
+        expect(
+            &mut rx,
+            "both slices",
+            vec![
+                ep("192.0.2.1:8150", Some("kas-0"), true, false),
+                ep("192.0.2.2:8150", Some("kas-1"), true, false),
+            ],
+        )
+        .await;
+
+        // kas-b is deleted while the watch is "down": no DELETED event for it,
+        // only the next list lacks it.
+        fake.wait_for_watches(1).await;
+        fake.set_list(vec![a], "200");
+        fake.push(
+            "ERROR",
+            json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": "too old resource version: 100 (150)",
+                "reason": "Expired",
+                "code": 410,
+            }),
+        );
+        expect(
+            &mut rx,
+            "kas-b gone after the relist",
+            vec![ep("192.0.2.1:8150", Some("kas-0"), true, false)],
+        )
+        .await;
+        fake.wait_for_watches(2).await;
+        assert!(fake.state.lock().unwrap().lists >= 2);
+        assert!(!task.is_finished(), "discovery must keep running");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn retries_a_failed_list() {
+        let a = slice(
+            "kas-a",
+            "10",
+            "IPv4",
+            vec![pod("192.0.2.1", "kas-0", json!({ "ready": true }))],
+        );
+        let fake = FakeApi::start(vec![a], "100").await;
+        fake.state.lock().unwrap().fail_next_lists = 2;
+        let (mut rx, task) = spawn_discovery(&fake);
+        expect(
+            &mut rx,
+            "the list after two failures",
+            vec![ep("192.0.2.1:8150", Some("kas-0"), true, false)],
+        )
+        .await;
+        assert_eq!(fake.state.lock().unwrap().lists, 3);
+        assert!(!task.is_finished(), "discovery must keep running");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn announces_an_empty_first_list() {
+        let fake = FakeApi::start(vec![], "100").await;
+        let (mut rx, task) = spawn_discovery(&fake);
+        let changed = tokio::time::timeout(WAIT, rx.changed()).await;
+        assert!(matches!(changed, Ok(Ok(()))), "first sync not announced");
+        assert!(rx.borrow().is_empty());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn stops_when_no_receiver_is_left() {
+        let fake = FakeApi::start(vec![], "100").await;
+        let (rx, task) = spawn_discovery(&fake);
+        drop(rx);
+        let result = tokio::time::timeout(WAIT, task).await;
+        assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+    }
+
+    // ---- without sockets -----------------------------------------------------
+
+    fn typed(v: Value) -> EndpointSlice {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn with_ports(mut s: Value, ports: Value) -> Value {
+        s["ports"] = ports;
+        s
+    }
+
+    #[test]
+    fn port_selection() {
+        let one_pod = vec![pod("192.0.2.1", "kas-0", json!({}))];
+        let two_ports = slice("s", "1", "IPv4", one_pod.clone());
+        let one_port = with_ports(
+            slice("s", "1", "IPv4", one_pod.clone()),
+            json!([{ "port": 8150 }]),
+        );
+        let pick = |name: Option<&str>, number: Option<u16>, s: &Value| {
+            let sel = PortSelector {
+                name: name.map(str::to_owned),
+                number,
+            };
+            let eps = slice_endpoints(&typed(s.clone()), &sel, &config());
+            eps.first().map(|e| e.addr.port())
+        };
+        assert_eq!(pick(Some("agent"), None, &two_ports), Some(8150));
+        assert_eq!(pick(None, Some(8151), &two_ports), Some(8151));
+        assert_eq!(pick(Some("nope"), Some(8151), &two_ports), Some(8151));
+        assert_eq!(pick(Some("nope"), None, &two_ports), None);
+        assert_eq!(pick(None, Some(9999), &two_ports), None);
+        assert_eq!(pick(None, None, &two_ports), None, "ambiguous");
+        assert_eq!(pick(None, None, &one_port), Some(8150));
+        let udp = with_ports(
+            slice("s", "1", "IPv4", one_pod.clone()),
+            json!([{ "name": "agent", "port": 53, "protocol": "UDP" }]),
+        );
+        assert_eq!(pick(Some("agent"), None, &udp), None);
+        let no_ports = with_ports(slice("s", "1", "IPv4", one_pod), Value::Null);
+        assert_eq!(pick(None, None, &no_ports), None);
+    }
+
+    #[test]
+    fn skips_fqdn_slices_and_bad_addresses() {
+        let sel = PortSelector {
+            name: Some("agent".to_owned()),
+            number: None,
+        };
+        let fqdn = slice(
+            "f",
+            "1",
+            "FQDN",
+            vec![pod("kas.example.com", "kas-0", json!({}))],
+        );
+        assert!(slice_endpoints(&typed(fqdn), &sel, &config()).is_empty());
+        let bad = slice(
+            "b",
+            "1",
+            "IPv4",
+            vec![json!({ "addresses": ["not-an-ip", "192.0.2.7"] })],
+        );
+        assert_eq!(
+            slice_endpoints(&typed(bad), &sel, &config()),
+            vec![ep("192.0.2.7:8150", None, true, false)]
+        );
+    }
+
+    #[test]
+    fn duplicate_address_across_slices_prefers_the_ready_copy() {
+        let sel = PortSelector {
+            name: Some("agent".to_owned()),
+            number: None,
+        };
+        let mut set = SliceSet::default();
+        set.apply(Event::Init, &sel, &config());
+        let stale = slice(
+            "a",
+            "1",
+            "IPv4",
+            vec![pod("192.0.2.1", "kas-0", json!({ "ready": false }))],
+        );
+        let fresh = slice(
+            "b",
+            "2",
+            "IPv4",
+            vec![pod("192.0.2.1", "kas-0", json!({ "ready": true }))],
+        );
+        for s in [stale, fresh] {
+            set.apply(Event::InitApply(typed(s)), &sel, &config());
+        }
+        let update = set.apply(Event::InitDone, &sel, &config()).unwrap();
+        assert_eq!(
+            update.endpoints,
+            vec![ep("192.0.2.1:8150", Some("kas-0"), true, false)]
+        );
+    }
+
+    #[test]
+    fn publishes_only_real_changes() {
+        let sel = PortSelector {
+            name: Some("agent".to_owned()),
+            number: None,
+        };
+        let cfg = config();
+        let (tx, mut rx) = watch::channel(Vec::new());
+        let mut set = SliceSet::default();
+        let a = slice(
+            "a",
+            "1",
+            "IPv4",
+            vec![pod("192.0.2.1", "kas-0", json!({ "ready": true }))],
+        );
+
+        // Nothing reaches receivers before the list is complete.
+        assert!(set.apply(Event::Init, &sel, &cfg).is_none());
+        assert!(set
+            .apply(Event::InitApply(typed(a.clone())), &sel, &cfg)
+            .is_none());
+        let first = set.apply(Event::InitDone, &sel, &cfg).unwrap();
+        assert!(publish(&tx, first, &cfg));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+
+        // Only resourceVersion and a zone changed: same endpoints, no publish.
+        let mut touched = a.clone();
+        touched["metadata"]["resourceVersion"] = json!("2");
+        touched["endpoints"][0]["zone"] = json!("zone-b");
+        let update = set.apply(Event::Apply(typed(touched)), &sel, &cfg).unwrap();
+        assert!(!publish(&tx, update, &cfg));
+        assert!(!rx.has_changed().unwrap());
+
+        // A relist with the same content is not news either.
+        set.apply(Event::Init, &sel, &cfg);
+        set.apply(Event::InitApply(typed(a)), &sel, &cfg);
+        let relisted = set.apply(Event::InitDone, &sel, &cfg).unwrap();
+        assert!(!publish(&tx, relisted, &cfg));
+        assert!(!rx.has_changed().unwrap());
+
+        let gone = slice("a", "3", "IPv4", vec![]);
+        let update = set.apply(Event::Delete(typed(gone)), &sel, &cfg).unwrap();
+        assert!(publish(&tx, update, &cfg));
+        assert!(rx.borrow_and_update().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rejects_unusable_config() {
+        // Never contacted: validation happens before any request.
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let cases = [
+            EndpointSliceConfig {
+                service: "kas,app=x".to_owned(),
+                ..config()
+            },
+            EndpointSliceConfig {
+                namespace: String::new(),
+                ..config()
+            },
+            EndpointSliceConfig {
+                port_name: Some(String::new()),
+                ..config()
+            },
+            EndpointSliceConfig {
+                port: Some(0),
+                ..config()
+            },
+        ];
+        for cfg in cases {
+            let (tx, _rx) = watch::channel(Vec::new());
+            let result = tokio::time::timeout(WAIT, run(client.clone(), cfg.clone(), tx)).await;
+            assert!(matches!(result, Ok(Err(_))), "accepted {cfg:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn in_cluster_client_explains_missing_cluster() {
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            return; // Running in a pod: nothing to check here.
+        }
+        let Err(err) = in_cluster_client().await else {
+            panic!("built a client outside a cluster");
+        };
+        let err = err.to_string();
+        assert!(err.contains("not running inside a Kubernetes pod"), "{err}");
+    }
+}

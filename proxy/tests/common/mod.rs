@@ -178,9 +178,15 @@ impl Edge {
         let http = SocketAddr::new(host, 8080);
         let tls_dir = dir.path().join("tls");
         let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        // A test that brings its own [tls] section replaces the generated certificate.
+        let tls_section = if extra.contains("[tls]") {
+            String::new()
+        } else {
+            format!("[tls]\nhosts = [\"localhost\", \"kas.example.test\"]\nself_signed_dir = {tls_dir:?}\n")
+        };
         let config = format!(
             "[listen]\nhttps = \"{https}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\nthreads = 2\n\
-             [tls]\nhosts = [\"localhost\", \"kas.example.test\"]\nself_signed_dir = {tls_dir:?}\n\
+             {tls_section}\
              [discovery]\nkind = \"static\"\nendpoints = [{}]\n\
              [health]\nport = {HEALTH_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n{extra}",
             list.join(", ")

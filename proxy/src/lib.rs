@@ -7,6 +7,7 @@
 //! websocket tunnels) · [`metrics`] · [`admin`] (health, metrics, http→https).
 
 pub mod admin;
+pub mod blocklist;
 pub mod config;
 pub mod connections;
 pub mod dev;
@@ -17,7 +18,9 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod ratelimit;
+pub mod rules;
 pub mod tls;
 mod tls_setup;
 

@@ -36,6 +36,55 @@ pub struct EdgeConfig {
     pub downstream: DownstreamConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub policies: PoliciesConfig,
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+/// The operator-edited files (see `policies/README.md`); each is optional and watched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoliciesConfig {
+    /// IP blocklist, applied at accept before TLS.
+    pub blocklist: Option<PathBuf>,
+    /// Rate and connection limits (TOML).
+    pub limits: Option<PathBuf>,
+    /// Header deny rules (TOML).
+    pub rules: Option<PathBuf>,
+    /// Count and log blocklist matches without blocking anyone.
+    pub preview: bool,
+    /// When an edit newly blocks a client, close its established connections too.
+    pub close_established: bool,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        Self {
+            blocklist: None,
+            limits: None,
+            rules: None,
+            preview: false,
+            close_established: true,
+        }
+    }
+}
+
+/// PROXY protocol (v1/v2) from an L4 load balancer, so the real client address survives.
+/// Honoured only from `trusted` source ranges; empty disables it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocolConfig {
+    pub trusted: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        Self {
+            trusted: Vec::new(),
+            header_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,12 +299,40 @@ impl EdgeConfig {
             path: path.to_owned(),
             source,
         })?;
-        let config: EdgeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut config: EdgeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Relative file names are taken relative to the configuration file, so a config and
+    /// its `policies/` can move together.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for cert in &mut self.tls.certificates {
+            resolve(&mut cert.cert);
+            resolve(&mut cert.key);
+        }
+        if let Some(dir) = &mut self.tls.self_signed_dir {
+            resolve(dir);
+        }
+        for file in [
+            &mut self.policies.blocklist,
+            &mut self.policies.limits,
+            &mut self.policies.rules,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(file);
+        }
     }
 
     /// Checks what types cannot; `path` only labels the errors.

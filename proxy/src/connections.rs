@@ -114,7 +114,7 @@ pub fn client_ip(stream: &Stream) -> Option<IpAddr> {
 /// can be ended from outside.
 pub struct Tracked<A> {
     pub inner: Arc<A>,
-    pub registry: Arc<ConnectionRegistry>,
+    pub policies: Arc<crate::policy::Policies>,
 }
 
 #[async_trait]
@@ -127,7 +127,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
         let Some(ip) = client_ip(&stream) else {
             return self.inner.process_new(stream, shutdown).await;
         };
-        let guard = self.registry.register(ip);
+        if !self.policies.admit_concurrent(ip) {
+            return None;
+        }
+        let guard = self.policies.registry.register(ip);
         tokio::select! {
             reusable = self.inner.process_new(stream, shutdown) => reusable,
             // Dropping the connection's future closes its socket and, for HTTP/2, every

@@ -23,6 +23,7 @@ use crate::admin::{self, EdgeState};
 use crate::config::{DiscoveryConfig, EdgeConfig};
 use crate::connections::{ConnectionRegistry, Tracked};
 use crate::discovery::{self, endpointslices, Endpoint};
+use crate::policy::{AcceptFilter, Policies, ProxyHeaderLayer};
 
 /// Where Kubernetes mounts the pod's namespace.
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
@@ -234,17 +235,32 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
+    let registry = ConnectionRegistry::new(metrics.open_connections.clone());
+    let policies = Policies::new(
+        &config.policies,
+        &config.proxy_protocol,
+        registry,
+        metrics.clone(),
+    )?;
+    let _policy_watchers = policies.watch(&config.policies)?;
+    side.spawn(policies.clone().evict_idle_keys());
     let proxy = EdgeProxy {
+        policies: policies.clone(),
         pool,
         metrics: metrics.clone(),
         upstream: config.upstream.clone(),
     };
-    let registry = ConnectionRegistry::new(metrics.open_connections.clone());
     let app = Tracked {
         inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
-        registry: registry.clone(),
+        policies: policies.clone(),
     };
     let mut service = Service::new("kas-edge".to_string(), app);
+    service.set_connection_filter(Arc::new(AcceptFilter(policies.clone())));
+    if policies.proxy_protocol_enabled() {
+        service
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(ProxyHeaderLayer(policies.clone())));
+    }
     let mut tls_settings = TlsSettings::with_callbacks(tls.handshake_callbacks())
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     tls_settings.set_cert_resolver(tls.resolver());

@@ -16,6 +16,7 @@ pub mod edge;
 pub mod filewatch;
 pub mod health;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -45,13 +45,26 @@ fn init_logging(filter: &str) {
         .init();
 }
 
+/// Validates the configuration and every policy file it names, as the edge would load them.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = EdgeConfig::from_file(path)?;
+    let (blocklist, _limits, rules) = kas_edge::policy::load_files(&config.policies)?;
+    println!("{}: configuration is valid", path.display());
+    if let Some(file) = &config.policies.blocklist {
+        println!("{}: {} entries", file.display(), blocklist.len());
+    }
+    if let Some(file) = &config.policies.limits {
+        println!("{}: valid", file.display());
+    }
+    if let Some(file) = &config.policies.rules {
+        println!("{}: {} rules", file.display(), rules.len());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Check { config } => EdgeConfig::from_file(&config)
-            .map(|_| {
-                println!("{}: configuration is valid", config.display());
-            })
-            .map_err(anyhow::Error::from),
+        Command::Check { config } => check(&config),
         Command::Dev { dir } => {
             init_logging("info");
             kas_edge::dev::run(dir)

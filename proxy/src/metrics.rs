@@ -29,6 +29,17 @@ pub struct EdgeMetrics {
     pub ready: IntGauge,
     /// Downstream connections open now (after the TLS handshake).
     pub open_connections: IntGauge,
+    /// Refused connections and requests by reason and the policy source that refused them.
+    pub policy_blocked: IntCounterVec,
+    /// Matches of preview entries and rules (counted, not blocked), by source.
+    pub policy_preview: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
+    pub blocklist_entries: IntGauge,
+    pub blocklist_reload_errors: prometheus::IntCounter,
+    pub blocklist_last_reload: IntGauge,
+    /// Established connections closed because a reload newly blocked their client.
+    pub established_closed: prometheus::IntCounter,
+    pub ratelimit_keys: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -141,6 +152,64 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new("edge_open_connections", "Downstream connections open now.")
                     .expect("valid metric"),
+            ),
+            policy_blocked: counter(
+                &r,
+                "edge_policy_blocked_total",
+                "Refused connections/requests by reason and source.",
+                &["reason", "source"],
+            ),
+            policy_preview: counter(
+                &r,
+                "edge_policy_preview_matches_total",
+                "Preview matches (not blocked) by source.",
+                &["source"],
+            ),
+            policy_reloads: counter(
+                &r,
+                "edge_policy_reloads_total",
+                "Policy file reloads by file and result.",
+                &["file", "result"],
+            ),
+            blocklist_entries: register(
+                &r,
+                IntGauge::new(
+                    "edge_blocklist_entries",
+                    "Entries in the blocklist in force.",
+                )
+                .expect("valid metric"),
+            ),
+            blocklist_reload_errors: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_blocklist_reload_errors_total",
+                    "Rejected blocklist edits.",
+                )
+                .expect("valid metric"),
+            ),
+            blocklist_last_reload: register(
+                &r,
+                IntGauge::new(
+                    "edge_blocklist_last_reload_timestamp_seconds",
+                    "Unix time of the last successful blocklist load.",
+                )
+                .expect("valid metric"),
+            ),
+            established_closed: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_policy_closed_connections_total",
+                    "Established connections closed by a blocklist edit.",
+                )
+                .expect("valid metric"),
+            ),
+            ratelimit_keys: register(
+                &r,
+                IntGauge::new(
+                    "edge_ratelimit_tracked_keys",
+                    "Keys tracked by the rate limiters.",
+                )
+                .expect("valid metric"),
             ),
             registry: r,
         }

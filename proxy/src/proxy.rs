@@ -17,10 +17,8 @@ use prometheus::IntGauge;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::EdgeMetrics;
+use crate::policy::{Denial, Policies};
 use crate::pool::{PodGuard, Pool};
-
-/// gRPC status UNAVAILABLE.
-const GRPC_UNAVAILABLE: &str = "14";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -62,6 +60,7 @@ pub struct RequestCtx {
 }
 
 pub struct EdgeProxy {
+    pub policies: Arc<Policies>,
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
     pub upstream: UpstreamConfig,
@@ -83,15 +82,20 @@ fn classify(session: &Session) -> Protocol {
     }
 }
 
-/// Answers without a pod: gRPC gets a trailers-only response (HEADERS with END_STREAM
-/// carrying `grpc-status`), which every gRPC client maps to the status; others get 503.
-async fn respond_unavailable(session: &mut Session, protocol: Protocol, why: &str) -> u16 {
+/// Answers a request the edge will not forward. gRPC gets a trailers-only response
+/// (HEADERS with END_STREAM carrying `grpc-status`), which every gRPC client maps to the
+/// status; other requests get the HTTP status. Returns the HTTP status written.
+async fn respond_denied(session: &mut Session, protocol: Protocol, denial: &Denial) -> u16 {
+    let retry_after = denial.retry_after.map(|d| d.as_secs().max(1).to_string());
     if protocol == Protocol::Grpc {
         let written = (|| -> Result<()> {
             let mut resp = ResponseHeader::build(200, Some(4))?;
             resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-            resp.insert_header("grpc-status", GRPC_UNAVAILABLE)?;
-            resp.insert_header("grpc-message", why)?;
+            resp.insert_header("grpc-status", denial.grpc_status.to_string())?;
+            resp.insert_header("grpc-message", denial.message.as_str())?;
+            if let Some(secs) = &retry_after {
+                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
+            }
             match session.as_downstream_mut() {
                 HttpSession::H2(h2) => h2.write_response_header(Box::new(resp), true),
                 _ => Err(Error::explain(
@@ -105,11 +109,31 @@ async fn respond_unavailable(session: &mut Session, protocol: Protocol, why: &st
         }
         200
     } else {
-        let body = Bytes::from(format!("{why}\n"));
-        if let Err(e) = session.respond_error_with_body(503, body).await {
-            tracing::debug!(error = %e, "could not write the 503 response");
+        let written = async {
+            let body = Bytes::from(format!("{}\n", denial.message));
+            let mut resp = ResponseHeader::build(denial.http_status, Some(4))?;
+            resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+            resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            if let Some(secs) = &retry_after {
+                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
+            }
+            session.set_keepalive(None);
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await
+        };
+        if let Err(e) = written.await {
+            tracing::debug!(error = %e, "could not write the error response");
         }
-        503
+        denial.http_status
+    }
+}
+
+fn unavailable(why: &str) -> Denial {
+    Denial {
+        http_status: 503,
+        grpc_status: 14, // UNAVAILABLE
+        message: why.to_owned(),
+        retry_after: None,
     }
 }
 
@@ -142,8 +166,19 @@ impl ProxyHttp for EdgeProxy {
             session.set_read_timeout(None);
             session.set_write_timeout(None);
         }
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(denial) = self
+            .policies
+            .check_request(client, &session.req_header().headers)
+        {
+            respond_denied(session, ctx.protocol, &denial).await;
+            return Ok(true);
+        }
         if !self.pool.any_accepting() {
-            respond_unavailable(session, ctx.protocol, "no healthy kas pod").await;
+            respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
             return Ok(true);
         }
         Ok(false)
@@ -243,7 +278,7 @@ impl ProxyHttp for EdgeProxy {
         let error_code = if code == 0 || already_answered {
             code
         } else if ctx.protocol == Protocol::Grpc || code == 503 || code == 502 {
-            respond_unavailable(session, ctx.protocol, "kas is unavailable").await
+            respond_denied(session, ctx.protocol, &unavailable("kas is unavailable")).await
         } else {
             if let Err(err) = session.respond_error(code).await {
                 tracing::debug!(error = %err, "could not write the error response");

@@ -248,12 +248,20 @@ pub struct DownstreamConfig {
     /// timeout may cut a healthy agent connection.
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// Close connections after this age (plus jitter) so agents rebalance after a
+    /// scale-out. Off by default: it cuts streams that are open at that moment.
+    #[serde(default, with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
+    /// Up to this fraction of `max_connection_age` is added at random per connection.
+    pub max_connection_age_jitter: f64,
 }
 
 impl Default for DownstreamConfig {
     fn default() -> Self {
         Self {
             tcp_keepalive: Duration::from_secs(60),
+            max_connection_age: None,
+            max_connection_age_jitter: 0.1,
         }
     }
 }
@@ -420,6 +428,22 @@ impl EdgeConfig {
             if value == 0 {
                 return Err(invalid(field, "must be at least 1".into()));
             }
+        }
+        if self
+            .downstream
+            .max_connection_age
+            .is_some_and(|a| a.is_zero())
+        {
+            return Err(invalid(
+                "downstream.max_connection_age",
+                "must be greater than zero (omit it to disable)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.downstream.max_connection_age_jitter) {
+            return Err(invalid(
+                "downstream.max_connection_age_jitter",
+                "must be between 0 and 1".into(),
+            ));
         }
         if self.upstream.max_h2_streams == 0 {
             return Err(invalid(

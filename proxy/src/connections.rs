@@ -110,11 +110,40 @@ pub fn client_ip(stream: &Stream) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// The TLS handshake's duration, as pingora measured it for this connection.
+fn tls_handshake_duration(stream: &Stream) -> Option<std::time::Duration> {
+    stream
+        .get_timing_digest()
+        .into_iter()
+        .flatten()
+        .nth(1)
+        .and_then(|tls| tls.establishment_duration)
+}
+
+/// Optional bound on a connection's life, so load spreads again after a scale-out:
+/// `age` plus up to `jitter` of it at random, so connections opened together (after a
+/// restart) do not all close together.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxAge {
+    pub age: std::time::Duration,
+    pub jitter: f64,
+}
+
+impl MaxAge {
+    fn pick(&self) -> std::time::Duration {
+        let extra = rand::random::<f64>() * self.jitter.clamp(0.0, 1.0);
+        self.age + self.age.mul_f64(extra)
+    }
+}
+
 /// The proxy application wrapped so each connection is registered for its lifetime and
-/// can be ended from outside.
+/// can be ended from outside. It also keeps HTTP/1.1 keep-alive rounds of one connection
+/// inside one call, so "the connection" here is the TCP connection.
 pub struct Tracked<A> {
     pub inner: Arc<A>,
     pub policies: Arc<crate::policy::Policies>,
+    pub metrics: crate::metrics::EdgeMetrics,
+    pub max_age: Option<MaxAge>,
 }
 
 #[async_trait]
@@ -124,6 +153,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if let Some(handshake) = tls_handshake_duration(&stream) {
+            self.metrics
+                .tls_handshake_seconds
+                .observe(handshake.as_secs_f64());
+        }
         let Some(ip) = client_ip(&stream) else {
             return self.inner.process_new(stream, shutdown).await;
         };
@@ -131,11 +165,30 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
             return None;
         }
         let guard = self.policies.registry.register(ip);
-        tokio::select! {
-            reusable = self.inner.process_new(stream, shutdown) => reusable,
-            // Dropping the connection's future closes its socket and, for HTTP/2, every
-            // stream on it; upstream halves follow as their tasks see the close.
-            _ = guard.cancelled.cancelled() => None,
+        let age = self.max_age.map(|m| m.pick());
+        let expires = async {
+            match age {
+                Some(age) => tokio::time::sleep(age).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expires);
+        let mut stream = stream;
+        loop {
+            let reusable = tokio::select! {
+                reusable = self.inner.process_new(stream, shutdown) => reusable,
+                // Dropping the connection's future closes its socket and, for HTTP/2, every
+                // stream on it; upstream halves follow as their tasks see the close.
+                _ = guard.cancelled.cancelled() => return None,
+                _ = &mut expires => {
+                    tracing::info!(client = %ip, age = ?age, "closing a connection at its maximum age");
+                    return None;
+                }
+            };
+            match reusable {
+                Some(next) if !*shutdown.borrow() => stream = next,
+                _ => return None,
+            }
         }
     }
 

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, EdgeState};
 use crate::config::{DiscoveryConfig, EdgeConfig};
-use crate::connections::{ConnectionRegistry, Tracked};
+use crate::connections::{ConnectionRegistry, MaxAge, Tracked};
 use crate::discovery::{self, endpointslices, Endpoint};
 use crate::policy::{AcceptFilter, Policies, ProxyHeaderLayer};
 
@@ -253,6 +253,11 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
     let app = Tracked {
         inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
         policies: policies.clone(),
+        metrics: metrics.clone(),
+        max_age: config.downstream.max_connection_age.map(|age| MaxAge {
+            age,
+            jitter: config.downstream.max_connection_age_jitter,
+        }),
     };
     let mut service = Service::new("kas-edge".to_string(), app);
     service.set_connection_filter(Arc::new(AcceptFilter(policies.clone())));

@@ -29,6 +29,7 @@ pub struct EdgeMetrics {
     pub ready: IntGauge,
     /// Downstream connections open now (after the TLS handshake).
     pub open_connections: IntGauge,
+    pub tls_handshake_seconds: prometheus::Histogram,
     /// Refused connections and requests by reason and the policy source that refused them.
     pub policy_blocked: IntCounterVec,
     /// Matches of preview entries and rules (counted, not blocked), by source.
@@ -145,6 +146,16 @@ impl EdgeMetrics {
                 IntGauge::new(
                     "edge_tls_certificate_expiry_seconds",
                     "Seconds until the earliest certificate expires.",
+                )
+                .expect("valid metric"),
+            ),
+            tls_handshake_seconds: register(
+                &r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new("edge_tls_handshake_seconds", "TLS handshake duration.")
+                        .buckets(vec![
+                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                        ]),
                 )
                 .expect("valid metric"),
             ),

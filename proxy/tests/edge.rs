@@ -72,9 +72,11 @@ async fn tls_alpn_offers_h2_and_http11() {
     }
     let admin = edge.admin;
     eventually("two completed handshakes counted", STEP, || async move {
-        http_get(admin, "/metrics")
-            .await
-            .is_some_and(|(_, m)| m.contains("edge_tls_handshakes_total{result=\"completed\"} 2"))
+        http_get(admin, "/metrics").await.is_some_and(|(_, m)| {
+            m.contains("edge_tls_handshakes_total{result=\"completed\"} 2")
+                && m.contains("edge_tls_handshakes_total{result=\"started\"} 2")
+                && m.contains("edge_tls_handshake_seconds_count 2")
+        })
     })
     .await;
 }
@@ -389,4 +391,32 @@ async fn sigterm_drains_readiness_first_then_listener_then_streams() {
         echo.round_trip("after").await.is_err(),
         "the tunnel ends with the process"
     );
+}
+
+#[tokio::test]
+async fn max_connection_age_closes_old_connections_when_enabled() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(
+        cluster.subnet,
+        &cluster.endpoints(),
+        "[downstream]\nmax_connection_age = \"2s\"\nmax_connection_age_jitter = 0.0\n",
+    )
+    .await;
+    edge.wait_healthy(1).await;
+    let channel = edge.ws_channel().await.unwrap();
+    let mut echo = Echo::open(&channel).await;
+    echo.round_trip("young").await.unwrap();
+    let opened = std::time::Instant::now();
+    loop {
+        if echo.round_trip("still there?").await.is_err() {
+            break;
+        }
+        assert!(
+            opened.elapsed() < STEP,
+            "the connection outlived its maximum age"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A reconnect works at once.
+    assert!(ping(&edge.ws_channel().await.unwrap()).await.is_ok());
 }

@@ -17,6 +17,7 @@ pub mod filewatch;
 pub mod health;
 pub mod metrics;
 pub mod policy;
+mod policy_file;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -291,6 +291,16 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    /// A client that goes away (agents reconnect, cancel streams) is not an edge error;
+    /// the access log line still records it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        *error.esource() == ErrorSource::Downstream
+            && matches!(
+                error.etype(),
+                ConnectionClosed | ReadError | WriteError | H2Error
+            )
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session
             .response_written()

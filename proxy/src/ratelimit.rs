@@ -23,16 +23,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum LimitsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
+use crate::policy_file::{self, PolicyFileError};
 
 /// The file's shape. Every limit is optional: absent means unlimited.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -84,11 +75,8 @@ impl Default for Ban {
 const DEFAULT_MAX_KEYS: usize = 100_000;
 
 impl LimitsConfig {
-    pub fn parse(label: &str, text: &str) -> Result<Self, LimitsError> {
-        let invalid = |message: String| LimitsError::Invalid {
-            path: label.to_owned(),
-            message,
-        };
+    pub fn parse(label: &str, text: &str) -> Result<Self, PolicyFileError> {
+        let invalid = |message: String| policy_file::invalid(label, message);
         let config: LimitsConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let zero_rates = [
             (
@@ -136,12 +124,8 @@ impl LimitsConfig {
         Ok(config)
     }
 
-    pub fn load(path: &Path) -> Result<Self, LimitsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LimitsError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&path.display().to_string(), &text)
+    pub fn load(path: &Path) -> Result<Self, PolicyFileError> {
+        policy_file::load(path, Self::parse)
     }
 }
 

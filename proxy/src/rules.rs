@@ -14,16 +14,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum RulesError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
+use crate::policy_file::{self, PolicyFileError};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -82,11 +73,8 @@ pub struct HeaderRules {
 }
 
 impl HeaderRules {
-    pub fn parse(label: &str, text: &str) -> Result<Self, RulesError> {
-        let invalid = |message: String| RulesError::Invalid {
-            path: label.to_owned(),
-            message,
-        };
+    pub fn parse(label: &str, text: &str) -> Result<Self, PolicyFileError> {
+        let invalid = |message: String| policy_file::invalid(label, message);
         let file: RulesFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut rules = Vec::with_capacity(file.deny.len());
         for (i, spec) in file.deny.into_iter().enumerate() {
@@ -123,12 +111,8 @@ impl HeaderRules {
         Ok(Self { rules })
     }
 
-    pub fn load(path: &Path) -> Result<Self, RulesError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&path.display().to_string(), &text)
+    pub fn load(path: &Path) -> Result<Self, PolicyFileError> {
+        policy_file::load(path, Self::parse)
     }
 
     pub fn len(&self) -> usize {

@@ -15,6 +15,7 @@ pub mod devstack;
 pub mod gitlab;
 pub mod gitlab_standin;
 mod listener;
+pub mod logging;
 pub mod metrics;
 mod observability;
 pub mod server;

@@ -84,18 +84,6 @@ impl ServeArgs {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_env_filter(filter)
-        .init();
-}
-
 /// Resolves on SIGTERM or Ctrl-C.
 async fn termination() {
     #[cfg(unix)]
@@ -128,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Dev { dir }) => {
-            init_logging("info");
+            kas::logging::init("info");
             let opts = DevStackOptions {
                 dir,
                 ..DevStackOptions::default()
@@ -147,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let config = cli.serve.load()?;
-            init_logging(&config.log.level);
+            kas::logging::init(&config.log.level);
             let kas = BoundKas::bind(config, &cli.serve.pod_name())
                 .await
                 .context("kas cannot start")?;

@@ -33,18 +33,6 @@ enum Command {
     },
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_env_filter(filter)
-        .init();
-}
-
 /// Validates the configuration and every policy file it names, as the edge would load them.
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = EdgeConfig::from_file(path)?;
@@ -66,13 +54,13 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Check { config } => check(&config),
         Command::Dev { dir } => {
-            init_logging("info");
+            kas::logging::init("info");
             kas_edge::dev::run(dir)
         }
         Command::Run { config } => EdgeConfig::from_file(&config)
             .map_err(anyhow::Error::from)
             .and_then(|cfg| {
-                init_logging(&cfg.log.level);
+                kas::logging::init(&cfg.log.level);
                 kas_edge::edge::run(cfg)
             }),
     };

@@ -27,6 +27,8 @@ pub struct EdgeState {
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
     pub https_port: u16,
+    /// Set when certificates come from ACME.
+    pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
 impl EdgeState {
@@ -35,8 +37,10 @@ impl EdgeState {
         self.metrics.ready.set(i64::from(ready));
     }
 
+    /// Ready while not draining and, with ACME, once a certificate is there to serve.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+            && self.acme.as_ref().is_none_or(|acme| acme.has_certificate())
     }
 }
 
@@ -137,8 +141,15 @@ pub fn redirect_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) ->
         if path == "/healthz" {
             return text(StatusCode::OK, "ok\n");
         }
-        if path.starts_with("/.well-known/acme-challenge/") {
-            return text(StatusCode::NOT_FOUND, "no ACME challenge pending\n");
+        if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+            let answer = state
+                .acme
+                .as_ref()
+                .and_then(|acme| acme.http01_key_authorization(token));
+            return match answer {
+                Some(key_authorization) => text(StatusCode::OK, key_authorization),
+                None => text(StatusCode::NOT_FOUND, "no ACME challenge pending\n"),
+            };
         }
         match https_location(req, state.https_port) {
             Some(location) => {

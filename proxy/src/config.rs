@@ -128,6 +128,8 @@ pub struct TlsConfig {
     pub hosts: Vec<String>,
     /// Where a generated certificate is written, so clients can be told to trust it.
     pub self_signed_dir: Option<PathBuf>,
+    /// Obtain and renew the certificate from an ACME CA (HTTP-01 on `listen.http`).
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 impl Default for TlsConfig {
@@ -136,6 +138,7 @@ impl Default for TlsConfig {
             certificates: Vec::new(),
             hosts: vec!["localhost".into(), "127.0.0.1".into()],
             self_signed_dir: None,
+            acme: None,
         }
     }
 }
@@ -331,6 +334,12 @@ impl EdgeConfig {
         if let Some(dir) = &mut self.tls.self_signed_dir {
             resolve(dir);
         }
+        if let Some(acme) = &mut self.tls.acme {
+            resolve(&mut acme.cache_dir);
+            if let Some(ca) = &mut acme.directory_ca {
+                resolve(ca);
+            }
+        }
         for file in [
             &mut self.policies.blocklist,
             &mut self.policies.limits,
@@ -363,6 +372,20 @@ impl EdgeConfig {
         for (i, (name, a)) in addrs.iter().enumerate() {
             if let Some((other, _)) = addrs[..i].iter().find(|(_, b)| b == a && a.port() != 0) {
                 return Err(invalid(name, format!("{a} is already used by {other}")));
+            }
+        }
+        if self.tls.acme.is_some() {
+            if !self.tls.certificates.is_empty() {
+                return Err(invalid(
+                    "tls.acme",
+                    "use either tls.certificates or tls.acme, not both".into(),
+                ));
+            }
+            if self.listen.http.is_none() {
+                return Err(invalid(
+                    "listen.http",
+                    "required with tls.acme: HTTP-01 challenges are answered there".into(),
+                ));
             }
         }
         if self.tls.certificates.is_empty() && self.tls.hosts.is_empty() {

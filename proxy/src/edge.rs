@@ -176,11 +176,13 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         .context("cannot start the side runtime")?;
     let metrics = EdgeMetrics::new();
     let pool = Arc::new(Pool::new(config.health.port, config.health.passive_backoff));
+    let tls = tls_setup::TlsSetup::new(&config.tls, metrics.clone(), side.handle())?;
     let state = Arc::new(EdgeState {
         ready: AtomicBool::new(false),
         pool: pool.clone(),
         metrics: metrics.clone(),
         https_port: config.listen.https.port(),
+        acme: tls.acme(),
     });
 
     // Fail fast and clearly on busy ports, before pingora takes over.
@@ -203,8 +205,6 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
             admin::redirect_handler(state.clone()),
         ));
     }
-
-    let tls = tls_setup::TlsSetup::new(&config.tls, metrics.clone())?;
 
     let mut endpoints = start_discovery(side.handle(), &config.discovery)?;
     {

@@ -4,8 +4,9 @@
 //! [`config`] (typed TOML) · [`tls`] (certificates, SNI, hot reload) · [`discovery`]
 //! (static, DNS, EndpointSlices) · [`pool`] (pods, least in-flight) · [`health`] (active
 //! checks on the observability port) · [`proxy`] (pingora `ProxyHttp`: gRPC over h2c,
-//! websocket tunnels) · [`metrics`] · [`admin`] (health, metrics, http→https).
+//! websocket tunnels) · [`metrics`] · [`admin`] (health, metrics, http→https) · [`acme`].
 
+pub mod acme;
 pub mod admin;
 pub mod blocklist;
 pub mod config;

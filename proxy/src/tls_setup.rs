@@ -11,6 +11,7 @@ use pingora::protocols::tls::TlsRef;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use crate::acme::Acme;
 use crate::config::TlsConfig;
 use crate::filewatch::FileWatcher;
 use crate::metrics::EdgeMetrics;
@@ -21,16 +22,26 @@ const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 /// Safety net for volumes where inotify misses changes.
 const RELOAD_POLL: Duration = Duration::from_secs(30);
 
+/// Where certificates come from.
+enum Source {
+    /// Files (or a generated self-signed pair), watched and hot-reloaded.
+    Files {
+        resolver: Arc<CertResolver>,
+        _watcher: Option<FileWatcher>,
+    },
+    /// An ACME CA; the certificate is renewed and swapped in by the ACME task.
+    Acme(Arc<Acme>),
+}
+
 pub struct TlsSetup {
-    resolver: Arc<CertResolver>,
+    source: Source,
     metrics: EdgeMetrics,
-    _watcher: Option<FileWatcher>,
 }
 
 /// Counts handshakes at ClientHello, then delegates certificate choice.
 #[derive(Debug)]
 struct CountingResolver {
-    inner: Arc<CertResolver>,
+    inner: Arc<dyn ResolvesServerCert>,
     started: prometheus::IntCounter,
 }
 
@@ -90,7 +101,31 @@ pub fn sources(config: &TlsConfig) -> anyhow::Result<Vec<CertSource>> {
 }
 
 impl TlsSetup {
-    pub fn new(config: &TlsConfig, metrics: EdgeMetrics) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &TlsConfig,
+        metrics: EdgeMetrics,
+        rt: &tokio::runtime::Handle,
+    ) -> anyhow::Result<Self> {
+        if let Some(acme) = &config.acme {
+            let acme = Arc::new(Acme::start(acme.clone(), rt)?);
+            let mut status = acme.status();
+            let m = metrics.clone();
+            rt.spawn(async move {
+                loop {
+                    if let Some(cert) = &status.borrow_and_update().certificate {
+                        m.tls_cert_expiry.set(seconds_left(cert.not_after));
+                    }
+                    if status.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tracing::info!(domains = ?config.acme.as_ref().map(|a| &a.domains), "TLS certificates from ACME (HTTP-01)");
+            return Ok(Self {
+                source: Source::Acme(acme),
+                metrics,
+            });
+        }
         let resolver = Arc::new(CertResolver::new(sources(config)?)?);
         metrics
             .tls_cert_expiry
@@ -115,15 +150,30 @@ impl TlsSetup {
         };
         tracing::info!(names = ?resolver.current_names(), "TLS certificates loaded");
         Ok(Self {
-            resolver,
+            source: Source::Files {
+                resolver,
+                _watcher: watcher,
+            },
             metrics,
-            _watcher: watcher,
         })
     }
 
+    /// The ACME client, when certificates come from ACME (the :80 listener answers its
+    /// HTTP-01 challenges, readiness waits for its first certificate).
+    pub fn acme(&self) -> Option<Arc<Acme>> {
+        match &self.source {
+            Source::Acme(acme) => Some(acme.clone()),
+            Source::Files { .. } => None,
+        }
+    }
+
     pub fn resolver(&self) -> Arc<dyn ResolvesServerCert> {
+        let inner: Arc<dyn ResolvesServerCert> = match &self.source {
+            Source::Files { resolver, .. } => resolver.clone(),
+            Source::Acme(acme) => acme.resolver(),
+        };
         Arc::new(CountingResolver {
-            inner: self.resolver.clone(),
+            inner,
             started: self.metrics.tls_handshakes.with_label_values(&["started"]),
         })
     }

@@ -213,7 +213,8 @@ impl Edge {
             _dir: dir,
         };
         let admin = edge.admin;
-        eventually("edge ready", STEP, || async move {
+        // Generous: with ACME the edge is ready only once its certificate is issued.
+        eventually("edge ready", Duration::from_secs(90), || async move {
             matches!(http_get(admin, "/readyz").await, Some((200, _)))
         })
         .await;

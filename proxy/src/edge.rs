@@ -287,7 +287,23 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         config.shutdown.drain_deadline,
         on_drained.clone(),
     );
-    state.set_ready(true);
+    // Ready only once pingora accepts on the TLS port: it binds when `run` starts its
+    // services, and a load balancer acting on an early 200 would see refusals.
+    {
+        let state = state.clone();
+        let https = config.listen.https;
+        let probe = if https.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), https.port())
+        } else {
+            https
+        };
+        side.spawn(async move {
+            while tokio::net::TcpStream::connect(probe).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            state.set_ready(true);
+        });
+    }
     tracing::info!(
         https = %config.listen.https,
         admin = %config.listen.admin,

@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# The same agent workload, in one run on one machine, (1) straight to the kas pods, (2)
+# through kas-edge, (3) through nginx and (4) through HAProxy. The three proxies are set
+# up alike: TLS termination with the same self-signed certificate (the one kas-edge
+# generates), websocket and h2c upstream to the same three kas pods. Writes the ratios
+# through / direct to loadtest/results/<date>.json and loadtest/results/latest.md.
+#
+# Measured per path:
+#   h1_rps         TLS HTTP/1.1 keep-alive requests/s (wrk; kas answers every plain
+#                  HTTP/1.1 request on its agent port with a short 400, which is the
+#                  "HTTP path kas answers" — the proxies forward it like any response)
+#   grpc_rps       gRPC unary Diagnostics/Ping requests/s over TLS (h2load, ALPN h2)
+#   rpc_p99_ms     p99 latency of the same Ping, open loop at $RPC_RATE/s (kas-loadtest,
+#                  which also checks grpc-status, which h2load does not)
+#   ws_mem_bytes   memory per idle TLS websocket tunnel at $WS_AGENTS connections
+#                  (kas-loadtest idle; the proxy's own RSS growth per tunnel; for the
+#                  direct path, the kas pods' growth per tunnel)
+#   new_tls_cps    new TLS connections/s (wrk with `Connection: close`: one request per
+#                  connection, full handshakes)
+# Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
+# proxy costs on top of reaching kas at all.
+#
+# Knobs (environment): DURATION (s per throughput measurement, default 10), H1_CONNS (64),
+# GRPC_CONNS (8), GRPC_STREAMS (16), NEWCONN_CONNS (16), RPC_RATE (1000), WS_AGENTS
+# (10000, lowered to what the open-files limit allows: a proxy needs two descriptors per
+# tunnel), PATHS ("direct edge nginx haproxy"), SKIP_BUILD=1 to use existing binaries.
+# Everything listens on loopback: pods 127.0.1.1-3:8150 (health :8151), GitLab stand-in
+# 127.0.0.1:8180, proxies 127.0.5.1 (kas-edge), 127.0.5.2 (nginx), 127.0.5.3 (HAProxy).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RESULTS=$ROOT/loadtest/results
+DURATION=${DURATION:-10}
+H1_CONNS=${H1_CONNS:-64}
+GRPC_CONNS=${GRPC_CONNS:-8}
+GRPC_STREAMS=${GRPC_STREAMS:-16}
+NEWCONN_CONNS=${NEWCONN_CONNS:-16}
+RPC_RATE=${RPC_RATE:-1000}
+WS_AGENTS=${WS_AGENTS:-10000}
+PATHS=${PATHS:-direct edge nginx haproxy}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$CARGO_TARGET_DIR/release
+
+log() { echo "bench: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+# --- prerequisites ------------------------------------------------------------------------
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v curl >/dev/null || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export PATH=$PATH:/usr/sbin
+command -v python3 >/dev/null || die "python3 is needed to write the results"
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  log "building release binaries (kas, kas-edge, kas-loadtest)"
+  cargo build --release -p kas -p kas-edge -p kas-loadtest
+fi
+for b in kas kas-edge kas-loadtest; do [ -x "$BIN/$b" ] || die "$BIN/$b missing"; done
+
+for addr in 127.0.1.1:8150 127.0.1.2:8150 127.0.1.3:8150 127.0.0.1:8180 127.0.5.1:8443 127.0.5.2:8443 127.0.5.3:8443; do
+  if ss -ltnH "( sport = :${addr##*:} )" | awk '{print $4}' | grep -qx "$addr"; then
+    die "$addr is already in use (a local stack running?); stop it first"
+  fi
+done
+
+# Every tunnel is a socket in the client and two in a proxy.
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+max_ws=$(( (NOFILE - 1000) / 2 ))
+if [ "$WS_AGENTS" -gt "$max_ws" ]; then
+  log "open-files limit $NOFILE allows $max_ws tunnels through a proxy, not $WS_AGENTS; using $max_ws"
+  WS_AGENTS=$max_ws
+fi
+
+WORK=$(mktemp -d /tmp/kas-bench.XXXXXX)
+RAW=$WORK/raw
+mkdir -p "$RAW" "$RESULTS"
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_for() { # what, command...
+  local what=$1; shift
+  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "$what did not come up"
+}
+answers_tls() { [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "https://$1/")" != 000 ]; }
+
+# --- kas pods and the GitLab stand-in (one process) ---------------------------------------
+log "starting kas pods"
+(cd "$WORK" && exec "$BIN/kas" dev --dir "$WORK/dev" >"$WORK/kas.log" 2>&1) &
+KAS_PID=$!
+PIDS+=("$KAS_PID")
+for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readiness"; done
+TOKEN=$(cat "$WORK/dev/demo-agent-token")
+
+# --- kas-edge (it also generates the certificate everyone uses) ---------------------------
+cat >"$WORK/edge.toml" <<EOF
+[listen]
+https = "127.0.5.1:8443"
+http = "127.0.5.1:8080"
+admin = "127.0.5.1:8081"
+threads = 2
+[tls]
+hosts = ["localhost"]
+self_signed_dir = "$WORK/tls"
+[discovery]
+kind = "static"
+endpoints = ["127.0.1.1:8150", "127.0.1.2:8150", "127.0.1.3:8150"]
+[health]
+port = 8151
+[log]
+level = "warn"
+EOF
+log "starting kas-edge"
+"$BIN/kas-edge" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
+EDGE_PID=$!
+PIDS+=("$EDGE_PID")
+edge_healthy() { [ "$(curl -fs http://127.0.5.1:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
+wait_for "kas-edge" edge_healthy
+CA=$WORK/tls/tls.crt
+cat "$WORK/tls/tls.crt" "$WORK/tls/tls.key" >"$WORK/tls/combined.pem"
+
+# --- nginx ----------------------------------------------------------------------------------
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 2;
+worker_rlimit_nofile $NOFILE;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections $(( NOFILE - 100 )); }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  keepalive_requests 1000000;
+  upstream kas_h1 { server 127.0.1.1:8150; server 127.0.1.2:8150; server 127.0.1.3:8150; keepalive 64; }
+  upstream kas_h2 { server 127.0.1.1:8150; server 127.0.1.2:8150; server 127.0.1.3:8150; keepalive 64; }
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+  server {
+    listen 127.0.5.2:8443 ssl http2;
+    ssl_certificate $WORK/tls/tls.crt;
+    ssl_certificate_key $WORK/tls/tls.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {
+      if (\$http_content_type ~ "^application/grpc") {
+        grpc_pass grpc://kas_h2;
+      }
+      grpc_read_timeout 1h;
+      grpc_send_timeout 1h;
+      proxy_pass http://kas_h1;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_set_header Host \$host;
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }
+  }
+}
+EOF
+log "starting nginx"
+nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+wait_for "nginx" answers_tls 127.0.5.2:8443
+NGINX_PIDS="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"
+
+# --- HAProxy --------------------------------------------------------------------------------
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  maxconn $(( WS_AGENTS + 100 ))
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend agents
+  bind 127.0.5.3:8443 ssl crt $WORK/tls/combined.pem alpn h2,http/1.1
+  use_backend kas_h2 if { req.hdr(content-type) -m beg application/grpc }
+  default_backend kas_h1
+backend kas_h1
+  server p1 127.0.1.1:8150
+  server p2 127.0.1.2:8150
+  server p3 127.0.1.3:8150
+backend kas_h2
+  server p1 127.0.1.1:8150 proto h2
+  server p2 127.0.1.2:8150 proto h2
+  server p3 127.0.1.3:8150 proto h2
+EOF
+log "starting HAProxy"
+haproxy -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=("$HAPROXY_PID")
+wait_for "HAProxy" answers_tls 127.0.5.3:8443
+
+addr_of() { case $1 in edge) echo 127.0.5.1:8443 ;; nginx) echo 127.0.5.2:8443 ;; haproxy) echo 127.0.5.3:8443 ;; esac; }
+pids_of() { case $1 in direct) echo "$KAS_PID" ;; edge) echo "$EDGE_PID" ;; nginx) echo "$NGINX_PIDS" ;; haproxy) echo "$HAPROXY_PID" ;; esac; }
+printf '\0\0\0\0\0' >"$WORK/ping.bin" # one gRPC message: uncompressed, empty PingRequest
+
+LT=("$BIN/kas-loadtest" --token "$TOKEN" --progress never)
+for p in $PATHS; do
+  if [ "$p" = direct ]; then
+    h1_url=http://127.0.1.1:8150/
+    grpc_url=http://127.0.1.1:8150/kas_edge.diagnostics.v1.Diagnostics/Ping
+    ws_targets=(--target ws://127.0.1.1:8150/ --target ws://127.0.1.2:8150/ --target ws://127.0.1.3:8150/)
+    rpc_targets=(--target grpc://127.0.1.1:8150 --target grpc://127.0.1.2:8150 --target grpc://127.0.1.3:8150)
+  else
+    a=$(addr_of "$p")
+    h1_url=https://$a/
+    grpc_url=https://$a/kas_edge.diagnostics.v1.Diagnostics/Ping
+    ws_targets=(--target "wss://$a/" --ca-file "$CA")
+    rpc_targets=(--target "grpcs://$a" --ca-file "$CA")
+  fi
+  # Memory first, while the pods are fresh (the direct path measures the pods' growth).
+  pid_args=()
+  for pid in $(pids_of "$p"); do pid_args+=(--edge-pid "$pid"); done
+  log "$p: $WS_AGENTS idle websocket tunnels"
+  "${LT[@]}" --scenario idle --agents "$WS_AGENTS" --rate 1000 --settle 180s --duration 10s \
+    --echo-interval 60s --max-error-rate 0.001 "${ws_targets[@]}" "${pid_args[@]}" \
+    --json "$RAW/$p-ws.json" >"$RAW/$p-ws.txt" 2>&1 || log "$p: idle run reported failures (see JSON)"
+  sleep 2
+  log "$p: TLS h1 keep-alive requests/s"
+  wrk -t2 -c"$H1_CONNS" -d"${DURATION}s" "$h1_url" >"$RAW/$p-h1.txt" 2>&1 || true
+  log "$p: gRPC unary requests/s"
+  h2load -D "$DURATION" -c "$GRPC_CONNS" -m "$GRPC_STREAMS" -d "$WORK/ping.bin" \
+    -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $TOKEN" \
+    "$grpc_url" >"$RAW/$p-grpc.txt" 2>&1 || true
+  log "$p: gRPC Ping latency at $RPC_RATE/s (open loop)"
+  "${LT[@]}" --scenario rpc --rpc-rate "$RPC_RATE" --rpc-connections 4 --duration 5s \
+    --max-error-rate 0.001 --ws-fraction 0 "${rpc_targets[@]}" \
+    --json "$RAW/$p-rpc.json" >"$RAW/$p-rpc.txt" 2>&1 || log "$p: rpc run reported failures (see JSON)"
+  log "$p: new TLS connections/s"
+  wrk -t2 -c"$NEWCONN_CONNS" -d"${DURATION}s" -H 'Connection: close' "$h1_url" >"$RAW/$p-newconn.txt" 2>&1 || true
+done
+
+DATE=$(date -u +%Y-%m-%dT%H-%M-%SZ)
+NGINX_VERSION=$(nginx -v 2>&1 | head -1) HAPROXY_VERSION=$(haproxy -v 2>&1 | head -1) \
+RAW=$RAW RESULTS=$RESULTS DATE=$DATE PATHS=$PATHS WS_AGENTS=$WS_AGENTS DURATION=$DURATION \
+H1_CONNS=$H1_CONNS GRPC_CONNS=$GRPC_CONNS GRPC_STREAMS=$GRPC_STREAMS NEWCONN_CONNS=$NEWCONN_CONNS \
+RPC_RATE=$RPC_RATE python3 - <<'PY'
+import json, os, re
+
+raw, paths = os.environ["RAW"], os.environ["PATHS"].split()
+
+def read(name):
+    try:
+        with open(os.path.join(raw, name)) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+def wrk(text):
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return (float(m.group(1)) if m else None), (sum(map(int, errs.groups())) if errs else 0)
+
+def h2load(text):
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
+    r = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+    return (float(m.group(1)) if m else None), ({"succeeded": int(r.group(1)), "failed": int(r.group(2)), "errored": int(r.group(3))} if r else None)
+
+def load_json(name):
+    try:
+        return json.loads(read(name))
+    except ValueError:
+        return None
+
+results = {}
+for p in paths:
+    h1, h1_errors = wrk(read(f"{p}-h1.txt"))
+    newconn, newconn_errors = wrk(read(f"{p}-newconn.txt"))
+    grpc, grpc_counts = h2load(read(f"{p}-grpc.txt"))
+    ws = load_json(f"{p}-ws.json") or {}
+    rpc = load_json(f"{p}-rpc.json") or {}
+    edge = ws.get("edge") or {}
+    results[p] = {
+        "h1_rps": h1, "h1_socket_errors": h1_errors,
+        "grpc_rps": grpc, "grpc_requests": grpc_counts,
+        "rpc_p99_ms": (rpc.get("latency", {}).get("rpc") or {}).get("p99_ms"),
+        "rpc_passed": rpc.get("passed"),
+        "ws_mem_bytes": edge.get("rss_per_connection_bytes"),
+        "ws_connected": (ws.get("totals") or {}).get("peak_connected"),
+        "ws_errors": (ws.get("totals") or {}).get("errors"),
+        "ws_passed": ws.get("passed"),
+        "ws_cpu_ms_per_handshake": edge.get("cpu_ms_per_handshake"),
+        "new_tls_cps": newconn, "new_conn_socket_errors": newconn_errors,
+    }
+
+metrics = [
+    ("h1_rps", "TLS h1 keep-alive requests/s", "higher is better"),
+    ("grpc_rps", "gRPC unary requests/s over TLS", "higher is better"),
+    ("ws_mem_bytes", f"idle TLS websocket tunnel memory, bytes/conn at {os.environ['WS_AGENTS']}", "lower is better"),
+    ("new_tls_cps", "new TLS connections/s", "higher is better"),
+    ("rpc_p99_ms", f"gRPC Ping p99 ms at {os.environ['RPC_RATE']}/s open loop", "lower is better"),
+]
+ratios = {}
+for p in paths:
+    if p == "direct":
+        continue
+    ratios[p] = {}
+    for key, _, _ in metrics:
+        d, t = results.get("direct", {}).get(key), results[p].get(key)
+        ratios[p][key] = round(t / d, 3) if d and t is not None else None
+
+doc = {
+    "date": os.environ["DATE"],
+    "machine": {"cpus": os.cpu_count()},
+    "versions": {"nginx": os.environ.get("NGINX_VERSION"), "haproxy": os.environ.get("HAPROXY_VERSION")},
+    "params": {k.lower(): os.environ[k] for k in ["DURATION", "H1_CONNS", "GRPC_CONNS", "GRPC_STREAMS", "NEWCONN_CONNS", "RPC_RATE", "WS_AGENTS"]},
+    "results": results,
+    "ratios_through_over_direct": ratios,
+}
+out = os.path.join(os.environ["RESULTS"], os.environ["DATE"] + ".json")
+with open(out, "w") as f:
+    json.dump(doc, f, indent=2)
+
+def fmt(v):
+    if v is None:
+        return "n/a"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+names = {"direct": "direct (pod)", "edge": "kas-edge", "nginx": "nginx", "haproxy": "HAProxy"}
+through = [p for p in paths if p != "direct"]
+lines = [
+    f"# kas-loadtest bench {os.environ['DATE']}",
+    "",
+    "Same workload straight to kas pods (plaintext) and through each TLS-terminating proxy, one machine "
+    f"({os.cpu_count()} CPUs), everything on loopback. Ratios are through / direct.",
+    "",
+    "| metric | " + " | ".join(names[p] for p in paths) + " | " + " | ".join(f"{names[p]} / direct" for p in through) + " |",
+    "|---|" + "---:|" * (len(paths) + len(through)),
+]
+for key, label, better in metrics:
+    row = [fmt(results[p].get(key)) for p in paths]
+    row += [("n/a" if ratios[p][key] is None else f"{ratios[p][key]:.3f}") for p in through]
+    lines.append(f"| {label} ({better}) | " + " | ".join(row) + " |")
+lines += [
+    "",
+    "Notes: direct has no TLS (pods speak plaintext), so the ratios include the TLS cost. Memory per tunnel is "
+    "the proxy's own RSS growth divided by tunnels (for direct: the kas process's growth). "
+    f"{os.environ.get('NGINX_VERSION')}; {os.environ.get('HAPROXY_VERSION')}.",
+    "",
+    "Errors: " + "; ".join(
+        f"{names[p]}: idle {results[p]['ws_errors']} errors ({results[p]['ws_connected']} connected), "
+        f"h1 socket errors {results[p]['h1_socket_errors']}, new-conn socket errors {results[p]['new_conn_socket_errors']}, "
+        f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}"
+        for p in paths),
+]
+with open(os.path.join(os.environ["RESULTS"], "latest.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+print("\n".join(lines))
+print(f"\nwrote {out} and {os.path.join(os.environ['RESULTS'], 'latest.md')}")
+PY

@@ -1,0 +1,625 @@
+//! One simulated agent: connect, authenticate, hold the configuration stream and an Echo
+//! stream (and optionally a reverse tunnel), reconnect with jittered back-off when cut —
+//! the shape of agentk's traffic, one task per agent.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+
+use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+use kas_proto::agent_configuration::ConfigurationRequest;
+use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+use kas_proto::diagnostics::PingRequest;
+use kas_proto::reverse_tunnel::reverse_tunnel_client::ReverseTunnelClient;
+use kas_proto::reverse_tunnel::{connect_request, ConnectRequest, Descriptor};
+
+use crate::stats::Stats;
+use crate::target::Target;
+use crate::transport::{Connector, GrpcConn, Transport};
+
+/// An Echo not answered within this is a broken stream.
+const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every agent shares.
+pub struct AgentEnv {
+    pub connector: Connector,
+    pub targets: Vec<Target>,
+    pub token: MetadataValue<Ascii>,
+    pub stats: Arc<Stats>,
+    pub stop: CancellationToken,
+    pub echo_interval: Duration,
+    pub connect_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub reverse_tunnel: bool,
+    pub payload: Bytes,
+    /// After a requested reconnect, wait a random time up to this first.
+    pub cycle_jitter: Duration,
+}
+
+impl AgentEnv {
+    pub fn authed<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", self.token.clone());
+        request
+    }
+}
+
+/// One agent's identity and the state scenarios observe and steer.
+pub struct Slot {
+    pub index: usize,
+    pub source: Option<IpAddr>,
+    pub ip_index: usize,
+    pub target: usize,
+    pub transport: Transport,
+    pub connected: AtomicBool,
+    /// 1 + the reconnect epoch in force when the agent last became ready; 0 = never.
+    pub ready_epoch: AtomicU64,
+    /// Microseconds after the run's start of the last cut we did not ask for; 0 = none.
+    pub cut_at_us: AtomicU64,
+    pub cuts: AtomicU64,
+    /// A cut of this agent is the scenario's intent: count it apart and do not reconnect.
+    pub expect_cut: AtomicBool,
+    /// Bumping it makes the agent drop its connection and reconnect at once.
+    pub epoch: watch::Sender<u64>,
+}
+
+impl Slot {
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+}
+
+/// Consecutive loopback addresses from `base`, skipping .0 and .255 host parts.
+pub fn source_address(base: Ipv4Addr, index: usize) -> anyhow::Result<Ipv4Addr> {
+    let [a, b, c, d] = base.octets();
+    if a != 127 {
+        bail!("--source-base {base} is not in 127.0.0.0/8");
+    }
+    let host = u64::from(d.clamp(1, 254)) - 1;
+    let linear = (u64::from(b) * 256 + u64::from(c)) * 254 + host + index as u64;
+    let prefix = linear / 254;
+    if prefix >= 65_536 {
+        bail!("{index} source addresses from {base} run past 127.255.255.254");
+    }
+    Ok(Ipv4Addr::new(
+        127,
+        (prefix / 256) as u8,
+        (prefix % 256) as u8,
+        (linear % 254 + 1) as u8,
+    ))
+}
+
+/// Whether agent `i` uses the websocket: a low-discrepancy sequence, so any share is spread
+/// evenly over the fleet and does not line up with the round-robin over targets.
+pub fn uses_websocket(i: usize, ws_fraction: f64) -> bool {
+    const GOLDEN: f64 = 0.618_033_988_749_894_9;
+    ((i as f64 + 0.5) * GOLDEN).fract() < ws_fraction
+}
+
+/// Jittered exponential back-off: uniformly within [base/2, base], base doubling per
+/// failure, so a fleet cut at once does not come back in lockstep.
+pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = min.saturating_mul(1u32 << exp).min(max.max(min));
+    let lo = base.as_secs_f64() / 2.0;
+    let hi = base.as_secs_f64();
+    if hi <= lo {
+        return base;
+    }
+    Duration::from_secs_f64(rand::rng().random_range(lo..=hi))
+}
+
+enum End {
+    Stopped,
+    Cycled,
+    ConnectFailed,
+    Cut(String),
+}
+
+/// Marks an agent connected for exactly as long as it lives.
+struct UpGuard<'a> {
+    stats: &'a Stats,
+    slot: &'a Slot,
+}
+
+impl<'a> UpGuard<'a> {
+    fn new(stats: &'a Stats, slot: &'a Slot) -> Self {
+        slot.connected.store(true, Ordering::SeqCst);
+        stats.agent_up();
+        Self { stats, slot }
+    }
+}
+
+impl Drop for UpGuard<'_> {
+    fn drop(&mut self) {
+        self.slot.connected.store(false, Ordering::SeqCst);
+        self.stats.agent_down();
+    }
+}
+
+/// An error with its causes: hyper's own message ("connection error") says little alone.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn status_kind(stage: &str, status: &tonic::Status) -> String {
+    format!("{stage}: grpc {:?}", status.code())
+}
+
+/// Runs the agent until the fleet stops (or, for an agent meant to be cut, until cut).
+pub async fn run(env: Arc<AgentEnv>, slot: Arc<Slot>) {
+    let mut epoch_rx = slot.epoch.subscribe();
+    let mut failures = 0u32;
+    loop {
+        if env.stop.is_cancelled() {
+            return;
+        }
+        let epoch = *epoch_rx.borrow_and_update();
+        let end = session(&env, &slot, epoch, &mut epoch_rx).await;
+        let pause = match end {
+            End::Stopped => return,
+            End::Cycled => {
+                env.stats.inc(&env.stats.cycles);
+                failures = 0;
+                if env.cycle_jitter.is_zero() {
+                    continue;
+                }
+                Duration::from_secs_f64(
+                    rand::rng().random_range(0.0..=env.cycle_jitter.as_secs_f64()),
+                )
+            }
+            End::ConnectFailed => {
+                failures = failures.saturating_add(1);
+                backoff(env.backoff_min, env.backoff_max, failures)
+            }
+            End::Cut(reason) => {
+                slot.cut_at_us.store(
+                    (env.stats.start.elapsed().as_micros() as u64).max(1),
+                    Ordering::SeqCst,
+                );
+                slot.cuts.fetch_add(1, Ordering::SeqCst);
+                if slot.expect_cut.load(Ordering::SeqCst) {
+                    env.stats.inc(&env.stats.expected_cuts);
+                    return;
+                }
+                env.stats.inc(&env.stats.unexpected_cuts);
+                env.stats.errors.add("cut", || reason);
+                failures = 1;
+                backoff(env.backoff_min, env.backoff_max, failures)
+            }
+        };
+        tokio::select! {
+            _ = sleep(pause) => {}
+            _ = env.stop.cancelled() => return,
+            // A requested reconnect does not wait out a back-off.
+            _ = epoch_rx.changed() => {}
+        }
+    }
+}
+
+async fn session(
+    env: &AgentEnv,
+    slot: &Slot,
+    epoch: u64,
+    epoch_rx: &mut watch::Receiver<u64>,
+) -> End {
+    let stats = &env.stats;
+    stats.inc(&stats.connect_attempts);
+    let t0 = Instant::now();
+    let deadline = t0 + env.connect_timeout;
+    let Some(target) = env.targets.get(slot.target) else {
+        stats.errors.add("config", || "agent has no target".into());
+        return End::Stopped;
+    };
+    let source = match (slot.source, target.addr.ip()) {
+        (Some(src), IpAddr::V4(dst)) if dst.is_loopback() => Some(src),
+        _ => None,
+    };
+    let connecting = timeout_at(
+        deadline,
+        env.connector.connect(target, slot.transport, source),
+    );
+    let (grpc, conn) = tokio::select! {
+        r = connecting => match r {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                stats.errors.add(e.stage, || e.to_string());
+                return End::ConnectFailed;
+            }
+            Err(_) => {
+                stats.errors.add("timeout: handshake", || {
+                    format!("no transport within {:?} ({})", env.connect_timeout, target.url)
+                });
+                return End::ConnectFailed;
+            }
+        },
+        _ = env.stop.cancelled() => return End::Stopped,
+        _ = epoch_rx.changed() => return End::Cycled,
+    };
+    stats.inc(&stats.handshakes);
+    stats.handshake_latency.record(t0.elapsed());
+    let ready = AtomicBool::new(false);
+    let work = hold(env, slot, grpc, t0, deadline, epoch, &ready);
+    tokio::pin!(conn, work);
+    tokio::select! {
+        r = &mut conn => {
+            let from = slot.source.map_or(String::new(), |ip| format!(" (agent {ip})"));
+            let why = match r {
+                Ok(()) => format!("connection closed by the server{from}"),
+                Err(e) => format!("connection failed: {}{from}", error_chain(&e)),
+            };
+            if ready.load(Ordering::SeqCst) {
+                End::Cut(why)
+            } else {
+                stats.errors.add("http2: closed before ready", || why);
+                End::ConnectFailed
+            }
+        }
+        end = &mut work => end,
+        _ = env.stop.cancelled() => End::Stopped,
+        _ = epoch_rx.changed() => End::Cycled,
+    }
+}
+
+/// Authenticates through the configuration stream, opens the held streams, then keeps
+/// them busy until one breaks.
+async fn hold(
+    env: &AgentEnv,
+    slot: &Slot,
+    grpc: GrpcConn,
+    t0: Instant,
+    deadline: Instant,
+    epoch: u64,
+    ready: &AtomicBool,
+) -> End {
+    let stats = &env.stats;
+    let mut config_client =
+        AgentConfigurationClient::with_origin(grpc.service.clone(), grpc.origin.clone());
+    let mut diag_client = DiagnosticsClient::with_origin(grpc.service.clone(), grpc.origin.clone());
+    // Always the empty commit: kas then sends the configuration at once, and that first
+    // message is the proof of an authenticated, working connection.
+    let request = env.authed(ConfigurationRequest {
+        commit_id: String::new(),
+        agent_meta: None,
+        skip_register: true,
+    });
+    let first = timeout_at(deadline, async {
+        let mut stream = config_client.get_configuration(request).await?.into_inner();
+        let first = stream.message().await?;
+        Ok::<_, tonic::Status>((stream, first))
+    })
+    .await;
+    let mut config_stream = match first {
+        Ok(Ok((stream, Some(_)))) => stream,
+        Ok(Ok((_, None))) => {
+            stats.errors.add("configuration: empty stream", || {
+                "GetConfiguration ended before the first configuration".into()
+            });
+            return End::ConnectFailed;
+        }
+        Ok(Err(status)) => {
+            stats
+                .errors
+                .add(&status_kind("configuration", &status), || {
+                    status.to_string()
+                });
+            return End::ConnectFailed;
+        }
+        Err(_) => {
+            stats.errors.add("timeout: configuration", || {
+                format!("no configuration within {:?}", env.connect_timeout)
+            });
+            return End::ConnectFailed;
+        }
+    };
+    stats.inc(&stats.config_messages);
+
+    let (echo_tx, echo_rx) = mpsc::channel::<PingRequest>(1);
+    let outbound =
+        futures_util::stream::unfold(
+            echo_rx,
+            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+        );
+    let mut echo_in = match timeout_at(deadline, diag_client.echo(env.authed(outbound))).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => {
+            stats
+                .errors
+                .add(&status_kind("echo", &status), || status.to_string());
+            return End::ConnectFailed;
+        }
+        Err(_) => {
+            stats
+                .errors
+                .add("timeout: echo", || "Echo stream did not open".into());
+            return End::ConnectFailed;
+        }
+    };
+
+    let mut tunnel_in = if env.reverse_tunnel {
+        let mut client = ReverseTunnelClient::with_origin(grpc.service.clone(), grpc.origin);
+        let descriptor = ConnectRequest {
+            msg: Some(connect_request::Msg::Descriptor(Descriptor {
+                agent_descriptor: Some(Default::default()),
+            })),
+        };
+        // The descriptor, then nothing: the request side stays open like an idle tunnel.
+        let outbound =
+            futures_util::stream::iter([descriptor]).chain(futures_util::stream::pending());
+        match timeout_at(deadline, client.connect(env.authed(outbound))).await {
+            Ok(Ok(response)) => Some(response.into_inner()),
+            Ok(Err(status)) => {
+                stats
+                    .errors
+                    .add(&status_kind("tunnel", &status), || status.to_string());
+                return End::ConnectFailed;
+            }
+            Err(_) => {
+                stats.errors.add("timeout: tunnel", || {
+                    "ReverseTunnel/Connect did not open".into()
+                });
+                return End::ConnectFailed;
+            }
+        }
+    } else {
+        None
+    };
+
+    stats.connect_latency.record(t0.elapsed());
+    stats.inc(&stats.connects_ok);
+    slot.ready_epoch.store(epoch + 1, Ordering::SeqCst);
+    ready.store(true, Ordering::SeqCst);
+    let _up = UpGuard::new(stats, slot);
+
+    // A random phase, so thousands of agents do not send their echoes in the same instant.
+    let interval = env.echo_interval.max(Duration::from_millis(10));
+    let mut next_echo = Instant::now() + interval.mul_f64(rand::rng().random_range(0.0..1.0));
+    let mut waiting: Option<(u64, Instant)> = None;
+    let mut seq = 0u64;
+    let far = Duration::from_secs(86_400);
+    loop {
+        let echo_deadline = waiting.map_or(Instant::now() + far, |(_, at)| at + ECHO_TIMEOUT);
+        tokio::select! {
+            m = config_stream.message() => match m {
+                Ok(Some(_)) => stats.inc(&stats.config_messages),
+                Ok(None) => return End::Cut("configuration stream ended".into()),
+                Err(s) => return End::Cut(format!("configuration stream: {s}")),
+            },
+            _ = sleep_until(next_echo) => {
+                next_echo += interval;
+                if waiting.is_none() {
+                    seq += 1;
+                    let mut payload = Vec::with_capacity(env.payload.len() + 8);
+                    payload.extend_from_slice(&seq.to_be_bytes());
+                    payload.extend_from_slice(&env.payload);
+                    stats.inc(&stats.echo_sent);
+                    let sent = timeout(ECHO_TIMEOUT, echo_tx.send(PingRequest { payload })).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        stats.errors.add("echo: send failed", || "Echo request stream closed".into());
+                        return End::Cut("echo request stream closed".into());
+                    }
+                    waiting = Some((seq, Instant::now()));
+                }
+            },
+            m = echo_in.message() => match m {
+                Ok(Some(pong)) => {
+                    let expected = waiting.take();
+                    let matches = expected.is_some_and(|(s, _)| pong.payload.get(..8) == Some(&s.to_be_bytes()[..]));
+                    match expected {
+                        Some((_, sent_at)) if matches => {
+                            stats.inc(&stats.echo_ok);
+                            stats.echo_rtt.record(sent_at.elapsed());
+                        }
+                        _ => stats.errors.add("echo: mismatch", || "Echo answered with a different payload".into()),
+                    }
+                }
+                Ok(None) => return End::Cut("echo stream ended".into()),
+                Err(s) => return End::Cut(format!("echo stream: {s}")),
+            },
+            m = async {
+                match tunnel_in.as_mut() {
+                    Some(t) => t.message().await,
+                    None => std::future::pending().await,
+                }
+            } => match m {
+                Ok(Some(_)) => {}
+                Ok(None) => return End::Cut("tunnel ended".into()),
+                Err(s) => return End::Cut(format!("tunnel: {s}")),
+            },
+            _ = sleep_until(echo_deadline) => {
+                stats.errors.add("echo: timeout", || format!("no echo within {ECHO_TIMEOUT:?}"));
+                return End::Cut("echo timeout".into());
+            }
+        }
+    }
+}
+
+/// The whole fleet: its agents' slots and tasks.
+pub struct Fleet {
+    pub env: Arc<AgentEnv>,
+    pub slots: Vec<Arc<Slot>>,
+    tasks: JoinSet<()>,
+    started: usize,
+}
+
+pub struct FleetShape {
+    pub agents: usize,
+    pub ws_fraction: f64,
+    pub source_base: Ipv4Addr,
+    pub agents_per_ip: usize,
+    pub spread_sources: bool,
+}
+
+impl Fleet {
+    pub fn new(env: Arc<AgentEnv>, shape: &FleetShape) -> anyhow::Result<Self> {
+        let per_ip = shape.agents_per_ip.max(1);
+        let targets = env.targets.len().max(1);
+        let mut slots = Vec::with_capacity(shape.agents);
+        for i in 0..shape.agents {
+            let ip_index = i / per_ip;
+            let source = if shape.spread_sources {
+                Some(IpAddr::V4(source_address(shape.source_base, ip_index)?))
+            } else {
+                None
+            };
+            let transport = if uses_websocket(i, shape.ws_fraction) {
+                Transport::Websocket
+            } else {
+                Transport::Grpc
+            };
+            slots.push(Arc::new(Slot {
+                index: i,
+                source,
+                ip_index,
+                target: i % targets,
+                transport,
+                connected: AtomicBool::new(false),
+                ready_epoch: AtomicU64::new(0),
+                cut_at_us: AtomicU64::new(0),
+                cuts: AtomicU64::new(0),
+                expect_cut: AtomicBool::new(false),
+                epoch: watch::channel(0).0,
+            }));
+        }
+        Ok(Self {
+            env,
+            slots,
+            tasks: JoinSet::new(),
+            started: 0,
+        })
+    }
+
+    pub fn started(&self) -> usize {
+        self.started
+    }
+
+    /// Starts the agents not yet started, `rate` per second, unless the run stops.
+    pub async fn ramp(&mut self, rate: f64) {
+        let begin = Instant::now();
+        let first = self.started;
+        for (k, slot) in self.slots[first..].iter().enumerate() {
+            let at = begin + Duration::from_secs_f64(k as f64 / rate);
+            tokio::select! {
+                _ = sleep_until(at) => {}
+                _ = self.env.stop.cancelled() => return,
+            }
+            self.tasks.spawn(run(self.env.clone(), slot.clone()));
+            self.started += 1;
+        }
+    }
+
+    pub fn connected(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_connected()).count()
+    }
+
+    /// Waits (bounded) until `pred` holds, polling every 20 ms; returns whether it did.
+    pub async fn wait_for(&self, within: Duration, pred: impl Fn(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if pred(self) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.env.stop.is_cancelled() {
+                return false;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks agent `i` to drop its connection and reconnect.
+    pub fn cycle(&self, i: usize) {
+        if let Some(slot) = self.slots.get(i) {
+            slot.epoch.send_modify(|e| *e += 1);
+        }
+    }
+
+    /// Stops every agent and waits (bounded) for their tasks.
+    pub async fn shutdown(mut self, within: Duration) {
+        self.env.stop.cancel();
+        let drained = timeout(within, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_skip_network_and_broadcast_hosts() {
+        let base = Ipv4Addr::new(127, 0, 2, 1);
+        assert_eq!(
+            source_address(base, 0).unwrap(),
+            Ipv4Addr::new(127, 0, 2, 1)
+        );
+        assert_eq!(
+            source_address(base, 253).unwrap(),
+            Ipv4Addr::new(127, 0, 2, 254)
+        );
+        assert_eq!(
+            source_address(base, 254).unwrap(),
+            Ipv4Addr::new(127, 0, 3, 1)
+        );
+        let all: std::collections::HashSet<_> = (0..20_000)
+            .map(|i| source_address(base, i).unwrap())
+            .collect();
+        assert_eq!(all.len(), 20_000);
+        assert!(all
+            .iter()
+            .all(|a| a.octets()[3] != 0 && a.octets()[3] != 255));
+        assert!(source_address(Ipv4Addr::new(10, 0, 0, 1), 0).is_err());
+        assert!(source_address(Ipv4Addr::new(127, 255, 255, 250), 10).is_err());
+    }
+
+    #[test]
+    fn websocket_share_is_spread() {
+        let n = 1000;
+        for f in [0.0, 0.25, 0.5, 1.0] {
+            let ws = (0..n).filter(|&i| uses_websocket(i, f)).count();
+            assert!((ws as f64 - f * n as f64).abs() <= 2.0, "{f}: {ws}");
+        }
+        // Both transports on both of two round-robin targets.
+        let even_ws = (0..100)
+            .step_by(2)
+            .filter(|&i| uses_websocket(i, 0.5))
+            .count();
+        assert!(even_ws > 10 && even_ws < 40, "{even_ws}");
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(10));
+        for failures in 1..30 {
+            let d = backoff(min, max, failures);
+            assert!(d <= max && d >= min / 2, "{failures}: {d:?}");
+        }
+        let d = backoff(min, max, 1);
+        assert!(d >= Duration::from_millis(500) && d <= min);
+    }
+}

@@ -1,0 +1,245 @@
+//! Command-line options. Every scenario is bounded: each phase has a duration or a
+//! deadline, so a run ends by itself even when the system under test misbehaves.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Ramp to N connected agents and hold; edge memory and CPU per connection.
+    Idle,
+    /// Connect N agents, then make all of them reconnect at once.
+    Storm,
+    /// Open-loop unary Ping requests at a fixed rate; latency histogram.
+    Rpc,
+    /// Hold N agents while cycling them (disconnect + reconnect) at a fixed rate.
+    Churn,
+    /// Block part of a connected fleet through the blocklist file; time until cut.
+    Blocklist,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Storm => "storm",
+            Scenario::Rpc => "rpc",
+            Scenario::Churn => "churn",
+            Scenario::Blocklist => "blocklist",
+        }
+    }
+}
+
+/// Parses `1500ms`, `2s`, `3m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 500ms, 10s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit `{other}` in `{s}`")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` must be between 0 and 1"))
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` must be a positive number"))
+    }
+}
+
+/// A fleet of GitLab agents for load-testing kas-edge and kas.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kas-loadtest", version, args_override_self = true)]
+pub struct Args {
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value = "idle")]
+    pub scenario: Scenario,
+
+    /// Where agents connect: wss://127.0.0.1:8443/, grpcs://127.0.0.1:8443 (edge, TLS) or
+    /// ws://127.0.1.1:8150/, grpc://127.0.1.1:8150 (a pod, plaintext). Repeat for
+    /// round-robin; the scheme only says TLS or not, --ws-fraction picks the transport.
+    /// Default: the local stack's edge, wss://127.0.0.1:8443/.
+    #[arg(long = "target")]
+    pub targets: Vec<String>,
+
+    /// Allow targets outside 127.0.0.0/8 and ::1. Load is traffic: off by default.
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+
+    /// Number of agents (connections) in the fleet.
+    #[arg(long, default_value_t = 100)]
+    pub agents: usize,
+
+    /// Ramp rate: new agents started per second.
+    #[arg(long, default_value_t = 500.0, value_parser = parse_rate)]
+    pub rate: f64,
+
+    /// Main phase length: hold (idle, blocklist), churn, request run (rpc), reconnect
+    /// deadline (storm).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// How long to wait after the ramp for every agent to be connected.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// Share of agents using the websocket transport; the rest use gRPC over HTTP/2.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
+    pub ws_fraction: f64,
+
+    /// Agent token (`authorization: Bearer`). Default: .dev/demo-agent-token if present.
+    #[arg(long, conflicts_with = "token_file")]
+    pub token: Option<String>,
+
+    /// File holding the agent token (e.g. .dev/demo-agent-token).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM certificate(s) to trust for TLS targets. Default: .dev/tls/tls.crt if present.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+
+    /// TLS server name (SNI and certificate check) and HTTP authority.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+
+    /// Let reconnecting agents resume TLS sessions. Off: every connection is a full
+    /// handshake, as a fleet of separate agent processes produces.
+    #[arg(long)]
+    pub tls_resumption: bool,
+
+    /// Interval between Echo messages on each agent's held stream.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub echo_interval: Duration,
+
+    /// Also hold a ReverseTunnel/Connect stream per agent, as agentk does.
+    #[arg(long)]
+    pub reverse_tunnel: bool,
+
+    /// Time allowed for connect + TLS + websocket + HTTP/2 + first configuration.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// First reconnect back-off (jittered, doubling up to --backoff-max).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub backoff_min: Duration,
+
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+
+    /// First client source address; agents get consecutive 127.x.y.z addresses from here
+    /// so thousands of connections never run out of ephemeral ports.
+    #[arg(long, default_value = "127.0.2.1")]
+    pub source_base: Ipv4Addr,
+
+    /// Agents sharing one source address.
+    #[arg(long, default_value_t = 1)]
+    pub agents_per_ip: usize,
+
+    /// Do not bind client sockets to spread source addresses (needed for non-loopback).
+    #[arg(long)]
+    pub no_source_spread: bool,
+
+    /// PID of the edge, for its memory and CPU from /proc. Repeat for a proxy with several
+    /// processes (e.g. nginx workers): their memory and CPU are added up.
+    #[arg(long = "edge-pid")]
+    pub edge_pids: Vec<u32>,
+
+    /// The edge's admin address (http://127.0.0.1:8081/metrics) for its gauges.
+    #[arg(long)]
+    pub edge_admin: Option<String>,
+
+    /// Seconds between timeline samples.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub sample_interval: Duration,
+
+    /// Write the result as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Write an HTML report with charts (self-contained, no network at view time).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+
+    /// Highest tolerated error rate (errors / operations); exceeding it fails the run.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub max_error_rate: f64,
+
+    /// rpc: target requests per second (open loop).
+    #[arg(long, default_value_t = 500.0, value_parser = parse_rate)]
+    pub rpc_rate: f64,
+
+    /// rpc: connections the requests are spread over.
+    #[arg(long, default_value_t = 8)]
+    pub rpc_connections: usize,
+
+    /// rpc: requests allowed in flight; when full, sends wait (and their latency,
+    /// measured from the scheduled time, shows it).
+    #[arg(long, default_value_t = 10_000)]
+    pub rpc_max_in_flight: usize,
+
+    /// rpc: a request not answered within this is an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub rpc_timeout: Duration,
+
+    /// Payload bytes of Ping and Echo messages.
+    #[arg(long, default_value_t = 32)]
+    pub payload_bytes: usize,
+
+    /// churn: agent reconnections per second.
+    #[arg(long, default_value_t = 20.0, value_parser = parse_rate)]
+    pub churn_rate: f64,
+
+    /// storm: each agent waits a random time up to this before reconnecting.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub storm_jitter: Duration,
+
+    /// blocklist: the edge's blocklist file; our lines are appended and removed after.
+    #[arg(long)]
+    pub blocklist_file: Option<PathBuf>,
+
+    /// blocklist: block every Nth source address (N = 10 blocks a tenth of the fleet).
+    #[arg(long, default_value_t = 10)]
+    pub block_every: usize,
+
+    /// blocklist: longest acceptable time from writing the file to a blocked agent's cut
+    /// (the edge reloads within 1 s and closes within 2 s).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub block_deadline: Duration,
+
+    /// blocklist: how long to watch for cuts after writing the file.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub block_wait: Duration,
+
+    /// Progress bar: auto (only when stderr is a terminal), always, never.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+}

@@ -1,0 +1,394 @@
+//! `kas-loadtest`: a fleet of simulated GitLab agents against kas-edge or kas pods.
+//!
+//! [`cli`] (options) → [`run`] (set-up, sampler, report) → [`scenarios`] (what the fleet
+//! does) → [`agent`] (one agent's life) → [`transport`] (TCP/TLS/websocket/HTTP/2). The
+//! [`report`] renders the result; [`probe`] reads the edge's own numbers.
+
+pub mod agent;
+pub mod cli;
+pub mod probe;
+pub mod report;
+pub mod scenarios;
+pub mod stats;
+pub mod target;
+pub mod transport;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::time::{interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+
+pub use cli::{Args, Scenario};
+use probe::EdgeProbe;
+use report::{ErrorEntry, Report, Sample, Totals};
+use stats::Stats;
+use target::Target;
+
+/// The local stack's files, used when the corresponding option is not given.
+const DEV_TOKEN: &str = ".dev/demo-agent-token";
+const DEV_CA: &str = ".dev/tls/tls.crt";
+const DEFAULT_TARGET: &str = "wss://127.0.0.1:8443/";
+
+/// Raises the soft open-files limit to the hard one: each agent is a socket.
+pub fn raise_nofile_limit() -> anyhow::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!(
+                "getrlimit(RLIMIT_NOFILE): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    // rlim_t is not u64 on every platform.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(limit.rlim_cur as u64)
+}
+
+fn read_token(args: &Args) -> anyhow::Result<String> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.trim().to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --token-file {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) if Path::new(DEV_TOKEN).exists() => std::fs::read_to_string(DEV_TOKEN)
+            .with_context(|| format!("cannot read {DEV_TOKEN}"))?
+            .trim()
+            .to_owned(),
+        (None, None) => {
+            bail!("no token: give --token or --token-file (the local stack's is {DEV_TOKEN})")
+        }
+    };
+    if token.is_empty() {
+        bail!("the agent token is empty");
+    }
+    Ok(token)
+}
+
+/// Everything a scenario works with.
+pub struct Ctx {
+    pub args: Args,
+    pub targets: Vec<Target>,
+    pub token: MetadataValue<Ascii>,
+    pub ca_file: Option<PathBuf>,
+    pub stats: Arc<Stats>,
+    pub probe: Arc<EdgeProbe>,
+    pub phase: Arc<Mutex<String>>,
+    /// Cancelled on Ctrl-C: phases end early and the report is still written.
+    pub interrupted: CancellationToken,
+    pub facts: serde_json::Map<String, serde_json::Value>,
+    pub checks: Vec<report::Check>,
+    pub edge: Option<report::EdgeSummary>,
+    pub extra_latency: Vec<(String, hdrhistogram::Histogram<u64>)>,
+}
+
+impl Ctx {
+    pub fn set_phase(&self, phase: &str) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase.to_owned();
+    }
+
+    pub fn fact(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.facts.insert(key.to_owned(), value.into());
+    }
+
+    pub fn check(&mut self, name: &str, ok: bool, detail: impl Into<String>) {
+        self.checks.push(report::Check {
+            name: name.to_owned(),
+            ok,
+            detail: detail.into(),
+        });
+    }
+
+    /// Sleeps, unless interrupted.
+    pub async fn pause(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.interrupted.cancelled() => {}
+        }
+    }
+}
+
+fn progress_bar(args: &Args) -> ProgressBar {
+    let show = match args.progress.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => std::io::stderr().is_terminal(),
+    };
+    let bar = ProgressBar::with_draw_target(
+        Some(args.agents as u64),
+        if show {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    if let Ok(style) =
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Samples the counters (and the edge) every interval until `stop`; returns the timeline.
+fn spawn_sampler(
+    ctx: &Ctx,
+    stop: CancellationToken,
+    bar: ProgressBar,
+) -> tokio::task::JoinHandle<Vec<Sample>> {
+    let stats = ctx.stats.clone();
+    let probe = ctx.probe.clone();
+    let phase = ctx.phase.clone();
+    let every = ctx.args.sample_interval.max(Duration::from_millis(50));
+    let rpc = ctx.args.scenario == Scenario::Rpc;
+    tokio::spawn(async move {
+        let mut timeline = Vec::new();
+        let mut sample_tick = interval(every);
+        sample_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut bar_tick = interval(Duration::from_millis(200));
+        bar_tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = sample_tick.tick() => {
+                    let edge = if probe.is_active() { Some(probe.sample().await) } else { None };
+                    let current = phase.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    timeline.push(Sample {
+                        t: stats.elapsed_secs(),
+                        phase: current,
+                        connected: stats.now_connected(),
+                        handshakes: Stats::get(&stats.handshakes),
+                        connects_ok: Stats::get(&stats.connects_ok),
+                        errors: stats.errors.total(),
+                        cuts: Stats::get(&stats.unexpected_cuts) + Stats::get(&stats.expected_cuts),
+                        echo_ok: Stats::get(&stats.echo_ok),
+                        rpc_ok: Stats::get(&stats.rpc_ok),
+                        edge,
+                    });
+                }
+                _ = bar_tick.tick() => {
+                    let current = phase.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if rpc {
+                        bar.set_position(Stats::get(&stats.rpc_sent));
+                        bar.set_message(format!("{current}: ok {} errors {}", Stats::get(&stats.rpc_ok), stats.errors.total()));
+                    } else {
+                        bar.set_position(stats.now_connected().max(0) as u64);
+                        bar.set_message(format!("connected · {current} · errors {}", stats.errors.total()));
+                    }
+                }
+                _ = stop.cancelled() => break,
+            }
+        }
+        bar.finish_and_clear();
+        timeline
+    })
+}
+
+/// Parses options, raises limits and runs the scenario; the report says whether the run
+/// stayed within its error budget.
+pub async fn run(mut args: Args) -> anyhow::Result<Report> {
+    if args.targets.is_empty() {
+        args.targets.push(DEFAULT_TARGET.to_owned());
+    }
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| Target::parse(t, args.allow_non_loopback))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ca_file = match &args.ca_file {
+        Some(p) => Some(p.clone()),
+        None if targets.iter().any(|t| t.tls) && Path::new(DEV_CA).exists() => {
+            Some(PathBuf::from(DEV_CA))
+        }
+        None => None,
+    };
+    let token = read_token(&args)?;
+    let token: MetadataValue<Ascii> = format!("Bearer {token}")
+        .parse()
+        .context("the token has characters not allowed in a header")?;
+    if args.agents == 0 && args.scenario != Scenario::Rpc {
+        bail!("--agents must be at least 1");
+    }
+    let nofile = raise_nofile_limit()?;
+    let sockets = match args.scenario {
+        Scenario::Rpc => args.rpc_connections,
+        _ => args.agents,
+    };
+    if (sockets as u64) + 64 > nofile {
+        bail!(
+            "{sockets} connections need more open files than this process may have ({nofile}); \
+             raise the hard limit (ulimit -Hn) or use fewer agents"
+        );
+    }
+    let admin = args
+        .edge_admin
+        .as_deref()
+        .map(|a| probe::parse_admin(a, args.allow_non_loopback))
+        .transpose()?;
+    let probe = Arc::new(EdgeProbe::new(args.edge_pids.clone(), admin)?);
+
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut ctx = Ctx {
+        targets,
+        token,
+        ca_file,
+        stats: Arc::new(Stats::new()),
+        probe,
+        phase: Arc::new(Mutex::new("start".into())),
+        interrupted: CancellationToken::new(),
+        facts: serde_json::Map::new(),
+        checks: Vec::new(),
+        edge: None,
+        extra_latency: Vec::new(),
+        args,
+    };
+    let interrupted = ctx.interrupted.clone();
+    let ctrl_c = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            interrupted.cancel();
+        }
+    });
+    let sampler_stop = CancellationToken::new();
+    let sampler = spawn_sampler(&ctx, sampler_stop.clone(), progress_bar(&ctx.args));
+
+    let outcome = match ctx.args.scenario {
+        Scenario::Idle => scenarios::idle(&mut ctx).await,
+        Scenario::Storm => scenarios::storm(&mut ctx).await,
+        Scenario::Rpc => scenarios::rpc(&mut ctx).await,
+        Scenario::Churn => scenarios::churn(&mut ctx).await,
+        Scenario::Blocklist => scenarios::blocklist(&mut ctx).await,
+    };
+    ctx.set_phase("done");
+    // One last sample after everything settled.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    sampler_stop.cancel();
+    let timeline = sampler.await.unwrap_or_default();
+    ctrl_c.abort();
+    if let Err(e) = outcome {
+        ctx.check("scenario ran to the end", false, format!("{e:#}"));
+    }
+    if ctx.interrupted.is_cancelled() {
+        ctx.check("not interrupted", false, "stopped by Ctrl-C");
+    }
+    Ok(build_report(ctx, started_unix_ms, timeline))
+}
+
+fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Report {
+    let s = ctx.stats.clone();
+    let errors_map = s.errors.snapshot();
+    let errors: u64 = errors_map.values().map(|(n, _)| n).sum();
+    let operations = s.operations().max(1);
+    let error_rate = errors as f64 / operations as f64;
+    let totals = Totals {
+        agents: ctx.args.agents,
+        connect_attempts: Stats::get(&s.connect_attempts),
+        handshakes: Stats::get(&s.handshakes),
+        connects_ok: Stats::get(&s.connects_ok),
+        peak_connected: s.peak_connected.load(std::sync::atomic::Ordering::Relaxed),
+        connected_at_end: s.now_connected(),
+        unexpected_cuts: Stats::get(&s.unexpected_cuts),
+        expected_cuts: Stats::get(&s.expected_cuts),
+        cycles: Stats::get(&s.cycles),
+        config_messages: Stats::get(&s.config_messages),
+        echo_sent: Stats::get(&s.echo_sent),
+        echo_ok: Stats::get(&s.echo_ok),
+        rpc_sent: Stats::get(&s.rpc_sent),
+        rpc_ok: Stats::get(&s.rpc_ok),
+        errors,
+        operations: s.operations(),
+        error_rate,
+    };
+    let mut latency = std::collections::BTreeMap::new();
+    for (name, h) in [
+        ("connect", s.connect_latency.snapshot()),
+        ("handshake", s.handshake_latency.snapshot()),
+        ("echo", s.echo_rtt.snapshot()),
+        ("rpc", s.rpc_latency.snapshot()),
+    ]
+    .into_iter()
+    .chain(
+        ctx.extra_latency
+            .iter()
+            .map(|(n, h)| (n.as_str(), h.clone())),
+    ) {
+        if let Some(summary) = report::summarize(&h) {
+            latency.insert(name.to_owned(), summary);
+        }
+    }
+    let peak_hs = timeline
+        .windows(2)
+        .filter(|w| w[1].t > w[0].t)
+        .map(|w| (w[1].handshakes.saturating_sub(w[0].handshakes)) as f64 / (w[1].t - w[0].t))
+        .fold(0.0, f64::max);
+    ctx.fact("peak_handshakes_per_s", (peak_hs * 10.0).round() / 10.0);
+    let budget_ok = error_rate <= ctx.args.max_error_rate;
+    let detail = format!(
+        "error rate {error_rate:.6} (budget {})",
+        ctx.args.max_error_rate
+    );
+    ctx.check("error budget", budget_ok, detail);
+    let passed = ctx.checks.iter().all(|c| c.ok);
+    let params = serde_json::json!({
+        "agents": ctx.args.agents,
+        "rate": ctx.args.rate,
+        "duration_s": ctx.args.duration.as_secs_f64(),
+        "ws_fraction": ctx.args.ws_fraction,
+        "echo_interval_s": ctx.args.echo_interval.as_secs_f64(),
+        "reverse_tunnel": ctx.args.reverse_tunnel,
+        "tls_resumption": ctx.args.tls_resumption,
+        "source_base": ctx.args.source_base.to_string(),
+        "agents_per_ip": ctx.args.agents_per_ip,
+        "max_error_rate": ctx.args.max_error_rate,
+        "rpc_rate": ctx.args.rpc_rate,
+        "rpc_connections": ctx.args.rpc_connections,
+        "churn_rate": ctx.args.churn_rate,
+        "storm_jitter_s": ctx.args.storm_jitter.as_secs_f64(),
+        "block_every": ctx.args.block_every,
+        "server_name": ctx.args.server_name,
+        "ca_file": ctx.ca_file.as_ref().map(|p| p.display().to_string()),
+    });
+    Report {
+        tool: format!("kas-loadtest {}", env!("CARGO_PKG_VERSION")),
+        scenario: ctx.args.scenario.name().to_owned(),
+        started_unix_ms,
+        elapsed_secs: s.elapsed_secs(),
+        targets: ctx.targets.iter().map(|t| t.url.clone()).collect(),
+        params,
+        errors: errors_map
+            .into_iter()
+            .map(|(kind, (count, example))| ErrorEntry {
+                kind,
+                count,
+                example,
+            })
+            .collect(),
+        totals,
+        latency,
+        facts: ctx.facts,
+        edge: ctx.edge,
+        checks: ctx.checks,
+        passed,
+        timeline,
+    }
+}

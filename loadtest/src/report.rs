@@ -1,0 +1,683 @@
+//! Results: one structure, rendered three ways — a summary table for the terminal, JSON
+//! for machines and an HTML page for people. The page draws its charts as inline SVG, so
+//! it opens from a file, offline, years later.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::probe::EdgeSample;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Seconds since the run started.
+    pub t: f64,
+    pub phase: String,
+    pub connected: i64,
+    pub handshakes: u64,
+    pub connects_ok: u64,
+    pub errors: u64,
+    pub cuts: u64,
+    pub echo_ok: u64,
+    pub rpc_ok: u64,
+    pub edge: Option<EdgeSample>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Bucket {
+    /// Upper bound in milliseconds; `null` for the overflow bucket.
+    pub le_ms: Option<f64>,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub min_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub buckets: Vec<Bucket>,
+}
+
+const BUCKET_BOUNDS_MS: &[f64] = &[
+    0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+    10000.0,
+];
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// Percentiles and fixed log-spaced buckets of a microsecond histogram; `None` if empty.
+pub fn summarize(h: &Histogram<u64>) -> Option<LatencySummary> {
+    if h.is_empty() {
+        return None;
+    }
+    let mut counts = vec![0u64; BUCKET_BOUNDS_MS.len() + 1];
+    for v in h.iter_recorded() {
+        let value_ms = ms(h.highest_equivalent(v.value_iterated_to()));
+        let i = BUCKET_BOUNDS_MS
+            .iter()
+            .position(|b| value_ms <= *b)
+            .unwrap_or(BUCKET_BOUNDS_MS.len());
+        counts[i] += v.count_at_value();
+    }
+    let buckets = counts
+        .iter()
+        .enumerate()
+        .map(|(i, &count)| Bucket {
+            le_ms: BUCKET_BOUNDS_MS.get(i).copied(),
+            count,
+        })
+        .collect();
+    Some(LatencySummary {
+        count: h.len(),
+        mean_ms: h.mean() / 1000.0,
+        min_ms: ms(h.min()),
+        p50_ms: ms(h.value_at_quantile(0.5)),
+        p90_ms: ms(h.value_at_quantile(0.9)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        p999_ms: ms(h.value_at_quantile(0.999)),
+        max_ms: ms(h.max()),
+        buckets,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub agents: usize,
+    pub connect_attempts: u64,
+    pub handshakes: u64,
+    pub connects_ok: u64,
+    pub peak_connected: i64,
+    pub connected_at_end: i64,
+    pub unexpected_cuts: u64,
+    pub expected_cuts: u64,
+    pub cycles: u64,
+    pub config_messages: u64,
+    pub echo_sent: u64,
+    pub echo_ok: u64,
+    pub rpc_sent: u64,
+    pub rpc_ok: u64,
+    pub errors: u64,
+    pub operations: u64,
+    pub error_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorEntry {
+    pub kind: String,
+    pub count: u64,
+    pub example: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EdgeSummary {
+    pub pids: Vec<u32>,
+    pub connections_measured: Option<i64>,
+    pub baseline_rss_bytes: Option<u64>,
+    pub loaded_rss_bytes: Option<u64>,
+    pub rss_per_connection_bytes: Option<f64>,
+    pub cpu_seconds_ramp: Option<f64>,
+    pub cpu_ms_per_handshake: Option<f64>,
+    pub cpu_cores_hold: Option<f64>,
+    pub cpu_us_per_connection_per_s: Option<f64>,
+    pub open_connections: Option<f64>,
+    pub active_streams: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tool: String,
+    pub scenario: String,
+    pub started_unix_ms: u64,
+    pub elapsed_secs: f64,
+    pub targets: Vec<String>,
+    pub params: serde_json::Value,
+    pub totals: Totals,
+    pub errors: Vec<ErrorEntry>,
+    pub latency: BTreeMap<String, LatencySummary>,
+    /// Scenario-specific results (time until all back, cut times, achieved rate...).
+    pub facts: serde_json::Map<String, serde_json::Value>,
+    pub edge: Option<EdgeSummary>,
+    pub checks: Vec<Check>,
+    pub passed: bool,
+    pub timeline: Vec<Sample>,
+}
+
+fn fmt_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.3}"),
+            _ => n.to_string(),
+        },
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+}
+
+impl Report {
+    /// Rows of (section, name, value) shared by the terminal table and the HTML page.
+    fn rows(&self) -> Vec<(&'static str, String, String)> {
+        let t = &self.totals;
+        let mut rows = vec![
+            ("run", "scenario".into(), self.scenario.clone()),
+            ("run", "targets".into(), self.targets.join(" ")),
+            (
+                "run",
+                "elapsed".into(),
+                format!("{:.1} s", self.elapsed_secs),
+            ),
+            (
+                "run",
+                "result".into(),
+                if self.passed {
+                    "PASS".into()
+                } else {
+                    "FAIL".into()
+                },
+            ),
+            ("agents", "agents".into(), t.agents.to_string()),
+            (
+                "agents",
+                "connect attempts".into(),
+                t.connect_attempts.to_string(),
+            ),
+            ("agents", "handshakes".into(), t.handshakes.to_string()),
+            (
+                "agents",
+                "connected (authenticated)".into(),
+                t.connects_ok.to_string(),
+            ),
+            (
+                "agents",
+                "peak connected".into(),
+                t.peak_connected.to_string(),
+            ),
+            (
+                "agents",
+                "unexpected cuts".into(),
+                t.unexpected_cuts.to_string(),
+            ),
+            (
+                "agents",
+                "expected cuts".into(),
+                t.expected_cuts.to_string(),
+            ),
+            (
+                "agents",
+                "requested reconnects".into(),
+                t.cycles.to_string(),
+            ),
+            (
+                "streams",
+                "configuration messages".into(),
+                t.config_messages.to_string(),
+            ),
+            (
+                "streams",
+                "echo sent / answered".into(),
+                format!("{} / {}", t.echo_sent, t.echo_ok),
+            ),
+            (
+                "streams",
+                "rpc sent / ok".into(),
+                format!("{} / {}", t.rpc_sent, t.rpc_ok),
+            ),
+            (
+                "errors",
+                "errors / operations".into(),
+                format!("{} / {}", t.errors, t.operations),
+            ),
+            (
+                "errors",
+                "error rate".into(),
+                format!("{:.6}", t.error_rate),
+            ),
+        ];
+        for e in &self.errors {
+            rows.push((
+                "errors",
+                e.kind.clone(),
+                format!("{} (e.g. {})", e.count, e.example),
+            ));
+        }
+        for (name, l) in &self.latency {
+            rows.push((
+                "latency",
+                format!("{name} (ms)"),
+                format!(
+                    "n={} p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+                    l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+                ),
+            ));
+        }
+        for (k, v) in &self.facts {
+            rows.push(("scenario", k.replace('_', " "), fmt_value(v)));
+        }
+        if let Some(e) = &self.edge {
+            let pids: Vec<String> = e.pids.iter().map(|p| p.to_string()).collect();
+            rows.push(("edge", "pid".into(), pids.join(" ")));
+            rows.push((
+                "edge",
+                "rss baseline / loaded".into(),
+                format!(
+                    "{} / {}",
+                    mib(e.baseline_rss_bytes),
+                    mib(e.loaded_rss_bytes)
+                ),
+            ));
+            rows.push((
+                "edge",
+                "rss per connection".into(),
+                e.rss_per_connection_bytes.map_or("-".into(), |b| {
+                    format!("{:.0} B ({:.1} KiB)", b, b / 1024.0)
+                }),
+            ));
+            rows.push((
+                "edge",
+                "cpu during ramp".into(),
+                e.cpu_seconds_ramp
+                    .map_or("-".into(), |c| format!("{c:.2} s")),
+            ));
+            rows.push((
+                "edge",
+                "cpu per handshake".into(),
+                e.cpu_ms_per_handshake
+                    .map_or("-".into(), |c| format!("{c:.3} ms")),
+            ));
+            rows.push((
+                "edge",
+                "cpu while holding".into(),
+                e.cpu_cores_hold
+                    .map_or("-".into(), |c| format!("{:.1} % of a core", c * 100.0)),
+            ));
+            rows.push((
+                "edge",
+                "cpu per held connection".into(),
+                e.cpu_us_per_connection_per_s
+                    .map_or("-".into(), |c| format!("{c:.2} µs/s")),
+            ));
+            rows.push((
+                "edge",
+                "edge_open_connections".into(),
+                opt(e.open_connections),
+            ));
+            rows.push(("edge", "edge_active_streams".into(), opt(e.active_streams)));
+        }
+        for c in &self.checks {
+            rows.push((
+                "checks",
+                c.name.clone(),
+                format!("{} {}", if c.ok { "ok  " } else { "FAIL" }, c.detail),
+            ));
+        }
+        rows
+    }
+
+    pub fn summary_table(&self) -> String {
+        let rows = self.rows();
+        let width = rows
+            .iter()
+            .map(|(_, k, _)| k.chars().count())
+            .max()
+            .unwrap_or(10);
+        let mut out = String::new();
+        let mut section = "";
+        for (s, k, v) in &rows {
+            if *s != section {
+                let _ = writeln!(
+                    out,
+                    "── {s} {}",
+                    "─".repeat(width.saturating_sub(s.len()) + 8)
+                );
+                section = s;
+            }
+            let _ = writeln!(out, "  {k:<width$}  {v}");
+        }
+        out
+    }
+
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self).context("serializing the report")?;
+        write_file(path, &text)
+    }
+
+    pub fn write_html(&self, path: &Path) -> anyhow::Result<()> {
+        write_file(path, &self.html())
+    }
+
+    pub fn html(&self) -> String {
+        let mut body = String::new();
+        let status = if self.passed {
+            ("PASS", "#1a7f37")
+        } else {
+            ("FAIL", "#cf222e")
+        };
+        let _ = write!(
+            body,
+            "<h1>kas-loadtest: {} <span style=\"color:{}\">{}</span></h1>",
+            esc(&self.scenario),
+            status.1,
+            status.0
+        );
+        let _ = write!(
+            body,
+            "<p>{} agents → {} · {:.1} s · error rate {:.6}</p>",
+            self.totals.agents,
+            esc(&self.targets.join(", ")),
+            self.elapsed_secs,
+            self.totals.error_rate
+        );
+
+        let connected: Vec<(f64, f64)> = self
+            .timeline
+            .iter()
+            .map(|s| (s.t, s.connected as f64))
+            .collect();
+        body.push_str(&line_chart(
+            "Connected agents",
+            "agents",
+            &connected,
+            "#0969da",
+        ));
+        body.push_str(&bar_series(
+            "Handshakes per second",
+            &rates(&self.timeline, |s| s.handshakes),
+            "#8250df",
+        ));
+        if self.totals.rpc_sent > 0 {
+            body.push_str(&bar_series(
+                "Requests answered per second",
+                &rates(&self.timeline, |s| s.rpc_ok),
+                "#1a7f37",
+            ));
+        }
+        let rss: Vec<(f64, f64)> = self
+            .timeline
+            .iter()
+            .filter_map(|s| {
+                let b = s.edge.as_ref()?.rss_bytes?;
+                Some((s.t, b as f64 / 1048576.0))
+            })
+            .collect();
+        if !rss.is_empty() {
+            body.push_str(&line_chart("Edge resident memory", "MiB", &rss, "#bc4c00"));
+        }
+        for (name, l) in &self.latency {
+            let labels: Vec<String> = l
+                .buckets
+                .iter()
+                .map(|b| b.le_ms.map_or("more".into(), |v| format!("≤{v}")))
+                .collect();
+            let values: Vec<f64> = l.buckets.iter().map(|b| b.count as f64).collect();
+            let _ = write!(
+                body,
+                "<p>{} {}: p50 {:.2} ms · p90 {:.2} · p99 {:.2} · p99.9 {:.2} · max {:.2}</p>",
+                l.count,
+                esc(name),
+                l.p50_ms,
+                l.p90_ms,
+                l.p99_ms,
+                l.p999_ms,
+                l.max_ms
+            );
+            body.push_str(&bar_chart(
+                &format!("{name} latency histogram (ms)"),
+                &labels,
+                &values,
+                "#0969da",
+            ));
+        }
+        body.push_str("<h2>Summary</h2><table>");
+        let mut section = "";
+        for (s, k, v) in self.rows() {
+            if s != section {
+                let _ = write!(body, "<tr><th colspan=2>{}</th></tr>", esc(s));
+                section = s;
+            }
+            let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", esc(&k), esc(&v));
+        }
+        body.push_str("</table>");
+        format!(
+            "<!doctype html><html lang=en><head><meta charset=utf-8>\
+             <title>kas-loadtest {}</title><style>\
+             body{{font:14px system-ui,sans-serif;margin:2em;max-width:900px;color:#1f2328}}\
+             table{{border-collapse:collapse}}td,th{{padding:2px 10px;text-align:left;vertical-align:top}}\
+             th{{background:#f6f8fa;padding-top:8px}}svg{{display:block;margin:1em 0}}\
+             </style></head><body>{body}</body></html>\n",
+            esc(&self.scenario)
+        )
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Per-second rates of a cumulative counter between consecutive samples.
+fn rates(timeline: &[Sample], counter: impl Fn(&Sample) -> u64) -> Vec<(f64, f64)> {
+    timeline
+        .windows(2)
+        .filter_map(|w| {
+            let dt = w[1].t - w[0].t;
+            (dt > 0.0).then(|| {
+                (
+                    w[1].t,
+                    counter(&w[1]).saturating_sub(counter(&w[0])) as f64 / dt,
+                )
+            })
+        })
+        .collect()
+}
+
+const W: f64 = 760.0;
+const H: f64 = 240.0;
+const LEFT: f64 = 60.0;
+const RIGHT: f64 = 15.0;
+const TOP: f64 = 30.0;
+const BOTTOM: f64 = 40.0;
+
+/// A "nice" axis maximum (1, 2, 2.5, 5 × 10^k) at or above `v`.
+fn nice_max(v: f64) -> f64 {
+    if v <= 0.0 || !v.is_finite() {
+        return 1.0;
+    }
+    let exp = 10f64.powf(v.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if m * exp >= v {
+            return m * exp;
+        }
+    }
+    10.0 * exp
+}
+
+fn fmt_tick(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v.fract().abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn frame(title: &str, y_max: f64, unit: &str) -> String {
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-size=\"11\" font-family=\"system-ui,sans-serif\">\
+         <text x=\"{LEFT}\" y=\"16\" font-size=\"13\" font-weight=\"bold\">{}</text>",
+        esc(title)
+    );
+    let plot_h = H - TOP - BOTTOM;
+    for i in 0..=4 {
+        let v = y_max * f64::from(i) / 4.0;
+        let y = TOP + plot_h - plot_h * f64::from(i) / 4.0;
+        let _ = write!(
+            s,
+            "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#d0d7de\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            W - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+            fmt_tick(v)
+        );
+    }
+    let _ = write!(
+        s,
+        "<text x=\"12\" y=\"{:.1}\" transform=\"rotate(-90 12 {:.1})\" text-anchor=\"middle\">{}</text>",
+        TOP + plot_h / 2.0,
+        TOP + plot_h / 2.0,
+        esc(unit)
+    );
+    s
+}
+
+fn line_chart(title: &str, unit: &str, points: &[(f64, f64)], color: &str) -> String {
+    if points.is_empty() {
+        return String::new();
+    }
+    let x_max = points.iter().map(|p| p.0).fold(0.0, f64::max).max(1e-9);
+    let y_max = nice_max(points.iter().map(|p| p.1).fold(0.0, f64::max));
+    let (plot_w, plot_h) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
+    let mut s = frame(title, y_max, unit);
+    for i in 0..=5 {
+        let t = x_max * f64::from(i) / 5.0;
+        let x = LEFT + plot_w * f64::from(i) / 5.0;
+        let _ = write!(
+            s,
+            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}s</text>",
+            H - BOTTOM + 16.0,
+            if x_max >= 10.0 {
+                format!("{t:.0}")
+            } else {
+                format!("{t:.1}")
+            }
+        );
+    }
+    let path: Vec<String> = points
+        .iter()
+        .map(|(t, v)| {
+            format!(
+                "{:.1},{:.1}",
+                LEFT + plot_w * t / x_max,
+                TOP + plot_h - plot_h * v / y_max
+            )
+        })
+        .collect();
+    let _ = write!(
+        s,
+        "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">time</text></svg>",
+        path.join(" "),
+        LEFT + plot_w / 2.0,
+        H - 6.0
+    );
+    s
+}
+
+/// Bars over time (one per sample interval).
+fn bar_series(title: &str, points: &[(f64, f64)], color: &str) -> String {
+    let labels: Vec<String> = points.iter().map(|(t, _)| format!("{t:.0}s")).collect();
+    let values: Vec<f64> = points.iter().map(|p| p.1).collect();
+    bar_chart(title, &labels, &values, color)
+}
+
+fn bar_chart(title: &str, labels: &[String], values: &[f64], color: &str) -> String {
+    if values.is_empty() {
+        return String::new();
+    }
+    let y_max = nice_max(values.iter().copied().fold(0.0, f64::max));
+    let (plot_w, plot_h) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
+    let mut s = frame(title, y_max, "");
+    let slot = plot_w / values.len() as f64;
+    // At most ~20 labels, so long runs stay readable.
+    let label_every = values.len().div_ceil(20).max(1);
+    for (i, v) in values.iter().enumerate() {
+        let h = plot_h * v / y_max;
+        let x = LEFT + slot * i as f64;
+        let _ = write!(
+            s,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"><title>{}: {}</title></rect>",
+            x + slot * 0.1,
+            TOP + plot_h - h,
+            (slot * 0.8).max(0.5),
+            esc(labels.get(i).map_or("", |l| l.as_str())),
+            fmt_tick(*v)
+        );
+        if i % label_every == 0 {
+            let _ = write!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+                x + slot / 2.0,
+                H - BOTTOM + 16.0,
+                esc(labels.get(i).map_or("", |l| l.as_str()))
+            );
+        }
+    }
+    s.push_str("</svg>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_buckets() {
+        let mut h = crate::stats::new_histogram();
+        for us in 1..=1000u64 {
+            h.record(us * 10).unwrap(); // 0.01 .. 10 ms
+        }
+        let s = summarize(&h).unwrap();
+        assert_eq!(s.count, 1000);
+        assert!((s.p50_ms - 5.0).abs() < 0.05, "{}", s.p50_ms);
+        assert!((s.p99_ms - 9.9).abs() < 0.05, "{}", s.p99_ms);
+        assert_eq!(s.buckets.iter().map(|b| b.count).sum::<u64>(), 1000);
+        assert!(summarize(&crate::stats::new_histogram()).is_none());
+    }
+
+    #[test]
+    fn charts_are_self_contained_svg() {
+        let svg = line_chart("x<y", "n", &[(0.0, 1.0), (1.0, 3.0)], "#000");
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>") && svg.contains("x&lt;y"));
+        assert!(!svg.contains("http://") || svg.contains("http://www.w3.org/2000/svg"));
+        assert_eq!(nice_max(73.0), 100.0);
+        assert_eq!(nice_max(2001.0), 2500.0);
+    }
+}

@@ -21,7 +21,8 @@
 # proxy costs on top of reaching kas at all.
 #
 # Knobs (environment): DURATION (s per throughput measurement, default 10), H1_CONNS (64),
-# GRPC_CONNS (8), GRPC_STREAMS (16), NEWCONN_CONNS (16), RPC_RATE (1000), WS_AGENTS
+# GRPC_CONNS (8), GRPC_STREAMS (16), NEWCONN_CONNS (16), RPC_RATE (1000), WS_RATE (ramp
+# agents/s, 300), WS_AGENTS
 # (10000, lowered to what the open-files limit allows: a proxy needs two descriptors per
 # tunnel), PATHS ("direct edge nginx haproxy"), SKIP_BUILD=1 to use existing binaries.
 # Everything listens on loopback: pods 127.0.1.1-3:8150 (health :8151), GitLab stand-in
@@ -38,6 +39,7 @@ GRPC_STREAMS=${GRPC_STREAMS:-16}
 NEWCONN_CONNS=${NEWCONN_CONNS:-16}
 RPC_RATE=${RPC_RATE:-1000}
 WS_AGENTS=${WS_AGENTS:-10000}
+WS_RATE=${WS_RATE:-300}
 PATHS=${PATHS:-direct edge nginx haproxy}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release
@@ -241,7 +243,7 @@ for p in $PATHS; do
   pid_args=()
   for pid in $(pids_of "$p"); do pid_args+=(--edge-pid "$pid"); done
   log "$p: $WS_AGENTS idle websocket tunnels"
-  "${LT[@]}" --scenario idle --agents "$WS_AGENTS" --rate 1000 --settle 180s --duration 10s \
+  "${LT[@]}" --scenario idle --agents "$WS_AGENTS" --rate "$WS_RATE" --settle 180s --duration 10s \
     --echo-interval 60s --max-error-rate 0.001 "${ws_targets[@]}" "${pid_args[@]}" \
     --json "$RAW/$p-ws.json" >"$RAW/$p-ws.txt" 2>&1 || log "$p: idle run reported failures (see JSON)"
   sleep 2
@@ -308,6 +310,8 @@ for p in paths:
         "ws_connected": (ws.get("totals") or {}).get("peak_connected"),
         "ws_errors": (ws.get("totals") or {}).get("errors"),
         "ws_passed": ws.get("passed"),
+        "ws_error_kinds": {e["kind"]: e["count"] for e in ws.get("errors") or []},
+        "ws_error_examples": {e["kind"]: e["example"] for e in ws.get("errors") or []},
         "ws_cpu_ms_per_handshake": edge.get("cpu_ms_per_handshake"),
         "new_tls_cps": newconn, "new_conn_socket_errors": newconn_errors,
     }

@@ -230,6 +230,9 @@ pub struct UpstreamConfig {
     pub tcp_keepalive: Duration,
     /// How many pods a request may try when connecting fails.
     pub max_connect_attempts: u32,
+    /// How long a pod may take to answer a websocket upgrade before the agent gets a 502.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -240,6 +243,7 @@ impl Default for UpstreamConfig {
             h2_ping_interval: Duration::from_secs(30),
             tcp_keepalive: Duration::from_secs(60),
             max_connect_attempts: 3,
+            upgrade_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -425,6 +429,7 @@ impl EdgeConfig {
             ("health.timeout", self.health.timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.h2_ping_interval", self.upstream.h2_ping_interval),
+            ("upstream.upgrade_timeout", self.upstream.upgrade_timeout),
             ("shutdown.drain_deadline", self.shutdown.drain_deadline),
         ] {
             if value.is_zero() {

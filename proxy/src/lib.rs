@@ -4,7 +4,7 @@
 //! [`config`] (typed TOML) · [`tls`] (certificates, SNI, hot reload) · [`discovery`]
 //! (static, DNS, EndpointSlices) · [`pool`] (pods, least in-flight) · [`health`] (active
 //! checks on the observability port) · [`proxy`] (pingora `ProxyHttp`: gRPC over h2c,
-//! websocket tunnels) · [`metrics`] · [`admin`] (health, metrics, http→https) · [`acme`].
+//! websocket upgrades handed to [`tunnel`]) · [`metrics`] · [`admin`] (health, metrics, http→https) · [`acme`].
 
 pub mod acme;
 pub mod admin;
@@ -26,5 +26,6 @@ pub mod ratelimit;
 pub mod rules;
 pub mod tls;
 mod tls_setup;
+pub mod tunnel;
 
 pub use config::EdgeConfig;

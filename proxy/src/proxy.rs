@@ -1,7 +1,8 @@
 //! The HTTP proxy itself: pingora's `ProxyHttp` seam. Classifies each request (gRPC,
 //! websocket, other HTTP), picks the least-loaded healthy pod and forwards over the right
 //! upstream protocol: gRPC over HTTP/2 cleartext (streams and trailers end to end),
-//! websockets over HTTP/1.1 as a raw tunnel after the upgrade.
+//! websockets over HTTP/1.1 as a raw tunnel after the upgrade (handed to [`crate::tunnel`],
+//! which does the upgrade itself instead of pingora's HTTP/1 proxy loop).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,8 @@ use prometheus::IntGauge;
 use crate::config::UpstreamConfig;
 use crate::metrics::EdgeMetrics;
 use crate::policy::{Denial, Policies};
-use crate::pool::{PodGuard, Pool};
+use crate::pool::{Pod, PodGuard, Pool};
+use crate::tunnel::{self, PodDialer, TunnelEnd};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -56,6 +58,8 @@ pub struct RequestCtx {
     pod: Option<PodGuard>,
     attempts: u32,
     upstream_latency_recorded: bool,
+    /// Set for websocket upgrades, which the edge forwards itself.
+    tunnel_end: Option<TunnelEnd>,
     _active: Option<ActiveGuard>,
 }
 
@@ -148,6 +152,7 @@ impl ProxyHttp for EdgeProxy {
             pod: None,
             attempts: 0,
             upstream_latency_recorded: false,
+            tunnel_end: None,
             _active: None,
         }
     }
@@ -179,6 +184,10 @@ impl ProxyHttp for EdgeProxy {
         }
         if !self.pool.any_accepting() {
             respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
+            return Ok(true);
+        }
+        if ctx.protocol == Protocol::Websocket {
+            self.forward_websocket(session, ctx).await;
             return Ok(true);
         }
         Ok(false)
@@ -228,11 +237,7 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(guard) = &ctx.pod {
-            self.pool.mark_failed(guard.pod());
-            self.metrics
-                .upstream_connect_failures
-                .with_label_values(&[&guard.pod().label])
-                .inc();
+            self.connect_failed(guard.pod());
         }
         // Nothing reached the pod yet, so another pod may take the request.
         if ctx.attempts < self.upstream.max_connect_attempts {
@@ -247,13 +252,7 @@ impl ProxyHttp for EdgeProxy {
         _upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if !ctx.upstream_latency_recorded {
-            ctx.upstream_latency_recorded = true;
-            self.metrics
-                .upstream_latency
-                .with_label_values(&[ctx.protocol.label()])
-                .observe(ctx.started.elapsed().as_secs_f64());
-        }
+        self.record_upstream_latency(ctx);
         Ok(())
     }
 
@@ -337,7 +336,84 @@ impl ProxyHttp for EdgeProxy {
             duration_ms = ctx.started.elapsed().as_millis() as u64,
             bytes_in,
             bytes_out,
+            tunnel_end = ctx.tunnel_end.map(TunnelEnd::label),
             error = e.map(|e| e.to_string()),
         );
+    }
+}
+
+impl EdgeProxy {
+    /// A pod refused a connection: keep new traffic off it for the passive back-off.
+    fn connect_failed(&self, pod: &Pod) {
+        self.pool.mark_failed(pod);
+        self.metrics
+            .upstream_connect_failures
+            .with_label_values(&[&pod.label])
+            .inc();
+    }
+
+    fn record_upstream_latency(&self, ctx: &mut RequestCtx) {
+        if !ctx.upstream_latency_recorded {
+            ctx.upstream_latency_recorded = true;
+            self.metrics
+                .upstream_latency
+                .with_label_values(&[ctx.protocol.label()])
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Forwards a websocket upgrade to the least-loaded pod and, once it answers `101`,
+    /// carries the tunnel until either side closes. Connect failures move on to another pod
+    /// (nothing reached the first one); any later failure is answered with a 502.
+    async fn forward_websocket(&self, session: &mut Session, ctx: &mut RequestCtx) {
+        let dialer = PodDialer {
+            connect_timeout: self.upstream.connect_timeout,
+            response_timeout: self.upstream.upgrade_timeout,
+            tcp_keepalive: self.upstream.tcp_keepalive,
+        };
+        let request = session.req_header().clone();
+        let answered = loop {
+            ctx.attempts += 1;
+            ctx.pod = None;
+            let Some(guard) = self.pool.pick() else {
+                respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
+                return;
+            };
+            let addr = guard.pod().addr;
+            let pod = ctx.pod.insert(guard).pod().clone();
+            match dialer.handshake(addr, &request).await {
+                Ok(answered) => break answered,
+                Err(e) if e.is_connect() && ctx.attempts < self.upstream.max_connect_attempts => {
+                    tracing::debug!(error = %e, "trying another pod");
+                    self.connect_failed(&pod);
+                }
+                Err(e) => {
+                    if e.is_connect() {
+                        self.connect_failed(&pod);
+                    }
+                    tracing::warn!(error = %e, "websocket upgrade not forwarded");
+                    let denial = Denial {
+                        http_status: 502,
+                        ..unavailable("kas did not answer the upgrade")
+                    };
+                    respond_denied(session, ctx.protocol, &denial).await;
+                    return;
+                }
+            }
+        };
+        self.record_upstream_latency(ctx);
+        if answered.response.status == 101
+            && !tunnel::completes_upgrade(session, &answered.response)
+        {
+            tracing::warn!(pod = %ctx.pod.as_ref().map(|g| g.pod().label.as_str()).unwrap_or("-"),
+                "pod answered 101 without a valid upgrade");
+            let denial = Denial {
+                http_status: 502,
+                ..unavailable("kas answered the upgrade incorrectly")
+            };
+            respond_denied(session, ctx.protocol, &denial).await;
+            return;
+        }
+        ctx.tunnel_end = Some(tunnel::relay(session, answered).await);
     }
 }

@@ -1,0 +1,494 @@
+//! Websocket tunnels from agents to kas pods, forwarded by the edge itself.
+//!
+//! Why not pingora's HTTP/1 proxy loop: pingora 0.9.1 ends an upgraded connection when the
+//! pod's `101` is read before the upgrade request's own (empty) body has reached the upstream
+//! half of its pipe (cloudflare/pingora#946). The agent then gets the `101`, maybe the pod's
+//! first frame, and EOF. On a busy edge that was about one tunnel in a thousand, which for a
+//! fleet that holds connections for hours means a steady trickle of pointless reconnects.
+//!
+//! So for an upgrade request the edge does the handshake with the pod itself: it writes the
+//! request head, reads the response head, relays it to the agent, and only a `101` turns the
+//! connection into a byte tunnel. Nothing the agent sends can be lost in between: a websocket
+//! client sends nothing before it has the `101`, and the pump starts reading the agent as soon
+//! as the `101` is written. An idle tunnel also holds no upstream read buffer (the pump waits
+//! for readiness before it allocates one).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::proxy::Session;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+
+/// The largest response head a pod may send for an upgrade.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// Header lines in a response head; kas sends a handful.
+const MAX_RESPONSE_HEADERS: usize = 64;
+/// Bytes read from a pod per tunnel read.
+const READ_CHUNK: usize = 16 * 1024;
+/// The most body relayed from a pod that refused the upgrade (an error page).
+const MAX_REFUSAL_BODY: u64 = 64 * 1024;
+/// After the agent closes its side, how long the pod's last bytes (a websocket close frame,
+/// a GOAWAY) are still relayed before the tunnel is torn down.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Why an upgrade handshake with a pod failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Nothing reached the pod: another pod may be tried.
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("pod {addr} did not answer the upgrade within {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("pod {addr} closed the connection before answering the upgrade")]
+    Closed { addr: SocketAddr },
+    #[error("pod {addr} sent an invalid response head: {reason}")]
+    Invalid { addr: SocketAddr, reason: String },
+    #[error("talking to pod {addr}: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+}
+
+impl HandshakeError {
+    /// True when the request never reached the pod, so retrying elsewhere is safe.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, HandshakeError::Connect { .. })
+    }
+}
+
+/// How the edge reaches pods for tunnels.
+#[derive(Clone, Debug)]
+pub struct PodDialer {
+    pub connect_timeout: Duration,
+    /// How long a pod may take to answer the upgrade request.
+    pub response_timeout: Duration,
+    /// TCP keepalive idle time: finds pods that vanished under an idle tunnel.
+    pub tcp_keepalive: Duration,
+}
+
+/// A pod that answered an upgrade request. `early` holds bytes the pod sent right after its
+/// response head (with a `101`, the first tunnel bytes), which must reach the agent first.
+pub struct Answered {
+    pub stream: TcpStream,
+    pub response: ResponseHeader,
+    pub early: Bytes,
+}
+
+impl PodDialer {
+    /// Connects to `addr`, sends `request` and reads the pod's response head.
+    pub async fn handshake(
+        &self,
+        addr: SocketAddr,
+        request: &RequestHeader,
+    ) -> Result<Answered, HandshakeError> {
+        let mut stream = self.connect(addr).await?;
+        let io_err = |source| HandshakeError::Io { addr, source };
+        stream
+            .write_all(&encode_request_head(request))
+            .await
+            .map_err(io_err)?;
+        let timeout = self.response_timeout;
+        let (response, early) =
+            tokio::time::timeout(timeout, read_response_head(&mut stream, addr))
+                .await
+                .map_err(|_| HandshakeError::Timeout { addr, timeout })??;
+        Ok(Answered {
+            stream,
+            response,
+            early,
+        })
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, HandshakeError> {
+        let connect_err = |source| HandshakeError::Connect { addr, source };
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_err(io::ErrorKind::TimedOut.into()))?
+            .map_err(connect_err)?;
+        stream.set_nodelay(true).map_err(connect_err)?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.tcp_keepalive)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(connect_err)?;
+        Ok(stream)
+    }
+}
+
+/// The request head as the pod sees it: the agent's request line and headers, unchanged.
+fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
+    let target = request
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(request.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in request.headers.iter() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Reads until a complete response head, bounded by [`MAX_RESPONSE_HEAD`].
+async fn read_response_head(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+) -> Result<(ResponseHeader, Bytes), HandshakeError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        let read = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|source| HandshakeError::Io { addr, source })?;
+        if read == 0 {
+            return Err(HandshakeError::Closed { addr });
+        }
+        let invalid = |reason: String| HandshakeError::Invalid { addr, reason };
+        if let Some((response, head_len)) = parse_response_head(&buf).map_err(invalid)? {
+            let early = buf.split_off(head_len).freeze();
+            return Ok((response, early));
+        }
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(invalid(format!("longer than {MAX_RESPONSE_HEAD} bytes")));
+        }
+    }
+}
+
+/// How a tunnel or refused upgrade ended: the access log's `tunnel_end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// The pod answered something other than `101`; it was relayed and the connection closed.
+    Refused,
+    AgentClosed,
+    PodClosed,
+    AgentError,
+    PodError,
+}
+
+impl TunnelEnd {
+    pub fn label(self) -> &'static str {
+        match self {
+            TunnelEnd::Refused => "refused",
+            TunnelEnd::AgentClosed => "agent_closed",
+            TunnelEnd::PodClosed => "pod_closed",
+            TunnelEnd::AgentError => "agent_error",
+            TunnelEnd::PodError => "pod_error",
+        }
+    }
+}
+
+/// Whether the agent's session accepts `response` as a completed upgrade: a `101` that is
+/// not one (HTTP/1.0, or an agent that never asked) must not start a tunnel.
+pub fn completes_upgrade(session: &Session, response: &ResponseHeader) -> bool {
+    match session.as_downstream() {
+        HttpSession::H1(h1) => h1.is_upgrade(response) == Some(true),
+        _ => false,
+    }
+}
+
+/// Relays the pod's answer to the agent and, after a `101`, pumps bytes both ways until one
+/// side closes. Errors on either side end the tunnel; they are reported, not propagated,
+/// because the response is already on the wire.
+pub async fn relay(session: &mut Session, answered: Answered) -> TunnelEnd {
+    let Answered {
+        stream,
+        response,
+        early,
+    } = answered;
+    let upgraded = response.status == 101;
+    if !upgraded {
+        // The agent's connection cannot be reused: the pod may not have finished the body.
+        session.set_keepalive(None);
+        let body_len = refusal_body_len(&response);
+        if let Err(e) = relay_refusal(session, response, stream, early, body_len).await {
+            tracing::debug!(error = %e, "relaying a refused upgrade");
+        }
+        return TunnelEnd::Refused;
+    }
+    if let Err(e) = session
+        .write_response_header(Box::new(response), false)
+        .await
+    {
+        tracing::debug!(error = %e, "writing the 101 to the agent");
+        return TunnelEnd::AgentError;
+    }
+    if !early.is_empty() {
+        if let Err(e) = session.write_response_body(Some(early), false).await {
+            tracing::debug!(error = %e, "writing the pod's first bytes to the agent");
+            return TunnelEnd::AgentError;
+        }
+    }
+    pump(session, stream).await
+}
+
+async fn relay_refusal(
+    session: &mut Session,
+    response: ResponseHeader,
+    stream: TcpStream,
+    early: Bytes,
+    body_len: u64,
+) -> pingora::Result<()> {
+    session
+        .write_response_header(Box::new(response), false)
+        .await?;
+    let mut body = early;
+    body.truncate(body_len as usize);
+    let mut remaining = body_len - body.len() as u64;
+    if !body.is_empty() {
+        session.write_response_body(Some(body), false).await?;
+    }
+    let read = async {
+        let (mut reader, _writer) = stream.into_split();
+        while remaining > 0 {
+            match read_chunk(&mut reader).await {
+                Ok(Some(mut chunk)) => {
+                    chunk.truncate(remaining as usize);
+                    remaining -= chunk.len() as u64;
+                    session.write_response_body(Some(chunk), false).await?;
+                }
+                _ => break,
+            }
+        }
+        Ok::<_, Box<pingora::Error>>(())
+    };
+    // A pod that announced no length and keeps the connection open must not hold the agent.
+    let _ = tokio::time::timeout(LINGER, read).await;
+    session.write_response_body(None, true).await
+}
+
+/// Moves bytes both ways. The agent's reads go through its pingora session (TLS, and the
+/// byte counts the access log reports); the pod side is a plain socket.
+async fn pump(session: &mut Session, pod: TcpStream) -> TunnelEnd {
+    let (mut from_pod, mut to_pod) = pod.into_split();
+    loop {
+        tokio::select! {
+            from_agent = session.downstream_session.read_request_body() => match from_agent {
+                Ok(Some(data)) => {
+                    if let Err(e) = to_pod.write_all(&data).await {
+                        tracing::debug!(error = %e, "writing to the pod");
+                        return TunnelEnd::PodError;
+                    }
+                }
+                Ok(None) => {
+                    // The agent is done sending; let the pod's last bytes through, briefly.
+                    let _ = to_pod.shutdown().await;
+                    let rest = copy_to_agent(session, &mut from_pod);
+                    let _ = tokio::time::timeout(LINGER, rest).await;
+                    return TunnelEnd::AgentClosed;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from the agent");
+                    return TunnelEnd::AgentError;
+                }
+            },
+            from_pod_chunk = read_chunk(&mut from_pod) => match from_pod_chunk {
+                Ok(Some(data)) => {
+                    if let Err(e) = session.write_response_body(Some(data), false).await {
+                        tracing::debug!(error = %e, "writing to the agent");
+                        return TunnelEnd::AgentError;
+                    }
+                }
+                Ok(None) => {
+                    let _ = session.write_response_body(None, true).await;
+                    return TunnelEnd::PodClosed;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from the pod");
+                    let _ = session.write_response_body(None, true).await;
+                    return TunnelEnd::PodError;
+                }
+            },
+        }
+    }
+}
+
+/// Relays what the pod still sends until it closes (or errors).
+async fn copy_to_agent(session: &mut Session, from_pod: &mut OwnedReadHalf) {
+    while let Ok(Some(data)) = read_chunk(from_pod).await {
+        if session
+            .write_response_body(Some(data), false)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = session.write_response_body(None, true).await;
+}
+
+/// `Ok(None)` while the head is incomplete.
+fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let head_len = match parsed.parse(buf).map_err(|e| e.to_string())? {
+        httparse::Status::Partial => return Ok(None),
+        httparse::Status::Complete(len) => len,
+    };
+    let code = parsed.code.ok_or("no status code")?;
+    let mut response =
+        ResponseHeader::build(code, Some(parsed.headers.len())).map_err(|e| e.to_string())?;
+    if let Some(reason) = parsed.reason {
+        // Best effort: an unusual reason phrase is not worth failing the tunnel over.
+        let _ = response.set_reason_phrase(Some(reason));
+    }
+    for header in parsed.headers.iter() {
+        let value = http::HeaderValue::from_bytes(header.value).map_err(|e| e.to_string())?;
+        response
+            .append_header(header.name.to_owned(), value)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Some((response, head_len)))
+}
+
+/// How much body of a refused upgrade is relayed: what the pod announced, capped; without
+/// a length, up to the cap or until the pod closes.
+fn refusal_body_len(response: &ResponseHeader) -> u64 {
+    let announced = response
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    announced.unwrap_or(MAX_REFUSAL_BODY).min(MAX_REFUSAL_BODY)
+}
+
+/// Reads what the pod has next, waiting for readiness first so an idle tunnel holds no
+/// buffer. `Ok(None)` at EOF.
+async fn read_chunk(stream: &mut OwnedReadHalf) -> io::Result<Option<Bytes>> {
+    loop {
+        stream.readable().await?;
+        let mut buf = BytesMut::zeroed(READ_CHUNK);
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf.freeze()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn upgrade_request() -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/ws?x=1", None).unwrap();
+        req.insert_header("Host", "kas.example.test").unwrap();
+        req.insert_header("Upgrade", "websocket").unwrap();
+        req.insert_header("Connection", "Upgrade").unwrap();
+        req
+    }
+
+    fn dialer() -> PodDialer {
+        PodDialer {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_millis(500),
+            tcp_keepalive: Duration::from_secs(30),
+        }
+    }
+
+    /// A one-shot pod: reads the request head, answers with `answer`, returns the head seen.
+    async fn pod(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut byte = [0u8; 1];
+            while !seen.ends_with(b"\r\n\r\n") {
+                if sock.read(&mut byte).await.unwrap() == 0 {
+                    break;
+                }
+                seen.push(byte[0]);
+            }
+            sock.write_all(answer).await.unwrap();
+            // Hold the connection open briefly so the client sees the answer, not EOF.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            String::from_utf8(seen).unwrap()
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_101_with_early_bytes_in_the_same_segment_keeps_them() {
+        let (addr, task) = pod(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n\x82\x03hey").await;
+        let answered = dialer().handshake(addr, &upgrade_request()).await.unwrap();
+        assert_eq!(answered.response.status, 101);
+        assert_eq!(
+            answered
+                .response
+                .headers
+                .get("sec-websocket-accept")
+                .unwrap(),
+            "abc"
+        );
+        assert_eq!(&answered.early[..], b"\x82\x03hey");
+        let seen = task.await.unwrap();
+        assert!(seen.starts_with("GET /ws?x=1 HTTP/1.1\r\n"), "{seen}");
+        assert!(seen.contains("upgrade: websocket\r\n"), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_returned_for_relaying() {
+        let (addr, _task) =
+            pod(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nnope!").await;
+        let answered = dialer().handshake(addr, &upgrade_request()).await.unwrap();
+        assert_eq!(answered.response.status, 401);
+        assert_eq!(refusal_body_len(&answered.response), 5);
+        assert_eq!(&answered.early[..], b"nope!");
+    }
+
+    #[tokio::test]
+    async fn garbage_silence_and_refused_connections_are_distinct_errors() {
+        let (addr, _task) = pod(b"SSH-2.0-OpenSSH\r\n\r\n").await;
+        let err = dialer()
+            .handshake(addr, &upgrade_request())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, HandshakeError::Invalid { .. }), "{err}");
+
+        // A pod that accepts but never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = listener.local_addr().unwrap();
+        let err = dialer()
+            .handshake(silent, &upgrade_request())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, HandshakeError::Timeout { .. }), "{err}");
+        drop(listener);
+
+        // Nothing listens any more: a connect error, the only retryable kind.
+        let err = dialer()
+            .handshake(silent, &upgrade_request())
+            .await
+            .err()
+            .unwrap();
+        assert!(err.is_connect(), "{err}");
+    }
+
+    #[test]
+    fn oversized_or_malformed_heads_never_panic() {
+        assert!(parse_response_head(b"HTTP/1.1 101 OK\r\nX: \x01\r\n\r\n").is_err());
+        assert!(parse_response_head(b"HTTP/1.1 1").unwrap().is_none());
+        assert!(parse_response_head(b"HTTP/1.1 101 OK\r\nBad Name: x\r\n\r\n").is_err());
+    }
+}

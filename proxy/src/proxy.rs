@@ -20,7 +20,7 @@ use crate::config::UpstreamConfig;
 use crate::metrics::EdgeMetrics;
 use crate::policy::{Denial, Policies};
 use crate::pool::{Pod, PodGuard, Pool};
-use crate::tunnel::{self, PodDialer, TunnelEnd};
+use crate::tunnel::{self, PodDialer, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -54,12 +54,14 @@ impl Drop for ActiveGuard {
 pub struct RequestCtx {
     protocol: Protocol,
     started: Instant,
+    /// The client's address (after PROXY protocol), for the access log.
+    client: Option<std::net::IpAddr>,
     /// The in-flight slot on the chosen pod, held for the whole stream or tunnel.
     pod: Option<PodGuard>,
     attempts: u32,
     upstream_latency_recorded: bool,
-    /// Set for websocket upgrades, which the edge forwards itself.
-    tunnel_end: Option<TunnelEnd>,
+    /// Set for websocket upgrades the edge forwarded itself (see [`crate::tunnel`]).
+    tunnel: Option<TunnelOutcome>,
     _active: Option<ActiveGuard>,
 }
 
@@ -149,10 +151,11 @@ impl ProxyHttp for EdgeProxy {
         RequestCtx {
             protocol: Protocol::Http,
             started: Instant::now(),
+            client: None,
             pod: None,
             attempts: 0,
             upstream_latency_recorded: false,
-            tunnel_end: None,
+            tunnel: None,
             _active: None,
         }
     }
@@ -175,6 +178,7 @@ impl ProxyHttp for EdgeProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.client = client;
         if let Some(denial) = self
             .policies
             .check_request(client, &session.req_header().headers)
@@ -301,29 +305,32 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
+        // A forwarded upgrade left only a stand-in session behind: its numbers are in ctx.
+        let (status, bytes_in, bytes_out) = match &ctx.tunnel {
+            Some(t) => (t.status, t.bytes_in, t.bytes_out),
+            None => (
+                session
+                    .response_written()
+                    .map(|r| r.status.as_u16())
+                    .unwrap_or(0),
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+            ),
+        };
         let protocol = ctx.protocol.label();
         self.metrics
             .requests
             .with_label_values(&[protocol, &status.to_string()])
             .inc();
-        let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
         self.metrics
             .bytes
             .with_label_values(&["from_client"])
-            .inc_by(bytes_in as u64);
+            .inc_by(bytes_in);
         self.metrics
             .bytes
             .with_label_values(&["to_client"])
-            .inc_by(bytes_out as u64);
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
+            .inc_by(bytes_out);
+        let client = ctx.client.map(|ip| ip.to_string()).unwrap_or_default();
         let req = session.req_header();
         tracing::info!(
             target: "access",
@@ -336,7 +343,7 @@ impl ProxyHttp for EdgeProxy {
             duration_ms = ctx.started.elapsed().as_millis() as u64,
             bytes_in,
             bytes_out,
-            tunnel_end = ctx.tunnel_end.map(TunnelEnd::label),
+            tunnel_end = ctx.tunnel.map(|t| t.end.label()),
             error = e.map(|e| e.to_string()),
         );
     }
@@ -414,6 +421,6 @@ impl EdgeProxy {
             respond_denied(session, ctx.protocol, &denial).await;
             return;
         }
-        ctx.tunnel_end = Some(tunnel::relay(session, answered).await);
+        ctx.tunnel = Some(tunnel::relay(session, answered).await);
     }
 }

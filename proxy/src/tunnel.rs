@@ -29,8 +29,11 @@ use tokio::net::TcpStream;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Header lines in a response head; kas sends a handful.
 const MAX_RESPONSE_HEADERS: usize = 64;
-/// Bytes read from a pod per tunnel read.
+/// Bytes read from a pod per tunnel read (borrowed only while data is there).
 const READ_CHUNK: usize = 16 * 1024;
+/// The agent side's read buffer, held for the tunnel's life: small, because an agent's
+/// messages are small and rustls has already buffered and decrypted the record.
+const AGENT_READ_CHUNK: usize = 4 * 1024;
 /// The most body relayed from a pod that refused the upgrade (an error page).
 const MAX_REFUSAL_BODY: u64 = 64 * 1024;
 /// After the agent closes its side, how long the pod's last bytes (a websocket close frame,
@@ -200,39 +203,189 @@ pub fn completes_upgrade(session: &Session, response: &ResponseHeader) -> bool {
     }
 }
 
-/// Relays the pod's answer to the agent and, after a `101`, pumps bytes both ways until one
-/// side closes. Errors on either side end the tunnel; they are reported, not propagated,
-/// because the response is already on the wire.
-pub async fn relay(session: &mut Session, answered: Answered) -> TunnelEnd {
+/// What the access log reports for a forwarded upgrade. The agent's pingora session is
+/// handed over to the tunnel, so its counters cannot be read afterwards.
+#[derive(Clone, Copy, Debug)]
+pub struct TunnelOutcome {
+    /// The status the agent got from the pod.
+    pub status: u16,
+    /// Bytes from the agent to the pod after the upgrade.
+    pub bytes_in: u64,
+    /// Bytes from the pod to the agent after the response head.
+    pub bytes_out: u64,
+    pub end: TunnelEnd,
+}
+
+/// Relays the pod's answer to the agent and, after a `101`, carries bytes both ways until
+/// one side closes. Errors on either side end the tunnel; they are reported in the outcome,
+/// not propagated, because the response is already on the wire.
+pub async fn relay(session: &mut Session, answered: Answered) -> TunnelOutcome {
     let Answered {
         stream,
         response,
         early,
     } = answered;
-    let upgraded = response.status == 101;
-    if !upgraded {
+    let mut outcome = TunnelOutcome {
+        status: response.status.as_u16(),
+        bytes_in: 0,
+        bytes_out: 0,
+        end: TunnelEnd::Refused,
+    };
+    if response.status != 101 {
         // The agent's connection cannot be reused: the pod may not have finished the body.
         session.set_keepalive(None);
         let body_len = refusal_body_len(&response);
-        if let Err(e) = relay_refusal(session, response, stream, early, body_len).await {
-            tracing::debug!(error = %e, "relaying a refused upgrade");
+        match relay_refusal(session, response, stream, early, body_len).await {
+            Ok(sent) => outcome.bytes_out = sent,
+            Err(e) => tracing::debug!(error = %e, "relaying a refused upgrade"),
         }
-        return TunnelEnd::Refused;
+        return outcome;
     }
+    // pingora writes (and flushes) the 101, and so knows the session is upgraded.
     if let Err(e) = session
         .write_response_header(Box::new(response), false)
         .await
     {
         tracing::debug!(error = %e, "writing the 101 to the agent");
-        return TunnelEnd::AgentError;
+        outcome.end = TunnelEnd::AgentError;
+        return outcome;
     }
-    if !early.is_empty() {
-        if let Err(e) = session.write_response_body(Some(early), false).await {
-            tracing::debug!(error = %e, "writing the pod's first bytes to the agent");
-            return TunnelEnd::AgentError;
+    let mut agent = match take_agent_stream(session).await {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take over the agent's connection");
+            outcome.end = TunnelEnd::AgentError;
+            return outcome;
+        }
+    };
+    let mut counts = Counts::default();
+    outcome.end = match write_to_agent(&mut agent, &early, &mut counts).await {
+        Ok(()) => pump(&mut agent, stream, &mut counts).await,
+        Err(_) => TunnelEnd::AgentError,
+    };
+    outcome.bytes_in = counts.to_pod;
+    outcome.bytes_out = counts.to_agent;
+    outcome
+}
+
+/// Takes the agent's connection out of its pingora session, leaving a stand-in session in
+/// its place that holds the same request head and no connection.
+///
+/// Why: pingora has no API to hand an upgraded connection over, and reading the tunnel
+/// through the session keeps a 64 KiB body buffer per tunnel for as long as it is idle,
+/// which for tens of thousands of mostly idle agents is most of the edge's memory. With
+/// the raw stream the tunnel holds one small buffer. The stand-in keeps pingora's
+/// bookkeeping after `request_filter` working (its `finish` sees no keep-alive and
+/// returns nothing to reuse); the access log takes its numbers from [`TunnelOutcome`].
+///
+/// Only bytes the agent sent before receiving the `101` could be lost, and a websocket
+/// client must not send any (RFC 6455, 4.1).
+async fn take_agent_stream(session: &mut Session) -> io::Result<pingora::protocols::Stream> {
+    if !matches!(session.as_downstream(), HttpSession::H1(_)) {
+        return Err(io::Error::other("not an HTTP/1.1 session"));
+    }
+    let head = encode_request_head(session.req_header());
+    let (stand_in_io, mut feed) = tokio::io::duplex(head.len());
+    feed.write_all(&head).await?;
+    drop(feed);
+    let mut stand_in = HttpSession::new_http1(Box::new(stand_in_io));
+    match stand_in.read_request().await {
+        Ok(true) => {}
+        Ok(false) => return Err(io::Error::other("stand-in session read no request")),
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    }
+    stand_in.set_keepalive(None);
+    match std::mem::replace(session.downstream_session.as_mut(), stand_in) {
+        HttpSession::H1(agent) => Ok(agent.into_inner()),
+        _ => unreachable!("checked above that the session is HTTP/1"),
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    to_pod: u64,
+    to_agent: u64,
+}
+
+async fn write_to_agent(
+    agent: &mut pingora::protocols::Stream,
+    data: &[u8],
+    counts: &mut Counts,
+) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    agent.write_all(data).await?;
+    agent.flush().await?;
+    counts.to_agent += data.len() as u64;
+    Ok(())
+}
+
+/// Moves bytes both ways until one side closes. The agent side (TLS) reads into one small
+/// buffer; the pod side waits for readiness and only then borrows a buffer, so an idle
+/// tunnel holds [`AGENT_READ_CHUNK`] bytes of buffer in all.
+async fn pump(
+    agent: &mut pingora::protocols::Stream,
+    pod: TcpStream,
+    counts: &mut Counts,
+) -> TunnelEnd {
+    let (mut from_pod, mut to_pod) = pod.into_split();
+    let mut from_agent = vec![0u8; AGENT_READ_CHUNK];
+    loop {
+        tokio::select! {
+            read = agent.read(&mut from_agent) => match read {
+                Ok(0) => {
+                    // The agent is done sending; let the pod's last bytes through, briefly.
+                    let _ = to_pod.shutdown().await;
+                    let rest = copy_to_agent(agent, &mut from_pod, counts);
+                    let _ = tokio::time::timeout(LINGER, rest).await;
+                    return TunnelEnd::AgentClosed;
+                }
+                Ok(n) => {
+                    if let Err(e) = to_pod.write_all(&from_agent[..n]).await {
+                        tracing::debug!(error = %e, "writing to the pod");
+                        return TunnelEnd::PodError;
+                    }
+                    counts.to_pod += n as u64;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from the agent");
+                    return TunnelEnd::AgentError;
+                }
+            },
+            chunk = read_chunk(&mut from_pod) => match chunk {
+                Ok(Some(data)) => {
+                    if let Err(e) = write_to_agent(agent, &data, counts).await {
+                        tracing::debug!(error = %e, "writing to the agent");
+                        return TunnelEnd::AgentError;
+                    }
+                }
+                Ok(None) => {
+                    let _ = agent.shutdown().await;
+                    return TunnelEnd::PodClosed;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from the pod");
+                    let _ = agent.shutdown().await;
+                    return TunnelEnd::PodError;
+                }
+            },
         }
     }
-    pump(session, stream).await
+}
+
+/// Relays what the pod still sends until it closes (or either side errors).
+async fn copy_to_agent(
+    agent: &mut pingora::protocols::Stream,
+    from_pod: &mut OwnedReadHalf,
+    counts: &mut Counts,
+) {
+    while let Ok(Some(data)) = read_chunk(from_pod).await {
+        if write_to_agent(agent, &data, counts).await.is_err() {
+            return;
+        }
+    }
+    let _ = agent.shutdown().await;
 }
 
 async fn relay_refusal(
@@ -241,23 +394,23 @@ async fn relay_refusal(
     stream: TcpStream,
     early: Bytes,
     body_len: u64,
-) -> pingora::Result<()> {
+) -> pingora::Result<u64> {
     session
         .write_response_header(Box::new(response), false)
         .await?;
     let mut body = early;
     body.truncate(body_len as usize);
-    let mut remaining = body_len - body.len() as u64;
+    let mut sent = body.len() as u64;
     if !body.is_empty() {
         session.write_response_body(Some(body), false).await?;
     }
     let read = async {
         let (mut reader, _writer) = stream.into_split();
-        while remaining > 0 {
+        while sent < body_len {
             match read_chunk(&mut reader).await {
                 Ok(Some(mut chunk)) => {
-                    chunk.truncate(remaining as usize);
-                    remaining -= chunk.len() as u64;
+                    chunk.truncate((body_len - sent) as usize);
+                    sent += chunk.len() as u64;
                     session.write_response_body(Some(chunk), false).await?;
                 }
                 _ => break,
@@ -267,67 +420,8 @@ async fn relay_refusal(
     };
     // A pod that announced no length and keeps the connection open must not hold the agent.
     let _ = tokio::time::timeout(LINGER, read).await;
-    session.write_response_body(None, true).await
-}
-
-/// Moves bytes both ways. The agent's reads go through its pingora session (TLS, and the
-/// byte counts the access log reports); the pod side is a plain socket.
-async fn pump(session: &mut Session, pod: TcpStream) -> TunnelEnd {
-    let (mut from_pod, mut to_pod) = pod.into_split();
-    loop {
-        tokio::select! {
-            from_agent = session.downstream_session.read_request_body() => match from_agent {
-                Ok(Some(data)) => {
-                    if let Err(e) = to_pod.write_all(&data).await {
-                        tracing::debug!(error = %e, "writing to the pod");
-                        return TunnelEnd::PodError;
-                    }
-                }
-                Ok(None) => {
-                    // The agent is done sending; let the pod's last bytes through, briefly.
-                    let _ = to_pod.shutdown().await;
-                    let rest = copy_to_agent(session, &mut from_pod);
-                    let _ = tokio::time::timeout(LINGER, rest).await;
-                    return TunnelEnd::AgentClosed;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading from the agent");
-                    return TunnelEnd::AgentError;
-                }
-            },
-            from_pod_chunk = read_chunk(&mut from_pod) => match from_pod_chunk {
-                Ok(Some(data)) => {
-                    if let Err(e) = session.write_response_body(Some(data), false).await {
-                        tracing::debug!(error = %e, "writing to the agent");
-                        return TunnelEnd::AgentError;
-                    }
-                }
-                Ok(None) => {
-                    let _ = session.write_response_body(None, true).await;
-                    return TunnelEnd::PodClosed;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading from the pod");
-                    let _ = session.write_response_body(None, true).await;
-                    return TunnelEnd::PodError;
-                }
-            },
-        }
-    }
-}
-
-/// Relays what the pod still sends until it closes (or errors).
-async fn copy_to_agent(session: &mut Session, from_pod: &mut OwnedReadHalf) {
-    while let Ok(Some(data)) = read_chunk(from_pod).await {
-        if session
-            .write_response_body(Some(data), false)
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-    let _ = session.write_response_body(None, true).await;
+    session.write_response_body(None, true).await?;
+    Ok(sent)
 }
 
 /// `Ok(None)` while the head is incomplete.

@@ -202,13 +202,27 @@ async fn every_one_of_many_concurrent_websocket_agents_gets_a_working_tunnel() {
         "{} of {agents} failed: {failures:?}",
         failures.len()
     );
-    // Each tunnel's end is in the access log, by side.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        edge.log().contains("\"tunnel_end\":\"agent_"),
-        "{}",
-        edge.log()
-    );
+    // Every tunnel is in the access log with its client, bytes both ways and how it ended.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = edge.log();
+    let tunnels: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access" && v["protocol"] == "websocket")
+        .collect();
+    assert_eq!(tunnels.len(), agents, "{log}");
+    for t in &tunnels {
+        assert_eq!(t["status"], 101, "{t}");
+        assert_eq!(t["client"], "127.0.0.1", "{t}");
+        assert!(t["bytes_in"].as_u64().unwrap() > 0, "{t}");
+        assert!(t["bytes_out"].as_u64().unwrap() > 0, "{t}");
+        // The agents hang up (GOAWAY, then close): the pod or the agent side ends first.
+        let end = t["tunnel_end"].as_str().unwrap();
+        assert!(
+            ["agent_closed", "agent_error", "pod_closed"].contains(&end),
+            "{t}"
+        );
+    }
 }
 
 /// A pod that refuses the upgrade is relayed as it answered (status and body), and the

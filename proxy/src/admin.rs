@@ -1,11 +1,12 @@
 //! The edge's own plain-HTTP endpoints, served outside pingora on a small side runtime so
 //! they keep answering while pingora's listeners drain:
 //! - the admin port: `/healthz`, `/readyz` (503 from the first moment of a drain), `/metrics`;
-//! - the optional `:80` listener: health and ACME paths answered, everything else
-//!   redirected to https.
+//! - the optional `:80` listener: health and ACME paths answered (or relayed to the
+//!   replica that runs ACME), everything else redirected to https.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,8 @@ pub struct EdgeState {
     pub https_port: u16,
     /// Set when certificates come from ACME.
     pub acme: Option<Arc<crate::acme::Acme>>,
+    /// `host:port` of the replica that runs ACME, for challenges this one cannot answer.
+    pub acme_relay: Option<String>,
 }
 
 impl EdgeState {
@@ -45,6 +48,12 @@ impl EdgeState {
 }
 
 type Body = Full<Bytes>;
+/// A handler's answer; most are immediate, a relayed ACME challenge is not.
+pub type Reply = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+fn now(response: Response<Body>) -> Reply {
+    Box::pin(std::future::ready(response))
+}
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
@@ -59,7 +68,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// Serves `handler` on `listener` over HTTP/1.1 until the process ends.
 pub async fn serve<F>(listener: TcpListener, handler: F)
 where
-    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+    F: Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -78,16 +87,20 @@ where
         let conn = http.serve_connection(
             TokioIo::new(stream),
             service_fn(move |req| {
-                let response = handler(&req);
-                async move { Ok::<_, Infallible>(response) }
+                let reply = handler(&req);
+                async move { Ok::<_, Infallible>(reply.await) }
             }),
         );
         tokio::spawn(conn);
     }
 }
 
-pub fn admin_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) -> Response<Body> {
-    move |req| {
+pub fn admin_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) -> Reply {
+    move |req| now(admin_response(&state, req))
+}
+
+fn admin_response(state: &EdgeState, req: &Request<Incoming>) -> Response<Body> {
+    {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -135,23 +148,22 @@ fn https_location(req: &Request<Incoming>, https_port: u16) -> Option<String> {
     })
 }
 
-pub fn redirect_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) -> Response<Body> {
+/// The user agent of relayed challenge requests; a replica never relays one of those
+/// again, so a misconfigured relay cannot loop.
+const RELAY_USER_AGENT: &str = "kas-edge-acme-relay";
+/// How long the replica that runs ACME may take to answer a relayed challenge.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn redirect_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) -> Reply {
     move |req| {
         let path = req.uri().path();
         if path == "/healthz" {
-            return text(StatusCode::OK, "ok\n");
+            return now(text(StatusCode::OK, "ok\n"));
         }
         if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
-            let answer = state
-                .acme
-                .as_ref()
-                .and_then(|acme| acme.http01_key_authorization(token));
-            return match answer {
-                Some(key_authorization) => text(StatusCode::OK, key_authorization),
-                None => text(StatusCode::NOT_FOUND, "no ACME challenge pending\n"),
-            };
+            return acme_challenge(&state, req, token);
         }
-        match https_location(req, state.https_port) {
+        now(match https_location(req, state.https_port) {
             Some(location) => {
                 let mut r = text(StatusCode::PERMANENT_REDIRECT, format!("see {location}\n"));
                 if let Ok(v) = header::HeaderValue::from_str(&location) {
@@ -160,6 +172,65 @@ pub fn redirect_handler(state: Arc<EdgeState>) -> impl Fn(&Request<Incoming>) ->
                 r
             }
             None => text(StatusCode::BAD_REQUEST, "missing or invalid Host header\n"),
+        })
+    }
+}
+
+/// Answers an HTTP-01 challenge from this replica's own ACME client or, when another
+/// replica runs ACME (the CA's request may reach any replica through the load balancer),
+/// relays it there.
+fn acme_challenge(state: &EdgeState, req: &Request<Incoming>, token: &str) -> Reply {
+    let not_pending = || text(StatusCode::NOT_FOUND, "no ACME challenge pending\n");
+    // ACME tokens are base64url; anything else is not worth a relay.
+    let plausible = !token.is_empty()
+        && token.len() <= 256
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !plausible {
+        return now(not_pending());
+    }
+    if let Some(answer) = state
+        .acme
+        .as_ref()
+        .and_then(|acme| acme.http01_key_authorization(token))
+    {
+        return now(text(StatusCode::OK, answer));
+    }
+    let relayed = req
+        .headers()
+        .get(header::USER_AGENT)
+        .is_some_and(|ua| ua == RELAY_USER_AGENT);
+    let Some(relay) = state.acme_relay.clone().filter(|_| !relayed) else {
+        return now(not_pending());
+    };
+    let path = req.uri().path().to_owned();
+    Box::pin(async move {
+        match relay_challenge(&relay, &path).await {
+            Some(answer) => text(StatusCode::OK, answer),
+            None => not_pending(),
+        }
+    })
+}
+
+async fn relay_challenge(relay: &str, path: &str) -> Option<Bytes> {
+    let addr = match tokio::net::lookup_host(relay).await {
+        Ok(mut addrs) => addrs.next()?,
+        Err(e) => {
+            tracing::warn!(relay, error = %e, "cannot resolve tls.acme_challenge_relay");
+            return None;
+        }
+    };
+    let answer =
+        crate::plain_http::get(addr, relay, path, RELAY_USER_AGENT, RELAY_TIMEOUT, 4096).await;
+    match answer {
+        Some(answer) if answer.status == StatusCode::OK => {
+            tracing::info!(relay, path, "relayed an ACME challenge");
+            Some(answer.body)
+        }
+        other => {
+            tracing::warn!(relay, path, status = ?other.map(|a| a.status), "relayed ACME challenge not answered");
+            None
         }
     }
 }

@@ -130,6 +130,10 @@ pub struct TlsConfig {
     pub self_signed_dir: Option<PathBuf>,
     /// Obtain and renew the certificate from an ACME CA (HTTP-01 on `listen.http`).
     pub acme: Option<crate::acme::AcmeConfig>,
+    /// `host:port` of the replica that runs ACME (its `listen.http`): HTTP-01 challenges
+    /// this replica cannot answer are relayed there, since the CA's validation request may
+    /// reach any replica through the load balancer.
+    pub acme_challenge_relay: Option<String>,
 }
 
 impl Default for TlsConfig {
@@ -139,6 +143,7 @@ impl Default for TlsConfig {
             hosts: vec!["localhost".into(), "127.0.0.1".into()],
             self_signed_dir: None,
             acme: None,
+            acme_challenge_relay: None,
         }
     }
 }
@@ -261,6 +266,10 @@ pub struct DownstreamConfig {
     pub max_connection_age: Option<Duration>,
     /// Up to this fraction of `max_connection_age` is added at random per connection.
     pub max_connection_age_jitter: f64,
+    /// Bytes of read buffer below TLS on each agent connection. pingora's default (64 KiB)
+    /// would be most of an idle agent connection's memory; rustls pulls records through in
+    /// small reads anyway, so 0 (unbuffered) costs a few more syscalls on busy connections.
+    pub read_buffer: usize,
 }
 
 impl Default for DownstreamConfig {
@@ -269,6 +278,7 @@ impl Default for DownstreamConfig {
             tcp_keepalive: Duration::from_secs(60),
             max_connection_age: None,
             max_connection_age_jitter: 0.1,
+            read_buffer: 0,
         }
     }
 }
@@ -389,6 +399,23 @@ impl EdgeConfig {
                 return Err(invalid(
                     "listen.http",
                     "required with tls.acme: HTTP-01 challenges are answered there".into(),
+                ));
+            }
+        }
+        if let Some(relay) = &self.tls.acme_challenge_relay {
+            let port = relay
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                return Err(invalid(
+                    "tls.acme_challenge_relay",
+                    format!("{relay:?} is not host:port (e.g. \"kas-edge-acme:80\")"),
+                ));
+            }
+            if self.listen.http.is_none() {
+                return Err(invalid(
+                    "listen.http",
+                    "required with tls.acme_challenge_relay: challenges arrive there".into(),
                 ));
             }
         }
@@ -516,6 +543,19 @@ mod tests {
         assert!(err.contains("discovery.endpoints"), "{err}");
         let err = parse("[discovery]\nkind = \"consul\"\n").unwrap_err();
         assert!(err.contains("consul"), "{err}");
+    }
+
+    #[test]
+    fn acme_challenge_relay_must_be_host_and_port() {
+        let with = |relay: &str| {
+            format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nacme_challenge_relay = \"{relay}\"\n{MINIMAL}")
+        };
+        assert!(parse(&with("kas-edge-acme:80")).is_ok());
+        assert!(parse(&with("10.0.0.7:8080")).is_ok());
+        for bad in ["kas-edge-acme", ":80", "kas-edge-acme:http", "x:0"] {
+            let err = parse(&with(bad)).unwrap_err();
+            assert!(err.contains("tls.acme_challenge_relay"), "{bad}: {err}");
+        }
     }
 
     #[test]

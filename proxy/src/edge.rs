@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::ext::TcpKeepalive;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -183,6 +183,7 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         metrics: metrics.clone(),
         https_port: config.listen.https.port(),
         acme: tls.acme(),
+        acme_relay: config.tls.acme_challenge_relay.clone(),
     });
 
     // Fail fast and clearly on busy ports, before pingora takes over.
@@ -278,7 +279,12 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         #[cfg(target_os = "linux")]
         user_timeout: Duration::ZERO,
     });
-    service.add_tls_with_settings(&config.listen.https.to_string(), Some(socket), tls_settings);
+    service.endpoints().add_listener(
+        ListenerConfig::tcp(config.listen.https.to_string())
+            .tcp_socket_options(socket)
+            .tls(tls_settings)
+            .l4_buffer(L4BufferSettings::default().read(config.downstream.read_buffer)),
+    );
     server.add_service(service);
 
     exit_when_drained(

@@ -6,32 +6,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
 use crate::config::HealthConfig;
 use crate::metrics::EdgeMetrics;
+use crate::plain_http;
 use crate::pool::{Pod, Pool};
+
+/// A readiness body is a word or two; anything much larger is not a kas pod.
+const MAX_BODY: usize = 4096;
 
 /// One check: true on a 2xx within the timeout.
 pub async fn check(pod: &Pod, path: &str, timeout: Duration) -> bool {
-    let attempt = async {
-        let stream = TcpStream::connect(pod.health_addr).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        let request = http::Request::get(path)
-            .header(http::header::HOST, pod.health_addr.to_string())
-            .header(http::header::USER_AGENT, "kas-edge-health-check")
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let response = sender.send_request(request).await.ok()?;
-        Some(response.status().is_success())
-    };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    let host = pod.health_addr.to_string();
+    plain_http::get(
+        pod.health_addr,
+        &host,
+        path,
+        "kas-edge-health-check",
+        timeout,
+        MAX_BODY,
+    )
+    .await
+    .is_some_and(|answer| answer.status.is_success())
 }
 
 /// Applies one result to the pod's counters; returns the new health if it flipped.

@@ -17,6 +17,7 @@ pub mod edge;
 pub mod filewatch;
 pub mod health;
 pub mod metrics;
+pub mod plain_http;
 pub mod policy;
 mod policy_file;
 pub mod pool;

@@ -1,6 +1,7 @@
 //! The edge obtains its certificate from a real ACME server (pebble, started here) through
 //! its own HTTP-01 handling on the plain listener, then serves it: the handshake chain
-//! verifies against pebble's root and agents get through.
+//! verifies against pebble's root and agents get through. With several replicas, the CA's
+//! validation request may reach one that does not run ACME: it relays the challenge.
 
 mod common;
 #[path = "support/pebble.rs"]
@@ -76,4 +77,54 @@ async fn edge_obtains_its_certificate_over_http01_and_serves_it() {
         .metrics()
         .await
         .contains("edge_tls_certificate_expiry_seconds"));
+}
+
+#[tokio::test]
+async fn a_replica_without_acme_relays_the_challenge_to_the_one_that_runs_it() {
+    let cluster = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    // pebble validates at the follower (<subnet>.250:8080, the load balancer's pick);
+    // the ACME client runs on the leader at <subnet>.249.
+    let follower_ip = ip(cluster.subnet, 250);
+    let leader_ip = ip(cluster.subnet, 249);
+    let pebble = pebble::start_pebble(dir.path(), &follower_ip.to_string(), 8080, None).await;
+    let follower = Edge::start_at(
+        follower_ip,
+        &cluster.endpoints(),
+        &format!("[tls]\nhosts = [\"localhost\"]\nself_signed_dir = {:?}\nacme_challenge_relay = \"{leader_ip}:8080\"\n",
+            dir.path().join("follower-tls")),
+    )
+    .await;
+    let cache = dir.path().join("acme-cache");
+    let leader_config = format!(
+        "[tls]\n[tls.acme]\ndomains = [\"{HOST}\"]\ndirectory = \"{}\"\ncache_dir = {cache:?}\n\
+         directory_ca = {:?}\n",
+        pebble.directory, pebble.https_ca
+    );
+    // Ready means "certificate issued", which needs the follower's relay.
+    let leader = Edge::start_at(leader_ip, &cluster.endpoints(), &leader_config).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pebble::pebble_root(&pebble).await).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(leader.https).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from(HOST).unwrap(), tcp)
+        .await
+        .expect("the leader serves a certificate issued by pebble");
+    assert!(
+        follower.log().contains("relayed an ACME challenge"),
+        "{}",
+        follower.log()
+    );
+    // Without a pending challenge, the relay answers 404 like the leader would.
+    let (status, _) = http_get(follower.http, "/.well-known/acme-challenge/unknown-token")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
 }

@@ -171,8 +171,12 @@ pub struct Edge {
 
 impl Edge {
     pub async fn start(subnet: (u8, u8), endpoints: &[SocketAddr], extra: &str) -> Self {
+        Self::start_at(ip(subnet, 250), endpoints, extra).await
+    }
+
+    /// Like [`Edge::start`], listening on `host` (a second replica next to the first).
+    pub async fn start_at(host: IpAddr, endpoints: &[SocketAddr], extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let host = ip(subnet, 250);
         let https = SocketAddr::new(host, 8443);
         let admin = SocketAddr::new(host, 8081);
         let http = SocketAddr::new(host, 8080);

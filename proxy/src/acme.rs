@@ -89,6 +89,13 @@ pub struct AcmeConfig {
     /// the public web PKI: for a private CA such as pebble or step-ca.
     #[serde(default)]
     pub directory_ca: Option<PathBuf>,
+    /// Publish every certificate to this Kubernetes TLS Secret (in the pod's namespace
+    /// unless `publish_namespace` says otherwise), for the replicas that do not run ACME
+    /// to mount. See [`crate::acme_publish`].
+    #[serde(default)]
+    pub publish_secret: Option<String>,
+    #[serde(default)]
+    pub publish_namespace: Option<String>,
 }
 
 fn default_directory() -> String {
@@ -157,6 +164,28 @@ impl AcmeConfig {
             if !c.starts_with("mailto:") || c.len() == "mailto:".len() {
                 return Err(invalid("contact", c, "must be a mailto: URL"));
             }
+        }
+        for (what, name) in [
+            ("publish_secret", &self.publish_secret),
+            ("publish_namespace", &self.publish_namespace),
+        ] {
+            if let Some(name) = name {
+                let dns1123 = !name.is_empty()
+                    && name.len() <= 253
+                    && name.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    })
+                    && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+                if !dns1123 {
+                    return Err(invalid(what, name, "not a valid Kubernetes object name"));
+                }
+            }
+        }
+        if self.publish_secret.is_none() && self.publish_namespace.is_some() {
+            return Err(AcmeError::Config {
+                problem: "acme.publish_namespace is set without acme.publish_secret".into(),
+            });
         }
         if !self.directory.starts_with("https://") {
             return Err(invalid(
@@ -271,7 +300,14 @@ impl Acme {
     /// Validates `cfg`, prepares the cache directory and spawns the ACME task on `rt`.
     /// A cached certificate is usually served within milliseconds; otherwise the first
     /// order starts at once, and until it succeeds the resolver has nothing to serve.
-    pub fn start(cfg: AcmeConfig, rt: &tokio::runtime::Handle) -> Result<Acme, AcmeError> {
+    ///
+    /// With `publish_to` (the Secrets API of the namespace named by `publish_namespace`,
+    /// required when `publish_secret` is set), every certificate is also published there.
+    pub fn start(
+        cfg: AcmeConfig,
+        rt: &tokio::runtime::Handle,
+        publish_to: Option<kube::Api<k8s_openapi::api::core::v1::Secret>>,
+    ) -> Result<Acme, AcmeError> {
         cfg.validate()?;
         create_private_dir(&cfg.cache_dir).map_err(|source| AcmeError::CacheDir {
             path: cfg.cache_dir.clone(),
@@ -286,10 +322,29 @@ impl Acme {
             ),
         };
         let seen = Arc::new(Mutex::new(None));
+        let published = match (&cfg.publish_secret, publish_to) {
+            (Some(name), Some(api)) => {
+                let (cert_pem, key_pem) =
+                    crate::tls::self_signed(&cfg.domains).map_err(|e| AcmeError::Config {
+                        problem: format!("placeholder certificate: {e}"),
+                    })?;
+                let placeholder = crate::acme_publish::TlsPair { cert_pem, key_pem };
+                let (tx, rx) = watch::channel(None);
+                rt.spawn(crate::acme_publish::run(api, name.clone(), placeholder, rx));
+                Some(tx)
+            }
+            (Some(_), None) => {
+                return Err(AcmeError::Config {
+                    problem: "acme.publish_secret needs the Kubernetes API".into(),
+                })
+            }
+            (None, _) => None,
+        };
         let cache = FileCache {
             cert: cfg.certificate_path(),
             account: cfg.account_path(),
             last_cert: seen.clone(),
+            published,
         };
         let state = base
             .contact(&cfg.contact)
@@ -535,11 +590,16 @@ struct FileCache {
     cert: PathBuf,
     account: PathBuf,
     last_cert: Arc<Mutex<Option<Vec<u8>>>>,
+    /// Where certificates go for the other replicas, when `publish_secret` is set.
+    published: Option<watch::Sender<Option<Vec<u8>>>>,
 }
 
 impl FileCache {
     fn remember(&self, pem: &[u8]) {
         *self.last_cert.lock().unwrap_or_else(|p| p.into_inner()) = Some(pem.to_vec());
+        if let Some(published) = &self.published {
+            published.send_replace(Some(pem.to_vec()));
+        }
     }
 }
 
@@ -664,6 +724,8 @@ mod tests {
             directory: "https://127.0.0.1:1/dir".into(),
             cache_dir: cache_dir.to_path_buf(),
             directory_ca: None,
+            publish_secret: None,
+            publish_namespace: None,
         }
     }
 
@@ -701,6 +763,12 @@ mod tests {
         assert!(with(&|c| c.domains = vec!["bad name".into()]).contains("bad name"));
         assert!(with(&|c| c.contact = vec!["ops@edge.test".into()]).contains("mailto"));
         assert!(with(&|c| c.directory = "http://ca.test/dir".into()).contains("https"));
+        assert!(with(&|c| c.publish_secret = Some("Kas_Edge".into())).contains("publish_secret"));
+        assert!(with(&|c| c.publish_namespace = Some("kas".into())).contains("without"));
+        let mut ok = config(dir);
+        ok.publish_secret = Some("kas-edge-tls".into());
+        ok.publish_namespace = Some("gitlab-agent".into());
+        assert!(ok.validate().is_ok());
     }
 
     #[test]
@@ -754,19 +822,19 @@ mod tests {
         let rt = tokio::runtime::Handle::current();
         let mut cfg = config(&dir.path().join("cache"));
         cfg.directory_ca = Some(dir.path().join("missing.pem"));
-        let err = Acme::start(cfg.clone(), &rt).unwrap_err().to_string();
+        let err = Acme::start(cfg.clone(), &rt, None).unwrap_err().to_string();
         assert!(
             err.contains("missing.pem") && err.contains("cannot read"),
             "{err}"
         );
         std::fs::write(dir.path().join("empty.pem"), "").unwrap();
         cfg.directory_ca = Some(dir.path().join("empty.pem"));
-        let err = Acme::start(cfg.clone(), &rt).unwrap_err().to_string();
+        let err = Acme::start(cfg.clone(), &rt, None).unwrap_err().to_string();
         assert!(err.contains("no CERTIFICATE"), "{err}");
 
         let mut cfg = config(&dir.path().join("empty.pem").join("sub"));
         cfg.directory_ca = None;
-        let err = Acme::start(cfg, &rt).unwrap_err();
+        let err = Acme::start(cfg, &rt, None).unwrap_err();
         assert!(matches!(err, AcmeError::CacheDir { .. }), "{err}");
     }
 
@@ -774,7 +842,8 @@ mod tests {
     async fn no_key_authorization_without_a_pending_challenge() {
         let dir = tempfile::tempdir().unwrap();
         // Nothing listens on port 1: the order fails and is retried later.
-        let acme = Acme::start(config(dir.path()), &tokio::runtime::Handle::current()).unwrap();
+        let acme =
+            Acme::start(config(dir.path()), &tokio::runtime::Handle::current(), None).unwrap();
         assert_eq!(acme.http01_key_authorization("some-token"), None);
         assert_eq!(acme.http01_key_authorization(""), None);
         assert!(!acme.has_certificate());
@@ -930,10 +999,13 @@ mod tests {
         let cfg = AcmeConfig {
             directory: pebble.directory.clone(),
             directory_ca: Some(pebble.https_ca.clone()),
+            publish_secret: Some("kas-edge-tls".into()),
             ..config(&cache)
         };
         let rt = tokio::runtime::Handle::current();
-        let acme = Arc::new(Acme::start(cfg.clone(), &rt).unwrap());
+        let (apiserver, seen) = crate::acme_publish::tests::fake_api(false, 0).await;
+        let publish_to = Some(crate::acme_publish::tests::api(apiserver));
+        let acme = Arc::new(Acme::start(cfg.clone(), &rt, publish_to).unwrap());
         let answered = Arc::new(AtomicUsize::new(0));
         let responder = serve_http01(http01, acme.clone(), answered.clone());
 
@@ -959,6 +1031,15 @@ mod tests {
         assert!(chain.len() >= 2, "leaf and intermediate are served");
         let cached = std::fs::read(acme.certificate_path()).unwrap();
         assert_eq!(inspect_pem(&cached).unwrap().names, [HOST]);
+        // The other replicas get it through the Secret: the issued chain, not the placeholder.
+        let issued = crate::acme_publish::split_acme_pem(&cached).unwrap();
+        crate::acme_publish::tests::wait_for(&seen, "the issued certificate published", |s| {
+            s.iter().any(|(m, _, body)| {
+                m == "PATCH"
+                    && crate::acme_publish::tests::decoded(body, "tls.crt") == issued.cert_pem
+            })
+        })
+        .await;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -974,7 +1055,15 @@ mod tests {
         responder.abort();
         drop(acme);
         pebble.procs.stop();
-        let again = Acme::start(cfg, &rt).unwrap();
+        let again = Acme::start(
+            AcmeConfig {
+                publish_secret: None,
+                ..cfg
+            },
+            &rt,
+            None,
+        )
+        .unwrap();
         let status = wait_status(&again, "the cached certificate is served", |s| s.serving).await;
         let info2 = status.certificate.clone().unwrap();
         assert!(info2.from_cache);
@@ -1008,7 +1097,7 @@ mod tests {
             directory_ca: Some(pebble.https_ca.clone()),
             ..config(&dir.path().join("acme-cache"))
         };
-        let acme = Arc::new(Acme::start(cfg, &tokio::runtime::Handle::current()).unwrap());
+        let acme = Arc::new(Acme::start(cfg, &tokio::runtime::Handle::current(), None).unwrap());
         let _responder = serve_http01(http01, acme.clone(), Arc::new(AtomicUsize::new(0)));
 
         let first = wait_status(&acme, "a certificate is issued", |s| {

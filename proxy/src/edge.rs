@@ -138,7 +138,9 @@ fn start_discovery(
                 port,
             };
             let client = rt
-                .block_on(endpointslices::in_cluster_client())
+                .block_on(crate::kubernetes::in_cluster_client(
+                    "kas EndpointSlice discovery",
+                ))
                 .context("discovery.kind = \"kubernetes\" needs in-cluster credentials")?;
             rt.spawn(async move {
                 if let Err(e) = endpointslices::run(client, cfg, tx).await {

@@ -7,6 +7,7 @@
 //! websocket upgrades handed to [`tunnel`]) · [`metrics`] · [`admin`] (health, metrics, http→https) · [`acme`].
 
 pub mod acme;
+pub mod acme_publish;
 pub mod admin;
 pub mod blocklist;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod discovery;
 pub mod edge;
 pub mod filewatch;
 pub mod health;
+pub mod kubernetes;
 pub mod metrics;
 pub mod plain_http;
 pub mod policy;

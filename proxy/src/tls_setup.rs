@@ -107,7 +107,19 @@ impl TlsSetup {
         rt: &tokio::runtime::Handle,
     ) -> anyhow::Result<Self> {
         if let Some(acme) = &config.acme {
-            let acme = Arc::new(Acme::start(acme.clone(), rt)?);
+            let publish_to = match &acme.publish_secret {
+                None => None,
+                Some(_) => {
+                    let client = rt.block_on(crate::kubernetes::in_cluster_client(
+                        "tls.acme.publish_secret",
+                    ))?;
+                    Some(match &acme.publish_namespace {
+                        Some(ns) => kube::Api::namespaced(client, ns),
+                        None => kube::Api::default_namespaced(client),
+                    })
+                }
+            };
+            let acme = Arc::new(Acme::start(acme.clone(), rt, publish_to)?);
             let mut status = acme.status();
             let m = metrics.clone();
             rt.spawn(async move {

@@ -16,7 +16,10 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::tunnel::{Handoffs, TunnelEnd};
 
 #[derive(Default)]
 struct Entry {
@@ -138,12 +141,38 @@ impl MaxAge {
 
 /// The proxy application wrapped so each connection is registered for its lifetime and
 /// can be ended from outside. It also keeps HTTP/1.1 keep-alive rounds of one connection
-/// inside one call, so "the connection" here is the TCP connection.
+/// inside one call, so "the connection" here is the TCP connection, and it carries the
+/// websocket tunnels the proxy hands over (see [`crate::tunnel::Handoffs`]).
 pub struct Tracked<A> {
     pub inner: Arc<A>,
     pub policies: Arc<crate::policy::Policies>,
     pub metrics: crate::metrics::EdgeMetrics,
     pub max_age: Option<MaxAge>,
+    pub handoffs: Arc<Handoffs>,
+}
+
+/// Resolves when the edge wants the connection closed: its client was blocked, or it
+/// reached its maximum age. Never resolves for an untracked connection without an age.
+async fn closed_by_edge(guard: Option<&ConnectionGuard>, deadline: Option<Instant>) {
+    let cancelled = async {
+        match guard {
+            Some(g) => g.cancelled.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let expired = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = cancelled => {}
+        _ = expired => tracing::info!(
+            client = guard.map(|g| g.ip.to_string()).unwrap_or_default(),
+            "closing a connection at its maximum age"
+        ),
+    }
 }
 
 #[async_trait]
@@ -158,33 +187,45 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
                 .tls_handshake_seconds
                 .observe(handshake.as_secs_f64());
         }
-        let Some(ip) = client_ip(&stream) else {
-            return self.inner.process_new(stream, shutdown).await;
-        };
-        if !self.policies.admit_concurrent(ip) {
-            return None;
-        }
-        let guard = self.policies.registry.register(ip);
-        let age = self.max_age.map(|m| m.pick());
-        let expires = async {
-            match age {
-                Some(age) => tokio::time::sleep(age).await,
-                None => std::future::pending().await,
+        let id = stream.id();
+        let guard = match client_ip(&stream) {
+            Some(ip) => {
+                if !self.policies.admit_concurrent(ip) {
+                    return None;
+                }
+                Some(self.policies.registry.register(ip))
             }
+            None => None,
         };
-        tokio::pin!(expires);
+        let deadline = self
+            .max_age
+            .map(|m| Instant::now() + m.pick())
+            .filter(|_| guard.is_some());
         let mut stream = stream;
         loop {
             let reusable = tokio::select! {
                 reusable = self.inner.process_new(stream, shutdown) => reusable,
                 // Dropping the connection's future closes its socket and, for HTTP/2, every
                 // stream on it; upstream halves follow as their tasks see the close.
-                _ = guard.cancelled.cancelled() => return None,
-                _ = &mut expires => {
-                    tracing::info!(client = %ip, age = ?age, "closing a connection at its maximum age");
+                _ = closed_by_edge(guard.as_ref(), deadline) => {
+                    drop(self.handoffs.take(id));
                     return None;
                 }
             };
+            if let Some(handoff) = self.handoffs.take(id) {
+                // pingora's request is over and its state freed; the tunnel continues in a
+                // task of its own that holds just what it needs, registration included.
+                tokio::spawn(async move {
+                    let stop = async {
+                        closed_by_edge(guard.as_ref(), deadline).await;
+                        TunnelEnd::ClosedByEdge
+                    };
+                    let outcome = handoff.tunnel.carry(stop).await;
+                    (handoff.on_end)(outcome);
+                    drop(guard);
+                });
+                return None;
+            }
             match reusable {
                 Some(next) if !*shutdown.borrow() => stream = next,
                 _ => return None,

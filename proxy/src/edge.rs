@@ -247,7 +247,9 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
     )?;
     let _policy_watchers = policies.watch(&config.policies)?;
     side.spawn(policies.clone().evict_idle_keys());
+    let handoffs = Arc::new(crate::tunnel::Handoffs::default());
     let proxy = EdgeProxy {
+        handoffs: handoffs.clone(),
         policies: policies.clone(),
         pool,
         metrics: metrics.clone(),
@@ -261,6 +263,7 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
             age,
             jitter: config.downstream.max_connection_age_jitter,
         }),
+        handoffs,
     };
     let mut service = Service::new("kas-edge".to_string(), app);
     service.set_connection_filter(Arc::new(AcceptFilter(policies.clone())));

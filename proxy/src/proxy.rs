@@ -20,7 +20,7 @@ use crate::config::UpstreamConfig;
 use crate::metrics::EdgeMetrics;
 use crate::policy::{Denial, Policies};
 use crate::pool::{Pod, PodGuard, Pool};
-use crate::tunnel::{self, PodDialer, TunnelOutcome};
+use crate::tunnel::{self, Handoff, Handoffs, PodDialer, Relayed, TunnelEnd, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -60,8 +60,10 @@ pub struct RequestCtx {
     pod: Option<PodGuard>,
     attempts: u32,
     upstream_latency_recorded: bool,
-    /// Set for websocket upgrades the edge forwarded itself (see [`crate::tunnel`]).
+    /// Set for websocket upgrades the pod refused (see [`crate::tunnel`]).
     tunnel: Option<TunnelOutcome>,
+    /// The upgrade became a tunnel, handed to the connection layer, which logs its end.
+    handed_off: bool,
     _active: Option<ActiveGuard>,
 }
 
@@ -70,6 +72,8 @@ pub struct EdgeProxy {
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
     pub upstream: UpstreamConfig,
+    /// Where established tunnels wait for [`crate::connections::Tracked`] to carry them.
+    pub handoffs: Arc<Handoffs>,
 }
 
 fn classify(session: &Session) -> Protocol {
@@ -156,6 +160,7 @@ impl ProxyHttp for EdgeProxy {
             attempts: 0,
             upstream_latency_recorded: false,
             tunnel: None,
+            handed_off: false,
             _active: None,
         }
     }
@@ -305,7 +310,10 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
-        // A forwarded upgrade left only a stand-in session behind: its numbers are in ctx.
+        if ctx.handed_off {
+            return; // The tunnel logs when it ends.
+        }
+        // A relayed upgrade refusal left only a stand-in session behind: its numbers are in ctx.
         let (status, bytes_in, bytes_out) = match &ctx.tunnel {
             Some(t) => (t.status, t.bytes_in, t.bytes_out),
             None => (
@@ -317,34 +325,65 @@ impl ProxyHttp for EdgeProxy {
                 session.body_bytes_sent() as u64,
             ),
         };
-        let protocol = ctx.protocol.label();
-        self.metrics
-            .requests
-            .with_label_values(&[protocol, &status.to_string()])
-            .inc();
-        self.metrics
-            .bytes
-            .with_label_values(&["from_client"])
-            .inc_by(bytes_in);
-        self.metrics
-            .bytes
-            .with_label_values(&["to_client"])
-            .inc_by(bytes_out);
-        let client = ctx.client.map(|ip| ip.to_string()).unwrap_or_default();
         let req = session.req_header();
-        tracing::info!(
-            target: "access",
-            client,
-            protocol,
-            method = %req.method,
-            path = %req.uri.path(),
-            pod = ctx.pod.as_ref().map(|g| g.pod().label.as_str()).unwrap_or("-"),
+        AccessRecord {
+            client: ctx.client,
+            protocol: ctx.protocol,
+            method: req.method.to_string(),
+            path: req.uri.path().to_owned(),
+            pod: ctx.pod.as_ref().map(|g| g.pod().label.clone()),
             status,
-            duration_ms = ctx.started.elapsed().as_millis() as u64,
+            started: ctx.started,
             bytes_in,
             bytes_out,
-            tunnel_end = ctx.tunnel.map(|t| t.end.label()),
-            error = e.map(|e| e.to_string()),
+            tunnel_end: ctx.tunnel.map(|t| t.end),
+        }
+        .log(&self.metrics, e.map(|e| e.to_string()));
+    }
+}
+
+/// One access-log line and the request metrics that go with it.
+struct AccessRecord {
+    client: Option<std::net::IpAddr>,
+    protocol: Protocol,
+    method: String,
+    path: String,
+    pod: Option<String>,
+    status: u16,
+    started: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    tunnel_end: Option<TunnelEnd>,
+}
+
+impl AccessRecord {
+    fn log(&self, metrics: &EdgeMetrics, error: Option<String>) {
+        let protocol = self.protocol.label();
+        metrics
+            .requests
+            .with_label_values(&[protocol, &self.status.to_string()])
+            .inc();
+        metrics
+            .bytes
+            .with_label_values(&["from_client"])
+            .inc_by(self.bytes_in);
+        metrics
+            .bytes
+            .with_label_values(&["to_client"])
+            .inc_by(self.bytes_out);
+        tracing::info!(
+            target: "access",
+            client = self.client.map(|ip| ip.to_string()).unwrap_or_default(),
+            protocol,
+            method = %self.method,
+            path = %self.path,
+            pod = self.pod.as_deref().unwrap_or("-"),
+            status = self.status,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            tunnel_end = self.tunnel_end.map(TunnelEnd::label),
+            error,
         );
     }
 }
@@ -421,6 +460,38 @@ impl EdgeProxy {
             respond_denied(session, ctx.protocol, &denial).await;
             return;
         }
-        ctx.tunnel = Some(tunnel::relay(session, answered).await);
+        match tunnel::relay(session, answered).await {
+            Relayed::Done(outcome) => ctx.tunnel = Some(outcome),
+            Relayed::Upgraded(pending) => {
+                // Carried by the connection layer once pingora's request is over; what the
+                // access log needs and what must live as long as the tunnel go with it.
+                let req = session.req_header();
+                let mut record = AccessRecord {
+                    client: ctx.client,
+                    protocol: ctx.protocol,
+                    method: req.method.to_string(),
+                    path: req.uri.path().to_owned(),
+                    pod: ctx.pod.as_ref().map(|g| g.pod().label.clone()),
+                    status: 101,
+                    started: ctx.started,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    tunnel_end: None,
+                };
+                let held = (ctx.pod.take(), ctx._active.take());
+                let metrics = self.metrics.clone();
+                self.handoffs.put(Handoff {
+                    tunnel: pending,
+                    on_end: Box::new(move |outcome| {
+                        record.bytes_in = outcome.bytes_in;
+                        record.bytes_out = outcome.bytes_out;
+                        record.tunnel_end = Some(outcome.end);
+                        record.log(&metrics, None);
+                        drop(held);
+                    }),
+                });
+                ctx.handed_off = true;
+            }
+        }
     }
 }

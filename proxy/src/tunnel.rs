@@ -13,6 +13,7 @@
 //! as the `101` is written. An idle tunnel also holds no upstream read buffer (the pump waits
 //! for readiness before it allocates one).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::protocols::UniqueIDType;
 use pingora::proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
@@ -180,6 +182,8 @@ pub enum TunnelEnd {
     PodClosed,
     AgentError,
     PodError,
+    /// The edge closed it: the client was blocked, or the connection reached its maximum age.
+    ClosedByEdge,
 }
 
 impl TunnelEnd {
@@ -190,6 +194,7 @@ impl TunnelEnd {
             TunnelEnd::PodClosed => "pod_closed",
             TunnelEnd::AgentError => "agent_error",
             TunnelEnd::PodError => "pod_error",
+            TunnelEnd::ClosedByEdge => "closed_by_edge",
         }
     }
 }
@@ -216,10 +221,96 @@ pub struct TunnelOutcome {
     pub end: TunnelEnd,
 }
 
-/// Relays the pod's answer to the agent and, after a `101`, carries bytes both ways until
-/// one side closes. Errors on either side end the tunnel; they are reported in the outcome,
-/// not propagated, because the response is already on the wire.
-pub async fn relay(session: &mut Session, answered: Answered) -> TunnelOutcome {
+/// Where a forwarded upgrade stands once pingora's part is over.
+pub enum Relayed {
+    /// Refused by the pod, or failed before the tunnel existed: nothing left to carry.
+    Done(TunnelOutcome),
+    /// The `101` is on the wire; the tunnel waits to be carried (see [`Handoffs`]).
+    Upgraded(PendingTunnel),
+}
+
+/// An established tunnel that nothing carries yet: the agent's raw connection (taken out
+/// of its pingora session), the pod's socket and the pod's first bytes.
+pub struct PendingTunnel {
+    agent: pingora::protocols::Stream,
+    pod: TcpStream,
+    early: Bytes,
+    status: u16,
+}
+
+impl PendingTunnel {
+    /// The agent connection's id (its socket), the key under which it is handed over.
+    pub fn connection_id(&self) -> UniqueIDType {
+        self.agent.id()
+    }
+
+    /// Carries bytes both ways until one side closes or `stop` (the edge closing the
+    /// connection: a block, its maximum age) resolves with the reason.
+    pub async fn carry(self, stop: impl Future<Output = TunnelEnd>) -> TunnelOutcome {
+        let PendingTunnel {
+            mut agent,
+            pod,
+            early,
+            status,
+        } = self;
+        let mut counts = Counts::default();
+        let end = match write_to_agent(&mut agent, &early, &mut counts).await {
+            Err(_) => TunnelEnd::AgentError,
+            Ok(()) => {
+                tokio::select! {
+                    end = pump(&mut agent, pod, &mut counts) => end,
+                    end = stop => end,
+                }
+            }
+        };
+        TunnelOutcome {
+            status,
+            bytes_in: counts.to_pod,
+            bytes_out: counts.to_agent,
+            end,
+        }
+    }
+}
+
+/// A tunnel on its way from the request (where pingora keeps a large per-request state
+/// alive for as long as the request runs) to the connection layer, which carries it in a
+/// small task of its own once pingora's request is over. An idle agent then costs its
+/// TLS state, two sockets and one small buffer, instead of also pingora's request state.
+pub struct Handoff {
+    pub tunnel: PendingTunnel,
+    /// Called with the outcome when the tunnel ends: access log, metrics, and it owns what
+    /// must live exactly as long as the tunnel (the pod's in-flight slot, gauges).
+    pub on_end: Box<dyn FnOnce(TunnelOutcome) + Send>,
+}
+
+/// Tunnels waiting for their connection's layer to pick them up, by connection id.
+#[derive(Default)]
+pub struct Handoffs {
+    slots: std::sync::Mutex<std::collections::HashMap<UniqueIDType, Handoff>>,
+}
+
+impl Handoffs {
+    pub fn put(&self, handoff: Handoff) {
+        let id = handoff.tunnel.connection_id();
+        self.lock().insert(id, handoff);
+    }
+
+    /// The tunnel handed off on connection `id`, if any. Whoever takes it carries it (or
+    /// drops it, which closes both sockets).
+    pub fn take(&self, id: UniqueIDType) -> Option<Handoff> {
+        self.lock().remove(&id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<UniqueIDType, Handoff>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Relays the pod's answer to the agent. A refusal is relayed whole; after a `101` the
+/// agent's connection is taken out of pingora and returned with the pod's, ready to be
+/// carried. Errors are reported in the outcome, not propagated: the response is already
+/// on the wire.
+pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
     let Answered {
         stream,
         response,
@@ -239,7 +330,7 @@ pub async fn relay(session: &mut Session, answered: Answered) -> TunnelOutcome {
             Ok(sent) => outcome.bytes_out = sent,
             Err(e) => tracing::debug!(error = %e, "relaying a refused upgrade"),
         }
-        return outcome;
+        return Relayed::Done(outcome);
     }
     // pingora writes (and flushes) the 101, and so knows the session is upgraded.
     if let Err(e) = session
@@ -248,24 +339,21 @@ pub async fn relay(session: &mut Session, answered: Answered) -> TunnelOutcome {
     {
         tracing::debug!(error = %e, "writing the 101 to the agent");
         outcome.end = TunnelEnd::AgentError;
-        return outcome;
+        return Relayed::Done(outcome);
     }
-    let mut agent = match take_agent_stream(session).await {
-        Ok(agent) => agent,
+    match take_agent_stream(session).await {
+        Ok(agent) => Relayed::Upgraded(PendingTunnel {
+            agent,
+            pod: stream,
+            early,
+            status: outcome.status,
+        }),
         Err(e) => {
             tracing::warn!(error = %e, "could not take over the agent's connection");
             outcome.end = TunnelEnd::AgentError;
-            return outcome;
+            Relayed::Done(outcome)
         }
-    };
-    let mut counts = Counts::default();
-    outcome.end = match write_to_agent(&mut agent, &early, &mut counts).await {
-        Ok(()) => pump(&mut agent, stream, &mut counts).await,
-        Err(_) => TunnelEnd::AgentError,
-    };
-    outcome.bytes_in = counts.to_pod;
-    outcome.bytes_out = counts.to_agent;
-    outcome
+    }
 }
 
 /// Takes the agent's connection out of its pingora session, leaving a stand-in session in
@@ -273,10 +361,10 @@ pub async fn relay(session: &mut Session, answered: Answered) -> TunnelOutcome {
 ///
 /// Why: pingora has no API to hand an upgraded connection over, and reading the tunnel
 /// through the session keeps a 64 KiB body buffer per tunnel for as long as it is idle,
-/// which for tens of thousands of mostly idle agents is most of the edge's memory. With
-/// the raw stream the tunnel holds one small buffer. The stand-in keeps pingora's
-/// bookkeeping after `request_filter` working (its `finish` sees no keep-alive and
-/// returns nothing to reuse); the access log takes its numbers from [`TunnelOutcome`].
+/// which for tens of thousands of mostly idle agents is most of the edge's memory. The
+/// stand-in keeps pingora's bookkeeping after `request_filter` working (its `finish` sees
+/// no keep-alive and returns nothing to reuse); the access log takes its numbers from
+/// [`TunnelOutcome`].
 ///
 /// Only bytes the agent sent before receiving the `101` could be lost, and a websocket
 /// client must not send any (RFC 6455, 4.1).

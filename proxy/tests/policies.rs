@@ -173,6 +173,16 @@ async fn live_edit_cuts_the_newly_blocked_clients_open_websocket_only() {
             "edge_policy_closed_connections_total"
         ) >= 1.0
     );
+    // The access log says who ended the tunnel.
+    let victim_tunnel = format!("\"client\":\"{victim}\"");
+    eventually("the cut tunnel's access line", STEP, || {
+        let log = edge.log();
+        let found = log
+            .lines()
+            .any(|l| l.contains(&victim_tunnel) && l.contains("\"tunnel_end\":\"closed_by_edge\""));
+        async move { found }
+    })
+    .await;
 }
 
 #[tokio::test]

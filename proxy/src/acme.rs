@@ -34,23 +34,17 @@
 //!
 //! # Several replicas
 //!
-//! What is implemented is one ACME client per process, answering the HTTP-01 challenges
-//! of its own orders only. The CA validates through the public load balancer, from several
-//! vantage points, so each validation request may reach any replica; a replica that did
-//! not place the order answers 404 and the validation fails. So, with several replicas:
+//! Only one replica may run ACME: each client places its own orders and only the one that
+//! placed an order knows its challenge token. The CA validates through the public load
+//! balancer, so its request may reach any replica. Two settings make that work:
 //!
-//! - run ACME on a single "leader" replica (configure `[acme]` on one Deployment/
-//!   StatefulSet ordinal only) and route `/.well-known/acme-challenge/` on `:80` to that
-//!   replica (a dedicated Service or an ingress path rule), and
-//! - let the other replicas serve the leader's certificate from a shared cache volume
-//!   (ReadWriteMany): [`AcmeConfig::certificate_path`] is one PEM file holding the key
-//!   and the chain, which the static `[tls] certificates` entry (cert and key both set to
-//!   that path) reloads on change.
+//! - the others set `tls.acme_challenge_relay` to the ACME replica's `:80` and relay the
+//!   challenges they cannot answer (see `admin.rs`);
+//! - the ACME replica sets [`AcmeConfig::publish_secret`] and publishes every certificate
+//!   to a Kubernetes TLS Secret, which the others mount as `[tls] certificates` and
+//!   hot-reload (see [`crate::acme_publish`]).
 //!
-//! Sharing pending challenges between replicas, so that any replica could answer, is not
-//! implemented. Running ACME on several replicas against one shared cache is not a
-//! substitute: each would place its own orders and only the one that placed an order
-//! knows its token.
+//! `deploy/overlays/production-acme` wires this up; `deploy/README.md` explains it.
 
 use std::fmt;
 use std::io::{self, Write as _};

@@ -270,6 +270,9 @@ pub struct DownstreamConfig {
     /// would be most of an idle agent connection's memory; rustls pulls records through in
     /// small reads anyway, so 0 (unbuffered) costs a few more syscalls on busy connections.
     pub read_buffer: usize,
+    /// Bytes of write buffer below TLS per agent connection (pingora's default, one MSS):
+    /// coalesces small writes into one segment. 0 writes each TLS record straight out.
+    pub write_buffer: usize,
 }
 
 impl Default for DownstreamConfig {
@@ -279,6 +282,7 @@ impl Default for DownstreamConfig {
             max_connection_age: None,
             max_connection_age_jitter: 0.1,
             read_buffer: 0,
+            write_buffer: pingora::listeners::DEFAULT_L4_WRITE_BUFFER_SIZE,
         }
     }
 }

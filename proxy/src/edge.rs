@@ -288,7 +288,10 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         ListenerConfig::tcp(config.listen.https.to_string())
             .tcp_socket_options(socket)
             .tls(tls_settings)
-            .l4_buffer(L4BufferSettings::default().read(config.downstream.read_buffer)),
+            .l4_buffer(L4BufferSettings::new(
+                config.downstream.read_buffer,
+                config.downstream.write_buffer,
+            )),
     );
     server.add_service(service);
 

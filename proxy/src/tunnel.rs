@@ -33,9 +33,13 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 64;
 /// Bytes read from a pod per tunnel read (borrowed only while data is there).
 const READ_CHUNK: usize = 16 * 1024;
-/// The agent side's read buffer, held for the tunnel's life: small, because an agent's
-/// messages are small and rustls has already buffered and decrypted the record.
-const AGENT_READ_CHUNK: usize = 4 * 1024;
+/// Bounds of the agent side's read buffer, which is held while the tunnel waits (TLS has
+/// no readiness to wait on without one). It follows the traffic: it doubles after a read
+/// that filled it and shrinks back after small reads, so an idle agent that last sent a
+/// keepalive holds [`AGENT_READ_MIN`] bytes while a busy one reads in big steps. rustls
+/// has already decrypted the record, so a small buffer costs copies, never syscalls.
+const AGENT_READ_MIN: usize = 512;
+const AGENT_READ_MAX: usize = 16 * 1024;
 /// The most body relayed from a pod that refused the upgrade (an error page).
 const MAX_REFUSAL_BODY: u64 = 64 * 1024;
 /// After the agent closes its side, how long the pod's last bytes (a websocket close frame,
@@ -409,16 +413,16 @@ async fn write_to_agent(
     Ok(())
 }
 
-/// Moves bytes both ways until one side closes. The agent side (TLS) reads into one small
-/// buffer; the pod side waits for readiness and only then borrows a buffer, so an idle
-/// tunnel holds [`AGENT_READ_CHUNK`] bytes of buffer in all.
+/// Moves bytes both ways until one side closes. The agent side (TLS) reads into a buffer
+/// sized by [`next_read_size`]; the pod side waits for readiness and only then borrows a
+/// buffer, so an idle tunnel holds a few hundred bytes of buffer in all.
 async fn pump(
     agent: &mut pingora::protocols::Stream,
     pod: TcpStream,
     counts: &mut Counts,
 ) -> TunnelEnd {
     let (mut from_pod, mut to_pod) = pod.into_split();
-    let mut from_agent = vec![0u8; AGENT_READ_CHUNK];
+    let mut from_agent = vec![0u8; AGENT_READ_MIN];
     loop {
         tokio::select! {
             read = agent.read(&mut from_agent) => match read {
@@ -435,6 +439,10 @@ async fn pump(
                         return TunnelEnd::PodError;
                     }
                     counts.to_pod += n as u64;
+                    let size = next_read_size(from_agent.len(), n);
+                    if size != from_agent.len() {
+                        from_agent = vec![0u8; size];
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "reading from the agent");
@@ -459,6 +467,17 @@ async fn pump(
                 }
             },
         }
+    }
+}
+
+/// The agent read buffer's next size after a read of `n` bytes into `current`.
+fn next_read_size(current: usize, n: usize) -> usize {
+    if n == current {
+        (current * 2).min(AGENT_READ_MAX)
+    } else if n < current / 4 {
+        (n * 2).clamp(AGENT_READ_MIN, AGENT_READ_MAX)
+    } else {
+        current
     }
 }
 
@@ -665,6 +684,27 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.is_connect(), "{err}");
+    }
+
+    #[test]
+    fn the_agent_read_buffer_grows_with_bulk_and_shrinks_when_quiet() {
+        let mut size = AGENT_READ_MIN;
+        for _ in 0..10 {
+            size = next_read_size(size, size);
+        }
+        assert_eq!(size, AGENT_READ_MAX, "full reads double up to the cap");
+        assert_eq!(
+            next_read_size(size, size / 2),
+            size,
+            "steady traffic keeps it"
+        );
+        assert_eq!(
+            next_read_size(size, 100),
+            AGENT_READ_MIN,
+            "a keepalive shrinks it"
+        );
+        assert_eq!(next_read_size(AGENT_READ_MIN, 10), AGENT_READ_MIN);
+        assert_eq!(next_read_size(8192, 1500), 3000);
     }
 
     #[test]

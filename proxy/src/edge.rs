@@ -231,6 +231,7 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
 
     let conf = ServerConf {
         threads: config.listen.threads,
+        work_stealing: config.listen.work_stealing,
         grace_period_seconds: Some(config.shutdown.drain_deadline.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(2),
         ..ServerConf::default()

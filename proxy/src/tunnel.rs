@@ -258,7 +258,10 @@ impl PendingTunnel {
             status,
         } = self;
         let mut counts = Counts::default();
-        let end = match write_to_agent(&mut agent, &early, &mut counts).await {
+        let written = write_to_agent(&mut agent, &early, &mut counts).await;
+        // It shares the response head's read buffer; an idle tunnel should not keep that.
+        drop(early);
+        let end = match written {
             Err(_) => TunnelEnd::AgentError,
             Ok(()) => {
                 tokio::select! {
@@ -429,8 +432,9 @@ async fn pump(
                 Ok(0) => {
                     // The agent is done sending; let the pod's last bytes through, briefly.
                     let _ = to_pod.shutdown().await;
+                    // Boxed: a rare path that would otherwise enlarge every idle tunnel.
                     let rest = copy_to_agent(agent, &mut from_pod, counts);
-                    let _ = tokio::time::timeout(LINGER, rest).await;
+                    let _ = Box::pin(tokio::time::timeout(LINGER, rest)).await;
                     return TunnelEnd::AgentClosed;
                 }
                 Ok(n) => {

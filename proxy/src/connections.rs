@@ -6,8 +6,8 @@
 //! that gives an open-connection gauge, a place for per-client concurrency limits, and a
 //! way to close a client's established connections (an operator just blocked it).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -101,6 +101,46 @@ impl ConnectionRegistry {
             tracing::info!(client = %ip, connections = entry.tokens.len(), "closing established connections");
         }
         closed
+    }
+}
+
+/// Connections the edge opens to its own TLS port (the readiness probe: "does pingora
+/// accept yet?"). The accept filter drops them without a word, so they neither count as
+/// clients nor make pingora log a failed TLS handshake for a probe that never sends one.
+#[derive(Default)]
+pub struct SelfProbes(Mutex<HashSet<SocketAddr>>);
+
+impl SelfProbes {
+    /// True (once) for a connection that came from [`SelfProbes::connect`].
+    pub fn take(&self, peer: &SocketAddr) -> bool {
+        self.lock().remove(peer)
+    }
+
+    /// Connects to `target` from a source address registered first, so the accept filter
+    /// can recognise the connection. Succeeds once something listens on `target`.
+    pub async fn connect(&self, target: SocketAddr) -> std::io::Result<()> {
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let local_ip = if target.is_ipv4() {
+            IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        };
+        socket.bind(SocketAddr::new(local_ip, 0))?;
+        let local = socket.local_addr()?;
+        self.lock().insert(local);
+        let connected = socket.connect(target).await.map(drop);
+        if connected.is_err() {
+            self.lock().remove(&local);
+        }
+        connected
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, EdgeState};
 use crate::config::{DiscoveryConfig, EdgeConfig};
-use crate::connections::{ConnectionRegistry, MaxAge, Tracked};
+use crate::connections::{ConnectionRegistry, MaxAge, SelfProbes, Tracked};
 use crate::discovery::{self, endpointslices, Endpoint};
 use crate::policy::{AcceptFilter, Policies, ProxyHeaderLayer};
 
@@ -267,7 +267,11 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
         handoffs,
     };
     let mut service = Service::new("kas-edge".to_string(), app);
-    service.set_connection_filter(Arc::new(AcceptFilter(policies.clone())));
+    let probes = Arc::new(SelfProbes::default());
+    service.set_connection_filter(Arc::new(AcceptFilter {
+        policies: policies.clone(),
+        probes: probes.clone(),
+    }));
     if policies.proxy_protocol_enabled() {
         service
             .endpoints()
@@ -313,7 +317,7 @@ pub fn run_with_hook(config: EdgeConfig, on_drained: DrainedHook) -> anyhow::Res
             https
         };
         side.spawn(async move {
-            while tokio::net::TcpStream::connect(probe).await.is_err() {
+            while probes.connect(probe).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             state.set_ready(true);

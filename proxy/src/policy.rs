@@ -334,7 +334,11 @@ impl Policies {
 /// Layer 1: at accept, before TLS. A trusted load balancer's own address is not judged;
 /// its clients are, once their PROXY header is read.
 #[derive(Clone)]
-pub struct AcceptFilter(pub Arc<Policies>);
+pub struct AcceptFilter {
+    pub policies: Arc<Policies>,
+    /// The edge's own readiness probes, dropped quietly.
+    pub probes: Arc<crate::connections::SelfProbes>,
+}
 
 impl std::fmt::Debug for AcceptFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,10 +350,13 @@ impl std::fmt::Debug for AcceptFilter {
 impl ConnectionFilter for AcceptFilter {
     async fn should_accept(&self, addr: Option<&SocketAddr>) -> bool {
         let Some(addr) = addr else { return true };
-        if self.0.trusted.contains(addr.ip()) {
+        if self.probes.take(addr) {
+            return false;
+        }
+        if self.policies.trusted.contains(addr.ip()) {
             return true;
         }
-        self.0.admit(addr.ip())
+        self.policies.admit(addr.ip())
     }
 }
 

@@ -171,6 +171,12 @@ async fn websocket_carries_grpc_through_the_edge() {
         metrics.contains("edge_active_streams{protocol=\"websocket\"} 1"),
         "{metrics}"
     );
+    // The edge's own readiness probe of its TLS port is not a failed client handshake.
+    assert!(
+        !edge.log().contains("Downstream handshake error"),
+        "{}",
+        edge.log()
+    );
 }
 
 /// Regression for cloudflare/pingora#946: pingora's HTTP/1 proxy loop ended a tunnel whose

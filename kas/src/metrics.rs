@@ -22,7 +22,8 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+/// Registers `c` and returns it; shared with the edge's metrics.
+pub fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
     // Names are constants of this module; a clash is a programming error caught by tests.
     registry
         .register(Box::new(c.clone()))

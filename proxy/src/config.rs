@@ -314,19 +314,8 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-        }
-    }
-}
+/// `[log]`: the same section as kas's, so both binaries log alike.
+pub use kas::config::LogConfig;
 
 impl EdgeConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {

@@ -43,12 +43,7 @@ pub struct EdgeMetrics {
     pub ratelimit_keys: IntGauge,
 }
 
-fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric names are unique");
-    c
-}
+use kas::metrics::register;
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(

@@ -19,6 +19,7 @@ use prometheus::IntGauge;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::GaugeGuard;
 use crate::tunnel::{Handoffs, TunnelEnd};
 
 #[derive(Default)]
@@ -153,6 +154,16 @@ pub fn client_ip(stream: &Stream) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// The protocol the client and the edge agreed on in the TLS handshake.
+fn alpn_label(stream: &Stream) -> &'static str {
+    match stream.selected_alpn_proto() {
+        Some(pingora::protocols::ALPN::H2) => "h2",
+        Some(pingora::protocols::ALPN::H1) => "http/1.1",
+        Some(_) => "other",
+        None => "none",
+    }
+}
+
 /// The TLS handshake's duration, as pingora measured it for this connection.
 fn tls_handshake_duration(stream: &Stream) -> Option<std::time::Duration> {
     stream
@@ -228,6 +239,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
                 .observe(handshake.as_secs_f64());
         }
         let id = stream.id();
+        let by_alpn = GaugeGuard::hold(
+            self.metrics
+                .open_connections_by_alpn
+                .with_label_values(&[alpn_label(&stream)]),
+        );
         let guard = match client_ip(&stream) {
             Some(ip) => {
                 if !self.policies.admit_concurrent(ip) {
@@ -262,7 +278,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
                     };
                     let outcome = handoff.tunnel.carry(stop).await;
                     (handoff.on_end)(outcome);
-                    drop(guard);
+                    drop((guard, by_alpn));
                 });
                 return None;
             }

@@ -29,6 +29,9 @@ pub struct EdgeMetrics {
     pub ready: IntGauge,
     /// Downstream connections open now (after the TLS handshake).
     pub open_connections: IntGauge,
+    /// The same connections by negotiated ALPN protocol (`h2`: grpcs agents, `http/1.1`:
+    /// wss agents and plain HTTP, `none`).
+    pub open_connections_by_alpn: IntGaugeVec,
     pub tls_handshake_seconds: prometheus::Histogram,
     /// Refused connections and requests by reason and the policy source that refused them.
     pub policy_blocked: IntCounterVec,
@@ -44,6 +47,23 @@ pub struct EdgeMetrics {
 }
 
 use kas::metrics::register;
+
+/// Holds one count in a gauge for as long as it lives: an open connection, an active
+/// stream, whichever way it ends.
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn hold(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(
@@ -158,6 +178,12 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new("edge_open_connections", "Downstream connections open now.")
                     .expect("valid metric"),
+            ),
+            open_connections_by_alpn: gauge(
+                &r,
+                "edge_open_connections_by_alpn",
+                "Downstream connections open now, by negotiated ALPN protocol.",
+                &["alpn"],
             ),
             policy_blocked: counter(
                 &r,

@@ -14,10 +14,9 @@ use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::protocols::l4::ext::TcpKeepalive;
 use pingora::proxy::FailToProxy;
-use prometheus::IntGauge;
 
 use crate::config::UpstreamConfig;
-use crate::metrics::EdgeMetrics;
+use crate::metrics::{EdgeMetrics, GaugeGuard};
 use crate::policy::{Denial, Policies};
 use crate::pool::{Pod, PodGuard, Pool};
 use crate::tunnel::{self, Handoff, Handoffs, PodDialer, Relayed, TunnelEnd, TunnelOutcome};
@@ -42,15 +41,6 @@ impl Protocol {
     }
 }
 
-/// Decrements a gauge when the request ends, whichever way it ends.
-struct ActiveGuard(IntGauge);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 pub struct RequestCtx {
     protocol: Protocol,
     started: Instant,
@@ -64,7 +54,8 @@ pub struct RequestCtx {
     tunnel: Option<TunnelOutcome>,
     /// The upgrade became a tunnel, handed to the connection layer, which logs its end.
     handed_off: bool,
-    _active: Option<ActiveGuard>,
+    /// Counts the request in `edge_active_streams` until it ends, whichever way.
+    _active: Option<GaugeGuard>,
 }
 
 pub struct EdgeProxy {
@@ -167,12 +158,11 @@ impl ProxyHttp for EdgeProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx.protocol = classify(session);
-        let gauge = self
-            .metrics
-            .active
-            .with_label_values(&[ctx.protocol.label()]);
-        gauge.inc();
-        ctx._active = Some(ActiveGuard(gauge));
+        ctx._active = Some(GaugeGuard::hold(
+            self.metrics
+                .active
+                .with_label_values(&[ctx.protocol.label()]),
+        ));
         if ctx.protocol == Protocol::Websocket {
             // pingora's HTTP/1 read timeout (60 s) would otherwise also apply to the
             // upgraded tunnel and cut idle agents; dead peers are found by TCP keepalive.

@@ -171,6 +171,10 @@ async fn websocket_carries_grpc_through_the_edge() {
         metrics.contains("edge_active_streams{protocol=\"websocket\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("edge_open_connections_by_alpn{alpn=\"http/1.1\"} 1"),
+        "{metrics}"
+    );
     // The edge's own readiness probe of its TLS port is not a failed client handshake.
     assert!(
         !edge.log().contains("Downstream handshake error"),

@@ -238,7 +238,10 @@ pub enum Relayed {
 pub struct PendingTunnel {
     agent: pingora::protocols::Stream,
     pod: TcpStream,
+    /// From the pod, right behind its `101`.
     early: Bytes,
+    /// From the agent, right behind its upgrade request.
+    pre_read: Bytes,
     status: u16,
 }
 
@@ -253,11 +256,25 @@ impl PendingTunnel {
     pub async fn carry(self, stop: impl Future<Output = TunnelEnd>) -> TunnelOutcome {
         let PendingTunnel {
             mut agent,
-            pod,
+            mut pod,
             early,
+            pre_read,
             status,
         } = self;
         let mut counts = Counts::default();
+        if !pre_read.is_empty() {
+            if let Err(e) = pod.write_all(&pre_read).await {
+                tracing::debug!(error = %e, "writing the agent's first bytes to the pod");
+                return TunnelOutcome {
+                    status,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    end: TunnelEnd::PodError,
+                };
+            }
+            counts.to_pod += pre_read.len() as u64;
+        }
+        drop(pre_read);
         let written = write_to_agent(&mut agent, &early, &mut counts).await;
         // It shares the response head's read buffer; an idle tunnel should not keep that.
         drop(early);
@@ -348,11 +365,18 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
         outcome.end = TunnelEnd::AgentError;
         return Relayed::Done(outcome);
     }
-    match take_agent_stream(session).await {
-        Ok(agent) => Relayed::Upgraded(PendingTunnel {
+    let taken = match take_buffered(session).await {
+        Ok(pre_read) => take_agent_stream(session)
+            .await
+            .map(|agent| (agent, pre_read)),
+        Err(e) => Err(e),
+    };
+    match taken {
+        Ok((agent, pre_read)) => Relayed::Upgraded(PendingTunnel {
             agent,
             pod: stream,
             early,
+            pre_read,
             status: outcome.status,
         }),
         Err(e) => {
@@ -361,6 +385,25 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
             Relayed::Done(outcome)
         }
     }
+}
+
+/// Bytes the agent sent right behind its upgrade request, without waiting for the `101`,
+/// that pingora has already read into the session's buffers: taken now, so they are not
+/// dropped with the session, and without waiting on the socket for more.
+async fn take_buffered(session: &mut Session) -> io::Result<Bytes> {
+    let mut taken = BytesMut::new();
+    // Bounded: pingora buffers at most a header's worth; a client streaming fast past
+    // that is simply read by the pump instead.
+    for _ in 0..16 {
+        let read = session.downstream_session.read_request_body();
+        // A zero timeout still polls the read once: buffered bytes come back at once.
+        match tokio::time::timeout(Duration::ZERO, read).await {
+            Ok(Ok(Some(data))) => taken.extend_from_slice(&data),
+            Ok(Ok(None)) | Err(_) => break,
+            Ok(Err(e)) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+    Ok(taken.freeze())
 }
 
 /// Takes the agent's connection out of its pingora session, leaving a stand-in session in
@@ -373,8 +416,8 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
 /// no keep-alive and returns nothing to reuse); the access log takes its numbers from
 /// [`TunnelOutcome`].
 ///
-/// Only bytes the agent sent before receiving the `101` could be lost, and a websocket
-/// client must not send any (RFC 6455, 4.1).
+/// Bytes the agent sent before receiving the `101` (a websocket client must not, RFC 6455
+/// 4.1, but an eager one might) are taken out first by [`take_buffered`].
 async fn take_agent_stream(session: &mut Session) -> io::Result<pingora::protocols::Stream> {
     if !matches!(session.as_downstream(), HttpSession::H1(_)) {
         return Err(io::Error::other("not an HTTP/1.1 session"));

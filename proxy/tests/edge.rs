@@ -512,3 +512,85 @@ async fn max_connection_age_closes_old_connections_when_enabled() {
     // A reconnect works at once.
     assert!(ping(&edge.ws_channel().await.unwrap()).await.is_ok());
 }
+
+/// A stand-in kas pod on `ip`: `/readiness` answers 200 on the health port; the agent port
+/// answers one upgrade with `101` and then echoes every byte.
+async fn echo_pod(ip: std::net::IpAddr) -> std::net::SocketAddr {
+    use tokio::net::TcpListener;
+    let health = TcpListener::bind((ip, HEALTH_PORT)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = health.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let agents = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = agents.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    std::net::SocketAddr::new(ip, AGENT_PORT)
+}
+
+/// An eager client sends its first tunnel bytes in the same write as the upgrade request,
+/// before the `101`. pingora has read them with the request head; they must still reach the
+/// pod, not vanish with pingora's buffers when the edge takes the connection over.
+#[tokio::test]
+async fn bytes_sent_with_the_upgrade_request_reach_the_pod() {
+    let subnet = next_subnet();
+    let pod = echo_pod(ip(subnet, 10)).await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"http/1.1"]), None)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\
+          eager-bytes",
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let done = |seen: &[u8]| String::from_utf8_lossy(seen).ends_with("eager-bytes");
+    while !done(&seen) {
+        let n = tokio::time::timeout(STEP, tls.read(&mut buf))
+            .await
+            .expect("the pod's echo arrives")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 101"), "{seen}");
+    // And the tunnel keeps working afterwards.
+    tls.write_all(b"later").await.unwrap();
+    let n = tokio::time::timeout(STEP, tls.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"later");
+}

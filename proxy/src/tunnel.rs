@@ -8,10 +8,12 @@
 //!
 //! So for an upgrade request the edge does the handshake with the pod itself: it writes the
 //! request head, reads the response head, relays it to the agent, and only a `101` turns the
-//! connection into a byte tunnel. Nothing the agent sends can be lost in between: a websocket
-//! client sends nothing before it has the `101`, and the pump starts reading the agent as soon
-//! as the `101` is written. An idle tunnel also holds no upstream read buffer (the pump waits
-//! for readiness before it allocates one).
+//! connection into a byte tunnel. The agent's raw connection is then taken out of pingora
+//! (with any bytes pingora had already read past the request head) and handed, with the
+//! pod's socket, to the connection layer ([`Handoffs`]), which carries it in a small task of
+//! its own: pingora's per-request state is freed, and an idle tunnel holds its TLS state,
+//! two sockets and a few hundred bytes of buffer (pod reads wait for readiness before they
+//! take a buffer).
 
 use std::future::Future;
 use std::io;

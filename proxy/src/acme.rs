@@ -561,19 +561,10 @@ fn inspect_pem(pem: &[u8]) -> Result<CertificateInfo, String> {
     let validity = x509.validity();
     Ok(CertificateInfo {
         names,
-        not_before: unix_to_system(validity.not_before.timestamp()),
-        not_after: unix_to_system(validity.not_after.timestamp()),
+        not_before: crate::tls::unix_to_system(validity.not_before.timestamp()),
+        not_after: crate::tls::unix_to_system(validity.not_after.timestamp()),
         from_cache: false,
     })
-}
-
-fn unix_to_system(secs: i64) -> SystemTime {
-    let magnitude = Duration::from_secs(secs.unsigned_abs());
-    if secs >= 0 {
-        UNIX_EPOCH + magnitude
-    } else {
-        UNIX_EPOCH - magnitude
-    }
 }
 
 /// rustls-acme's own `DirCache` writes in place with default permissions: a crash mid-

@@ -138,6 +138,14 @@ fn unavailable(why: &str) -> Denial {
     }
 }
 
+/// A pod was reached but did not answer usefully: 502 (gRPC: still UNAVAILABLE).
+fn bad_gateway(why: &str) -> Denial {
+    Denial {
+        http_status: 502,
+        ..unavailable(why)
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
@@ -315,18 +323,10 @@ impl ProxyHttp for EdgeProxy {
                 session.body_bytes_sent() as u64,
             ),
         };
-        let req = session.req_header();
         AccessRecord {
-            client: ctx.client,
-            protocol: ctx.protocol,
-            method: req.method.clone(),
-            path: req.uri.path().to_owned(),
-            pod: ctx.pod.as_ref().map(|g| g.pod().clone()),
-            status,
-            started: ctx.started,
             bytes_in,
             bytes_out,
-            tunnel_end: ctx.tunnel.map(|t| t.end),
+            ..AccessRecord::of(session, ctx, status)
         }
         .log(&self.metrics, e.map(|e| e.to_string()));
     }
@@ -347,6 +347,23 @@ struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// The request's part of the line; the caller fills in the byte counts.
+    fn of(session: &Session, ctx: &RequestCtx, status: u16) -> Self {
+        let req = session.req_header();
+        Self {
+            client: ctx.client,
+            protocol: ctx.protocol,
+            method: req.method.clone(),
+            path: req.uri.path().to_owned(),
+            pod: ctx.pod.as_ref().map(|g| g.pod().clone()),
+            status,
+            started: ctx.started,
+            bytes_in: 0,
+            bytes_out: 0,
+            tunnel_end: ctx.tunnel.map(|t| t.end),
+        }
+    }
+
     fn log(&self, metrics: &EdgeMetrics, error: Option<String>) {
         let protocol = self.protocol.label();
         metrics
@@ -428,10 +445,7 @@ impl EdgeProxy {
                         self.connect_failed(&pod);
                     }
                     tracing::warn!(error = %e, "websocket upgrade not forwarded");
-                    let denial = Denial {
-                        http_status: 502,
-                        ..unavailable("kas did not answer the upgrade")
-                    };
+                    let denial = bad_gateway("kas did not answer the upgrade");
                     respond_denied(session, ctx.protocol, &denial).await;
                     return;
                 }
@@ -443,10 +457,7 @@ impl EdgeProxy {
         {
             tracing::warn!(pod = %ctx.pod.as_ref().map(|g| g.pod().label.as_str()).unwrap_or("-"),
                 "pod answered 101 without a valid upgrade");
-            let denial = Denial {
-                http_status: 502,
-                ..unavailable("kas answered the upgrade incorrectly")
-            };
+            let denial = bad_gateway("kas answered the upgrade incorrectly");
             respond_denied(session, ctx.protocol, &denial).await;
             return;
         }
@@ -455,19 +466,7 @@ impl EdgeProxy {
             Relayed::Upgraded(pending) => {
                 // Carried by the connection layer once pingora's request is over; what the
                 // access log needs and what must live as long as the tunnel go with it.
-                let req = session.req_header();
-                let mut record = AccessRecord {
-                    client: ctx.client,
-                    protocol: ctx.protocol,
-                    method: req.method.clone(),
-                    path: req.uri.path().to_owned(),
-                    pod: ctx.pod.as_ref().map(|g| g.pod().clone()),
-                    status: 101,
-                    started: ctx.started,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    tunnel_end: None,
-                };
+                let mut record = AccessRecord::of(session, ctx, 101);
                 let held = (ctx.pod.take(), ctx._active.take());
                 let metrics = self.metrics.clone();
                 self.handoffs.put(Handoff {

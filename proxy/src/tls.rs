@@ -167,7 +167,8 @@ fn inspect_leaf(
     Ok((names, not_after))
 }
 
-fn unix_to_system(secs: i64) -> SystemTime {
+/// An X.509 time (seconds since the epoch, possibly before it) as a `SystemTime`.
+pub(crate) fn unix_to_system(secs: i64) -> SystemTime {
     let magnitude = Duration::from_secs(secs.unsigned_abs());
     if secs >= 0 {
         UNIX_EPOCH + magnitude

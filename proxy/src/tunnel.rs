@@ -264,29 +264,22 @@ impl PendingTunnel {
             status,
         } = self;
         let mut counts = Counts::default();
-        if !pre_read.is_empty() {
+        let end = 'tunnel: {
             if let Err(e) = pod.write_all(&pre_read).await {
                 tracing::debug!(error = %e, "writing the agent's first bytes to the pod");
-                return TunnelOutcome {
-                    status,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    end: TunnelEnd::PodError,
-                };
+                break 'tunnel TunnelEnd::PodError;
             }
             counts.to_pod += pre_read.len() as u64;
-        }
-        drop(pre_read);
-        let written = write_to_agent(&mut agent, &early, &mut counts).await;
-        // It shares the response head's read buffer; an idle tunnel should not keep that.
-        drop(early);
-        let end = match written {
-            Err(_) => TunnelEnd::AgentError,
-            Ok(()) => {
-                tokio::select! {
-                    end = pump(&mut agent, pod, &mut counts) => end,
-                    end = stop => end,
-                }
+            drop(pre_read);
+            let written = write_to_agent(&mut agent, &early, &mut counts).await;
+            // It shares the response head's read buffer; an idle tunnel should not keep that.
+            drop(early);
+            if written.is_err() {
+                break 'tunnel TunnelEnd::AgentError;
+            }
+            tokio::select! {
+                end = pump(&mut agent, pod, &mut counts) => end,
+                end = stop => end,
             }
         };
         TunnelOutcome {

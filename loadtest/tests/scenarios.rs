@@ -31,15 +31,9 @@ async fn idle_fleet_on_pods_holds_every_stream_and_writes_reports() {
     let stack = Stack::start(2).await;
     let out = stack.dir.path().join("out");
     let (json, html) = (out.join("idle.json"), out.join("idle.html"));
-    let args = stack.args(
+    let args = stack.mixed_args(
         "idle",
         &[
-            "--target",
-            &stack.pod_url(0, true),
-            "--target",
-            &stack.pod_url(1, false),
-            "--ws-fraction",
-            "0.5",
             "--agents",
             "30",
             "--rate",
@@ -91,15 +85,9 @@ async fn idle_fleet_on_pods_holds_every_stream_and_writes_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_open_loop_sends_every_scheduled_request() {
     let stack = Stack::start(2).await;
-    let args = stack.args(
+    let args = stack.mixed_args(
         "rpc",
         &[
-            "--target",
-            &stack.pod_url(0, true),
-            "--target",
-            &stack.pod_url(1, false),
-            "--ws-fraction",
-            "0.5",
             "--rpc-rate",
             "200",
             "--rpc-connections",
@@ -120,15 +108,9 @@ async fn rpc_open_loop_sends_every_scheduled_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_brings_every_agent_back() {
     let stack = Stack::start(2).await;
-    let args = stack.args(
+    let args = stack.mixed_args(
         "storm",
         &[
-            "--target",
-            &stack.pod_url(0, true),
-            "--target",
-            &stack.pod_url(1, false),
-            "--ws-fraction",
-            "0.5",
             "--agents",
             "24",
             "--duration",
@@ -176,15 +158,9 @@ async fn blocklist_measures_the_cut_subset_and_checks_the_rest() {
     let file = stack.dir.path().join("blocklist.txt");
     let original = "# operators' entries stay\n192.0.2.1\n";
     std::fs::write(&file, original).unwrap();
-    let args = stack.args(
+    let args = stack.mixed_args(
         "blocklist",
         &[
-            "--target",
-            &stack.pod_url(0, true),
-            "--target",
-            &stack.pod_url(1, false),
-            "--ws-fraction",
-            "0.5",
             "--agents",
             "20",
             "--block-every",

@@ -7,8 +7,6 @@ mod common;
 #[path = "support/pebble.rs"]
 mod pebble;
 
-use std::sync::Arc;
-
 use common::*;
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::PingRequest;
@@ -34,14 +32,7 @@ async fn edge_obtains_its_certificate_over_http01_and_serves_it() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pebble::pebble_root(&pebble).await).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector_trusting(roots, &[b"h2"]);
     let tcp = tokio::net::TcpStream::connect(edge.https).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
     let tls = connector
@@ -106,14 +97,8 @@ async fn a_replica_without_acme_relays_the_challenge_to_the_one_that_runs_it() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pebble::pebble_root(&pebble).await).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(leader.https).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tls_connector_trusting(roots, &[])
         .connect(rustls::pki_types::ServerName::try_from(HOST).unwrap(), tcp)
         .await
         .expect("the leader serves a certificate issued by pebble");

@@ -126,6 +126,15 @@ impl Stack {
     }
 
     /// Common options: this stack's token and source range, quick timings.
+    /// [`Stack::args`] aimed at both pods, the first over websocket and the second over
+    /// gRPC, with half the agents on each transport.
+    pub fn mixed_args(&self, scenario: &str, extra: &[&str]) -> kas_loadtest::Args {
+        let (ws, grpc) = (self.pod_url(0, true), self.pod_url(1, false));
+        let mut argv = vec!["--target", &ws, "--target", &grpc, "--ws-fraction", "0.5"];
+        argv.extend_from_slice(extra);
+        self.args(scenario, &argv)
+    }
+
     pub fn args(&self, scenario: &str, extra: &[&str]) -> kas_loadtest::Args {
         let mut argv: Vec<String> = [
             "kas-loadtest",

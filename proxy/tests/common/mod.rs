@@ -288,6 +288,14 @@ pub fn tls_connector(ca_file: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnect
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();
     }
+    tls_connector_trusting(roots, alpn)
+}
+
+/// A verifying TLS client that trusts `roots` and offers `alpn`.
+pub fn tls_connector_trusting(
+    roots: rustls::RootCertStore,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

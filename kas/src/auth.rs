@@ -24,15 +24,8 @@ impl AgentToken {
             .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?
             .to_str()
             .map_err(|_| Status::unauthenticated("authorization metadata is not text"))?;
-        let (scheme, token) = value
-            .split_once(' ')
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        let token = token.trim();
-        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-            return Err(Status::unauthenticated(
-                "authorization must be `Bearer <token>`",
-            ));
-        }
+        let token = kas_common::auth::bearer_token(value)
+            .map_err(|_| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
         Ok(Self(token.to_owned()))
     }
 

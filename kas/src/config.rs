@@ -157,20 +157,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// A tracing filter such as `info` or `kas=debug,info`.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-        }
-    }
-}
+pub use kas_common::logging::LogConfig;
 
 impl Config {
     /// Reads a TOML file. Unknown keys are errors: a misspelt setting must not be ignored.

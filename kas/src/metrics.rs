@@ -22,14 +22,7 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
-/// Registers `c` and returns it; shared with the edge's metrics.
-pub fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
-    // Names are constants of this module; a clash is a programming error caught by tests.
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric names are unique");
-    c
-}
+pub use kas_common::metrics::register;
 
 impl Metrics {
     pub fn new() -> Self {

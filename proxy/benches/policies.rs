@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kas_edge::blocklist::Blocklist;
-use kas_edge::ratelimit::{Limiter, LimitsConfig};
+use kas_edge::policy::blocklist::Blocklist;
+use kas_edge::policy::ratelimit::{Limiter, LimitsConfig};
 
 /// A deterministic mix like a real incident list: single addresses, /24s, IPv6 /64s and
 /// /128s, some allow exceptions and previews.

@@ -1,34 +1,25 @@
 //! kas-edge: the edge in front of kas pods.
 //!
-//! One module per concern, wired together in [`edge`]:
-//! [`config`] (typed TOML) · [`tls`] (certificates, SNI, hot reload) · [`discovery`]
-//! (static, DNS, EndpointSlices) · [`pool`] (pods, least in-flight) · [`health`] (active
-//! checks on the observability port) · [`proxy`] (pingora `ProxyHttp`: gRPC over h2c,
-//! websocket upgrades handed to [`tunnel`]) · [`metrics`] · [`admin`] (health, metrics, http→https) · [`acme`].
+//! The modules are the layers a connection passes, outside in, wired together in [`app`]:
+//! [`listener`] (accept, PROXY protocol, TLS, ACME) → [`connection`] (one registration per
+//! client connection: limits, closing, tunnels) → [`http`] (pingora's `ProxyHttp`: policies
+//! per request, gRPC over h2c, websocket upgrades) → [`upstream`] (discovery, health, pod
+//! choice). [`policy`] holds the operator's decisions (blocklist, limits, header rules),
+//! [`admin`] the private admin port and the public plain-HTTP listener, [`telemetry`]
+//! metrics and logs, [`config`] the one typed configuration.
 
-pub mod acme;
-pub mod acme_publish;
 pub mod admin;
-pub mod blocklist;
+pub mod app;
 pub mod config;
-pub mod connections;
+pub mod connection;
+#[cfg(feature = "dev")]
 pub mod dev;
-pub mod discovery;
-pub mod edge;
-pub mod filewatch;
-pub mod health;
-pub mod kubernetes;
-pub mod metrics;
-pub mod plain_http;
+pub mod http;
+pub mod listener;
+pub(crate) mod pingora_compat;
 pub mod policy;
-mod policy_file;
-pub mod pool;
-pub mod proxy;
-pub mod proxy_protocol;
-pub mod ratelimit;
-pub mod rules;
-pub mod tls;
-mod tls_setup;
-pub mod tunnel;
+pub mod support;
+pub mod telemetry;
+pub mod upstream;
 
 pub use config::EdgeConfig;

@@ -3,8 +3,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kas_edge::EdgeConfig;
-
 /// The edge in front of GitLab's agent server (kas).
 #[derive(Parser)]
 #[command(version)]
@@ -26,6 +24,7 @@ enum Command {
         config: PathBuf,
     },
     /// Start the local stack: GitLab stand-in, 3 kas pods and the edge in front.
+    #[cfg(feature = "dev")]
     Dev {
         /// Directory for generated secrets, token, certificate and demo repository.
         #[arg(long, default_value = ".dev")]
@@ -33,19 +32,32 @@ enum Command {
     },
 }
 
-/// Validates the configuration and every policy file it names, as the edge would load them.
+/// Validates the configuration and every file it names, exactly as `run` would load them.
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = EdgeConfig::from_file(path)?;
-    let (blocklist, _limits, rules) = kas_edge::policy::load_files(&config.policies)?;
+    let checked = kas_edge::app::preflight::from_file(path)?;
+    let config = &checked.config;
+    let files = &checked.policy_files;
     println!("{}: configuration is valid", path.display());
     if let Some(file) = &config.policies.blocklist {
-        println!("{}: {} entries", file.display(), blocklist.len());
+        println!("{}: {} entries", file.display(), files.blocklist.len());
     }
     if let Some(file) = &config.policies.limits {
         println!("{}: valid", file.display());
     }
     if let Some(file) = &config.policies.rules {
-        println!("{}: {} rules", file.display(), rules.len());
+        println!("{}: {} rules", file.display(), files.rules.len());
+    }
+    for cert in &checked.certificates {
+        let days_left = cert
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .map(|left| left.as_secs() / 86_400)
+            .unwrap_or(0);
+        println!(
+            "{}: certificate for {} ({days_left} days left)",
+            cert.file.display(),
+            cert.names.join(", ")
+        );
     }
     Ok(())
 }
@@ -53,16 +65,17 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Check { config } => check(&config),
+        #[cfg(feature = "dev")]
         Command::Dev { dir } => {
-            kas::logging::init("info");
+            kas_common::logging::init("info");
             kas_edge::dev::run(dir)
         }
-        Command::Run { config } => EdgeConfig::from_file(&config)
-            .map_err(anyhow::Error::from)
-            .and_then(|cfg| {
-                kas::logging::init(&cfg.log.level);
-                kas_edge::edge::run(cfg)
-            }),
+        Command::Run { config } => {
+            kas_edge::app::preflight::from_file(&config).and_then(|checked| {
+                kas_common::logging::init(&checked.config.log.level);
+                kas_edge::app::run_checked(checked, Box::new(|| {}))
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

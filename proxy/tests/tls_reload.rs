@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use kas_edge::tls::write_self_signed;
+use kas_edge::listener::tls::certs::write_self_signed;
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::PingRequest;
 

@@ -1,0 +1,33 @@
+//! JSON log lines on stdout for every binary of the project, so one log pipeline reads
+//! the edge and kas alike. `RUST_LOG` overrides the configured filter.
+
+use serde::Deserialize;
+
+/// The `[log]` section both binaries' configuration files share.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `kas=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Installs the process-wide JSON logger. An invalid filter falls back to `info`.
+pub fn init(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .init();
+}

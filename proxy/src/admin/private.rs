@@ -1,0 +1,34 @@
+//! The admin port: liveness, readiness and metrics.
+
+use std::sync::Arc;
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{now, text, AdminState, Body, Reply};
+
+pub fn admin_handler(state: Arc<AdminState>) -> impl Fn(&Request<Incoming>) -> Reply {
+    move |req| now(admin_response(&state, req))
+}
+
+fn admin_response(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if state.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/metrics" => {
+                let mut r = text(StatusCode::OK, state.metrics.render(&state.pool));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            _ => text(StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n"),
+        }
+    }
+}

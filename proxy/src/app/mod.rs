@@ -1,0 +1,322 @@
+//! Where the edge is wired together: configuration in, pingora server out. Wiring only:
+//! each layer's behaviour lives in its own module.
+//!
+//! Layers, outside in: accept filter and PROXY header (`listener`) → TLS (`listener::tls`)
+//! → connection registration (`connection`) → HTTP proxy (`http::EdgeProxy`) → pods
+//! (`upstream`: discovery + health + least in-flight). The admin and plain-HTTP listeners
+//! and the background tasks (discovery, health checks, certificate watching) run on a
+//! small side runtime so they outlive pingora's listeners in a drain.
+
+pub mod preflight;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+
+use crate::admin::{self, AdminState};
+use crate::config::EdgeConfig;
+use crate::connection::handoff::PendingHandoffs;
+use crate::connection::registry::ConnectionRegistry;
+use crate::connection::{ConnectionLayer, MaxAge};
+use crate::http::EdgeProxy;
+use crate::listener::accept::{AcceptFilter, SelfProbes};
+use crate::listener::proxy_protocol::ProxyHeaderLayer;
+use crate::listener::tls;
+use crate::policy::Policies;
+use crate::support::keepalive;
+use crate::support::sync::lock;
+use crate::telemetry::metrics::EdgeMetrics;
+use crate::upstream::discovery;
+use crate::upstream::pool::Pool;
+
+/// SIGTERM: readiness 503 first, listeners close only after `readiness_delay`.
+/// SIGINT: the same, without the delay (an operator at a terminal wants it gone).
+struct EdgeSignals {
+    state: Arc<AdminState>,
+    readiness_delay: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for EdgeSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; waiting forever");
+            std::future::pending::<()>().await;
+            return ShutdownSignal::FastShutdown;
+        };
+        let delay = tokio::select! {
+            _ = term.recv() => self.readiness_delay,
+            _ = int.recv() => Duration::ZERO,
+        };
+        self.state.set_ready(false);
+        tracing::info!(delay = ?delay, "shutdown: readiness is now 503; listeners close after the delay");
+        tokio::time::sleep(delay).await;
+        tracing::info!("shutdown: closing listeners, sending GOAWAY; open streams continue until the drain deadline");
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Called once the edge has drained, just before the process ends.
+pub type DrainedHook = Box<dyn FnOnce() + Send>;
+
+/// Ends the process as soon as the drain has nothing left to wait for, instead of
+/// pingora's unconditional grace-period sleep.
+fn exit_when_drained(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    metrics: EdgeMetrics,
+    deadline: Duration,
+    on_drained: Arc<std::sync::Mutex<Option<DrainedHook>>>,
+) {
+    std::thread::spawn(move || {
+        loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            let open: i64 = ["grpc", "websocket", "http"]
+                .iter()
+                .map(|p| metrics.active.with_label_values(&[p]).get())
+                .sum();
+            if open == 0 {
+                tracing::info!("shutdown: all streams drained, exiting");
+                run_hook(&on_drained);
+                std::process::exit(0);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::info!("shutdown: drain deadline reached, closing remaining connections");
+    });
+}
+
+fn run_hook(hook: &std::sync::Mutex<Option<DrainedHook>>) {
+    if let Some(hook) = lock(hook).take() {
+        hook();
+    }
+}
+
+/// Checks everything the configuration names, then runs the edge until a signal ends it.
+/// Blocks the calling thread.
+pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
+    run_checked(preflight::check(config)?, Box::new(|| {}))
+}
+
+/// Runs a checked configuration, calling `on_drained` once the drain is over (the local
+/// stack uses it to stop its kas pods before the process ends).
+pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> anyhow::Result<()> {
+    let preflight::Preflight {
+        config,
+        policy_files,
+        ..
+    } = checked;
+    // One crypto provider for every TLS user in the process (pingora, kube, ACME).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let on_drained = Arc::new(std::sync::Mutex::new(Some(on_drained)));
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("edge-side")
+        .enable_all()
+        .build()
+        .context("cannot start the side runtime")?;
+    let metrics = EdgeMetrics::new();
+    let pool = Arc::new(Pool::new(config.health.port, config.health.passive_backoff));
+    let tls = tls::TlsSetup::new(&config.tls, metrics.clone(), side.handle())?;
+    let state = Arc::new(AdminState {
+        ready: AtomicBool::new(false),
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        https_port: config.listen.https.port(),
+        acme: tls.acme(),
+        acme_relay: config.tls.acme_challenge_relay.clone(),
+    });
+    start_side_services(&side, &config, &state)?;
+
+    let conf = ServerConf {
+        threads: config.listen.threads,
+        work_stealing: config.listen.work_stealing,
+        grace_period_seconds: Some(config.shutdown.drain_deadline.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let registry = ConnectionRegistry::new(metrics.open_connections.clone());
+    let policies = Policies::new(
+        policy_files,
+        &config.policies,
+        &config.proxy_protocol,
+        registry.clone(),
+        metrics.clone(),
+    )?;
+    let _policy_watchers = policies.watch(&config.policies)?;
+    side.spawn(policies.clone().evict_idle_keys());
+    let probes = Arc::new(SelfProbes::default());
+    let service = proxy_service(&server, &config, &tls, policies, registry, &state, &probes)?;
+    server.add_service(service);
+
+    exit_when_drained(
+        server.watch_execution_phase(),
+        metrics,
+        config.shutdown.drain_deadline,
+        on_drained.clone(),
+    );
+    ready_once_accepting(&side, state.clone(), probes, config.listen.https);
+    tracing::info!(
+        https = %config.listen.https,
+        admin = %config.listen.admin,
+        http = ?config.listen.http,
+        "kas-edge serving"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(EdgeSignals {
+            state,
+            readiness_delay: config.shutdown.readiness_delay,
+        }),
+    });
+    drop(tls);
+    run_hook(&on_drained);
+    side.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}
+
+/// The admin and plain-HTTP listeners, discovery feeding the pool, and health checks: all
+/// on the side runtime, so they keep working while pingora drains. Ports are bound here,
+/// before pingora takes over, so a busy port fails start-up with a clear message.
+fn start_side_services(
+    side: &tokio::runtime::Runtime,
+    config: &EdgeConfig,
+    state: &Arc<AdminState>,
+) -> anyhow::Result<()> {
+    let (admin_listener, http_listener) = side.block_on(async {
+        let admin_listener = admin::bind(config.listen.admin, "listen.admin").await?;
+        let http_listener = match config.listen.http {
+            Some(addr) => Some(admin::bind(addr, "listen.http").await?),
+            None => None,
+        };
+        drop(admin::bind(config.listen.https, "listen.https").await?);
+        anyhow::Ok((admin_listener, http_listener))
+    })?;
+    side.spawn(admin::serve(
+        admin_listener,
+        admin::private::admin_handler(state.clone()),
+    ));
+    if let Some(listener) = http_listener {
+        side.spawn(admin::serve(
+            listener,
+            admin::public::redirect_handler(state.clone()),
+        ));
+    }
+
+    let mut endpoints = discovery::start(side.handle(), &config.discovery)?;
+    let pool = state.pool.clone();
+    side.spawn(async move {
+        loop {
+            let snapshot = endpoints.borrow_and_update().clone();
+            pool.update(&snapshot);
+            if endpoints.changed().await.is_err() {
+                tracing::warn!("discovery ended; keeping the last set of pods");
+                return;
+            }
+        }
+    });
+    side.spawn(crate::upstream::health::run(
+        state.pool.clone(),
+        config.health.clone(),
+        state.metrics.clone(),
+    ));
+    Ok(())
+}
+
+/// The public TLS service: accept filter → PROXY header → TLS → connection layer → proxy.
+fn proxy_service(
+    server: &Server,
+    config: &EdgeConfig,
+    tls: &tls::TlsSetup,
+    policies: Arc<Policies>,
+    registry: Arc<ConnectionRegistry>,
+    state: &AdminState,
+    probes: &Arc<SelfProbes>,
+) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>>>> {
+    let handoffs = Arc::new(PendingHandoffs::default());
+    let proxy = EdgeProxy {
+        handoffs: handoffs.clone(),
+        policies: policies.clone(),
+        pool: state.pool.clone(),
+        metrics: state.metrics.clone(),
+        upstream: config.upstream.clone(),
+    };
+    let app = ConnectionLayer {
+        inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
+        policies: policies.clone(),
+        registry,
+        metrics: state.metrics.clone(),
+        max_age: config.downstream.max_connection_age.map(|age| MaxAge {
+            age,
+            jitter: config.downstream.max_connection_age_jitter,
+        }),
+        handoffs,
+    };
+    let mut service = Service::new("kas-edge".to_string(), app);
+    service.set_connection_filter(Arc::new(AcceptFilter {
+        policies: policies.clone(),
+        probes: probes.clone(),
+    }));
+    if policies.proxy_protocol_enabled() {
+        service
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(ProxyHeaderLayer(policies.clone())));
+    }
+    let mut tls_settings = TlsSettings::with_callbacks(tls.handshake_callbacks())
+        .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    tls_settings.set_cert_resolver(tls.resolver());
+    tls_settings.enable_h2();
+    let mut socket = TcpSocketOptions::default();
+    socket.tcp_keepalive = Some(keepalive::pingora(config.downstream.tcp_keepalive));
+    service.endpoints().add_listener(
+        ListenerConfig::tcp(config.listen.https.to_string())
+            .tcp_socket_options(socket)
+            .tls(tls_settings)
+            .l4_buffer(L4BufferSettings::new(
+                config.downstream.read_buffer,
+                config.downstream.write_buffer,
+            )),
+    );
+    Ok(service)
+}
+
+/// Ready only once pingora accepts on the TLS port: it binds when `run` starts its
+/// services, and a load balancer acting on an early 200 would see refusals.
+fn ready_once_accepting(
+    side: &tokio::runtime::Runtime,
+    state: Arc<AdminState>,
+    probes: Arc<SelfProbes>,
+    https: std::net::SocketAddr,
+) {
+    let probe = if https.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), https.port())
+    } else {
+        https
+    };
+    side.spawn(async move {
+        while probes.connect(probe).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        state.set_ready(true);
+    });
+}

@@ -1,0 +1,60 @@
+//! `[downstream]`: the agents' connections to the edge.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::FieldError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamConfig {
+    /// TCP keepalive idle time towards agents: how dead peers are found, since no idle
+    /// timeout may cut a healthy agent connection.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    /// Close connections after this age (plus jitter) so agents rebalance after a
+    /// scale-out. Off by default: it cuts streams that are open at that moment.
+    #[serde(default, with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
+    /// Up to this fraction of `max_connection_age` is added at random per connection.
+    pub max_connection_age_jitter: f64,
+    /// Bytes of read buffer below TLS on each agent connection. pingora's default (64 KiB)
+    /// would be most of an idle agent connection's memory; rustls pulls records through in
+    /// small reads anyway, so 0 (unbuffered) costs a few more syscalls on busy connections.
+    pub read_buffer: usize,
+    /// Bytes of write buffer below TLS per agent connection. pingora's default (one MSS)
+    /// coalesces small writes; measured here it made no difference to requests/s, and 0
+    /// (each flush goes straight out) saves that much memory per idle agent.
+    pub write_buffer: usize,
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        Self {
+            tcp_keepalive: Duration::from_secs(60),
+            max_connection_age: None,
+            max_connection_age_jitter: 0.1,
+            read_buffer: 0,
+            write_buffer: 0,
+        }
+    }
+}
+
+impl DownstreamConfig {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.max_connection_age.is_some_and(|a| a.is_zero()) {
+            return Err(FieldError::new(
+                "downstream.max_connection_age",
+                "must be greater than zero (omit it to disable)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_connection_age_jitter) {
+            return Err(FieldError::new(
+                "downstream.max_connection_age_jitter",
+                "must be between 0 and 1",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The edge's configuration: one TOML file, one typed structure, validated at load so
+//! that a bad value stops the edge (or `kas-edge check`) with the file, line and field.
+
+mod discovery;
+mod downstream;
+mod health;
+mod listen;
+mod policies;
+mod shutdown;
+mod tls;
+mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use discovery::DiscoveryConfig;
+pub use downstream::DownstreamConfig;
+pub use health::HealthConfig;
+pub use listen::ListenConfig;
+pub use policies::{PoliciesConfig, ProxyProtocolConfig};
+pub use shutdown::ShutdownConfig;
+pub use tls::{CertificateConfig, TlsConfig};
+pub use upstream::UpstreamConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's message names the line, column and key.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub discovery: DiscoveryConfig,
+    pub health: HealthConfig,
+    pub upstream: UpstreamConfig,
+    pub downstream: DownstreamConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    pub policies: PoliciesConfig,
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+/// `[log]`: the same section as kas's, so both binaries log alike.
+pub use kas_common::logging::LogConfig;
+
+impl EdgeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: EdgeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Relative file names are taken relative to the configuration file, so a config and
+    /// its `policies/` can move together.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for cert in &mut self.tls.certificates {
+            resolve(&mut cert.cert);
+            resolve(&mut cert.key);
+        }
+        if let Some(dir) = &mut self.tls.self_signed_dir {
+            resolve(dir);
+        }
+        if let Some(acme) = &mut self.tls.acme {
+            resolve(&mut acme.cache_dir);
+            if let Some(ca) = &mut acme.directory_ca {
+                resolve(ca);
+            }
+        }
+        for file in [
+            &mut self.policies.blocklist,
+            &mut self.policies.limits,
+            &mut self.policies.rules,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(file);
+        }
+    }
+
+    /// Checks what types cannot, section by section; `path` only labels the errors.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        self.validate_sections().map_err(|e| e.in_file(path))
+    }
+
+    fn validate_sections(&self) -> Result<(), FieldError> {
+        self.listen.validate()?;
+        self.tls.validate(self.listen.http.is_some())?;
+        self.discovery.validate()?;
+        self.health.validate()?;
+        self.upstream.validate()?;
+        self.downstream.validate()?;
+        self.shutdown.validate()?;
+        self.proxy_protocol.validate()?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| FieldError::new("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// A value that fails validation, before it is placed in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn in_file(self, path: &Path) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            field: self.field,
+            message: self.message,
+        }
+    }
+}
+
+fn positive(field: &str, value: Duration) -> Result<(), FieldError> {
+    if value.is_zero() {
+        return Err(FieldError::new(field, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+fn at_least_one(field: &str, value: u32) -> Result<(), FieldError> {
+    if value == 0 {
+        return Err(FieldError::new(field, "must be at least 1"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<EdgeConfig, String> {
+        let config: EdgeConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config
+            .validate(Path::new("edge.toml"))
+            .map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    const MINIMAL: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n";
+
+    #[test]
+    fn minimal_static_config() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.health.port, 8151);
+        assert_eq!(c.upstream.max_h2_streams, 256);
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let err = parse(&format!("{MINIMAL}[health]\nintervall = \"1s\"\n")).unwrap_err();
+        assert!(err.contains("intervall") && err.contains("line 5"), "{err}");
+        let err = parse(&format!("{MINIMAL}[health]\ntimeout = \"9s\"\n")).unwrap_err();
+        assert!(err.contains("health.timeout"), "{err}");
+        let err = parse("[discovery]\nkind = \"static\"\nendpoints = []\n").unwrap_err();
+        assert!(err.contains("discovery.endpoints"), "{err}");
+        let err = parse("[discovery]\nkind = \"consul\"\n").unwrap_err();
+        assert!(err.contains("consul"), "{err}");
+    }
+
+    #[test]
+    fn acme_challenge_relay_must_be_host_and_port() {
+        let with = |relay: &str| {
+            format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nacme_challenge_relay = \"{relay}\"\n{MINIMAL}")
+        };
+        assert!(parse(&with("kas-edge-acme:80")).is_ok());
+        assert!(parse(&with("10.0.0.7:8080")).is_ok());
+        for bad in ["kas-edge-acme", ":80", "kas-edge-acme:http", "x:0"] {
+            let err = parse(&with(bad)).unwrap_err();
+            assert!(err.contains("tls.acme_challenge_relay"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn dns_and_kubernetes_sources() {
+        let c =
+            parse("[discovery]\nkind = \"dns\"\nname = \"kas.gitlab.svc\"\nport = 8150\n").unwrap();
+        assert!(
+            matches!(c.discovery, DiscoveryConfig::Dns { interval, .. } if interval == Duration::from_secs(5))
+        );
+        let c =
+            parse("[discovery]\nkind = \"kubernetes\"\nservice = \"kas\"\nport_name = \"agent\"\n")
+                .unwrap();
+        assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes { .. }));
+    }
+}

@@ -1,0 +1,56 @@
+//! `[upstream]`: how the edge talks to kas pods.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::FieldError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Concurrent gRPC streams per upstream HTTP/2 connection (pingora's default is 1).
+    pub max_h2_streams: usize,
+    /// HTTP/2 PINGs find dead pods without an idle timeout on healthy streams.
+    #[serde(with = "humantime_serde")]
+    pub h2_ping_interval: Duration,
+    /// TCP keepalive idle time towards pods.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    /// How many pods a request may try when connecting fails.
+    pub max_connect_attempts: u32,
+    /// How long a pod may take to answer a websocket upgrade before the agent gets a 502.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            max_h2_streams: 256,
+            h2_ping_interval: Duration::from_secs(30),
+            tcp_keepalive: Duration::from_secs(60),
+            max_connect_attempts: 3,
+            upgrade_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        super::positive("upstream.connect_timeout", self.connect_timeout)?;
+        super::positive("upstream.h2_ping_interval", self.h2_ping_interval)?;
+        super::positive("upstream.upgrade_timeout", self.upgrade_timeout)?;
+        super::at_least_one("upstream.max_connect_attempts", self.max_connect_attempts)?;
+        if self.max_h2_streams == 0 {
+            return Err(FieldError::new(
+                "upstream.max_h2_streams",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}

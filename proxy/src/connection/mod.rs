@@ -1,0 +1,146 @@
+//! Layer 3: every downstream connection, tracked from the TLS handshake to its close.
+//!
+//! pingora's connection filter sees a connection only at accept and never learns when it
+//! closes, and its proxy offers no handle to end a connection from outside. This wraps the
+//! proxy's `ServerApp` so each connection is registered by client IP for its whole life
+//! ([`registry`]): that gives an open-connection gauge, a place for per-client concurrency
+//! limits, and a way to close a client's established connections (an operator just
+//! blocked it). It also carries the work requests hand to their connection ([`handoff`]).
+
+pub mod handoff;
+pub mod registry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use tokio::time::Instant;
+
+use crate::pingora_compat;
+use crate::policy::Policies;
+use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
+use handoff::PendingHandoffs;
+use registry::{ConnectionGuard, ConnectionRegistry};
+
+/// Optional bound on a connection's life, so load spreads again after a scale-out:
+/// `age` plus up to `jitter` of it at random, so connections opened together (after a
+/// restart) do not all close together.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxAge {
+    pub age: std::time::Duration,
+    pub jitter: f64,
+}
+
+impl MaxAge {
+    fn pick(&self) -> std::time::Duration {
+        let extra = rand::random::<f64>() * self.jitter.clamp(0.0, 1.0);
+        self.age + self.age.mul_f64(extra)
+    }
+}
+
+/// The proxy application wrapped so each connection is registered for its lifetime, can
+/// be ended from outside (a block, its maximum age) and carries the tunnels its requests
+/// hand over. pingora runs HTTP/1.1 keep-alive rounds and HTTP/2 streams inside one
+/// `process_new` call, so "the connection" here is the TCP connection.
+pub struct ConnectionLayer<A> {
+    pub inner: Arc<A>,
+    pub policies: Arc<Policies>,
+    pub registry: Arc<ConnectionRegistry>,
+    pub metrics: EdgeMetrics,
+    pub max_age: Option<MaxAge>,
+    pub handoffs: Arc<PendingHandoffs>,
+}
+
+/// Resolves when the edge wants the connection closed: its client was blocked, or it
+/// reached its maximum age. Never resolves for an untracked connection without an age.
+fn closed_by_edge(
+    guard: Option<&ConnectionGuard>,
+    deadline: Option<Instant>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let cancelled = guard.map(|g| g.cancelled.clone());
+    let client = guard.map(|g| g.ip);
+    async move {
+        let cancelled = async {
+            match cancelled {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let expired = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancelled => {}
+            _ = expired => tracing::info!(
+                client = client.map(|ip| ip.to_string()).unwrap_or_default(),
+                "closing a connection at its maximum age"
+            ),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if let Some(handshake) = pingora_compat::tls_handshake_duration(&stream) {
+            self.metrics
+                .tls_handshake_seconds
+                .observe(handshake.as_secs_f64());
+        }
+        let id = stream.id();
+        let by_alpn = GaugeGuard::hold(
+            self.metrics
+                .open_connections_by_alpn
+                .with_label_values(&[pingora_compat::alpn_label(&stream)]),
+        );
+        let guard = match pingora_compat::client_ip(&stream) {
+            Some(ip) => {
+                if !self.policies.admit_concurrent(ip) {
+                    return None;
+                }
+                Some(self.registry.register(ip))
+            }
+            None => None,
+        };
+        let deadline = self
+            .max_age
+            .map(|m| Instant::now() + m.pick())
+            .filter(|_| guard.is_some());
+        // pingora's HTTP app returns only when the connection is done with it: after the
+        // last keep-alive request, the last HTTP/2 stream, or a request that handed its
+        // connection over (a websocket tunnel). It never returns a stream to reuse.
+        tokio::select! {
+            _ = self.inner.process_new(stream, shutdown) => {}
+            // Dropping the connection's future closes its socket and, for HTTP/2, every
+            // stream on it; upstream halves follow as their tasks see the close.
+            _ = closed_by_edge(guard.as_ref(), deadline) => {
+                drop(self.handoffs.take(id));
+                return None;
+            }
+        }
+        if let Some(handoff) = self.handoffs.take(id) {
+            // pingora's request is over and its state freed; the tunnel continues in a
+            // task of its own that holds just what it needs, registration included.
+            let stop = Box::pin(closed_by_edge(guard.as_ref(), deadline));
+            tokio::spawn(async move {
+                handoff.carry(stop).await;
+                drop((guard, by_alpn));
+            });
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}

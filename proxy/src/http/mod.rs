@@ -1,0 +1,490 @@
+//! The HTTP proxy itself: pingora's `ProxyHttp` seam. Classifies each request (gRPC,
+//! websocket, other HTTP), picks the least-loaded healthy pod and forwards over the right
+//! upstream protocol: gRPC over HTTP/2 cleartext (streams and trailers end to end),
+//! websockets over HTTP/1.1 as a raw tunnel after the upgrade (handed to [`crate::http::websocket`],
+//! which does the upgrade itself instead of pingora's HTTP/1 proxy loop).
+
+pub mod websocket;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::proxy::FailToProxy;
+
+use crate::config::UpstreamConfig;
+use crate::connection::handoff::{Handoff, PendingHandoffs};
+use crate::pingora_compat;
+use crate::policy::{Denial, Policies};
+use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
+use crate::upstream::pool::{Pod, PodGuard, Pool};
+use websocket::{PodDialer, Relayed, TunnelEnd, TunnelOutcome};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC over HTTP/2 (`grpcs://` agents).
+    Grpc,
+    /// An HTTP/1.1 websocket upgrade (`wss://` agents, gRPC inside).
+    Websocket,
+    /// Anything else; forwarded over HTTP/1.1.
+    Http,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Websocket => "websocket",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+pub struct RequestCtx {
+    protocol: Protocol,
+    started: Instant,
+    /// The client's address (after PROXY protocol), for the access log.
+    client: Option<std::net::IpAddr>,
+    /// The in-flight slot on the chosen pod, held for the whole stream or tunnel.
+    pod: Option<PodGuard>,
+    attempts: u32,
+    upstream_latency_recorded: bool,
+    /// Set for websocket upgrades the pod refused (see [`crate::http::websocket`]).
+    tunnel: Option<TunnelOutcome>,
+    /// The upgrade became a tunnel, handed to the connection layer, which logs its end.
+    handed_off: bool,
+    /// Counts the request in `edge_active_streams` until it ends, whichever way.
+    _active: Option<GaugeGuard>,
+}
+
+pub struct EdgeProxy {
+    pub policies: Arc<Policies>,
+    pub pool: Arc<Pool>,
+    pub metrics: EdgeMetrics,
+    pub upstream: UpstreamConfig,
+    /// Where established tunnels wait for [`crate::connection::Tracked`] to carry them.
+    pub handoffs: Arc<PendingHandoffs>,
+}
+
+fn classify(session: &Session) -> Protocol {
+    if session.is_upgrade_req() {
+        return Protocol::Websocket;
+    }
+    let grpc = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && session.as_downstream().is_http2() {
+        Protocol::Grpc
+    } else {
+        Protocol::Http
+    }
+}
+
+/// Answers a request the edge will not forward. gRPC gets a trailers-only response
+/// (HEADERS with END_STREAM carrying `grpc-status`), which every gRPC client maps to the
+/// status; other requests get the HTTP status. Returns the HTTP status written.
+async fn respond_denied(session: &mut Session, protocol: Protocol, denial: &Denial) -> u16 {
+    let retry_after = denial.retry_after.map(|d| d.as_secs().max(1).to_string());
+    if protocol == Protocol::Grpc {
+        let written = (|| -> Result<()> {
+            let mut resp = ResponseHeader::build(200, Some(4))?;
+            resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+            resp.insert_header("grpc-status", denial.grpc_status.to_string())?;
+            resp.insert_header("grpc-message", denial.message.as_str())?;
+            if let Some(secs) = &retry_after {
+                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
+            }
+            match session.as_downstream_mut() {
+                HttpSession::H2(h2) => h2.write_response_header(Box::new(resp), true),
+                _ => Err(Error::explain(
+                    InternalError,
+                    "gRPC on a non-HTTP/2 session",
+                )),
+            }
+        })();
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "could not write the gRPC error response");
+        }
+        200
+    } else {
+        let written = async {
+            let body = Bytes::from(format!("{}\n", denial.message));
+            let mut resp = ResponseHeader::build(denial.http_status, Some(4))?;
+            resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+            resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            if let Some(secs) = &retry_after {
+                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
+            }
+            session.set_keepalive(None);
+            session.write_response_header(Box::new(resp), false).await?;
+            session.write_response_body(Some(body), true).await
+        };
+        if let Err(e) = written.await {
+            tracing::debug!(error = %e, "could not write the error response");
+        }
+        denial.http_status
+    }
+}
+
+fn unavailable(why: &str) -> Denial {
+    Denial {
+        http_status: 503,
+        grpc_status: 14, // UNAVAILABLE
+        message: why.to_owned(),
+        retry_after: None,
+    }
+}
+
+/// A pod was reached but did not answer usefully: 502 (gRPC: still UNAVAILABLE).
+fn bad_gateway(why: &str) -> Denial {
+    Denial {
+        http_status: 502,
+        ..unavailable(why)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            protocol: Protocol::Http,
+            started: Instant::now(),
+            client: None,
+            pod: None,
+            attempts: 0,
+            upstream_latency_recorded: false,
+            tunnel: None,
+            handed_off: false,
+            _active: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.protocol = classify(session);
+        ctx._active = Some(GaugeGuard::hold(
+            self.metrics
+                .active
+                .with_label_values(&[ctx.protocol.label()]),
+        ));
+        if ctx.protocol == Protocol::Websocket {
+            // pingora's HTTP/1 read timeout (60 s) would otherwise also apply to the
+            // upgraded tunnel and cut idle agents; dead peers are found by TCP keepalive.
+            session.set_read_timeout(None);
+            session.set_write_timeout(None);
+        }
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.client = client;
+        if let Some(denial) = self
+            .policies
+            .check_request(client, &session.req_header().headers)
+        {
+            respond_denied(session, ctx.protocol, &denial).await;
+            return Ok(true);
+        }
+        if !self.pool.any_accepting() {
+            respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
+            return Ok(true);
+        }
+        if ctx.protocol == Protocol::Websocket {
+            self.forward_websocket(session, ctx).await;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
+        // A retry releases the slot on the pod that failed before taking a new one.
+        ctx.pod = None;
+        let guard = self
+            .pool
+            .pick()
+            .ok_or_else(|| Error::explain(HTTPStatus(503), "no healthy kas pod"))?;
+        let mut peer = HttpPeer::new(guard.pod().addr, false, String::new());
+        let opts = &mut peer.options;
+        opts.connection_timeout = Some(self.upstream.connect_timeout);
+        opts.read_timeout = None;
+        opts.write_timeout = None;
+        opts.idle_timeout = Some(Duration::from_secs(60));
+        opts.tcp_keepalive = Some(crate::support::keepalive::pingora(
+            self.upstream.tcp_keepalive,
+        ));
+        if ctx.protocol == Protocol::Grpc {
+            opts.set_http_version(2, 2);
+            opts.max_h2_streams = self.upstream.max_h2_streams;
+            opts.h2_ping_interval = Some(self.upstream.h2_ping_interval);
+        } else {
+            opts.set_http_version(1, 1);
+        }
+        ctx.pod = Some(guard);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(guard) = &ctx.pod {
+            self.connect_failed(guard.pod());
+        }
+        // Nothing reached the pod yet, so another pod may take the request.
+        if ctx.attempts < self.upstream.max_connect_attempts {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        self.record_upstream_latency(ctx);
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        let already_answered = session.response_written().is_some();
+        let error_code = if code == 0 || already_answered {
+            code
+        } else if ctx.protocol == Protocol::Grpc || code == 503 || code == 502 {
+            respond_denied(session, ctx.protocol, &unavailable("kas is unavailable")).await
+        } else {
+            if let Err(err) = session.respond_error(code).await {
+                tracing::debug!(error = %err, "could not write the error response");
+            }
+            code
+        };
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// A client that goes away (agents reconnect, cancel streams) is not an edge error;
+    /// the access log line still records it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        *error.esource() == ErrorSource::Downstream
+            && matches!(
+                error.etype(),
+                ConnectionClosed | ReadError | WriteError | H2Error
+            )
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.handed_off {
+            return; // The tunnel logs when it ends.
+        }
+        // A relayed upgrade refusal left only a stand-in session behind: its numbers are in ctx.
+        let (status, bytes_in, bytes_out) = match &ctx.tunnel {
+            Some(t) => (t.status, t.bytes_in, t.bytes_out),
+            None => (
+                session
+                    .response_written()
+                    .map(|r| r.status.as_u16())
+                    .unwrap_or(0),
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+            ),
+        };
+        AccessRecord {
+            bytes_in,
+            bytes_out,
+            ..AccessRecord::of(session, ctx, status)
+        }
+        .log(&self.metrics, e.map(|e| e.to_string()));
+    }
+}
+
+/// One access-log line and the request metrics that go with it.
+struct AccessRecord {
+    client: Option<std::net::IpAddr>,
+    protocol: Protocol,
+    method: http::Method,
+    path: String,
+    pod: Option<Arc<Pod>>,
+    status: u16,
+    started: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    tunnel_end: Option<TunnelEnd>,
+}
+
+impl AccessRecord {
+    /// The request's part of the line; the caller fills in the byte counts.
+    fn of(session: &Session, ctx: &RequestCtx, status: u16) -> Self {
+        let req = session.req_header();
+        Self {
+            client: ctx.client,
+            protocol: ctx.protocol,
+            method: req.method.clone(),
+            path: req.uri.path().to_owned(),
+            pod: ctx.pod.as_ref().map(|g| g.pod().clone()),
+            status,
+            started: ctx.started,
+            bytes_in: 0,
+            bytes_out: 0,
+            tunnel_end: ctx.tunnel.map(|t| t.end),
+        }
+    }
+
+    fn log(&self, metrics: &EdgeMetrics, error: Option<String>) {
+        let protocol = self.protocol.label();
+        metrics
+            .requests
+            .with_label_values(&[protocol, &self.status.to_string()])
+            .inc();
+        metrics
+            .bytes
+            .with_label_values(&["from_client"])
+            .inc_by(self.bytes_in);
+        metrics
+            .bytes
+            .with_label_values(&["to_client"])
+            .inc_by(self.bytes_out);
+        tracing::info!(
+            target: "access",
+            client = self.client.map(|ip| ip.to_string()).unwrap_or_default(),
+            protocol,
+            method = %self.method,
+            path = %self.path,
+            pod = self.pod.as_ref().map_or("-", |p| p.label.as_str()),
+            status = self.status,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            tunnel_end = self.tunnel_end.map(TunnelEnd::label),
+            error,
+        );
+    }
+}
+
+impl EdgeProxy {
+    /// A pod refused a connection: keep new traffic off it for the passive back-off.
+    fn connect_failed(&self, pod: &Pod) {
+        self.pool.mark_failed(pod);
+        self.metrics
+            .upstream_connect_failures
+            .with_label_values(&[&pod.label])
+            .inc();
+    }
+
+    fn record_upstream_latency(&self, ctx: &mut RequestCtx) {
+        if !ctx.upstream_latency_recorded {
+            ctx.upstream_latency_recorded = true;
+            self.metrics
+                .upstream_latency
+                .with_label_values(&[ctx.protocol.label()])
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Forwards a websocket upgrade to the least-loaded pod and, once it answers `101`,
+    /// carries the tunnel until either side closes. Connect failures move on to another pod
+    /// (nothing reached the first one); any later failure is answered with a 502.
+    async fn forward_websocket(&self, session: &mut Session, ctx: &mut RequestCtx) {
+        let dialer = PodDialer {
+            connect_timeout: self.upstream.connect_timeout,
+            response_timeout: self.upstream.upgrade_timeout,
+            tcp_keepalive: self.upstream.tcp_keepalive,
+        };
+        let request = session.req_header().clone();
+        let answered = loop {
+            ctx.attempts += 1;
+            ctx.pod = None;
+            let Some(guard) = self.pool.pick() else {
+                respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
+                return;
+            };
+            let addr = guard.pod().addr;
+            let pod = ctx.pod.insert(guard).pod().clone();
+            match dialer.handshake(addr, &request).await {
+                Ok(answered) => break answered,
+                Err(e) if e.is_connect() && ctx.attempts < self.upstream.max_connect_attempts => {
+                    tracing::debug!(error = %e, "trying another pod");
+                    self.connect_failed(&pod);
+                }
+                Err(e) => {
+                    if e.is_connect() {
+                        self.connect_failed(&pod);
+                    }
+                    tracing::warn!(error = %e, "websocket upgrade not forwarded");
+                    let denial = bad_gateway("kas did not answer the upgrade");
+                    respond_denied(session, ctx.protocol, &denial).await;
+                    return;
+                }
+            }
+        };
+        self.record_upstream_latency(ctx);
+        if answered.response.status == 101
+            && !pingora_compat::completes_upgrade(session, &answered.response)
+        {
+            tracing::warn!(pod = %ctx.pod.as_ref().map(|g| g.pod().label.as_str()).unwrap_or("-"),
+                "pod answered 101 without a valid upgrade");
+            let denial = bad_gateway("kas answered the upgrade incorrectly");
+            respond_denied(session, ctx.protocol, &denial).await;
+            return;
+        }
+        match websocket::relay(session, answered).await {
+            Relayed::Done(outcome) => ctx.tunnel = Some(outcome),
+            Relayed::Upgraded(pending) => {
+                // Carried by the connection layer once pingora's request is over; what the
+                // access log needs and what must live as long as the tunnel go with it.
+                let mut record = AccessRecord::of(session, ctx, 101);
+                let held = (ctx.pod.take(), ctx._active.take());
+                let metrics = self.metrics.clone();
+                let connection = pending.connection_id();
+                self.handoffs
+                    .put(Handoff::new(connection, move |stop| async move {
+                        let outcome = pending
+                            .carry(async {
+                                stop.await;
+                                TunnelEnd::ClosedByEdge
+                            })
+                            .await;
+                        record.bytes_in = outcome.bytes_in;
+                        record.bytes_out = outcome.bytes_out;
+                        record.tunnel_end = Some(outcome.end);
+                        record.log(&metrics, None);
+                        drop(held);
+                    }));
+                ctx.handed_off = true;
+            }
+        }
+    }
+}

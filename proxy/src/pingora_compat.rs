@@ -1,0 +1,223 @@
+//! Every place the edge relies on pingora 0.9 behaviour that is not a stable API: digest
+//! layout, the order of timing digests, swapping a session's stream, and how an upgrade is
+//! recognised. Each function has a test that pins the behaviour to the pingora version, so
+//! an upgrade fails loudly here and nowhere else.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::AsRawFd;
+
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora::proxy::Session;
+use tokio::io::AsyncWriteExt;
+
+/// The client IP of a stream, as pingora recorded it.
+pub fn client_ip(stream: &Stream) -> Option<IpAddr> {
+    stream
+        .get_socket_digest()?
+        .peer_addr()?
+        .as_inet()
+        .map(|a| a.ip())
+}
+
+/// The protocol the client and the edge agreed on in the TLS handshake.
+pub fn alpn_label(stream: &Stream) -> &'static str {
+    match stream.selected_alpn_proto() {
+        Some(pingora::protocols::ALPN::H2) => "h2",
+        Some(pingora::protocols::ALPN::H1) => "http/1.1",
+        Some(_) => "other",
+        None => "none",
+    }
+}
+
+/// The TLS handshake's duration, as pingora measured it for this connection.
+pub fn tls_handshake_duration(stream: &Stream) -> Option<std::time::Duration> {
+    stream
+        .get_timing_digest()
+        .into_iter()
+        .flatten()
+        .nth(1)
+        .and_then(|tls| tls.establishment_duration)
+}
+
+/// The peer of the raw socket, asked of the socket itself: reading the stream's digest
+/// would fix its peer address for good (a `OnceCell`) before a PROXY header can correct it.
+pub fn socket_peer(stream: &L4Stream) -> Option<SocketAddr> {
+    SocketDigest::from_raw_fd(stream.as_raw_fd())
+        .peer_addr()
+        .and_then(|a| a.as_inet())
+        .copied()
+}
+
+/// Records `client` as the stream's peer (the real client behind a PROXY header): a fresh
+/// socket digest whose peer address is set before anyone reads it.
+pub fn set_client_addr(stream: &mut L4Stream, client: SocketAddr) {
+    let real = SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = real
+        .peer_addr
+        .set(Some(pingora::protocols::l4::socket::SocketAddr::Inet(
+            client,
+        )));
+    stream.set_socket_digest(real);
+}
+
+/// Whether the agent's session accepts `response` as a completed upgrade: a `101` that is
+/// not one (HTTP/1.0, or an agent that never asked) must not start a tunnel.
+pub fn completes_upgrade(session: &Session, response: &ResponseHeader) -> bool {
+    match session.as_downstream() {
+        HttpSession::H1(h1) => h1.is_upgrade(response) == Some(true),
+        _ => false,
+    }
+}
+
+/// Takes the agent's connection out of its pingora session, leaving a stand-in session in
+/// its place that holds the same request head and no connection.
+///
+/// Why: pingora has no API to hand an upgraded connection over, and reading the tunnel
+/// through the session keeps a 64 KiB body buffer per tunnel for as long as it is idle,
+/// which for tens of thousands of mostly idle agents is most of the edge's memory. The
+/// stand-in keeps pingora's bookkeeping after `request_filter` working (its `finish` sees
+/// no keep-alive and returns nothing to reuse); the access log takes its numbers from
+/// `TunnelOutcome`.
+///
+/// Bytes the agent sent before receiving the `101` (a websocket client must not, RFC 6455
+/// 4.1, but an eager one might) are taken out first by `http::websocket::take_buffered`.
+pub async fn take_h1_stream(session: &mut Session) -> io::Result<pingora::protocols::Stream> {
+    if !matches!(session.as_downstream(), HttpSession::H1(_)) {
+        return Err(io::Error::other("not an HTTP/1.1 session"));
+    }
+    let head = crate::http::websocket::encode_request_head(session.req_header());
+    let (stand_in_io, mut feed) = tokio::io::duplex(head.len());
+    feed.write_all(&head).await?;
+    drop(feed);
+    let mut stand_in = HttpSession::new_http1(Box::new(stand_in_io));
+    match stand_in.read_request().await {
+        Ok(true) => {}
+        Ok(false) => return Err(io::Error::other("stand-in session read no request")),
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    }
+    stand_in.set_keepalive(None);
+    match std::mem::replace(session.downstream_session.as_mut(), stand_in) {
+        HttpSession::H1(agent) => Ok(agent.into_inner()),
+        _ => unreachable!("checked above that the session is HTTP/1"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::listener::tls::certs::{self, CertResolver};
+
+    /// The pingora version these adapters were written and tested against.
+    const PINGORA_VERSION: &str = "0.9.1";
+
+    /// A connected pair over loopback: (accepted side as pingora's L4 stream, client side).
+    async fn pair() -> (L4Stream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (L4Stream::from(accepted), client)
+    }
+
+    #[test]
+    fn written_for_the_pingora_in_cargo_lock() {
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        let expected = format!("name = \"pingora-core\"\nversion = \"{PINGORA_VERSION}\"");
+        assert!(
+            lock.contains(&expected),
+            "pingora changed: re-check every adapter in pingora_compat.rs, then its version"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_address_set_before_tls_is_the_one_the_connection_reports() {
+        let (mut stream, client) = pair().await;
+        assert_eq!(socket_peer(&stream), Some(client.local_addr().unwrap()));
+        let real: SocketAddr = "203.0.113.9:4711".parse().unwrap();
+        set_client_addr(&mut stream, real);
+        let stream: Stream = Box::new(stream);
+        assert_eq!(client_ip(&stream), Some(real.ip()));
+        assert_eq!(alpn_label(&stream), "none");
+    }
+
+    #[tokio::test]
+    async fn tls_handshake_duration_is_the_second_timing_digest() {
+        let (stream, client) = pair().await;
+        let plain: Stream = Box::new(stream);
+        assert_eq!(tls_handshake_duration(&plain), None, "no TLS, no duration");
+        let plain = *plain.into_any().downcast::<L4Stream>().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = vec!["localhost".to_owned()];
+        let source = certs::write_self_signed(dir.path(), &hosts).unwrap();
+        let resolver = Arc::new(CertResolver::new(vec![source.clone()]).unwrap());
+        let acceptor = pingora::listeners::tls::Acceptor::from_server_config(certs::server_config(
+            resolver,
+            &[b"h2"],
+        ));
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&source.cert).unwrap();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (server, client) = tokio::join!(
+            acceptor.tls_handshake(plain),
+            connector.connect(name, client)
+        );
+        client.unwrap();
+        let tls: Stream = Box::new(server.unwrap());
+        assert!(tls_handshake_duration(&tls).is_some());
+        assert_eq!(alpn_label(&tls), "h2");
+    }
+
+    #[tokio::test]
+    async fn h1_stream_taken_out_of_its_session_keeps_flowing_and_completes_an_upgrade() {
+        let (stream, mut client) = pair().await;
+        client
+            .write_all(
+                b"GET /agent HTTP/1.1\r\nHost: kas\r\nConnection: Upgrade\r\n\
+                  Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut session = Session::new_h1(Box::new(stream));
+        assert!(session.read_request().await.unwrap());
+
+        let mut switching = ResponseHeader::build(101, None).unwrap();
+        switching.insert_header("Upgrade", "websocket").unwrap();
+        switching.insert_header("Connection", "Upgrade").unwrap();
+        assert!(completes_upgrade(&session, &switching));
+        let ok = ResponseHeader::build(200, None).unwrap();
+        assert!(!completes_upgrade(&session, &ok));
+
+        let mut agent = take_h1_stream(&mut session).await.unwrap();
+        // The stand-in left behind still describes the request for pingora's bookkeeping.
+        assert_eq!(session.req_header().uri.path(), "/agent");
+        agent.write_all(b"from the edge").await.unwrap();
+        agent.flush().await.unwrap();
+        let mut got = [0u8; 13];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"from the edge");
+    }
+}

@@ -1,0 +1,1359 @@
+//! The operator-edited IP blocklist consulted on every TCP accept.
+//!
+//! Operators edit this file by hand during incidents, so the format is small,
+//! line-oriented and strict: a typo must be reported, never guessed at, and a
+//! file with any bad line is rejected as a whole so the edge keeps running on
+//! the last good list instead of half of a new one.
+//!
+//! # File format
+//!
+//! ```text
+//! # Blank lines and lines whose first non-blank character is '#' are ignored.
+//! 192.0.2.7                     # a bare address means /32 (or /128 for IPv6)
+//! 198.51.100.0/24               # scraping, INC-1234, until 2025-07-01
+//! 2001:db8::/32
+//! allow 198.51.100.9            # partner NAT inside the range above
+//! preview 203.0.113.0/24        # would block: watch the logs first
+//! everything 0.0.0.0/0          # incident 123: refuse every IPv4 agent
+//! ```
+//!
+//! Each entry line is `[KEYWORD ...] ADDRESS[/PREFIX] [# NOTE]`:
+//!
+//! - Tokens are separated by whitespace. Keywords are case-insensitive and
+//!   must come before the address; anything else on the line is an error.
+//! - Without a keyword the entry denies every client inside the network.
+//! - `allow` exempts the network from broader denies.
+//! - `preview` marks a deny that is only reported, never enforced, so a new
+//!   entry can be tried against live traffic before it blocks anyone. Only
+//!   deny entries can be previews.
+//! - `everything` must accompany any entry that matches a whole address
+//!   family (`0.0.0.0/0`, `::/0`, `::ffff:0:0/96`) and is refused anywhere
+//!   else: a stray `/0` would cut off every agent, so it has to be spelled
+//!   out on purpose.
+//! - Whatever follows the first `#` is kept, trimmed, as the entry's note so
+//!   logs and metrics can say why a client was blocked.
+//! - The network must be canonical: `10.1.2.3/8` is refused with a hint
+//!   (`did you mean 10.0.0.0/8`) because such a line usually means the
+//!   operator typed the wrong prefix length, not that they wanted a /8.
+//!
+//! # Which entry decides
+//!
+//! The most specific (longest prefix) matching entry decides; between entries
+//! for the same network, `allow` beats a deny, which beats a preview. Preview
+//! entries never change whether a client is blocked: a client is reported as
+//! [`Verdict::Preview`] when it is not blocked today but would be if the
+//! preview entries were turned into denies.
+//!
+//! IPv4 clients that reach an IPv6 socket as IPv4-mapped addresses
+//! (`::ffff:192.0.2.7`) are matched against the IPv4 entries, and entries
+//! written in that mapped form are stored as the IPv4 networks they denote.
+//! IPv6 entries shorter than /96 never match IPv4 clients.
+//!
+//! Files over [`MAX_FILE_BYTES`] and lines over [`MAX_LINE_BYTES`] are
+//! refused: such sizes mean the wrong file was pointed at, and the limits
+//! bound the memory a reload can take.
+
+use std::fmt;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+
+use crate::support::net::{canonical, unmap};
+
+/// Largest blocklist file accepted.
+pub const MAX_FILE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Longest line accepted, not counting the line ending.
+pub const MAX_LINE_BYTES: usize = 4 * 1024;
+
+/// Bad lines shown by `Display`; a wholly wrong file (say, a binary) would
+/// otherwise produce a log message as large as the file. All bad lines stay
+/// available through [`BlocklistError::bad_lines`].
+const MAX_DISPLAYED_BAD_LINES: usize = 100;
+
+/// How much of an overlong or undecodable line is kept for the error report.
+const EXCERPT_BYTES: usize = 80;
+
+/// What an entry does to the clients it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    Deny,
+    Allow,
+    Preview,
+}
+
+impl EntryKind {
+    /// Precedence between entries for the same network.
+    fn rank(self) -> u8 {
+        match self {
+            EntryKind::Allow => 2,
+            EntryKind::Deny => 1,
+            EntryKind::Preview => 0,
+        }
+    }
+}
+
+/// One line of the file, kept so a verdict can name the line that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The network as matched; IPv4-mapped IPv6 entries appear as IPv4.
+    pub net: IpNet,
+    pub kind: EntryKind,
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// The trailing comment, trimmed; `None` when absent or empty.
+    pub note: Option<String>,
+}
+
+/// The outcome of [`Blocklist::check`]. The entry is borrowed from the table
+/// so the per-accept lookup never allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// No entry matched, or an `allow` entry won.
+    Allow,
+    /// The client must be refused because of this entry.
+    Deny(&'a Entry),
+    /// The client is let through, but this preview entry would block it.
+    Preview(&'a Entry),
+}
+
+impl<'a> Verdict<'a> {
+    pub fn is_deny(&self) -> bool {
+        matches!(self, Verdict::Deny(_))
+    }
+
+    /// The entry worth reporting, if any.
+    pub fn entry(&self) -> Option<&'a Entry> {
+        match *self {
+            Verdict::Allow => None,
+            Verdict::Deny(entry) | Verdict::Preview(entry) => Some(entry),
+        }
+    }
+}
+
+/// An immutable, parsed blocklist.
+///
+/// CIDR networks either nest or are disjoint, so each address family is
+/// flattened at parse time into sorted, disjoint address ranges that carry
+/// their final verdict. A lookup is then one binary search, O(log n) however
+/// many entries and prefix lengths the file has, with all the precedence
+/// rules already applied.
+#[derive(Default)]
+pub struct Blocklist {
+    /// The entries a verdict can name, indexed by [`Decision`].
+    entries: Vec<Entry>,
+    v4: Ranges<u32>,
+    v6: Ranges<u128>,
+    len: usize,
+}
+
+impl fmt::Debug for Blocklist {
+    // The derived form would print every entry: far too much for a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Blocklist")
+            .field("len", &self.len)
+            .field("v4_ranges", &self.v4.starts.len())
+            .field("v6_ranges", &self.v6.starts.len())
+            .finish()
+    }
+}
+
+impl Blocklist {
+    /// Parses a whole file; `label` names it in error messages.
+    pub fn parse(label: &str, text: &str) -> Result<Blocklist, BlocklistError> {
+        parse_bytes(label, text.as_bytes())
+    }
+
+    /// Number of entry lines in the file, including ones for networks that
+    /// another line also names.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn check(&self, ip: IpAddr) -> Verdict<'_> {
+        let decision = match canonical(ip) {
+            IpAddr::V4(addr) => self.v4.find(u32::from(addr)),
+            IpAddr::V6(addr) => self.v6.find(u128::from(addr)),
+        };
+        // A missing entry would be a bug in `build_ranges`, not bad input.
+        match decision {
+            Decision::Allow => Verdict::Allow,
+            Decision::Deny(i) => self.entries.get(i).map_or(Verdict::Allow, Verdict::Deny),
+            Decision::Preview(i) => self.entries.get(i).map_or(Verdict::Allow, Verdict::Preview),
+        }
+    }
+}
+
+/// Whether a connection from `ip`, allowed under `old`, must now be closed.
+/// Connections that were already denied were closed at accept, and previews
+/// never close anything.
+pub fn newly_blocked(old: &Blocklist, new: &Blocklist, ip: IpAddr) -> bool {
+    new.check(ip).is_deny() && !old.check(ip).is_deny()
+}
+
+/// The current blocklist, swapped atomically on reload.
+///
+/// It is read on every TCP accept, so reads must not take a lock that a
+/// reload could hold; `ArcSwap` gives wait-free loads.
+pub struct SharedBlocklist {
+    current: ArcSwap<Blocklist>,
+}
+
+impl SharedBlocklist {
+    pub fn new(list: Blocklist) -> SharedBlocklist {
+        SharedBlocklist {
+            current: ArcSwap::from_pointee(list),
+        }
+    }
+
+    /// The cheapest way to consult the list; hold the guard only briefly, as
+    /// it may pin the table a reload is trying to drop.
+    pub fn load(&self) -> arc_swap::Guard<Arc<Blocklist>> {
+        self.current.load()
+    }
+
+    /// For callers that keep the table across awaits or reloads.
+    pub fn current(&self) -> Arc<Blocklist> {
+        self.current.load_full()
+    }
+
+    /// Installs `list` and returns the table it replaced, so the caller can
+    /// use [`newly_blocked`] to find open connections the change blocks.
+    pub fn store(&self, list: Blocklist) -> Arc<Blocklist> {
+        self.current.swap(Arc::new(list))
+    }
+}
+
+impl Default for SharedBlocklist {
+    fn default() -> SharedBlocklist {
+        SharedBlocklist::new(Blocklist::default())
+    }
+}
+
+impl fmt::Debug for SharedBlocklist {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedBlocklist")
+            .field(&*self.current.load())
+            .finish()
+    }
+}
+
+/// Reads and parses the file at `path`, which also labels error messages.
+pub fn load_file(path: &Path) -> Result<Blocklist, BlocklistError> {
+    let label = path.display().to_string();
+    let read_error = |error| BlocklistError::Read {
+        label: label.clone(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    // Refuse an oversized file before reading any of it.
+    let size = file.metadata().map_err(read_error)?.len();
+    if size > MAX_FILE_BYTES as u64 {
+        return Err(BlocklistError::TooLarge {
+            label,
+            size,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    // Read one byte past the limit so a file that grows after the size check
+    // is still caught by `parse_bytes`.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    parse_bytes(&label, &bytes)
+}
+
+/// Why a blocklist was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum BlocklistError {
+    #[error("{label}: cannot read the blocklist: {error}")]
+    Read {
+        label: String,
+        error: std::io::Error,
+    },
+    #[error("{label}: the blocklist is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        label: String,
+        size: u64,
+        limit: usize,
+    },
+    /// Every bad line, so one reload attempt shows everything to fix.
+    #[error("{}", BadLinesDisplay::new(.label, .lines))]
+    BadLines {
+        label: String,
+        lines: Vec<LineError>,
+    },
+}
+
+impl BlocklistError {
+    /// The bad lines, empty when the whole file was refused.
+    pub fn bad_lines(&self) -> &[LineError] {
+        match self {
+            BlocklistError::BadLines { lines, .. } => lines,
+            BlocklistError::Read { .. } | BlocklistError::TooLarge { .. } => &[],
+        }
+    }
+}
+
+struct BadLinesDisplay<'a> {
+    label: &'a str,
+    lines: &'a [LineError],
+}
+
+impl<'a> BadLinesDisplay<'a> {
+    fn new(label: &'a str, lines: &'a [LineError]) -> BadLinesDisplay<'a> {
+        BadLinesDisplay { label, lines }
+    }
+}
+
+impl fmt::Display for BadLinesDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let label = self.label;
+        for (shown, bad) in self.lines.iter().take(MAX_DISPLAYED_BAD_LINES).enumerate() {
+            if shown > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{label}:{}: {}", bad.line, bad.problem)?;
+        }
+        if let Some(hidden) = self.lines.len().checked_sub(MAX_DISPLAYED_BAD_LINES) {
+            if hidden > 0 {
+                write!(f, "\n{label}: ... and {hidden} more bad lines")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A line that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: usize,
+    /// The line as written, shortened when it was overlong or not UTF-8.
+    pub text: String,
+    pub problem: LineProblem,
+}
+
+/// What is wrong with a line, phrased for the operator who wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineProblem {
+    #[error("{0:?} is not an IP address or CIDR")]
+    NotAnAddress(String),
+    #[error("{token:?} has a prefix length outside 0..={max}")]
+    BadPrefixLength { token: String, max: u8 },
+    #[error("{token:?} has host bits set, did you mean {suggestion}")]
+    HostBitsSet { token: String, suggestion: IpNet },
+    #[error("unknown keyword {0:?}; expected allow, preview or everything before the address")]
+    UnknownKeyword(String),
+    #[error("keyword {keyword:?} must come before the address {address:?}")]
+    KeywordAfterAddress { keyword: String, address: String },
+    #[error("keyword {0:?} appears twice")]
+    RepeatedKeyword(String),
+    #[error("unexpected {0:?} after the address; only a # comment may follow it")]
+    TrailingText(String),
+    #[error("keywords but no address")]
+    MissingAddress,
+    #[error("\"preview\" applies only to deny entries and cannot be combined with \"allow\"")]
+    PreviewAllow,
+    #[error(
+        "{token:?} matches every {family} client; write the keyword \"everything\" \
+         before the address if that is really intended"
+    )]
+    CoversEverything { token: String, family: &'static str },
+    #[error("\"everything\" marks an entry that matches every client, but {0:?} does not")]
+    NeedlessEverything(String),
+    #[error("line is {len} bytes long, over the limit of {limit} bytes", limit = MAX_LINE_BYTES)]
+    LineTooLong { len: usize },
+    #[error("line is not valid UTF-8")]
+    NotUtf8,
+}
+
+fn parse_bytes(label: &str, bytes: &[u8]) -> Result<Blocklist, BlocklistError> {
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(BlocklistError::TooLarge {
+            label: label.to_owned(),
+            size: bytes.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    // Editors on Windows like to start files with a byte order mark.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut builder = Builder::default();
+    let mut bad = Vec::new();
+    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = index + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        match parse_raw_line(raw) {
+            Ok(None) => {}
+            Ok(Some(parsed)) => builder.add(Entry {
+                net: parsed.net,
+                kind: parsed.kind,
+                line,
+                note: parsed.note,
+            }),
+            Err(problem) => bad.push(LineError {
+                line,
+                text: excerpt(raw),
+                problem,
+            }),
+        }
+    }
+    if bad.is_empty() {
+        Ok(builder.finish())
+    } else {
+        Err(BlocklistError::BadLines {
+            label: label.to_owned(),
+            lines: bad,
+        })
+    }
+}
+
+fn excerpt(raw: &[u8]) -> String {
+    match std::str::from_utf8(raw) {
+        Ok(text) if raw.len() <= MAX_LINE_BYTES => text.to_owned(),
+        _ => {
+            let head = raw.get(..EXCERPT_BYTES).unwrap_or(raw);
+            let mut text = String::from_utf8_lossy(head).into_owned();
+            if head.len() < raw.len() {
+                text.push_str("...");
+            }
+            text
+        }
+    }
+}
+
+struct ParsedLine {
+    net: IpNet,
+    kind: EntryKind,
+    note: Option<String>,
+}
+
+fn parse_raw_line(raw: &[u8]) -> Result<Option<ParsedLine>, LineProblem> {
+    if raw.len() > MAX_LINE_BYTES {
+        return Err(LineProblem::LineTooLong { len: raw.len() });
+    }
+    let line = std::str::from_utf8(raw).map_err(|_| LineProblem::NotUtf8)?;
+    parse_line(line)
+}
+
+fn parse_line(line: &str) -> Result<Option<ParsedLine>, LineProblem> {
+    let (content, note) = line.split_once('#').unwrap_or((line, ""));
+    let mut allow = false;
+    let mut preview = false;
+    let mut everything = false;
+    let mut address: Option<(&str, IpNet)> = None;
+    for token in content.split_whitespace() {
+        let flag = if token.eq_ignore_ascii_case("allow") {
+            Some(&mut allow)
+        } else if token.eq_ignore_ascii_case("preview") {
+            Some(&mut preview)
+        } else if token.eq_ignore_ascii_case("everything") {
+            Some(&mut everything)
+        } else {
+            None
+        };
+        match (flag, address) {
+            (Some(_), Some((written, _))) => {
+                return Err(LineProblem::KeywordAfterAddress {
+                    keyword: token.to_owned(),
+                    address: written.to_owned(),
+                })
+            }
+            (Some(flag), None) => {
+                if *flag {
+                    return Err(LineProblem::RepeatedKeyword(token.to_owned()));
+                }
+                *flag = true;
+            }
+            (None, Some(_)) => return Err(LineProblem::TrailingText(token.to_owned())),
+            (None, None) => {
+                // No address is made of letters alone; calling it a keyword
+                // gives a better hint for slips like `deny 1.2.3.4`.
+                if token.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(LineProblem::UnknownKeyword(token.to_owned()));
+                }
+                address = Some((token, parse_network(token)?));
+            }
+        }
+    }
+    let Some((written, net)) = address else {
+        return if allow || preview || everything {
+            Err(LineProblem::MissingAddress)
+        } else {
+            Ok(None)
+        };
+    };
+    let kind = match (allow, preview) {
+        (true, true) => return Err(LineProblem::PreviewAllow),
+        (true, false) => EntryKind::Allow,
+        (false, true) => EntryKind::Preview,
+        (false, false) => EntryKind::Deny,
+    };
+    match (net.prefix_len() == 0, everything) {
+        (true, false) => {
+            return Err(LineProblem::CoversEverything {
+                token: written.to_owned(),
+                family: if net.addr().is_ipv4() { "IPv4" } else { "IPv6" },
+            })
+        }
+        (false, true) => return Err(LineProblem::NeedlessEverything(written.to_owned())),
+        _ => {}
+    }
+    let note = note.trim();
+    Ok(Some(ParsedLine {
+        net,
+        kind,
+        note: (!note.is_empty()).then(|| note.to_owned()),
+    }))
+}
+
+fn parse_network(token: &str) -> Result<IpNet, LineProblem> {
+    let not_an_address = || LineProblem::NotAnAddress(token.to_owned());
+    let (addr_text, prefix_text) = match token.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (token, None),
+    };
+    let addr: IpAddr = addr_text.parse().map_err(|_| not_an_address())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix_text {
+        None => max,
+        Some(text) => {
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(not_an_address());
+            }
+            text.parse::<u8>()
+                .ok()
+                .filter(|&len| len <= max)
+                .ok_or_else(|| LineProblem::BadPrefixLength {
+                    token: token.to_owned(),
+                    max,
+                })?
+        }
+    };
+    let net = IpNet::new(addr, prefix).map_err(|_| LineProblem::BadPrefixLength {
+        token: token.to_owned(),
+        max,
+    })?;
+    let network = net.trunc();
+    if network.addr() != addr {
+        return Err(LineProblem::HostBitsSet {
+            token: token.to_owned(),
+            suggestion: network,
+        });
+    }
+    Ok(unmap(network))
+}
+
+/// An address as an integer, so that networks become integer ranges.
+trait Key: Copy + Ord {
+    const ZERO: Self;
+    fn successor(self) -> Option<Self>;
+}
+
+impl Key for u32 {
+    const ZERO: u32 = 0;
+    fn successor(self) -> Option<u32> {
+        self.checked_add(1)
+    }
+}
+
+impl Key for u128 {
+    const ZERO: u128 = 0;
+    fn successor(self) -> Option<u128> {
+        self.checked_add(1)
+    }
+}
+
+/// A verdict with the entry as an index into [`Blocklist::entries`], so the
+/// ranges stay small and `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Allow,
+    Deny(usize),
+    Preview(usize),
+}
+
+/// Disjoint ranges of one address family: `decisions[i]` holds from
+/// `starts[i]` up to the next start. When not empty, `starts[0]` is zero.
+struct Ranges<K> {
+    starts: Vec<K>,
+    decisions: Vec<Decision>,
+}
+
+impl<K> Default for Ranges<K> {
+    fn default() -> Ranges<K> {
+        Ranges {
+            starts: Vec::new(),
+            decisions: Vec::new(),
+        }
+    }
+}
+
+impl<K: Key> Ranges<K> {
+    fn find(&self, key: K) -> Decision {
+        let after = self.starts.partition_point(|&start| start <= key);
+        after
+            .checked_sub(1)
+            .and_then(|i| self.decisions.get(i))
+            .copied()
+            .unwrap_or(Decision::Allow)
+    }
+
+    /// Appends a range starting at `start`, which must not precede the
+    /// previous start. A range starting at the same address replaces the
+    /// previous one, and one with the same decision merges into it.
+    fn push(&mut self, start: K, decision: Decision) {
+        if self.starts.last() == Some(&start) {
+            self.starts.pop();
+            self.decisions.pop();
+        }
+        if self.decisions.last() != Some(&decision) {
+            self.starts.push(start);
+            self.decisions.push(decision);
+        }
+    }
+}
+
+/// A network as the inclusive integer range it covers.
+struct Pending<K> {
+    first: K,
+    last: K,
+    entry: Entry,
+}
+
+#[derive(Default)]
+struct Builder {
+    v4: Vec<Pending<u32>>,
+    v6: Vec<Pending<u128>>,
+    len: usize,
+}
+
+impl Builder {
+    fn add(&mut self, entry: Entry) {
+        self.len += 1;
+        match entry.net {
+            IpNet::V4(net) => self.v4.push(Pending {
+                first: u32::from(net.network()),
+                last: u32::from(net.broadcast()),
+                entry,
+            }),
+            IpNet::V6(net) => self.v6.push(Pending {
+                first: u128::from(net.network()),
+                last: u128::from(net.broadcast()),
+                entry,
+            }),
+        }
+    }
+
+    fn finish(self) -> Blocklist {
+        let mut entries = Vec::new();
+        let v4 = build_ranges(self.v4, &mut entries);
+        let v6 = build_ranges(self.v6, &mut entries);
+        Blocklist {
+            entries,
+            v4,
+            v6,
+            len: self.len,
+        }
+    }
+}
+
+/// A network on the path from the whole address space down to the one
+/// being added, while sweeping through the sorted networks.
+struct Frame<K> {
+    last: K,
+    /// The innermost allow or deny around here, if it is a deny.
+    enforced_deny: Option<usize>,
+    decision: Decision,
+}
+
+fn build_ranges<K: Key>(mut nets: Vec<Pending<K>>, entries: &mut Vec<Entry>) -> Ranges<K> {
+    // Outer networks before the ones they contain; for the same network the
+    // deciding entry first: allow, then deny, then preview, then the
+    // earliest line, as an operator reading top-down would expect.
+    nets.sort_unstable_by(|a, b| {
+        a.first
+            .cmp(&b.first)
+            .then(b.last.cmp(&a.last))
+            .then(b.entry.kind.rank().cmp(&a.entry.kind.rank()))
+            .then(a.entry.line.cmp(&b.entry.line))
+    });
+    nets.dedup_by(|later, kept| {
+        let same = later.first == kept.first && later.last == kept.last;
+        if same {
+            tracing::debug!(
+                line = later.entry.line,
+                kept = kept.entry.line,
+                net = %later.entry.net,
+                "blocklist entry shadowed by another entry for the same network"
+            );
+        }
+        same
+    });
+
+    let mut ranges = Ranges::default();
+    ranges.push(K::ZERO, Decision::Allow);
+    let mut path: Vec<Frame<K>> = Vec::new();
+    let close = |path: &mut Vec<Frame<K>>, ranges: &mut Ranges<K>| {
+        if let Some(done) = path.pop() {
+            if let Some(after) = done.last.successor() {
+                let outer = path.last().map_or(Decision::Allow, |f| f.decision);
+                ranges.push(after, outer);
+            }
+        }
+    };
+    for net in nets {
+        // Networks nest or are disjoint, so whatever is left on the path
+        // after this contains `net` entirely.
+        while path.last().is_some_and(|top| top.last < net.first) {
+            close(&mut path, &mut ranges);
+        }
+        let index = entries.len();
+        let outer_deny = path.last().and_then(|f| f.enforced_deny);
+        let enforced_deny = match net.entry.kind {
+            EntryKind::Deny => Some(index),
+            EntryKind::Allow => None,
+            EntryKind::Preview => outer_deny,
+        };
+        let decision = match (enforced_deny, net.entry.kind) {
+            (Some(deny), _) => Decision::Deny(deny),
+            (None, EntryKind::Preview) => Decision::Preview(index),
+            (None, _) => Decision::Allow,
+        };
+        path.push(Frame {
+            last: net.last,
+            enforced_deny,
+            decision,
+        });
+        ranges.push(net.first, decision);
+        entries.push(net.entry);
+    }
+    while !path.is_empty() {
+        close(&mut path, &mut ranges);
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::cmp::Reverse;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
+    fn list(text: &str) -> Blocklist {
+        Blocklist::parse("blocklist.txt", text).unwrap()
+    }
+
+    fn problems(text: &str) -> Vec<(usize, LineProblem)> {
+        let err = Blocklist::parse("blocklist.txt", text).unwrap_err();
+        err.bad_lines()
+            .iter()
+            .map(|bad| (bad.line, bad.problem.clone()))
+            .collect()
+    }
+
+    /// The verdict reduced to (kind, deciding line) for easy comparison.
+    fn outcome(verdict: Verdict<'_>) -> (char, Option<usize>) {
+        match verdict {
+            Verdict::Allow => ('A', None),
+            Verdict::Deny(e) => ('D', Some(e.line)),
+            Verdict::Preview(e) => ('P', Some(e.line)),
+        }
+    }
+
+    #[test]
+    fn empty_and_comment_only_files_allow_everyone() {
+        for text in ["", "\n\n", "# nothing yet\n   \n\t# indented comment\n"] {
+            let list = list(text);
+            assert!(list.is_empty());
+            assert_eq!(list.check(ip("192.0.2.1")), Verdict::Allow);
+            assert_eq!(list.check(ip("2001:db8::1")), Verdict::Allow);
+        }
+    }
+
+    #[test]
+    fn bare_addresses_and_networks_deny() {
+        let list = list(
+            "192.0.2.7\n198.51.100.0/24 # scraping, INC-1234, until 2025-07-01\n\
+             2001:db8::1\n2001:db8:1::/48\n",
+        );
+        assert_eq!(list.len(), 4);
+        let Verdict::Deny(entry) = list.check(ip("198.51.100.77")) else {
+            panic!("expected deny");
+        };
+        assert_eq!(
+            entry,
+            &Entry {
+                net: net("198.51.100.0/24"),
+                kind: EntryKind::Deny,
+                line: 2,
+                note: Some("scraping, INC-1234, until 2025-07-01".to_owned()),
+            }
+        );
+        assert_eq!(outcome(list.check(ip("192.0.2.7"))), ('D', Some(1)));
+        assert_eq!(outcome(list.check(ip("192.0.2.8"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("2001:db8::1"))), ('D', Some(3)));
+        assert_eq!(outcome(list.check(ip("2001:db8::2"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("2001:db8:1:ff::9"))), ('D', Some(4)));
+        assert_eq!(list.check(ip("192.0.2.7")).entry().unwrap().note, None);
+    }
+
+    #[test]
+    fn ipv4_mapped_clients_match_ipv4_entries() {
+        let list = list("192.0.2.0/24\n::ffff:203.0.113.0/120\n");
+        assert!(list.check(ip("::ffff:192.0.2.9")).is_deny());
+        assert!(list.check(ip("203.0.113.5")).is_deny());
+        assert!(list.check(ip("::ffff:203.0.113.5")).is_deny());
+        let entry = list.check(ip("203.0.113.5")).entry().unwrap().clone();
+        assert_eq!(entry.net, net("203.0.113.0/24"));
+        // Only the mapped form counts, not the deprecated compatible one.
+        assert!(!list.check(ip("::192.0.2.9")).is_deny());
+    }
+
+    #[test]
+    fn most_specific_entry_wins_and_allow_wins_ties() {
+        let list = list(
+            "10.0.0.0/8\n\
+             allow 10.1.0.0/16\n\
+             10.1.2.0/24\n\
+             allow 10.1.2.3\n\
+             172.16.0.0/12\n\
+             allow 172.16.0.0/12\n\
+             172.16.0.0/12\n",
+        );
+        assert_eq!(outcome(list.check(ip("10.9.9.9"))), ('D', Some(1)));
+        assert_eq!(outcome(list.check(ip("10.1.9.9"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("10.1.2.9"))), ('D', Some(3)));
+        assert_eq!(outcome(list.check(ip("10.1.2.3"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("172.20.0.1"))), ('A', None));
+        assert_eq!(list.len(), 7);
+    }
+
+    #[test]
+    fn duplicate_entries_report_the_first_line() {
+        let list = list("192.0.2.0/24 # first\n192.0.2.0/24 # second\n");
+        let entry = list.check(ip("192.0.2.1")).entry().unwrap().clone();
+        assert_eq!((entry.line, entry.note.as_deref()), (1, Some("first")));
+    }
+
+    #[test]
+    fn previews_report_but_never_change_the_outcome() {
+        let list = list(
+            "preview 192.0.2.0/24 # trying it out\n\
+             allow 192.0.2.128/25\n\
+             198.51.100.0/24\n\
+             preview 198.51.100.0/28\n\
+             preview 203.0.113.0/24\n\
+             203.0.113.0/24\n\
+             allow 2001:db8::/32\n\
+             preview 2001:db8:5::/48\n",
+        );
+        let Verdict::Preview(entry) = list.check(ip("192.0.2.1")) else {
+            panic!("expected preview");
+        };
+        assert_eq!(entry.kind, EntryKind::Preview);
+        assert_eq!(entry.note.as_deref(), Some("trying it out"));
+        // An allow more specific than the preview means it would not block.
+        assert_eq!(outcome(list.check(ip("192.0.2.200"))), ('A', None));
+        // A preview inside an enforced deny does not unblock anyone.
+        assert_eq!(outcome(list.check(ip("198.51.100.1"))), ('D', Some(3)));
+        // A deny for the same network outranks the preview.
+        assert_eq!(outcome(list.check(ip("203.0.113.1"))), ('D', Some(6)));
+        // A preview more specific than an allow would block.
+        assert_eq!(outcome(list.check(ip("2001:db8:5::1"))), ('P', Some(8)));
+        assert_eq!(outcome(list.check(ip("2001:db8:6::1"))), ('A', None));
+    }
+
+    #[test]
+    fn keywords_are_case_insensitive_and_whitespace_is_flexible() {
+        let list = list(
+            "  ALLOW\t192.0.2.1  \r\nPreView 192.0.2.0/24\r\n\
+             EveryThing ::/0#no space before the comment\n",
+        );
+        assert_eq!(outcome(list.check(ip("192.0.2.1"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("192.0.2.2"))), ('P', Some(2)));
+        let entry = list.check(ip("2001:db8::1")).entry().unwrap().clone();
+        assert_eq!(entry.line, 3);
+        assert_eq!(entry.note.as_deref(), Some("no space before the comment"));
+    }
+
+    #[test]
+    fn byte_order_mark_is_ignored() {
+        let list = list("\u{feff}192.0.2.1\n");
+        assert!(list.check(ip("192.0.2.1")).is_deny());
+    }
+
+    #[test]
+    fn everything_needs_the_marker() {
+        assert_eq!(
+            problems("0.0.0.0/0\npreview ::/0\n::ffff:0:0/96\nallow 0.0.0.0/0\n"),
+            vec![
+                (
+                    1,
+                    LineProblem::CoversEverything {
+                        token: "0.0.0.0/0".into(),
+                        family: "IPv4"
+                    }
+                ),
+                (
+                    2,
+                    LineProblem::CoversEverything {
+                        token: "::/0".into(),
+                        family: "IPv6"
+                    }
+                ),
+                (
+                    3,
+                    LineProblem::CoversEverything {
+                        token: "::ffff:0:0/96".into(),
+                        family: "IPv4"
+                    }
+                ),
+                (
+                    4,
+                    LineProblem::CoversEverything {
+                        token: "0.0.0.0/0".into(),
+                        family: "IPv4"
+                    }
+                ),
+            ]
+        );
+        let list = list(
+            "everything 0.0.0.0/0  # incident 123\n\
+             preview everything ::/0\n\
+             allow 192.0.2.1\n",
+        );
+        assert_eq!(outcome(list.check(ip("8.8.8.8"))), ('D', Some(1)));
+        assert_eq!(outcome(list.check(ip("::ffff:8.8.8.8"))), ('D', Some(1)));
+        assert_eq!(outcome(list.check(ip("192.0.2.1"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("2001:db8::1"))), ('P', Some(2)));
+        assert_eq!(
+            problems("everything 10.0.0.0/8\n"),
+            vec![(1, LineProblem::NeedlessEverything("10.0.0.0/8".into()))]
+        );
+    }
+
+    #[test]
+    fn host_bits_are_refused_with_a_suggestion() {
+        let err = Blocklist::parse("blocklist.txt", "10.1.2.3/8\n2001:db8::1/32\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "blocklist.txt:1: \"10.1.2.3/8\" has host bits set, did you mean 10.0.0.0/8\n\
+             blocklist.txt:2: \"2001:db8::1/32\" has host bits set, did you mean 2001:db8::/32"
+        );
+    }
+
+    #[test]
+    fn every_bad_line_is_reported() {
+        let text = "# header\n192.0.2.1\n\
+                    10.0.0.300\n\
+                    deny 192.0.2.2\n\
+                    192.0.2.3 allow\n\
+                    192.0.2.4 extra\n\
+                    allow allow 192.0.2.5\n\
+                    allow preview 192.0.2.6\n\
+                    allow # nothing\n\
+                    10.0.0.0/33\n\
+                    10.0.0.0/\n\
+                    10.0.0.0/x\n\
+                    2001:db8::/129\n\
+                    fe80::1%eth0\n\
+                    10.0.0.0/8 10.0.0.0/8\n";
+        let err = Blocklist::parse("blocklist.txt", text).unwrap_err();
+        let lines: Vec<_> = err.bad_lines().iter().map(|b| b.line).collect();
+        assert_eq!(lines, (3..=15).collect::<Vec<_>>());
+        assert_eq!(err.bad_lines()[0].text, "10.0.0.300");
+        let shown = err.to_string();
+        let shown: Vec<&str> = shown.lines().collect();
+        assert_eq!(
+            shown,
+            [
+                "blocklist.txt:3: \"10.0.0.300\" is not an IP address or CIDR",
+                "blocklist.txt:4: unknown keyword \"deny\"; expected allow, preview or everything before the address",
+                "blocklist.txt:5: keyword \"allow\" must come before the address \"192.0.2.3\"",
+                "blocklist.txt:6: unexpected \"extra\" after the address; only a # comment may follow it",
+                "blocklist.txt:7: keyword \"allow\" appears twice",
+                "blocklist.txt:8: \"preview\" applies only to deny entries and cannot be combined with \"allow\"",
+                "blocklist.txt:9: keywords but no address",
+                "blocklist.txt:10: \"10.0.0.0/33\" has a prefix length outside 0..=32",
+                "blocklist.txt:11: \"10.0.0.0/\" is not an IP address or CIDR",
+                "blocklist.txt:12: \"10.0.0.0/x\" is not an IP address or CIDR",
+                "blocklist.txt:13: \"2001:db8::/129\" has a prefix length outside 0..=128",
+                "blocklist.txt:14: \"fe80::1%eth0\" is not an IP address or CIDR",
+                "blocklist.txt:15: unexpected \"10.0.0.0/8\" after the address; only a # comment may follow it",
+            ]
+        );
+    }
+
+    #[test]
+    fn display_is_capped_but_every_line_is_kept() {
+        let text = "bad.\n".repeat(MAX_DISPLAYED_BAD_LINES + 5);
+        let err = Blocklist::parse("b", &text).unwrap_err();
+        assert_eq!(err.bad_lines().len(), MAX_DISPLAYED_BAD_LINES + 5);
+        let shown = err.to_string();
+        assert_eq!(shown.lines().count(), MAX_DISPLAYED_BAD_LINES + 1);
+        assert!(shown.ends_with("b: ... and 5 more bad lines"), "{shown}");
+    }
+
+    #[test]
+    fn size_limits() {
+        let long = format!("192.0.2.1 # {}\n10.0.0.1\n", "x".repeat(MAX_LINE_BYTES));
+        let err = Blocklist::parse("b", &long).unwrap_err();
+        assert_eq!(err.bad_lines().len(), 1);
+        let bad = &err.bad_lines()[0];
+        assert_eq!(bad.line, 1);
+        assert!(bad.text.len() < 100 && bad.text.ends_with("..."));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "b:1: line is {} bytes long, over the limit of 4096 bytes",
+                MAX_LINE_BYTES + 12
+            )
+        );
+        // Exactly at the limit is fine.
+        let at_limit = format!("192.0.2.1 #{}", "x".repeat(MAX_LINE_BYTES - 11));
+        assert_eq!(at_limit.len(), MAX_LINE_BYTES);
+        assert_eq!(list(&at_limit).len(), 1);
+
+        let huge = vec![b'#'; MAX_FILE_BYTES + 1];
+        let err = parse_bytes("b", &huge).unwrap_err();
+        assert!(matches!(err, BlocklistError::TooLarge { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "b: the blocklist is 16777217 bytes, over the limit of 16777216 bytes"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_line_error() {
+        let err = parse_bytes("b", b"192.0.2.1\n10.0.0.1 # caf\xe9\n").unwrap_err();
+        assert_eq!(err.to_string(), "b:2: line is not valid UTF-8");
+        assert_eq!(err.bad_lines()[0].text, "10.0.0.1 # caf\u{fffd}");
+    }
+
+    fn scratch_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("blocklist-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn load_file_labels_errors_with_the_path() {
+        let dir = scratch_dir("load");
+        let path = dir.join("blocklist.txt");
+        std::fs::write(&path, "192.0.2.1\n10.0.0.300\n").unwrap();
+        let err = load_file(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:2: \"10.0.0.300\" is not an IP address or CIDR",
+                path.display()
+            )
+        );
+
+        std::fs::write(&path, "192.0.2.1\n").unwrap();
+        assert!(load_file(&path).unwrap().check(ip("192.0.2.1")).is_deny());
+
+        let missing = dir.join("missing.txt");
+        let err = load_file(&missing).unwrap_err();
+        assert!(matches!(err, BlocklistError::Read { .. }));
+        assert!(
+            err.to_string().starts_with(&format!(
+                "{}: cannot read the blocklist: ",
+                missing.display()
+            )),
+            "{err}"
+        );
+
+        let big = dir.join("big.txt");
+        let file = std::fs::File::create(&big).unwrap();
+        file.set_len(MAX_FILE_BYTES as u64 + 10).unwrap();
+        drop(file);
+        let err = load_file(&big).unwrap_err();
+        assert!(
+            matches!(err, BlocklistError::TooLarge { size, .. } if size == MAX_FILE_BYTES as u64 + 10)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_blocklist_swaps_and_reports_newly_blocked() {
+        let shared = SharedBlocklist::new(list("192.0.2.0/24\npreview 198.51.100.0/24\n"));
+        let client = ip("198.51.100.7");
+        assert!(!shared.load().check(client).is_deny());
+        let old = shared.store(list("192.0.2.0/24\n198.51.100.0/24\n"));
+        let new = shared.current();
+        assert!(new.check(client).is_deny());
+        assert!(newly_blocked(&old, &new, client));
+        assert!(
+            !newly_blocked(&old, &new, ip("192.0.2.1")),
+            "already denied"
+        );
+        assert!(
+            !newly_blocked(&old, &new, ip("203.0.113.1")),
+            "never denied"
+        );
+        assert!(!newly_blocked(&new, &old, client), "unblocked, not blocked");
+        assert!(format!("{shared:?}").contains("len: 2"));
+
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Blocklist>();
+        send_sync::<SharedBlocklist>();
+    }
+
+    #[test]
+    fn ranges_are_merged_and_cover_the_edges() {
+        let list = list(
+            "0.0.0.0/8\n0.0.0.0/16\n255.255.255.255\n10.0.0.0/9\n10.128.0.0/9\n\
+             everything ::/0\nallow ffff::/16\n",
+        );
+        assert_eq!(outcome(list.check(ip("0.0.0.0"))), ('D', Some(2)));
+        assert_eq!(outcome(list.check(ip("0.1.0.0"))), ('D', Some(1)));
+        assert_eq!(outcome(list.check(ip("1.0.0.0"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("255.255.255.254"))), ('A', None));
+        assert_eq!(outcome(list.check(ip("255.255.255.255"))), ('D', Some(3)));
+        assert_eq!(outcome(list.check(ip("10.127.255.255"))), ('D', Some(4)));
+        assert_eq!(outcome(list.check(ip("10.128.0.0"))), ('D', Some(5)));
+        assert_eq!(outcome(list.check(ip("::"))), ('D', Some(6)));
+        assert_eq!(outcome(list.check(ip("fffe:ffff::"))), ('D', Some(6)));
+        assert_eq!(outcome(list.check(ip("ffff:ffff::"))), ('A', None));
+        assert_eq!(
+            outcome(list.check(ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"))),
+            ('A', None)
+        );
+        // Adjacent ranges with the same verdict are stored once.
+        let list = super::tests::list("allow 10.0.0.0/8\nallow 10.1.0.0/16\n");
+        assert_eq!(list.v4.starts, vec![0]);
+        let list = super::tests::list("10.0.0.0/9\n10.128.0.0/9\n# x\n11.0.0.0/8\n");
+        assert_eq!(
+            list.v4.starts,
+            vec![0, 0x0A00_0000, 0x0A80_0000, 0x0B00_0000, 0x0C00_0000]
+        );
+        let list = super::tests::list("preview 10.0.0.0/8\npreview 10.1.0.0/16\n");
+        assert_eq!(list.v4.starts.len(), 5);
+    }
+
+    /// The reference the table must agree with: a linear scan applying the
+    /// rules of the module documentation literally.
+    fn naive(model: &[(IpNet, EntryKind, usize)], client: IpAddr) -> (char, Option<usize>) {
+        let client = canonical(client);
+        let best = |with_previews: bool| {
+            model
+                .iter()
+                .filter(|(n, k, _)| {
+                    (with_previews || *k != EntryKind::Preview) && n.contains(&client)
+                })
+                .max_by_key(|(n, k, line)| (n.prefix_len(), k.rank(), Reverse(*line)))
+        };
+        match (best(false), best(true)) {
+            (Some((_, EntryKind::Deny, line)), _) => ('D', Some(*line)),
+            (_, Some((_, EntryKind::Preview, line))) => ('P', Some(*line)),
+            _ => ('A', None),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct GenEntry {
+        net: IpNet,
+        kind: EntryKind,
+        /// Write an IPv4 network in its IPv4-mapped IPv6 form.
+        mapped: bool,
+        /// Write a full-length network as a bare address.
+        bare: bool,
+        shout: bool,
+        everything_first: bool,
+        comment_before: bool,
+        note: Option<String>,
+    }
+
+    // Small address pools so that generated networks overlap a lot.
+    fn pool_v4() -> impl Strategy<Value = Ipv4Addr> {
+        (0u8..4, 0u8..4, any::<u8>()).prop_map(|(b, c, d)| Ipv4Addr::new(10, b, c, d))
+    }
+
+    fn pool_v6() -> impl Strategy<Value = Ipv6Addr> {
+        (0u16..4, 0u16..4, 0u16..4)
+            .prop_map(|(a, b, c)| Ipv6Addr::new(0x2001, 0xdb8, a, 0, 0, 0, b, c))
+    }
+
+    fn gen_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (pool_v4(), prop_oneof![0u8..=32, 14u8..=32]).prop_map(|(a, len)| IpNet::new(
+                IpAddr::V4(a),
+                len
+            )
+            .unwrap()
+            .trunc()),
+            (pool_v6(), prop_oneof![0u8..=128, 30u8..=50, 94u8..=128])
+                .prop_map(|(a, len)| IpNet::new(IpAddr::V6(a), len).unwrap().trunc()),
+        ]
+    }
+
+    fn gen_entry() -> impl Strategy<Value = GenEntry> {
+        (
+            gen_net(),
+            prop_oneof![
+                Just(EntryKind::Deny),
+                Just(EntryKind::Allow),
+                Just(EntryKind::Preview)
+            ],
+            any::<[bool; 5]>(),
+            proptest::option::of("[ -~]{0,20}"),
+        )
+            .prop_map(|(net, kind, flags, note)| GenEntry {
+                net,
+                kind,
+                mapped: flags[0],
+                bare: flags[1],
+                shout: flags[2],
+                everything_first: flags[3],
+                comment_before: flags[4],
+                note,
+            })
+    }
+
+    fn render(entries: &[GenEntry]) -> (String, Vec<(IpNet, EntryKind, usize)>) {
+        let mut text = String::new();
+        let mut model = Vec::new();
+        let mut line = 0;
+        for e in entries {
+            if e.comment_before {
+                text.push_str("# a comment line\n\n");
+                line += 2;
+            }
+            let mut words = Vec::new();
+            let everything = e.net.prefix_len() == 0;
+            if everything && e.everything_first {
+                words.push("everything".to_owned());
+            }
+            match e.kind {
+                EntryKind::Deny => {}
+                EntryKind::Allow => words.push("allow".to_owned()),
+                EntryKind::Preview => words.push("preview".to_owned()),
+            }
+            if everything && !e.everything_first {
+                words.push("everything".to_owned());
+            }
+            if e.shout {
+                words = words.iter().map(|w| w.to_uppercase()).collect();
+            }
+            let address = match e.net {
+                IpNet::V4(v4) if e.mapped => {
+                    format!("{}/{}", v4.addr().to_ipv6_mapped(), v4.prefix_len() + 96)
+                }
+                n if e.bare && n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
+                n => n.to_string(),
+            };
+            words.push(address);
+            text.push_str(&words.join(if e.shout { "\t " } else { " " }));
+            if let Some(note) = &e.note {
+                text.push_str(" #");
+                text.push_str(note);
+            }
+            text.push('\n');
+            line += 1;
+            model.push((e.net, e.kind, line));
+        }
+        (text, model)
+    }
+
+    fn gen_client() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            pool_v4().prop_map(IpAddr::V4),
+            pool_v4().prop_map(|a| IpAddr::V6(a.to_ipv6_mapped())),
+            pool_v6().prop_map(IpAddr::V6),
+            any::<Ipv4Addr>().prop_map(IpAddr::V4),
+            any::<Ipv6Addr>().prop_map(IpAddr::V6),
+        ]
+    }
+
+    /// Tokens that reach every branch of the line parser.
+    fn gen_token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop_oneof![
+                Just("allow"),
+                Just("PREVIEW"),
+                Just("everything"),
+                Just("deny"),
+                Just("#"),
+                Just("0.0.0.0/0"),
+                Just("::/0"),
+                Just("10.0.0.0/8"),
+                Just("10.1.2.3/8"),
+                Just("::ffff:10.0.0.0/104"),
+                Just("2001:db8::/32"),
+                Just("1.2.3.4/99"),
+                Just("\r"),
+                Just("\u{feff}"),
+            ]
+            .prop_map(str::to_owned),
+            "[0-9a-fA-F:./]{0,12}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            let _ = Blocklist::parse("p", &text);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_bytes("p", &bytes);
+        }
+
+        #[test]
+        fn token_soup_never_panics_and_errors_name_real_lines(
+            lines in proptest::collection::vec(proptest::collection::vec(gen_token(), 0..5), 0..8),
+        ) {
+            let text = lines.iter().map(|l| l.join(" ")).collect::<Vec<_>>().join("\n");
+            let line_count = text.split('\n').count();
+            match Blocklist::parse("p", &text) {
+                Ok(list) => prop_assert!(list.len() <= line_count),
+                Err(err) => {
+                    prop_assert!(!err.bad_lines().is_empty());
+                    for bad in err.bad_lines() {
+                        prop_assert!(bad.line >= 1 && bad.line <= line_count);
+                    }
+                    let _ = err.to_string();
+                }
+            }
+        }
+
+        #[test]
+        fn table_agrees_with_linear_scan(
+            entries in proptest::collection::vec(gen_entry(), 0..60),
+            clients in proptest::collection::vec(gen_client(), 1..64),
+        ) {
+            let (text, model) = render(&entries);
+            let list = Blocklist::parse("generated", &text)
+                .map_err(|e| TestCaseError::fail(format!("{e}\n---\n{text}")))?;
+            prop_assert_eq!(list.len(), model.len());
+            // Also probe the edges of every generated network.
+            let edges = model.iter().flat_map(|(n, _, _)| [n.network(), n.broadcast()]);
+            for client in clients.iter().copied().chain(edges) {
+                prop_assert_eq!(outcome(list.check(client)), naive(&model, client), "client {}", client);
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Operator policies, applied as layers from the outside in:
+//! 1. at TCP accept, before TLS (`listener::accept`): the IP blocklist and the per-IP new
+//!    connection rate — a refused client costs almost nothing;
+//! 2. right after a PROXY protocol header from a trusted load balancer
+//!    (`listener::proxy_protocol`): the same checks on the real client address, still
+//!    before TLS;
+//! 3. per connection after TLS (`connection`): concurrent connections per IP;
+//! 4. per request/stream ([`Policies::check_request`]): header rules, request rate, per-token
+//!    connection rate.
+//!
+//! Every policy file is watched; an edit takes effect within about a second, a bad edit is
+//! rejected whole (the last good version stays, the error names file and line), and a
+//! blocklist edit also closes the newly blocked clients' established connections.
+
+pub mod blocklist;
+mod file;
+pub mod ratelimit;
+pub mod rules;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{PoliciesConfig, ProxyProtocolConfig};
+use crate::listener::proxy_protocol::header::TrustedProxies;
+use crate::policy::ratelimit::{Limiter, LimitsConfig, Refusal};
+use crate::policy::rules::HeaderRules;
+use crate::support::filewatch::{self, FileWatcher};
+use crate::telemetry::metrics::EdgeMetrics;
+use blocklist::{Blocklist, SharedBlocklist, Verdict};
+
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+const RELOAD_POLL: Duration = Duration::from_secs(10);
+const EVICT_EVERY: Duration = Duration::from_secs(10);
+
+/// How a refused request is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub http_status: u16,
+    pub grpc_status: u8,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Denial {
+    fn forbidden(rule: &str) -> Self {
+        Self {
+            http_status: 403,
+            grpc_status: 7, // PERMISSION_DENIED
+            message: format!("request denied by policy rule {rule:?}"),
+            retry_after: None,
+        }
+    }
+
+    fn limited(refusal: &Refusal) -> Self {
+        let secs = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Self {
+            http_status: 429,
+            grpc_status: 8, // RESOURCE_EXHAUSTED
+            message: format!(
+                "rate limit exceeded ({}), try again in {secs} s",
+                refusal.reason
+            ),
+            retry_after: Some(Duration::from_secs(secs)),
+        }
+    }
+}
+
+/// The client connections policies judge (concurrency) and, after a blocklist edit, close.
+/// The connection layer implements it, so policy decisions never depend on how
+/// connections are kept.
+pub trait ClientConnections: Send + Sync {
+    /// Open connections from `ip`.
+    fn open_from(&self, ip: IpAddr) -> usize;
+    /// Closes every open connection whose client matches; returns how many.
+    fn close_matching(&self, matches: &dyn Fn(IpAddr) -> bool) -> usize;
+}
+
+pub struct Policies {
+    blocklist: SharedBlocklist,
+    limiter: ArcSwap<Limiter>,
+    rules: ArcSwap<HeaderRules>,
+    pub(crate) trusted: TrustedProxies,
+    pub(crate) proxy_header_timeout: Duration,
+    connections: Arc<dyn ClientConnections>,
+    metrics: EdgeMetrics,
+    global_preview: bool,
+    close_established: bool,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The policy files as loaded at start; each is empty when not configured.
+pub struct PolicyFiles {
+    pub blocklist: Blocklist,
+    pub limits: LimitsConfig,
+    pub rules: HeaderRules,
+}
+
+impl PolicyFiles {
+    /// Loads every configured policy file; the first error is returned with its file and
+    /// line. `kas-edge check` and start-up both go through here.
+    pub fn load(cfg: &PoliciesConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            blocklist: match &cfg.blocklist {
+                Some(path) => blocklist::load_file(path)?,
+                None => Blocklist::default(),
+            },
+            limits: match &cfg.limits {
+                Some(path) => LimitsConfig::load(path)?,
+                None => LimitsConfig::default(),
+            },
+            rules: match &cfg.rules {
+                Some(path) => HeaderRules::load(path)?,
+                None => HeaderRules::default(),
+            },
+        })
+    }
+}
+
+impl Policies {
+    pub fn new(
+        files: PolicyFiles,
+        cfg: &PoliciesConfig,
+        proxy_protocol: &ProxyProtocolConfig,
+        connections: Arc<dyn ClientConnections>,
+        metrics: EdgeMetrics,
+    ) -> anyhow::Result<Arc<Self>> {
+        let PolicyFiles {
+            blocklist,
+            limits,
+            rules,
+        } = files;
+        let trusted = TrustedProxies::parse(&proxy_protocol.trusted)
+            .map_err(|e| anyhow::anyhow!("proxy_protocol.trusted: {e}"))?;
+        metrics.blocklist_entries.set(blocklist.len() as i64);
+        metrics.blocklist_last_reload.set(now_secs());
+        Ok(Arc::new(Self {
+            blocklist: SharedBlocklist::new(blocklist),
+            limiter: ArcSwap::from_pointee(Limiter::new(limits)),
+            rules: ArcSwap::from_pointee(rules),
+            trusted,
+            proxy_header_timeout: proxy_protocol.header_timeout,
+            connections,
+            metrics,
+            global_preview: cfg.preview,
+            close_established: cfg.close_established,
+        }))
+    }
+
+    pub fn proxy_protocol_enabled(&self) -> bool {
+        !self.trusted.is_empty()
+    }
+
+    pub(crate) fn blocked(&self, reason: &str, source: &str) {
+        self.metrics
+            .policy_blocked
+            .with_label_values(&[reason, source])
+            .inc();
+    }
+
+    /// The blocklist and connection-rate decision for a new connection from `ip`.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        match self.blocklist.load().check(ip) {
+            Verdict::Deny(entry) if !self.global_preview => {
+                self.blocked("blocklist", "blocklist");
+                tracing::debug!(client = %ip, entry = %entry.net, line = entry.line, "connection refused by the blocklist");
+                return false;
+            }
+            Verdict::Deny(entry) | Verdict::Preview(entry) => {
+                self.metrics
+                    .policy_preview
+                    .with_label_values(&["blocklist"])
+                    .inc();
+                tracing::info!(client = %ip, entry = %entry.net, line = entry.line, note = ?entry.note, "blocklist preview match (not blocked)");
+            }
+            Verdict::Allow => {}
+        }
+        match self.limiter.load().check_connection(ip) {
+            Ok(()) => true,
+            Err(refusal) => {
+                self.blocked(refusal.reason, "limits");
+                tracing::debug!(client = %ip, reason = refusal.reason, "connection refused by a limit");
+                false
+            }
+        }
+    }
+
+    /// Whether `ip` may open one more concurrent connection.
+    pub fn admit_concurrent(&self, ip: IpAddr) -> bool {
+        let open = self.connections.open_from(ip);
+        match self.limiter.load().check_concurrency(ip, open) {
+            Ok(()) => true,
+            Err(refusal) => {
+                self.blocked(refusal.reason, "limits");
+                false
+            }
+        }
+    }
+
+    /// Header rules, request rate and per-token rate for one request or stream.
+    pub fn check_request(&self, ip: Option<IpAddr>, headers: &http::HeaderMap) -> Option<Denial> {
+        if let Some(rule) = self.rules.load().check(headers) {
+            if rule.preview {
+                self.metrics
+                    .policy_preview
+                    .with_label_values(&["rules"])
+                    .inc();
+                tracing::info!(client = ?ip, rule = %rule.name, "header rule preview match (not blocked)");
+            } else {
+                self.blocked("header_rule", "rules");
+                return Some(Denial::forbidden(&rule.name));
+            }
+        }
+        let ip = ip?;
+        let limiter = self.limiter.load();
+        if let Err(refusal) = limiter.check_request(ip) {
+            self.blocked(refusal.reason, "limits");
+            return Some(Denial::limited(&refusal));
+        }
+        // Parsed exactly as kas parses it, so no spelling of the header slips past the
+        // per-token limit that kas would still accept.
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| kas_common::auth::bearer_token(v).ok());
+        if let Some(token) = token {
+            if let Err(refusal) = limiter.check_token(ip, token.as_bytes()) {
+                self.blocked(refusal.reason, "limits");
+                return Some(Denial::limited(&refusal));
+            }
+        }
+        None
+    }
+
+    fn reload_blocklist(&self, path: &Path) {
+        match blocklist::load_file(path) {
+            Ok(new) => {
+                let entries = new.len();
+                let old = self.blocklist.store(new);
+                let new = self.blocklist.current();
+                self.metrics.blocklist_entries.set(entries as i64);
+                self.metrics.blocklist_last_reload.set(now_secs());
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["blocklist", "ok"])
+                    .inc();
+                let closed = if self.close_established && !self.global_preview {
+                    self.connections
+                        .close_matching(&|ip| blocklist::newly_blocked(&old, &new, ip))
+                } else {
+                    0
+                };
+                self.metrics.established_closed.inc_by(closed as u64);
+                tracing::info!(file = %path.display(), entries, closed_connections = closed, "blocklist reloaded");
+            }
+            Err(e) => {
+                self.metrics.blocklist_reload_errors.inc();
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["blocklist", "error"])
+                    .inc();
+                tracing::error!(error = %e, "blocklist edit rejected; the previous version stays in force");
+            }
+        }
+    }
+
+    fn reload_limits(&self, path: &Path) {
+        match LimitsConfig::load(path) {
+            Ok(limits) if &limits == self.limiter.load().config() => {}
+            Ok(limits) => {
+                self.limiter.store(Arc::new(Limiter::new(limits)));
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["limits", "ok"])
+                    .inc();
+                tracing::info!(file = %path.display(), "limits reloaded");
+            }
+            Err(e) => {
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["limits", "error"])
+                    .inc();
+                tracing::error!(error = %e, "limits edit rejected; the previous version stays in force");
+            }
+        }
+    }
+
+    fn reload_rules(&self, path: &Path) {
+        match HeaderRules::load(path) {
+            Ok(rules) => {
+                let n = rules.len();
+                self.rules.store(Arc::new(rules));
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["rules", "ok"])
+                    .inc();
+                tracing::info!(file = %path.display(), rules = n, "header rules reloaded");
+            }
+            Err(e) => {
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["rules", "error"])
+                    .inc();
+                tracing::error!(error = %e, "rules edit rejected; the previous version stays in force");
+            }
+        }
+    }
+
+    /// Watches every configured file; keep the returned watchers alive.
+    pub fn watch(self: &Arc<Self>, cfg: &PoliciesConfig) -> anyhow::Result<Vec<FileWatcher>> {
+        type Reload = fn(&Policies, &Path);
+        let files: [(&Option<PathBuf>, Reload); 3] = [
+            (&cfg.blocklist, Policies::reload_blocklist),
+            (&cfg.limits, Policies::reload_limits),
+            (&cfg.rules, Policies::reload_rules),
+        ];
+        let mut watchers = Vec::new();
+        for (path, reload) in files {
+            let Some(path) = path.clone() else { continue };
+            let this = Arc::downgrade(self);
+            let watched = path.clone();
+            watchers.push(filewatch::watch_files_with_poll(
+                vec![path],
+                RELOAD_DEBOUNCE,
+                RELOAD_POLL,
+                move || {
+                    if let Some(this) = this.upgrade() {
+                        reload(&this, &watched);
+                    }
+                },
+            )?);
+        }
+        Ok(watchers)
+    }
+
+    /// Evicts idle rate-limit keys forever (bounded memory under floods of addresses).
+    pub async fn evict_idle_keys(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(EVICT_EVERY).await;
+            let limiter = self.limiter.load();
+            limiter.evict_idle();
+            self.metrics
+                .ratelimit_keys
+                .set(limiter.tracked_keys() as i64);
+        }
+    }
+}

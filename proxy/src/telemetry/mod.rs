@@ -1,0 +1,3 @@
+//! What the edge tells its operators: Prometheus metrics and JSON logs.
+
+pub mod metrics;

@@ -1,0 +1,6 @@
+//! Layer 5: the kas pods — where they are ([`discovery`]), whether they are fit for new
+//! traffic ([`health`]) and which one gets the next stream ([`pool`]).
+
+pub mod discovery;
+pub mod health;
+pub mod pool;

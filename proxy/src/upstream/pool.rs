@@ -1,0 +1,249 @@
+//! The kas pods the edge can route to, with what it knows about each: discovery state,
+//! active health, passive failures and how many streams it carries now.
+//!
+//! Balancing is least in-flight: agent connections live for hours, so spreading by count
+//! of open streams keeps pods even where round robin would drift with churn.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use crate::upstream::discovery::Endpoint;
+
+pub struct Pod {
+    pub addr: SocketAddr,
+    /// Where `/readiness` is checked: the pod IP on the observability port.
+    pub health_addr: SocketAddr,
+    /// Pod name or address, for logs and metric labels.
+    pub label: String,
+    ready: AtomicBool,
+    terminating: AtomicBool,
+    /// Starts false: a pod gets traffic only after its first passing check.
+    healthy: AtomicBool,
+    pub(crate) consecutive_ok: AtomicU32,
+    pub(crate) consecutive_fail: AtomicU32,
+    in_flight: AtomicUsize,
+    passive_down_until: Mutex<Option<Instant>>,
+}
+
+impl Pod {
+    fn new(endpoint: &Endpoint, health_port: u16) -> Self {
+        Self {
+            addr: endpoint.addr,
+            health_addr: SocketAddr::new(endpoint.addr.ip(), health_port),
+            label: endpoint
+                .name
+                .clone()
+                .unwrap_or_else(|| endpoint.addr.to_string()),
+            ready: AtomicBool::new(endpoint.ready),
+            terminating: AtomicBool::new(endpoint.terminating),
+            healthy: AtomicBool::new(false),
+            consecutive_ok: AtomicU32::new(0),
+            consecutive_fail: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
+            passive_down_until: Mutex::new(None),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::SeqCst) != healthy
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn passively_down(&self, now: Instant) -> bool {
+        let guard = self
+            .passive_down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        guard.is_some_and(|until| until > now)
+    }
+
+    /// Whether new traffic may go here. Existing streams are never affected.
+    pub fn accepts_new(&self, now: Instant) -> bool {
+        self.is_healthy()
+            && self.ready.load(Ordering::SeqCst)
+            && !self.terminating.load(Ordering::SeqCst)
+            && !self.passively_down(now)
+    }
+}
+
+/// Holds one in-flight slot on a pod; released on drop (end of stream or tunnel).
+pub struct PodGuard {
+    pod: Arc<Pod>,
+}
+
+impl PodGuard {
+    pub fn pod(&self) -> &Arc<Pod> {
+        &self.pod
+    }
+}
+
+impl Drop for PodGuard {
+    fn drop(&mut self) {
+        self.pod.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub struct Pool {
+    pods: ArcSwap<Vec<Arc<Pod>>>,
+    health_port: u16,
+    passive_backoff: Duration,
+    /// Serialises pick-and-increment so concurrent connections spread exactly.
+    pick_lock: Mutex<()>,
+    /// Woken when discovery changes, so new pods are checked at once.
+    pub(crate) changed: Notify,
+}
+
+impl Pool {
+    pub fn new(health_port: u16, passive_backoff: Duration) -> Self {
+        Self {
+            pods: ArcSwap::from_pointee(Vec::new()),
+            health_port,
+            passive_backoff,
+            pick_lock: Mutex::new(()),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn pods(&self) -> Arc<Vec<Arc<Pod>>> {
+        self.pods.load_full()
+    }
+
+    /// Applies a discovery snapshot. Known pods keep their health and counters; new pods
+    /// start unhealthy; vanished pods leave the set (their open streams continue, holding
+    /// their own `Arc<Pod>`).
+    pub fn update(&self, endpoints: &[Endpoint]) {
+        let current = self.pods.load();
+        let mut next = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let pod = match current.iter().find(|p| p.addr == endpoint.addr) {
+                Some(pod) => pod.clone(),
+                None => {
+                    tracing::info!(pod = %endpoint.addr, name = ?endpoint.name, "pod discovered");
+                    Arc::new(Pod::new(endpoint, self.health_port))
+                }
+            };
+            pod.ready.store(endpoint.ready, Ordering::SeqCst);
+            pod.terminating
+                .store(endpoint.terminating, Ordering::SeqCst);
+            next.push(pod);
+        }
+        for gone in current
+            .iter()
+            .filter(|p| !next.iter().any(|n| n.addr == p.addr))
+        {
+            tracing::info!(pod = %gone.label, in_flight = gone.in_flight(), "pod left discovery");
+        }
+        self.pods.store(Arc::new(next));
+        self.changed.notify_one();
+    }
+
+    /// The eligible pod with the fewest in-flight streams, with a slot taken on it.
+    pub fn pick(&self) -> Option<PodGuard> {
+        let _lock = crate::support::sync::lock(&self.pick_lock);
+        let now = Instant::now();
+        let pods = self.pods.load();
+        let pod = pods
+            .iter()
+            .filter(|p| p.accepts_new(now))
+            .min_by_key(|p| p.in_flight())?
+            .clone();
+        pod.in_flight.fetch_add(1, Ordering::SeqCst);
+        Some(PodGuard { pod })
+    }
+
+    /// A connect failure or reset: stop new traffic to the pod for the back-off period.
+    pub fn mark_failed(&self, pod: &Pod) {
+        let mut until = pod
+            .passive_down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *until = Some(Instant::now() + self.passive_backoff);
+        tracing::warn!(pod = %pod.label, backoff = ?self.passive_backoff, "pod failed a connection; backing off");
+    }
+
+    pub fn any_accepting(&self) -> bool {
+        let now = Instant::now();
+        self.pods.load().iter().any(|p| p.accepts_new(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(n: u8) -> Vec<Endpoint> {
+        (1..=n)
+            .map(|i| Endpoint::plain(SocketAddr::from(([127, 0, 1, i], 8150))))
+            .collect()
+    }
+
+    fn healthy_pool(n: u8) -> Pool {
+        let pool = Pool::new(8151, Duration::from_secs(5));
+        pool.update(&endpoints(n));
+        for p in pool.pods().iter() {
+            p.set_healthy(true);
+        }
+        pool
+    }
+
+    #[test]
+    fn new_pods_wait_for_their_first_check() {
+        let pool = Pool::new(8151, Duration::from_secs(5));
+        pool.update(&endpoints(2));
+        assert!(pool.pick().is_none());
+        assert_eq!(
+            pool.pods()[0].health_addr,
+            "127.0.1.1:8151".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn least_in_flight_spreads_evenly_and_releases() {
+        let pool = healthy_pool(3);
+        let guards: Vec<_> = (0..30).map(|_| pool.pick().unwrap()).collect();
+        for pod in pool.pods().iter() {
+            assert_eq!(pod.in_flight(), 10);
+        }
+        drop(guards);
+        assert!(pool.pods().iter().all(|p| p.in_flight() == 0));
+    }
+
+    #[test]
+    fn unready_terminating_and_failed_pods_get_nothing_new() {
+        let pool = healthy_pool(3);
+        let mut eps = endpoints(3);
+        eps[0].ready = false;
+        eps[1].terminating = true;
+        pool.update(&eps);
+        let third = pool.pods()[2].clone();
+        for _ in 0..5 {
+            assert_eq!(pool.pick().unwrap().pod().addr, third.addr);
+        }
+        pool.mark_failed(&third);
+        assert!(pool.pick().is_none());
+        assert!(!pool.any_accepting());
+    }
+
+    #[test]
+    fn rediscovery_keeps_state_and_open_guards_survive_removal() {
+        let pool = healthy_pool(2);
+        let guard = pool.pick().unwrap();
+        pool.update(&endpoints(2));
+        assert!(pool.pods().iter().all(|p| p.is_healthy()));
+        pool.update(&endpoints(0));
+        assert!(pool.pick().is_none());
+        assert_eq!(guard.pod().in_flight(), 1);
+    }
+}

@@ -12,7 +12,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p kas-edge \
+# Without the `dev` feature: the production binary links no kas server or GitLab stand-in.
+RUN cargo build --release --locked -p kas-edge --no-default-features \
     && install -m 0755 target/release/kas-edge /usr/local/bin/kas-edge
 
 FROM debian:bookworm-slim

@@ -4,25 +4,27 @@
 //! websockets over HTTP/1.1 as a raw tunnel after the upgrade (handed to [`crate::http::websocket`],
 //! which does the upgrade itself instead of pingora's HTTP/1 proxy loop).
 
+mod access_log;
+mod refusal;
 pub mod websocket;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::proxy::FailToProxy;
 
 use crate::config::UpstreamConfig;
 use crate::connection::handoff::{Handoff, PendingHandoffs};
 use crate::pingora_compat;
-use crate::policy::{Denial, Policies};
+use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::pool::{Pod, PodGuard, Pool};
-use websocket::{PodDialer, Relayed, TunnelEnd, TunnelOutcome};
+use access_log::AccessRecord;
+use refusal::{bad_gateway, respond_denied, unavailable, Denial};
+use websocket::{PodDialer, RelayOutcome, TunnelEnd, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -45,16 +47,16 @@ impl Protocol {
 }
 
 pub struct RequestCtx {
-    protocol: Protocol,
-    started: Instant,
+    pub(super) protocol: Protocol,
+    pub(super) started: Instant,
     /// The client's address (after PROXY protocol), for the access log.
-    client: Option<std::net::IpAddr>,
+    pub(super) client: Option<std::net::IpAddr>,
     /// The in-flight slot on the chosen pod, held for the whole stream or tunnel.
-    pod: Option<PodGuard>,
+    pub(super) pod: Option<PodGuard>,
     attempts: u32,
     upstream_latency_recorded: bool,
     /// Set for websocket upgrades the pod refused (see [`crate::http::websocket`]).
-    tunnel: Option<TunnelOutcome>,
+    pub(super) tunnel: Option<TunnelOutcome>,
     /// The upgrade became a tunnel, handed to the connection layer, which logs its end.
     handed_off: bool,
     /// Counts the request in `edge_active_streams` until it ends, whichever way.
@@ -66,7 +68,7 @@ pub struct EdgeProxy {
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
     pub upstream: UpstreamConfig,
-    /// Where established tunnels wait for [`crate::connection::Tracked`] to carry them.
+    /// Where established tunnels wait for [`crate::connection::ConnectionLayer`] to carry them.
     pub handoffs: Arc<PendingHandoffs>,
 }
 
@@ -83,69 +85,6 @@ fn classify(session: &Session) -> Protocol {
         Protocol::Grpc
     } else {
         Protocol::Http
-    }
-}
-
-/// Answers a request the edge will not forward. gRPC gets a trailers-only response
-/// (HEADERS with END_STREAM carrying `grpc-status`), which every gRPC client maps to the
-/// status; other requests get the HTTP status. Returns the HTTP status written.
-async fn respond_denied(session: &mut Session, protocol: Protocol, denial: &Denial) -> u16 {
-    let retry_after = denial.retry_after.map(|d| d.as_secs().max(1).to_string());
-    if protocol == Protocol::Grpc {
-        let written = (|| -> Result<()> {
-            let mut resp = ResponseHeader::build(200, Some(4))?;
-            resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-            resp.insert_header("grpc-status", denial.grpc_status.to_string())?;
-            resp.insert_header("grpc-message", denial.message.as_str())?;
-            if let Some(secs) = &retry_after {
-                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
-            }
-            match session.as_downstream_mut() {
-                HttpSession::H2(h2) => h2.write_response_header(Box::new(resp), true),
-                _ => Err(Error::explain(
-                    InternalError,
-                    "gRPC on a non-HTTP/2 session",
-                )),
-            }
-        })();
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "could not write the gRPC error response");
-        }
-        200
-    } else {
-        let written = async {
-            let body = Bytes::from(format!("{}\n", denial.message));
-            let mut resp = ResponseHeader::build(denial.http_status, Some(4))?;
-            resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-            resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-            if let Some(secs) = &retry_after {
-                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
-            }
-            session.set_keepalive(None);
-            session.write_response_header(Box::new(resp), false).await?;
-            session.write_response_body(Some(body), true).await
-        };
-        if let Err(e) = written.await {
-            tracing::debug!(error = %e, "could not write the error response");
-        }
-        denial.http_status
-    }
-}
-
-fn unavailable(why: &str) -> Denial {
-    Denial {
-        http_status: 503,
-        grpc_status: 14, // UNAVAILABLE
-        message: why.to_owned(),
-        retry_after: None,
-    }
-}
-
-/// A pod was reached but did not answer usefully: 502 (gRPC: still UNAVAILABLE).
-fn bad_gateway(why: &str) -> Denial {
-    Denial {
-        http_status: 502,
-        ..unavailable(why)
     }
 }
 
@@ -185,11 +124,11 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.client = client;
-        if let Some(denial) = self
+        if let Some(refusal) = self
             .policies
             .check_request(client, &session.req_header().headers)
         {
-            respond_denied(session, ctx.protocol, &denial).await;
+            respond_denied(session, ctx.protocol, &Denial::from(refusal)).await;
             return Ok(true);
         }
         if !self.pool.any_accepting() {
@@ -331,69 +270,6 @@ impl ProxyHttp for EdgeProxy {
     }
 }
 
-/// One access-log line and the request metrics that go with it.
-struct AccessRecord {
-    client: Option<std::net::IpAddr>,
-    protocol: Protocol,
-    method: http::Method,
-    path: String,
-    pod: Option<Arc<Pod>>,
-    status: u16,
-    started: Instant,
-    bytes_in: u64,
-    bytes_out: u64,
-    tunnel_end: Option<TunnelEnd>,
-}
-
-impl AccessRecord {
-    /// The request's part of the line; the caller fills in the byte counts.
-    fn of(session: &Session, ctx: &RequestCtx, status: u16) -> Self {
-        let req = session.req_header();
-        Self {
-            client: ctx.client,
-            protocol: ctx.protocol,
-            method: req.method.clone(),
-            path: req.uri.path().to_owned(),
-            pod: ctx.pod.as_ref().map(|g| g.pod().clone()),
-            status,
-            started: ctx.started,
-            bytes_in: 0,
-            bytes_out: 0,
-            tunnel_end: ctx.tunnel.map(|t| t.end),
-        }
-    }
-
-    fn log(&self, metrics: &EdgeMetrics, error: Option<String>) {
-        let protocol = self.protocol.label();
-        metrics
-            .requests
-            .with_label_values(&[protocol, &self.status.to_string()])
-            .inc();
-        metrics
-            .bytes
-            .with_label_values(&["from_client"])
-            .inc_by(self.bytes_in);
-        metrics
-            .bytes
-            .with_label_values(&["to_client"])
-            .inc_by(self.bytes_out);
-        tracing::info!(
-            target: "access",
-            client = self.client.map(|ip| ip.to_string()).unwrap_or_default(),
-            protocol,
-            method = %self.method,
-            path = %self.path,
-            pod = self.pod.as_ref().map_or("-", |p| p.label.as_str()),
-            status = self.status,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            bytes_in = self.bytes_in,
-            bytes_out = self.bytes_out,
-            tunnel_end = self.tunnel_end.map(TunnelEnd::label),
-            error,
-        );
-    }
-}
-
 impl EdgeProxy {
     /// A pod refused a connection: keep new traffic off it for the passive back-off.
     fn connect_failed(&self, pod: &Pod) {
@@ -461,8 +337,8 @@ impl EdgeProxy {
             return;
         }
         match websocket::relay(session, answered).await {
-            Relayed::Done(outcome) => ctx.tunnel = Some(outcome),
-            Relayed::Upgraded(pending) => {
+            RelayOutcome::Finished(outcome) => ctx.tunnel = Some(outcome),
+            RelayOutcome::Established(pending) => {
                 // Carried by the connection layer once pingora's request is over; what the
                 // access log needs and what must live as long as the tunnel go with it.
                 let mut record = AccessRecord::of(session, ctx, 101);

@@ -84,7 +84,7 @@ pub struct PodDialer {
 
 /// A pod that answered an upgrade request. `early` holds bytes the pod sent right after its
 /// response head (with a `101`, the first tunnel bytes), which must reach the agent first.
-pub struct Answered {
+pub struct PodAnswer {
     pub stream: TcpStream,
     pub response: ResponseHeader,
     pub early: Bytes,
@@ -96,7 +96,7 @@ impl PodDialer {
         &self,
         addr: SocketAddr,
         request: &RequestHeader,
-    ) -> Result<Answered, HandshakeError> {
+    ) -> Result<PodAnswer, HandshakeError> {
         let mut stream = self.connect(addr).await?;
         let io_err = |source| HandshakeError::Io { addr, source };
         stream
@@ -108,7 +108,7 @@ impl PodDialer {
             tokio::time::timeout(timeout, read_response_head(&mut stream, addr))
                 .await
                 .map_err(|_| HandshakeError::Timeout { addr, timeout })??;
-        Ok(Answered {
+        Ok(PodAnswer {
             stream,
             response,
             early,
@@ -214,12 +214,12 @@ pub struct TunnelOutcome {
 }
 
 /// Where a forwarded upgrade stands once pingora's part is over.
-pub enum Relayed {
+pub enum RelayOutcome {
     /// Refused by the pod, or failed before the tunnel existed: nothing left to carry.
-    Done(TunnelOutcome),
+    Finished(TunnelOutcome),
     /// The `101` is on the wire; the tunnel waits to be carried by its connection
     /// (see [`crate::connection::handoff`]).
-    Upgraded(PendingTunnel),
+    Established(PendingTunnel),
 }
 
 /// An established tunnel that nothing carries yet: the agent's raw connection (taken out
@@ -282,8 +282,8 @@ impl PendingTunnel {
 /// agent's connection is taken out of pingora and returned with the pod's, ready to be
 /// carried. Errors are reported in the outcome, not propagated: the response is already
 /// on the wire.
-pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
-    let Answered {
+pub async fn relay(session: &mut Session, answered: PodAnswer) -> RelayOutcome {
+    let PodAnswer {
         stream,
         response,
         early,
@@ -302,7 +302,7 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
             Ok(sent) => outcome.bytes_out = sent,
             Err(e) => tracing::debug!(error = %e, "relaying a refused upgrade"),
         }
-        return Relayed::Done(outcome);
+        return RelayOutcome::Finished(outcome);
     }
     // pingora writes (and flushes) the 101, and so knows the session is upgraded.
     if let Err(e) = session
@@ -311,7 +311,7 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
     {
         tracing::debug!(error = %e, "writing the 101 to the agent");
         outcome.end = TunnelEnd::AgentError;
-        return Relayed::Done(outcome);
+        return RelayOutcome::Finished(outcome);
     }
     let taken = match take_buffered(session).await {
         Ok(pre_read) => pingora_compat::take_h1_stream(session)
@@ -320,7 +320,7 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
         Err(e) => Err(e),
     };
     match taken {
-        Ok((agent, pre_read)) => Relayed::Upgraded(PendingTunnel {
+        Ok((agent, pre_read)) => RelayOutcome::Established(PendingTunnel {
             agent,
             pod: stream,
             early,
@@ -330,7 +330,7 @@ pub async fn relay(session: &mut Session, answered: Answered) -> Relayed {
         Err(e) => {
             tracing::warn!(error = %e, "could not take over the agent's connection");
             outcome.end = TunnelEnd::AgentError;
-            Relayed::Done(outcome)
+            RelayOutcome::Finished(outcome)
         }
     }
 }

@@ -36,35 +36,23 @@ const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 const RELOAD_POLL: Duration = Duration::from_secs(10);
 const EVICT_EVERY: Duration = Duration::from_secs(10);
 
-/// How a refused request is answered.
+/// Why a policy refused a request or stream; the HTTP layer decides how to say it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    pub http_status: u16,
-    pub grpc_status: u8,
-    pub message: String,
-    pub retry_after: Option<Duration>,
+pub enum RequestRefusal {
+    /// A header rule matched.
+    HeaderRule { rule: String },
+    /// A rate limit (request rate, per-token rate, or a ban after repeated violations).
+    RateLimited {
+        reason: &'static str,
+        retry_after: Duration,
+    },
 }
 
-impl Denial {
-    fn forbidden(rule: &str) -> Self {
-        Self {
-            http_status: 403,
-            grpc_status: 7, // PERMISSION_DENIED
-            message: format!("request denied by policy rule {rule:?}"),
-            retry_after: None,
-        }
-    }
-
+impl RequestRefusal {
     fn limited(refusal: &Refusal) -> Self {
-        let secs = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        Self {
-            http_status: 429,
-            grpc_status: 8, // RESOURCE_EXHAUSTED
-            message: format!(
-                "rate limit exceeded ({}), try again in {secs} s",
-                refusal.reason
-            ),
-            retry_after: Some(Duration::from_secs(secs)),
+        Self::RateLimited {
+            reason: refusal.reason,
+            retry_after: refusal.retry_after,
         }
     }
 }
@@ -207,7 +195,11 @@ impl Policies {
     }
 
     /// Header rules, request rate and per-token rate for one request or stream.
-    pub fn check_request(&self, ip: Option<IpAddr>, headers: &http::HeaderMap) -> Option<Denial> {
+    pub fn check_request(
+        &self,
+        ip: Option<IpAddr>,
+        headers: &http::HeaderMap,
+    ) -> Option<RequestRefusal> {
         if let Some(rule) = self.rules.load().check(headers) {
             if rule.preview {
                 self.metrics
@@ -217,14 +209,16 @@ impl Policies {
                 tracing::info!(client = ?ip, rule = %rule.name, "header rule preview match (not blocked)");
             } else {
                 self.blocked("header_rule", "rules");
-                return Some(Denial::forbidden(&rule.name));
+                return Some(RequestRefusal::HeaderRule {
+                    rule: rule.name.clone(),
+                });
             }
         }
         let ip = ip?;
         let limiter = self.limiter.load();
         if let Err(refusal) = limiter.check_request(ip) {
             self.blocked(refusal.reason, "limits");
-            return Some(Denial::limited(&refusal));
+            return Some(RequestRefusal::limited(&refusal));
         }
         // Parsed exactly as kas parses it, so no spelling of the header slips past the
         // per-token limit that kas would still accept.
@@ -235,7 +229,7 @@ impl Policies {
         if let Some(token) = token {
             if let Err(refusal) = limiter.check_token(ip, token.as_bytes()) {
                 self.blocked(refusal.reason, "limits");
-                return Some(Denial::limited(&refusal));
+                return Some(RequestRefusal::limited(&refusal));
             }
         }
         None

@@ -4,7 +4,7 @@
 //! an upgrade fails loudly here and nowhere else.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
 
 use pingora::http::ResponseHeader;
@@ -13,15 +13,6 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora::proxy::Session;
 use tokio::io::AsyncWriteExt;
-
-/// The client IP of a stream, as pingora recorded it.
-pub fn client_ip(stream: &Stream) -> Option<IpAddr> {
-    stream
-        .get_socket_digest()?
-        .peer_addr()?
-        .as_inet()
-        .map(|a| a.ip())
-}
 
 /// The protocol the client and the edge agreed on in the TLS handshake.
 pub fn alpn_label(stream: &Stream) -> &'static str {
@@ -50,6 +41,55 @@ pub fn socket_peer(stream: &L4Stream) -> Option<SocketAddr> {
         .peer_addr()
         .and_then(|a| a.as_inet())
         .copied()
+}
+
+/// The socket's cookie: an identity the kernel never reuses, unlike a descriptor number.
+pub fn socket_cookie(stream: &L4Stream) -> Option<u64> {
+    pingora::protocols::l4::ext::get_socket_cookie(stream.as_raw_fd()).ok()
+}
+
+/// The cookie of the socket under a connection (TLS or not), as [`socket_cookie`] saw
+/// it before the handshake. A stream's id is its socket's descriptor in pingora 0.9.
+pub fn connection_cookie(stream: &Stream) -> Option<u64> {
+    pingora::protocols::l4::ext::get_socket_cookie(stream.id()).ok()
+}
+
+/// The cookie of the socket a request arrived on (HTTP/1 or HTTP/2).
+pub fn session_cookie(session: &Session) -> Option<u64> {
+    let downstream = session.as_downstream();
+    match downstream.stream() {
+        Some(stream) => connection_cookie(stream),
+        None => downstream
+            .digest()?
+            .socket_digest
+            .as_ref()?
+            .socket_cookie()
+            .ok(),
+    }
+}
+
+/// The descriptor of a stream pingora owns, for [`shutdown_socket`] later.
+pub fn raw_fd(stream: &L4Stream) -> std::os::unix::io::RawFd {
+    stream.as_raw_fd()
+}
+
+/// Whether descriptor `fd` still is the socket with `cookie` (not closed, not reused).
+pub fn is_same_socket(fd: std::os::unix::io::RawFd, cookie: u64) -> bool {
+    pingora::protocols::l4::ext::get_socket_cookie(fd).ok() == Some(cookie)
+}
+
+/// Shuts down both directions of the socket on descriptor `fd` if it still is the socket
+/// with `cookie`, which makes whoever waits on it (pingora's handshake) fail at once. The
+/// descriptor is pingora's: it may have been closed, and its number reused, since; the
+/// cookie check makes sure another connection is never touched.
+pub fn shutdown_socket(fd: std::os::unix::io::RawFd, cookie: u64) {
+    if !is_same_socket(fd, cookie) {
+        return;
+    }
+    // SAFETY: `fd` is only borrowed for this call, and the cookie check above shows it is
+    // (still) an open socket; shutting down a socket closes no descriptor.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
 }
 
 /// Records `client` as the stream's peer (the real client behind a PROXY header): a fresh
@@ -146,7 +186,9 @@ mod tests {
         let real: SocketAddr = "203.0.113.9:4711".parse().unwrap();
         set_client_addr(&mut stream, real);
         let stream: Stream = Box::new(stream);
-        assert_eq!(client_ip(&stream), Some(real.ip()));
+        // What `Session::client_addr` and the access log read.
+        let recorded = stream.get_socket_digest().unwrap().peer_addr().cloned();
+        assert_eq!(recorded.and_then(|a| a.as_inet().copied()), Some(real));
         assert_eq!(alpn_label(&stream), "none");
     }
 
@@ -219,5 +261,28 @@ mod tests {
         let mut got = [0u8; 13];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"from the edge");
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_shut_down_only_while_its_cookie_matches() {
+        let (stream, mut client) = pair().await;
+        let cookie = socket_cookie(&stream).unwrap();
+        let stream: Stream = Box::new(stream);
+        assert_eq!(connection_cookie(&stream), Some(cookie));
+        let stream = *stream.into_any().downcast::<L4Stream>().unwrap();
+        let fd = raw_fd(&stream);
+        shutdown_socket(fd, cookie.wrapping_add(1));
+        client.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        let mut server = stream;
+        server.read_exact(&mut one).await.unwrap();
+        // The right cookie: the peer sees its connection end.
+        shutdown_socket(fd, cookie);
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the shutdown reaches the peer")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
     }
 }

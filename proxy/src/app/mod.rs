@@ -23,12 +23,13 @@ use pingora::services::listening::Service;
 
 use crate::admin::{self, AdminState};
 use crate::config::EdgeConfig;
+use crate::connection::activity::ActivityTable;
 use crate::connection::handoff::PendingHandoffs;
 use crate::connection::registry::ConnectionRegistry;
-use crate::connection::{ConnectionLayer, MaxAge};
+use crate::connection::{ConnectionLayer, IdleLimits, MaxAge};
 use crate::http::EdgeProxy;
 use crate::listener::accept::{AcceptFilter, SelfProbes};
-use crate::listener::proxy_protocol::ProxyHeaderLayer;
+use crate::listener::handshake::{HandshakeLayer, HandshakeLimits};
 use crate::listener::tls;
 use crate::policy::Policies;
 use crate::support::keepalive;
@@ -156,7 +157,13 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let registry = ConnectionRegistry::new(metrics.open_connections.clone());
+    let registry = ConnectionRegistry::new(
+        metrics.open_connections.clone(),
+        metrics.handshakes_in_progress.clone(),
+    );
+    metrics
+        .handshakes_limit
+        .set(i64::try_from(config.downstream.max_handshakes).unwrap_or(i64::MAX));
     let policies = Policies::new(
         policy_files,
         &config.policies,
@@ -254,8 +261,10 @@ fn proxy_service(
     probes: &Arc<SelfProbes>,
 ) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>>>> {
     let handoffs = Arc::new(PendingHandoffs::default());
+    let activity = Arc::new(ActivityTable::default());
     let proxy = EdgeProxy {
         handoffs: handoffs.clone(),
+        activity: activity.clone(),
         policies: policies.clone(),
         pool: state.pool.clone(),
         metrics: state.metrics.clone(),
@@ -264,24 +273,37 @@ fn proxy_service(
     let app = ConnectionLayer {
         inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
         policies: policies.clone(),
-        registry,
+        registry: registry.clone(),
         metrics: state.metrics.clone(),
         max_age: config.downstream.max_connection_age.map(|age| MaxAge {
             age,
             jitter: config.downstream.max_connection_age_jitter,
         }),
         handoffs,
+        activity,
+        idle: IdleLimits {
+            request_head: config.downstream.request_head_timeout,
+            keepalive: config.downstream.keepalive_timeout,
+            h2_idle: config.downstream.h2_idle_timeout,
+        },
     };
     let mut service = Service::new("kas-edge".to_string(), app);
     service.set_connection_filter(Arc::new(AcceptFilter {
         policies: policies.clone(),
         probes: probes.clone(),
     }));
-    if policies.proxy_protocol_enabled() {
-        service
-            .endpoints()
-            .set_pre_tls_callback(Arc::new(ProxyHeaderLayer(policies.clone())));
-    }
+    service
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(HandshakeLayer {
+            policies: policies.clone(),
+            registry: registry.clone(),
+            limits: HandshakeLimits {
+                timeout: config.downstream.handshake_timeout,
+                max_total: config.downstream.max_handshakes,
+                max_per_client: config.downstream.max_handshakes_per_client,
+            },
+            metrics: state.metrics.clone(),
+        }));
     let mut tls_settings = TlsSettings::with_callbacks(tls.handshake_callbacks())
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
     tls_settings.set_cert_resolver(tls.resolver());

@@ -27,6 +27,24 @@ pub struct DownstreamConfig {
     /// coalesces small writes; measured here it made no difference to requests/s, and 0
     /// (each flush goes straight out) saves that much memory per idle agent.
     pub write_buffer: usize,
+    /// From accept (after a PROXY header) to the end of the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// HTTP/1: from the end of the TLS handshake to the complete first request head
+    /// (a websocket upgrade request included).
+    #[serde(with = "humantime_serde")]
+    pub request_head_timeout: Duration,
+    /// HTTP/1: from the end of one response to the complete head of the next request.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// HTTP/2: how long a connection may have no open stream (agents always hold one, and
+    /// ping every 55 s; a few minutes is safe).
+    #[serde(with = "humantime_serde")]
+    pub h2_idle_timeout: Duration,
+    /// Connections in their TLS handshake from all clients together.
+    pub max_handshakes: usize,
+    /// Connections in their TLS handshake from one client address.
+    pub max_handshakes_per_client: usize,
 }
 
 impl Default for DownstreamConfig {
@@ -37,6 +55,12 @@ impl Default for DownstreamConfig {
             max_connection_age_jitter: 0.1,
             read_buffer: 0,
             write_buffer: 0,
+            handshake_timeout: Duration::from_secs(10),
+            request_head_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            h2_idle_timeout: Duration::from_secs(180),
+            max_handshakes: 4096,
+            max_handshakes_per_client: 64,
         }
     }
 }
@@ -47,6 +71,22 @@ impl DownstreamConfig {
             return Err(FieldError::new(
                 "downstream.max_connection_age",
                 "must be greater than zero (omit it to disable)",
+            ));
+        }
+        super::positive("downstream.handshake_timeout", self.handshake_timeout)?;
+        super::positive("downstream.request_head_timeout", self.request_head_timeout)?;
+        super::positive("downstream.keepalive_timeout", self.keepalive_timeout)?;
+        super::positive("downstream.h2_idle_timeout", self.h2_idle_timeout)?;
+        if self.max_handshakes == 0 {
+            return Err(FieldError::new(
+                "downstream.max_handshakes",
+                "must be at least 1",
+            ));
+        }
+        if self.max_handshakes_per_client == 0 {
+            return Err(FieldError::new(
+                "downstream.max_handshakes_per_client",
+                "must be at least 1",
             ));
         }
         if !(0.0..=1.0).contains(&self.max_connection_age_jitter) {

@@ -7,6 +7,7 @@
 //! limits, and a way to close a client's established connections (an operator just
 //! blocked it). It also carries the work requests hand to their connection ([`handoff`]).
 
+pub mod activity;
 pub mod handoff;
 pub mod registry;
 
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 use crate::pingora_compat;
 use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
+use activity::{Activity, ActivityTable};
 use handoff::PendingHandoffs;
 use registry::{ConnectionGuard, ConnectionRegistry};
 
@@ -52,6 +54,17 @@ pub struct ConnectionLayer<A> {
     pub metrics: EdgeMetrics,
     pub max_age: Option<MaxAge>,
     pub handoffs: Arc<PendingHandoffs>,
+    pub activity: Arc<ActivityTable>,
+    pub idle: IdleLimits,
+}
+
+/// How long a connection may wait on its client with nothing in flight
+/// (see [`activity`]).
+#[derive(Debug, Clone, Copy)]
+pub struct IdleLimits {
+    pub request_head: std::time::Duration,
+    pub keepalive: std::time::Duration,
+    pub h2_idle: std::time::Duration,
 }
 
 /// Resolves when the edge wants the connection closed: its client was blocked, or it
@@ -103,15 +116,24 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
                 .open_connections_by_alpn
                 .with_label_values(&[pingora_compat::alpn_label(&stream)]),
         );
-        let guard = match pingora_compat::client_ip(&stream) {
-            Some(ip) => {
-                if !self.policies.admit_concurrent(ip) {
-                    return None;
-                }
-                Some(self.registry.register(ip))
-            }
-            None => None,
+        // Registered (and admitted against the limits) before its handshake started.
+        let socket = pingora_compat::connection_cookie(&stream)?;
+        let guard = self.registry.finish_handshake(socket)?;
+        if self.policies.blocklisted(guard.ip) {
+            // Blocked by an edit while in its handshake: that edit's sweep may have
+            // missed it, this check cannot.
+            self.metrics.established_closed.inc();
+            tracing::info!(client = %guard.ip, "closing a connection blocked during its handshake");
+            return None;
+        }
+        let guard = Some(guard);
+        let h2 = pingora_compat::alpn_label(&stream) == "h2";
+        let activity = if h2 {
+            Activity::new(self.idle.h2_idle, self.idle.h2_idle)
+        } else {
+            Activity::new(self.idle.request_head, self.idle.keepalive)
         };
+        let _tracked = self.activity.track(socket, activity.clone());
         let deadline = self
             .max_age
             .map(|m| Instant::now() + m.pick())
@@ -124,6 +146,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
             // Dropping the connection's future closes its socket and, for HTTP/2, every
             // stream on it; upstream halves follow as their tasks see the close.
             _ = closed_by_edge(guard.as_ref(), deadline) => {
+                drop(self.handoffs.take(id));
+                return None;
+            }
+            _ = activity.expired() => {
+                let stage = match (h2, activity.requests_started()) {
+                    (true, _) => "h2_idle",
+                    (false, 0) => "request_head",
+                    (false, _) => "keepalive",
+                };
+                self.metrics.timeouts.with_label_values(&[stage]).inc();
+                tracing::debug!(stage, "closing a connection that waited too long on its client");
                 drop(self.handoffs.take(id));
                 return None;
             }

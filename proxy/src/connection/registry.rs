@@ -1,4 +1,5 @@
-//! Open client connections by IP, each with a way to close it from outside.
+//! Client connections by IP, from the start of their TLS handshake to their close, each
+//! with a way to close it from outside.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,13 +14,36 @@ use crate::policy::ClientConnections;
 #[derive(Default)]
 struct Entry {
     tokens: HashMap<u64, CancellationToken>,
+    /// How many of `tokens` belong to connections still in their TLS handshake.
+    handshaking: usize,
 }
 
-/// Open connections by client IP.
+/// Client connections by IP, from the moment the edge decides to handshake with them
+/// until they close: a connection in its TLS handshake already counts against its
+/// client's limits, and a blocklist edit closes it like an established one.
 pub struct ConnectionRegistry {
     by_ip: Mutex<HashMap<IpAddr, Entry>>,
+    /// Connections in their TLS handshake, by socket cookie (unique for the kernel's
+    /// lifetime, unlike a file descriptor number), waiting for the connection layer.
+    handshakes: Mutex<HashMap<u64, Handshake>>,
     next_id: AtomicU64,
     open: IntGauge,
+    in_handshake: IntGauge,
+}
+
+/// A registration waiting for its TLS handshake to end.
+struct Handshake {
+    guard: ConnectionGuard,
+    /// Cancelled when the handshake ended (either way), to stop its deadline.
+    over: CancellationToken,
+}
+
+/// A connection between accept and the end of its TLS handshake.
+pub struct HandshakeTicket {
+    /// Cancelled when the edge wants this connection closed (its client was blocked).
+    pub cancelled: CancellationToken,
+    /// Cancelled when the handshake is over, successful or abandoned.
+    pub over: CancellationToken,
 }
 
 /// Registration of one connection; unregisters on drop.
@@ -27,6 +51,8 @@ pub struct ConnectionGuard {
     registry: Arc<ConnectionRegistry>,
     pub(crate) ip: IpAddr,
     id: u64,
+    /// False while the TLS handshake runs: only open connections are in `open`.
+    established: bool,
     pub cancelled: CancellationToken,
 }
 
@@ -35,20 +61,30 @@ impl Drop for ConnectionGuard {
         let mut by_ip = self.registry.lock();
         if let Some(entry) = by_ip.get_mut(&self.ip) {
             entry.tokens.remove(&self.id);
+            if !self.established {
+                entry.handshaking = entry.handshaking.saturating_sub(1);
+            }
             if entry.tokens.is_empty() {
                 by_ip.remove(&self.ip);
             }
         }
-        self.registry.open.dec();
+        drop(by_ip);
+        if self.established {
+            self.registry.open.dec();
+        } else {
+            self.registry.in_handshake.dec();
+        }
     }
 }
 
 impl ConnectionRegistry {
-    pub fn new(open: IntGauge) -> Arc<Self> {
+    pub fn new(open: IntGauge, in_handshake: IntGauge) -> Arc<Self> {
         Arc::new(Self {
             by_ip: Mutex::new(HashMap::new()),
+            handshakes: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             open,
+            in_handshake,
         })
     }
 
@@ -56,29 +92,103 @@ impl ConnectionRegistry {
         crate::support::sync::lock(&self.by_ip)
     }
 
-    pub fn register(self: &Arc<Self>, ip: IpAddr) -> ConnectionGuard {
+    fn add(self: &Arc<Self>, ip: IpAddr, established: bool) -> ConnectionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancelled = CancellationToken::new();
-        self.lock()
-            .entry(ip)
-            .or_default()
-            .tokens
-            .insert(id, cancelled.clone());
-        self.open.inc();
+        {
+            let mut by_ip = self.lock();
+            let entry = by_ip.entry(ip).or_default();
+            entry.tokens.insert(id, cancelled.clone());
+            if !established {
+                entry.handshaking += 1;
+            }
+        }
+        if established {
+            self.open.inc();
+        } else {
+            self.in_handshake.inc();
+        }
         ConnectionGuard {
             registry: self.clone(),
             ip,
             id,
+            established,
             cancelled,
         }
     }
 
-    /// Open connections of `ip`.
+    /// Registers an open connection (its handshake is over, or it never had one).
+    pub fn register(self: &Arc<Self>, ip: IpAddr) -> ConnectionGuard {
+        self.add(ip, true)
+    }
+
+    /// Registers a connection about to start its TLS handshake on the socket with
+    /// `socket` cookie; [`ConnectionRegistry::finish_handshake`] turns it into an open one.
+    pub fn begin_handshake(self: &Arc<Self>, ip: IpAddr, socket: u64) -> HandshakeTicket {
+        let guard = self.add(ip, false);
+        let ticket = HandshakeTicket {
+            cancelled: guard.cancelled.clone(),
+            over: CancellationToken::new(),
+        };
+        let previous = crate::support::sync::lock(&self.handshakes).insert(
+            socket,
+            Handshake {
+                guard,
+                over: ticket.over.clone(),
+            },
+        );
+        // A cookie is never reused, so there is no previous entry; if there were, it
+        // belongs to no live handshake.
+        if let Some(stale) = previous {
+            stale.over.cancel();
+        }
+        ticket
+    }
+
+    /// The registration of a socket whose TLS handshake completed, now counted as open.
+    /// `None` when its handshake was abandoned meanwhile (deadline or block).
+    pub fn finish_handshake(&self, socket: u64) -> Option<ConnectionGuard> {
+        let Handshake { mut guard, over } =
+            crate::support::sync::lock(&self.handshakes).remove(&socket)?;
+        over.cancel();
+        if let Some(entry) = self.lock().get_mut(&guard.ip) {
+            entry.handshaking = entry.handshaking.saturating_sub(1);
+        }
+        guard.established = true;
+        self.in_handshake.dec();
+        self.open.inc();
+        Some(guard)
+    }
+
+    /// Forgets a handshake that will not complete; true if it was still waiting.
+    pub fn abandon_handshake(&self, socket: u64) -> bool {
+        let removed = crate::support::sync::lock(&self.handshakes).remove(&socket);
+        match removed {
+            Some(handshake) => {
+                handshake.over.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Connections in their TLS handshake now, from every client.
+    pub fn handshakes(&self) -> usize {
+        crate::support::sync::lock(&self.handshakes).len()
+    }
+
+    /// Connections of `ip` in their TLS handshake now.
+    pub fn handshakes_from(&self, ip: IpAddr) -> usize {
+        self.lock().get(&ip).map_or(0, |e| e.handshaking)
+    }
+
+    /// Connections of `ip`, open or in their handshake.
     pub fn count(&self, ip: IpAddr) -> usize {
         self.lock().get(&ip).map_or(0, |e| e.tokens.len())
     }
 
-    /// Closes every open connection whose client IP matches; returns how many.
+    /// Closes every connection (open or in its handshake) whose client IP matches;
+    /// returns how many.
     pub fn close_matching(&self, matches: impl Fn(IpAddr) -> bool) -> usize {
         let by_ip = self.lock();
         let mut closed = 0;
@@ -109,7 +219,10 @@ mod tests {
 
     #[test]
     fn registry_counts_and_closes_by_ip() {
-        let registry = ConnectionRegistry::new(IntGauge::new("open", "open").unwrap());
+        let registry = ConnectionRegistry::new(
+            IntGauge::new("open", "open").unwrap(),
+            IntGauge::new("handshaking", "handshaking").unwrap(),
+        );
         let a: IpAddr = "127.0.0.2".parse().unwrap();
         let b: IpAddr = "127.0.0.3".parse().unwrap();
         let a1 = registry.register(a);
@@ -123,5 +236,37 @@ mod tests {
         drop((a1, a2));
         assert_eq!(registry.count(a), 0);
         assert_eq!(registry.open.get(), 1);
+    }
+
+    #[test]
+    fn handshakes_count_against_their_client_until_finished_or_abandoned() {
+        let registry = ConnectionRegistry::new(
+            IntGauge::new("open", "open").unwrap(),
+            IntGauge::new("handshaking", "handshaking").unwrap(),
+        );
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let first = registry.begin_handshake(a, 11);
+        let second = registry.begin_handshake(a, 12);
+        assert_eq!((registry.count(a), registry.handshakes_from(a)), (2, 2));
+        assert_eq!((registry.open.get(), registry.in_handshake.get()), (0, 2));
+
+        // A blocklist edit reaches connections still in their handshake.
+        assert_eq!(registry.close_matching(|ip| ip == a), 2);
+        assert!(first.cancelled.is_cancelled() && second.cancelled.is_cancelled());
+
+        let open = registry.finish_handshake(11).expect("still waiting");
+        assert!(first.over.is_cancelled());
+        assert_eq!((registry.open.get(), registry.in_handshake.get()), (1, 1));
+        assert_eq!(registry.handshakes_from(a), 1);
+        assert!(registry.abandon_handshake(12));
+        assert!(second.over.is_cancelled());
+        assert!(
+            registry.finish_handshake(12).is_none(),
+            "abandoned stays abandoned"
+        );
+        assert_eq!((registry.count(a), registry.handshakes()), (1, 0));
+        drop(open);
+        assert_eq!(registry.count(a), 0);
+        assert_eq!((registry.open.get(), registry.in_handshake.get()), (0, 0));
     }
 }

@@ -17,6 +17,7 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 
 use crate::config::UpstreamConfig;
+use crate::connection::activity::{ActivityTable, RequestActivity};
 use crate::connection::handoff::{Handoff, PendingHandoffs};
 use crate::pingora_compat;
 use crate::policy::Policies;
@@ -61,6 +62,8 @@ pub struct RequestCtx {
     handed_off: bool,
     /// Counts the request in `edge_active_streams` until it ends, whichever way.
     _active: Option<GaugeGuard>,
+    /// Keeps the connection's idle clock stopped until the request ends.
+    _busy: Option<RequestActivity>,
 }
 
 pub struct EdgeProxy {
@@ -70,6 +73,8 @@ pub struct EdgeProxy {
     pub upstream: UpstreamConfig,
     /// Where established tunnels wait for [`crate::connection::ConnectionLayer`] to carry them.
     pub handoffs: Arc<PendingHandoffs>,
+    /// Each connection's idle clock, stopped while a request runs.
+    pub activity: Arc<ActivityTable>,
 }
 
 fn classify(session: &Session) -> Protocol {
@@ -103,10 +108,14 @@ impl ProxyHttp for EdgeProxy {
             tunnel: None,
             handed_off: false,
             _active: None,
+            _busy: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx._busy = self
+            .activity
+            .request_started(pingora_compat::session_cookie(session));
         ctx.protocol = classify(session);
         ctx._active = Some(GaugeGuard::hold(
             self.metrics

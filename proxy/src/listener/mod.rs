@@ -4,5 +4,6 @@
 
 pub mod accept;
 pub mod acme;
+pub mod handshake;
 pub mod proxy_protocol;
 pub mod tls;

@@ -182,6 +182,12 @@ impl Policies {
         }
     }
 
+    /// Whether the blocklist (as it stands now) refuses `ip`. For connections that were
+    /// admitted before an edit and registered after it: the edit's sweep missed them.
+    pub fn blocklisted(&self, ip: IpAddr) -> bool {
+        !self.global_preview && matches!(self.blocklist.load().check(ip), Verdict::Deny(_))
+    }
+
     /// Whether `ip` may open one more concurrent connection.
     pub fn admit_concurrent(&self, ip: IpAddr) -> bool {
         let open = self.connections.open_from(ip);

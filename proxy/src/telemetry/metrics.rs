@@ -29,6 +29,11 @@ pub struct EdgeMetrics {
     pub ready: IntGauge,
     /// Downstream connections open now (after the TLS handshake).
     pub open_connections: IntGauge,
+    /// Connections in their TLS handshake now, and the configured cap on them.
+    pub handshakes_in_progress: IntGauge,
+    pub handshakes_limit: IntGauge,
+    /// Connections the edge closed because a stage took too long, by stage.
+    pub timeouts: IntCounterVec,
     /// The same connections by negotiated ALPN protocol (`h2`: grpcs agents, `http/1.1`:
     /// wss agents and plain HTTP, `none`).
     pub open_connections_by_alpn: IntGaugeVec,
@@ -178,6 +183,28 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new("edge_open_connections", "Downstream connections open now.")
                     .expect("valid metric"),
+            ),
+            handshakes_in_progress: register(
+                &r,
+                IntGauge::new(
+                    "edge_connections_in_handshake",
+                    "Connections accepted whose TLS handshake has not completed yet.",
+                )
+                .expect("valid metric"),
+            ),
+            handshakes_limit: register(
+                &r,
+                IntGauge::new(
+                    "edge_connections_in_handshake_limit",
+                    "The configured cap on connections in TLS handshake (downstream.max_handshakes).",
+                )
+                .expect("valid metric"),
+            ),
+            timeouts: counter(
+                &r,
+                "edge_timeouts_total",
+                "Connections closed because a stage took too long, by stage (proxy_header is counted as a refusal).",
+                &["stage"],
             ),
             open_connections_by_alpn: gauge(
                 &r,

@@ -1,0 +1,125 @@
+//! Between accept and the end of the TLS handshake: the real client behind a trusted load
+//! balancer (PROXY header), admission against per-client and global limits, registration
+//! (so a blocklist edit reaches a connection still in its handshake), and a deadline.
+//!
+//! pingora gives a handshake a fixed 60 s and counts it against nothing; a client that
+//! opens thousands of connections and never sends a ClientHello would hold them all. Here
+//! each connection is registered before its handshake starts and a small task ends it at
+//! `handshake_timeout` (or at once when its client gets blocked) by shutting its socket
+//! down, which makes pingora's pending read fail. The connection layer takes the
+//! registration over when the handshake completes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::listeners::PreTlsProcess;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::{Error, ErrorType};
+
+use crate::connection::registry::ConnectionRegistry;
+use crate::pingora_compat;
+use crate::policy::Policies;
+use crate::telemetry::metrics::EdgeMetrics;
+
+/// How often a waiting handshake's socket is looked for (see the deadline task).
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
+
+/// Bounds on connections in their TLS handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeLimits {
+    /// From accept (after a PROXY header) to the end of the TLS handshake.
+    pub timeout: Duration,
+    /// Connections in handshake from every client together: protects the edge when many
+    /// addresses attack at once.
+    pub max_total: usize,
+    /// Connections in handshake from one client.
+    pub max_per_client: usize,
+}
+
+/// pingora's pre-TLS step for every connection on the TLS port.
+pub struct HandshakeLayer {
+    pub policies: Arc<Policies>,
+    pub registry: Arc<ConnectionRegistry>,
+    pub limits: HandshakeLimits,
+    pub metrics: EdgeMetrics,
+}
+
+impl HandshakeLayer {
+    fn refuse(&self, reason: &'static str, client: std::net::SocketAddr) -> Box<Error> {
+        self.policies.blocked(reason, "limits");
+        Error::explain(
+            ErrorType::ConnectRefused,
+            format!("client {client} refused: {reason}"),
+        )
+    }
+}
+
+#[async_trait]
+impl PreTlsProcess for HandshakeLayer {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        // Ask the socket directly: reading the digest's peer address would fix it to the
+        // load balancer's before the PROXY header can correct it.
+        let Some(peer) = pingora_compat::socket_peer(stream) else {
+            return Err(Error::explain(ErrorType::SocketError, "no peer address"));
+        };
+        let client = if self.policies.trusted.contains(peer.ip()) {
+            crate::listener::proxy_protocol::read_client(&self.policies, stream, peer).await?
+        } else {
+            // Direct clients speak TLS at once; a PROXY header from them is not honoured
+            // and fails the handshake.
+            peer
+        };
+        let ip = client.ip();
+        if self.registry.handshakes() >= self.limits.max_total {
+            return Err(self.refuse("handshakes_in_progress", client));
+        }
+        if self.registry.handshakes_from(ip) >= self.limits.max_per_client {
+            return Err(self.refuse("client_handshakes_in_progress", client));
+        }
+        if !self.policies.admit_concurrent(ip) {
+            return Err(Error::explain(
+                ErrorType::ConnectRefused,
+                format!("client {client} refused: concurrent connections"),
+            ));
+        }
+        let Some(socket) = pingora_compat::socket_cookie(stream) else {
+            return Err(Error::explain(ErrorType::SocketError, "no socket cookie"));
+        };
+        let ticket = self.registry.begin_handshake(ip, socket);
+        let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
+        let timeout = self.limits.timeout;
+        let fd = pingora_compat::raw_fd(stream);
+        tokio::spawn(async move {
+            // pingora says nothing when a handshake fails: it closes the socket. Looking
+            // for the socket now and then frees a failed handshake's slot long before its
+            // deadline.
+            let gone = async {
+                loop {
+                    tokio::time::sleep(LIVENESS_CHECK).await;
+                    if !pingora_compat::is_same_socket(fd, socket) {
+                        return;
+                    }
+                }
+            };
+            let reason = tokio::select! {
+                _ = ticket.over.cancelled() => return,
+                _ = gone => {
+                    registry.abandon_handshake(socket);
+                    return;
+                }
+                _ = tokio::time::sleep(timeout) => "tls_handshake",
+                _ = ticket.cancelled.cancelled() => "blocked",
+            };
+            if registry.abandon_handshake(socket) {
+                pingora_compat::shutdown_socket(fd, socket);
+                if reason == "tls_handshake" {
+                    metrics.timeouts.with_label_values(&[reason]).inc();
+                }
+                tracing::debug!(client = %client, reason, "closing a connection in its TLS handshake");
+            }
+        });
+        Ok(())
+    }
+}

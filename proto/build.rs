@@ -13,6 +13,9 @@ const PROTOS: &[&str] = &[
     "reverse_tunnel.proto",
     "google/rpc/status.proto",
     "diagnostics.proto",
+    "gitaly/shared.proto",
+    "gitaly/ref.proto",
+    "gitaly/commit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,8 +1,9 @@
 //! Where an agent's configuration comes from, and how its `config.yaml` becomes the
 //! `AgentConfiguration` message agentk expects.
 //!
-//! The source is a trait so the GitLab REST API implementation here can later be joined by
-//! a Gitaly-backed one without touching the streaming logic.
+//! The source is a trait: Gitaly ([`crate::gitaly::GitalyConfigSource`], the default, as
+//! real kas) or, as an explicit option, GitLab's REST repository API with an API token
+//! ([`GitlabApiSource`]).
 
 use std::path::Path;
 
@@ -13,17 +14,36 @@ use kas_proto::agentcfg::{
 use serde::Deserialize;
 
 use crate::auth::Agent;
+use crate::gitaly::GitalyError;
 use crate::gitlab::{GitlabClient, GitlabError, RepoAuth};
 
 /// Upstream kas refuses configuration files above this size.
 pub const MAX_CONFIG_FILE_BYTES: usize = 128 * 1024;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigSourceError {
     #[error(transparent)]
     Gitlab(#[from] GitlabError),
+    #[error(transparent)]
+    Gitaly(#[from] GitalyError),
+    #[error(
+        "GitLab named no Gitaly server for the agent's project (no gitaly_info in agent_info)"
+    )]
+    NoGitalyLocation,
     #[error("invalid agent configuration file: {0}")]
     InvalidFile(String),
+}
+
+impl ConfigSourceError {
+    /// Errors that end the agent's stream (its token is refused, its file is bad) rather
+    /// than being retried at the next poll (GitLab or Gitaly unreachable or misconfigured).
+    pub fn is_final(&self) -> bool {
+        match self {
+            ConfigSourceError::Gitlab(e) => e.is_definite(),
+            ConfigSourceError::InvalidFile(_) => true,
+            ConfigSourceError::Gitaly(_) | ConfigSourceError::NoGitalyLocation => false,
+        }
+    }
 }
 
 impl From<ConfigSourceError> for tonic::Status {
@@ -31,6 +51,9 @@ impl From<ConfigSourceError> for tonic::Status {
         match e {
             ConfigSourceError::Gitlab(e) => e.into(),
             ConfigSourceError::InvalidFile(msg) => tonic::Status::failed_precondition(msg),
+            ConfigSourceError::Gitaly(_) | ConfigSourceError::NoGitalyLocation => {
+                tonic::Status::unavailable("repository is unavailable, try again later")
+            }
         }
     }
 }
@@ -42,8 +65,12 @@ pub fn config_file_path(agent_name: &str) -> String {
 
 #[tonic::async_trait]
 pub trait ConfigSource: Send + Sync + 'static {
-    /// The commit the agent's configuration is currently at. Cheap: it is polled.
-    async fn head_commit(&self, agent: &Agent) -> Result<String, ConfigSourceError>;
+    /// Names what [`ConfigSource::head_commit`] polls (repository and branch), so every
+    /// stream of agents in one project shares one poller.
+    fn poll_key(&self, agent: &Agent) -> String;
+    /// The commit the agent's configuration is currently at, `None` for an empty
+    /// repository (nothing to send yet). Cheap: it is polled.
+    async fn head_commit(&self, agent: &Agent) -> Result<Option<String>, ConfigSourceError>;
     /// The raw `config.yaml` at `commit`, or `None` if the agent has no file (empty config).
     async fn config_file(
         &self,
@@ -52,45 +79,60 @@ pub trait ConfigSource: Send + Sync + 'static {
     ) -> Result<Option<Vec<u8>>, ConfigSourceError>;
 }
 
-/// Reads `config.yaml` through GitLab's repository REST API (branch head, then the file).
+/// Reads `config.yaml` through GitLab's repository REST API (branch head, then the file)
+/// with an API token (`read_repository`): GitLab does not accept agent tokens there.
 pub struct GitlabApiSource {
     gitlab: GitlabClient,
-    api_token: Option<String>,
+    api_token: String,
 }
 
 impl GitlabApiSource {
-    pub fn new(gitlab: GitlabClient, api_token_file: Option<&Path>) -> anyhow::Result<Self> {
-        let api_token = match api_token_file {
-            Some(path) => {
-                let token = std::fs::read_to_string(path).map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot read agent_configuration.api_token_file {}: {e}",
-                        path.display()
-                    )
-                })?;
-                Some(token.trim().to_owned())
-            }
-            None => None,
-        };
+    pub fn new(gitlab: GitlabClient, api_token_file: &Path) -> anyhow::Result<Self> {
+        let token = std::fs::read_to_string(api_token_file).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read agent_configuration.api_token_file {}: {e}",
+                api_token_file.display()
+            )
+        })?;
+        let api_token = token.trim().to_owned();
+        if api_token.is_empty() {
+            anyhow::bail!(
+                "agent_configuration.api_token_file {} is empty",
+                api_token_file.display()
+            );
+        }
         Ok(Self { gitlab, api_token })
     }
 
-    fn auth<'a>(&'a self, agent: &'a Agent) -> RepoAuth<'a> {
-        match &self.api_token {
-            Some(token) => RepoAuth::ApiToken(token),
-            None => RepoAuth::AgentToken(agent.token.expose()),
-        }
+    fn auth(&self) -> RepoAuth<'_> {
+        RepoAuth::ApiToken(&self.api_token)
     }
 }
 
 #[tonic::async_trait]
 impl ConfigSource for GitlabApiSource {
-    async fn head_commit(&self, agent: &Agent) -> Result<String, ConfigSourceError> {
-        let auth = self.auth(agent);
-        Ok(self
+    fn poll_key(&self, agent: &Agent) -> String {
+        format!(
+            "gitlab-api|{}|{}",
+            agent.info.project_id, agent.info.default_branch
+        )
+    }
+
+    async fn head_commit(&self, agent: &Agent) -> Result<Option<String>, ConfigSourceError> {
+        match self
             .gitlab
-            .branch_head(auth, agent.info.project_id, &agent.info.default_branch)
-            .await?)
+            .branch_head(
+                self.auth(),
+                agent.info.project_id,
+                &agent.info.default_branch,
+            )
+            .await
+        {
+            Ok(head) => Ok(Some(head)),
+            // No such branch yet: an empty repository as far as the agent is concerned.
+            Err(GitlabError::NotFound) => Ok(None),
+            Err(e) => Err(api_token_error(e)),
+        }
     }
 
     async fn config_file(
@@ -98,12 +140,24 @@ impl ConfigSource for GitlabApiSource {
         agent: &Agent,
         commit: &str,
     ) -> Result<Option<Vec<u8>>, ConfigSourceError> {
-        let auth = self.auth(agent);
         let path = config_file_path(&agent.info.agent_name);
-        Ok(self
-            .gitlab
-            .repository_file(auth, agent.info.project_id, &path, commit)
-            .await?)
+        self.gitlab
+            .repository_file(self.auth(), agent.info.project_id, &path, commit)
+            .await
+            .map_err(api_token_error)
+    }
+}
+
+/// A refusal of kas's API token is an operator problem, not the agent's: it is retried
+/// (and logged) instead of ending the agent's stream as if its own token were bad.
+fn api_token_error(e: GitlabError) -> ConfigSourceError {
+    match e {
+        GitlabError::Unauthenticated | GitlabError::PermissionDenied => {
+            ConfigSourceError::Gitlab(GitlabError::Unavailable(format!(
+                "GitLab refused the token of agent_configuration.api_token_file: {e}"
+            )))
+        }
+        e => e.into(),
     }
 }
 
@@ -163,11 +217,21 @@ pub fn build_configuration(
     agent: &crate::gitlab::AgentInfo,
     gitlab_external_url: &str,
 ) -> Result<AgentConfiguration, ConfigSourceError> {
+    build_configuration_limited(file, agent, gitlab_external_url, MAX_CONFIG_FILE_BYTES)
+}
+
+/// [`build_configuration`] with the file size limit from kas's configuration.
+pub fn build_configuration_limited(
+    file: Option<&[u8]>,
+    agent: &crate::gitlab::AgentInfo,
+    gitlab_external_url: &str,
+    max_file_bytes: usize,
+) -> Result<AgentConfiguration, ConfigSourceError> {
     let parsed = match file {
         None => ConfigFile::default(),
-        Some(bytes) if bytes.len() > MAX_CONFIG_FILE_BYTES => {
+        Some(bytes) if bytes.len() > max_file_bytes => {
             return Err(ConfigSourceError::InvalidFile(format!(
-                "file is {} bytes, the limit is {MAX_CONFIG_FILE_BYTES}",
+                "file is {} bytes, the limit is {max_file_bytes}",
                 bytes.len()
             )))
         }
@@ -235,6 +299,7 @@ mod tests {
             project_id: 42,
             project_path: "group/project".into(),
             default_branch: "main".into(),
+            gitaly: None,
         }
     }
 

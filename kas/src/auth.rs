@@ -56,6 +56,12 @@ struct CacheEntry {
     result: Result<Arc<AgentInfo>, GitlabError>,
 }
 
+type Lookup = Result<Arc<AgentInfo>, GitlabError>;
+
+/// When the cache is full of live entries, this share of them (those expiring first) is
+/// dropped at once, so eviction costs a scan per tenth of the capacity, not per insert.
+const EVICT_FRACTION: usize = 10;
+
 pub struct Authenticator {
     gitlab: GitlabClient,
     metrics: Metrics,
@@ -63,6 +69,9 @@ pub struct Authenticator {
     error_ttl: Duration,
     max_entries: usize,
     cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+    /// One GitLab lookup per token at a time: a reconnect storm of one agent's streams
+    /// waits for the first lookup instead of sending its own.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Lookup>>>>,
 }
 
 impl Authenticator {
@@ -80,6 +89,7 @@ impl Authenticator {
             error_ttl,
             max_entries,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -100,6 +110,17 @@ impl Authenticator {
         Ok(Agent { info, token })
     }
 
+    /// How long a successful check is trusted; long streams check again this often.
+    pub fn success_ttl(&self) -> Duration {
+        self.success_ttl
+    }
+
+    /// Checks an already authenticated agent's token again (through the cache), so long
+    /// streams notice a token GitLab has since revoked.
+    pub async fn revalidate(&self, token: &AgentToken) -> Result<Arc<AgentInfo>, GitlabError> {
+        self.agent_info(token).await
+    }
+
     fn count(&self, outcome: &str) {
         self.metrics
             .auth_results
@@ -116,6 +137,34 @@ impl Authenticator {
             });
             return cached;
         }
+        let cell = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut leader = false;
+        let result = cell
+            .get_or_init(|| {
+                leader = true;
+                self.lookup(key, token)
+            })
+            .await
+            .clone();
+        if leader {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if in_flight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                in_flight.remove(&key);
+            }
+        } else {
+            self.count("coalesced");
+        }
+        result
+    }
+
+    /// Asks GitLab, counts and caches the answer.
+    async fn lookup(&self, key: [u8; 32], token: &AgentToken) -> Lookup {
         let result = self.gitlab.agent_info(token.expose()).await.map(Arc::new);
         match &result {
             Ok(info) => {
@@ -152,9 +201,14 @@ impl Authenticator {
             let now = Instant::now();
             cache.retain(|_, e| e.expires > now);
             if cache.len() >= self.max_entries {
-                // Still full of live entries: forgetting is safe (GitLab is asked again),
-                // growing without bound is not.
-                cache.clear();
+                // Still full of live entries: drop the tenth that expires first. Forgetting
+                // is safe (GitLab is asked again), growing without bound is not, and
+                // clearing everything would send every agent back to GitLab at once.
+                let mut expiries: Vec<Instant> = cache.values().map(|e| e.expires).collect();
+                let cut = (expiries.len() / EVICT_FRACTION).max(1) - 1;
+                let (_, threshold, _) = expiries.select_nth_unstable(cut);
+                let threshold = *threshold;
+                cache.retain(|_, e| e.expires > threshold);
             }
         }
         cache.insert(
@@ -170,6 +224,58 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(id: i64) -> Lookup {
+        Ok(Arc::new(AgentInfo {
+            agent_id: id,
+            agent_name: "a".into(),
+            project_id: 1,
+            project_path: "p".into(),
+            default_branch: "main".into(),
+            gitaly: None,
+        }))
+    }
+
+    #[test]
+    fn a_full_cache_evicts_the_entries_expiring_first_not_everything() {
+        let secret = crate::gitlab::SharedSecret::generate();
+        let gitlab = GitlabClient::new(
+            "http://127.0.0.1:1",
+            secret,
+            Duration::from_secs(1),
+            Metrics::new().gitlab_api_latency.clone(),
+        )
+        .unwrap();
+        let auth = Authenticator::new(
+            gitlab,
+            Metrics::new(),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            100,
+        );
+        for i in 0..100u8 {
+            let mut key = [0u8; 32];
+            key[0] = i;
+            auth.store(
+                key,
+                info(i64::from(i)),
+                Duration::from_secs(60 + u64::from(i)),
+            );
+        }
+        auth.store([255; 32], info(255), Duration::from_secs(600));
+        let cache = auth.cache.lock().unwrap();
+        assert!((85..=100).contains(&cache.len()), "{}", cache.len());
+        assert!(cache.contains_key(&[255; 32]));
+        let mut oldest = [0u8; 32];
+        oldest[0] = 0;
+        assert!(
+            !cache.contains_key(&oldest),
+            "the entry expiring first went"
+        );
+        let mut newest = [0u8; 32];
+        newest[0] = 99;
+        assert!(cache.contains_key(&newest));
+    }
 
     fn md(value: &str) -> MetadataMap {
         let mut m = MetadataMap::new();

@@ -38,6 +38,7 @@ pub struct Config {
     pub observability: ObservabilityConfig,
     pub gitlab: GitlabConfig,
     pub agent_configuration: AgentConfigurationConfig,
+    pub gitaly: GitalyConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -116,22 +117,88 @@ impl Default for GitlabConfig {
     }
 }
 
+/// Where agent configuration files are read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigurationSourceKind {
+    /// The Gitaly server GitLab names in `agent_info`, as real kas does.
+    #[default]
+    Gitaly,
+    /// GitLab's REST repository API with `api_token_file` (GitLab refuses agent tokens there).
+    GitlabApi,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfigurationConfig {
     /// How often the configuration branch is checked for a new commit.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// Optional GitLab API token (read_repository) for reading the agent's config file.
-    /// Without it the agent's own token is presented, which the local GitLab stand-in accepts.
+    /// `gitaly` (default) or `gitlab_api`.
+    pub source: ConfigurationSourceKind,
+    /// A GitLab API token (read_repository); required by, and only used by, `source = "gitlab_api"`.
     pub api_token_file: Option<PathBuf>,
+    /// Larger `config.yaml` files are refused with FAILED_PRECONDITION (real kas: 128 KiB).
+    pub max_configuration_file_size: usize,
 }
 
 impl Default for AgentConfigurationConfig {
     fn default() -> Self {
         Self {
             poll_interval: Duration::from_secs(300),
+            source: ConfigurationSourceKind::Gitaly,
             api_token_file: None,
+            max_configuration_file_size: crate::agent_config::MAX_CONFIG_FILE_BYTES,
+        }
+    }
+}
+
+/// A token bucket: `bucket_size` calls at once, refilled at `refill_rate_per_second`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub refill_rate_per_second: f64,
+    pub bucket_size: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitalyConfig {
+    /// All Gitaly calls of this kas together (real kas: 30/s, burst 70).
+    pub global_api_rate_limit: RateLimitConfig,
+    /// Calls to one Gitaly server (real kas: 15/s, burst 40).
+    pub per_server_api_rate_limit: RateLimitConfig,
+    /// Deadline of one Gitaly call, waiting for the rate limits included.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+}
+
+impl Default for GitalyConfig {
+    fn default() -> Self {
+        let limits = crate::gitaly::GitalyLimits::default();
+        Self {
+            global_api_rate_limit: RateLimitConfig {
+                refill_rate_per_second: limits.global_per_second,
+                bucket_size: limits.global_burst,
+            },
+            per_server_api_rate_limit: RateLimitConfig {
+                refill_rate_per_second: limits.per_server_per_second,
+                bucket_size: limits.per_server_burst,
+            },
+            call_timeout: limits.call_timeout,
+        }
+    }
+}
+
+impl GitalyConfig {
+    pub fn limits(&self) -> crate::gitaly::GitalyLimits {
+        crate::gitaly::GitalyLimits {
+            global_per_second: self.global_api_rate_limit.refill_rate_per_second,
+            global_burst: self.global_api_rate_limit.bucket_size,
+            per_server_per_second: self.per_server_api_rate_limit.refill_rate_per_second,
+            per_server_burst: self.per_server_api_rate_limit.bucket_size,
+            call_timeout: self.call_timeout,
+            ..crate::gitaly::GitalyLimits::default()
         }
     }
 }
@@ -221,6 +288,45 @@ impl Config {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
+        if self.agent_configuration.source == ConfigurationSourceKind::GitlabApi
+            && self.agent_configuration.api_token_file.is_none()
+        {
+            return Err(invalid(
+                "agent_configuration.api_token_file",
+                "is required with source = \"gitlab_api\": GitLab does not accept agent tokens \
+                 on its repository API, so kas needs a token with read_repository \
+                 (or use the default source, gitaly)",
+            ));
+        }
+        if self.agent_configuration.max_configuration_file_size == 0 {
+            return Err(invalid(
+                "agent_configuration.max_configuration_file_size",
+                "must be greater than zero",
+            ));
+        }
+        for (field, limit) in [
+            (
+                "gitaly.global_api_rate_limit",
+                self.gitaly.global_api_rate_limit,
+            ),
+            (
+                "gitaly.per_server_api_rate_limit",
+                self.gitaly.per_server_api_rate_limit,
+            ),
+        ] {
+            if limit.refill_rate_per_second.is_nan()
+                || limit.refill_rate_per_second <= 0.0
+                || limit.bucket_size == 0
+            {
+                return Err(invalid(
+                    field,
+                    "refill_rate_per_second and bucket_size must be greater than zero",
+                ));
+            }
+        }
+        if self.gitaly.call_timeout.is_zero() {
+            return Err(invalid("gitaly.call_timeout", "must be greater than zero"));
+        }
         if self.gitlab.auth_cache_max_entries == 0 {
             return Err(invalid(
                 "gitlab.auth_cache_max_entries",
@@ -296,5 +402,36 @@ mod tests {
             Duration::from_secs(2)
         );
         assert_eq!(cfg.external_url(), "https://gitlab.example.com");
+        assert_eq!(
+            cfg.agent_configuration.source,
+            ConfigurationSourceKind::Gitaly
+        );
+    }
+
+    #[test]
+    fn the_rest_source_needs_an_api_token() {
+        let mut cfg = Config::from_toml(
+            "[gitlab]\naddress = \"https://gitlab.example.com\"\nauthentication_secret_file = \"/s\"\n\
+             [agent_configuration]\nsource = \"gitlab_api\"\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("agent_configuration.api_token_file"), "{err}");
+        assert!(err.contains("read_repository"), "{err}");
+        cfg.agent_configuration.api_token_file = Some("/token".into());
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn gitaly_limits_are_read_and_checked() {
+        let cfg = Config::from_toml(
+            "[gitlab]\naddress = \"https://gitlab.example.com\"\nauthentication_secret_file = \"/s\"\n\
+             [gitaly]\nglobal_api_rate_limit = { refill_rate_per_second = 5.0, bucket_size = 7 }\n\
+             per_server_api_rate_limit = { refill_rate_per_second = 0.0, bucket_size = 1 }\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.gitaly.limits().global_burst, 7);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("gitaly.per_server_api_rate_limit"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
-//! The local stack behind the README's first command: a GitLab stand-in and several kas
-//! pods on loopback, each pod on its own address (127.0.1.N) like pods with their own IPs,
-//! with the agent port and the observability port apart.
+//! The local stack behind the README's first command: a GitLab stand-in (with its Gitaly
+//! stand-in over real git repositories in `<dir>/repos`) and several kas pods on loopback,
+//! each pod on its own address (127.0.1.N) like pods with their own IPs, with the agent
+//! port and the observability port apart.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -42,7 +43,7 @@ pub fn pod_ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 1, n))
 }
 
-const DEMO_CONFIG: &str = "# Demo agent configuration served by the local GitLab stand-in.\n# Edit and save: connected agents receive the new version within the poll interval.\nobservability:\n  logging:\n    level: info\nci_access:\n  projects:\n    - id: demo-group/demo-project\n";
+const DEMO_CONFIG: &str = "# Demo agent configuration, read by kas through the local Gitaly stand-in.\n# Edit, then `git commit -am change` in this repository: connected agents receive the\n# new version within the poll interval.\nobservability:\n  logging:\n    level: info\nci_access:\n  projects:\n    - id: demo-group/demo-project\n";
 
 /// Reads a file, or creates it with `make()` the first time, so the secret and the demo
 /// token survive restarts of the stack.
@@ -89,11 +90,13 @@ impl DevStack {
             })?;
         let agent = StandinAgent::demo(&token);
         gitlab.add_agent(agent.clone());
-        let config_path = repo_root
-            .join(&agent.project_path)
-            .join(crate::agent_config::config_file_path(&agent.agent_name));
+        let repo = repo_root.join(&agent.project_path);
+        let config_path = repo.join(crate::agent_config::config_file_path(&agent.agent_name));
         if !config_path.exists() {
             gitlab.write_agent_config(&agent, DEMO_CONFIG)?;
+        } else if !repo.join(".git").exists() {
+            // A demo directory from before repositories were git: make it one, as it is.
+            gitlab.commit_files(&agent.project(), &[])?;
         }
         let mut pods = Vec::new();
         for n in 1..=opts.pods {
@@ -120,6 +123,11 @@ impl DevStack {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("GitLab stand-in:  {}\n", self.gitlab.url()));
+        out.push_str(&format!(
+            "Gitaly stand-in:  {}  (git repositories in {})\n",
+            self.gitlab.gitaly().address(),
+            self.gitlab.gitaly().storage_root().display()
+        ));
         for pod in &self.pods {
             out.push_str(&format!(
                 "kas pod:          grpc://{a}  ws://{a}/  health http://{o}/readiness\n",

@@ -3,8 +3,12 @@
 //! bodies. The local stack and the tests run kas against it, so kas's GitLab code runs
 //! exactly as it would against gitlab.com.
 //!
-//! Repository content is read from disk: `<repo_root>/<project_path>/<file path>`; the
-//! "branch head" is a digest of the agent's config file, so editing the file is a commit.
+//! Repositories are real git repositories under `<repo_root>/<project_path>`, served by a
+//! Gitaly stand-in ([`crate::gitaly::standin`]) that this stand-in starts on the same
+//! address; `agent_info` and `project_info` point at it (`gitaly_info`,
+//! `gitaly_repository`), or at another Gitaly set with [`GitlabStandin::set_gitaly`].
+//! Like GitLab, the REST repository API refuses agent tokens and takes only an API token
+//! (`PRIVATE-TOKEN`, [`GitlabStandin::api_token`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -13,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::gitaly::standin::{commit_all, GitalyStandin, STORAGE};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -21,7 +26,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +43,42 @@ pub struct StandinAgent {
     pub default_branch: String,
     /// Answer 403 instead of the agent's info (a token GitLab knows but refuses).
     pub forbidden: bool,
+    /// The repository's `relative_path` on the Gitaly server; `None`: `project_path`.
+    pub relative_path: Option<String>,
+}
+
+/// A project the stand-in knows besides the agents' own (e.g. a GitOps manifest project).
+#[derive(Debug, Clone)]
+pub struct StandinProject {
+    pub project_id: i64,
+    pub project_path: String,
+    pub default_branch: String,
+    /// `None`: `project_path`.
+    pub relative_path: Option<String>,
+}
+
+impl StandinProject {
+    fn relative_path(&self) -> &str {
+        self.relative_path.as_deref().unwrap_or(&self.project_path)
+    }
+}
+
+impl StandinAgent {
+    pub fn project(&self) -> StandinProject {
+        StandinProject {
+            project_id: self.project_id,
+            project_path: self.project_path.clone(),
+            default_branch: self.default_branch.clone(),
+            relative_path: self.relative_path.clone(),
+        }
+    }
+}
+
+/// The Gitaly server `agent_info` and `project_info` name.
+#[derive(Debug, Clone)]
+struct GitalyTarget {
+    address: String,
+    token: String,
 }
 
 impl StandinAgent {
@@ -51,6 +91,7 @@ impl StandinAgent {
             project_path: "demo-group/demo-project".into(),
             default_branch: "main".into(),
             forbidden: false,
+            relative_path: None,
         }
     }
 }
@@ -59,6 +100,9 @@ struct State {
     secret: SharedSecret,
     repo_root: PathBuf,
     agents: Mutex<HashMap<String, StandinAgent>>,
+    projects: Mutex<Vec<StandinProject>>,
+    gitaly: Mutex<GitalyTarget>,
+    api_token: String,
     /// When set, every request gets a 503, like GitLab in an outage.
     down: AtomicBool,
     last_jwt: Mutex<Option<String>>,
@@ -70,6 +114,7 @@ pub struct GitlabStandin {
     addr: SocketAddr,
     state: Arc<State>,
     stop: CancellationToken,
+    gitaly: GitalyStandin,
 }
 
 impl Drop for GitlabStandin {
@@ -109,20 +154,104 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// A repository-relative path that stays inside the repository.
+fn safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Runs git in `repo` and returns stdout on success (REST API emulation only).
+fn git_output(repo: &Path, args: &[&str]) -> Option<Vec<u8>> {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    output.status.success().then_some(output.stdout)
+}
+
 impl State {
-    fn file_path(&self, agent: &StandinAgent, path: &str) -> Option<PathBuf> {
-        // Refuse anything that could step outside the project directory.
-        if path.split('/').any(|c| c == ".." || c.is_empty()) {
-            return None;
-        }
-        Some(self.repo_root.join(&agent.project_path).join(path))
+    fn repo_dir(&self, project: &StandinProject) -> Option<PathBuf> {
+        let relative = project.relative_path();
+        safe_relative(relative).then(|| self.repo_root.join(relative))
     }
 
-    fn head_commit(&self, agent: &StandinAgent) -> String {
-        let path = self.file_path(agent, &config_file_path(&agent.agent_name));
-        let content = path.and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
-        let digest = Sha256::digest(&content);
-        digest.iter().take(20).map(|b| format!("{b:02x}")).collect()
+    fn rest_head(&self, project: &StandinProject, branch: &str) -> Option<String> {
+        if branch.starts_with('-') {
+            return None;
+        }
+        let out = git_output(
+            &self.repo_dir(project)?,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("refs/heads/{branch}^{{commit}}"),
+            ],
+        )?;
+        Some(String::from_utf8_lossy(&out).trim().to_owned())
+    }
+
+    fn rest_file(&self, project: &StandinProject, path: &str, git_ref: &str) -> Option<Vec<u8>> {
+        if !safe_relative(path) || git_ref.is_empty() || git_ref.starts_with('-') {
+            return None;
+        }
+        git_output(
+            &self.repo_dir(project)?,
+            &["cat-file", "blob", &format!("{git_ref}:{path}")],
+        )
+    }
+
+    fn project_json(&self, project: &StandinProject) -> serde_json::Value {
+        let gitaly = self
+            .gitaly
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        json!({
+            "project_id": project.project_id,
+            "gitaly_info": { "address": gitaly.address, "token": gitaly.token, "features": {} },
+            "gitaly_repository": {
+                "storage_name": STORAGE,
+                "relative_path": project.relative_path(),
+                "gl_repository": format!("project-{}", project.project_id),
+                "gl_project_path": project.project_path,
+            },
+            "default_branch": project.default_branch,
+        })
+    }
+
+    /// A project by numeric id or full path, among agents' projects and added ones.
+    fn find_project(&self, id_or_path: &str) -> Option<StandinProject> {
+        let matches = |p: &StandinProject| {
+            p.project_path == id_or_path || id_or_path.parse::<i64>().ok() == Some(p.project_id)
+        };
+        if let Some(p) = self
+            .projects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|p| matches(p))
+        {
+            return Some(p.clone());
+        }
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(StandinAgent::project)
+            .find(|p| matches(p))
     }
 
     fn bearer_agent(&self, req: &Request<Incoming>) -> Option<StandinAgent> {
@@ -158,52 +287,76 @@ impl State {
                 match self.bearer_agent(req) {
                     None => message(StatusCode::UNAUTHORIZED, "401 Unauthorized"),
                     Some(a) if a.forbidden => message(StatusCode::FORBIDDEN, "403 Forbidden"),
-                    Some(a) => json_response(
-                        StatusCode::OK,
-                        json!({
-                            "project_id": a.project_id,
-                            "agent_id": a.agent_id,
-                            "agent_name": a.agent_name,
-                            "gitaly_info": { "address": "tcp://gitaly.invalid:8075", "token": "", "features": {} },
-                            "gitaly_repository": {
-                                "storage_name": "default",
-                                "relative_path": format!("{}.git", a.project_path),
-                                "gl_repository": format!("project-{}", a.project_id),
-                                "gl_project_path": a.project_path,
-                            },
-                            "default_branch": a.default_branch,
-                        }),
-                    ),
+                    Some(a) => {
+                        let mut body = self.project_json(&a.project());
+                        body["agent_id"] = json!(a.agent_id);
+                        body["agent_name"] = json!(a.agent_name);
+                        json_response(StatusCode::OK, body)
+                    }
                 }
             }
-            ["api", "v4", "projects", id, "repository", kind, rest] => {
+            ["api", "v4", "internal", "kubernetes", "project_info"] => {
                 let Some(agent) = self.bearer_agent(req) else {
                     return message(StatusCode::UNAUTHORIZED, "401 Unauthorized");
                 };
-                if id.parse::<i64>().ok() != Some(agent.project_id) {
-                    return message(StatusCode::NOT_FOUND, "404 Project Not Found");
+                if agent.forbidden {
+                    return message(StatusCode::FORBIDDEN, "403 Forbidden");
                 }
+                let id = req
+                    .uri()
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("id="))
+                    .and_then(percent_decode);
+                match id.and_then(|id| self.find_project(&id)) {
+                    Some(project) => json_response(StatusCode::OK, self.project_json(&project)),
+                    None => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
+                }
+            }
+            ["api", "v4", "projects", id, "repository", kind, rest] => {
+                // Like GitLab: the repository API takes API tokens, never agent tokens.
+                let api_token = req
+                    .headers()
+                    .get("private-token")
+                    .and_then(|v| v.to_str().ok());
+                if api_token != Some(self.api_token.as_str()) {
+                    return message(StatusCode::UNAUTHORIZED, "401 Unauthorized");
+                }
+                let Some(project) = self.find_project(id) else {
+                    return message(StatusCode::NOT_FOUND, "404 Project Not Found");
+                };
+                let (rest, query) = (rest, req.uri().query().unwrap_or(""));
                 let Some(name) = percent_decode(rest) else {
                     return message(StatusCode::BAD_REQUEST, "bad path encoding");
                 };
                 match *kind {
-                    "branches" if name == agent.default_branch => json_response(
-                        StatusCode::OK,
-                        json!({ "name": name, "commit": { "id": self.head_commit(&agent) } }),
-                    ),
-                    "files" => match self.file_path(&agent, &name).map(std::fs::read) {
-                        Some(Ok(content)) => json_response(
+                    "branches" => match self.rest_head(&project, &name) {
+                        Some(head) => json_response(
                             StatusCode::OK,
-                            json!({
-                                "file_path": name,
-                                "encoding": "base64",
-                                "content": base64::engine::general_purpose::STANDARD.encode(content),
-                                "ref": agent.default_branch,
-                                "commit_id": self.head_commit(&agent),
-                            }),
+                            json!({ "name": name, "commit": { "id": head } }),
                         ),
-                        _ => message(StatusCode::NOT_FOUND, "404 File Not Found"),
+                        None => message(StatusCode::NOT_FOUND, "404 Branch Not Found"),
                     },
+                    "files" => {
+                        let git_ref = query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix("ref="))
+                            .and_then(percent_decode)
+                            .unwrap_or_else(|| project.default_branch.clone());
+                        match self.rest_file(&project, &name, &git_ref) {
+                            Some(content) => json_response(
+                                StatusCode::OK,
+                                json!({
+                                    "file_path": name,
+                                    "encoding": "base64",
+                                    "content": base64::engine::general_purpose::STANDARD.encode(content),
+                                    "ref": git_ref,
+                                }),
+                            ),
+                            None => message(StatusCode::NOT_FOUND, "404 File Not Found"),
+                        }
+                    }
                     _ => message(StatusCode::NOT_FOUND, "404 Not Found"),
                 }
             }
@@ -221,10 +374,25 @@ impl GitlabStandin {
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        // The Gitaly stand-in on the same address, its own port, with a v2 token secret.
+        let gitaly_token = random_hex(16);
+        std::fs::create_dir_all(repo_root)?;
+        let gitaly = GitalyStandin::start(
+            SocketAddr::new(addr.ip(), 0),
+            repo_root,
+            Some(gitaly_token.clone().into_bytes()),
+        )
+        .await?;
         let state = Arc::new(State {
             secret,
             repo_root: repo_root.to_owned(),
             agents: Mutex::new(HashMap::new()),
+            projects: Mutex::new(Vec::new()),
+            gitaly: Mutex::new(GitalyTarget {
+                address: gitaly.address(),
+                token: gitaly_token,
+            }),
+            api_token: format!("glpat-standin-{}", random_hex(10)),
             down: AtomicBool::new(false),
             last_jwt: Mutex::new(None),
             agent_info_requests: AtomicU64::new(0),
@@ -257,7 +425,12 @@ impl GitlabStandin {
                 });
             }
         });
-        Ok(Self { addr, state, stop })
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            gitaly,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -276,17 +449,84 @@ impl GitlabStandin {
             .insert(agent.token.clone(), agent);
     }
 
-    /// Writes the agent's `config.yaml` (a new "commit").
+    /// Writes the agent's `config.yaml` and commits it on the agent's default branch (a
+    /// git repository is created the first time). Returns the file's path.
     pub fn write_agent_config(&self, agent: &StandinAgent, yaml: &str) -> std::io::Result<PathBuf> {
-        let path = self
+        let path = config_file_path(&agent.agent_name);
+        self.commit_files(&agent.project(), &[(&path, Some(yaml.as_bytes()))])?;
+        let dir = self
             .state
-            .file_path(agent, &config_file_path(&agent.agent_name))
-            .ok_or_else(|| std::io::Error::other("invalid agent name"))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            .repo_dir(&agent.project())
+            .ok_or_else(|| std::io::Error::other("invalid repository path"))?;
+        Ok(dir.join(path))
+    }
+
+    /// Writes (`Some`) or deletes (`None`) files in a project's repository and commits
+    /// them on its default branch. Returns the new head commit.
+    pub fn commit_files(
+        &self,
+        project: &StandinProject,
+        files: &[(&str, Option<&[u8]>)],
+    ) -> std::io::Result<String> {
+        let dir = self
+            .state
+            .repo_dir(project)
+            .ok_or_else(|| std::io::Error::other("invalid repository path"))?;
+        for (path, content) in files {
+            if !safe_relative(path) {
+                return Err(std::io::Error::other(format!("invalid file path {path:?}")));
+            }
+            let file = dir.join(path);
+            match content {
+                Some(content) => {
+                    if let Some(parent) = file.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::write(&file, content)?;
+                }
+                None => match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                },
+            }
         }
-        std::fs::write(&path, yaml)?;
-        Ok(path)
+        commit_all(&dir, &project.default_branch, "kas stand-in commit")
+    }
+
+    /// A project `project_info` answers for (e.g. a GitOps manifest project).
+    pub fn add_project(&self, project: StandinProject) {
+        self.state
+            .projects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(project);
+    }
+
+    /// Forgets an agent token: GitLab answers 401 for it from now on (a revoked token).
+    pub fn remove_agent(&self, token: &str) {
+        self.state
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token);
+    }
+
+    /// Points `gitaly_info` at another Gitaly server (e.g. HGitaly in tests).
+    pub fn set_gitaly(&self, address: &str, token: &str) {
+        *self.state.gitaly.lock().unwrap_or_else(|p| p.into_inner()) = GitalyTarget {
+            address: address.to_owned(),
+            token: token.to_owned(),
+        };
+    }
+
+    /// The Gitaly stand-in serving `repo_root`.
+    pub fn gitaly(&self) -> &GitalyStandin {
+        &self.gitaly
+    }
+
+    /// The API token the REST repository API accepts (`PRIVATE-TOKEN`).
+    pub fn api_token(&self) -> &str {
+        &self.state.api_token
     }
 
     pub fn set_down(&self, down: bool) {

@@ -6,14 +6,17 @@
 //!
 //! Layout: [`config`] (typed settings) → [`server`] (wiring and drain) → [`listener`]
 //! (transports) → [`services`] (gRPC) → [`auth`], [`agent_config`] → [`gitlab`] (the one
-//! place that talks to GitLab). [`gitlab_standin`] and [`devstack`] run a local system.
+//! place that talks to GitLab) and [`gitaly`] (repositories; [`head_poller`] shares the
+//! polling). [`gitlab_standin`], [`gitaly::standin`] and [`devstack`] run a local system.
 
 pub mod agent_config;
 pub mod auth;
 pub mod config;
 pub mod devstack;
+pub mod gitaly;
 pub mod gitlab;
 pub mod gitlab_standin;
+pub mod head_poller;
 mod listener;
 pub mod logging;
 pub mod metrics;

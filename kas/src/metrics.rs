@@ -18,6 +18,8 @@ pub struct Metrics {
     pub gitlab_api_latency: HistogramVec,
     /// Configuration messages sent to agents, and failures to produce one.
     pub config_events: IntCounterVec,
+    /// Gitaly calls by RPC and outcome (`ok`, `not_found`, `unavailable`, ...).
+    pub gitaly_requests: IntCounterVec,
     /// 1 while ready to take new agents.
     pub ready: IntGauge,
 }
@@ -79,6 +81,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let gitaly_requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "kas_gitaly_requests_total",
+                    "Gitaly calls by RPC and outcome.",
+                ),
+                &["rpc", "outcome"],
+            )
+            .expect("valid metric"),
+        );
         let ready = register(
             &registry,
             IntGauge::new("kas_ready", "1 while this kas accepts new agents.")
@@ -91,6 +104,7 @@ impl Metrics {
             auth_results,
             gitlab_api_latency,
             config_events,
+            gitaly_requests,
             ready,
         }
     }

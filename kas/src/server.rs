@@ -12,10 +12,12 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent_config::GitlabApiSource;
+use crate::agent_config::{ConfigSource, GitlabApiSource};
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, ConfigurationSourceKind};
+use crate::gitaly::{GitalyConfigSource, GitalyPool};
 use crate::gitlab::{GitlabClient, SharedSecret};
+use crate::head_poller::HeadPollers;
 use crate::listener::{self, Drain};
 use crate::metrics::Metrics;
 use crate::observability::Observability;
@@ -53,10 +55,34 @@ impl BoundKas {
             config.gitlab.api_timeout,
             metrics.gitlab_api_latency.clone(),
         )?;
-        let config_source = GitlabApiSource::new(
-            gitlab.clone(),
-            config.agent_configuration.api_token_file.as_deref(),
-        )?;
+        let gitaly = Arc::new(GitalyPool::new(
+            config.gitaly.limits(),
+            metrics.gitaly_requests.clone(),
+        ));
+        let config_source: Arc<dyn ConfigSource> = match config.agent_configuration.source {
+            ConfigurationSourceKind::Gitaly => {
+                if config.agent_configuration.api_token_file.is_some() {
+                    tracing::warn!(
+                        "agent_configuration.api_token_file is ignored: it is only used with \
+                         source = \"gitlab_api\"; configuration is read from Gitaly"
+                    );
+                }
+                Arc::new(GitalyConfigSource::new(
+                    gitaly.clone(),
+                    config.agent_configuration.max_configuration_file_size,
+                ))
+            }
+            ConfigurationSourceKind::GitlabApi => {
+                let token_file = config
+                    .agent_configuration
+                    .api_token_file
+                    .as_deref()
+                    .context(
+                    "agent_configuration.api_token_file is required with source = \"gitlab_api\"",
+                )?;
+                Arc::new(GitlabApiSource::new(gitlab.clone(), token_file)?)
+            }
+        };
         let auth = Authenticator::new(
             gitlab,
             metrics.clone(),
@@ -66,14 +92,20 @@ impl BoundKas {
         );
         let agent_listener = bind(config.agent.listen, "agent.listen").await?;
         let obs_listener = bind(config.observability.listen, "observability.listen").await?;
+        let end_streams = CancellationToken::new();
         let shared = Arc::new(Shared {
             auth,
-            config_source: Arc::new(config_source),
+            config_source,
+            head_pollers: HeadPollers::new(
+                config.agent_configuration.poll_interval,
+                end_streams.clone(),
+            ),
             metrics,
             poll_interval: config.agent_configuration.poll_interval,
+            max_config_file_bytes: config.agent_configuration.max_configuration_file_size,
             gitlab_external_url: config.external_url().to_owned(),
             pod_name: pod_name.to_owned(),
-            end_streams: CancellationToken::new(),
+            end_streams,
         });
         Ok(Self {
             config,

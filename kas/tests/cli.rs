@@ -35,6 +35,12 @@ fn bad_configuration_exits_non_zero_naming_file_and_field() {
             "[gitlab]\naddress = \"https://gitlab.example.com\"\n",
             "gitlab.authentication_secret_file",
         ),
+        // The REST configuration source without an API token: refused with the reason.
+        (
+            "[gitlab]\naddress = \"https://gitlab.example.com\"\nauthentication_secret_file = \"/s\"\n\
+             [agent_configuration]\nsource = \"gitlab_api\"\n",
+            "agent_configuration.api_token_file",
+        ),
     ];
     for (text, field) in cases {
         std::fs::write(&path, text).unwrap();

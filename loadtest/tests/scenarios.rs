@@ -303,7 +303,7 @@ async fn through_the_edge_binary_over_tls() {
          it) or point KAS_EDGE_BIN at it",
     );
     let stack = Stack::start(2).await;
-    let edge = Edge::start(&binary, &stack).await;
+    let edge = stack.start_edge(&binary).await;
     let wss = format!("wss://{}/", edge.https);
     let grpcs = format!("grpcs://{}", edge.https);
     let admin = format!("http://{}/metrics", edge.admin);

@@ -57,6 +57,12 @@ pub mod kas_edge {
 
 pub use kas_edge::diagnostics::v1 as diagnostics;
 
+/// The subset of Gitaly's protocol kas uses to read repositories (package `gitaly`, field
+/// numbers as Gitaly's own protos).
+pub mod gitaly {
+    tonic::include_proto!("gitaly");
+}
+
 /// gRPC method paths, for routing and per-method metrics without string typos.
 pub mod paths {
     pub const GET_CONFIGURATION: &str =
@@ -66,4 +72,7 @@ pub mod paths {
         "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect";
     pub const DIAGNOSTICS_PING: &str = "/kas_edge.diagnostics.v1.Diagnostics/Ping";
     pub const DIAGNOSTICS_ECHO: &str = "/kas_edge.diagnostics.v1.Diagnostics/Echo";
+    pub const GITALY_FIND_BRANCH: &str = "/gitaly.RefService/FindBranch";
+    pub const GITALY_TREE_ENTRY: &str = "/gitaly.CommitService/TreeEntry";
+    pub const GITALY_GET_TREE_ENTRIES: &str = "/gitaly.CommitService/GetTreeEntries";
 }

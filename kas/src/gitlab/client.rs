@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use super::jwt::{sign_api_request_jwt, JWT_HEADER};
 use super::SharedSecret;
+use crate::gitaly::{GitalyInfo, GitalyLocation, GitalyRepository};
 
 /// What GitLab tells kas about an agent token (`GET /api/v4/internal/kubernetes/agent_info`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,18 @@ pub struct AgentInfo {
     pub project_id: i64,
     pub project_path: String,
     pub default_branch: String,
+    /// Where the agent's project repository lives (`gitaly_info` + `gitaly_repository`);
+    /// `None` when GitLab's answer has no Gitaly location.
+    pub gitaly: Option<GitalyLocation>,
+}
+
+/// What GitLab tells kas about another project (`GET /api/v4/internal/kubernetes/project_info`),
+/// e.g. a GitOps manifest project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectInfo {
+    pub project_id: i64,
+    pub default_branch: String,
+    pub gitaly: Option<GitalyLocation>,
 }
 
 /// GitLab's answer, reduced to what a gRPC caller can act on.
@@ -85,13 +98,40 @@ struct AgentInfoBody {
     #[serde(default)]
     default_branch: String,
     #[serde(default)]
-    gitaly_repository: Option<GitalyRepositoryBody>,
+    gitaly_info: Option<GitalyInfo>,
+    #[serde(default)]
+    gitaly_repository: Option<GitalyRepository>,
 }
 
 #[derive(Deserialize)]
-struct GitalyRepositoryBody {
+struct ProjectInfoBody {
+    project_id: i64,
     #[serde(default)]
-    gl_project_path: String,
+    default_branch: String,
+    #[serde(default)]
+    gitaly_info: Option<GitalyInfo>,
+    #[serde(default)]
+    gitaly_repository: Option<GitalyRepository>,
+}
+
+fn location(
+    info: Option<GitalyInfo>,
+    repository: Option<GitalyRepository>,
+) -> Option<GitalyLocation> {
+    match (info, repository) {
+        (Some(info), Some(repository)) if !info.address.is_empty() => {
+            Some(GitalyLocation { info, repository })
+        }
+        _ => None,
+    }
+}
+
+fn default_branch_or_main(branch: String) -> String {
+    if branch.is_empty() {
+        "main".into()
+    } else {
+        branch
+    }
 }
 
 #[derive(Deserialize)]
@@ -213,13 +253,33 @@ impl GitlabClient {
             project_id: info.project_id,
             project_path: info
                 .gitaly_repository
-                .map(|r| r.gl_project_path)
+                .as_ref()
+                .map(|r| r.gl_project_path.clone())
                 .unwrap_or_default(),
-            default_branch: if info.default_branch.is_empty() {
-                "main".into()
-            } else {
-                info.default_branch
-            },
+            default_branch: default_branch_or_main(info.default_branch),
+            gitaly: location(info.gitaly_info, info.gitaly_repository),
+        })
+    }
+
+    /// Where another project's repository lives, asked with the agent's token (GitLab
+    /// checks the agent may read it). `project` is a numeric id or a full path.
+    pub async fn project_info(
+        &self,
+        agent_token: &str,
+        project: &str,
+    ) -> Result<ProjectInfo, GitlabError> {
+        let path = format!(
+            "/api/v4/internal/kubernetes/project_info?id={}",
+            encode_segment(project)
+        );
+        let body = self
+            .get("project_info", &path, RepoAuth::AgentToken(agent_token))
+            .await?;
+        let info: ProjectInfoBody = Self::decode(&body, "project_info")?;
+        Ok(ProjectInfo {
+            project_id: info.project_id,
+            default_branch: default_branch_or_main(info.default_branch),
+            gitaly: location(info.gitaly_info, info.gitaly_repository),
         })
     }
 

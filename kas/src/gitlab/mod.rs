@@ -5,6 +5,6 @@ mod client;
 mod jwt;
 mod secret;
 
-pub use client::{AgentInfo, GitlabClient, GitlabError, RepoAuth};
+pub use client::{AgentInfo, GitlabClient, GitlabError, ProjectInfo, RepoAuth};
 pub use jwt::{verify_api_request_jwt, ApiRequestClaims, JWT_AUDIENCE, JWT_HEADER, JWT_ISSUER};
 pub use secret::{SecretError, SharedSecret};

@@ -1,6 +1,8 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -8,8 +10,13 @@ use kas_proto::agent_configuration::agent_configuration_server::AgentConfigurati
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 
 use super::Shared;
-use crate::agent_config::{build_configuration, ConfigSourceError};
+use crate::agent_config::{build_configuration_limited, ConfigSourceError};
 use crate::auth::Agent;
+use crate::head_poller::{jittered, PollFn};
+
+/// A configuration that could not be read for a passing reason is tried again this soon
+/// (or at the next poll interval, if shorter).
+const READ_RETRY: Duration = Duration::from_secs(10);
 
 pub struct AgentConfigurationService {
     shared: Arc<Shared>,
@@ -21,58 +28,126 @@ impl AgentConfigurationService {
     }
 }
 
-/// Reads the configuration if the branch moved past `last_commit`.
-async fn fetch_if_changed(
+/// Reads and parses the configuration at `commit`.
+async fn read_configuration(
     shared: &Shared,
     agent: &Agent,
-    last_commit: &str,
-) -> Result<Option<ConfigurationResponse>, ConfigSourceError> {
-    let head = shared.config_source.head_commit(agent).await?;
-    if head == last_commit {
-        return Ok(None);
-    }
-    let file = shared.config_source.config_file(agent, &head).await?;
-    let configuration =
-        build_configuration(file.as_deref(), &agent.info, &shared.gitlab_external_url)?;
-    Ok(Some(ConfigurationResponse {
+    commit: &str,
+) -> Result<ConfigurationResponse, ConfigSourceError> {
+    let file = shared.config_source.config_file(agent, commit).await?;
+    let configuration = build_configuration_limited(
+        file.as_deref(),
+        &agent.info,
+        &shared.gitlab_external_url,
+        shared.max_config_file_bytes,
+    )?;
+    Ok(ConfigurationResponse {
         configuration: Some(configuration),
-        commit_id: head,
-    }))
+        commit_id: commit.to_owned(),
+    })
+}
+
+fn head_poll(shared: &Shared, agent: &Agent) -> PollFn<ConfigSourceError> {
+    let source = shared.config_source.clone();
+    let agent = agent.clone();
+    Arc::new(move || {
+        let (source, agent) = (source.clone(), agent.clone());
+        Box::pin(async move { source.head_commit(&agent).await })
+    })
 }
 
 async fn poll_loop(
     shared: Arc<Shared>,
-    agent: Agent,
+    mut agent: Agent,
     mut last_commit: String,
     tx: mpsc::Sender<Result<ConfigurationResponse, Status>>,
 ) {
     let events = &shared.metrics.config_events;
+    let agent_id = agent.info.agent_id;
+    let mut key = shared.config_source.poll_key(&agent);
+    let mut heads = shared
+        .head_pollers
+        .subscribe(&key, head_poll(&shared, &agent));
+    // The token is checked with GitLab again every cache TTL, so a revoked agent's stream
+    // ends within about one TTL instead of living until the connection closes.
+    let revalidate_every = shared.auth.success_ttl();
+    let mut revalidate_at = Instant::now() + jittered(revalidate_every);
     loop {
-        match fetch_if_changed(&shared, &agent, &last_commit).await {
-            Ok(Some(response)) => {
-                let commit = response.commit_id.clone();
-                if tx.send(Ok(response)).await.is_err() {
-                    return;
+        let state = heads.borrow_and_update().clone();
+        let mut retry_at: Option<Instant> = None;
+        match state.as_deref() {
+            Some(Ok(Some(head))) if *head != last_commit => {
+                match read_configuration(&shared, &agent, head).await {
+                    Ok(response) => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                        events.with_label_values(&["sent"]).inc();
+                        tracing::info!(agent_id, commit_id = %head, "sent agent configuration");
+                        last_commit = head.clone();
+                    }
+                    Err(e) if e.is_final() => {
+                        events.with_label_values(&["rejected"]).inc();
+                        tracing::warn!(agent_id, commit_id = %head, error = %e, "agent configuration rejected; the stream ends with it");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        events.with_label_values(&["read_failed"]).inc();
+                        tracing::warn!(agent_id, commit_id = %head, error = %e, "cannot read agent configuration; will retry");
+                        retry_at =
+                            Some(Instant::now() + jittered(READ_RETRY.min(shared.poll_interval)));
+                    }
                 }
-                events.with_label_values(&["sent"]).inc();
-                tracing::info!(agent_id = agent.info.agent_id, commit_id = %commit, "sent agent configuration");
-                last_commit = commit;
             }
-            Ok(None) => {}
-            // GitLab hiccups are retried at the next poll; the agent keeps its config.
-            Err(ConfigSourceError::Gitlab(e)) if !e.is_definite() => {
-                events.with_label_values(&["gitlab_unavailable"]).inc();
-                tracing::warn!(agent_id = agent.info.agent_id, error = %e, "cannot poll agent configuration");
+            Some(Ok(Some(_))) => {}
+            Some(Ok(None)) => {
+                events.with_label_values(&["empty_repository"]).inc();
+                tracing::debug!(agent_id, "agent repository has no configuration branch yet");
             }
-            Err(e) => {
+            Some(Err(e)) if e.is_final() => {
                 events.with_label_values(&["rejected"]).inc();
-                tracing::warn!(agent_id = agent.info.agent_id, error = %e, "agent configuration stream ends");
-                let _ = tx.send(Err(e.into())).await;
+                let _ = tx.send(Err(e.clone().into())).await;
                 return;
             }
+            Some(Err(e)) => {
+                events.with_label_values(&["poll_failed"]).inc();
+                tracing::warn!(agent_id, error = %e, "cannot poll agent configuration");
+            }
+            None => {}
         }
         tokio::select! {
-            _ = tokio::time::sleep(shared.poll_interval) => {}
+            changed = heads.changed() => {
+                if changed.is_err() {
+                    // The poller stopped: the pod is shutting down.
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
+            _ = tokio::time::sleep_until(revalidate_at) => {
+                revalidate_at = Instant::now() + jittered(revalidate_every);
+                match shared.auth.revalidate(&agent.token).await {
+                    Ok(info) => {
+                        if info != agent.info {
+                            agent.info = info;
+                            let new_key = shared.config_source.poll_key(&agent);
+                            if new_key != key {
+                                tracing::info!(agent_id, "agent repository moved; following it");
+                                key = new_key;
+                                heads = shared.head_pollers.subscribe(&key, head_poll(&shared, &agent));
+                            }
+                        }
+                    }
+                    Err(e) if e.is_definite() => {
+                        events.with_label_values(&["token_revoked"]).inc();
+                        tracing::info!(agent_id, outcome = e.outcome_label(), "agent token no longer accepted; ending its configuration stream");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    // GitLab unreachable: keep the stream, ask again later.
+                    Err(_) => {}
+                }
+            }
             _ = tx.closed() => return,
             _ = shared.end_streams.cancelled() => return,
         }

@@ -18,16 +18,20 @@ use kas_proto::agent_registrar::agent_registrar_server::AgentRegistrarServer;
 use kas_proto::diagnostics::diagnostics_server::DiagnosticsServer;
 use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 
-use crate::agent_config::ConfigSource;
+use crate::agent_config::{ConfigSource, ConfigSourceError};
 use crate::auth::Authenticator;
+use crate::head_poller::HeadPollers;
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// State every service shares.
 pub struct Shared {
     pub auth: Authenticator,
     pub config_source: Arc<dyn ConfigSource>,
+    /// One head poller per (repository, branch), shared by all configuration streams.
+    pub head_pollers: Arc<HeadPollers<ConfigSourceError>>,
     pub metrics: Metrics,
     pub poll_interval: Duration,
+    pub max_config_file_bytes: usize,
     pub gitlab_external_url: String,
     /// Reported by the diagnostics service so callers can see which pod answered.
     pub pod_name: String,

@@ -26,6 +26,9 @@ pub struct EdgeMetrics {
     pub tls_reloads: IntCounterVec,
     /// Seconds until the earliest certificate expires (negative once expired).
     pub tls_cert_expiry: IntGauge,
+    /// When the earliest served certificate expires (Unix seconds); the expiry gauge
+    /// above is computed from it at each scrape, so it counts down between reloads.
+    pub tls_cert_not_after: IntGauge,
     pub ready: IntGauge,
     /// Downstream connections open now (after the TLS handshake).
     pub open_connections: IntGauge,
@@ -161,6 +164,14 @@ impl EdgeMetrics {
                 IntGauge::new("edge_ready", "1 while the edge accepts new connections.")
                     .expect("valid metric"),
             ),
+            tls_cert_not_after: register(
+                &r,
+                IntGauge::new(
+                    "edge_tls_certificate_not_after_timestamp_seconds",
+                    "When the earliest served certificate expires (Unix time).",
+                )
+                .expect("valid metric"),
+            ),
             tls_cert_expiry: register(
                 &r,
                 IntGauge::new(
@@ -276,7 +287,30 @@ impl EdgeMetrics {
 
     /// Renders all metrics, refreshing the per-pod gauges from the pool first so pods
     /// that left discovery also leave the output.
+    /// Records the expiry of the earliest certificate now served.
+    pub fn certificate_expires_at(&self, not_after: std::time::SystemTime) {
+        let unix = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.tls_cert_not_after.set(unix);
+        self.refresh_certificate_expiry();
+    }
+
+    fn refresh_certificate_expiry(&self) {
+        let not_after = self.tls_cert_not_after.get();
+        if not_after == 0 {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.tls_cert_expiry.set(not_after - now);
+    }
+
     pub fn render(&self, pool: &Pool) -> String {
+        self.refresh_certificate_expiry();
         self.upstream_healthy.reset();
         self.upstream_in_flight.reset();
         for pod in pool.pods().iter() {

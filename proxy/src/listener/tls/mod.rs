@@ -5,7 +5,7 @@
 pub mod certs;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::listeners::{TlsAccept, TlsAcceptCallbacks};
@@ -70,13 +70,6 @@ impl TlsAccept for HandshakeMetrics {
     }
 }
 
-fn seconds_left(not_after: SystemTime) -> i64 {
-    match not_after.duration_since(SystemTime::now()) {
-        Ok(left) => left.as_secs() as i64,
-        Err(past) => -(past.duration().as_secs() as i64),
-    }
-}
-
 /// The certificate sources from configuration, or a generated self-signed one.
 pub fn sources(config: &TlsConfig) -> anyhow::Result<Vec<CertSource>> {
     if !config.certificates.is_empty() {
@@ -127,7 +120,7 @@ impl TlsSetup {
             rt.spawn(async move {
                 loop {
                     if let Some(cert) = &status.borrow_and_update().certificate {
-                        m.tls_cert_expiry.set(seconds_left(cert.not_after));
+                        m.certificate_expires_at(cert.not_after);
                     }
                     if status.changed().await.is_err() {
                         return;
@@ -141,9 +134,7 @@ impl TlsSetup {
             });
         }
         let resolver = Arc::new(CertResolver::new(sources(config)?)?);
-        metrics
-            .tls_cert_expiry
-            .set(seconds_left(resolver.not_after()));
+        metrics.certificate_expires_at(resolver.not_after());
         let watcher = if config.certificates.is_empty() {
             None
         } else {
@@ -151,7 +142,7 @@ impl TlsSetup {
             let watcher = resolver.watch(RELOAD_DEBOUNCE, Some(RELOAD_POLL), move |result| match result {
                 Ok(summary) if summary.changed => {
                     m.tls_reloads.with_label_values(&["ok"]).inc();
-                    m.tls_cert_expiry.set(seconds_left(summary.earliest_not_after));
+                    m.certificate_expires_at(summary.earliest_not_after);
                     tracing::info!(certificates = summary.certificates, names = ?summary.names, "TLS certificates reloaded");
                 }
                 Ok(_) => {}

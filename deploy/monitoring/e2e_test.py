@@ -70,8 +70,6 @@ RUNBOOK_BASE = "https://gitlab.example.com/kas-edge/kas-edge/-/blob/main/deploy/
 # test says to remove it here).
 PENDING = {
     "edge_access_log_dropped_total": set(),
-    "edge_connections_in_handshake": set(),
-    "edge_connections_in_handshake_limit": set(),
     "edge_ratelimit_evictions_total": set(),
     "edge_grpc_responses_total": {"grpc_status"},
 }
@@ -84,11 +82,7 @@ EXTERNAL = {
 # Known defects of the binaries this test reproduces. Each is checked: while it reproduces
 # it is reported as XFAIL; once fixed the test FAILS until the entry is removed here, so
 # the check becomes a plain one.
-KNOWN_ISSUES = {
-    "cert-expiry-static": "edge_tls_certificate_expiry_seconds is computed when a certificate is "
-    "loaded (seconds_left() at load/reload in the TLS setup) and does not count down between reloads, so the expiry "
-    "alerts fire only after a reload or restart",
-}
+KNOWN_ISSUES: dict[str, str] = {}
 
 # Dashboard variables as the e2e evaluates them.
 DASHBOARD_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$edge": ".*", "$kas": ".*",

@@ -281,6 +281,10 @@ fn proxy_service(
         }),
         handoffs,
         activity,
+        drain_spread: config
+            .shutdown
+            .drain_deadline
+            .mul_f64(config.shutdown.close_spread),
         idle: IdleLimits {
             request_head: config.downstream.request_head_timeout,
             keepalive: config.downstream.keepalive_timeout,

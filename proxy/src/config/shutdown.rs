@@ -16,6 +16,10 @@ pub struct ShutdownConfig {
     /// How long open websockets and streams may continue after the listeners closed.
     #[serde(with = "humantime_serde")]
     pub drain_deadline: Duration,
+    /// Open tunnels and HTTP/2 connections are closed at random moments within this
+    /// fraction of `drain_deadline` after the listeners close, so thousands of agents do
+    /// not all reconnect in the same second. 0: they stay until the deadline.
+    pub close_spread: f64,
 }
 
 impl Default for ShutdownConfig {
@@ -23,12 +27,20 @@ impl Default for ShutdownConfig {
         Self {
             readiness_delay: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(60),
+            close_spread: 0.8,
         }
     }
 }
 
 impl ShutdownConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
-        super::positive("shutdown.drain_deadline", self.drain_deadline)
+        super::positive("shutdown.drain_deadline", self.drain_deadline)?;
+        if !(0.0..=1.0).contains(&self.close_spread) {
+            return Err(FieldError::new(
+                "shutdown.close_spread",
+                "must be between 0 and 1",
+            ));
+        }
+        Ok(())
     }
 }

@@ -56,6 +56,9 @@ pub struct ConnectionLayer<A> {
     pub handoffs: Arc<PendingHandoffs>,
     pub activity: Arc<ActivityTable>,
     pub idle: IdleLimits,
+    /// Connections still open when the drain begins close at a random moment within
+    /// this long (zero: never before the drain deadline).
+    pub drain_spread: std::time::Duration,
 }
 
 /// How long a connection may wait on its client with nothing in flight
@@ -96,6 +99,22 @@ fn closed_by_edge(
             ),
         }
     }
+}
+
+/// Resolves at a random moment within `spread` after the drain begins: closing every open
+/// agent connection at the drain deadline would make thousands of agents reconnect to the
+/// other replicas in the same second. Never resolves with a zero spread.
+async fn closed_by_drain(mut shutdown: ShutdownWatch, spread: std::time::Duration) {
+    if spread.is_zero() {
+        return std::future::pending().await;
+    }
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+    tokio::time::sleep(spread.mul_f64(rand::random::<f64>())).await;
+    tracing::debug!("closing a connection during the drain");
 }
 
 #[async_trait]
@@ -149,6 +168,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
                 drop(self.handoffs.take(id));
                 return None;
             }
+            _ = closed_by_drain(shutdown.clone(), self.drain_spread) => {
+                drop(self.handoffs.take(id));
+                return None;
+            }
             _ = activity.expired() => {
                 let stage = match (h2, activity.requests_started()) {
                     (true, _) => "h2_idle",
@@ -164,7 +187,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
         if let Some(handoff) = self.handoffs.take(id) {
             // pingora's request is over and its state freed; the tunnel continues in a
             // task of its own that holds just what it needs, registration included.
-            let stop = Box::pin(closed_by_edge(guard.as_ref(), deadline));
+            let by_edge = closed_by_edge(guard.as_ref(), deadline);
+            let by_drain = closed_by_drain(shutdown.clone(), self.drain_spread);
+            let stop = Box::pin(async move {
+                tokio::select! {
+                    _ = by_edge => {}
+                    _ = by_drain => {}
+                }
+            });
             tokio::spawn(async move {
                 handoff.carry(stop).await;
                 drop((guard, by_alpn));

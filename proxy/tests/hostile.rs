@@ -323,3 +323,36 @@ async fn a_drain_spreads_tunnel_closes_over_its_window() {
     assert!(first < Duration::from_millis(4800), "{closed:?}");
     assert!(last - first >= Duration::from_secs(1), "{closed:?}");
 }
+
+#[tokio::test]
+async fn a_trusted_balancer_that_never_sends_its_proxy_header_is_cut() {
+    let cluster = Cluster::start(1).await;
+    let extra = "[proxy_protocol]\ntrusted = [\"127.0.0.0/8\"]\nheader_timeout = \"1s\"\n";
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), extra).await;
+    let balancer = ip(cluster.subnet, 131);
+    let mut silent = tcp_from(balancer, edge.https).await;
+    let took = closed_within(&mut silent, Duration::from_secs(10)).await;
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+    let mut dribble = tcp_from(balancer, edge.https).await;
+    let started = Instant::now();
+    for byte in b"PROXY TCP4 203.0.113.9 " {
+        if dribble.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    closed_within(&mut dribble, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = edge.metrics().await;
+    assert!(
+        metric(
+            &metrics,
+            "edge_policy_blocked_total{reason=\"bad_proxy_header\""
+        ) >= 2.0,
+        "{metrics}"
+    );
+}

@@ -17,6 +17,12 @@
 #                  direct path, the kas pods' growth per tunnel)
 #   new_tls_cps    new TLS connections/s (wrk with `Connection: close`: one request per
 #                  connection, full handshakes)
+#   *_cpu_us_per_req, *_ctxsw_per_req
+#                  the proxy's (or, direct, the pods') CPU time and context switches per
+#                  request during the h1 and gRPC runs, from /proc deltas; what a proxy
+#                  costs per request independent of how the load generator fares
+#   grpc_upstream_conns
+#                  proxy → pod TCP connections open mid-way through the gRPC run (ss)
 # Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
 # proxy costs on top of reaching kas at all.
 #
@@ -225,6 +231,35 @@ addr_of() { case $1 in edge) echo 127.0.5.1:8443 ;; nginx) echo 127.0.5.2:8443 ;
 pids_of() { case $1 in direct) echo "$KAS_PID" ;; edge) echo "$EDGE_PID" ;; nginx) echo "$NGINX_PIDS" ;; haproxy) echo "$HAPROXY_PID" ;; esac; }
 printf '\0\0\0\0\0' >"$WORK/ping.bin" # one gRPC message: uncompressed, empty PingRequest
 
+# CPU ticks (utime+stime, all threads) and context switches (all threads) of a process set.
+cost_snapshot() { # pids...
+  local pid ticks=0 ctx=0 t c
+  for pid in "$@"; do
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    c=$(cat /proc/"$pid"/task/*/status 2>/dev/null | awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s + 0}')
+    ticks=$((ticks + t)); ctx=$((ctx + c))
+  done
+  echo "$ticks $ctx"
+}
+# Runs a command, recording the cost of the process set around it in $RAW/<name>.cost.
+with_cost() { # name pids-string command...
+  local name=$1 pids=$2; shift 2
+  # shellcheck disable=SC2086
+  local before after; before=$(cost_snapshot $pids)
+  "$@" || true
+  # shellcheck disable=SC2086
+  after=$(cost_snapshot $pids)
+  echo "$before $after $(getconf CLK_TCK)" >"$RAW/$name.cost"
+}
+# Established proxy → pod connections of a process set (pods listen on :8150).
+upstream_conns() { # pids...
+  local pid n=0
+  for pid in "$@"; do
+    n=$((n + $(ss -tnpH state established '( dport = :8150 )' 2>/dev/null | grep -c "pid=$pid," || true)))
+  done
+  echo "$n"
+}
+
 LT=("$BIN/kas-loadtest" --token "$TOKEN" --progress never)
 for p in $PATHS; do
   if [ "$p" = direct ]; then
@@ -248,11 +283,18 @@ for p in $PATHS; do
     --json "$RAW/$p-ws.json" >"$RAW/$p-ws.txt" 2>&1 || log "$p: idle run reported failures (see JSON)"
   sleep 2
   log "$p: TLS h1 keep-alive requests/s"
-  wrk -t2 -c"$H1_CONNS" -d"${DURATION}s" "$h1_url" >"$RAW/$p-h1.txt" 2>&1 || true
+  run_wrk() { wrk -t2 -c"$H1_CONNS" -d"${DURATION}s" "$h1_url" >"$RAW/$p-h1.txt" 2>&1; }
+  with_cost "$p-h1" "$(pids_of "$p")" run_wrk
   log "$p: gRPC unary requests/s"
-  h2load -D "$DURATION" -c "$GRPC_CONNS" -m "$GRPC_STREAMS" -d "$WORK/ping.bin" \
-    -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $TOKEN" \
-    "$grpc_url" >"$RAW/$p-grpc.txt" 2>&1 || true
+  run_h2load() {
+    h2load -D "$DURATION" -c "$GRPC_CONNS" -m "$GRPC_STREAMS" -d "$WORK/ping.bin" \
+      -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $TOKEN" \
+      "$grpc_url" >"$RAW/$p-grpc.txt" 2>&1
+  }
+  # shellcheck disable=SC2046
+  (sleep "$(( DURATION / 2 ))"; upstream_conns $(pids_of "$p") >"$RAW/$p-grpc.conns") &
+  with_cost "$p-grpc" "$(pids_of "$p")" run_h2load
+  wait "$!" 2>/dev/null || true
   log "$p: gRPC Ping latency at $RPC_RATE/s (open loop)"
   "${LT[@]}" --scenario rpc --rpc-rate "$RPC_RATE" --rpc-connections 4 --duration 5s \
     --max-error-rate 0.001 --ws-fraction 0 "${rpc_targets[@]}" \
@@ -287,6 +329,14 @@ def h2load(text):
     r = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
     return (float(m.group(1)) if m else None), ({"succeeded": int(r.group(1)), "failed": int(r.group(2)), "errored": int(r.group(3))} if r else None)
 
+def cost(name, requests):
+    """CPU µs and context switches per request from a .cost snapshot pair."""
+    parts = read(f"{name}.cost").split()
+    if len(parts) != 5 or not requests:
+        return None, None
+    t0, c0, t1, c1, hz = map(int, parts)
+    return round((t1 - t0) / hz * 1e6 / requests, 1), round((c1 - c0) / requests, 3)
+
 def load_json(name):
     try:
         return json.loads(read(name))
@@ -301,7 +351,14 @@ for p in paths:
     ws = load_json(f"{p}-ws.json") or {}
     rpc = load_json(f"{p}-rpc.json") or {}
     edge = ws.get("edge") or {}
+    duration = float(os.environ["DURATION"])
+    h1_cpu, h1_ctx = cost(f"{p}-h1", (h1 or 0) * duration)
+    grpc_cpu, grpc_ctx = cost(f"{p}-grpc", (grpc or 0) * duration)
+    conns = read(f"{p}-grpc.conns").strip()
     results[p] = {
+        "h1_cpu_us_per_req": h1_cpu, "h1_ctxsw_per_req": h1_ctx,
+        "grpc_cpu_us_per_req": grpc_cpu, "grpc_ctxsw_per_req": grpc_ctx,
+        "grpc_upstream_conns": int(conns) if conns.isdigit() else None,
         "h1_rps": h1, "h1_socket_errors": h1_errors,
         "grpc_rps": grpc, "grpc_requests": grpc_counts,
         "rpc_p99_ms": (rpc.get("latency", {}).get("rpc") or {}).get("p99_ms"),
@@ -322,6 +379,11 @@ metrics = [
     ("ws_mem_bytes", f"idle TLS websocket tunnel memory, bytes/conn at {os.environ['WS_AGENTS']}", "lower is better"),
     ("new_tls_cps", "new TLS connections/s", "higher is better"),
     ("rpc_p99_ms", f"gRPC Ping p99 ms at {os.environ['RPC_RATE']}/s open loop", "lower is better"),
+    ("h1_cpu_us_per_req", "h1: CPU µs per request (proxy; direct: pods)", "lower is better"),
+    ("h1_ctxsw_per_req", "h1: context switches per request", "lower is better"),
+    ("grpc_cpu_us_per_req", "gRPC: CPU µs per request (proxy; direct: pods)", "lower is better"),
+    ("grpc_ctxsw_per_req", "gRPC: context switches per request", "lower is better"),
+    ("grpc_upstream_conns", "gRPC: proxy → pod connections mid-run", "fewer is better"),
 ]
 ratios = {}
 for p in paths:

@@ -336,6 +336,17 @@ impl EdgeProxy {
             }
         };
         self.record_upstream_latency(ctx);
+        let status = answered.response.status;
+        if status.is_informational() && status != 101 {
+            // An interim answer is no answer: relayed, it would leave the agent waiting.
+            tracing::warn!(
+                status = status.as_u16(),
+                "pod answered the upgrade with an interim response"
+            );
+            let denial = bad_gateway("kas answered the upgrade incorrectly");
+            respond_denied(session, ctx.protocol, &denial).await;
+            return;
+        }
         if answered.response.status == 101
             && !pingora_compat::completes_upgrade(session, &answered.response)
         {

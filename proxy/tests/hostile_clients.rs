@@ -1,0 +1,320 @@
+//! Clients (and pods) that do not behave, through the real `kas-edge` binary: an agent that
+//! stops reading its websocket, pods that frame a refused upgrade badly.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Answers `/readiness` (anything) with 200 on `ip`'s health port, like a ready kas pod.
+async fn healthy(ip: IpAddr) {
+    let health = TcpListener::bind((ip, HEALTH_PORT)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = health.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+}
+
+/// A stand-in kas pod that accepts websockets (a real websocket server) and floods each
+/// one with binary messages as fast as it can, while reporting every message it receives.
+/// Returns its address, the received messages and the bytes it managed to send so far.
+async fn flooding_pod(
+    ip: IpAddr,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>, Arc<AtomicU64>) {
+    healthy(ip).await;
+    let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
+    let (received_tx, received) = mpsc::unbounded_channel();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (received_tx, counter) = (received_tx.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(sock).await else {
+                    return;
+                };
+                let (mut sink, mut stream) = ws.split();
+                let flood = async move {
+                    let chunk = vec![0xabu8; 32 * 1024];
+                    while sink.send(Message::binary(chunk.clone())).await.is_ok() {
+                        counter.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    }
+                };
+                let listen = async move {
+                    while let Some(Ok(message)) = stream.next().await {
+                        if let Message::Binary(data) = message {
+                            let _ = received_tx.send(data.to_vec());
+                        }
+                    }
+                };
+                tokio::join!(flood, listen);
+            });
+        }
+    });
+    (SocketAddr::new(ip, AGENT_PORT), received, sent)
+}
+
+/// Waits (bounded) until `counter` stops moving: whatever it counts is stuck.
+async fn until_stuck(counter: &AtomicU64, what: &str) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = counter.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never stalled"
+        );
+        last = now;
+    }
+}
+
+/// An agent that stops reading its websocket (a stuck process, a full receive window) while
+/// the pod keeps sending: the pod → agent direction stalls, and the agent → pod direction
+/// must not stall with it. Before the two directions were independent, the edge sat in its
+/// write to the agent and read nothing more from it.
+#[tokio::test]
+async fn an_agent_that_stops_reading_its_websocket_still_reaches_the_pod() {
+    let subnet = next_subnet();
+    let (pod, mut received, sent) = flooding_pod(ip(subnet, 10)).await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"http/1.1"]), None)
+        .await
+        .unwrap();
+    let (ws, response) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async("wss://localhost/", tls),
+    )
+    .await
+    .expect("the upgrade is answered")
+    .unwrap();
+    assert_eq!(response.status(), 101);
+    let (mut agent_sink, mut agent_stream) = ws.split();
+
+    // The agent reads nothing; the pod's flood fills every buffer on the way and stops.
+    until_stuck(&sent, "the pod's flood").await;
+
+    for i in 0..3 {
+        let text = format!("agent message {i}");
+        tokio::time::timeout(
+            STEP,
+            agent_sink.send(Message::binary(text.clone().into_bytes())),
+        )
+        .await
+        .expect("the agent's send completes")
+        .unwrap();
+        let got = tokio::time::timeout(STEP, received.recv())
+            .await
+            .expect("the agent's message reaches the pod while the agent is not reading")
+            .unwrap();
+        assert_eq!(got, text.as_bytes());
+    }
+
+    // Once the agent reads again, the flood resumes intact.
+    for _ in 0..10 {
+        let message = tokio::time::timeout(STEP, agent_stream.next())
+            .await
+            .expect("the flood resumes")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&message, Message::Binary(d) if d.len() == 32 * 1024 && d.iter().all(|b| *b == 0xab))
+        );
+    }
+}
+
+/// A stand-in kas pod that refuses every upgrade with the raw answer its request path
+/// names, then holds the connection open for a while (a pod that does not close after an
+/// error page must not matter either).
+async fn refusing_pod(ip: IpAddr) -> SocketAddr {
+    healthy(ip).await;
+    let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let (answer, close): (&[u8], bool) = if head.starts_with("GET /chunked ") {
+                    (
+                        b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\
+                          Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+                          Proxy-Authenticate: Basic\r\nTrailer: X-Sum\r\n\
+                          Content-Type: text/plain\r\n\r\n\
+                          6\r\nforbid\r\n7;ext=1\r\nden too\r\n0\r\nX-Sum: 1\r\n\r\n",
+                        false,
+                    )
+                } else if head.starts_with("GET /short ") {
+                    // Declares more than it sends, then closes.
+                    (
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 100\r\n\r\nonly-part",
+                        true,
+                    )
+                } else if head.starts_with("GET /long ") {
+                    // Sends more than it declares: the rest is not body.
+                    (
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nnope!EXTRA-GARBAGE",
+                        false,
+                    )
+                } else {
+                    // No length: the body ends when the pod closes.
+                    (
+                        b"HTTP/1.1 500 Internal Server Error\r\n\r\nuntil close",
+                        true,
+                    )
+                };
+                let _ = sock.write_all(answer).await;
+                if !close {
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                }
+            });
+        }
+    });
+    SocketAddr::new(ip, AGENT_PORT)
+}
+
+/// What the agent received for a refused upgrade: status, headers, body.
+struct Refusal {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Refusal {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends an upgrade request for `path` and reads the answer to the end: the edge closes
+/// the connection after a refusal, so everything after the head is the body as framed.
+async fn refused(edge: &Edge, path: &str) -> Refusal {
+    let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"http/1.1"]), None)
+        .await
+        .unwrap();
+    tls.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, tls.read_to_end(&mut answer))
+        .await
+        .expect("the edge answers and closes within the bound")
+        .ok();
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let head_len = match parsed.parse(&answer) {
+        Ok(httparse::Status::Complete(len)) => len,
+        other => panic!("{other:?}: {}", String::from_utf8_lossy(&answer)),
+    };
+    Refusal {
+        status: parsed.code.unwrap(),
+        headers: parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_owned(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+        body: answer[head_len..].to_vec(),
+    }
+}
+
+/// A refused upgrade reaches the agent framed correctly whatever the pod did: a chunked
+/// body is decoded and sent with its length, a body shorter than declared is sent with the
+/// length it has, bytes beyond a declared length are not body, and hop-by-hop headers stay
+/// behind. Before, the pod's `Transfer-Encoding: chunked` and `Content-Length` went through
+/// unchanged over a body that did not match them.
+#[tokio::test]
+async fn refused_upgrades_are_relayed_with_correct_framing() {
+    let subnet = next_subnet();
+    let pod = refusing_pod(ip(subnet, 10)).await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+
+    let cases: [(&str, u16, &[u8]); 4] = [
+        ("/chunked", 403, b"forbidden too"),
+        ("/short", 401, b"only-part"),
+        ("/long", 401, b"nope!"),
+        ("/until-close", 500, b"until close"),
+    ];
+    for (path, status, body) in cases {
+        let started = tokio::time::Instant::now();
+        let refusal = refused(&edge, path).await;
+        let context = format!(
+            "{path}: {} {:?} {:?}",
+            refusal.status,
+            refusal.headers,
+            String::from_utf8_lossy(&refusal.body)
+        );
+        assert_eq!(refusal.status, status, "{context}");
+        assert_eq!(refusal.body, body, "{context}");
+        assert_eq!(
+            refusal.header("content-length"),
+            Some(body.len().to_string().as_str()),
+            "{context}"
+        );
+        for hop in [
+            "transfer-encoding",
+            "x-hop",
+            "keep-alive",
+            "proxy-authenticate",
+            "trailer",
+            "upgrade",
+        ] {
+            assert_eq!(refusal.header(hop), None, "{hop} relayed: {context}");
+        }
+        assert_eq!(refusal.header("connection"), Some("close"), "{context}");
+        // A pod that keeps its connection open after a complete body holds no one up.
+        if path == "/chunked" || path == "/long" {
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "{path} took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+    assert_eq!(
+        refused(&edge, "/chunked").await.header("content-type"),
+        Some("text/plain")
+    );
+}

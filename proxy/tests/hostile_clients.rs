@@ -318,3 +318,138 @@ async fn refused_upgrades_are_relayed_with_correct_framing() {
         Some("text/plain")
     );
 }
+
+/// The `kas-edge` binary with its stdout connected to a pipe that nobody reads: once the
+/// pipe's buffer is full, every write to it blocks.
+struct EdgeWithStuckStdout {
+    https: SocketAddr,
+    admin: SocketAddr,
+    ca_file: std::path::PathBuf,
+    child: std::process::Child,
+    /// The pipe's read end, held open and never read.
+    _stdout: std::process::ChildStdout,
+    _dir: tempfile::TempDir,
+}
+
+impl EdgeWithStuckStdout {
+    async fn start(subnet: (u8, u8), endpoints: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let host = ip(subnet, 250);
+        let https = SocketAddr::new(host, 8443);
+        let admin = SocketAddr::new(host, 8081);
+        let tls_dir = dir.path().join("tls");
+        let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let config = format!(
+            "[listen]\nhttps = \"{https}\"\nadmin = \"{admin}\"\nthreads = 2\n\
+             [tls]\nhosts = [\"localhost\"]\nself_signed_dir = {tls_dir:?}\n\
+             [discovery]\nkind = \"static\"\nendpoints = [{}]\n\
+             [health]\nport = {HEALTH_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
+            list.join(", ")
+        );
+        let config_file = dir.path().join("edge.toml");
+        std::fs::write(&config_file, config).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kas-edge"))
+            .args(["run", "--config"])
+            .arg(&config_file)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let edge = Self {
+            https,
+            admin,
+            ca_file: tls_dir.join("tls.crt"),
+            child,
+            _stdout: stdout,
+            _dir: dir,
+        };
+        eventually("edge ready", Duration::from_secs(60), || async move {
+            matches!(http_get(admin, "/readyz").await, Some((200, _)))
+        })
+        .await;
+        edge
+    }
+
+    /// The value of an unlabelled counter or gauge on the admin port.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, text) = http_get(self.admin, "/metrics").await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+impl Drop for EdgeWithStuckStdout {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One authenticated Ping through the edge; `None` if no answer came within `limit`.
+async fn ping_within(channel: &tonic::transport::Channel, limit: Duration) -> Option<tonic::Code> {
+    use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+    use kas_proto::diagnostics::PingRequest;
+    let mut client = DiagnosticsClient::new(channel.clone());
+    let call = client.ping(with_token(PingRequest {
+        payload: b"x".to_vec(),
+    }));
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(_)) => Some(tonic::Code::Ok),
+        Ok(Err(status)) => Some(status.code()),
+        Err(_) => None,
+    }
+}
+
+/// The edge's stdout goes to a consumer that stopped reading (a stuck log shipper): the
+/// pipe fills, and requests must still be answered promptly, with the access lines that do
+/// not fit dropped and counted. Before, the access line was written on pingora's worker
+/// threads, which blocked in `write(2)` and stopped serving once the pipe was full.
+#[tokio::test]
+async fn a_log_consumer_that_stops_reading_costs_log_lines_not_requests() {
+    let cluster = Cluster::start(1).await;
+    let edge = EdgeWithStuckStdout::start(cluster.subnet, &cluster.endpoints()).await;
+    let admin = edge.admin;
+    eventually("a healthy pod", STEP, || async move {
+        http_get(admin, "/metrics")
+            .await
+            .is_some_and(|(_, m)| m.contains("edge_upstream_healthy{pod=") && m.contains("} 1"))
+    })
+    .await;
+    let channel = grpc_channel(edge.https, tls_connector(&edge.ca_file, &[b"h2"])).await;
+
+    // About 260 bytes per access line: 5,000 calls are 1.3 MB, more than the pipe (64 KiB)
+    // and the edge's queue (1 MiB) together. (Only plain successful calls: pingora's own
+    // warnings still go to stdout directly and would block a worker on a full pipe.)
+    let started = tokio::time::Instant::now();
+    for batch in 0..100 {
+        let calls = (0..50).map(|_| ping_within(&channel, Duration::from_secs(5)));
+        let answers = futures_util::future::join_all(calls).await;
+        let unanswered = answers.iter().filter(|a| a.is_none()).count();
+        assert_eq!(
+            unanswered, 0,
+            "batch {batch}: calls went unanswered while stdout was stuck"
+        );
+        assert!(
+            answers.iter().all(|a| *a == Some(tonic::Code::Ok)),
+            "{answers:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "5,000 calls took {:?}",
+        started.elapsed()
+    );
+    // And the edge still answers after the flood, promptly.
+    assert_eq!(
+        ping_within(&channel, Duration::from_secs(5)).await,
+        Some(tonic::Code::Ok)
+    );
+    let dropped = edge.metric("edge_access_log_dropped_total").await;
+    assert!(
+        dropped.is_some_and(|d| d > 0.0),
+        "dropped lines are counted: {dropped:?}"
+    );
+}

@@ -52,6 +52,9 @@ pub struct EdgeMetrics {
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
     pub ratelimit_keys: IntGauge,
+    /// Access lines dropped because stdout did not keep up (process-wide: the stdout queue
+    /// is one per process, see [`super::log_writer`]).
+    pub access_log_dropped: prometheus::IntCounter,
 }
 
 use kas_common::metrics::register;
@@ -281,6 +284,7 @@ impl EdgeMetrics {
                 )
                 .expect("valid metric"),
             ),
+            access_log_dropped: register(&r, super::log_writer::stdout_dropped().clone()),
             registry: r,
         }
     }

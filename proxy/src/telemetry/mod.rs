@@ -1,3 +1,4 @@
 //! What the edge tells its operators: Prometheus metrics and JSON logs.
 
+pub mod log_writer;
 pub mod metrics;

@@ -453,3 +453,90 @@ async fn a_log_consumer_that_stops_reading_costs_log_lines_not_requests() {
         "dropped lines are counted: {dropped:?}"
     );
 }
+
+/// `edge_grpc_responses_total{grpc_status=...}` from the edge's metrics (0 when absent).
+async fn grpc_responses(edge: &Edge, status: &str) -> u64 {
+    let line = format!("edge_grpc_responses_total{{grpc_status=\"{status}\"}} ");
+    edge.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// gRPC answers are counted by the status their client got, not by the HTTP status (a
+/// gRPC error travels in an HTTP 200): kas rejecting a token shows up as UNAUTHENTICATED,
+/// a stream's trailers count, and so do the edge's own refusals when no pod is left.
+#[tokio::test]
+async fn grpc_answers_are_counted_by_their_grpc_status() {
+    use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+    use kas_proto::diagnostics::PingRequest;
+
+    let mut cluster = Cluster::start(1).await;
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(1).await;
+    let channel = edge.grpc_channel().await;
+    let mut client = DiagnosticsClient::new(channel.clone());
+    let ping = || PingRequest {
+        payload: b"hi".to_vec(),
+    };
+
+    for _ in 0..3 {
+        client.ping(with_token(ping())).await.unwrap();
+    }
+    for _ in 0..2 {
+        let mut request = tonic::Request::new(ping());
+        request.metadata_mut().insert(
+            "authorization",
+            "Bearer glagent-not-a-token".parse().unwrap(),
+        );
+        let status = client.ping(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    // A stream whose OK comes in trailers, after messages.
+    let (tx, rx) = mpsc::channel(1);
+    let mut replies = client
+        .echo(with_token(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(ping()).await.unwrap();
+    assert!(replies.message().await.unwrap().is_some());
+    drop(tx);
+    assert!(tokio::time::timeout(STEP, replies.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .is_none());
+
+    eventually("OK and UNAUTHENTICATED counted", STEP, || async {
+        grpc_responses(&edge, "OK").await == 4
+            && grpc_responses(&edge, "UNAUTHENTICATED").await == 2
+    })
+    .await;
+    // All of them were HTTP 200s.
+    let metrics = edge.metrics().await;
+    assert!(
+        metrics.contains("edge_requests_total{protocol=\"grpc\",status=\"200\"} 6"),
+        "{metrics}"
+    );
+
+    // No pod left: the edge answers UNAVAILABLE itself, and counts it.
+    cluster.pods[0].kill();
+    let admin = edge.admin;
+    eventually("no healthy pod", STEP, || async move {
+        http_get(admin, "/metrics").await.is_some_and(|(_, m)| {
+            !m.lines()
+                .any(|l| l.starts_with("edge_upstream_healthy{") && l.ends_with(" 1"))
+        })
+    })
+    .await;
+    let mut fresh = DiagnosticsClient::new(edge.grpc_channel().await);
+    let status = fresh.ping(with_token(ping())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    eventually("UNAVAILABLE counted", STEP, || async {
+        grpc_responses(&edge, "UNAVAILABLE").await == 1
+    })
+    .await;
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -24,7 +25,7 @@ use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::pool::{Pod, PodGuard, Pool};
 use access_log::AccessRecord;
-use refusal::{bad_gateway, respond_denied, unavailable, Denial};
+use refusal::{bad_gateway, respond_denied, unavailable, Denial, GrpcCode};
 use websocket::{PodDialer, RelayOutcome, TunnelEnd, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +61,8 @@ pub struct RequestCtx {
     pub(super) tunnel: Option<TunnelOutcome>,
     /// The upgrade became a tunnel, handed to the connection layer, which logs its end.
     handed_off: bool,
+    /// The `grpc-status` of the trailers passed to the client, if any.
+    grpc_trailer_status: Option<GrpcCode>,
     /// Counts the request in `edge_active_streams` until it ends, whichever way.
     _active: Option<GaugeGuard>,
     /// Keeps the connection's idle clock stopped until the request ends.
@@ -107,6 +110,7 @@ impl ProxyHttp for EdgeProxy {
             upstream_latency_recorded: false,
             tunnel: None,
             handed_off: false,
+            grpc_trailer_status: None,
             _active: None,
             _busy: None,
         }
@@ -210,6 +214,19 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    /// gRPC trailers on their way to the client: their `grpc-status` is the call's outcome.
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<Bytes>> {
+        if let Some(status) = trailers.get("grpc-status") {
+            ctx.grpc_trailer_status = Some(GrpcCode::from_wire(status.as_bytes()));
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -258,6 +275,12 @@ impl ProxyHttp for EdgeProxy {
         if ctx.handed_off {
             return; // The tunnel logs when it ends.
         }
+        if ctx.protocol == Protocol::Grpc {
+            self.metrics
+                .grpc_responses
+                .with_label_values(&[grpc_outcome(session, ctx, e).name()])
+                .inc();
+        }
         // A relayed upgrade refusal left only a stand-in session behind: its numbers are in ctx.
         let (status, bytes_in, bytes_out) = match &ctx.tunnel {
             Some(t) => (t.status, t.bytes_in, t.bytes_out),
@@ -276,6 +299,27 @@ impl ProxyHttp for EdgeProxy {
             ..AccessRecord::of(session, ctx, status)
         }
         .log(&self.metrics, e.map(|e| e.to_string()));
+    }
+}
+
+/// The status a gRPC call ended with, as its client sees it: the `grpc-status` of the
+/// trailers it got, or of a trailers-only answer (the pod's or the edge's own refusal);
+/// an HTTP error without one maps as gRPC clients map it. With no status at all the call
+/// was cut: `CANCELLED` when the client went away, `UNAVAILABLE` when the pod did not
+/// answer (or did not finish), `INTERNAL` for a stream that ended without trailers.
+fn grpc_outcome(session: &Session, ctx: &RequestCtx, e: Option<&Error>) -> GrpcCode {
+    if let Some(code) = ctx.grpc_trailer_status {
+        return code;
+    }
+    let written = session.response_written();
+    if let Some(status) = written.and_then(|r| r.headers.get("grpc-status")) {
+        return GrpcCode::from_wire(status.as_bytes());
+    }
+    match (written.map(|r| r.status.as_u16()), e) {
+        (_, Some(e)) if *e.esource() == ErrorSource::Downstream => GrpcCode::Cancelled,
+        (Some(status), _) if status != 200 => GrpcCode::from_http(status),
+        (Some(_), None) => GrpcCode::Internal,
+        _ => GrpcCode::Unavailable,
     }
 }
 

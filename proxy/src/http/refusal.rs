@@ -12,21 +12,103 @@ use pingora::protocols::http::ServerSession as HttpSession;
 use super::Protocol;
 use crate::policy::RequestRefusal;
 
-/// The gRPC status codes the edge answers with (grpc/doc/statuscodes.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// gRPC status codes (grpc/doc/statuscodes.md): the ones the edge answers with, and the
+/// ones it counts in `edge_grpc_responses_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GrpcCode {
+    Ok,
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
     PermissionDenied,
     ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
     Unavailable,
+    DataLoss,
+    Unauthenticated,
 }
 
 impl GrpcCode {
+    /// Every code, in numeric order (the code's number is its index).
+    pub const ALL: [GrpcCode; 17] = [
+        GrpcCode::Ok,
+        GrpcCode::Cancelled,
+        GrpcCode::Unknown,
+        GrpcCode::InvalidArgument,
+        GrpcCode::DeadlineExceeded,
+        GrpcCode::NotFound,
+        GrpcCode::AlreadyExists,
+        GrpcCode::PermissionDenied,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::FailedPrecondition,
+        GrpcCode::Aborted,
+        GrpcCode::OutOfRange,
+        GrpcCode::Unimplemented,
+        GrpcCode::Internal,
+        GrpcCode::Unavailable,
+        GrpcCode::DataLoss,
+        GrpcCode::Unauthenticated,
+    ];
+
     /// The code as it goes on the wire in `grpc-status`.
     pub fn as_str(self) -> &'static str {
+        const WIRE: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
+        ];
+        WIRE[self as usize]
+    }
+
+    /// The canonical name, as gRPC libraries print it: the `grpc_status` label.
+    pub fn name(self) -> &'static str {
         match self {
-            GrpcCode::PermissionDenied => "7",
-            GrpcCode::ResourceExhausted => "8",
-            GrpcCode::Unavailable => "14",
+            GrpcCode::Ok => "OK",
+            GrpcCode::Cancelled => "CANCELLED",
+            GrpcCode::Unknown => "UNKNOWN",
+            GrpcCode::InvalidArgument => "INVALID_ARGUMENT",
+            GrpcCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            GrpcCode::NotFound => "NOT_FOUND",
+            GrpcCode::AlreadyExists => "ALREADY_EXISTS",
+            GrpcCode::PermissionDenied => "PERMISSION_DENIED",
+            GrpcCode::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            GrpcCode::FailedPrecondition => "FAILED_PRECONDITION",
+            GrpcCode::Aborted => "ABORTED",
+            GrpcCode::OutOfRange => "OUT_OF_RANGE",
+            GrpcCode::Unimplemented => "UNIMPLEMENTED",
+            GrpcCode::Internal => "INTERNAL",
+            GrpcCode::Unavailable => "UNAVAILABLE",
+            GrpcCode::DataLoss => "DATA_LOSS",
+            GrpcCode::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+
+    /// A `grpc-status` value as received; anything that is not a known code's number is
+    /// `UNKNOWN`, as gRPC clients treat it.
+    pub fn from_wire(value: &[u8]) -> GrpcCode {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .and_then(|n| GrpcCode::ALL.get(n).copied())
+            .unwrap_or(GrpcCode::Unknown)
+    }
+
+    /// What a gRPC client reports for an HTTP status that came without `grpc-status`
+    /// (grpc/doc/http-grpc-status-mapping.md).
+    pub fn from_http(status: u16) -> GrpcCode {
+        match status {
+            400 => GrpcCode::Internal,
+            401 => GrpcCode::Unauthenticated,
+            403 => GrpcCode::PermissionDenied,
+            404 => GrpcCode::Unimplemented,
+            429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+            _ => GrpcCode::Unknown,
         }
     }
 }
@@ -129,5 +211,32 @@ pub(super) fn bad_gateway(why: &str) -> Denial {
     Denial {
         http_status: 502,
         ..unavailable(why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_round_trip_and_unknown_numbers_are_unknown() {
+        for (n, code) in GrpcCode::ALL.iter().enumerate() {
+            assert_eq!(code.as_str(), n.to_string());
+            assert_eq!(GrpcCode::from_wire(code.as_str().as_bytes()), *code);
+        }
+        assert_eq!(GrpcCode::Unauthenticated.name(), "UNAUTHENTICATED");
+        assert_eq!(GrpcCode::Unavailable.as_str(), "14");
+        for odd in [
+            &b"17"[..],
+            b"-1",
+            b"",
+            b"ok",
+            b"99999999999999999999999",
+            b"\xff",
+        ] {
+            assert_eq!(GrpcCode::from_wire(odd), GrpcCode::Unknown, "{odd:?}");
+        }
+        assert_eq!(GrpcCode::from_http(503), GrpcCode::Unavailable);
+        assert_eq!(GrpcCode::from_http(200), GrpcCode::Unknown);
     }
 }

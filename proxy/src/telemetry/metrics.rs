@@ -1,5 +1,7 @@
 //! The edge's Prometheus metrics, in its own registry served on the admin port.
 
+use std::collections::HashSet;
+
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -11,6 +13,9 @@ pub struct EdgeMetrics {
     registry: Registry,
     /// Requests and streams by protocol (`grpc`, `websocket`, `http`) and final status.
     pub requests: IntCounterVec,
+    /// gRPC calls (over HTTP/2) by the `grpc-status` their client got, as its canonical
+    /// name (`OK`, `UNAUTHENTICATED`, ...): an HTTP 200 may carry a gRPC error.
+    pub grpc_responses: IntCounterVec,
     /// Streams and websocket tunnels open now, by protocol.
     pub active: IntGaugeVec,
     /// Body bytes by direction (`from_client`, `to_client`).
@@ -99,6 +104,12 @@ impl EdgeMetrics {
                 "edge_requests_total",
                 "Requests/streams by protocol and status.",
                 &["protocol", "status"],
+            ),
+            grpc_responses: counter(
+                &r,
+                "edge_grpc_responses_total",
+                "gRPC calls by the grpc-status their client got.",
+                &["grpc_status"],
             ),
             active: gauge(
                 &r,
@@ -289,8 +300,6 @@ impl EdgeMetrics {
         }
     }
 
-    /// Renders all metrics, refreshing the per-pod gauges from the pool first so pods
-    /// that left discovery also leave the output.
     /// Records the expiry of the earliest certificate now served.
     pub fn certificate_expires_at(&self, not_after: std::time::SystemTime) {
         let unix = not_after
@@ -313,11 +322,19 @@ impl EdgeMetrics {
         self.tls_cert_expiry.set(not_after - now);
     }
 
+    /// Renders all metrics, refreshing the per-pod series from the pool first so pods
+    /// that left discovery also leave the output: the gauges are rebuilt, the counters of
+    /// departed pods removed.
     pub fn render(&self, pool: &Pool) -> String {
         self.refresh_certificate_expiry();
+        let pods = pool.pods();
+        let current: HashSet<&str> = pods.iter().map(|p| p.label.as_str()).collect();
+        for counter in [&self.upstream_connect_failures, &self.health_check_failures] {
+            remove_departed_pods(counter, &current);
+        }
         self.upstream_healthy.reset();
         self.upstream_in_flight.reset();
-        for pod in pool.pods().iter() {
+        for pod in pods.iter() {
             self.upstream_healthy
                 .with_label_values(&[&pod.label])
                 .set(i64::from(pod.is_healthy()));
@@ -331,8 +348,83 @@ impl EdgeMetrics {
     }
 }
 
+/// Removes the series of `counter` whose `pod` label is not in `current`.
+fn remove_departed_pods(counter: &IntCounterVec, current: &HashSet<&str>) {
+    let departed: Vec<String> = prometheus::core::Collector::collect(counter)
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .flat_map(|metric| metric.get_label())
+        .filter(|label| label.name() == "pod" && !current.contains(label.value()))
+        .map(|label| label.value().to_owned())
+        .collect();
+    for pod in departed {
+        // Gone already if a concurrent render removed it first.
+        let _ = counter.remove_label_values(&[&pod]);
+    }
+}
+
 impl Default for EdgeMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::discovery::Endpoint;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    fn series_of<'a>(text: &'a str, pod: &str) -> Vec<&'a str> {
+        let label = format!("pod=\"{pod}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&label))
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_that_leaves_discovery_leaves_the_metrics() {
+        let metrics = EdgeMetrics::new();
+        let pool = Pool::new(8151, Duration::from_secs(5));
+        let endpoints: Vec<Endpoint> = (1..=2)
+            .map(|i| Endpoint::plain(SocketAddr::from(([127, 0, 1, i], 8150))))
+            .collect();
+        pool.update(&endpoints);
+        for pod in pool.pods().iter() {
+            pod.set_healthy(true);
+            metrics
+                .upstream_connect_failures
+                .with_label_values(&[&pod.label])
+                .inc();
+            metrics
+                .health_check_failures
+                .with_label_values(&[&pod.label])
+                .inc();
+        }
+        let held = pool.pick().expect("a healthy pod");
+        let staying = "127.0.1.1:8150";
+        let leaving = "127.0.1.2:8150";
+        let before = metrics.render(&pool);
+        for pod in [staying, leaving] {
+            assert_eq!(series_of(&before, pod).len(), 4, "{before}");
+        }
+
+        pool.update(&endpoints[..1]);
+        let after = metrics.render(&pool);
+        assert_eq!(series_of(&after, leaving), Vec::<&str>::new(), "{after}");
+        assert_eq!(series_of(&after, staying).len(), 4, "{after}");
+        for name in [
+            "edge_upstream_healthy",
+            "edge_upstream_in_flight",
+            "edge_upstream_connect_failures_total",
+            "edge_health_check_failures_total",
+        ] {
+            assert!(
+                after.contains(&format!("{name}{{pod=\"{staying}\"}}")),
+                "{name}: {after}"
+            );
+        }
+        drop(held);
     }
 }

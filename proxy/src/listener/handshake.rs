@@ -113,10 +113,11 @@ impl PreTlsProcess for HandshakeLayer {
                 _ = ticket.cancelled.cancelled() => "blocked",
             };
             if registry.abandon_handshake(socket) {
-                pingora_compat::shutdown_socket(fd, socket);
+                // Counted before the peer can see the close.
                 if reason == "tls_handshake" {
                     metrics.timeouts.with_label_values(&[reason]).inc();
                 }
+                pingora_compat::shutdown_socket(fd, socket);
                 tracing::debug!(client = %client, reason, "closing a connection in its TLS handshake");
             }
         });

@@ -2,7 +2,8 @@
 //! they keep answering while pingora's listeners drain. Two listeners with different
 //! audiences:
 //! - [`private`]: the admin port, `/healthz`, `/readyz` (503 from the first moment of a
-//!   drain), `/metrics` — for the kubelet and Prometheus, never exposed publicly;
+//!   drain, and until discovery has produced a first result), `/metrics` — for the kubelet
+//!   and Prometheus, never exposed publicly;
 //! - [`public`]: the optional `:80` listener, health and ACME paths answered (or relayed to
 //!   the replica that runs ACME), everything else redirected to https.
 
@@ -25,6 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::telemetry::metrics::EdgeMetrics;
+use crate::upstream::discovery::DiscoveryStatus;
 use crate::upstream::pool::Pool;
 
 /// What both listeners answer from: readiness (with the pods and metrics behind it) and,
@@ -33,6 +35,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
+    /// Whether discovery has produced a first result.
+    pub discovery: Arc<DiscoveryStatus>,
     pub https_port: u16,
     /// Set when certificates come from ACME.
     pub acme: Option<Arc<crate::listener::acme::Acme>>,
@@ -43,13 +47,34 @@ pub struct AdminState {
 impl AdminState {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
-        self.metrics.ready.set(i64::from(ready));
+        self.metrics.ready.set(i64::from(self.is_ready()));
     }
 
-    /// Ready while not draining and, with ACME, once a certificate is there to serve.
+    /// Ready while not draining, once discovery has produced a first result and, with
+    /// ACME, once a certificate is there to serve.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-            && self.acme.as_ref().is_none_or(|acme| acme.has_certificate())
+        self.readiness().is_ok()
+    }
+
+    /// `Err` says why the edge is not ready, for `/readyz`'s body.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("draining or not yet accepting".into());
+        }
+        if !self.discovery.is_synced() {
+            return Err(match self.discovery.last_error() {
+                Some(why) => format!("waiting for the first discovery result: {why}"),
+                None => "waiting for the first discovery result".into(),
+            });
+        }
+        if self
+            .acme
+            .as_ref()
+            .is_some_and(|acme| !acme.has_certificate())
+        {
+            return Err("waiting for the ACME certificate".into());
+        }
+        Ok(())
     }
 }
 

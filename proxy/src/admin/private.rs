@@ -18,9 +18,15 @@ fn admin_response(state: &AdminState, req: &Request<Incoming>) -> Response<Body>
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if state.is_ready() => text(StatusCode::OK, "ready\n"),
-            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/readyz" => match state.readiness() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
             "/metrics" => {
+                state.metrics.ready.set(i64::from(state.is_ready()));
                 let mut r = text(StatusCode::OK, state.metrics.render(&state.pool));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,

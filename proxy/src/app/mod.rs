@@ -34,7 +34,7 @@ use crate::policy::Policies;
 use crate::support::keepalive;
 use crate::support::sync::lock;
 use crate::telemetry::metrics::EdgeMetrics;
-use crate::upstream::discovery;
+use crate::upstream::discovery::{self, DiscoveryStatus};
 use crate::upstream::pool::Pool;
 
 /// SIGTERM: readiness 503 first, listeners close only after `readiness_delay`.
@@ -140,6 +140,7 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         ready: AtomicBool::new(false),
         pool: pool.clone(),
         metrics: metrics.clone(),
+        discovery: Arc::new(DiscoveryStatus::new(&metrics)),
         https_port: config.listen.https.port(),
         acme: tls.acme(),
         acme_relay: config.tls.acme_challenge_relay.clone(),
@@ -223,7 +224,8 @@ fn start_side_services(
         ));
     }
 
-    let mut endpoints = discovery::start(side.handle(), &config.discovery)?;
+    let mut endpoints =
+        discovery::start(side.handle(), &config.discovery, state.discovery.clone())?;
     let pool = state.pool.clone();
     side.spawn(async move {
         loop {

@@ -224,4 +224,78 @@ mod tests {
                 .unwrap();
         assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes { .. }));
     }
+
+    /// The field named by the error of `text`, or panics.
+    fn field_of(text: &str) -> String {
+        let err = parse(text).unwrap_err();
+        let field = err
+            .split("field `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .unwrap_or_else(|| panic!("no field in {err:?}"));
+        field.to_owned()
+    }
+
+    #[test]
+    fn discovery_names_must_be_valid() {
+        let k8s = |extra: &str| {
+            field_of(&format!(
+                "[discovery]\nkind = \"kubernetes\"\nnamespace = \"kas\"\nservice = \"kas\"\n{extra}"
+            ))
+        };
+        let k8s_bad = |line: &str| field_of(&format!("[discovery]\nkind = \"kubernetes\"\n{line}"));
+        assert_eq!(k8s_bad("service = \"Kas\""), "discovery.service");
+        assert_eq!(k8s_bad("service = \"kas_svc\""), "discovery.service");
+        assert_eq!(k8s_bad("service = \"1kas\""), "discovery.service");
+        assert_eq!(
+            k8s_bad(&format!("service = \"{}\"", "k".repeat(64))),
+            "discovery.service"
+        );
+        assert_eq!(
+            k8s_bad("service = \"kas\"\nnamespace = \"Kas-NS\""),
+            "discovery.namespace"
+        );
+        assert_eq!(k8s("port_name = \"\""), "discovery.port_name");
+        assert_eq!(k8s("port_name = \"Agent Port\""), "discovery.port_name");
+        assert_eq!(k8s("port = 0"), "discovery.port");
+
+        let dns = |name: &str| {
+            field_of(&format!(
+                "[discovery]\nkind = \"dns\"\nname = \"{name}\"\nport = 8150\n"
+            ))
+        };
+        for bad in [
+            "",
+            "kas..svc",
+            "kas.svc:8150",
+            "-kas.svc",
+            "kas svc",
+            "http://kas",
+        ] {
+            assert_eq!(dns(bad), "discovery.name", "{bad:?}");
+        }
+        let long_label = format!("{}.svc", "a".repeat(64));
+        assert_eq!(dns(&long_label), "discovery.name");
+        for good in [
+            "kas",
+            "kas.gitlab.svc.cluster.local.",
+            "_grpc.kas",
+            "10.0.0.1",
+        ] {
+            let text = format!("[discovery]\nkind = \"dns\"\nname = \"{good}\"\nport = 8150\n");
+            assert!(parse(&text).is_ok(), "{good:?}");
+        }
+        assert_eq!(
+            field_of("[discovery]\nkind = \"dns\"\nname = \"kas\"\nport = 0\n"),
+            "discovery.port"
+        );
+        assert_eq!(
+            field_of("[discovery]\nkind = \"static\"\nendpoints = [\"0.0.0.0:8150\"]\n"),
+            "discovery.endpoints"
+        );
+        assert_eq!(
+            field_of("[discovery]\nkind = \"static\"\nendpoints = [\"10.0.0.1:0\"]\n"),
+            "discovery.endpoints"
+        );
+    }
 }

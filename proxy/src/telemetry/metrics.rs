@@ -44,6 +44,10 @@ pub struct EdgeMetrics {
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
     pub ratelimit_keys: IntGauge,
+    /// 1 while the discovery source's last attempt produced a result, else 0.
+    pub discovery_up: IntGauge,
+    /// Failed discovery attempts (DNS lookups, EndpointSlice lists and watches).
+    pub discovery_errors: prometheus::IntCounter,
 }
 
 use kas_common::metrics::register;
@@ -240,6 +244,22 @@ impl EdgeMetrics {
                 IntGauge::new(
                     "edge_ratelimit_tracked_keys",
                     "Keys tracked by the rate limiters.",
+                )
+                .expect("valid metric"),
+            ),
+            discovery_up: register(
+                &r,
+                IntGauge::new(
+                    "edge_discovery_up",
+                    "1 while the kas pod discovery source works, 0 after a failed attempt.",
+                )
+                .expect("valid metric"),
+            ),
+            discovery_errors: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_discovery_errors_total",
+                    "Failed discovery attempts (DNS lookups, EndpointSlice lists/watches).",
                 )
                 .expect("valid metric"),
             ),

@@ -39,7 +39,7 @@ fn error_line(output: &Output) -> String {
 
 const LISTEN: &str =
     "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n";
-const SELF_SIGNED: &str = "";
+const SELF_SIGNED: &str = "[tls]\nself_signed = true\n";
 const STATIC: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.0.1:8150\"]\n";
 
 #[test]
@@ -47,6 +47,8 @@ fn check_and_run_reject_each_bad_setting_with_the_same_message() {
     let dir = tempfile::tempdir().unwrap();
     let a = write_self_signed(&dir.path().join("a"), &["kas.a.test".into()]).unwrap();
     let b = write_self_signed(&dir.path().join("b"), &["kas.b.test".into()]).unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
     let acme = |extra: &str| {
         format!(
             "{LISTEN}[tls.acme]\ndomains = [\"kas.example.test\"]\ncache_dir = {:?}\n{extra}{STATIC}",
@@ -57,6 +59,23 @@ fn check_and_run_reject_each_bad_setting_with_the_same_message() {
         |lines: &str| format!("{LISTEN}{SELF_SIGNED}[discovery]\nkind = \"kubernetes\"\n{lines}");
     let dns = |lines: &str| format!("{LISTEN}{SELF_SIGNED}[discovery]\nkind = \"dns\"\n{lines}");
     let cases: Vec<(String, Vec<&str>)> = vec![
+        // No certificate source: an error, never a silent self-signed certificate.
+        (format!("{LISTEN}{STATIC}"), vec!["tls.certificates"]),
+        (
+            format!(
+                "{LISTEN}[tls]\nself_signed = true\n[[tls.certificates]]\ncert = {:?}\nkey = {:?}\n{STATIC}",
+                a.cert, a.key
+            ),
+            vec!["tls.self_signed"],
+        ),
+        (
+            format!("{LISTEN}[tls]\nself_signed = true\nhosts = [\"kas.\u{e9}xample\"]\n{STATIC}"),
+            vec!["tls.hosts"],
+        ),
+        (
+            format!("{LISTEN}[tls]\nself_signed = true\nself_signed_dir = {:?}\n{STATIC}", not_a_dir.join("tls")),
+            vec!["tls.self_signed_dir"],
+        ),
         // Certificate files: a key that belongs to another certificate, a missing key.
         (
             format!(
@@ -145,7 +164,7 @@ impl Edge {
             &config,
             format!(
                 "[listen]\nhttps = \"{}\"\nhttp = \"{}\"\nadmin = \"{admin}\"\n\
-                 [tls]\nself_signed_dir = {:?}\n{discovery}",
+                 [tls]\nself_signed = true\nself_signed_dir = {:?}\n{discovery}",
                 SocketAddr::new(host, 8443),
                 SocketAddr::new(host, 8080),
                 dir.path().join("tls"),

@@ -222,7 +222,7 @@ impl Edge {
             .collect();
         let config = format!(
             "[listen]\nhttps = \"{https}\"\nhttp = \"{}\"\nadmin = \"{admin}\"\nthreads = 2\n\
-             [tls]\nhosts = [\"localhost\"]\nself_signed_dir = {tls_dir:?}\n\
+             [tls]\nself_signed = true\nhosts = [\"localhost\"]\nself_signed_dir = {tls_dir:?}\n\
              [discovery]\nkind = \"static\"\nendpoints = [{}]\n\
              [health]\nport = {HEALTH_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
             SocketAddr::new(host, 8080),

@@ -35,10 +35,11 @@ pub fn from_file(path: &Path) -> anyhow::Result<Preflight> {
 }
 
 /// Checks every file `config` names and everything `run` would otherwise only find out
-/// later: policy files, certificate/key pairs (readable, parseable, matching), the ACME
-/// settings, cache and CA, and what discovery needs from the pod (namespace, in-cluster
-/// credentials). Field-level checks (discovery names, `proxy_protocol.trusted`, limits)
-/// already ran when the configuration was parsed (`EdgeConfig::validate`).
+/// later: policy files, certificate/key pairs (readable, parseable, matching), the
+/// self-signed certificate's host names, the ACME settings, cache and CA, and what
+/// discovery needs from the pod (namespace, in-cluster credentials). Field-level checks
+/// (discovery names, `proxy_protocol.trusted`, limits) already ran when the
+/// configuration was parsed (`EdgeConfig::validate`).
 pub fn check(config: EdgeConfig) -> anyhow::Result<Preflight> {
     // `run` may get a configuration built in code (`kas-edge dev`, tests): validate it
     // here too, so nothing reaches the listeners unchecked.
@@ -55,6 +56,9 @@ pub fn check(config: EdgeConfig) -> anyhow::Result<Preflight> {
             names: loaded.names,
             not_after: loaded.not_after,
         });
+    }
+    if config.tls.self_signed {
+        crate::listener::tls::preflight_self_signed(&config.tls)?;
     }
     if let Some(cfg) = &config.tls.acme {
         acme::preflight(cfg).context("tls.acme")?;

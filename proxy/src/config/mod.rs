@@ -178,31 +178,73 @@ mod tests {
         Ok(config)
     }
 
-    const MINIMAL: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n";
+    const TLS: &str = "[tls]\nself_signed = true\n";
+    const STATIC: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n";
+
+    fn minimal() -> String {
+        format!("{TLS}{STATIC}")
+    }
+
+    /// The field named by the error of `text` (after the TLS section), or panics.
+    fn field_of(text: &str) -> String {
+        let err = parse(&format!("{TLS}{text}")).unwrap_err();
+        let field = err
+            .split("field `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .unwrap_or_else(|| panic!("no field in {err:?}"));
+        field.to_owned()
+    }
 
     #[test]
     fn minimal_static_config() {
-        let c = parse(MINIMAL).unwrap();
+        let c = parse(&minimal()).unwrap();
         assert_eq!(c.health.port, 8151);
         assert_eq!(c.upstream.max_h2_streams, 256);
     }
 
     #[test]
     fn errors_name_line_and_field() {
-        let err = parse(&format!("{MINIMAL}[health]\nintervall = \"1s\"\n")).unwrap_err();
-        assert!(err.contains("intervall") && err.contains("line 5"), "{err}");
-        let err = parse(&format!("{MINIMAL}[health]\ntimeout = \"9s\"\n")).unwrap_err();
+        let minimal = minimal();
+        let err = parse(&format!("{minimal}[health]\nintervall = \"1s\"\n")).unwrap_err();
+        assert!(err.contains("intervall") && err.contains("line 7"), "{err}");
+        let err = parse(&format!("{minimal}[health]\ntimeout = \"9s\"\n")).unwrap_err();
         assert!(err.contains("health.timeout"), "{err}");
-        let err = parse("[discovery]\nkind = \"static\"\nendpoints = []\n").unwrap_err();
+        let err = parse(&format!(
+            "{TLS}[discovery]\nkind = \"static\"\nendpoints = []\n"
+        ))
+        .unwrap_err();
         assert!(err.contains("discovery.endpoints"), "{err}");
         let err = parse("[discovery]\nkind = \"consul\"\n").unwrap_err();
         assert!(err.contains("consul"), "{err}");
     }
 
     #[test]
+    fn a_certificate_source_is_required_and_unique() {
+        // No certificates, no ACME, no explicit self-signed: an error, not a silent
+        // self-signed certificate in production.
+        let err = parse(STATIC).unwrap_err();
+        assert!(err.contains("field `tls.certificates`"), "{err}");
+        let both = format!(
+            "[tls]\nself_signed = true\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n{STATIC}"
+        );
+        assert!(parse(&both).unwrap_err().contains("tls.self_signed"));
+        let no_hosts = format!("[tls]\nself_signed = true\nhosts = []\n{STATIC}");
+        assert!(parse(&no_hosts).unwrap_err().contains("tls.hosts"));
+        let stray_dir = format!(
+            "[tls]\nself_signed_dir = \"d\"\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n{STATIC}"
+        );
+        assert!(parse(&stray_dir)
+            .unwrap_err()
+            .contains("tls.self_signed_dir"));
+        let files = format!("[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n{STATIC}");
+        assert!(parse(&files).is_ok());
+    }
+
+    #[test]
     fn acme_challenge_relay_must_be_host_and_port() {
         let with = |relay: &str| {
-            format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nacme_challenge_relay = \"{relay}\"\n{MINIMAL}")
+            format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nself_signed = true\nacme_challenge_relay = \"{relay}\"\n{STATIC}")
         };
         assert!(parse(&with("kas-edge-acme:80")).is_ok());
         assert!(parse(&with("10.0.0.7:8080")).is_ok());
@@ -214,26 +256,18 @@ mod tests {
 
     #[test]
     fn dns_and_kubernetes_sources() {
-        let c =
-            parse("[discovery]\nkind = \"dns\"\nname = \"kas.gitlab.svc\"\nport = 8150\n").unwrap();
+        let c = parse(&format!(
+            "{TLS}[discovery]\nkind = \"dns\"\nname = \"kas.gitlab.svc\"\nport = 8150\n"
+        ))
+        .unwrap();
         assert!(
             matches!(c.discovery, DiscoveryConfig::Dns { interval, .. } if interval == Duration::from_secs(5))
         );
-        let c =
-            parse("[discovery]\nkind = \"kubernetes\"\nservice = \"kas\"\nport_name = \"agent\"\n")
-                .unwrap();
+        let c = parse(&format!(
+            "{TLS}[discovery]\nkind = \"kubernetes\"\nservice = \"kas\"\nport_name = \"agent\"\n"
+        ))
+        .unwrap();
         assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes { .. }));
-    }
-
-    /// The field named by the error of `text`, or panics.
-    fn field_of(text: &str) -> String {
-        let err = parse(text).unwrap_err();
-        let field = err
-            .split("field `")
-            .nth(1)
-            .and_then(|rest| rest.split('`').next())
-            .unwrap_or_else(|| panic!("no field in {err:?}"));
-        field.to_owned()
     }
 
     #[test]
@@ -243,7 +277,10 @@ mod tests {
                 "[discovery]\nkind = \"kubernetes\"\nnamespace = \"kas\"\nservice = \"kas\"\n{extra}"
             ))
         };
-        let k8s_bad = |line: &str| field_of(&format!("[discovery]\nkind = \"kubernetes\"\n{line}"));
+        let k8s_bad = |line: &str| {
+            // Later keys in a TOML table may not repeat earlier ones: rebuild the table.
+            field_of(&format!("[discovery]\nkind = \"kubernetes\"\n{line}"))
+        };
         assert_eq!(k8s_bad("service = \"Kas\""), "discovery.service");
         assert_eq!(k8s_bad("service = \"kas_svc\""), "discovery.service");
         assert_eq!(k8s_bad("service = \"1kas\""), "discovery.service");
@@ -282,7 +319,8 @@ mod tests {
             "_grpc.kas",
             "10.0.0.1",
         ] {
-            let text = format!("[discovery]\nkind = \"dns\"\nname = \"{good}\"\nport = 8150\n");
+            let text =
+                format!("{TLS}[discovery]\nkind = \"dns\"\nname = \"{good}\"\nport = 8150\n");
             assert!(parse(&text).is_ok(), "{good:?}");
         }
         assert_eq!(

@@ -186,7 +186,7 @@ impl Edge {
         let tls_section = if extra.contains("[tls]") {
             String::new()
         } else {
-            format!("[tls]\nhosts = [\"localhost\", \"kas.example.test\"]\nself_signed_dir = {tls_dir:?}\n")
+            format!("[tls]\nself_signed = true\nhosts = [\"localhost\", \"kas.example.test\"]\nself_signed_dir = {tls_dir:?}\n")
         };
         let config = format!(
             "[listen]\nhttps = \"{https}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\nthreads = 2\n\

@@ -111,10 +111,14 @@ fn check_and_run_reject_each_bad_setting_with_the_same_message() {
             format!("{LISTEN}{SELF_SIGNED}[discovery]\nkind = \"static\"\nendpoints = [\"0.0.0.0:8150\"]\n"),
             vec!["discovery.endpoints"],
         ),
-        // Trusted PROXY-protocol ranges.
+        // Trusted PROXY-protocol ranges and the :80 listener's limits.
         (
             format!("{LISTEN}{SELF_SIGNED}{STATIC}[proxy_protocol]\ntrusted = [\"10.0.0.0/33\"]\n"),
             vec!["proxy_protocol.trusted"],
+        ),
+        (
+            format!("{LISTEN}{SELF_SIGNED}{STATIC}[public_http]\nmax_connections = 0\n"),
+            vec!["public_http.max_connections"],
         ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {

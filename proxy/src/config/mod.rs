@@ -6,6 +6,7 @@ mod downstream;
 mod health;
 mod listen;
 mod policies;
+mod public_http;
 mod shutdown;
 mod tls;
 mod upstream;
@@ -20,6 +21,7 @@ pub use downstream::DownstreamConfig;
 pub use health::HealthConfig;
 pub use listen::ListenConfig;
 pub use policies::{PoliciesConfig, ProxyProtocolConfig};
+pub use public_http::PublicHttpConfig;
 pub use shutdown::ShutdownConfig;
 pub use tls::{CertificateConfig, TlsConfig};
 pub use upstream::UpstreamConfig;
@@ -46,6 +48,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
     pub listen: ListenConfig,
+    pub public_http: PublicHttpConfig,
     pub tls: TlsConfig,
     pub discovery: DiscoveryConfig,
     pub health: HealthConfig,
@@ -115,6 +118,7 @@ impl EdgeConfig {
 
     fn validate_sections(&self) -> Result<(), FieldError> {
         self.listen.validate()?;
+        self.public_http.validate()?;
         self.tls.validate(self.listen.http.is_some())?;
         self.discovery.validate()?;
         self.health.validate()?;
@@ -201,6 +205,8 @@ mod tests {
         let c = parse(&minimal()).unwrap();
         assert_eq!(c.health.port, 8151);
         assert_eq!(c.upstream.max_h2_streams, 256);
+        assert_eq!(c.public_http.max_connections, 1024);
+        assert_eq!(c.public_http.max_connections_per_ip, 16);
     }
 
     #[test]
@@ -252,6 +258,31 @@ mod tests {
             let err = parse(&with(bad)).unwrap_err();
             assert!(err.contains("tls.acme_challenge_relay"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn public_http_limits() {
+        let with = |body: &str| field_of(&format!("{STATIC}[public_http]\n{body}\n"));
+        assert_eq!(with("max_connections = 0"), "public_http.max_connections");
+        assert_eq!(
+            with("max_connections_per_ip = 0"),
+            "public_http.max_connections_per_ip"
+        );
+        assert_eq!(
+            with("header_timeout = \"0s\""),
+            "public_http.header_timeout"
+        );
+        assert_eq!(
+            with("max_connection_lifetime = \"2s\"\nheader_timeout = \"3s\""),
+            "public_http.header_timeout"
+        );
+        assert_eq!(with("threads = 0"), "public_http.threads");
+        let ok = parse(&format!(
+            "{}[public_http]\nmax_connections = 10\nmax_connections_per_ip = 2\n",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(ok.public_http.max_connections, 10);
     }
 
     #[test]

@@ -48,6 +48,15 @@ pub struct EdgeMetrics {
     pub discovery_up: IntGauge,
     /// Failed discovery attempts (DNS lookups, EndpointSlice lists and watches).
     pub discovery_errors: prometheus::IntCounter,
+    /// Connections open now on the edge's own plain-HTTP listeners, by `listener`
+    /// (`http`: the public `listen.http`, `admin`: the private admin port).
+    pub plain_http_connections: IntGaugeVec,
+    /// Connections those listeners closed without serving them to the end, by `listener`
+    /// and `reason` (`policy`, `max_connections`, `max_connections_per_ip`, `lifetime`).
+    pub plain_http_dropped: IntCounterVec,
+    /// ACME challenges relayed to the ACME replica, by `result` (`answered`,
+    /// `not_answered`, `busy`: refused at once, too many relays in flight).
+    pub acme_relays: IntCounterVec,
 }
 
 use kas_common::metrics::register;
@@ -262,6 +271,24 @@ impl EdgeMetrics {
                     "Failed discovery attempts (DNS lookups, EndpointSlice lists/watches).",
                 )
                 .expect("valid metric"),
+            ),
+            plain_http_connections: gauge(
+                &r,
+                "edge_plain_http_connections",
+                "Connections open now on the plain-HTTP listeners.",
+                &["listener"],
+            ),
+            plain_http_dropped: counter(
+                &r,
+                "edge_plain_http_dropped_total",
+                "Plain-HTTP connections refused at accept or cut at their lifetime.",
+                &["listener", "reason"],
+            ),
+            acme_relays: counter(
+                &r,
+                "edge_acme_relays_total",
+                "ACME challenges relayed to the ACME replica, by result.",
+                &["result"],
             ),
             registry: r,
         }

@@ -129,6 +129,7 @@ http = "127.0.5.1:8080"
 admin = "127.0.5.1:8081"
 threads = 2
 [tls]
+self_signed = true
 hosts = ["localhost"]
 self_signed_dir = "$WORK/tls"
 [discovery]

@@ -46,6 +46,7 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
         "kas.gitlab.localhost".into(),
     ];
     let tls_dir = dir.join("tls");
+    config.tls.self_signed = true;
     config.tls.self_signed_dir = Some(tls_dir.clone());
     config.discovery = DiscoveryConfig::Static { endpoints: pods };
     config.health.port = kas::devstack::OBSERVABILITY_PORT;

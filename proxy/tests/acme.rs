@@ -82,7 +82,7 @@ async fn a_replica_without_acme_relays_the_challenge_to_the_one_that_runs_it() {
     let follower = Edge::start_at(
         follower_ip,
         &cluster.endpoints(),
-        &format!("[tls]\nhosts = [\"localhost\"]\nself_signed_dir = {:?}\nacme_challenge_relay = \"{leader_ip}:8080\"\n",
+        &format!("[tls]\nself_signed = true\nhosts = [\"localhost\"]\nself_signed_dir = {:?}\nacme_challenge_relay = \"{leader_ip}:8080\"\n",
             dir.path().join("follower-tls")),
     )
     .await;

@@ -27,10 +27,16 @@ fn error_line(output: &Output) -> String {
 
 fn config_with(dir: &Path, extra: &str) -> std::path::PathBuf {
     let config = dir.join("edge.toml");
+    // A generated certificate unless the case brings its own.
+    let tls = if extra.contains("tls.certificates") {
+        ""
+    } else {
+        "[tls]\nself_signed = true\n"
+    };
     std::fs::write(
         &config,
         format!(
-            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+            "[listen]\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{tls}\
              [discovery]\nkind = \"static\"\nendpoints = [\"127.0.0.1:8150\"]\n{extra}"
         ),
     )

@@ -480,7 +480,8 @@ fn shipped_policy_examples_pass_kas_edge_check() {
     std::fs::write(
         &config,
         format!(
-            "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n\
+            "[tls]\nself_signed = true\n\
+             [discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n\
              [policies]\nblocklist = {:?}\nlimits = {:?}\nrules = {:?}\n",
             root.join("blocklist.txt"),
             root.join("limits.toml"),

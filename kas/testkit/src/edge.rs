@@ -96,7 +96,7 @@ impl<P> Edge<P> {
         } else {
             let hosts: Vec<String> = options.tls_hosts.iter().map(|h| format!("{h:?}")).collect();
             format!(
-                "[tls]\nhosts = [{}]\nself_signed_dir = {tls_dir:?}\n",
+                "[tls]\nself_signed = true\nhosts = [{}]\nself_signed_dir = {tls_dir:?}\n",
                 hosts.join(", ")
             )
         };

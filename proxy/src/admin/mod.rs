@@ -1,19 +1,27 @@
-//! The edge's own plain-HTTP endpoints, served outside pingora on a small side runtime so
-//! they keep answering while pingora's listeners drain. Two listeners with different
-//! audiences:
+//! The edge's own plain-HTTP endpoints, served outside pingora so they keep answering
+//! while pingora's listeners drain. Two listeners with different audiences, on different
+//! runtimes (see `app`):
 //! - [`private`]: the admin port, `/healthz`, `/readyz` (503 from the first moment of a
-//!   drain), `/metrics` — for the kubelet and Prometheus, never exposed publicly;
+//!   drain, and until discovery has produced a first result), `/metrics` — for the kubelet
+//!   and Prometheus, never exposed publicly; on the control-plane runtime;
 //! - [`public`]: the optional `:80` listener, health and ACME paths answered (or relayed to
-//!   the replica that runs ACME), everything else redirected to https.
+//!   the replica that runs ACME), everything else redirected to https; on a runtime of its
+//!   own, so a flood there cannot delay health checks or `/readyz`.
+//!
+//! Both are served by [`serve`], which bounds every connection: a global and a per-IP
+//! cap and an admission check at accept (before a byte is read), a header deadline, and a
+//! total lifetime.
 
 pub mod private;
 pub mod public;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,8 +31,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-use crate::telemetry::metrics::EdgeMetrics;
+use crate::support::net::canonical;
+use crate::support::sync::lock;
+use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
+use crate::upstream::discovery::DiscoveryStatus;
 use crate::upstream::pool::Pool;
 
 /// What both listeners answer from: readiness (with the pods and metrics behind it) and,
@@ -33,6 +45,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
+    /// Whether discovery has produced a first result.
+    pub discovery: Arc<DiscoveryStatus>,
     pub https_port: u16,
     /// Set when certificates come from ACME.
     pub acme: Option<Arc<crate::listener::acme::Acme>>,
@@ -43,13 +57,34 @@ pub struct AdminState {
 impl AdminState {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
-        self.metrics.ready.set(i64::from(ready));
+        self.metrics.ready.set(i64::from(self.is_ready()));
     }
 
-    /// Ready while not draining and, with ACME, once a certificate is there to serve.
+    /// Ready while not draining, once discovery has produced a first result and, with
+    /// ACME, once a certificate is there to serve.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-            && self.acme.as_ref().is_none_or(|acme| acme.has_certificate())
+        self.readiness().is_ok()
+    }
+
+    /// `Err` says why the edge is not ready, for `/readyz`'s body.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("draining or not yet accepting".into());
+        }
+        if !self.discovery.is_synced() {
+            return Err(match self.discovery.last_error() {
+                Some(why) => format!("waiting for the first discovery result: {why}"),
+                None => "waiting for the first discovery result".into(),
+            });
+        }
+        if self
+            .acme
+            .as_ref()
+            .is_some_and(|acme| !acme.has_certificate())
+        {
+            return Err("waiting for the ACME certificate".into());
+        }
+        Ok(())
     }
 }
 
@@ -71,23 +106,136 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body>
     r
 }
 
-/// Serves `handler` on `listener` over HTTP/1.1 until the process ends.
-pub async fn serve<F>(listener: TcpListener, handler: F)
+/// Decides at accept, before any byte is read, whether a client may connect.
+pub type Admit = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// The bounds of one plain-HTTP listener.
+#[derive(Clone)]
+pub struct ServeLimits {
+    /// `listener` label of the metrics (`http`, `admin`).
+    pub listener: &'static str,
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Connections open at once from one client address, if limited.
+    pub max_connections_per_ip: Option<usize>,
+    /// Time for a request's headers, and the longest idle wait between requests.
+    pub header_timeout: Duration,
+    /// Total life of a connection; then it is closed whatever it is doing.
+    pub lifetime: Duration,
+    /// Checked first for every new connection; `false` closes it at once.
+    pub admit: Option<Admit>,
+}
+
+/// Request heads are a few hundred bytes; hyper's default buffer allows 400 KiB.
+const MAX_BUF: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// Open connections per client address. An entry exists only while its address holds
+/// a connection, and every connection first holds one of `max_connections` permits, so
+/// the table never has more than `max_connections` entries.
+struct PerIp {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct PerIpGuard {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn try_hold(self: &Arc<Self>, ip: IpAddr) -> Option<PerIpGuard> {
+        let mut open = lock(&self.open);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PerIpGuard {
+            table: self.clone(),
+            ip,
+        })
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.open).len()
+    }
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        let mut open = lock(&self.table.open);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves `handler` on `listener` over HTTP/1.1 until the process ends, within `limits`.
+/// Every task it starts runs on the runtime that runs this future.
+pub async fn serve<F>(listener: TcpListener, handler: F, limits: ServeLimits, metrics: EdgeMetrics)
 where
     F: Fn(&Request<Incoming>) -> Reply + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_BUF)
+        .max_headers(MAX_HEADERS);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = limits.max_connections_per_ip.map(|limit| {
+        Arc::new(PerIp {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        })
+    });
+    let open = metrics
+        .plain_http_connections
+        .with_label_values(&[limits.listener]);
+    let dropped = |reason: &str| {
+        metrics
+            .plain_http_dropped
+            .with_label_values(&[limits.listener, reason])
+    };
+    let (by_policy, at_max, at_max_per_ip, at_lifetime) = (
+        dropped("policy"),
+        dropped("max_connections"),
+        dropped("max_connections_per_ip"),
+        dropped("lifetime"),
+    );
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
+                tracing::warn!(listener = limits.listener, error = %e, "plain-HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let ip = canonical(peer.ip());
+        // Refusals drop the socket before reading a byte.
+        if limits.admit.as_ref().is_some_and(|admit| !admit(ip)) {
+            by_policy.inc();
+            continue;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            at_max.inc();
+            continue;
+        };
+        let ip_guard = match &per_ip {
+            Some(table) => match table.try_hold(ip) {
+                Some(guard) => Some(guard),
+                None => {
+                    at_max_per_ip.inc();
+                    continue;
+                }
+            },
+            None => None,
         };
         let handler = handler.clone();
         let conn = http.serve_connection(
@@ -97,7 +245,15 @@ where
                 async move { Ok::<_, Infallible>(reply.await) }
             }),
         );
-        tokio::spawn(conn);
+        let held = GaugeGuard::hold(open.clone());
+        let lifetime = limits.lifetime;
+        let at_lifetime = at_lifetime.clone();
+        tokio::spawn(async move {
+            let _held = (permit, ip_guard, held);
+            if tokio::time::timeout(lifetime, conn).await.is_err() {
+                at_lifetime.inc();
+            }
+        });
     }
 }
 
@@ -107,4 +263,180 @@ pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpL
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn per_ip_table_holds_at_most_the_limit_and_forgets_closed_clients() {
+        let table = Arc::new(PerIp {
+            limit: 2,
+            open: Mutex::new(HashMap::new()),
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = table.try_hold(a).unwrap();
+        let second = table.try_hold(a).unwrap();
+        assert!(table.try_hold(a).is_none(), "third from one address");
+        let other = table.try_hold(b).unwrap();
+        assert_eq!(table.len(), 2);
+        drop((first, second, other));
+        assert_eq!(table.len(), 0, "entries leave with their last connection");
+    }
+
+    /// A connection from `from` to `addr`.
+    async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(from.parse().unwrap(), 0))
+            .unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// True if the server closed `stream` (EOF or reset) within `within`.
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 512];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
+    async fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Serves a handler that answers `/` at once and never answers `/hang`.
+    async fn start(limits: ServeLimits, metrics: &EdgeMetrics) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = |req: &Request<Incoming>| -> Reply {
+            if req.uri().path() == "/hang" {
+                Box::pin(std::future::pending())
+            } else {
+                now(text(StatusCode::OK, "ok\n"))
+            }
+        };
+        tokio::spawn(serve(listener, handler, limits, metrics.clone()));
+        addr
+    }
+
+    fn limits() -> ServeLimits {
+        ServeLimits {
+            listener: "http",
+            max_connections: 2,
+            max_connections_per_ip: Some(1),
+            header_timeout: Duration::from_secs(30),
+            lifetime: Duration::from_secs(30),
+            admit: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_over_the_caps_and_refused_clients_before_reading() {
+        let metrics = EdgeMetrics::new();
+        let blocked: IpAddr = "127.0.0.9".parse().unwrap();
+        let addr = start(
+            ServeLimits {
+                admit: Some(Arc::new(move |ip| ip != blocked)),
+                ..limits()
+            },
+            &metrics,
+        )
+        .await;
+        let open = metrics.plain_http_connections.with_label_values(&["http"]);
+        let dropped = |reason: &str| {
+            metrics
+                .plain_http_dropped
+                .with_label_values(&["http", reason])
+                .get()
+        };
+
+        let mut refused = connect_from("127.0.0.9", addr).await;
+        assert!(closed_within(&mut refused, WAIT).await, "admission refused");
+        assert_eq!(dropped("policy"), 1);
+
+        let mut first = connect_from("127.0.0.2", addr).await;
+        wait_for("first connection held", || open.get() == 1).await;
+        let mut same_ip = connect_from("127.0.0.2", addr).await;
+        assert!(closed_within(&mut same_ip, WAIT).await, "per-IP cap");
+        assert_eq!(dropped("max_connections_per_ip"), 1);
+
+        let mut second = connect_from("127.0.0.3", addr).await;
+        wait_for("second connection held", || open.get() == 2).await;
+        let mut third = connect_from("127.0.0.4", addr).await;
+        assert!(closed_within(&mut third, WAIT).await, "global cap");
+        assert_eq!(dropped("max_connections"), 1);
+
+        // The held ones still work, and closing one frees its place.
+        first
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = first.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        drop(first);
+        wait_for("first connection released", || open.get() == 1).await;
+        let mut again = connect_from("127.0.0.2", addr).await;
+        wait_for("a new connection held", || open.get() == 2).await;
+        assert!(!closed_within(&mut again, Duration::from_millis(200)).await);
+        assert!(!closed_within(&mut second, Duration::from_millis(10)).await);
+    }
+
+    #[tokio::test]
+    async fn silent_and_stuck_connections_are_closed_in_time() {
+        let metrics = EdgeMetrics::new();
+        let addr = start(
+            ServeLimits {
+                max_connections_per_ip: None,
+                header_timeout: Duration::from_millis(300),
+                lifetime: Duration::from_millis(800),
+                ..limits()
+            },
+            &metrics,
+        )
+        .await;
+        // Sends nothing: closed at the header deadline.
+        let started = tokio::time::Instant::now();
+        let mut silent = connect_from("127.0.0.2", addr).await;
+        assert!(closed_within(&mut silent, WAIT).await);
+        assert!(
+            started.elapsed() < Duration::from_millis(750),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // A request that never completes: cut at the connection's lifetime.
+        let mut stuck = connect_from("127.0.0.2", addr).await;
+        stuck
+            .write_all(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut stuck, WAIT).await);
+        assert_eq!(
+            metrics
+                .plain_http_dropped
+                .with_label_values(&["http", "lifetime"])
+                .get(),
+            1
+        );
+        let open = metrics.plain_http_connections.with_label_values(&["http"]);
+        wait_for("no connection left", || open.get() == 0).await;
+    }
 }

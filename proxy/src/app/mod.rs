@@ -3,9 +3,18 @@
 //!
 //! Layers, outside in: accept filter and PROXY header (`listener`) → TLS (`listener::tls`)
 //! → connection registration (`connection`) → HTTP proxy (`http::EdgeProxy`) → pods
-//! (`upstream`: discovery + health + least in-flight). The admin and plain-HTTP listeners
-//! and the background tasks (discovery, health checks, certificate watching) run on a
-//! small side runtime so they outlive pingora's listeners in a drain.
+//! (`upstream`: discovery + health + least in-flight).
+//!
+//! Runtimes and threads:
+//! - pingora's: the TLS port (`listen.threads` workers);
+//! - `edge-control` (1 worker): the control plane — pod health checks, discovery and the
+//!   pool updates it drives, the admin port (`/readyz`, `/metrics`), the readiness probe,
+//!   rate-limit key eviction, and the ACME client; it outlives pingora's listeners in a
+//!   drain. File watchers (policies, certificates) run on threads of their own;
+//! - `edge-http` (`public_http.threads` workers, 1 by default): the public `listen.http`
+//!   listener and the ACME challenges it relays, and nothing else, so a flood there cannot
+//!   delay a health check or `/readyz` in a queue; its threads also run at a lower CPU
+//!   priority (nice 10), so it cannot take the CPU from them either.
 
 pub mod preflight;
 
@@ -35,7 +44,7 @@ use crate::policy::Policies;
 use crate::support::keepalive;
 use crate::support::sync::lock;
 use crate::telemetry::metrics::EdgeMetrics;
-use crate::upstream::discovery;
+use crate::upstream::discovery::{self, DiscoveryStatus};
 use crate::upstream::pool::Pool;
 
 /// SIGTERM: readiness 503 first, listeners close only after `readiness_delay`.
@@ -128,34 +137,38 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
     // One crypto provider for every TLS user in the process (pingora, kube, ACME).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let on_drained = Arc::new(std::sync::Mutex::new(Some(on_drained)));
-    let side = tokio::runtime::Builder::new_multi_thread()
+    let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("edge-side")
+        .thread_name("edge-control")
         .enable_all()
         .build()
-        .context("cannot start the side runtime")?;
+        .context("cannot start the control-plane runtime")?;
+    let public_http = match config.listen.http {
+        Some(_) => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.public_http.threads)
+                // Only relayed ACME challenges resolve names here, at most MAX_RELAYS.
+                .max_blocking_threads(admin::public::MAX_RELAYS)
+                .on_thread_start(yield_cpu_to_the_rest)
+                .thread_name("edge-http")
+                .enable_all()
+                .build()
+                .context("cannot start the runtime of listen.http")?,
+        ),
+        None => None,
+    };
     let metrics = EdgeMetrics::new();
     let pool = Arc::new(Pool::new(config.health.port, config.health.passive_backoff));
-    let tls = tls::TlsSetup::new(&config.tls, metrics.clone(), side.handle())?;
+    let tls = tls::TlsSetup::new(&config.tls, metrics.clone(), control.handle())?;
     let state = Arc::new(AdminState {
         ready: AtomicBool::new(false),
         pool: pool.clone(),
         metrics: metrics.clone(),
+        discovery: Arc::new(DiscoveryStatus::new(&metrics)),
         https_port: config.listen.https.port(),
         acme: tls.acme(),
         acme_relay: config.tls.acme_challenge_relay.clone(),
     });
-    start_side_services(&side, &config, &state)?;
-
-    let conf = ServerConf {
-        threads: config.listen.threads,
-        work_stealing: config.listen.work_stealing,
-        grace_period_seconds: Some(config.shutdown.drain_deadline.as_secs().max(1)),
-        graceful_shutdown_timeout_seconds: Some(2),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
 
     let registry = ConnectionRegistry::new(
         metrics.open_connections.clone(),
@@ -172,7 +185,20 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         metrics.clone(),
     )?;
     let _policy_watchers = policies.watch(&config.policies)?;
-    side.spawn(policies.clone().evict_idle_keys());
+    control.spawn(policies.clone().evict_idle_keys());
+    start_listeners(&control, public_http.as_ref(), &config, &state, &policies)?;
+    start_control_plane(&control, &config, &state)?;
+
+    let conf = ServerConf {
+        threads: config.listen.threads,
+        work_stealing: config.listen.work_stealing,
+        grace_period_seconds: Some(config.shutdown.drain_deadline.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
     let probes = Arc::new(SelfProbes::default());
     let service = proxy_service(&server, &config, &tls, policies, registry, &state, &probes)?;
     server.add_service(service);
@@ -183,7 +209,7 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         config.shutdown.drain_deadline,
         on_drained.clone(),
     );
-    ready_once_accepting(&side, state.clone(), probes, config.listen.https);
+    ready_once_accepting(&control, state.clone(), probes, config.listen.https);
     tracing::info!(
         https = %config.listen.https,
         admin = %config.listen.admin,
@@ -198,41 +224,80 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
     });
     drop(tls);
     run_hook(&on_drained);
-    side.shutdown_timeout(Duration::from_millis(200));
+    if let Some(rt) = public_http {
+        rt.shutdown_timeout(Duration::from_millis(100));
+    }
+    control.shutdown_timeout(Duration::from_millis(200));
     Ok(())
 }
 
-/// The admin and plain-HTTP listeners, discovery feeding the pool, and health checks: all
-/// on the side runtime, so they keep working while pingora drains. Ports are bound here,
-/// before pingora takes over, so a busy port fails start-up with a clear message.
-fn start_side_services(
-    side: &tokio::runtime::Runtime,
+/// The nice value of the `listen.http` threads: under CPU contention the scheduler then
+/// prefers agent traffic and the control plane to a flood of `:80`.
+const PUBLIC_HTTP_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority (Linux: per thread; needs no privilege).
+fn yield_cpu_to_the_rest() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain syscalls about the calling thread; no memory is shared.
+        let result = unsafe {
+            libc::setpriority(
+                libc::PRIO_PROCESS,
+                libc::gettid() as libc::id_t,
+                PUBLIC_HTTP_NICE,
+            )
+        };
+        if result != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the priority of a listen.http thread");
+        }
+    }
+}
+
+/// Binds the admin port (served on the control runtime) and the public `listen.http`
+/// (served on its own runtime, admitted like the TLS port and capped by
+/// `[public_http]`). Ports are bound here, before pingora takes over, so a busy port
+/// fails start-up with a clear message.
+fn start_listeners(
+    control: &tokio::runtime::Runtime,
+    public_http: Option<&tokio::runtime::Runtime>,
+    config: &EdgeConfig,
+    state: &Arc<AdminState>,
+    policies: &Arc<Policies>,
+) -> anyhow::Result<()> {
+    let admin_listener = control.block_on(async {
+        let admin_listener = admin::bind(config.listen.admin, "listen.admin").await?;
+        drop(admin::bind(config.listen.https, "listen.https").await?);
+        anyhow::Ok(admin_listener)
+    })?;
+    control.spawn(admin::serve(
+        admin_listener,
+        admin::private::admin_handler(state.clone()),
+        admin::private::limits(),
+        state.metrics.clone(),
+    ));
+    if let (Some(addr), Some(rt)) = (config.listen.http, public_http) {
+        let listener = rt.block_on(admin::bind(addr, "listen.http"))?;
+        rt.spawn(admin::serve(
+            listener,
+            admin::public::redirect_handler(state.clone()),
+            admin::public::limits(&config.public_http, admin::public::admit(policies.clone())),
+            state.metrics.clone(),
+        ));
+    }
+    Ok(())
+}
+
+/// Discovery feeding the pool, and health checks: on the control runtime, so they keep
+/// working while pingora drains and no public listener can delay them.
+fn start_control_plane(
+    control: &tokio::runtime::Runtime,
     config: &EdgeConfig,
     state: &Arc<AdminState>,
 ) -> anyhow::Result<()> {
-    let (admin_listener, http_listener) = side.block_on(async {
-        let admin_listener = admin::bind(config.listen.admin, "listen.admin").await?;
-        let http_listener = match config.listen.http {
-            Some(addr) => Some(admin::bind(addr, "listen.http").await?),
-            None => None,
-        };
-        drop(admin::bind(config.listen.https, "listen.https").await?);
-        anyhow::Ok((admin_listener, http_listener))
-    })?;
-    side.spawn(admin::serve(
-        admin_listener,
-        admin::private::admin_handler(state.clone()),
-    ));
-    if let Some(listener) = http_listener {
-        side.spawn(admin::serve(
-            listener,
-            admin::public::redirect_handler(state.clone()),
-        ));
-    }
-
-    let mut endpoints = discovery::start(side.handle(), &config.discovery)?;
+    let mut endpoints =
+        discovery::start(control.handle(), &config.discovery, state.discovery.clone())?;
     let pool = state.pool.clone();
-    side.spawn(async move {
+    control.spawn(async move {
         loop {
             let snapshot = endpoints.borrow_and_update().clone();
             pool.update(&snapshot);
@@ -242,7 +307,7 @@ fn start_side_services(
             }
         }
     });
-    side.spawn(crate::upstream::health::run(
+    control.spawn(crate::upstream::health::run(
         state.pool.clone(),
         config.health.clone(),
         state.metrics.clone(),
@@ -329,7 +394,7 @@ fn proxy_service(
 /// Ready only once pingora accepts on the TLS port: it binds when `run` starts its
 /// services, and a load balancer acting on an early 200 would see refusals.
 fn ready_once_accepting(
-    side: &tokio::runtime::Runtime,
+    control: &tokio::runtime::Runtime,
     state: Arc<AdminState>,
     probes: Arc<SelfProbes>,
     https: std::net::SocketAddr,
@@ -339,7 +404,7 @@ fn ready_once_accepting(
     } else {
         https
     };
-    side.spawn(async move {
+    control.spawn(async move {
         while probes.connect(probe).await.is_err() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

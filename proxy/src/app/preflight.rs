@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 
-use crate::config::{DiscoveryConfig, EdgeConfig};
+use crate::config::EdgeConfig;
 use crate::listener::acme;
 use crate::listener::tls::certs::{self, CertSource};
 use crate::policy::PolicyFiles;
@@ -34,9 +34,16 @@ pub fn from_file(path: &Path) -> anyhow::Result<Preflight> {
     check(config)
 }
 
-/// Checks every file `config` names: policy files, certificate/key pairs (readable,
-/// parseable, matching), the ACME cache and CA, and what discovery needs from the pod.
+/// Checks every file `config` names and everything `run` would otherwise only find out
+/// later: policy files, certificate/key pairs (readable, parseable, matching), the
+/// self-signed certificate's host names, the ACME settings, cache and CA, and what
+/// discovery needs from the pod (namespace, in-cluster credentials). Field-level checks
+/// (discovery names, `proxy_protocol.trusted`, limits) already ran when the
+/// configuration was parsed (`EdgeConfig::validate`).
 pub fn check(config: EdgeConfig) -> anyhow::Result<Preflight> {
+    // `run` may get a configuration built in code (`kas-edge dev`, tests): validate it
+    // here too, so nothing reaches the listeners unchecked.
+    config.validate(Path::new("(configuration)"))?;
     let policy_files = PolicyFiles::load(&config.policies)?;
     let mut certificates = Vec::new();
     for pair in &config.tls.certificates {
@@ -50,15 +57,13 @@ pub fn check(config: EdgeConfig) -> anyhow::Result<Preflight> {
             not_after: loaded.not_after,
         });
     }
+    if config.tls.self_signed {
+        crate::listener::tls::preflight_self_signed(&config.tls)?;
+    }
     if let Some(cfg) = &config.tls.acme {
         acme::preflight(cfg).context("tls.acme")?;
     }
-    if let DiscoveryConfig::Kubernetes {
-        namespace: None, ..
-    } = &config.discovery
-    {
-        crate::upstream::discovery::own_namespace()?;
-    }
+    crate::upstream::discovery::preflight(&config.discovery)?;
     Ok(Preflight {
         config,
         policy_files,

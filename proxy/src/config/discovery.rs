@@ -46,15 +46,38 @@ impl Default for DiscoveryConfig {
 }
 
 impl DiscoveryConfig {
+    /// Names and addresses that could never work: a typo fails `check` and start-up with
+    /// the field named, instead of leaving the edge unready with an endless retry loop.
     pub fn validate(&self) -> Result<(), FieldError> {
+        use crate::upstream::discovery::names;
         match self {
-            DiscoveryConfig::Static { endpoints } if endpoints.is_empty() => Err(FieldError::new(
-                "discovery.endpoints",
-                "list at least one kas pod address (ip:port)",
-            )),
-            DiscoveryConfig::Dns { name, interval, .. } => {
-                if name.trim().is_empty() {
-                    return Err(FieldError::new("discovery.name", "must not be empty"));
+            DiscoveryConfig::Static { endpoints } => {
+                if endpoints.is_empty() {
+                    return Err(FieldError::new(
+                        "discovery.endpoints",
+                        "list at least one kas pod address (ip:port)",
+                    ));
+                }
+                if let Some(bad) = endpoints
+                    .iter()
+                    .find(|e| e.port() == 0 || e.ip().is_unspecified())
+                {
+                    return Err(FieldError::new(
+                        "discovery.endpoints",
+                        format!("{bad} is not a pod address (port 0 or unspecified IP)"),
+                    ));
+                }
+                Ok(())
+            }
+            DiscoveryConfig::Dns {
+                name,
+                port,
+                interval,
+            } => {
+                names::dns_name(name)
+                    .map_err(|why| FieldError::new("discovery.name", format!("{name:?}: {why}")))?;
+                if *port == 0 {
+                    return Err(FieldError::new("discovery.port", "must not be 0"));
                 }
                 if interval.is_zero() {
                     return Err(FieldError::new(
@@ -64,10 +87,33 @@ impl DiscoveryConfig {
                 }
                 Ok(())
             }
-            DiscoveryConfig::Kubernetes { service, .. } if service.trim().is_empty() => {
-                Err(FieldError::new("discovery.service", "must not be empty"))
+            DiscoveryConfig::Kubernetes {
+                namespace,
+                service,
+                port_name,
+                port,
+            } => {
+                names::service_name(service).map_err(|why| {
+                    FieldError::new("discovery.service", format!("{service:?}: {why}"))
+                })?;
+                if let Some(ns) = namespace {
+                    names::dns_label(ns).map_err(|why| {
+                        FieldError::new("discovery.namespace", format!("{ns:?}: {why}"))
+                    })?;
+                }
+                if let Some(name) = port_name {
+                    names::dns_label(name).map_err(|why| {
+                        FieldError::new(
+                            "discovery.port_name",
+                            format!("{name:?}: {why} (leave it unset to select by port)"),
+                        )
+                    })?;
+                }
+                if *port == Some(0) {
+                    return Err(FieldError::new("discovery.port", "must not be 0"));
+                }
+                Ok(())
             }
-            _ => Ok(()),
         }
     }
 }

@@ -6,6 +6,7 @@ mod downstream;
 mod health;
 mod listen;
 mod policies;
+mod public_http;
 mod shutdown;
 mod tls;
 mod upstream;
@@ -20,6 +21,7 @@ pub use downstream::DownstreamConfig;
 pub use health::HealthConfig;
 pub use listen::ListenConfig;
 pub use policies::{PoliciesConfig, ProxyProtocolConfig};
+pub use public_http::PublicHttpConfig;
 pub use shutdown::ShutdownConfig;
 pub use tls::{CertificateConfig, TlsConfig};
 pub use upstream::UpstreamConfig;
@@ -46,6 +48,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
     pub listen: ListenConfig,
+    pub public_http: PublicHttpConfig,
     pub tls: TlsConfig,
     pub discovery: DiscoveryConfig,
     pub health: HealthConfig,
@@ -115,6 +118,7 @@ impl EdgeConfig {
 
     fn validate_sections(&self) -> Result<(), FieldError> {
         self.listen.validate()?;
+        self.public_http.validate()?;
         self.tls.validate(self.listen.http.is_some())?;
         self.discovery.validate()?;
         self.health.validate()?;
@@ -178,31 +182,75 @@ mod tests {
         Ok(config)
     }
 
-    const MINIMAL: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n";
+    const TLS: &str = "[tls]\nself_signed = true\n";
+    const STATIC: &str = "[discovery]\nkind = \"static\"\nendpoints = [\"127.0.1.1:8150\"]\n";
+
+    fn minimal() -> String {
+        format!("{TLS}{STATIC}")
+    }
+
+    /// The field named by the error of `text` (after the TLS section), or panics.
+    fn field_of(text: &str) -> String {
+        let err = parse(&format!("{TLS}{text}")).unwrap_err();
+        let field = err
+            .split("field `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .unwrap_or_else(|| panic!("no field in {err:?}"));
+        field.to_owned()
+    }
 
     #[test]
     fn minimal_static_config() {
-        let c = parse(MINIMAL).unwrap();
+        let c = parse(&minimal()).unwrap();
         assert_eq!(c.health.port, 8151);
         assert_eq!(c.upstream.max_h2_streams, 256);
+        assert_eq!(c.public_http.max_connections, 1024);
+        assert_eq!(c.public_http.max_connections_per_ip, 16);
     }
 
     #[test]
     fn errors_name_line_and_field() {
-        let err = parse(&format!("{MINIMAL}[health]\nintervall = \"1s\"\n")).unwrap_err();
-        assert!(err.contains("intervall") && err.contains("line 5"), "{err}");
-        let err = parse(&format!("{MINIMAL}[health]\ntimeout = \"9s\"\n")).unwrap_err();
+        let minimal = minimal();
+        let err = parse(&format!("{minimal}[health]\nintervall = \"1s\"\n")).unwrap_err();
+        assert!(err.contains("intervall") && err.contains("line 7"), "{err}");
+        let err = parse(&format!("{minimal}[health]\ntimeout = \"9s\"\n")).unwrap_err();
         assert!(err.contains("health.timeout"), "{err}");
-        let err = parse("[discovery]\nkind = \"static\"\nendpoints = []\n").unwrap_err();
+        let err = parse(&format!(
+            "{TLS}[discovery]\nkind = \"static\"\nendpoints = []\n"
+        ))
+        .unwrap_err();
         assert!(err.contains("discovery.endpoints"), "{err}");
         let err = parse("[discovery]\nkind = \"consul\"\n").unwrap_err();
         assert!(err.contains("consul"), "{err}");
     }
 
     #[test]
+    fn a_certificate_source_is_required_and_unique() {
+        // No certificates, no ACME, no explicit self-signed: an error, not a silent
+        // self-signed certificate in production.
+        let err = parse(STATIC).unwrap_err();
+        assert!(err.contains("field `tls.certificates`"), "{err}");
+        let both = format!(
+            "[tls]\nself_signed = true\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n{STATIC}"
+        );
+        assert!(parse(&both).unwrap_err().contains("tls.self_signed"));
+        let no_hosts = format!("[tls]\nself_signed = true\nhosts = []\n{STATIC}");
+        assert!(parse(&no_hosts).unwrap_err().contains("tls.hosts"));
+        let stray_dir = format!(
+            "[tls]\nself_signed_dir = \"d\"\n[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n{STATIC}"
+        );
+        assert!(parse(&stray_dir)
+            .unwrap_err()
+            .contains("tls.self_signed_dir"));
+        let files = format!("[[tls.certificates]]\ncert = \"a\"\nkey = \"b\"\n{STATIC}");
+        assert!(parse(&files).is_ok());
+    }
+
+    #[test]
     fn acme_challenge_relay_must_be_host_and_port() {
         let with = |relay: &str| {
-            format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nacme_challenge_relay = \"{relay}\"\n{MINIMAL}")
+            format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nself_signed = true\nacme_challenge_relay = \"{relay}\"\n{STATIC}")
         };
         assert!(parse(&with("kas-edge-acme:80")).is_ok());
         assert!(parse(&with("10.0.0.7:8080")).is_ok());
@@ -213,15 +261,110 @@ mod tests {
     }
 
     #[test]
+    fn public_http_limits() {
+        let with = |body: &str| field_of(&format!("{STATIC}[public_http]\n{body}\n"));
+        assert_eq!(with("max_connections = 0"), "public_http.max_connections");
+        assert_eq!(
+            with("max_connections_per_ip = 0"),
+            "public_http.max_connections_per_ip"
+        );
+        assert_eq!(
+            with("header_timeout = \"0s\""),
+            "public_http.header_timeout"
+        );
+        assert_eq!(
+            with("max_connection_lifetime = \"2s\"\nheader_timeout = \"3s\""),
+            "public_http.header_timeout"
+        );
+        assert_eq!(with("threads = 0"), "public_http.threads");
+        let ok = parse(&format!(
+            "{}[public_http]\nmax_connections = 10\nmax_connections_per_ip = 2\n",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(ok.public_http.max_connections, 10);
+    }
+
+    #[test]
     fn dns_and_kubernetes_sources() {
-        let c =
-            parse("[discovery]\nkind = \"dns\"\nname = \"kas.gitlab.svc\"\nport = 8150\n").unwrap();
+        let c = parse(&format!(
+            "{TLS}[discovery]\nkind = \"dns\"\nname = \"kas.gitlab.svc\"\nport = 8150\n"
+        ))
+        .unwrap();
         assert!(
             matches!(c.discovery, DiscoveryConfig::Dns { interval, .. } if interval == Duration::from_secs(5))
         );
-        let c =
-            parse("[discovery]\nkind = \"kubernetes\"\nservice = \"kas\"\nport_name = \"agent\"\n")
-                .unwrap();
+        let c = parse(&format!(
+            "{TLS}[discovery]\nkind = \"kubernetes\"\nservice = \"kas\"\nport_name = \"agent\"\n"
+        ))
+        .unwrap();
         assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes { .. }));
+    }
+
+    #[test]
+    fn discovery_names_must_be_valid() {
+        let k8s = |extra: &str| {
+            field_of(&format!(
+                "[discovery]\nkind = \"kubernetes\"\nnamespace = \"kas\"\nservice = \"kas\"\n{extra}"
+            ))
+        };
+        let k8s_bad = |line: &str| {
+            // Later keys in a TOML table may not repeat earlier ones: rebuild the table.
+            field_of(&format!("[discovery]\nkind = \"kubernetes\"\n{line}"))
+        };
+        assert_eq!(k8s_bad("service = \"Kas\""), "discovery.service");
+        assert_eq!(k8s_bad("service = \"kas_svc\""), "discovery.service");
+        assert_eq!(k8s_bad("service = \"1kas\""), "discovery.service");
+        assert_eq!(
+            k8s_bad(&format!("service = \"{}\"", "k".repeat(64))),
+            "discovery.service"
+        );
+        assert_eq!(
+            k8s_bad("service = \"kas\"\nnamespace = \"Kas-NS\""),
+            "discovery.namespace"
+        );
+        assert_eq!(k8s("port_name = \"\""), "discovery.port_name");
+        assert_eq!(k8s("port_name = \"Agent Port\""), "discovery.port_name");
+        assert_eq!(k8s("port = 0"), "discovery.port");
+
+        let dns = |name: &str| {
+            field_of(&format!(
+                "[discovery]\nkind = \"dns\"\nname = \"{name}\"\nport = 8150\n"
+            ))
+        };
+        for bad in [
+            "",
+            "kas..svc",
+            "kas.svc:8150",
+            "-kas.svc",
+            "kas svc",
+            "http://kas",
+        ] {
+            assert_eq!(dns(bad), "discovery.name", "{bad:?}");
+        }
+        let long_label = format!("{}.svc", "a".repeat(64));
+        assert_eq!(dns(&long_label), "discovery.name");
+        for good in [
+            "kas",
+            "kas.gitlab.svc.cluster.local.",
+            "_grpc.kas",
+            "10.0.0.1",
+        ] {
+            let text =
+                format!("{TLS}[discovery]\nkind = \"dns\"\nname = \"{good}\"\nport = 8150\n");
+            assert!(parse(&text).is_ok(), "{good:?}");
+        }
+        assert_eq!(
+            field_of("[discovery]\nkind = \"dns\"\nname = \"kas\"\nport = 0\n"),
+            "discovery.port"
+        );
+        assert_eq!(
+            field_of("[discovery]\nkind = \"static\"\nendpoints = [\"0.0.0.0:8150\"]\n"),
+            "discovery.endpoints"
+        );
+        assert_eq!(
+            field_of("[discovery]\nkind = \"static\"\nendpoints = [\"10.0.0.1:0\"]\n"),
+            "discovery.endpoints"
+        );
     }
 }

@@ -60,6 +60,19 @@ pub struct EdgeMetrics {
     /// Access lines dropped because stdout did not keep up (process-wide: the stdout queue
     /// is one per process, see [`super::log_writer`]).
     pub access_log_dropped: prometheus::IntCounter,
+    /// 1 while the discovery source's last attempt produced a result, else 0.
+    pub discovery_up: IntGauge,
+    /// Failed discovery attempts (DNS lookups, EndpointSlice lists and watches).
+    pub discovery_errors: prometheus::IntCounter,
+    /// Connections open now on the edge's own plain-HTTP listeners, by `listener`
+    /// (`http`: the public `listen.http`, `admin`: the private admin port).
+    pub plain_http_connections: IntGaugeVec,
+    /// Connections those listeners closed without serving them to the end, by `listener`
+    /// and `reason` (`policy`, `max_connections`, `max_connections_per_ip`, `lifetime`).
+    pub plain_http_dropped: IntCounterVec,
+    /// ACME challenges relayed to the ACME replica, by `result` (`answered`,
+    /// `not_answered`, `busy`: refused at once, too many relays in flight).
+    pub acme_relays: IntCounterVec,
 }
 
 use kas_common::metrics::register;
@@ -296,6 +309,40 @@ impl EdgeMetrics {
                 .expect("valid metric"),
             ),
             access_log_dropped: register(&r, super::log_writer::stdout_dropped().clone()),
+            discovery_up: register(
+                &r,
+                IntGauge::new(
+                    "edge_discovery_up",
+                    "1 while the kas pod discovery source works, 0 after a failed attempt.",
+                )
+                .expect("valid metric"),
+            ),
+            discovery_errors: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_discovery_errors_total",
+                    "Failed discovery attempts (DNS lookups, EndpointSlice lists/watches).",
+                )
+                .expect("valid metric"),
+            ),
+            plain_http_connections: gauge(
+                &r,
+                "edge_plain_http_connections",
+                "Connections open now on the plain-HTTP listeners.",
+                &["listener"],
+            ),
+            plain_http_dropped: counter(
+                &r,
+                "edge_plain_http_dropped_total",
+                "Plain-HTTP connections refused at accept or cut at their lifetime.",
+                &["listener", "reason"],
+            ),
+            acme_relays: counter(
+                &r,
+                "edge_acme_relays_total",
+                "ACME challenges relayed to the ACME replica, by result.",
+                &["result"],
+            ),
             registry: r,
         }
     }

@@ -182,12 +182,18 @@ impl AcmeConfig {
                 problem: "acme.publish_namespace is set without acme.publish_secret".into(),
             });
         }
-        if !self.directory.starts_with("https://") {
-            return Err(invalid(
-                "directory",
-                &self.directory,
-                "ACME requires an https:// URL",
-            ));
+        match self.directory.parse::<http::Uri>() {
+            Ok(uri)
+                if uri.scheme_str() == Some("https")
+                    && uri.host().is_some_and(|h| !h.is_empty()) => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "directory",
+                    &self.directory,
+                    "ACME requires an https:// URL with a host",
+                ))
+            }
+            Err(e) => return Err(invalid("directory", &self.directory, &e.to_string())),
         }
         Ok(())
     }
@@ -734,6 +740,9 @@ mod tests {
         assert!(with(&|c| c.domains = vec!["bad name".into()]).contains("bad name"));
         assert!(with(&|c| c.contact = vec!["ops@edge.test".into()]).contains("mailto"));
         assert!(with(&|c| c.directory = "http://ca.test/dir".into()).contains("https"));
+        assert!(with(&|c| c.directory = "https://".into()).contains("directory"));
+        assert!(with(&|c| c.directory = "https:///dir".into()).contains("directory"));
+        assert!(with(&|c| c.directory = "https://ca test/dir".into()).contains("directory"));
         assert!(with(&|c| c.publish_secret = Some("Kas_Edge".into())).contains("publish_secret"));
         assert!(with(&|c| c.publish_namespace = Some("kas".into())).contains("without"));
         let mut ok = config(dir);

@@ -1,6 +1,7 @@
 //! Turns `[tls]` configuration into what pingora's listener needs: a certificate resolver
-//! (hot-reloaded when the files change, or a generated self-signed certificate in
-//! development) and handshake callbacks that feed metrics.
+//! (hot-reloaded when the files change, or a generated self-signed certificate when the
+//! configuration asks for one with `tls.self_signed`) and handshake callbacks that feed
+//! metrics.
 
 pub mod certs;
 
@@ -70,9 +71,42 @@ impl TlsAccept for HandshakeMetrics {
     }
 }
 
-/// The certificate sources from configuration, or a generated self-signed one.
+/// Where a generated certificate goes: `tls.self_signed_dir`, or a directory under the
+/// system's temporary directory.
+pub fn self_signed_dir(config: &TlsConfig) -> std::path::PathBuf {
+    config
+        .self_signed_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("kas-edge-self-signed"))
+}
+
+/// What generating the self-signed certificate at start needs, checked without writing
+/// it: a certificate can be made for `tls.hosts`, and its directory can be written.
+pub fn preflight_self_signed(config: &TlsConfig) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    certs::self_signed(&config.hosts).context("tls.hosts")?;
+    let dir = self_signed_dir(config);
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| tempfile_in(&dir))
+        .with_context(|| format!("tls.self_signed_dir {}: cannot write there", dir.display()))
+}
+
+/// Creates and removes a file in `dir`: proof that the certificate can be written there.
+fn tempfile_in(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".kas-edge-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+/// The certificate sources from configuration, or a generated self-signed one when
+/// `tls.self_signed` asks for it. Never a silent fallback: without either, an error.
 pub fn sources(config: &TlsConfig) -> anyhow::Result<Vec<CertSource>> {
-    if !config.certificates.is_empty() {
+    if !config.self_signed {
+        if config.certificates.is_empty() {
+            anyhow::bail!(
+                "tls.certificates: no certificate configured (and tls.self_signed is not set)"
+            );
+        }
         return Ok(config
             .certificates
             .iter()
@@ -82,15 +116,11 @@ pub fn sources(config: &TlsConfig) -> anyhow::Result<Vec<CertSource>> {
             })
             .collect());
     }
-    let dir = config
-        .self_signed_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("kas-edge-self-signed"));
-    let source = certs::write_self_signed(&dir, &config.hosts)?;
+    let source = certs::write_self_signed(&self_signed_dir(config), &config.hosts)?;
     tracing::warn!(
         hosts = ?config.hosts,
         cert = %source.cert.display(),
-        "no tls.certificates configured: serving a generated self-signed certificate (development only)"
+        "tls.self_signed: serving a generated self-signed certificate (development only)"
     );
     Ok(vec![source])
 }

@@ -20,7 +20,7 @@ use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::Endpoint;
+use super::{DiscoveryStatus, Endpoint};
 
 /// Label the EndpointSlice controller puts on every slice it manages for a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -62,10 +62,10 @@ impl EndpointSliceConfig {
     /// Rejects names that would make a malformed URL or label selector, so a
     /// typo fails at start-up instead of as an endless stream of 400s.
     fn validate(&self) -> Result<(), EndpointSliceError> {
-        if !is_dns_label(&self.namespace) {
+        if super::names::dns_label(&self.namespace).is_err() {
             return Err(EndpointSliceError::InvalidNamespace(self.namespace.clone()));
         }
-        if !is_dns_label(&self.service) {
+        if super::names::service_name(&self.service).is_err() {
             return Err(EndpointSliceError::InvalidService(self.service.clone()));
         }
         if self.port_name.as_deref() == Some("") {
@@ -82,14 +82,6 @@ impl EndpointSliceConfig {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// Follows the kas Service's EndpointSlices and publishes the pods on `tx`.
 ///
 /// Returns an error only for configuration mistakes, and `Ok` once every
@@ -102,10 +94,14 @@ fn is_dns_label(s: &str) -> bool {
 /// a partial set; that first list is always announced, even if it equals the
 /// channel's initial value, so that receivers can tell "synced" from "not yet".
 /// After that, only actual changes are published.
+///
+/// `status` hears of every complete list and change (the edge is ready after the first)
+/// and of every failed list or watch (RBAC, credentials, an unreachable API server).
 pub async fn run(
     client: kube::Client,
     cfg: EndpointSliceConfig,
     tx: watch::Sender<Vec<Endpoint>>,
+    status: std::sync::Arc<DiscoveryStatus>,
 ) -> Result<(), EndpointSliceError> {
     cfg.validate()?;
     let api: Api<EndpointSlice> = Api::namespaced(client, &cfg.namespace);
@@ -130,9 +126,18 @@ pub async fn run(
                 Some(Ok(event)) => {
                     if let Some(update) = slices.apply(event, &ports, &cfg) {
                         publish(&tx, update, &cfg);
+                        status.succeeded();
                     }
                 }
-                Some(Err(err)) => log_watch_error(&err, &cfg),
+                Some(Err(err)) => {
+                    if !is_routine(&err) {
+                        status.failed(format_args!(
+                            "EndpointSlices of Service {}/{}: {err}",
+                            cfg.namespace, cfg.service
+                        ));
+                    }
+                    log_watch_error(&err, &cfg, status.is_synced());
+                }
                 None => break,
             }
         }
@@ -161,15 +166,31 @@ fn stopped(cfg: &EndpointSliceConfig) {
     );
 }
 
-fn log_watch_error(err: &watcher::Error, cfg: &EndpointSliceConfig) {
-    let status = match err {
+fn api_status(err: &watcher::Error) -> Option<u16> {
+    match err {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
         | watcher::Error::WatchFailed(kube::Error::Api(s))
         | watcher::Error::WatchError(s) => Some(s.code),
         _ => None,
-    };
-    match status {
+    }
+}
+
+/// An expired resourceVersion: the watcher relists, nothing is wrong.
+fn is_routine(err: &watcher::Error) -> bool {
+    api_status(err) == Some(410)
+}
+
+fn log_watch_error(err: &watcher::Error, cfg: &EndpointSliceConfig, synced: bool) {
+    if !synced && !is_routine(err) {
+        warn!(
+            namespace = %cfg.namespace,
+            service = %cfg.service,
+            error = %err,
+            "kas EndpointSlice discovery has no first list yet: the edge stays unready (/readyz 503)"
+        );
+    }
+    match api_status(err) {
         // Routine: the API server forgot our resourceVersion; the watcher relists.
         Some(410) => debug!(
             namespace = %cfg.namespace,
@@ -467,6 +488,8 @@ mod tests {
         items: Vec<Value>,
         resource_version: String,
         fail_next_lists: usize,
+        /// Answer lists with 403, as without the RBAC Role.
+        forbidden: bool,
         lists: usize,
         watches: Vec<mpsc::UnboundedSender<Value>>,
         requests: Vec<String>,
@@ -587,6 +610,9 @@ mod tests {
 
         if !watching {
             state.lists += 1;
+            if state.forbidden {
+                return status(StatusCode::FORBIDDEN, "Forbidden");
+            }
             if state.fail_next_lists > 0 {
                 state.fail_next_lists -= 1;
                 return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
@@ -728,8 +754,23 @@ mod tests {
         watch::Receiver<Vec<Endpoint>>,
         JoinHandle<Result<(), EndpointSliceError>>,
     ) {
+        spawn_discovery_reporting(
+            fake,
+            Arc::new(DiscoveryStatus::new(
+                &crate::telemetry::metrics::EdgeMetrics::new(),
+            )),
+        )
+    }
+
+    fn spawn_discovery_reporting(
+        fake: &FakeApi,
+        status: Arc<DiscoveryStatus>,
+    ) -> (
+        watch::Receiver<Vec<Endpoint>>,
+        JoinHandle<Result<(), EndpointSliceError>>,
+    ) {
         let (tx, rx) = watch::channel(Vec::new());
-        let task = tokio::spawn(run(fake.client(), config(), tx));
+        let task = tokio::spawn(run(fake.client(), config(), tx, status));
         (rx, task)
     }
 
@@ -953,10 +994,43 @@ mod tests {
     #[tokio::test]
     async fn announces_an_empty_first_list() {
         let fake = FakeApi::start(vec![], "100").await;
-        let (mut rx, task) = spawn_discovery(&fake);
+        let metrics = crate::telemetry::metrics::EdgeMetrics::new();
+        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let (mut rx, task) = spawn_discovery_reporting(&fake, status.clone());
         let changed = tokio::time::timeout(WAIT, rx.changed()).await;
         assert!(matches!(changed, Ok(Ok(()))), "first sync not announced");
         assert!(rx.borrow().is_empty());
+        // No kas pods is a fine answer from a working source: the edge may be ready.
+        assert!(status.is_synced());
+        assert_eq!(metrics.discovery_up.get(), 1);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn forbidden_list_keeps_discovery_unsynced_until_it_is_allowed() {
+        let fake = FakeApi::start(vec![], "100").await;
+        fake.state.lock().unwrap().forbidden = true;
+        let metrics = crate::telemetry::metrics::EdgeMetrics::new();
+        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let (mut rx, task) = spawn_discovery_reporting(&fake, status.clone());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while metrics.discovery_errors.get() < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "403 not counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!status.is_synced(), "a 403 is not a first result");
+        assert_eq!(metrics.discovery_up.get(), 0);
+        let reason = status.last_error().unwrap();
+        assert!(reason.contains("Forbidden"), "{reason}");
+        assert!(!rx.has_changed().unwrap(), "nothing published");
+
+        // The RoleBinding appears: the next retry lists, and the edge may become ready.
+        fake.state.lock().unwrap().forbidden = false;
+        let changed = tokio::time::timeout(WAIT, rx.changed()).await;
+        assert!(matches!(changed, Ok(Ok(()))), "no list after the 403s");
+        assert!(status.is_synced());
+        assert_eq!(metrics.discovery_up.get(), 1);
+        assert_eq!(status.last_error(), None);
         task.abort();
     }
 
@@ -1140,7 +1214,11 @@ mod tests {
         ];
         for cfg in cases {
             let (tx, _rx) = watch::channel(Vec::new());
-            let result = tokio::time::timeout(WAIT, run(client.clone(), cfg.clone(), tx)).await;
+            let status = Arc::new(DiscoveryStatus::new(
+                &crate::telemetry::metrics::EdgeMetrics::new(),
+            ));
+            let result =
+                tokio::time::timeout(WAIT, run(client.clone(), cfg.clone(), tx, status)).await;
             assert!(matches!(result, Ok(Err(_))), "accepted {cfg:?}");
         }
     }

@@ -1,14 +1,75 @@
 //! Finding kas pods. Each source publishes the full, sorted list of pod endpoints into a
 //! `watch` channel whenever it changes; the [`crate::upstream::pool`] turns that into backends.
 //! Sources: a static list, a headless Service's DNS name, or Kubernetes EndpointSlices.
+//!
+//! Each source also reports how it is doing on a [`DiscoveryStatus`]: the edge is ready
+//! only once its source has produced a first result (an empty one from a working source
+//! counts: readiness reflects the edge, not kas), and `edge_discovery_up` /
+//! `edge_discovery_errors_total` show a source that cannot reach its API or name.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::config::DiscoveryConfig;
+use crate::support::sync::lock;
+use crate::telemetry::metrics::EdgeMetrics;
+
+/// Longest a single DNS lookup may take before it counts as failed (the system resolver
+/// can block for its timeout times its attempts times the search domains).
+const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether discovery has produced a result yet, and whether its last attempt worked.
+pub struct DiscoveryStatus {
+    synced: AtomicBool,
+    /// Why the source is not producing results, while it is not.
+    last_error: Mutex<Option<String>>,
+    up: prometheus::IntGauge,
+    errors: prometheus::IntCounter,
+}
+
+impl DiscoveryStatus {
+    /// Reports into `edge_discovery_up` and `edge_discovery_errors_total`.
+    pub fn new(metrics: &EdgeMetrics) -> Self {
+        metrics.discovery_up.set(0);
+        Self {
+            synced: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            up: metrics.discovery_up.clone(),
+            errors: metrics.discovery_errors.clone(),
+        }
+    }
+
+    /// The source produced a result (possibly empty).
+    pub fn succeeded(&self) {
+        if !self.synced.swap(true, Ordering::SeqCst) {
+            tracing::info!("discovery produced its first result");
+        }
+        self.up.set(1);
+        *lock(&self.last_error) = None;
+    }
+
+    /// The source failed to produce a result; `reason` is kept for `/readyz`.
+    pub fn failed(&self, reason: impl std::fmt::Display) {
+        self.up.set(0);
+        self.errors.inc();
+        *lock(&self.last_error) = Some(reason.to_string());
+    }
+
+    /// True once the source has produced a first result; it stays true (a later failure
+    /// keeps the last set of pods, and the metrics show it).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+}
 
 /// One kas pod as discovery sees it: its traffic address (pod IP and agent port).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,6 +96,7 @@ impl Endpoint {
 }
 
 pub mod endpointslices;
+pub mod names;
 
 /// Publishes `endpoints` (sorted, de-duplicated) if they differ from what was published.
 pub fn publish(tx: &watch::Sender<Vec<Endpoint>>, mut endpoints: Vec<Endpoint>) {
@@ -52,15 +114,28 @@ pub fn publish(tx: &watch::Sender<Vec<Endpoint>>, mut endpoints: Vec<Endpoint>) 
 
 /// Re-resolves `name` (A and AAAA, via the system resolver, as a headless Service's DNS
 /// name answers with every ready pod IP) every `interval`. A failed lookup keeps the last
-/// answer: a DNS blip must not empty the backend set.
+/// answer: a DNS blip must not empty the backend set. Until the first lookup succeeds
+/// the edge is not ready, and each failure is logged and counted.
 pub async fn run_dns(
     name: String,
     port: u16,
     interval: Duration,
     tx: watch::Sender<Vec<Endpoint>>,
+    status: std::sync::Arc<DiscoveryStatus>,
 ) {
     loop {
-        match tokio::net::lookup_host((name.as_str(), port)).await {
+        let lookup = tokio::time::timeout(
+            DNS_LOOKUP_TIMEOUT,
+            tokio::net::lookup_host((name.as_str(), port)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {DNS_LOOKUP_TIMEOUT:?}"),
+            ))
+        });
+        match lookup {
             Ok(addrs) => {
                 let endpoints: Vec<Endpoint> = addrs.map(Endpoint::plain).collect();
                 if endpoints.is_empty() {
@@ -68,9 +143,15 @@ pub async fn run_dns(
                 } else {
                     publish(&tx, endpoints);
                 }
+                status.succeeded();
+            }
+            Err(e) if status.is_synced() => {
+                status.failed(format!("DNS lookup of {name}: {e}"));
+                tracing::warn!(%name, error = %e, "DNS discovery failed; keeping the previous set")
             }
             Err(e) => {
-                tracing::warn!(%name, error = %e, "DNS discovery failed; keeping the previous set")
+                status.failed(format!("DNS lookup of {name}: {e}"));
+                tracing::error!(%name, error = %e, "DNS discovery failed: not ready until discovery.name resolves")
             }
         }
         tokio::select! {
@@ -90,15 +171,46 @@ pub fn own_namespace() -> anyhow::Result<String> {
         .context("discovery.namespace is not set and the pod's own namespace is unknown")
 }
 
-/// Starts the configured source on `rt`; the receiver sees every new set of pods.
+/// What `run` would need from the pod for `config`, checked without contacting
+/// anything: the pod's namespace when `discovery.namespace` is unset, and in-cluster
+/// credentials for the Kubernetes API. `kas-edge check` and start-up share it.
+pub fn preflight(config: &DiscoveryConfig) -> anyhow::Result<()> {
+    let DiscoveryConfig::Kubernetes { namespace, .. } = config else {
+        return Ok(());
+    };
+    if namespace.is_none() {
+        own_namespace()?;
+    }
+    const PURPOSE: &str = "discovery.kind = \"kubernetes\"";
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        if std::env::var_os(var).is_none() {
+            anyhow::bail!(
+                "{PURPOSE} needs the Kubernetes API, but {var} is not set: \
+                 the edge is not running inside a Kubernetes pod"
+            );
+        }
+    }
+    kube::Config::incluster().with_context(|| {
+        format!(
+            "{PURPOSE}: loading the in-cluster service account (token, CA and namespace under \
+             /var/run/secrets/kubernetes.io/serviceaccount; is automountServiceAccountToken off?)"
+        )
+    })?;
+    Ok(())
+}
+
+/// Starts the configured source on `rt`; the receiver sees every new set of pods and
+/// `status` how the source is doing.
 pub fn start(
     rt: &tokio::runtime::Handle,
     config: &DiscoveryConfig,
+    status: std::sync::Arc<DiscoveryStatus>,
 ) -> anyhow::Result<watch::Receiver<Vec<Endpoint>>> {
     let (tx, rx) = watch::channel(Vec::new());
     match config.clone() {
         DiscoveryConfig::Static { endpoints } => {
             publish(&tx, endpoints.into_iter().map(Endpoint::plain).collect());
+            status.succeeded();
             // Keep the sender alive: a closed channel would read as "discovery ended".
             rt.spawn(async move { tx.closed().await });
         }
@@ -107,7 +219,7 @@ pub fn start(
             port,
             interval,
         } => {
-            rt.spawn(run_dns(name, port, interval, tx));
+            rt.spawn(run_dns(name, port, interval, tx, status));
         }
         DiscoveryConfig::Kubernetes {
             namespace,
@@ -131,8 +243,9 @@ pub fn start(
                 ))
                 .context("discovery.kind = \"kubernetes\" needs in-cluster credentials")?;
             rt.spawn(async move {
-                if let Err(e) = endpointslices::run(client, cfg, tx).await {
-                    tracing::error!(error = %e, "EndpointSlice discovery stopped");
+                if let Err(e) = endpointslices::run(client, cfg, tx, status.clone()).await {
+                    status.failed(&e);
+                    tracing::error!(error = %e, "EndpointSlice discovery stopped: not ready");
                 }
             });
         }
@@ -143,26 +256,93 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn dns_source_resolves_and_publishes_sorted() {
         let (tx, mut rx) = watch::channel(Vec::new());
+        let status = Arc::new(DiscoveryStatus::new(&EdgeMetrics::new()));
         let task = tokio::spawn(run_dns(
             "localhost".into(),
             8150,
             Duration::from_secs(60),
             tx,
+            status.clone(),
         ));
         tokio::time::timeout(Duration::from_secs(10), rx.changed())
             .await
             .unwrap()
             .unwrap();
+        assert!(status.is_synced());
+        assert_eq!(status.last_error(), None);
         let endpoints = rx.borrow().clone();
         assert!(!endpoints.is_empty());
         assert!(endpoints
             .iter()
             .all(|e| e.addr.port() == 8150 && e.addr.ip().is_loopback()));
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn dns_name_that_does_not_resolve_keeps_discovery_unsynced() {
+        let metrics = EdgeMetrics::new();
+        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let (tx, rx) = watch::channel(Vec::new());
+        // `.invalid` never resolves (RFC 6761), without depending on the network.
+        let task = tokio::spawn(run_dns(
+            "kas.invalid".into(),
+            8150,
+            Duration::from_millis(50),
+            tx,
+            status.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while metrics.discovery_errors.get() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no failed lookups counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        assert!(!status.is_synced());
+        assert_eq!(metrics.discovery_up.get(), 0);
+        let reason = status.last_error().unwrap();
+        assert!(reason.contains("kas.invalid"), "{reason}");
+        assert!(rx.borrow().is_empty());
+    }
+
+    #[test]
+    fn static_source_is_synced_at_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let metrics = EdgeMetrics::new();
+        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let config = DiscoveryConfig::Static {
+            endpoints: vec!["127.0.1.1:8150".parse().unwrap()],
+        };
+        let rx = start(rt.handle(), &config, status.clone()).unwrap();
+        assert!(status.is_synced());
+        assert_eq!(metrics.discovery_up.get(), 1);
+        assert_eq!(rx.borrow().len(), 1);
+    }
+
+    #[test]
+    fn kubernetes_preflight_names_what_is_missing() {
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            return; // Running in a pod: nothing to check here.
+        }
+        let config = DiscoveryConfig::Kubernetes {
+            namespace: Some("kas".into()),
+            service: "kas".into(),
+            port_name: None,
+            port: None,
+        };
+        let err = preflight(&config).unwrap_err().to_string();
+        assert!(err.contains("not running inside a Kubernetes pod"), "{err}");
+        assert!(err.contains("discovery.kind"), "{err}");
     }
 
     #[test]

@@ -341,7 +341,7 @@ impl EdgeWithStuckStdout {
         let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         let config = format!(
             "[listen]\nhttps = \"{https}\"\nadmin = \"{admin}\"\nthreads = 2\n\
-             [tls]\nhosts = [\"localhost\"]\nself_signed_dir = {tls_dir:?}\n\
+             [tls]\nself_signed = true\nhosts = [\"localhost\"]\nself_signed_dir = {tls_dir:?}\n\
              [discovery]\nkind = \"static\"\nendpoints = [{}]\n\
              [health]\nport = {HEALTH_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
             list.join(", ")

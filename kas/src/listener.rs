@@ -79,7 +79,7 @@ impl ConnCtx {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         if req.version() == Version::HTTP_2 {
             self.grpc_guard.get_or_init(|| {
-                GaugeGuard::new(
+                GaugeGuard::hold(
                     self.listener
                         .metrics
                         .connected_agents
@@ -142,7 +142,7 @@ impl ListenerCtx {
                 Some(self.ws_config),
             )
             .await;
-            let _guard = GaugeGuard::new(
+            let _guard = GaugeGuard::hold(
                 self.metrics
                     .connected_agents
                     .with_label_values(&["websocket"]),

@@ -24,7 +24,7 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
-pub use kas_common::metrics::register;
+pub use kas_common::metrics::{register, GaugeGuard};
 
 impl Metrics {
     pub fn new() -> Self {
@@ -119,21 +119,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Holds a gauge up for as long as the guard lives (a connection, a stream).
-pub struct GaugeGuard(IntGauge);
-
-impl GaugeGuard {
-    pub fn new(gauge: IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

@@ -42,7 +42,7 @@ pub struct Shared {
 
 impl Shared {
     fn stream_guard(&self, method: &str) -> GaugeGuard {
-        GaugeGuard::new(self.metrics.streams.with_label_values(&[method]))
+        GaugeGuard::hold(self.metrics.streams.with_label_values(&[method]))
     }
 }
 

@@ -76,23 +76,7 @@ pub struct EdgeMetrics {
 }
 
 use kas_common::metrics::register;
-
-/// Holds one count in a gauge for as long as it lives: an open connection, an active
-/// stream, whichever way it ends.
-pub struct GaugeGuard(IntGauge);
-
-impl GaugeGuard {
-    pub fn hold(gauge: IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
+pub use kas_common::metrics::GaugeGuard;
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(

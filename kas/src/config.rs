@@ -53,6 +53,12 @@ pub struct AgentListenerConfig {
     pub keepalive_interval: Duration,
     /// Largest websocket message accepted from an agent.
     pub max_websocket_message_bytes: usize,
+    /// How long one agent connection (an HTTP/2 connection or a websocket tunnel) may
+    /// live. Each ends at a random point in the last fifth of it: GOAWAY, then its parked
+    /// streams end with OK and the agent reconnects, through the load balancer, so a
+    /// scaled-out fleet rebalances (real kas: 2 h).
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 impl Default for AgentListenerConfig {
@@ -61,6 +67,7 @@ impl Default for AgentListenerConfig {
             listen: ([0, 0, 0, 0], 8150).into(),
             keepalive_interval: Duration::from_secs(50),
             max_websocket_message_bytes: 10 * 1024 * 1024,
+            max_connection_age: Duration::from_secs(2 * 3600),
         }
     }
 }
@@ -273,7 +280,8 @@ impl Config {
                 "must differ from agent.listen: health checks use their own port",
             ));
         }
-        let nonzero: [(&'static str, Duration); 5] = [
+        let nonzero: [(&'static str, Duration); 6] = [
+            ("agent.max_connection_age", self.agent.max_connection_age),
             ("gitlab.api_timeout", self.gitlab.api_timeout),
             ("gitlab.auth_cache_ttl", self.gitlab.auth_cache_ttl),
             (

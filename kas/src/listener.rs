@@ -31,6 +31,25 @@ use crate::wstunnel::{WsByteStream, SUBPROTOCOL};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A peer that does not answer an HTTP/2 PING within this time is dead.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// After its age is reached a connection has sent GOAWAY and ended its parked streams;
+/// calls still running (a Register, a configuration being read) get this long to finish.
+const AGE_GRACE: Duration = Duration::from_secs(30);
+/// A connection ends at a random point in the last fifth of `max_connection_age`, so
+/// agents that connected together (after a rollout) do not all reconnect together.
+const AGE_SPREAD: f64 = 0.2;
+
+/// Cancelled when this connection's parked streams (reverse tunnels, configuration and
+/// GitOps streams) must end with OK: the connection reached its age, or the pod's drain
+/// deadline passed (the token is a child of the pod-wide one). Services find it in the
+/// request extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnectionEnd(pub CancellationToken);
+
+/// How long one connection may live: uniformly in `[(1 - AGE_SPREAD) * max, max]`.
+pub(crate) fn connection_lifetime(max: Duration) -> Duration {
+    use rand::Rng;
+    max.mul_f64(rand::rng().random_range((1.0 - AGE_SPREAD)..=1.0))
+}
 
 struct ListenerCtx {
     routes: Routes,
@@ -42,12 +61,17 @@ struct ListenerCtx {
     tracker: TaskTracker,
     ws_config: WebSocketConfig,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    max_connection_age: Duration,
+    /// The pod-wide token for parked streams; each connection's [`ConnectionEnd`] is a
+    /// child of it.
+    end_streams: CancellationToken,
 }
 
 /// One per TCP connection: counts it as a gRPC agent once it speaks HTTP/2.
 struct ConnCtx {
     listener: Arc<ListenerCtx>,
     grpc_guard: OnceLock<GaugeGuard>,
+    end: ConnectionEnd,
 }
 
 fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
@@ -76,8 +100,12 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 impl ConnCtx {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         if req.version() == Version::HTTP_2 {
+            req.extensions_mut().insert(self.end.clone());
             self.grpc_guard.get_or_init(|| {
                 GaugeGuard::new(
                     self.listener
@@ -147,11 +175,27 @@ impl ListenerCtx {
                     .connected_agents
                     .with_label_values(&["websocket"]),
             );
+            // The tunnel is a connection of its own: its own age and parked streams.
+            let end = ConnectionEnd(self.end_streams.child_token());
+            let routes = {
+                let end = end.clone();
+                self.routes
+                    .clone()
+                    .map_request(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(end.clone());
+                        req
+                    })
+            };
             let conn = self.h2.serve_connection(
                 TokioIo::new(WsByteStream::new(ws)),
-                TowerToHyperService::new(self.routes.clone()),
+                TowerToHyperService::new(routes),
             );
-            if let Err(e) = until_goaway(conn, &self.goaway, |c| c.graceful_shutdown()).await {
+            let lifetime = connection_lifetime(self.max_connection_age);
+            if let Err(e) = until_goaway(conn, &self.goaway, lifetime, &end.0, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+            {
                 tracing::debug!(error = %e, "websocket tunnel ended with an error");
             }
         });
@@ -177,23 +221,45 @@ impl ListenerCtx {
     }
 }
 
-/// Drives a connection; when `goaway` fires, asks it to shut down gracefully and keeps
-/// driving it until its last stream is done.
+/// Drives a connection. When `goaway` fires (the pod drains), asks it to shut down
+/// gracefully and keeps driving it until its last stream is done (the drain deadline ends
+/// parked streams through the pod-wide token). When `lifetime` has passed, the same
+/// GOAWAY goes out and then `end` ends this connection's parked streams with OK, so the
+/// agent calls again on a new connection, possibly to another pod; whatever is still
+/// running gets [`AGE_GRACE`].
 async fn until_goaway<F, E>(
     conn: F,
     goaway: &CancellationToken,
+    lifetime: Duration,
+    end: &CancellationToken,
     start_graceful: impl FnOnce(std::pin::Pin<&mut F>),
 ) -> Result<(), E>
 where
     F: std::future::Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
-    tokio::select! {
+    let aged = tokio::select! {
         result = conn.as_mut() => return result,
-        _ = goaway.cancelled() => {}
-    }
+        _ = goaway.cancelled() => false,
+        _ = tokio::time::sleep(lifetime) => true,
+    };
+    // GOAWAY first, so calls the agent makes after its streams end go to a new connection.
     start_graceful(conn.as_mut());
-    conn.await
+    if !aged {
+        return conn.await;
+    }
+    tracing::debug!(
+        ?lifetime,
+        "connection reached its age: GOAWAY sent, ending parked streams"
+    );
+    end.cancel();
+    match tokio::time::timeout(AGE_GRACE, conn).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::debug!("aged connection still busy after the grace period; closing it");
+            Ok(())
+        }
+    }
 }
 
 /// Handles for draining the agent listener's connections.
@@ -212,6 +278,7 @@ pub(crate) async fn serve(
     metrics: Metrics,
     stop: CancellationToken,
     drain: Drain,
+    end_streams: CancellationToken,
 ) {
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
@@ -236,6 +303,8 @@ pub(crate) async fn serve(
             .max_message_size(Some(cfg.max_websocket_message_bytes))
             .max_frame_size(Some(cfg.max_websocket_message_bytes)),
         h2,
+        max_connection_age: cfg.max_connection_age,
+        end_streams: end_streams.clone(),
     });
     loop {
         let accepted = tokio::select! {
@@ -252,17 +321,24 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let end = ConnectionEnd(end_streams.child_token());
         let conn_ctx = Arc::new(ConnCtx {
             listener: ctx.clone(),
             grpc_guard: OnceLock::new(),
+            end: end.clone(),
         });
         let service = service_fn(move |req| conn_ctx.clone().handle(req));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let goaway = drain.goaway.clone();
+        // An HTTP/1 connection that upgrades to a websocket ends here at once; the tunnel
+        // then has a lifetime of its own.
+        let lifetime = connection_lifetime(ctx.max_connection_age);
         drain.tracker.spawn(async move {
-            if let Err(e) = until_goaway(conn, &goaway, |c| c.graceful_shutdown()).await {
+            if let Err(e) =
+                until_goaway(conn, &goaway, lifetime, &end.0, |c| c.graceful_shutdown()).await
+            {
                 tracing::debug!(%peer, error = %e, "agent connection ended with an error");
             }
         });

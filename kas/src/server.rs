@@ -150,6 +150,7 @@ impl BoundKas {
         let agent_cfg = self.config.agent.clone();
         let accept_task = {
             let (stop, drain, metrics) = (stop_accepting.clone(), drain.clone(), metrics.clone());
+            let end_streams = self.shared.end_streams.clone();
             tokio::spawn(async move {
                 listener::serve(
                     self.agent_listener,
@@ -158,6 +159,7 @@ impl BoundKas {
                     metrics,
                     stop,
                     drain,
+                    end_streams,
                 )
                 .await
             })

@@ -40,6 +40,7 @@ impl Diagnostics for DiagnosticsService {
         request: Request<Streaming<PingRequest>>,
     ) -> Result<Response<Self::EchoStream>, Status> {
         self.shared.auth.authenticate(request.metadata()).await?;
+        let end = self.shared.stream_end(&request);
         let mut inbound = request.into_inner();
         let guard = self.shared.stream_guard("Echo");
         let (tx, rx) = mpsc::channel(16);
@@ -58,7 +59,7 @@ impl Diagnostics for DiagnosticsService {
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    _ = this.shared.end_streams.cancelled() => break,
+                    _ = end.cancelled() => break,
                 }
             }
         });

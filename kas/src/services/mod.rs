@@ -21,6 +21,7 @@ use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 use crate::agent_config::{ConfigSource, ConfigSourceError};
 use crate::auth::Authenticator;
 use crate::head_poller::HeadPollers;
+use crate::listener::ConnectionEnd;
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// State every service shares.
@@ -41,6 +42,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Cancelled when a parked stream of `request`'s connection must end with OK: the
+    /// connection reached its age or the pod's drain deadline passed.
+    fn stream_end<T>(&self, request: &tonic::Request<T>) -> CancellationToken {
+        request
+            .extensions()
+            .get::<ConnectionEnd>()
+            .map(|end| end.0.clone())
+            .unwrap_or_else(|| self.end_streams.clone())
+    }
+
     fn stream_guard(&self, method: &str) -> GaugeGuard {
         GaugeGuard::new(self.metrics.streams.with_label_values(&[method]))
     }

@@ -53,6 +53,9 @@ pub struct AgentListenerConfig {
     pub keepalive_interval: Duration,
     /// Largest websocket message accepted from an agent.
     pub max_websocket_message_bytes: usize,
+    /// Largest websocket message accepted on a tunnel before its first call GitLab
+    /// accepts, so an unauthenticated client cannot make kas buffer the full limit.
+    pub max_websocket_message_bytes_before_auth: usize,
     /// How long one agent connection (an HTTP/2 connection or a websocket tunnel) may
     /// live. Each ends at a random point in the last fifth of it: GOAWAY, then its parked
     /// streams end with OK and the agent reconnects, through the load balancer, so a
@@ -67,6 +70,7 @@ impl Default for AgentListenerConfig {
             listen: ([0, 0, 0, 0], 8150).into(),
             keepalive_interval: Duration::from_secs(50),
             max_websocket_message_bytes: 10 * 1024 * 1024,
+            max_websocket_message_bytes_before_auth: 64 * 1024,
             max_connection_age: Duration::from_secs(2 * 3600),
         }
     }
@@ -345,6 +349,14 @@ impl Config {
             return Err(invalid(
                 "agent.max_websocket_message_bytes",
                 "must be at least 16384 (one HTTP/2 frame)",
+            ));
+        }
+        let before_auth = self.agent.max_websocket_message_bytes_before_auth;
+        if before_auth < 16 * 1024 || before_auth > self.agent.max_websocket_message_bytes {
+            return Err(invalid(
+                "agent.max_websocket_message_bytes_before_auth",
+                "must be at least 16384 (one HTTP/2 frame) and at most \
+                 agent.max_websocket_message_bytes",
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)

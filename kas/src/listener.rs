@@ -2,6 +2,7 @@
 //! one listener, both ending in the same tonic router.
 
 use std::convert::Infallible;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tower::ServiceExt;
 
 use crate::config::AgentListenerConfig;
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::wstunnel::{WsByteStream, SUBPROTOCOL};
+use crate::wstunnel::{PreAuthLimit, WsByteStream, SUBPROTOCOL};
 
 /// A slow client may take this long to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,12 +39,27 @@ const AGE_GRACE: Duration = Duration::from_secs(30);
 /// agents that connected together (after a rollout) do not all reconnect together.
 const AGE_SPREAD: f64 = 0.2;
 
-/// Cancelled when this connection's parked streams (reverse tunnels, configuration and
-/// GitOps streams) must end with OK: the connection reached its age, or the pod's drain
-/// deadline passed (the token is a child of the pod-wide one). Services find it in the
-/// request extensions.
+/// One agent connection (an HTTP/2 connection or a websocket tunnel), as services see it
+/// in the request extensions.
 #[derive(Clone, Debug)]
-pub(crate) struct ConnectionEnd(pub CancellationToken);
+pub(crate) struct AgentConnection {
+    /// Cancelled when this connection's parked streams (reverse tunnels, configuration
+    /// and GitOps streams) must end with OK: the connection reached its age, or the pod's
+    /// drain deadline passed (the token is a child of the pod-wide one).
+    pub end: CancellationToken,
+    /// Set by the first call GitLab accepts; lifts a websocket tunnel's pre-authentication
+    /// message limit.
+    pub authenticated: Arc<AtomicBool>,
+}
+
+impl AgentConnection {
+    fn new(end_streams: &CancellationToken) -> Self {
+        Self {
+            end: end_streams.child_token(),
+            authenticated: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
 
 /// How long one connection may live: uniformly in `[(1 - AGE_SPREAD) * max, max]`.
 pub(crate) fn connection_lifetime(max: Duration) -> Duration {
@@ -60,10 +76,11 @@ struct ListenerCtx {
     /// Every connection task, so the drain can wait for them.
     tracker: TaskTracker,
     ws_config: WebSocketConfig,
+    /// Largest websocket message before the tunnel's first authenticated call.
+    ws_pre_auth_limit: usize,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     max_connection_age: Duration,
-    /// The pod-wide token for parked streams; each connection's [`ConnectionEnd`] is a
-    /// child of it.
+    /// The pod-wide token for parked streams; each connection's end token is a child of it.
     end_streams: CancellationToken,
 }
 
@@ -71,7 +88,7 @@ struct ListenerCtx {
 struct ConnCtx {
     listener: Arc<ListenerCtx>,
     grpc_guard: OnceLock<GaugeGuard>,
-    end: ConnectionEnd,
+    conn: AgentConnection,
 }
 
 fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
@@ -105,7 +122,7 @@ impl ConnCtx {
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
         if req.version() == Version::HTTP_2 {
-            req.extensions_mut().insert(self.end.clone());
+            req.extensions_mut().insert(self.conn.clone());
             self.grpc_guard.get_or_init(|| {
                 GaugeGuard::new(
                     self.listener
@@ -164,8 +181,15 @@ impl ListenerCtx {
                     return;
                 }
             };
+            // The tunnel is a connection of its own: its own age, parked streams and
+            // pre-authentication limit.
+            let conn = AgentConnection::new(&self.end_streams);
             let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
+                PreAuthLimit::new(
+                    TokioIo::new(upgraded),
+                    conn.authenticated.clone(),
+                    self.ws_pre_auth_limit,
+                ),
                 Role::Server,
                 Some(self.ws_config),
             )
@@ -175,23 +199,21 @@ impl ListenerCtx {
                     .connected_agents
                     .with_label_values(&["websocket"]),
             );
-            // The tunnel is a connection of its own: its own age and parked streams.
-            let end = ConnectionEnd(self.end_streams.child_token());
             let routes = {
-                let end = end.clone();
+                let conn = conn.clone();
                 self.routes
                     .clone()
                     .map_request(move |mut req: Request<Incoming>| {
-                        req.extensions_mut().insert(end.clone());
+                        req.extensions_mut().insert(conn.clone());
                         req
                     })
             };
-            let conn = self.h2.serve_connection(
+            let h2 = self.h2.serve_connection(
                 TokioIo::new(WsByteStream::new(ws)),
                 TowerToHyperService::new(routes),
             );
             let lifetime = connection_lifetime(self.max_connection_age);
-            if let Err(e) = until_goaway(conn, &self.goaway, lifetime, &end.0, |c| {
+            if let Err(e) = until_goaway(h2, &self.goaway, lifetime, &conn.end, |c| {
                 c.graceful_shutdown()
             })
             .await
@@ -302,6 +324,7 @@ pub(crate) async fn serve(
         ws_config: WebSocketConfig::default()
             .max_message_size(Some(cfg.max_websocket_message_bytes))
             .max_frame_size(Some(cfg.max_websocket_message_bytes)),
+        ws_pre_auth_limit: cfg.max_websocket_message_bytes_before_auth,
         h2,
         max_connection_age: cfg.max_connection_age,
         end_streams: end_streams.clone(),
@@ -321,11 +344,12 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let end = ConnectionEnd(end_streams.child_token());
+        let agent_conn = AgentConnection::new(&end_streams);
+        let end = agent_conn.end.clone();
         let conn_ctx = Arc::new(ConnCtx {
             listener: ctx.clone(),
             grpc_guard: OnceLock::new(),
-            end: end.clone(),
+            conn: agent_conn,
         });
         let service = service_fn(move |req| conn_ctx.clone().handle(req));
         let conn = builder
@@ -337,7 +361,7 @@ pub(crate) async fn serve(
         let lifetime = connection_lifetime(ctx.max_connection_age);
         drain.tracker.spawn(async move {
             if let Err(e) =
-                until_goaway(conn, &goaway, lifetime, &end.0, |c| c.graceful_shutdown()).await
+                until_goaway(conn, &goaway, lifetime, &end, |c| c.graceful_shutdown()).await
             {
                 tracing::debug!(%peer, error = %e, "agent connection ended with an error");
             }

@@ -3,7 +3,23 @@
 
 mod common;
 
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures_util::{SinkExt, Stream, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tonic::transport::{Endpoint, Uri};
 
 use common::{with_token, Harness, TOKEN};
 use tokio::time::Instant;
@@ -153,4 +169,254 @@ async fn connection_ages_are_spread_so_agents_do_not_reconnect_together() {
         "all tunnels ended within {:?} of each other: {ends:?}",
         last - first
     );
+}
+
+// ---- websocket message limit before authentication ----
+
+/// kas's default limit before the first authenticated call is 64 KiB; this is above it
+/// and far below the 10 MiB that applies afterwards.
+const BIG_MESSAGE: usize = 100 * 1024;
+
+/// One websocket message of valid HTTP/2 that needs no answer: connection-level
+/// WINDOW_UPDATE frames (increment 1) adding up to at least `size` bytes.
+fn window_updates(size: usize) -> Vec<u8> {
+    const FRAME: [u8; 13] = [0, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    FRAME
+        .iter()
+        .copied()
+        .cycle()
+        .take(size.div_ceil(13) * 13)
+        .collect()
+}
+
+async fn ws_connect(addr: SocketAddr) -> WebSocketStream<TcpStream> {
+    let tcp = kas_testkit::clients::tcp_connect(addr, None)
+        .await
+        .expect("connect to kas");
+    let mut request = format!("ws://{addr}/")
+        .into_client_request()
+        .expect("a websocket request");
+    request.headers_mut().insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(kas::wstunnel::SUBPROTOCOL),
+    );
+    tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("websocket handshake")
+        .0
+}
+
+/// The client side of a tunnel the test can add raw messages to: each HTTP/2 write of
+/// the gRPC client is one binary message (as agentk's transport does), and messages
+/// `inject`ed go out between them, at HTTP/2 frame boundaries.
+struct TunnelIo {
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    incoming: futures_util::stream::SplitStream<WebSocketStream<TcpStream>>,
+    pending: Bytes,
+    closed: watch::Sender<bool>,
+}
+
+/// What the test keeps of one tunnel.
+struct TunnelHandle {
+    inject: mpsc::UnboundedSender<Vec<u8>>,
+    closed: watch::Receiver<bool>,
+}
+
+impl TunnelHandle {
+    /// True once kas closed the tunnel, false if it is still open after `wait`.
+    async fn closed_within(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.closed.wait_for(|c| *c))
+            .await
+            .is_ok()
+    }
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.incoming).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => self.pending = data,
+                Some(Ok(Message::Close(_))) | None => {
+                    self.closed.send_replace(true);
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    self.closed.send_replace(true);
+                    return Poll::Ready(Err(io::Error::other(e)));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.out.send(buf.to_vec()) {
+            Ok(()) => Poll::Ready(Ok(buf.len())),
+            Err(_) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A gRPC channel over [`TunnelIo`] tunnels; every tunnel it opens lands in the list.
+async fn injectable_channel(addr: SocketAddr) -> (Channel, Arc<Mutex<Vec<TunnelHandle>>>) {
+    let tunnels = Arc::new(Mutex::new(Vec::new()));
+    let list = tunnels.clone();
+    let channel = Endpoint::from_static("http://kas.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let list = list.clone();
+            async move {
+                let (mut sink, incoming) = ws_connect(addr).await.split();
+                let (out, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+                tokio::spawn(async move {
+                    while let Some(bytes) = rx.recv().await {
+                        if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let (closed, closed_rx) = watch::channel(false);
+                list.lock().expect("tunnel list").push(TunnelHandle {
+                    inject: out.clone(),
+                    closed: closed_rx,
+                });
+                Ok::<_, io::Error>(TokioIo::new(TunnelIo {
+                    out,
+                    incoming,
+                    pending: Bytes::new(),
+                    closed,
+                }))
+            }
+        }))
+        .await
+        .expect("tunnel channel");
+    (channel, tunnels)
+}
+
+fn only_tunnel(tunnels: &Arc<Mutex<Vec<TunnelHandle>>>) -> TunnelHandle {
+    let list = tunnels.lock().expect("tunnel list");
+    assert_eq!(list.len(), 1, "the channel opened {} tunnels", list.len());
+    TunnelHandle {
+        inject: list[0].inject.clone(),
+        closed: list[0].closed.clone(),
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_first_message_on_a_fresh_tunnel_closes_it() {
+    let kas = Harness::start().await;
+    let mut ws = ws_connect(kas.agent_addr).await;
+    // Valid HTTP/2 from the first byte (preface, SETTINGS, then WINDOW_UPDATEs), one
+    // message: without the limit kas would answer and keep the tunnel open.
+    let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    first.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    first.extend(window_updates(BIG_MESSAGE));
+    ws.send(Message::Binary(first.into())).await.expect("sent");
+    let closed = tokio::time::timeout(STEP, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "kas kept a tunnel open after a {BIG_MESSAGE}-byte first message"
+    );
+
+    // The same size split into messages under the limit is ordinary traffic.
+    let mut ws = ws_connect(kas.agent_addr).await;
+    ws.send(Message::Binary(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"[..].into(),
+    ))
+    .await
+    .expect("sent");
+    for _ in 0..BIG_MESSAGE / (16 * 1024) {
+        ws.send(Message::Binary(window_updates(16 * 1024).into()))
+            .await
+            .expect("sent");
+    }
+    let got_settings = tokio::time::timeout(STEP, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) if b.get(3) == Some(&0x4) => return true,
+                Some(Ok(_)) => {}
+                _ => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        got_settings.ok(),
+        Some(true),
+        "kas did not speak HTTP/2 back"
+    );
+}
+
+#[tokio::test]
+async fn the_full_message_size_applies_only_after_an_authenticated_call() {
+    let kas = Harness::start().await;
+
+    // A refused call does not lift the limit.
+    let (refused_channel, tunnels) = injectable_channel(kas.agent_addr).await;
+    let status = AgentRegistrarClient::new(refused_channel.clone())
+        .register(with_token(RegisterRequest::default(), "glagent-wrong"))
+        .await
+        .expect_err("a wrong token is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let mut tunnel = only_tunnel(&tunnels);
+    tunnel
+        .inject
+        .send(window_updates(BIG_MESSAGE))
+        .expect("injected");
+    assert!(
+        tunnel.closed_within(STEP).await,
+        "an unauthenticated tunnel accepted a {BIG_MESSAGE}-byte message"
+    );
+    // (The channel is held until here: dropping it would close the tunnel by itself.)
+    drop(refused_channel);
+
+    // After a call GitLab accepts, the same message passes and the tunnel carries on.
+    let (channel, tunnels) = injectable_channel(kas.agent_addr).await;
+    register(channel.clone()).await.expect("authenticated call");
+    let mut tunnel = only_tunnel(&tunnels);
+    tunnel
+        .inject
+        .send(window_updates(BIG_MESSAGE))
+        .expect("injected");
+    register(channel.clone())
+        .await
+        .expect("a call after the big message");
+    assert!(
+        !tunnel.closed_within(Duration::from_millis(300)).await,
+        "kas closed an authenticated tunnel over a {BIG_MESSAGE}-byte message"
+    );
+    // Still the same tunnel: the second call did not need a new one.
+    only_tunnel(&tunnels);
+    drop(channel);
 }

@@ -164,7 +164,7 @@ impl AgentConfiguration for AgentConfigurationService {
         &self,
         request: Request<ConfigurationRequest>,
     ) -> Result<Response<Self::GetConfigurationStream>, Status> {
-        let agent = self.shared.auth.authenticate(request.metadata()).await?;
+        let agent = self.shared.authenticate(&request).await?;
         let end = self.shared.stream_end(&request);
         let request = request.into_inner();
         let guard = self.shared.stream_guard("GetConfiguration");

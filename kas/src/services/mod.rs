@@ -19,9 +19,10 @@ use kas_proto::diagnostics::diagnostics_server::DiagnosticsServer;
 use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 
 use crate::agent_config::{ConfigSource, ConfigSourceError};
+use crate::auth::Agent;
 use crate::auth::Authenticator;
 use crate::head_poller::HeadPollers;
-use crate::listener::ConnectionEnd;
+use crate::listener::AgentConnection;
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// State every service shares.
@@ -47,9 +48,20 @@ impl Shared {
     fn stream_end<T>(&self, request: &tonic::Request<T>) -> CancellationToken {
         request
             .extensions()
-            .get::<ConnectionEnd>()
-            .map(|end| end.0.clone())
+            .get::<AgentConnection>()
+            .map(|conn| conn.end.clone())
             .unwrap_or_else(|| self.end_streams.clone())
+    }
+
+    /// Checks the caller's token with GitLab; the first success on a connection lifts its
+    /// pre-authentication websocket message limit.
+    async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Agent, tonic::Status> {
+        let agent = self.auth.authenticate(request.metadata()).await?;
+        if let Some(conn) = request.extensions().get::<AgentConnection>() {
+            conn.authenticated
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(agent)
     }
 
     fn stream_guard(&self, method: &str) -> GaugeGuard {

@@ -31,7 +31,7 @@ impl ReverseTunnel for ReverseTunnelService {
         &self,
         request: Request<Streaming<ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let agent = self.shared.auth.authenticate(request.metadata()).await?;
+        let agent = self.shared.authenticate(&request).await?;
         let end = self.shared.stream_end(&request);
         let mut inbound = request.into_inner();
         match inbound.message().await? {

@@ -39,6 +39,7 @@ pub struct Config {
     pub gitlab: GitlabConfig,
     pub agent_configuration: AgentConfigurationConfig,
     pub gitaly: GitalyConfig,
+    pub gitops: GitopsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -214,6 +215,47 @@ impl GitalyConfig {
     }
 }
 
+/// GitOps manifest projects (`Gitops/GetObjectsToSynchronize`); defaults as real kas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitopsConfig {
+    /// How often a manifest project's branch is checked for a new commit (20 s).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Paths (globs or files) in one request (100).
+    pub max_number_of_paths: usize,
+    /// Files in one batch (1000).
+    pub max_number_of_files: usize,
+    /// Bytes of one manifest file (5 MiB).
+    pub max_manifest_file_size: usize,
+    /// Bytes of all manifest files of one batch together (20 MiB).
+    pub max_total_manifest_file_size: usize,
+}
+
+impl Default for GitopsConfig {
+    fn default() -> Self {
+        let limits = crate::gitops::GitopsLimits::default();
+        Self {
+            poll_interval: Duration::from_secs(20),
+            max_number_of_paths: limits.max_number_of_paths,
+            max_number_of_files: limits.max_number_of_files,
+            max_manifest_file_size: limits.max_manifest_file_size,
+            max_total_manifest_file_size: limits.max_total_manifest_file_size,
+        }
+    }
+}
+
+impl GitopsConfig {
+    pub fn limits(&self) -> crate::gitops::GitopsLimits {
+        crate::gitops::GitopsLimits {
+            max_number_of_paths: self.max_number_of_paths,
+            max_number_of_files: self.max_number_of_files,
+            max_manifest_file_size: self.max_manifest_file_size,
+            max_total_manifest_file_size: self.max_total_manifest_file_size,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -284,7 +326,30 @@ impl Config {
                 "must differ from agent.listen: health checks use their own port",
             ));
         }
-        let nonzero: [(&'static str, Duration); 6] = [
+        for (field, value) in [
+            (
+                "gitops.max_number_of_paths",
+                self.gitops.max_number_of_paths,
+            ),
+            (
+                "gitops.max_number_of_files",
+                self.gitops.max_number_of_files,
+            ),
+            (
+                "gitops.max_manifest_file_size",
+                self.gitops.max_manifest_file_size,
+            ),
+            (
+                "gitops.max_total_manifest_file_size",
+                self.gitops.max_total_manifest_file_size,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        let nonzero: [(&'static str, Duration); 7] = [
+            ("gitops.poll_interval", self.gitops.poll_interval),
             ("agent.max_connection_age", self.agent.max_connection_age),
             ("gitlab.api_timeout", self.gitlab.api_timeout),
             ("gitlab.auth_cache_ttl", self.gitlab.auth_cache_ttl),

@@ -16,6 +16,7 @@ pub mod devstack;
 pub mod gitaly;
 pub mod gitlab;
 pub mod gitlab_standin;
+pub mod gitops;
 pub mod head_poller;
 mod listener;
 pub mod logging;

@@ -3,6 +3,7 @@
 
 mod configuration;
 mod diagnostics;
+mod gitops;
 mod registrar;
 mod tunnel;
 
@@ -16,11 +17,14 @@ use tonic::service::Routes;
 use kas_proto::agent_configuration::agent_configuration_server::AgentConfigurationServer;
 use kas_proto::agent_registrar::agent_registrar_server::AgentRegistrarServer;
 use kas_proto::diagnostics::diagnostics_server::DiagnosticsServer;
+use kas_proto::gitops::gitops_server::GitopsServer;
 use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 
 use crate::agent_config::{ConfigSource, ConfigSourceError};
 use crate::auth::Agent;
 use crate::auth::Authenticator;
+use crate::gitaly::{GitalyError, GitalyPool};
+use crate::gitops::GitopsLimits;
 use crate::head_poller::HeadPollers;
 use crate::listener::AgentConnection;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -31,6 +35,11 @@ pub struct Shared {
     pub config_source: Arc<dyn ConfigSource>,
     /// One head poller per (repository, branch), shared by all configuration streams.
     pub head_pollers: Arc<HeadPollers<ConfigSourceError>>,
+    /// Gitaly servers, for GitOps manifest projects.
+    pub gitaly: Arc<GitalyPool>,
+    /// One head poller per manifest project and branch, shared by all GitOps streams.
+    pub gitops_pollers: Arc<HeadPollers<GitalyError>>,
+    pub gitops_limits: GitopsLimits,
     pub metrics: Metrics,
     pub poll_interval: Duration,
     pub max_config_file_bytes: usize,
@@ -94,6 +103,11 @@ pub fn routes(shared: Arc<Shared>) -> Routes {
     )
     .add_service(
         ReverseTunnelServer::new(tunnel::ReverseTunnelService::new(shared.clone()))
+            .accept_compressed(gzip)
+            .send_compressed(gzip),
+    )
+    .add_service(
+        GitopsServer::new(gitops::GitopsService::new(shared.clone()))
             .accept_compressed(gzip)
             .send_compressed(gzip),
     )

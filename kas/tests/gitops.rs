@@ -2,6 +2,7 @@
 //! Gitaly stand-ins (real git repositories).
 
 mod common;
+mod hgitaly;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -85,9 +86,16 @@ async fn next(
 async fn batch(
     stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
 ) -> Result<(String, BTreeMap<String, String>), tonic::Status> {
+    batch_of(stream, manifests().project_id).await
+}
+
+async fn batch_of(
+    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+    project_id: i64,
+) -> Result<(String, BTreeMap<String, String>), tonic::Status> {
     let commit = match next(stream).await?.and_then(|m| m.message) {
         Some(Message::Header(h)) => {
-            assert_eq!(h.project_id, manifests().project_id);
+            assert_eq!(h.project_id, project_id);
             h.commit_id
         }
         other => panic!("expected a header, got {other:?}"),
@@ -260,4 +268,50 @@ async fn too_many_or_too_large_manifests_fail_with_the_reason() {
         .await
         .expect_err("no paths");
     assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn manifests_are_read_from_hgitaly_a_third_party_gitaly() {
+    let hg = tokio::task::spawn_blocking(hgitaly::HGitaly::start)
+        .await
+        .expect("HGitaly started");
+    let repo = hg.create_repo("ops/manifests.hg");
+    let first = hg.commit(
+        &repo,
+        &[
+            ("deploy/app.yaml", Some(b"kind: Deployment\n")),
+            ("deploy/db/db.yaml", Some(b"kind: StatefulSet\n")),
+            ("deploy/notes.txt", Some(b"not a manifest\n")),
+        ],
+    );
+    let kas = start().await;
+    kas.gitlab.set_gitaly(&hg.address(), "unused by HGitaly");
+    kas.gitlab.add_project(StandinProject {
+        project_id: 78,
+        project_path: "ops/manifests-hg".into(),
+        default_branch: "branch/default".into(),
+        relative_path: Some("ops/manifests.hg".into()),
+    });
+    let channel = kas.h2c_channel().await;
+    let mut stream = open(channel.clone(), request("78", &["deploy/**/*.yaml"], ""))
+        .await
+        .expect("accepted");
+    let (commit, files) = batch_of(&mut stream, 78).await.expect("a batch");
+    assert_eq!(commit, first);
+    assert_eq!(
+        files.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["deploy/app.yaml", "deploy/db/db.yaml"]
+    );
+    assert_eq!(files["deploy/db/db.yaml"], "kind: StatefulSet\n");
+
+    let mut again = open(channel, request("78", &["deploy/**/*.yaml"], &commit))
+        .await
+        .expect("accepted");
+    let second = hg.commit(
+        &repo,
+        &[("deploy/app.yaml", Some(b"kind: Deployment\nreplicas: 2\n"))],
+    );
+    let (commit, files) = batch_of(&mut again, 78).await.expect("the next batch");
+    assert_eq!(commit, second);
+    assert_eq!(files["deploy/app.yaml"], "kind: Deployment\nreplicas: 2\n");
 }

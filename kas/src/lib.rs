@@ -18,6 +18,7 @@ pub mod gitlab;
 pub mod gitlab_standin;
 pub mod gitops;
 pub mod head_poller;
+pub mod kascfg;
 mod listener;
 pub mod logging;
 pub mod metrics;

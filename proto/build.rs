@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "agentcfg.proto",
     "agent_configuration.proto",
     "agent_registrar.proto",
+    "gitops.proto",
     "prototool.proto",
     "reverse_tunnel_info.proto",
     "reverse_tunnel.proto",

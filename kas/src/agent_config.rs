@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use kas_proto::agentcfg::{
-    AgentConfiguration, CiAccessCf, CiAccessGroupCf, CiAccessProjectCf, LogLevelEnum, LoggingCf,
-    ObservabilityCf,
+    AgentConfiguration, CiAccessCf, CiAccessGroupCf, CiAccessProjectCf, GitopsCf, LogLevelEnum,
+    LoggingCf, ManifestProjectCf, ObservabilityCf, PathCf,
 };
 use serde::Deserialize;
 
@@ -161,14 +161,39 @@ fn api_token_error(e: GitlabError) -> ConfigSourceError {
     }
 }
 
-/// The part of `config.yaml` this kas understands. Other sections (gitops, user_access,
+/// The part of `config.yaml` this kas understands. Other sections (user_access,
 /// remote_development, ...) are accepted and ignored, as an older kas would.
 #[derive(Debug, Default, Deserialize)]
 struct ConfigFile {
     #[serde(default)]
+    gitops: Option<GitopsFile>,
+    #[serde(default)]
     observability: Option<ObservabilityFile>,
     #[serde(default)]
     ci_access: Option<CiAccessFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct GitopsFile {
+    #[serde(default)]
+    manifest_projects: Vec<ManifestProjectFile>,
+}
+
+/// Settings for the agent's applier (reconcile_timeout, prune, ...) are accepted and not
+/// modelled; `ref` is the agent's to send with its GetObjectsToSynchronize request.
+#[derive(Debug, Deserialize)]
+struct ManifestProjectFile {
+    id: String,
+    #[serde(default)]
+    default_namespace: String,
+    #[serde(default)]
+    paths: Vec<PathFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathFile {
+    glob: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,7 +302,38 @@ pub fn build_configuration_limited(
             })
             .collect(),
     });
+    let gitops = match parsed.gitops {
+        Some(g) => {
+            let mut manifest_projects = Vec::with_capacity(g.manifest_projects.len());
+            for (i, p) in g.manifest_projects.into_iter().enumerate() {
+                if p.id.trim().is_empty() {
+                    return Err(ConfigSourceError::InvalidFile(format!(
+                        "gitops.manifest_projects[{i}].id must not be empty"
+                    )));
+                }
+                for (j, path) in p.paths.iter().enumerate() {
+                    crate::gitops::ManifestGlob::new(&path.glob).map_err(|e| {
+                        ConfigSourceError::InvalidFile(format!(
+                            "gitops.manifest_projects[{i}].paths[{j}].glob: {e}"
+                        ))
+                    })?;
+                }
+                manifest_projects.push(ManifestProjectCf {
+                    id: p.id,
+                    default_namespace: p.default_namespace,
+                    paths: p
+                        .paths
+                        .into_iter()
+                        .map(|path| PathCf { glob: path.glob })
+                        .collect(),
+                });
+            }
+            Some(GitopsCf { manifest_projects })
+        }
+        None => None,
+    };
     Ok(AgentConfiguration {
+        gitops,
         observability,
         agent_id: agent.agent_id,
         project_id: agent.project_id,
@@ -325,6 +381,27 @@ mod tests {
         let ci = cfg.ci_access.unwrap();
         assert_eq!(ci.projects[0].id, "group/app");
         assert_eq!(ci.projects[0].default_namespace, "app");
+        assert!(cfg.gitops.unwrap().manifest_projects.is_empty());
+    }
+
+    #[test]
+    fn gitops_manifest_projects_are_mapped_and_checked() {
+        let yaml = b"gitops:\n  manifest_projects:\n  - id: group/manifests\n    default_namespace: apps\n    reconcile_timeout: 3600s\n    paths:\n    - glob: 'deploy/**/*.yaml'\n    - glob: base.yml\n";
+        let cfg = build_configuration(Some(yaml), &agent(), "u").unwrap();
+        let projects = cfg.gitops.unwrap().manifest_projects;
+        assert_eq!(projects.len(), 1);
+        assert_eq!(projects[0].id, "group/manifests");
+        assert_eq!(projects[0].default_namespace, "apps");
+        let globs: Vec<_> = projects[0].paths.iter().map(|p| p.glob.as_str()).collect();
+        assert_eq!(globs, ["deploy/**/*.yaml", "base.yml"]);
+        for bad in [
+            &b"gitops:\n  manifest_projects:\n  - paths: []\n"[..],
+            b"gitops:\n  manifest_projects:\n  - id: ' '\n",
+            b"gitops:\n  manifest_projects:\n  - id: p\n    paths:\n    - glob: 'a/[b'\n",
+        ] {
+            let err = build_configuration(Some(bad), &agent(), "u").unwrap_err();
+            assert!(matches!(err, ConfigSourceError::InvalidFile(_)), "{err}");
+        }
     }
 
     #[test]

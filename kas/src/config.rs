@@ -39,6 +39,7 @@ pub struct Config {
     pub gitlab: GitlabConfig,
     pub agent_configuration: AgentConfigurationConfig,
     pub gitaly: GitalyConfig,
+    pub gitops: GitopsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -53,6 +54,15 @@ pub struct AgentListenerConfig {
     pub keepalive_interval: Duration,
     /// Largest websocket message accepted from an agent.
     pub max_websocket_message_bytes: usize,
+    /// Largest websocket message accepted on a tunnel before its first call GitLab
+    /// accepts, so an unauthenticated client cannot make kas buffer the full limit.
+    pub max_websocket_message_bytes_before_auth: usize,
+    /// How long one agent connection (an HTTP/2 connection or a websocket tunnel) may
+    /// live. Each ends at a random point in the last fifth of it: GOAWAY, then its parked
+    /// streams end with OK and the agent reconnects, through the load balancer, so a
+    /// scaled-out fleet rebalances (real kas: 2 h).
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 impl Default for AgentListenerConfig {
@@ -61,6 +71,8 @@ impl Default for AgentListenerConfig {
             listen: ([0, 0, 0, 0], 8150).into(),
             keepalive_interval: Duration::from_secs(50),
             max_websocket_message_bytes: 10 * 1024 * 1024,
+            max_websocket_message_bytes_before_auth: 64 * 1024,
+            max_connection_age: Duration::from_secs(2 * 3600),
         }
     }
 }
@@ -203,6 +215,47 @@ impl GitalyConfig {
     }
 }
 
+/// GitOps manifest projects (`Gitops/GetObjectsToSynchronize`); defaults as real kas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitopsConfig {
+    /// How often a manifest project's branch is checked for a new commit (20 s).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Paths (globs or files) in one request (100).
+    pub max_number_of_paths: usize,
+    /// Files in one batch (1000).
+    pub max_number_of_files: usize,
+    /// Bytes of one manifest file (5 MiB).
+    pub max_manifest_file_size: usize,
+    /// Bytes of all manifest files of one batch together (20 MiB).
+    pub max_total_manifest_file_size: usize,
+}
+
+impl Default for GitopsConfig {
+    fn default() -> Self {
+        let limits = crate::gitops::GitopsLimits::default();
+        Self {
+            poll_interval: Duration::from_secs(20),
+            max_number_of_paths: limits.max_number_of_paths,
+            max_number_of_files: limits.max_number_of_files,
+            max_manifest_file_size: limits.max_manifest_file_size,
+            max_total_manifest_file_size: limits.max_total_manifest_file_size,
+        }
+    }
+}
+
+impl GitopsConfig {
+    pub fn limits(&self) -> crate::gitops::GitopsLimits {
+        crate::gitops::GitopsLimits {
+            max_number_of_paths: self.max_number_of_paths,
+            max_number_of_files: self.max_number_of_files,
+            max_manifest_file_size: self.max_manifest_file_size,
+            max_total_manifest_file_size: self.max_total_manifest_file_size,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -273,7 +326,31 @@ impl Config {
                 "must differ from agent.listen: health checks use their own port",
             ));
         }
-        let nonzero: [(&'static str, Duration); 5] = [
+        for (field, value) in [
+            (
+                "gitops.max_number_of_paths",
+                self.gitops.max_number_of_paths,
+            ),
+            (
+                "gitops.max_number_of_files",
+                self.gitops.max_number_of_files,
+            ),
+            (
+                "gitops.max_manifest_file_size",
+                self.gitops.max_manifest_file_size,
+            ),
+            (
+                "gitops.max_total_manifest_file_size",
+                self.gitops.max_total_manifest_file_size,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        let nonzero: [(&'static str, Duration); 7] = [
+            ("gitops.poll_interval", self.gitops.poll_interval),
+            ("agent.max_connection_age", self.agent.max_connection_age),
             ("gitlab.api_timeout", self.gitlab.api_timeout),
             ("gitlab.auth_cache_ttl", self.gitlab.auth_cache_ttl),
             (
@@ -337,6 +414,14 @@ impl Config {
             return Err(invalid(
                 "agent.max_websocket_message_bytes",
                 "must be at least 16384 (one HTTP/2 frame)",
+            ));
+        }
+        let before_auth = self.agent.max_websocket_message_bytes_before_auth;
+        if before_auth < 16 * 1024 || before_auth > self.agent.max_websocket_message_bytes {
+            return Err(invalid(
+                "agent.max_websocket_message_bytes_before_auth",
+                "must be at least 16384 (one HTTP/2 frame) and at most \
+                 agent.max_websocket_message_bytes",
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)

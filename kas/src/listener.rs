@@ -2,6 +2,7 @@
 //! one listener, both ending in the same tonic router.
 
 use std::convert::Infallible;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -25,12 +26,46 @@ use tower::ServiceExt;
 
 use crate::config::AgentListenerConfig;
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::wstunnel::{WsByteStream, SUBPROTOCOL};
+use crate::wstunnel::{PreAuthLimit, WsByteStream, SUBPROTOCOL};
 
 /// A slow client may take this long to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A peer that does not answer an HTTP/2 PING within this time is dead.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// After its age is reached a connection has sent GOAWAY and ended its parked streams;
+/// calls still running (a Register, a configuration being read) get this long to finish.
+const AGE_GRACE: Duration = Duration::from_secs(30);
+/// A connection ends at a random point in the last fifth of `max_connection_age`, so
+/// agents that connected together (after a rollout) do not all reconnect together.
+const AGE_SPREAD: f64 = 0.2;
+
+/// One agent connection (an HTTP/2 connection or a websocket tunnel), as services see it
+/// in the request extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct AgentConnection {
+    /// Cancelled when this connection's parked streams (reverse tunnels, configuration
+    /// and GitOps streams) must end with OK: the connection reached its age, or the pod's
+    /// drain deadline passed (the token is a child of the pod-wide one).
+    pub end: CancellationToken,
+    /// Set by the first call GitLab accepts; lifts a websocket tunnel's pre-authentication
+    /// message limit.
+    pub authenticated: Arc<AtomicBool>,
+}
+
+impl AgentConnection {
+    fn new(end_streams: &CancellationToken) -> Self {
+        Self {
+            end: end_streams.child_token(),
+            authenticated: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// How long one connection may live: uniformly in `[(1 - AGE_SPREAD) * max, max]`.
+pub(crate) fn connection_lifetime(max: Duration) -> Duration {
+    use rand::Rng;
+    max.mul_f64(rand::rng().random_range((1.0 - AGE_SPREAD)..=1.0))
+}
 
 struct ListenerCtx {
     routes: Routes,
@@ -41,13 +76,19 @@ struct ListenerCtx {
     /// Every connection task, so the drain can wait for them.
     tracker: TaskTracker,
     ws_config: WebSocketConfig,
+    /// Largest websocket message before the tunnel's first authenticated call.
+    ws_pre_auth_limit: usize,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    max_connection_age: Duration,
+    /// The pod-wide token for parked streams; each connection's end token is a child of it.
+    end_streams: CancellationToken,
 }
 
 /// One per TCP connection: counts it as a gRPC agent once it speaks HTTP/2.
 struct ConnCtx {
     listener: Arc<ListenerCtx>,
     grpc_guard: OnceLock<GaugeGuard>,
+    conn: AgentConnection,
 }
 
 fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
@@ -76,8 +117,12 @@ fn is_websocket_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 impl ConnCtx {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         if req.version() == Version::HTTP_2 {
+            req.extensions_mut().insert(self.conn.clone());
             self.grpc_guard.get_or_init(|| {
                 GaugeGuard::hold(
                     self.listener
@@ -136,8 +181,15 @@ impl ListenerCtx {
                     return;
                 }
             };
+            // The tunnel is a connection of its own: its own age, parked streams and
+            // pre-authentication limit.
+            let conn = AgentConnection::new(&self.end_streams);
             let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
+                PreAuthLimit::new(
+                    TokioIo::new(upgraded),
+                    conn.authenticated.clone(),
+                    self.ws_pre_auth_limit,
+                ),
                 Role::Server,
                 Some(self.ws_config),
             )
@@ -147,11 +199,25 @@ impl ListenerCtx {
                     .connected_agents
                     .with_label_values(&["websocket"]),
             );
-            let conn = self.h2.serve_connection(
+            let routes = {
+                let conn = conn.clone();
+                self.routes
+                    .clone()
+                    .map_request(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(conn.clone());
+                        req
+                    })
+            };
+            let h2 = self.h2.serve_connection(
                 TokioIo::new(WsByteStream::new(ws)),
-                TowerToHyperService::new(self.routes.clone()),
+                TowerToHyperService::new(routes),
             );
-            if let Err(e) = until_goaway(conn, &self.goaway, |c| c.graceful_shutdown()).await {
+            let lifetime = connection_lifetime(self.max_connection_age);
+            if let Err(e) = until_goaway(h2, &self.goaway, lifetime, &conn.end, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+            {
                 tracing::debug!(error = %e, "websocket tunnel ended with an error");
             }
         });
@@ -177,23 +243,45 @@ impl ListenerCtx {
     }
 }
 
-/// Drives a connection; when `goaway` fires, asks it to shut down gracefully and keeps
-/// driving it until its last stream is done.
+/// Drives a connection. When `goaway` fires (the pod drains), asks it to shut down
+/// gracefully and keeps driving it until its last stream is done (the drain deadline ends
+/// parked streams through the pod-wide token). When `lifetime` has passed, the same
+/// GOAWAY goes out and then `end` ends this connection's parked streams with OK, so the
+/// agent calls again on a new connection, possibly to another pod; whatever is still
+/// running gets [`AGE_GRACE`].
 async fn until_goaway<F, E>(
     conn: F,
     goaway: &CancellationToken,
+    lifetime: Duration,
+    end: &CancellationToken,
     start_graceful: impl FnOnce(std::pin::Pin<&mut F>),
 ) -> Result<(), E>
 where
     F: std::future::Future<Output = Result<(), E>>,
 {
     tokio::pin!(conn);
-    tokio::select! {
+    let aged = tokio::select! {
         result = conn.as_mut() => return result,
-        _ = goaway.cancelled() => {}
-    }
+        _ = goaway.cancelled() => false,
+        _ = tokio::time::sleep(lifetime) => true,
+    };
+    // GOAWAY first, so calls the agent makes after its streams end go to a new connection.
     start_graceful(conn.as_mut());
-    conn.await
+    if !aged {
+        return conn.await;
+    }
+    tracing::debug!(
+        ?lifetime,
+        "connection reached its age: GOAWAY sent, ending parked streams"
+    );
+    end.cancel();
+    match tokio::time::timeout(AGE_GRACE, conn).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::debug!("aged connection still busy after the grace period; closing it");
+            Ok(())
+        }
+    }
 }
 
 /// Handles for draining the agent listener's connections.
@@ -212,6 +300,7 @@ pub(crate) async fn serve(
     metrics: Metrics,
     stop: CancellationToken,
     drain: Drain,
+    end_streams: CancellationToken,
 ) {
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
@@ -235,7 +324,10 @@ pub(crate) async fn serve(
         ws_config: WebSocketConfig::default()
             .max_message_size(Some(cfg.max_websocket_message_bytes))
             .max_frame_size(Some(cfg.max_websocket_message_bytes)),
+        ws_pre_auth_limit: cfg.max_websocket_message_bytes_before_auth,
         h2,
+        max_connection_age: cfg.max_connection_age,
+        end_streams: end_streams.clone(),
     });
     loop {
         let accepted = tokio::select! {
@@ -252,17 +344,25 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let agent_conn = AgentConnection::new(&end_streams);
+        let end = agent_conn.end.clone();
         let conn_ctx = Arc::new(ConnCtx {
             listener: ctx.clone(),
             grpc_guard: OnceLock::new(),
+            conn: agent_conn,
         });
         let service = service_fn(move |req| conn_ctx.clone().handle(req));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let goaway = drain.goaway.clone();
+        // An HTTP/1 connection that upgrades to a websocket ends here at once; the tunnel
+        // then has a lifetime of its own.
+        let lifetime = connection_lifetime(ctx.max_connection_age);
         drain.tracker.spawn(async move {
-            if let Err(e) = until_goaway(conn, &goaway, |c| c.graceful_shutdown()).await {
+            if let Err(e) =
+                until_goaway(conn, &goaway, lifetime, &end, |c| c.graceful_shutdown()).await
+            {
                 tracing::debug!(%peer, error = %e, "agent connection ended with an error");
             }
         });

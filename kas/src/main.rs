@@ -22,8 +22,12 @@ struct Cli {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML configuration file; flags override its values.
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "configuration_file")]
     config: Option<PathBuf>,
+    /// Real kas's YAML configuration file (as the GitLab Helm chart writes it); keys this
+    /// kas does not implement are reported as ignored. Flags override its values.
+    #[arg(long)]
+    configuration_file: Option<PathBuf>,
     /// Agent listener address (gRPC and websocket), e.g. 0.0.0.0:8150.
     #[arg(long)]
     agent_listen: Option<SocketAddr>,
@@ -54,10 +58,15 @@ enum Command {
 }
 
 impl ServeArgs {
-    fn load(&self) -> anyhow::Result<Config> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
+    /// The configuration and the keys of a real kas YAML file that were ignored.
+    fn load(&self) -> anyhow::Result<(Config, Vec<String>)> {
+        let (mut config, ignored) = match (&self.config, &self.configuration_file) {
+            (Some(path), _) => (Config::from_file(path)?, Vec::new()),
+            (None, Some(path)) => {
+                let yaml = kas::kascfg::KasYaml::from_file(path)?;
+                (yaml.config, yaml.ignored)
+            }
+            (None, None) => (Config::default(), Vec::new()),
         };
         if let Some(v) = self.agent_listen {
             config.agent.listen = v;
@@ -72,7 +81,7 @@ impl ServeArgs {
             config.gitlab.authentication_secret_file = v.clone();
         }
         config.validate()?;
-        Ok(config)
+        Ok((config, ignored))
     }
 
     fn pod_name(&self) -> String {
@@ -110,8 +119,11 @@ async fn termination() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Check(args)) => {
-            let config = args.load()?;
+            let (config, ignored) = args.load()?;
             kas::gitlab::SharedSecret::from_file(&config.gitlab.authentication_secret_file)?;
+            for key in &ignored {
+                println!("ignored (not implemented by this kas): {key}");
+            }
             println!("configuration is valid");
             Ok(())
         }
@@ -134,8 +146,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stack.run(rx).await
         }
         None => {
-            let config = cli.serve.load()?;
+            let (config, ignored) = cli.serve.load()?;
             kas::logging::init(&config.log.level);
+            for key in &ignored {
+                tracing::warn!(key = %key, "configuration key ignored: not implemented by this kas");
+            }
             let kas = BoundKas::bind(config, &cli.serve.pod_name())
                 .await
                 .context("kas cannot start")?;

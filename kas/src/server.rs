@@ -100,6 +100,9 @@ impl BoundKas {
                 config.agent_configuration.poll_interval,
                 end_streams.clone(),
             ),
+            gitaly: gitaly.clone(),
+            gitops_pollers: HeadPollers::new(config.gitops.poll_interval, end_streams.clone()),
+            gitops_limits: config.gitops.limits(),
             metrics,
             poll_interval: config.agent_configuration.poll_interval,
             max_config_file_bytes: config.agent_configuration.max_configuration_file_size,
@@ -150,6 +153,7 @@ impl BoundKas {
         let agent_cfg = self.config.agent.clone();
         let accept_task = {
             let (stop, drain, metrics) = (stop_accepting.clone(), drain.clone(), metrics.clone());
+            let end_streams = self.shared.end_streams.clone();
             tokio::spawn(async move {
                 listener::serve(
                     self.agent_listener,
@@ -158,6 +162,7 @@ impl BoundKas {
                     metrics,
                     stop,
                     drain,
+                    end_streams,
                 )
                 .await
             })

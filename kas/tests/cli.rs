@@ -140,3 +140,154 @@ mod probe {
             .ok_or_else(|| std::io::Error::other("bad response"))
     }
 }
+
+/// A kas.yaml shaped like the one the GitLab Helm chart renders (its kas ConfigMap), with
+/// this kas's implemented keys added as an operator's `customConfig` would.
+fn helm_chart_yaml(agent: u16, obs: u16, secret: &std::path::Path) -> String {
+    format!(
+        r#"agent:
+  listen:
+    address: "127.0.0.1:{agent}"
+    websocket: true
+    max_connection_age: "1800s"
+  configuration:
+    poll_period: "20s"
+    max_configuration_file_size: 131072
+  info_cache_ttl: "300s"
+  info_cache_error_ttl: "60s"
+  kubernetes_api:
+    listen:
+      address: ":8154"
+      websocket: true
+    url_path_prefix: "/k8s-proxy"
+gitlab:
+  address: "http://127.0.0.1:1"
+  external_url: "https://gitlab.example.com"
+  authentication_secret_file: {secret:?}
+api:
+  listen:
+    address: ":8153"
+    authentication_secret_file: {secret:?}
+private_api:
+  listen:
+    address: ":8155"
+    authentication_secret_file: "/etc/kas/.gitlab_kas_private_api_secret"
+observability:
+  listen:
+    address: "127.0.0.1:{obs}"
+  logging:
+    level: info
+redis:
+  server:
+    address: "gitlab-redis-master.default.svc:6379"
+  password_file: "/etc/kas/redis/redis-password"
+gitaly:
+  global_api_rate_limit:
+    refill_rate_per_second: 30.0
+    bucket_size: 70
+  per_server_api_rate_limit:
+    refill_rate_per_second: 15.0
+    bucket_size: 40
+"#
+    )
+}
+
+/// Keys of [`helm_chart_yaml`] this kas does not implement.
+const HELM_IGNORED: &[&str] = &[
+    "agent.kubernetes_api.listen.address",
+    "agent.kubernetes_api.listen.websocket",
+    "agent.kubernetes_api.url_path_prefix",
+    "agent.listen.websocket",
+    "api.listen.address",
+    "api.listen.authentication_secret_file",
+    "private_api.listen.address",
+    "private_api.listen.authentication_secret_file",
+    "redis.password_file",
+    "redis.server.address",
+];
+
+#[test]
+fn a_real_kas_yaml_is_accepted_and_unimplemented_keys_are_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, kas::gitlab::SharedSecret::generate().to_base64()).unwrap();
+    let (agent, obs) = (free_port(), free_port());
+    let path = dir.path().join("kas.yaml");
+    std::fs::write(&path, helm_chart_yaml(agent, obs, &secret)).unwrap();
+
+    // `check` lists every ignored key and accepts the file.
+    let out = kas()
+        .args(["check", "--configuration-file"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ignored (not implemented by this kas): "))
+        .map(|k| k.split(' ').next().unwrap_or(k))
+        .collect();
+    assert_eq!(listed, HELM_IGNORED, "{stdout}");
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+
+    // Serving: the file's addresses are used, and the log names each ignored key once.
+    let mut child = kas()
+        .arg("--configuration-file")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while probe::readiness_status(obs).ok() != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "kas never became ready on the YAML's observability address"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", agent)).is_ok());
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "kas did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut log).unwrap();
+    for key in HELM_IGNORED {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("configuration key ignored") && l.contains(&format!("\"{key}")))
+            .count();
+        assert_eq!(lines, 1, "{key} reported {lines} times in:\n{log}");
+    }
+
+    // A bad value names the file and the key; a TOML flag and the YAML flag conflict.
+    std::fs::write(&path, "agent:\n  listen:\n    max_connection_age: soon\n").unwrap();
+    let out = kas()
+        .args(["check", "--configuration-file"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("agent.listen.max_connection_age") && stderr.contains("kas.yaml"),
+        "{stderr}"
+    );
+    let out = kas()
+        .args(["check", "--config", "a.toml", "--configuration-file"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -24,6 +24,11 @@ pub mod gitlab {
                 tonic::include_proto!("gitlab.agent.agent_registrar.rpc");
             }
         }
+        pub mod gitops {
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.gitops.rpc");
+            }
+        }
         pub mod reverse_tunnel {
             pub mod info {
                 tonic::include_proto!("gitlab.agent.reverse_tunnel.info");
@@ -45,6 +50,7 @@ pub use gitlab::agent::agent_configuration::rpc as agent_configuration;
 pub use gitlab::agent::agent_registrar::rpc as agent_registrar;
 pub use gitlab::agent::agentcfg;
 pub use gitlab::agent::entity;
+pub use gitlab::agent::gitops::rpc as gitops;
 pub use gitlab::agent::reverse_tunnel::rpc as reverse_tunnel;
 
 pub mod kas_edge {
@@ -70,6 +76,7 @@ pub mod paths {
     pub const REGISTER: &str = "/gitlab.agent.agent_registrar.rpc.AgentRegistrar/Register";
     pub const REVERSE_TUNNEL_CONNECT: &str =
         "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect";
+    pub const GITOPS_GET_OBJECTS: &str = "/gitlab.agent.gitops.rpc.Gitops/GetObjectsToSynchronize";
     pub const DIAGNOSTICS_PING: &str = "/kas_edge.diagnostics.v1.Diagnostics/Ping";
     pub const DIAGNOSTICS_ECHO: &str = "/kas_edge.diagnostics.v1.Diagnostics/Echo";
     pub const GITALY_FIND_BRANCH: &str = "/gitaly.RefService/FindBranch";

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 pub use client::{GitalyError, GitalyLimits, GitalyPool, TreeEntryInfo};
-pub use config_source::GitalyConfigSource;
+pub use config_source::{branch_head, GitalyConfigSource};
 
 /// How to reach a Gitaly server (`gitaly_info` in GitLab's internal API answers).
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]

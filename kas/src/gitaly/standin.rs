@@ -370,19 +370,11 @@ impl CommitService for Service {
         .await?
         .ok_or_else(invalid)?;
         let commit = String::from_utf8_lossy(&commit).trim().to_owned();
+        // `<commit>:<path>` names the path's object (everything after the colon is the
+        // path, so no `^{tree}` suffix can follow): it must be a tree.
         let tree = format!("{commit}:{path}");
-        if git(
-            &repo,
-            &[
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                &format!("{tree}^{{tree}}"),
-            ],
-        )
-        .await?
-        .is_none()
-        {
+        let kind = git(&repo, &["cat-file", "-t", &tree]).await?;
+        if kind.as_deref().map(<[u8]>::trim_ascii) != Some(b"tree") {
             return Err(invalid());
         }
         let mut args = vec!["ls-tree", "-z"];

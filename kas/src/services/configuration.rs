@@ -4,6 +4,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use kas_proto::agent_configuration::agent_configuration_server::AgentConfiguration;
@@ -61,6 +62,7 @@ async fn poll_loop(
     mut agent: Agent,
     mut last_commit: String,
     tx: mpsc::Sender<Result<ConfigurationResponse, Status>>,
+    end: CancellationToken,
 ) {
     let events = &shared.metrics.config_events;
     let agent_id = agent.info.agent_id;
@@ -149,7 +151,7 @@ async fn poll_loop(
                 }
             }
             _ = tx.closed() => return,
-            _ = shared.end_streams.cancelled() => return,
+            _ = end.cancelled() => return,
         }
     }
 }
@@ -162,14 +164,15 @@ impl AgentConfiguration for AgentConfigurationService {
         &self,
         request: Request<ConfigurationRequest>,
     ) -> Result<Response<Self::GetConfigurationStream>, Status> {
-        let agent = self.shared.auth.authenticate(request.metadata()).await?;
+        let agent = self.shared.authenticate(&request).await?;
+        let end = self.shared.stream_end(&request);
         let request = request.into_inner();
         let guard = self.shared.stream_guard("GetConfiguration");
         let (tx, rx) = mpsc::channel(1);
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            poll_loop(shared, agent, request.commit_id, tx).await;
+            poll_loop(shared, agent, request.commit_id, tx, end).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -29,7 +29,7 @@ impl DiagnosticsService {
 #[tonic::async_trait]
 impl Diagnostics for DiagnosticsService {
     async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        self.shared.auth.authenticate(request.metadata()).await?;
+        self.shared.authenticate(&request).await?;
         Ok(Response::new(self.answer(request.into_inner())))
     }
 
@@ -39,7 +39,8 @@ impl Diagnostics for DiagnosticsService {
         &self,
         request: Request<Streaming<PingRequest>>,
     ) -> Result<Response<Self::EchoStream>, Status> {
-        self.shared.auth.authenticate(request.metadata()).await?;
+        self.shared.authenticate(&request).await?;
+        let end = self.shared.stream_end(&request);
         let mut inbound = request.into_inner();
         let guard = self.shared.stream_guard("Echo");
         let (tx, rx) = mpsc::channel(16);
@@ -58,7 +59,7 @@ impl Diagnostics for DiagnosticsService {
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    _ = this.shared.end_streams.cancelled() => break,
+                    _ = end.cancelled() => break,
                 }
             }
         });

@@ -3,6 +3,7 @@
 
 mod configuration;
 mod diagnostics;
+mod gitops;
 mod registrar;
 mod tunnel;
 
@@ -16,11 +17,16 @@ use tonic::service::Routes;
 use kas_proto::agent_configuration::agent_configuration_server::AgentConfigurationServer;
 use kas_proto::agent_registrar::agent_registrar_server::AgentRegistrarServer;
 use kas_proto::diagnostics::diagnostics_server::DiagnosticsServer;
+use kas_proto::gitops::gitops_server::GitopsServer;
 use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 
 use crate::agent_config::{ConfigSource, ConfigSourceError};
+use crate::auth::Agent;
 use crate::auth::Authenticator;
+use crate::gitaly::{GitalyError, GitalyPool};
+use crate::gitops::GitopsLimits;
 use crate::head_poller::HeadPollers;
+use crate::listener::AgentConnection;
 use crate::metrics::{GaugeGuard, Metrics};
 
 /// State every service shares.
@@ -29,6 +35,11 @@ pub struct Shared {
     pub config_source: Arc<dyn ConfigSource>,
     /// One head poller per (repository, branch), shared by all configuration streams.
     pub head_pollers: Arc<HeadPollers<ConfigSourceError>>,
+    /// Gitaly servers, for GitOps manifest projects.
+    pub gitaly: Arc<GitalyPool>,
+    /// One head poller per manifest project and branch, shared by all GitOps streams.
+    pub gitops_pollers: Arc<HeadPollers<GitalyError>>,
+    pub gitops_limits: GitopsLimits,
     pub metrics: Metrics,
     pub poll_interval: Duration,
     pub max_config_file_bytes: usize,
@@ -41,6 +52,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Cancelled when a parked stream of `request`'s connection must end with OK: the
+    /// connection reached its age or the pod's drain deadline passed.
+    fn stream_end<T>(&self, request: &tonic::Request<T>) -> CancellationToken {
+        request
+            .extensions()
+            .get::<AgentConnection>()
+            .map(|conn| conn.end.clone())
+            .unwrap_or_else(|| self.end_streams.clone())
+    }
+
+    /// Checks the caller's token with GitLab; the first success on a connection lifts its
+    /// pre-authentication websocket message limit.
+    async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Agent, tonic::Status> {
+        let agent = self.auth.authenticate(request.metadata()).await?;
+        if let Some(conn) = request.extensions().get::<AgentConnection>() {
+            conn.authenticated
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(agent)
+    }
+
     fn stream_guard(&self, method: &str) -> GaugeGuard {
         GaugeGuard::hold(self.metrics.streams.with_label_values(&[method]))
     }
@@ -71,6 +103,11 @@ pub fn routes(shared: Arc<Shared>) -> Routes {
     )
     .add_service(
         ReverseTunnelServer::new(tunnel::ReverseTunnelService::new(shared.clone()))
+            .accept_compressed(gzip)
+            .send_compressed(gzip),
+    )
+    .add_service(
+        GitopsServer::new(gitops::GitopsService::new(shared.clone()))
             .accept_compressed(gzip)
             .send_compressed(gzip),
     )

@@ -23,7 +23,7 @@ impl AgentRegistrar for AgentRegistrarService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let agent = self.shared.auth.authenticate(request.metadata()).await?;
+        let agent = self.shared.authenticate(&request).await?;
         let request = request.into_inner();
         let meta = request.agent_meta.unwrap_or_default();
         tracing::info!(

@@ -31,7 +31,8 @@ impl ReverseTunnel for ReverseTunnelService {
         &self,
         request: Request<Streaming<ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let agent = self.shared.auth.authenticate(request.metadata()).await?;
+        let agent = self.shared.authenticate(&request).await?;
+        let end = self.shared.stream_end(&request);
         let mut inbound = request.into_inner();
         match inbound.message().await? {
             Some(ConnectRequest {
@@ -50,7 +51,6 @@ impl ReverseTunnel for ReverseTunnelService {
         }
         let guard = self.shared.stream_guard("Connect");
         let (tx, rx) = mpsc::channel::<Result<ConnectResponse, Status>>(1);
-        let shared = self.shared.clone();
         let agent_id = agent.info.agent_id;
         tokio::spawn(async move {
             let _guard = guard;
@@ -62,7 +62,7 @@ impl ReverseTunnel for ReverseTunnelService {
                         Ok(None) | Err(_) => break,
                     },
                     _ = tx.closed() => break,
-                    _ = shared.end_streams.cancelled() => break,
+                    _ = end.cancelled() => break,
                 }
             }
             tracing::debug!(agent_id, "reverse tunnel closed");

@@ -1,0 +1,324 @@
+//! Real kas's YAML configuration (`kas --configuration-file kas.yaml`, the file the GitLab
+//! Helm chart and Omnibus write; schema `pkg/kascfg/kascfg.proto` of gitlab-agent),
+//! mapped onto [`Config`]. Keys this kas implements are applied; every other key present
+//! in the file is reported by its dotted path as ignored — never dropped silently.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::{Mapping, Value};
+
+use crate::config::{Config, ConfigError, RateLimitConfig};
+
+/// A real kas configuration file, read.
+#[derive(Debug)]
+pub struct KasYaml {
+    pub config: Config,
+    /// Dotted paths of keys present in the file that this kas does not implement, each
+    /// with a short reason when there is one.
+    pub ignored: Vec<String>,
+}
+
+fn parse_error(path: &Path, message: String) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+impl KasYaml {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|message| parse_error(path, message))
+    }
+
+    /// Parses the text; errors name the key (`agent.listen.address: ...`).
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        let root = match serde_yaml::from_str::<Option<Value>>(text).map_err(|e| e.to_string())? {
+            None | Some(Value::Null) => Mapping::new(),
+            Some(Value::Mapping(m)) => m,
+            Some(_) => return Err("the file must be a YAML mapping".into()),
+        };
+        let mut reader = Reader {
+            root,
+            config: Config::default(),
+            notes: Vec::new(),
+        };
+        reader.apply()?;
+        let mut ignored = Vec::new();
+        leaves(&Value::Mapping(reader.root), "", &mut ignored);
+        ignored.extend(reader.notes);
+        ignored.sort();
+        Ok(Self {
+            config: reader.config,
+            ignored,
+        })
+    }
+}
+
+/// Collects the dotted paths of every leaf left in `value` (what was not consumed).
+fn leaves(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Mapping(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let key = match k {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                };
+                let path = if prefix.is_empty() {
+                    key
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                leaves(v, &path, out);
+            }
+        }
+        // An emptied mapping was fully consumed; an empty one in the file says nothing.
+        Value::Mapping(_) => {}
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+struct Reader {
+    root: Mapping,
+    config: Config,
+    /// Keys that are read but have no effect here, with the reason.
+    notes: Vec<String>,
+}
+
+/// A protobuf JSON duration (`"300s"`, `"0.5s"`), as real kas's files carry, or a
+/// human one (`"5m"`).
+fn duration(key: &str, v: &Value) -> Result<Duration, String> {
+    let text = v
+        .as_str()
+        .ok_or_else(|| format!("{key}: expected a duration such as \"300s\""))?;
+    if let Some(secs) = text.strip_suffix('s') {
+        if let Ok(secs) = secs.parse::<f64>() {
+            if secs.is_finite() && secs >= 0.0 {
+                return Ok(Duration::from_secs_f64(secs));
+            }
+        }
+    }
+    humantime_serde::re::humantime::parse_duration(text)
+        .map_err(|e| format!("{key}: {text:?}: {e}"))
+}
+
+/// `host:port` with an IP, or `:port` for every address, as the Helm chart writes it.
+fn listen_address(key: &str, v: &Value) -> Result<SocketAddr, String> {
+    let text = v
+        .as_str()
+        .ok_or_else(|| format!("{key}: expected an address such as \":8150\""))?;
+    let full = if text.starts_with(':') {
+        format!("0.0.0.0{text}")
+    } else {
+        text.to_owned()
+    };
+    full.parse()
+        .map_err(|e| format!("{key}: {text:?} is not an IP:port or :port ({e})"))
+}
+
+fn string(key: &str, v: &Value) -> Result<String, String> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{key}: expected a string"))
+}
+
+fn usize_value(key: &str, v: &Value) -> Result<usize, String> {
+    v.as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("{key}: expected a non-negative integer"))
+}
+
+fn rate_limit(key: &str, v: &Value) -> Result<RateLimitConfig, String> {
+    serde_yaml::from_value::<RateLimitConfig>(v.clone()).map_err(|e| format!("{key}: {e}"))
+}
+
+impl Reader {
+    /// Removes the value at `path` from the file's tree and returns it.
+    fn take(&mut self, path: &[&str]) -> Option<Value> {
+        let (last, parents) = path.split_last()?;
+        let mut map = &mut self.root;
+        for p in parents {
+            map = map.get_mut(*p)?.as_mapping_mut()?;
+        }
+        map.remove(*last)
+    }
+
+    fn apply(&mut self) -> Result<(), String> {
+        macro_rules! set {
+            ($path:expr, $parse:expr, |$v:ident| $apply:expr) => {
+                let path: &[&str] = &$path;
+                if let Some(raw) = self.take(path) {
+                    let $v = $parse(&path.join("."), &raw)?;
+                    $apply;
+                }
+            };
+        }
+        // Applied to a local (the macro borrows `self` to take values), written back at the end.
+        let mut cfg = std::mem::take(&mut self.config);
+
+        set!(["gitlab", "address"], string, |v| cfg.gitlab.address = v);
+        set!(["gitlab", "external_url"], string, |v| cfg
+            .gitlab
+            .external_url =
+            Some(v));
+        set!(["gitlab", "authentication_secret_file"], string, |v| {
+            cfg.gitlab.authentication_secret_file = PathBuf::from(v)
+        });
+
+        if let Some(network) = self.take(&["agent", "listen", "network"]) {
+            if network.as_str() != Some("tcp") {
+                return Err("agent.listen.network: only \"tcp\" is supported".into());
+            }
+        }
+        set!(["agent", "listen", "address"], listen_address, |v| cfg
+            .agent
+            .listen =
+            v);
+        if let Some(ws) = self.take(&["agent", "listen", "websocket"]) {
+            self.notes.push(format!(
+                "agent.listen.websocket ({}; this kas always serves gRPC and websocket on agent.listen.address)",
+                serde_yaml::to_string(&ws).unwrap_or_default().trim()
+            ));
+        }
+        set!(["agent", "listen", "max_connection_age"], duration, |v| {
+            cfg.agent.max_connection_age = v
+        });
+        set!(["agent", "configuration", "poll_period"], duration, |v| {
+            cfg.agent_configuration.poll_interval = v
+        });
+        set!(
+            ["agent", "configuration", "max_configuration_file_size"],
+            usize_value,
+            |v| { cfg.agent_configuration.max_configuration_file_size = v }
+        );
+        set!(["agent", "gitops", "poll_period"], duration, |v| cfg
+            .gitops
+            .poll_interval =
+            v);
+        set!(
+            ["agent", "gitops", "max_manifest_file_size"],
+            usize_value,
+            |v| { cfg.gitops.max_manifest_file_size = v }
+        );
+        set!(
+            ["agent", "gitops", "max_total_manifest_file_size"],
+            usize_value,
+            |v| { cfg.gitops.max_total_manifest_file_size = v }
+        );
+        set!(
+            ["agent", "gitops", "max_number_of_paths"],
+            usize_value,
+            |v| { cfg.gitops.max_number_of_paths = v }
+        );
+        set!(
+            ["agent", "gitops", "max_number_of_files"],
+            usize_value,
+            |v| { cfg.gitops.max_number_of_files = v }
+        );
+        set!(["agent", "info_cache_ttl"], duration, |v| cfg
+            .gitlab
+            .auth_cache_ttl =
+            v);
+        set!(["agent", "info_cache_error_ttl"], duration, |v| {
+            cfg.gitlab.auth_cache_error_ttl = v
+        });
+
+        if let Some(network) = self.take(&["observability", "listen", "network"]) {
+            if network.as_str() != Some("tcp") {
+                return Err("observability.listen.network: only \"tcp\" is supported".into());
+            }
+        }
+        set!(
+            ["observability", "listen", "address"],
+            listen_address,
+            |v| { cfg.observability.listen = v }
+        );
+        set!(["observability", "logging", "level"], string, |v| cfg
+            .log
+            .level =
+            v);
+
+        set!(["gitaly", "global_api_rate_limit"], rate_limit, |v| {
+            cfg.gitaly.global_api_rate_limit = v
+        });
+        set!(["gitaly", "per_server_api_rate_limit"], rate_limit, |v| {
+            cfg.gitaly.per_server_api_rate_limit = v
+        });
+        self.config = cfg;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_protobuf_and_human_forms() {
+        for (text, secs) in [
+            ("300s", 300.0),
+            ("0.5s", 0.5),
+            ("2h", 7200.0),
+            ("1m30s", 90.0),
+        ] {
+            let d = duration("k", &Value::String(text.into())).unwrap();
+            assert_eq!(d.as_secs_f64(), secs, "{text}");
+        }
+        let err = duration("agent.x", &Value::String("soon".into())).unwrap_err();
+        assert!(err.contains("agent.x"), "{err}");
+    }
+
+    #[test]
+    fn known_keys_apply_and_the_rest_is_listed() {
+        let y = KasYaml::from_yaml(
+            "agent:\n  listen:\n    address: ':9150'\n    websocket: true\n    connections_per_token_per_minute: 100\n\
+             redis:\n  server:\n    address: redis:6379\n",
+        )
+        .unwrap();
+        assert_eq!(y.config.agent.listen, "0.0.0.0:9150".parse().unwrap());
+        assert_eq!(y.ignored.len(), 3, "{:?}", y.ignored);
+        assert_eq!(
+            y.ignored[0],
+            "agent.listen.connections_per_token_per_minute"
+        );
+        assert!(
+            y.ignored[1].starts_with("agent.listen.websocket (true;"),
+            "{:?}",
+            y.ignored
+        );
+        assert_eq!(y.ignored[2], "redis.server.address");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (yaml, key) in [
+            (
+                "agent:\n  listen:\n    address: nowhere\n",
+                "agent.listen.address",
+            ),
+            (
+                "agent:\n  configuration:\n    poll_period: 5\n",
+                "agent.configuration.poll_period",
+            ),
+            (
+                "gitaly:\n  global_api_rate_limit:\n    bucket_size: x\n",
+                "gitaly.global_api_rate_limit",
+            ),
+            (
+                "agent:\n  listen:\n    network: unix\n",
+                "agent.listen.network",
+            ),
+        ] {
+            let err = KasYaml::from_yaml(yaml).unwrap_err();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use kas_proto::gitops::git_ref_cf::Ref;
+use kas_proto::gitops::gitops_server::Gitops;
+use kas_proto::gitops::objects_to_synchronize_response::{Header, Message, Object, Trailer};
+use kas_proto::gitops::path_cf::Path;
+use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse};
+
+use super::Shared;
+use crate::gitaly::{branch_head, GitalyError, GitalyLocation};
+use crate::gitops::{read_manifests, ManifestGlob, ManifestPath};
+use crate::head_poller::PollFn;
+
+/// Objects larger than this are sent in several messages with the same source, so no
+/// message comes near agentk's 4 MiB receive limit.
+const CHUNK: usize = 1024 * 1024;
+
+type Tx = mpsc::Sender<Result<ObjectsToSynchronizeResponse, Status>>;
+
+pub struct GitopsService {
+    shared: Arc<Shared>,
+}
+
+impl GitopsService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// What the agent asked for, checked.
+struct Wanted {
+    paths: Vec<ManifestPath>,
+    /// A fixed commit, or the branch to follow (empty: the project's default branch).
+    revision: Revision,
+}
+
+enum Revision {
+    Commit(String),
+    Branch(String),
+}
+
+fn parse_request(
+    request: &ObjectsToSynchronizeRequest,
+    max_paths: usize,
+) -> Result<Wanted, Status> {
+    if request.project_id.trim().is_empty() {
+        return Err(Status::invalid_argument("project_id is required"));
+    }
+    if request.paths.is_empty() {
+        return Err(Status::invalid_argument("at least one path is required"));
+    }
+    if request.paths.len() > max_paths {
+        return Err(Status::failed_precondition(format!(
+            "{} paths requested, the limit is {max_paths} (max_number_of_paths)",
+            request.paths.len()
+        )));
+    }
+    let mut paths = Vec::with_capacity(request.paths.len());
+    for (i, path) in request.paths.iter().enumerate() {
+        paths.push(match &path.path {
+            Some(Path::Glob(glob)) => ManifestPath::Glob(
+                ManifestGlob::new(glob)
+                    .map_err(|e| Status::invalid_argument(format!("paths[{i}].glob: {e}")))?,
+            ),
+            Some(Path::File(file)) if !file.trim_matches('/').is_empty() => {
+                ManifestPath::File(file.clone())
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "paths[{i}] needs a glob or a file"
+                )))
+            }
+        });
+    }
+    let revision = match request.r#ref.as_ref().and_then(|r| r.r#ref.as_ref()) {
+        None => Revision::Branch(String::new()),
+        Some(Ref::Branch(b)) => Revision::Branch(b.clone()),
+        Some(Ref::Commit(c)) => Revision::Commit(c.clone()),
+        Some(Ref::Tag(_)) => {
+            return Err(Status::unimplemented(
+                "tag refs are not supported by this kas; use a branch or a commit",
+            ))
+        }
+    };
+    Ok(Wanted { paths, revision })
+}
+
+fn branch_poll(shared: &Shared, location: &GitalyLocation, branch: &str) -> PollFn<GitalyError> {
+    let (pool, location, branch) = (shared.gitaly.clone(), location.clone(), branch.to_owned());
+    Arc::new(move || {
+        let (pool, location, branch) = (pool.clone(), location.clone(), branch.clone());
+        Box::pin(async move { branch_head(&pool, &location, &branch).await })
+    })
+}
+
+/// Sends one batch: header, the objects (large ones in chunks), trailer.
+async fn send_batch(
+    tx: &Tx,
+    commit: &str,
+    project_id: i64,
+    objects: Vec<(String, Vec<u8>)>,
+) -> Result<(), ()> {
+    let msg = |m| Ok(ObjectsToSynchronizeResponse { message: Some(m) });
+    tx.send(msg(Message::Header(Header {
+        commit_id: commit.to_owned(),
+        project_id,
+    })))
+    .await
+    .map_err(drop)?;
+    for (source, data) in objects {
+        let mut chunks = data.chunks(CHUNK).peekable();
+        if chunks.peek().is_none() {
+            tx.send(msg(Message::Object(Object {
+                source,
+                data: Vec::new(),
+            })))
+            .await
+            .map_err(drop)?;
+            continue;
+        }
+        for chunk in chunks {
+            tx.send(msg(Message::Object(Object {
+                source: source.clone(),
+                data: chunk.to_vec(),
+            })))
+            .await
+            .map_err(drop)?;
+        }
+    }
+    tx.send(msg(Message::Trailer(Trailer {})))
+        .await
+        .map_err(drop)
+}
+
+/// Waits for a head other than `known`, then sends its batch and returns. Ends without a
+/// message when the connection is rotated or the pod drains (nothing to do: the agent
+/// asks again).
+/// One GetObjectsToSynchronize stream, once GitLab has located the project.
+struct StreamJob {
+    shared: Arc<Shared>,
+    location: GitalyLocation,
+    project_id: i64,
+    default_branch: String,
+    wanted: Wanted,
+    /// The commit the agent already has.
+    known: String,
+    tx: Tx,
+    end: CancellationToken,
+}
+
+async fn serve_stream(job: StreamJob) {
+    let StreamJob {
+        shared,
+        location,
+        project_id,
+        default_branch,
+        wanted,
+        known,
+        tx,
+        end,
+    } = job;
+    let events = &shared.metrics.config_events;
+    let mut heads = match &wanted.revision {
+        Revision::Commit(_) => None,
+        Revision::Branch(b) => {
+            let branch = if b.is_empty() { &default_branch } else { b };
+            let key = format!("gitops|{}|{branch}", location.key());
+            Some(
+                shared
+                    .gitops_pollers
+                    .subscribe(&key, branch_poll(&shared, &location, branch)),
+            )
+        }
+    };
+    loop {
+        let head = match (&wanted.revision, heads.as_mut()) {
+            (Revision::Commit(c), _) => Some(c.clone()),
+            (_, Some(heads)) => match heads.borrow_and_update().clone().as_deref() {
+                Some(Ok(head)) => head.clone(),
+                Some(Err(e)) => {
+                    tracing::warn!(project_id, error = %e, "cannot poll GitOps manifest project");
+                    None
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        if let Some(head) = head.filter(|h| *h != known) {
+            let limits = shared.gitops_limits;
+            match read_manifests(&shared.gitaly, &location, &head, &wanted.paths, limits).await {
+                Ok(objects) => {
+                    let n = objects.len();
+                    if send_batch(&tx, &head, project_id, objects).await.is_ok() {
+                        events.with_label_values(&["gitops_sent"]).inc();
+                        tracing::info!(project_id, commit_id = %head, objects = n, "sent GitOps manifests");
+                    }
+                }
+                Err(e) => {
+                    events.with_label_values(&["gitops_rejected"]).inc();
+                    tracing::info!(project_id, commit_id = %head, error = %e, "GitOps manifests refused");
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+            return;
+        }
+        match heads.as_mut() {
+            Some(heads) => tokio::select! {
+                changed = heads.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+                _ = end.cancelled() => return,
+            },
+            // A fixed commit the agent already has: nothing will change on this stream.
+            None => tokio::select! {
+                _ = tx.closed() => return,
+                _ = end.cancelled() => return,
+            },
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Gitops for GitopsService {
+    type GetObjectsToSynchronizeStream =
+        ReceiverStream<Result<ObjectsToSynchronizeResponse, Status>>;
+
+    async fn get_objects_to_synchronize(
+        &self,
+        request: Request<ObjectsToSynchronizeRequest>,
+    ) -> Result<Response<Self::GetObjectsToSynchronizeStream>, Status> {
+        let agent = self.shared.authenticate(&request).await?;
+        let end = self.shared.stream_end(&request);
+        let request = request.into_inner();
+        let wanted = parse_request(&request, self.shared.gitops_limits.max_number_of_paths)?;
+        // GitLab decides whether this agent may read the project, and where it lives.
+        let project = self
+            .shared
+            .auth
+            .gitlab()
+            .project_info(agent.token.expose(), &request.project_id)
+            .await
+            .map_err(Status::from)?;
+        let location = project.gitaly.ok_or_else(|| {
+            Status::unavailable("GitLab named no Gitaly server for the manifest project")
+        })?;
+        let guard = self.shared.stream_guard("GetObjectsToSynchronize");
+        let (tx, rx) = mpsc::channel(4);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            serve_stream(StreamJob {
+                shared,
+                location,
+                project_id: project.project_id,
+                default_branch: project.default_branch,
+                wanted,
+                known: request.commit_id,
+                tx,
+                end,
+            })
+            .await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

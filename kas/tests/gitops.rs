@@ -1,0 +1,317 @@
+//! GitOps over real sockets: `Gitops/GetObjectsToSynchronize` against the GitLab and
+//! Gitaly stand-ins (real git repositories).
+
+mod common;
+mod hgitaly;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{with_token, Harness, TOKEN};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use kas::gitlab_standin::StandinProject;
+use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+use kas_proto::agent_configuration::ConfigurationRequest;
+use kas_proto::gitops::gitops_client::GitopsClient;
+use kas_proto::gitops::objects_to_synchronize_response::Message;
+use kas_proto::gitops::path_cf::Path;
+use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, PathCf};
+
+const STEP: Duration = Duration::from_secs(10);
+
+fn manifests() -> StandinProject {
+    StandinProject {
+        project_id: 77,
+        project_path: "ops/manifests".into(),
+        default_branch: "main".into(),
+        relative_path: None,
+    }
+}
+
+async fn start() -> Harness {
+    let kas = Harness::start_with(|c| {
+        c.gitops.poll_interval = Duration::from_millis(100);
+        c.gitops.max_number_of_files = 3;
+        c.gitops.max_manifest_file_size = 1000;
+        c.gitops.max_total_manifest_file_size = 1500;
+    })
+    .await;
+    kas.gitlab.add_project(manifests());
+    kas
+}
+
+fn request(
+    project: &str,
+    globs: &[&str],
+    commit_id: &str,
+) -> tonic::Request<ObjectsToSynchronizeRequest> {
+    with_token(
+        ObjectsToSynchronizeRequest {
+            project_id: project.into(),
+            commit_id: commit_id.into(),
+            paths: globs
+                .iter()
+                .map(|g| PathCf {
+                    path: Some(Path::Glob((*g).into())),
+                })
+                .collect(),
+            r#ref: None,
+        },
+        TOKEN,
+    )
+}
+
+async fn open(
+    channel: Channel,
+    req: tonic::Request<ObjectsToSynchronizeRequest>,
+) -> Result<tonic::Streaming<ObjectsToSynchronizeResponse>, tonic::Status> {
+    GitopsClient::new(channel)
+        .get_objects_to_synchronize(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn next(
+    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+) -> Result<Option<ObjectsToSynchronizeResponse>, tonic::Status> {
+    tokio::time::timeout(STEP, stream.message())
+        .await
+        .expect("a GitOps message in time")
+}
+
+/// One batch: the header's commit and the files (chunks joined); insists on
+/// header → objects → trailer → end of stream.
+async fn batch(
+    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+) -> Result<(String, BTreeMap<String, String>), tonic::Status> {
+    batch_of(stream, manifests().project_id).await
+}
+
+async fn batch_of(
+    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+    project_id: i64,
+) -> Result<(String, BTreeMap<String, String>), tonic::Status> {
+    let commit = match next(stream).await?.and_then(|m| m.message) {
+        Some(Message::Header(h)) => {
+            assert_eq!(h.project_id, project_id);
+            h.commit_id
+        }
+        other => panic!("expected a header, got {other:?}"),
+    };
+    let mut files = BTreeMap::<String, String>::new();
+    loop {
+        match next(stream).await?.and_then(|m| m.message) {
+            Some(Message::Object(o)) => files
+                .entry(o.source)
+                .or_default()
+                .push_str(&String::from_utf8_lossy(&o.data)),
+            Some(Message::Trailer(_)) => break,
+            other => panic!("expected an object or the trailer, got {other:?}"),
+        }
+    }
+    assert!(
+        next(stream).await?.is_none(),
+        "the stream must end after the trailer"
+    );
+    Ok((commit, files))
+}
+
+#[tokio::test]
+async fn a_gitops_agent_receives_its_manifests_then_each_new_commit_once() {
+    let kas = start().await;
+    // The agent's configuration names the manifest project; the agent sees it.
+    kas.gitlab
+        .write_agent_config(
+            &kas.agent,
+            "gitops:\n  manifest_projects:\n  - id: ops/manifests\n    paths:\n    - glob: 'deploy/**/*.yaml'\n",
+        )
+        .unwrap();
+    let mut config = AgentConfigurationClient::new(kas.h2c_channel().await)
+        .get_configuration(with_token(ConfigurationRequest::default(), TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg = tokio::time::timeout(STEP, config.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .configuration
+        .unwrap();
+    let projects = cfg.gitops.unwrap().manifest_projects;
+    assert_eq!(projects[0].id, "ops/manifests");
+    assert_eq!(projects[0].paths[0].glob, "deploy/**/*.yaml");
+
+    let first = kas
+        .gitlab
+        .commit_files(
+            &manifests(),
+            &[
+                ("deploy/app.yaml", Some(b"kind: Deployment\n")),
+                ("deploy/db/db.yaml", Some(b"kind: StatefulSet\n")),
+                ("deploy/.hidden/x.yaml", Some(b"kind: Secret\n")),
+                ("deploy/README.md", Some(b"not a manifest\n")),
+                ("other/x.yaml", Some(b"kind: Other\n")),
+            ],
+        )
+        .unwrap();
+    let channel = kas.ws_channel().await;
+    let mut stream = open(
+        channel.clone(),
+        request(&projects[0].id, &[&projects[0].paths[0].glob], ""),
+    )
+    .await
+    .expect("GetObjectsToSynchronize accepted");
+    let (commit, files) = batch(&mut stream).await.expect("a batch");
+    assert_eq!(commit, first);
+    let expected: BTreeMap<String, String> = [
+        ("deploy/app.yaml", "kind: Deployment\n"),
+        ("deploy/db/db.yaml", "kind: StatefulSet\n"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(files, expected);
+
+    // Asking again with the commit it has: nothing comes while the branch stands still
+    // (the poller checks every 100 ms) ...
+    let mut again = open(
+        channel.clone(),
+        request("77", &["deploy/**/*.yaml"], &commit),
+    )
+    .await
+    .expect("accepted by numeric id too");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), again.message())
+            .await
+            .is_err(),
+        "something was sent for the commit the agent already has"
+    );
+    // ... and the next commit comes on the same stream.
+    let second = kas
+        .gitlab
+        .commit_files(
+            &manifests(),
+            &[
+                ("deploy/app.yaml", Some(b"kind: Deployment\nreplicas: 3\n")),
+                ("deploy/db/db.yaml", None),
+            ],
+        )
+        .unwrap();
+    let (commit, files) = batch(&mut again).await.expect("the next batch");
+    assert_eq!(commit, second);
+    assert_eq!(
+        files.into_iter().collect::<Vec<_>>(),
+        [(
+            "deploy/app.yaml".to_owned(),
+            "kind: Deployment\nreplicas: 3\n".to_owned()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_manifests_fail_with_the_reason() {
+    let kas = start().await;
+    let small = vec![b'a'; 100];
+    let big = vec![b'b'; 2000];
+    let half = vec![b'c'; 900];
+    kas.gitlab
+        .commit_files(
+            &manifests(),
+            &[
+                ("many/1.yaml", Some(&small)),
+                ("many/2.yaml", Some(&small)),
+                ("many/3.yaml", Some(&small)),
+                ("many/4.yaml", Some(&small)),
+                ("big/big.yaml", Some(&big)),
+                ("total/1.yaml", Some(&half)),
+                ("total/2.yaml", Some(&half)),
+                ("fine/1.yaml", Some(&half)),
+            ],
+        )
+        .unwrap();
+    let channel = kas.h2c_channel().await;
+    for (glob, reason) in [
+        ("many/*.yaml", "max_number_of_files"),
+        ("big/*.yaml", "max_manifest_file_size"),
+        ("total/*.yaml", "max_total_manifest_file_size"),
+    ] {
+        let mut stream = open(channel.clone(), request("ops/manifests", &[glob], ""))
+            .await
+            .expect("accepted");
+        let status = batch(&mut stream).await.expect_err(glob);
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{glob}: {status:?}"
+        );
+        assert!(status.message().contains(reason), "{glob}: {status:?}");
+    }
+    // Within the bounds the same project is fine.
+    let mut stream = open(
+        channel.clone(),
+        request("ops/manifests", &["fine/*.yaml", "many/[12].yaml"], ""),
+    )
+    .await
+    .expect("accepted");
+    let (_, files) = batch(&mut stream).await.expect("a batch within the bounds");
+    assert_eq!(files.len(), 3);
+
+    // A project GitLab does not know, or a request without paths.
+    let status = open(channel.clone(), request("ops/nope", &["*.yaml"], ""))
+        .await
+        .expect_err("unknown project");
+    assert_eq!(status.code(), Code::NotFound);
+    let status = open(channel, request("ops/manifests", &[], ""))
+        .await
+        .expect_err("no paths");
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn manifests_are_read_from_hgitaly_a_third_party_gitaly() {
+    let hg = tokio::task::spawn_blocking(hgitaly::HGitaly::start)
+        .await
+        .expect("HGitaly started");
+    let repo = hg.create_repo("ops/manifests.hg");
+    let first = hg.commit(
+        &repo,
+        &[
+            ("deploy/app.yaml", Some(b"kind: Deployment\n")),
+            ("deploy/db/db.yaml", Some(b"kind: StatefulSet\n")),
+            ("deploy/notes.txt", Some(b"not a manifest\n")),
+        ],
+    );
+    let kas = start().await;
+    kas.gitlab.set_gitaly(&hg.address(), "unused by HGitaly");
+    kas.gitlab.add_project(StandinProject {
+        project_id: 78,
+        project_path: "ops/manifests-hg".into(),
+        default_branch: "branch/default".into(),
+        relative_path: Some("ops/manifests.hg".into()),
+    });
+    let channel = kas.h2c_channel().await;
+    let mut stream = open(channel.clone(), request("78", &["deploy/**/*.yaml"], ""))
+        .await
+        .expect("accepted");
+    let (commit, files) = batch_of(&mut stream, 78).await.expect("a batch");
+    assert_eq!(commit, first);
+    assert_eq!(
+        files.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["deploy/app.yaml", "deploy/db/db.yaml"]
+    );
+    assert_eq!(files["deploy/db/db.yaml"], "kind: StatefulSet\n");
+
+    let mut again = open(channel, request("78", &["deploy/**/*.yaml"], &commit))
+        .await
+        .expect("accepted");
+    let second = hg.commit(
+        &repo,
+        &[("deploy/app.yaml", Some(b"kind: Deployment\nreplicas: 2\n"))],
+    );
+    let (commit, files) = batch_of(&mut again, 78).await.expect("the next batch");
+    assert_eq!(commit, second);
+    assert_eq!(files["deploy/app.yaml"], "kind: Deployment\nreplicas: 2\n");
+}

@@ -2,6 +2,7 @@
 //! stream (and optionally a reverse tunnel), reconnect with jittered back-off when cut —
 //! the shape of agentk's traffic, one task per agent.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,13 +17,14 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
+use tonic::Streaming;
 
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
-use kas_proto::agent_configuration::ConfigurationRequest;
+use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
-use kas_proto::diagnostics::PingRequest;
+use kas_proto::diagnostics::{PingRequest, PingResponse};
 use kas_proto::reverse_tunnel::reverse_tunnel_client::ReverseTunnelClient;
-use kas_proto::reverse_tunnel::{connect_request, ConnectRequest, Descriptor};
+use kas_proto::reverse_tunnel::{connect_request, ConnectRequest, ConnectResponse, Descriptor};
 
 use crate::stats::Stats;
 use crate::target::Target;
@@ -282,6 +284,15 @@ async fn session(
     }
 }
 
+/// The streams an agent holds once it is authenticated: what agentk keeps open for its
+/// whole life, and what the edge has to carry per connection.
+struct HeldStreams {
+    config: Streaming<ConfigurationResponse>,
+    echo_out: mpsc::Sender<PingRequest>,
+    echo_in: Streaming<PingResponse>,
+    tunnel: Option<Streaming<ConnectResponse>>,
+}
+
 /// Authenticates through the configuration stream, opens the held streams, then keeps
 /// them busy until one breaks.
 async fn hold(
@@ -293,164 +304,267 @@ async fn hold(
     epoch: u64,
     ready: &AtomicBool,
 ) -> End {
+    // `grpc` lives until the streams end: hyper closes an HTTP/2 connection once every
+    // handle to its request sender is gone, open streams or not.
+    let streams = match open_streams(env, &grpc, deadline).await {
+        Ok(streams) => streams,
+        Err(end) => return end,
+    };
     let stats = &env.stats;
-    let mut config_client =
+    stats.connect_latency.record(t0.elapsed());
+    stats.inc(&stats.connects_ok);
+    slot.ready_epoch.store(epoch + 1, Ordering::SeqCst);
+    ready.store(true, Ordering::SeqCst);
+    let _up = UpGuard::new(stats, slot);
+    keep_busy(env, streams).await
+}
+
+/// Opens every held stream within the connect deadline; a stream that does not open is a
+/// failed connect (counted, and retried with back-off), not a cut.
+async fn open_streams(
+    env: &AgentEnv,
+    grpc: &GrpcConn,
+    deadline: Instant,
+) -> Result<HeldStreams, End> {
+    let config = open_configuration(env, grpc, deadline).await?;
+    let (echo_out, echo_in) = open_echo(env, grpc, deadline).await?;
+    let tunnel = if env.reverse_tunnel {
+        Some(open_tunnel(env, grpc, deadline).await?)
+    } else {
+        None
+    };
+    Ok(HeldStreams {
+        config,
+        echo_out,
+        echo_in,
+        tunnel,
+    })
+}
+
+/// Waits, until the connect deadline, for a stream to open. A gRPC error is counted as
+/// `<stage>: grpc <code>`, running out of time as `timeout: <stage>` with `timed_out`'s
+/// message; both end the attempt as a failed connect.
+async fn opened<T>(
+    stats: &Stats,
+    stage: &str,
+    deadline: Instant,
+    opening: impl Future<Output = Result<T, tonic::Status>>,
+    timed_out: impl FnOnce() -> String,
+) -> Result<T, End> {
+    match timeout_at(deadline, opening).await {
+        Ok(Ok(opened)) => Ok(opened),
+        Ok(Err(status)) => {
+            stats
+                .errors
+                .add(&status_kind(stage, &status), || status.to_string());
+            Err(End::ConnectFailed)
+        }
+        Err(_) => {
+            stats.errors.add(&format!("timeout: {stage}"), timed_out);
+            Err(End::ConnectFailed)
+        }
+    }
+}
+
+/// `GetConfiguration`, up to its first message. Always the empty commit: kas then sends
+/// the configuration at once, and that first message is the proof of an authenticated,
+/// working connection.
+async fn open_configuration(
+    env: &AgentEnv,
+    grpc: &GrpcConn,
+    deadline: Instant,
+) -> Result<Streaming<ConfigurationResponse>, End> {
+    let stats = &env.stats;
+    let mut client =
         AgentConfigurationClient::with_origin(grpc.service.clone(), grpc.origin.clone());
-    let mut diag_client = DiagnosticsClient::with_origin(grpc.service.clone(), grpc.origin.clone());
-    // Always the empty commit: kas then sends the configuration at once, and that first
-    // message is the proof of an authenticated, working connection.
     let request = env.authed(ConfigurationRequest {
         commit_id: String::new(),
         agent_meta: None,
         skip_register: true,
     });
-    let first = timeout_at(deadline, async {
-        let mut stream = config_client.get_configuration(request).await?.into_inner();
+    let opening = async {
+        let mut stream = client.get_configuration(request).await?.into_inner();
         let first = stream.message().await?;
-        Ok::<_, tonic::Status>((stream, first))
-    })
-    .await;
-    let mut config_stream = match first {
-        Ok(Ok((stream, Some(_)))) => stream,
-        Ok(Ok((_, None))) => {
-            stats.errors.add("configuration: empty stream", || {
-                "GetConfiguration ended before the first configuration".into()
-            });
-            return End::ConnectFailed;
-        }
-        Ok(Err(status)) => {
-            stats
-                .errors
-                .add(&status_kind("configuration", &status), || {
-                    status.to_string()
-                });
-            return End::ConnectFailed;
-        }
-        Err(_) => {
-            stats.errors.add("timeout: configuration", || {
-                format!("no configuration within {:?}", env.connect_timeout)
-            });
-            return End::ConnectFailed;
-        }
+        Ok((stream, first))
     };
+    let (stream, first) = opened(stats, "configuration", deadline, opening, || {
+        format!("no configuration within {:?}", env.connect_timeout)
+    })
+    .await?;
+    if first.is_none() {
+        stats.errors.add("configuration: empty stream", || {
+            "GetConfiguration ended before the first configuration".into()
+        });
+        return Err(End::ConnectFailed);
+    }
     stats.inc(&stats.config_messages);
+    Ok(stream)
+}
 
+/// The `Diagnostics/Echo` stream: requests go through the returned sender (one at a time,
+/// so the channel holds one), answers come on the returned stream.
+async fn open_echo(
+    env: &AgentEnv,
+    grpc: &GrpcConn,
+    deadline: Instant,
+) -> Result<(mpsc::Sender<PingRequest>, Streaming<PingResponse>), End> {
+    let mut client = DiagnosticsClient::with_origin(grpc.service.clone(), grpc.origin.clone());
     let (echo_tx, echo_rx) = mpsc::channel::<PingRequest>(1);
     let outbound =
         futures_util::stream::unfold(
             echo_rx,
             |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
         );
-    let mut echo_in = match timeout_at(deadline, diag_client.echo(env.authed(outbound))).await {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => {
-            stats
-                .errors
-                .add(&status_kind("echo", &status), || status.to_string());
-            return End::ConnectFailed;
-        }
-        Err(_) => {
-            stats
-                .errors
-                .add("timeout: echo", || "Echo stream did not open".into());
-            return End::ConnectFailed;
-        }
+    let opening = async { Ok(client.echo(env.authed(outbound)).await?.into_inner()) };
+    let echo_in = opened(&env.stats, "echo", deadline, opening, || {
+        "Echo stream did not open".into()
+    })
+    .await?;
+    Ok((echo_tx, echo_in))
+}
+
+/// `ReverseTunnel/Connect`: the descriptor, then nothing — the request side stays open
+/// like an idle tunnel.
+async fn open_tunnel(
+    env: &AgentEnv,
+    grpc: &GrpcConn,
+    deadline: Instant,
+) -> Result<Streaming<ConnectResponse>, End> {
+    let mut client = ReverseTunnelClient::with_origin(grpc.service.clone(), grpc.origin.clone());
+    let descriptor = ConnectRequest {
+        msg: Some(connect_request::Msg::Descriptor(Descriptor {
+            agent_descriptor: Some(Default::default()),
+        })),
     };
+    let outbound = futures_util::stream::iter([descriptor]).chain(futures_util::stream::pending());
+    let opening = async { Ok(client.connect(env.authed(outbound)).await?.into_inner()) };
+    opened(&env.stats, "tunnel", deadline, opening, || {
+        "ReverseTunnel/Connect did not open".into()
+    })
+    .await
+}
 
-    let mut tunnel_in = if env.reverse_tunnel {
-        let mut client = ReverseTunnelClient::with_origin(grpc.service.clone(), grpc.origin);
-        let descriptor = ConnectRequest {
-            msg: Some(connect_request::Msg::Descriptor(Descriptor {
-                agent_descriptor: Some(Default::default()),
-            })),
-        };
-        // The descriptor, then nothing: the request side stays open like an idle tunnel.
-        let outbound =
-            futures_util::stream::iter([descriptor]).chain(futures_util::stream::pending());
-        match timeout_at(deadline, client.connect(env.authed(outbound))).await {
-            Ok(Ok(response)) => Some(response.into_inner()),
-            Ok(Err(status)) => {
-                stats
-                    .errors
-                    .add(&status_kind("tunnel", &status), || status.to_string());
-                return End::ConnectFailed;
-            }
-            Err(_) => {
-                stats.errors.add("timeout: tunnel", || {
-                    "ReverseTunnel/Connect did not open".into()
-                });
-                return End::ConnectFailed;
-            }
-        }
-    } else {
-        None
-    };
+/// The next message of a held stream; its end or an error is the connection's cut, named
+/// after `what`.
+fn still_open<T>(what: &str, message: Result<Option<T>, tonic::Status>) -> Result<T, End> {
+    match message {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(End::Cut(format!("{what} ended"))),
+        Err(s) => Err(End::Cut(format!("{what}: {s}"))),
+    }
+}
 
-    stats.connect_latency.record(t0.elapsed());
-    stats.inc(&stats.connects_ok);
-    slot.ready_epoch.store(epoch + 1, Ordering::SeqCst);
-    ready.store(true, Ordering::SeqCst);
-    let _up = UpGuard::new(stats, slot);
+/// The tunnel's next message, or never when the agent holds no tunnel.
+async fn next_tunnel_message(
+    tunnel: &mut Option<Streaming<ConnectResponse>>,
+) -> Result<Option<ConnectResponse>, tonic::Status> {
+    match tunnel.as_mut() {
+        Some(t) => t.message().await,
+        None => std::future::pending().await,
+    }
+}
 
-    // A random phase, so thousands of agents do not send their echoes in the same instant.
-    let interval = env.echo_interval.max(Duration::from_millis(10));
-    let mut next_echo = Instant::now() + interval.mul_f64(rand::rng().random_range(0.0..1.0));
-    let mut waiting: Option<(u64, Instant)> = None;
-    let mut seq = 0u64;
-    let far = Duration::from_secs(86_400);
+/// Keeps the held streams busy — configuration updates in, one echo per interval out and
+/// back — until one of them breaks; returns why.
+async fn keep_busy(env: &AgentEnv, streams: HeldStreams) -> End {
+    let stats = &env.stats;
+    let HeldStreams {
+        mut config,
+        echo_out,
+        mut echo_in,
+        mut tunnel,
+    } = streams;
+    let mut echo = Echoes::new(env.echo_interval, echo_out);
     loop {
-        let echo_deadline = waiting.map_or(Instant::now() + far, |(_, at)| at + ECHO_TIMEOUT);
-        tokio::select! {
-            m = config_stream.message() => match m {
-                Ok(Some(_)) => stats.inc(&stats.config_messages),
-                Ok(None) => return End::Cut("configuration stream ended".into()),
-                Err(s) => return End::Cut(format!("configuration stream: {s}")),
+        let echo_deadline = echo.answer_deadline();
+        let step = tokio::select! {
+            m = config.message() => {
+                still_open("configuration stream", m).map(|_| stats.inc(&stats.config_messages))
             },
-            _ = sleep_until(next_echo) => {
-                next_echo += interval;
-                if waiting.is_none() {
-                    seq += 1;
-                    let mut payload = Vec::with_capacity(env.payload.len() + 8);
-                    payload.extend_from_slice(&seq.to_be_bytes());
-                    payload.extend_from_slice(&env.payload);
-                    stats.inc(&stats.echo_sent);
-                    let sent = timeout(ECHO_TIMEOUT, echo_tx.send(PingRequest { payload })).await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        stats.errors.add("echo: send failed", || "Echo request stream closed".into());
-                        return End::Cut("echo request stream closed".into());
-                    }
-                    waiting = Some((seq, Instant::now()));
-                }
-            },
-            m = echo_in.message() => match m {
-                Ok(Some(pong)) => {
-                    let expected = waiting.take();
-                    let matches = expected.is_some_and(|(s, _)| pong.payload.get(..8) == Some(&s.to_be_bytes()[..]));
-                    match expected {
-                        Some((_, sent_at)) if matches => {
-                            stats.inc(&stats.echo_ok);
-                            stats.echo_rtt.record(sent_at.elapsed());
-                        }
-                        _ => stats.errors.add("echo: mismatch", || "Echo answered with a different payload".into()),
-                    }
-                }
-                Ok(None) => return End::Cut("echo stream ended".into()),
-                Err(s) => return End::Cut(format!("echo stream: {s}")),
-            },
-            m = async {
-                match tunnel_in.as_mut() {
-                    Some(t) => t.message().await,
-                    None => std::future::pending().await,
-                }
-            } => match m {
-                Ok(Some(_)) => {}
-                Ok(None) => return End::Cut("tunnel ended".into()),
-                Err(s) => return End::Cut(format!("tunnel: {s}")),
-            },
+            _ = sleep_until(echo.next_due) => echo.tick(env).await,
+            m = echo_in.message() => still_open("echo stream", m).map(|pong| echo.answered(stats, &pong)),
+            m = next_tunnel_message(&mut tunnel) => still_open("tunnel", m).map(drop),
             _ = sleep_until(echo_deadline) => {
                 stats.errors.add("echo: timeout", || format!("no echo within {ECHO_TIMEOUT:?}"));
-                return End::Cut("echo timeout".into());
+                Err(End::Cut("echo timeout".into()))
             }
+        };
+        if let Err(end) = step {
+            return end;
+        }
+    }
+}
+
+/// The agent's side of the Echo stream: one numbered request per interval, at most one
+/// unanswered, each answer checked against the number it should carry.
+struct Echoes {
+    out: mpsc::Sender<PingRequest>,
+    interval: Duration,
+    /// When the next request is due.
+    next_due: Instant,
+    /// The unanswered request: its number and when it went out.
+    waiting: Option<(u64, Instant)>,
+    seq: u64,
+}
+
+impl Echoes {
+    fn new(interval: Duration, out: mpsc::Sender<PingRequest>) -> Self {
+        // A random phase, so thousands of agents do not send their echoes in the same instant.
+        let interval = interval.max(Duration::from_millis(10));
+        let next_due = Instant::now() + interval.mul_f64(rand::rng().random_range(0.0..1.0));
+        Self {
+            out,
+            interval,
+            next_due,
+            waiting: None,
+            seq: 0,
+        }
+    }
+
+    /// When the unanswered request has waited too long (far away when none is waiting).
+    fn answer_deadline(&self) -> Instant {
+        let far = Duration::from_secs(86_400);
+        self.waiting
+            .map_or(Instant::now() + far, |(_, at)| at + ECHO_TIMEOUT)
+    }
+
+    /// The interval is up: sends the next request unless the last is still unanswered.
+    async fn tick(&mut self, env: &AgentEnv) -> Result<(), End> {
+        let stats = &env.stats;
+        self.next_due += self.interval;
+        if self.waiting.is_some() {
+            return Ok(());
+        }
+        self.seq += 1;
+        let mut payload = Vec::with_capacity(env.payload.len() + 8);
+        payload.extend_from_slice(&self.seq.to_be_bytes());
+        payload.extend_from_slice(&env.payload);
+        stats.inc(&stats.echo_sent);
+        let sent = timeout(ECHO_TIMEOUT, self.out.send(PingRequest { payload })).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            stats
+                .errors
+                .add("echo: send failed", || "Echo request stream closed".into());
+            return Err(End::Cut("echo request stream closed".into()));
+        }
+        self.waiting = Some((self.seq, Instant::now()));
+        Ok(())
+    }
+
+    /// An answer: counted with its round trip when it carries the waiting number, an error
+    /// otherwise.
+    fn answered(&mut self, stats: &Stats, pong: &PingResponse) {
+        let expected = self.waiting.take();
+        let matches =
+            expected.is_some_and(|(s, _)| pong.payload.get(..8) == Some(&s.to_be_bytes()[..]));
+        match expected {
+            Some((_, sent_at)) if matches => {
+                stats.inc(&stats.echo_ok);
+                stats.echo_rtt.record(sent_at.elapsed());
+            }
+            _ => stats.errors.add("echo: mismatch", || {
+                "Echo answered with a different payload".into()
+            }),
         }
     }
 }

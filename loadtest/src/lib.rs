@@ -13,12 +13,14 @@ pub mod stats;
 pub mod target;
 pub mod transport;
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +28,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 
 pub use cli::{Args, Scenario};
 use probe::EdgeProbe;
-use report::{ErrorEntry, Report, Sample, Totals};
+use report::{ErrorEntry, LatencySummary, Report, Sample, Totals};
 use stats::Stats;
 use target::Target;
 
@@ -103,6 +105,30 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A context for a run starting now: empty counters, facts and checks.
+    fn new(
+        args: Args,
+        targets: Vec<Target>,
+        token: MetadataValue<Ascii>,
+        ca_file: Option<PathBuf>,
+        probe: Arc<EdgeProbe>,
+    ) -> Self {
+        Self {
+            targets,
+            token,
+            ca_file,
+            stats: Arc::new(Stats::new()),
+            probe,
+            phase: Arc::new(Mutex::new("start".into())),
+            interrupted: CancellationToken::new(),
+            facts: serde_json::Map::new(),
+            checks: Vec::new(),
+            edge: None,
+            extra_latency: Vec::new(),
+            args,
+        }
+    }
+
     pub fn set_phase(&self, phase: &str) {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase.to_owned();
     }
@@ -206,25 +232,60 @@ fn spawn_sampler(
 /// Parses options, raises limits and runs the scenario; the report says whether the run
 /// stayed within its error budget.
 pub async fn run(mut args: Args) -> anyhow::Result<Report> {
+    let targets = parse_targets(&mut args)?;
+    let ca_file = ca_file(&args, &targets);
+    let token = bearer_token(&args)?;
+    check_capacity(&args)?;
+    let probe = Arc::new(edge_probe(&args)?);
+    let started_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut ctx = Ctx::new(args, targets, token, ca_file, probe);
+    let (outcome, timeline) = run_sampled(&mut ctx).await;
+    if let Err(e) = outcome {
+        ctx.check("scenario ran to the end", false, format!("{e:#}"));
+    }
+    if ctx.interrupted.is_cancelled() {
+        ctx.check("not interrupted", false, "stopped by Ctrl-C");
+    }
+    Ok(build_report(ctx, started_unix_ms, timeline))
+}
+
+/// The `--target`s (the local stack's edge when none is given), refused unless loopback
+/// or `--allow-non-loopback`.
+fn parse_targets(args: &mut Args) -> anyhow::Result<Vec<Target>> {
     if args.targets.is_empty() {
         args.targets.push(DEFAULT_TARGET.to_owned());
     }
-    let targets = args
-        .targets
+    args.targets
         .iter()
         .map(|t| Target::parse(t, args.allow_non_loopback))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let ca_file = match &args.ca_file {
+        .collect()
+}
+
+/// `--ca-file`, else the local stack's certificate when a target uses TLS and it exists.
+fn ca_file(args: &Args, targets: &[Target]) -> Option<PathBuf> {
+    match &args.ca_file {
         Some(p) => Some(p.clone()),
         None if targets.iter().any(|t| t.tls) && Path::new(DEV_CA).exists() => {
             Some(PathBuf::from(DEV_CA))
         }
         None => None,
-    };
-    let token = read_token(&args)?;
-    let token: MetadataValue<Ascii> = format!("Bearer {token}")
+    }
+}
+
+/// The token as the `authorization` value every agent sends, checked once here rather
+/// than failing in every agent.
+fn bearer_token(args: &Args) -> anyhow::Result<MetadataValue<Ascii>> {
+    let token = read_token(args)?;
+    format!("Bearer {token}")
         .parse()
-        .context("the token has characters not allowed in a header")?;
+        .context("the token has characters not allowed in a header")
+}
+
+/// Refuses a run that cannot open its sockets before it starts, instead of as a flood of
+/// errors half-way: raises the open-files limit and checks the connections fit.
+fn check_capacity(args: &Args) -> anyhow::Result<()> {
     if args.agents == 0 && args.scenario != Scenario::Rpc {
         bail!("--agents must be at least 1");
     }
@@ -239,30 +300,23 @@ pub async fn run(mut args: Args) -> anyhow::Result<Report> {
              raise the hard limit (ulimit -Hn) or use fewer agents"
         );
     }
+    Ok(())
+}
+
+/// What reads the edge's own numbers: the `--edge-pid` processes and the `--edge-admin`
+/// metrics endpoint, either optional.
+fn edge_probe(args: &Args) -> anyhow::Result<EdgeProbe> {
     let admin = args
         .edge_admin
         .as_deref()
         .map(|a| probe::parse_admin(a, args.allow_non_loopback))
         .transpose()?;
-    let probe = Arc::new(EdgeProbe::new(args.edge_pids.clone(), admin)?);
+    EdgeProbe::new(args.edge_pids.clone(), admin)
+}
 
-    let started_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut ctx = Ctx {
-        targets,
-        token,
-        ca_file,
-        stats: Arc::new(Stats::new()),
-        probe,
-        phase: Arc::new(Mutex::new("start".into())),
-        interrupted: CancellationToken::new(),
-        facts: serde_json::Map::new(),
-        checks: Vec::new(),
-        edge: None,
-        extra_latency: Vec::new(),
-        args,
-    };
+/// Runs the scenario with the sampler (and progress bar) alongside and Ctrl-C cancelling
+/// it; returns the scenario's outcome and the sampled timeline.
+async fn run_sampled(ctx: &mut Ctx) -> (anyhow::Result<()>, Vec<Sample>) {
     let interrupted = ctx.interrupted.clone();
     let ctrl_c = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -270,14 +324,14 @@ pub async fn run(mut args: Args) -> anyhow::Result<Report> {
         }
     });
     let sampler_stop = CancellationToken::new();
-    let sampler = spawn_sampler(&ctx, sampler_stop.clone(), progress_bar(&ctx.args));
+    let sampler = spawn_sampler(ctx, sampler_stop.clone(), progress_bar(&ctx.args));
 
     let outcome = match ctx.args.scenario {
-        Scenario::Idle => scenarios::idle(&mut ctx).await,
-        Scenario::Storm => scenarios::storm(&mut ctx).await,
-        Scenario::Rpc => scenarios::rpc(&mut ctx).await,
-        Scenario::Churn => scenarios::churn(&mut ctx).await,
-        Scenario::Blocklist => scenarios::blocklist(&mut ctx).await,
+        Scenario::Idle => scenarios::idle(ctx).await,
+        Scenario::Storm => scenarios::storm(ctx).await,
+        Scenario::Rpc => scenarios::rpc(ctx).await,
+        Scenario::Churn => scenarios::churn(ctx).await,
+        Scenario::Blocklist => scenarios::blocklist(ctx).await,
     };
     ctx.set_phase("done");
     // One last sample after everything settled.
@@ -285,63 +339,22 @@ pub async fn run(mut args: Args) -> anyhow::Result<Report> {
     sampler_stop.cancel();
     let timeline = sampler.await.unwrap_or_default();
     ctrl_c.abort();
-    if let Err(e) = outcome {
-        ctx.check("scenario ran to the end", false, format!("{e:#}"));
-    }
-    if ctx.interrupted.is_cancelled() {
-        ctx.check("not interrupted", false, "stopped by Ctrl-C");
-    }
-    Ok(build_report(ctx, started_unix_ms, timeline))
+    (outcome, timeline)
 }
 
+/// Everything the run measured, and the verdict: the scenario's checks plus the error
+/// budget.
 fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Report {
     let s = ctx.stats.clone();
     let errors_map = s.errors.snapshot();
-    let errors: u64 = errors_map.values().map(|(n, _)| n).sum();
-    let operations = s.operations().max(1);
-    let error_rate = errors as f64 / operations as f64;
-    let totals = Totals {
-        agents: ctx.args.agents,
-        connect_attempts: Stats::get(&s.connect_attempts),
-        handshakes: Stats::get(&s.handshakes),
-        connects_ok: Stats::get(&s.connects_ok),
-        peak_connected: s.peak_connected.load(std::sync::atomic::Ordering::Relaxed),
-        connected_at_end: s.now_connected(),
-        unexpected_cuts: Stats::get(&s.unexpected_cuts),
-        expected_cuts: Stats::get(&s.expected_cuts),
-        cycles: Stats::get(&s.cycles),
-        config_messages: Stats::get(&s.config_messages),
-        echo_sent: Stats::get(&s.echo_sent),
-        echo_ok: Stats::get(&s.echo_ok),
-        rpc_sent: Stats::get(&s.rpc_sent),
-        rpc_ok: Stats::get(&s.rpc_ok),
-        errors,
-        operations: s.operations(),
-        error_rate,
-    };
-    let mut latency = std::collections::BTreeMap::new();
-    for (name, h) in [
-        ("connect", s.connect_latency.snapshot()),
-        ("handshake", s.handshake_latency.snapshot()),
-        ("echo", s.echo_rtt.snapshot()),
-        ("rpc", s.rpc_latency.snapshot()),
-    ]
-    .into_iter()
-    .chain(
-        ctx.extra_latency
-            .iter()
-            .map(|(n, h)| (n.as_str(), h.clone())),
-    ) {
-        if let Some(summary) = report::summarize(&h) {
-            latency.insert(name.to_owned(), summary);
-        }
-    }
-    let peak_hs = timeline
-        .windows(2)
-        .filter(|w| w[1].t > w[0].t)
-        .map(|w| (w[1].handshakes.saturating_sub(w[0].handshakes)) as f64 / (w[1].t - w[0].t))
+    let totals = totals(ctx.args.agents, &s, &errors_map);
+    let latency = latency_summaries(&s, &ctx.extra_latency);
+    let peak_hs = report::rates(&timeline, |s| s.handshakes)
+        .into_iter()
+        .map(|(_, rate)| rate)
         .fold(0.0, f64::max);
     ctx.fact("peak_handshakes_per_s", (peak_hs * 10.0).round() / 10.0);
+    let error_rate = totals.error_rate;
     let budget_ok = error_rate <= ctx.args.max_error_rate;
     let detail = format!(
         "error rate {error_rate:.6} (budget {})",
@@ -349,32 +362,13 @@ fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Re
     );
     ctx.check("error budget", budget_ok, detail);
     let passed = ctx.checks.iter().all(|c| c.ok);
-    let params = serde_json::json!({
-        "agents": ctx.args.agents,
-        "rate": ctx.args.rate,
-        "duration_s": ctx.args.duration.as_secs_f64(),
-        "ws_fraction": ctx.args.ws_fraction,
-        "echo_interval_s": ctx.args.echo_interval.as_secs_f64(),
-        "reverse_tunnel": ctx.args.reverse_tunnel,
-        "tls_resumption": ctx.args.tls_resumption,
-        "source_base": ctx.args.source_base.to_string(),
-        "agents_per_ip": ctx.args.agents_per_ip,
-        "max_error_rate": ctx.args.max_error_rate,
-        "rpc_rate": ctx.args.rpc_rate,
-        "rpc_connections": ctx.args.rpc_connections,
-        "churn_rate": ctx.args.churn_rate,
-        "storm_jitter_s": ctx.args.storm_jitter.as_secs_f64(),
-        "block_every": ctx.args.block_every,
-        "server_name": ctx.args.server_name,
-        "ca_file": ctx.ca_file.as_ref().map(|p| p.display().to_string()),
-    });
     Report {
         tool: format!("kas-loadtest {}", env!("CARGO_PKG_VERSION")),
         scenario: ctx.args.scenario.name().to_owned(),
         started_unix_ms,
         elapsed_secs: s.elapsed_secs(),
         targets: ctx.targets.iter().map(|t| t.url.clone()).collect(),
-        params,
+        params: params(&ctx),
         errors: errors_map
             .into_iter()
             .map(|(kind, (count, example))| ErrorEntry {
@@ -392,3 +386,77 @@ fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Re
         timeline,
     }
 }
+
+/// The counters at the end of the run. The error rate is over every operation (connect
+/// attempts, echoes, requests): the measure the error budget applies to.
+fn totals(agents: usize, s: &Stats, errors_map: &BTreeMap<String, (u64, String)>) -> Totals {
+    let errors: u64 = errors_map.values().map(|(n, _)| n).sum();
+    let operations = s.operations().max(1);
+    let error_rate = errors as f64 / operations as f64;
+    Totals {
+        agents,
+        connect_attempts: Stats::get(&s.connect_attempts),
+        handshakes: Stats::get(&s.handshakes),
+        connects_ok: Stats::get(&s.connects_ok),
+        peak_connected: s.peak_connected.load(std::sync::atomic::Ordering::Relaxed),
+        connected_at_end: s.now_connected(),
+        unexpected_cuts: Stats::get(&s.unexpected_cuts),
+        expected_cuts: Stats::get(&s.expected_cuts),
+        cycles: Stats::get(&s.cycles),
+        config_messages: Stats::get(&s.config_messages),
+        echo_sent: Stats::get(&s.echo_sent),
+        echo_ok: Stats::get(&s.echo_ok),
+        rpc_sent: Stats::get(&s.rpc_sent),
+        rpc_ok: Stats::get(&s.rpc_ok),
+        errors,
+        operations: s.operations(),
+        error_rate,
+    }
+}
+
+/// Summaries of the latencies every run records and of those the scenario added; an
+/// empty histogram (nothing of that kind happened) is left out.
+fn latency_summaries(
+    s: &Stats,
+    extra: &[(String, Histogram<u64>)],
+) -> BTreeMap<String, LatencySummary> {
+    let mut latency = BTreeMap::new();
+    for (name, h) in [
+        ("connect", s.connect_latency.snapshot()),
+        ("handshake", s.handshake_latency.snapshot()),
+        ("echo", s.echo_rtt.snapshot()),
+        ("rpc", s.rpc_latency.snapshot()),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|(n, h)| (n.as_str(), h.clone())))
+    {
+        if let Some(summary) = report::summarize(&h) {
+            latency.insert(name.to_owned(), summary);
+        }
+    }
+    latency
+}
+
+/// The options the numbers depend on, so that two reports can be compared.
+fn params(ctx: &Ctx) -> serde_json::Value {
+    serde_json::json!({
+        "agents": ctx.args.agents,
+        "rate": ctx.args.rate,
+        "duration_s": ctx.args.duration.as_secs_f64(),
+        "ws_fraction": ctx.args.ws_fraction,
+        "echo_interval_s": ctx.args.echo_interval.as_secs_f64(),
+        "reverse_tunnel": ctx.args.reverse_tunnel,
+        "tls_resumption": ctx.args.tls_resumption,
+        "source_base": ctx.args.source_base.to_string(),
+        "agents_per_ip": ctx.args.agents_per_ip,
+        "max_error_rate": ctx.args.max_error_rate,
+        "rpc_rate": ctx.args.rpc_rate,
+        "rpc_connections": ctx.args.rpc_connections,
+        "churn_rate": ctx.args.churn_rate,
+        "storm_jitter_s": ctx.args.storm_jitter.as_secs_f64(),
+        "block_every": ctx.args.block_every,
+        "server_name": ctx.args.server_name,
+        "ca_file": ctx.ca_file.as_ref().map(|p| p.display().to_string()),
+    })
+}
+

@@ -172,171 +172,68 @@ fn fmt_value(v: &serde_json::Value) -> String {
     }
 }
 
+/// One line of the summary: (section, name, value).
+type Row = (&'static str, String, String);
+
+/// The summary's rows as they are collected, section by section.
+#[derive(Default)]
+struct Rows(Vec<Row>);
+
+impl Rows {
+    fn add(&mut self, section: &'static str, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((section, name.into(), value.into()));
+    }
+}
+
+/// `-` for a number that was not measured, else the number as `show` writes it.
+fn or_dash<T>(v: Option<T>, show: impl FnOnce(T) -> String) -> String {
+    v.map_or("-".into(), show)
+}
+
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or("-".into(), |v| v.to_string())
+    or_dash(v, |v| v.to_string())
 }
 
 fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+    or_dash(bytes, |b| format!("{:.1} MiB", b as f64 / 1048576.0))
 }
 
 impl Report {
     /// Rows of (section, name, value) shared by the terminal table and the HTML page.
-    fn rows(&self) -> Vec<(&'static str, String, String)> {
-        let t = &self.totals;
-        let mut rows = vec![
-            ("run", "scenario".into(), self.scenario.clone()),
-            ("run", "targets".into(), self.targets.join(" ")),
-            (
-                "run",
-                "elapsed".into(),
-                format!("{:.1} s", self.elapsed_secs),
-            ),
-            (
-                "run",
-                "result".into(),
-                if self.passed {
-                    "PASS".into()
-                } else {
-                    "FAIL".into()
-                },
-            ),
-            ("agents", "agents".into(), t.agents.to_string()),
-            (
-                "agents",
-                "connect attempts".into(),
-                t.connect_attempts.to_string(),
-            ),
-            ("agents", "handshakes".into(), t.handshakes.to_string()),
-            (
-                "agents",
-                "connected (authenticated)".into(),
-                t.connects_ok.to_string(),
-            ),
-            (
-                "agents",
-                "peak connected".into(),
-                t.peak_connected.to_string(),
-            ),
-            (
-                "agents",
-                "unexpected cuts".into(),
-                t.unexpected_cuts.to_string(),
-            ),
-            (
-                "agents",
-                "expected cuts".into(),
-                t.expected_cuts.to_string(),
-            ),
-            (
-                "agents",
-                "requested reconnects".into(),
-                t.cycles.to_string(),
-            ),
-            (
-                "streams",
-                "configuration messages".into(),
-                t.config_messages.to_string(),
-            ),
-            (
-                "streams",
-                "echo sent / answered".into(),
-                format!("{} / {}", t.echo_sent, t.echo_ok),
-            ),
-            (
-                "streams",
-                "rpc sent / ok".into(),
-                format!("{} / {}", t.rpc_sent, t.rpc_ok),
-            ),
-            (
-                "errors",
-                "errors / operations".into(),
-                format!("{} / {}", t.errors, t.operations),
-            ),
-            (
-                "errors",
-                "error rate".into(),
-                format!("{:.6}", t.error_rate),
-            ),
-        ];
+    fn rows(&self) -> Vec<Row> {
+        let mut rows = Rows::default();
+        self.run_rows(&mut rows);
+        totals_rows(&self.totals, &mut rows);
         for e in &self.errors {
-            rows.push((
-                "errors",
-                e.kind.clone(),
-                format!("{} (e.g. {})", e.count, e.example),
-            ));
+            let value = format!("{} (e.g. {})", e.count, e.example);
+            rows.add("errors", e.kind.clone(), value);
         }
         for (name, l) in &self.latency {
-            rows.push((
-                "latency",
-                format!("{name} (ms)"),
-                format!(
-                    "n={} p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2}",
-                    l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
-                ),
-            ));
+            let value = format!(
+                "n={} p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+                l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+            );
+            rows.add("latency", format!("{name} (ms)"), value);
         }
         for (k, v) in &self.facts {
-            rows.push(("scenario", k.replace('_', " "), fmt_value(v)));
+            rows.add("scenario", k.replace('_', " "), fmt_value(v));
         }
         if let Some(e) = &self.edge {
-            let pids: Vec<String> = e.pids.iter().map(|p| p.to_string()).collect();
-            rows.push(("edge", "pid".into(), pids.join(" ")));
-            rows.push((
-                "edge",
-                "rss baseline / loaded".into(),
-                format!(
-                    "{} / {}",
-                    mib(e.baseline_rss_bytes),
-                    mib(e.loaded_rss_bytes)
-                ),
-            ));
-            rows.push((
-                "edge",
-                "rss per connection".into(),
-                e.rss_per_connection_bytes.map_or("-".into(), |b| {
-                    format!("{:.0} B ({:.1} KiB)", b, b / 1024.0)
-                }),
-            ));
-            rows.push((
-                "edge",
-                "cpu during ramp".into(),
-                e.cpu_seconds_ramp
-                    .map_or("-".into(), |c| format!("{c:.2} s")),
-            ));
-            rows.push((
-                "edge",
-                "cpu per handshake".into(),
-                e.cpu_ms_per_handshake
-                    .map_or("-".into(), |c| format!("{c:.3} ms")),
-            ));
-            rows.push((
-                "edge",
-                "cpu while holding".into(),
-                e.cpu_cores_hold
-                    .map_or("-".into(), |c| format!("{:.1} % of a core", c * 100.0)),
-            ));
-            rows.push((
-                "edge",
-                "cpu per held connection".into(),
-                e.cpu_us_per_connection_per_s
-                    .map_or("-".into(), |c| format!("{c:.2} µs/s")),
-            ));
-            rows.push((
-                "edge",
-                "edge_open_connections".into(),
-                opt(e.open_connections),
-            ));
-            rows.push(("edge", "edge_active_streams".into(), opt(e.active_streams)));
+            edge_rows(e, &mut rows);
         }
         for c in &self.checks {
-            rows.push((
-                "checks",
-                c.name.clone(),
-                format!("{} {}", if c.ok { "ok  " } else { "FAIL" }, c.detail),
-            ));
+            let verdict = if c.ok { "ok  " } else { "FAIL" };
+            rows.add("checks", c.name.clone(), format!("{verdict} {}", c.detail));
         }
-        rows
+        rows.0
+    }
+
+    /// What ran, against what, for how long, and the verdict.
+    fn run_rows(&self, rows: &mut Rows) {
+        rows.add("run", "scenario", self.scenario.clone());
+        rows.add("run", "targets", self.targets.join(" "));
+        rows.add("run", "elapsed", format!("{:.1} s", self.elapsed_secs));
+        rows.add("run", "result", if self.passed { "PASS" } else { "FAIL" });
     }
 
     pub fn summary_table(&self) -> String {
@@ -347,17 +244,12 @@ impl Report {
             .max()
             .unwrap_or(10);
         let mut out = String::new();
-        let mut section = "";
-        for (s, k, v) in &rows {
-            if *s != section {
-                let _ = writeln!(
-                    out,
-                    "── {s} {}",
-                    "─".repeat(width.saturating_sub(s.len()) + 8)
-                );
-                section = s;
+        for (section, rows) in sections(&rows) {
+            let rule = "─".repeat(width.saturating_sub(section.len()) + 8);
+            let _ = writeln!(out, "── {section} {rule}");
+            for (_, k, v) in rows {
+                let _ = writeln!(out, "  {k:<width$}  {v}");
             }
-            let _ = writeln!(out, "  {k:<width$}  {v}");
         }
         out
     }
@@ -371,47 +263,50 @@ impl Report {
         write_file(path, &self.html())
     }
 
+    /// The page: verdict, charts over time, latency histograms, then the summary table.
     pub fn html(&self) -> String {
-        let mut body = String::new();
-        let status = if self.passed {
+        let mut body = self.html_heading();
+        body.push_str(&self.timeline_charts());
+        body.push_str(&self.latency_charts());
+        body.push_str(&self.html_table());
+        html_page(&self.scenario, &body)
+    }
+
+    /// The verdict in the title, and the run in one line.
+    fn html_heading(&self) -> String {
+        let (verdict, color) = if self.passed {
             ("PASS", "#1a7f37")
         } else {
             ("FAIL", "#cf222e")
         };
-        let _ = write!(
-            body,
-            "<h1>kas-loadtest: {} <span style=\"color:{}\">{}</span></h1>",
+        format!(
+            "<h1>kas-loadtest: {} <span style=\"color:{color}\">{verdict}</span></h1>\
+             <p>{} agents → {} · {:.1} s · error rate {:.6}</p>",
             esc(&self.scenario),
-            status.1,
-            status.0
-        );
-        let _ = write!(
-            body,
-            "<p>{} agents → {} · {:.1} s · error rate {:.6}</p>",
             self.totals.agents,
             esc(&self.targets.join(", ")),
             self.elapsed_secs,
             self.totals.error_rate
-        );
+        )
+    }
 
+    /// Charts over the run's time: connected agents, handshake and request rates, edge
+    /// memory. The request rate only for runs that sent requests, memory only when the
+    /// edge was sampled.
+    fn timeline_charts(&self) -> String {
         let connected: Vec<(f64, f64)> = self
             .timeline
             .iter()
             .map(|s| (s.t, s.connected as f64))
             .collect();
-        body.push_str(&line_chart(
-            "Connected agents",
-            "agents",
-            &connected,
-            "#0969da",
-        ));
-        body.push_str(&bar_series(
+        let mut charts = line_chart("Connected agents", "agents", &connected, "#0969da");
+        charts.push_str(&bar_series(
             "Handshakes per second",
             &rates(&self.timeline, |s| s.handshakes),
             "#8250df",
         ));
         if self.totals.rpc_sent > 0 {
-            body.push_str(&bar_series(
+            charts.push_str(&bar_series(
                 "Requests answered per second",
                 &rates(&self.timeline, |s| s.rpc_ok),
                 "#1a7f37",
@@ -426,8 +321,14 @@ impl Report {
             })
             .collect();
         if !rss.is_empty() {
-            body.push_str(&line_chart("Edge resident memory", "MiB", &rss, "#bc4c00"));
+            charts.push_str(&line_chart("Edge resident memory", "MiB", &rss, "#bc4c00"));
         }
+        charts
+    }
+
+    /// Per latency: its percentiles in a line and its histogram.
+    fn latency_charts(&self) -> String {
+        let mut charts = String::new();
         for (name, l) in &self.latency {
             let labels: Vec<String> = l
                 .buckets
@@ -436,7 +337,7 @@ impl Report {
                 .collect();
             let values: Vec<f64> = l.buckets.iter().map(|b| b.count as f64).collect();
             let _ = write!(
-                body,
+                charts,
                 "<p>{} {}: p50 {:.2} ms · p90 {:.2} · p99 {:.2} · p99.9 {:.2} · max {:.2}</p>",
                 l.count,
                 esc(name),
@@ -446,33 +347,104 @@ impl Report {
                 l.p999_ms,
                 l.max_ms
             );
-            body.push_str(&bar_chart(
+            charts.push_str(&bar_chart(
                 &format!("{name} latency histogram (ms)"),
                 &labels,
                 &values,
                 "#0969da",
             ));
         }
-        body.push_str("<h2>Summary</h2><table>");
-        let mut section = "";
-        for (s, k, v) in self.rows() {
-            if s != section {
-                let _ = write!(body, "<tr><th colspan=2>{}</th></tr>", esc(s));
-                section = s;
-            }
-            let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", esc(&k), esc(&v));
-        }
-        body.push_str("</table>");
-        format!(
-            "<!doctype html><html lang=en><head><meta charset=utf-8>\
-             <title>kas-loadtest {}</title><style>\
-             body{{font:14px system-ui,sans-serif;margin:2em;max-width:900px;color:#1f2328}}\
-             table{{border-collapse:collapse}}td,th{{padding:2px 10px;text-align:left;vertical-align:top}}\
-             th{{background:#f6f8fa;padding-top:8px}}svg{{display:block;margin:1em 0}}\
-             </style></head><body>{body}</body></html>\n",
-            esc(&self.scenario)
-        )
+        charts
     }
+
+    /// The terminal's summary as an HTML table, a header row per section.
+    fn html_table(&self) -> String {
+        let mut table = String::from("<h2>Summary</h2><table>");
+        let rows = self.rows();
+        for (section, rows) in sections(&rows) {
+            let _ = write!(table, "<tr><th colspan=2>{}</th></tr>", esc(section));
+            for (_, k, v) in rows {
+                let _ = write!(table, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v));
+            }
+        }
+        table.push_str("</table>");
+        table
+    }
+}
+
+/// The rows in runs of one section each, for the renderers that head every section.
+fn sections(rows: &[Row]) -> impl Iterator<Item = (&'static str, &[Row])> {
+    rows.chunk_by(|a, b| a.0 == b.0).map(|run| (run[0].0, run))
+}
+
+/// A complete page around `body`, its style inline: one file that opens offline.
+fn html_page(scenario: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <title>kas-loadtest {}</title><style>\
+         body{{font:14px system-ui,sans-serif;margin:2em;max-width:900px;color:#1f2328}}\
+         table{{border-collapse:collapse}}td,th{{padding:2px 10px;text-align:left;vertical-align:top}}\
+         th{{background:#f6f8fa;padding-top:8px}}svg{{display:block;margin:1em 0}}\
+         </style></head><body>{body}</body></html>\n",
+        esc(scenario)
+    )
+}
+
+/// The fleet's counters: connections (agents), what went over them (streams) and how many
+/// of those operations failed (errors).
+fn totals_rows(t: &Totals, rows: &mut Rows) {
+    rows.add("agents", "agents", t.agents.to_string());
+    rows.add("agents", "connect attempts", t.connect_attempts.to_string());
+    rows.add("agents", "handshakes", t.handshakes.to_string());
+    rows.add(
+        "agents",
+        "connected (authenticated)",
+        t.connects_ok.to_string(),
+    );
+    rows.add("agents", "peak connected", t.peak_connected.to_string());
+    rows.add("agents", "unexpected cuts", t.unexpected_cuts.to_string());
+    rows.add("agents", "expected cuts", t.expected_cuts.to_string());
+    rows.add("agents", "requested reconnects", t.cycles.to_string());
+    let config = t.config_messages.to_string();
+    rows.add("streams", "configuration messages", config);
+    let echo = format!("{} / {}", t.echo_sent, t.echo_ok);
+    rows.add("streams", "echo sent / answered", echo);
+    rows.add(
+        "streams",
+        "rpc sent / ok",
+        format!("{} / {}", t.rpc_sent, t.rpc_ok),
+    );
+    let errors = format!("{} / {}", t.errors, t.operations);
+    rows.add("errors", "errors / operations", errors);
+    rows.add("errors", "error rate", format!("{:.6}", t.error_rate));
+}
+
+/// The edge's cost: memory and CPU, in total and per connection, and its own gauges.
+fn edge_rows(e: &EdgeSummary, rows: &mut Rows) {
+    let pids: Vec<String> = e.pids.iter().map(|p| p.to_string()).collect();
+    rows.add("edge", "pid", pids.join(" "));
+    let rss = format!(
+        "{} / {}",
+        mib(e.baseline_rss_bytes),
+        mib(e.loaded_rss_bytes)
+    );
+    rows.add("edge", "rss baseline / loaded", rss);
+    let rss_per_conn = or_dash(e.rss_per_connection_bytes, |b| {
+        format!("{:.0} B ({:.1} KiB)", b, b / 1024.0)
+    });
+    rows.add("edge", "rss per connection", rss_per_conn);
+    let ramp = or_dash(e.cpu_seconds_ramp, |c| format!("{c:.2} s"));
+    rows.add("edge", "cpu during ramp", ramp);
+    let per_handshake = or_dash(e.cpu_ms_per_handshake, |c| format!("{c:.3} ms"));
+    rows.add("edge", "cpu per handshake", per_handshake);
+    let hold = or_dash(e.cpu_cores_hold, |c| {
+        format!("{:.1} % of a core", c * 100.0)
+    });
+    rows.add("edge", "cpu while holding", hold);
+    let per_conn = or_dash(e.cpu_us_per_connection_per_s, |c| format!("{c:.2} µs/s"));
+    rows.add("edge", "cpu per held connection", per_conn);
+    rows.add("edge", "edge_open_connections", opt(e.open_connections));
+    rows.add("edge", "edge_active_streams", opt(e.active_streams));
 }
 
 fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -490,7 +462,7 @@ fn esc(s: &str) -> String {
 }
 
 /// Per-second rates of a cumulative counter between consecutive samples.
-fn rates(timeline: &[Sample], counter: impl Fn(&Sample) -> u64) -> Vec<(f64, f64)> {
+pub(crate) fn rates(timeline: &[Sample], counter: impl Fn(&Sample) -> u64) -> Vec<(f64, f64)> {
     timeline
         .windows(2)
         .filter_map(|w| {

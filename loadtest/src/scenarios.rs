@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
@@ -20,8 +20,9 @@ use kas_proto::diagnostics::PingRequest;
 use crate::agent::{self, AgentEnv, Fleet, FleetShape};
 use crate::probe::EdgeSample;
 use crate::report::EdgeSummary;
+use crate::schedule::Schedule;
 use crate::stats::{new_histogram, Stats};
-use crate::transport::{Connector, Transport};
+use crate::transport::Connector;
 use crate::Ctx;
 
 /// Marks our lines in the blocklist file, so they can be told apart and removed.
@@ -90,6 +91,12 @@ async fn ramp_and_settle(ctx: &mut Ctx, fleet: &mut Fleet) -> bool {
         format!("{connected}/{n} within the ramp + {:?}", ctx.args.settle),
     );
     all
+}
+
+/// The last phase of every fleet scenario: stop the agents, waiting (bounded) for them.
+async fn stop(ctx: &Ctx, fleet: Fleet) {
+    ctx.set_phase("stop");
+    fleet.shutdown(Duration::from_secs(10)).await;
 }
 
 fn round3(v: f64) -> f64 {
@@ -167,8 +174,7 @@ pub async fn idle(ctx: &mut Ctx) -> anyhow::Result<()> {
             hold,
         ));
     }
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -207,8 +213,7 @@ pub async fn storm(ctx: &mut Ctx) -> anyhow::Result<()> {
         all,
         format!("{reconnected}/{n} within {:?}", ctx.args.duration),
     );
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -219,13 +224,12 @@ pub async fn churn(ctx: &mut Ctx) -> anyhow::Result<()> {
     let n = fleet.slots.len();
     let total = (ctx.args.churn_rate * ctx.args.duration.as_secs_f64()).ceil() as u64;
     let begin = Instant::now();
+    let schedule = Schedule::new(begin, ctx.args.churn_rate);
     let cycles_before = Stats::get(&ctx.stats.cycles);
     let mut min_connected = n;
     for k in 0..total {
-        let at = begin + Duration::from_secs_f64(k as f64 / ctx.args.churn_rate);
-        tokio::select! {
-            _ = sleep_until(at) => {}
-            _ = ctx.interrupted.cancelled() => break,
+        if schedule.wait(k, &ctx.interrupted).await.is_none() {
+            break;
         }
         fleet.cycle((k % n as u64) as usize);
         if k % 16 == 0 {
@@ -252,8 +256,7 @@ pub async fn churn(ctx: &mut Ctx) -> anyhow::Result<()> {
         all,
         format!("{}/{n} connected after the churn", fleet.connected()),
     );
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -394,8 +397,7 @@ pub async fn blocklist(ctx: &mut Ctx) -> anyhow::Result<()> {
         restored.is_ok(),
         restored.err().map_or(String::new(), |e| format!("{e:#}")),
     );
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -410,11 +412,7 @@ pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.set_phase("connect");
     for i in 0..ctx.args.rpc_connections.max(1) {
         let target = &ctx.targets[i % ctx.targets.len()];
-        let transport = if agent::uses_websocket(i, ctx.args.ws_fraction) {
-            Transport::Websocket
-        } else {
-            Transport::Grpc
-        };
+        let transport = agent::transport_for(i, ctx.args.ws_fraction);
         let source = match target.addr.ip() {
             IpAddr::V4(v4) if v4.is_loopback() && !ctx.args.no_source_spread => {
                 Some(IpAddr::V4(agent::source_address(ctx.args.source_base, i)?))
@@ -459,25 +457,24 @@ pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
     let in_flight = Arc::new(Semaphore::new(limit));
     let payload = payload(ctx.args.payload_bytes);
     let begin = Instant::now() + Duration::from_millis(50);
+    let schedule = Schedule::new(begin, rate);
     let mut max_lag = Duration::ZERO;
     let mut sent = 0u64;
     for i in 0..total {
-        let scheduled = begin + Duration::from_secs_f64(i as f64 / rate);
-        tokio::select! {
-            _ = sleep_until(scheduled) => {}
-            _ = ctx.interrupted.cancelled() => break,
-        }
+        let Some(scheduled) = schedule.wait(i, &ctx.interrupted).await else {
+            break;
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
         max_lag = max_lag.max(Instant::now().saturating_duration_since(scheduled));
         let mut client = clients[(i as usize) % clients.len()].clone();
-        let mut request = tonic::Request::new(PingRequest {
-            payload: payload.to_vec(),
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", ctx.token.clone());
+        let request = agent::authed(
+            &ctx.token,
+            PingRequest {
+                payload: payload.to_vec(),
+            },
+        );
         let stats = stats.clone();
         let deadline = ctx.args.rpc_timeout;
         stats.inc(&stats.rpc_sent);
@@ -490,9 +487,7 @@ pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
                 }
                 Ok(Err(status)) => stats
                     .errors
-                    .add(&format!("rpc: grpc {:?}", status.code()), || {
-                        status.to_string()
-                    }),
+                    .add(&agent::status_kind("rpc", &status), || status.to_string()),
                 Err(_) => stats
                     .errors
                     .add("rpc: timeout", || format!("no answer within {deadline:?}")),

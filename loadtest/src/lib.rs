@@ -460,4 +460,3 @@ fn params(ctx: &Ctx) -> serde_json::Value {
         "ca_file": ctx.ca_file.as_ref().map(|p| p.display().to_string()),
     })
 }
-

@@ -26,6 +26,7 @@ use kas_proto::diagnostics::{PingRequest, PingResponse};
 use kas_proto::reverse_tunnel::reverse_tunnel_client::ReverseTunnelClient;
 use kas_proto::reverse_tunnel::{connect_request, ConnectRequest, ConnectResponse, Descriptor};
 
+use crate::schedule::Schedule;
 use crate::stats::Stats;
 use crate::target::Target;
 use crate::transport::{Connector, GrpcConn, Transport};
@@ -52,12 +53,17 @@ pub struct AgentEnv {
 
 impl AgentEnv {
     pub fn authed<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.token.clone());
-        request
+        authed(&self.token, message)
     }
+}
+
+/// A request carrying the agent token, as every agent request does.
+pub fn authed<T>(token: &MetadataValue<Ascii>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", token.clone());
+    request
 }
 
 /// One agent's identity and the state scenarios observe and steer.
@@ -110,6 +116,15 @@ pub fn source_address(base: Ipv4Addr, index: usize) -> anyhow::Result<Ipv4Addr> 
 pub fn uses_websocket(i: usize, ws_fraction: f64) -> bool {
     const GOLDEN: f64 = 0.618_033_988_749_894_9;
     ((i as f64 + 0.5) * GOLDEN).fract() < ws_fraction
+}
+
+/// Agent (or connection) `i`'s transport, by [`uses_websocket`].
+pub fn transport_for(i: usize, ws_fraction: f64) -> Transport {
+    if uses_websocket(i, ws_fraction) {
+        Transport::Websocket
+    } else {
+        Transport::Grpc
+    }
 }
 
 /// Jittered exponential back-off: uniformly within [base/2, base], base doubling per
@@ -165,7 +180,8 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn status_kind(stage: &str, status: &tonic::Status) -> String {
+/// The error kind of a gRPC failure at `stage`: counted by status code.
+pub(crate) fn status_kind(stage: &str, status: &tonic::Status) -> String {
     format!("{stage}: grpc {:?}", status.code())
 }
 
@@ -597,11 +613,7 @@ impl Fleet {
             } else {
                 None
             };
-            let transport = if uses_websocket(i, shape.ws_fraction) {
-                Transport::Websocket
-            } else {
-                Transport::Grpc
-            };
+            let transport = transport_for(i, shape.ws_fraction);
             slots.push(Arc::new(Slot {
                 index: i,
                 source,
@@ -630,13 +642,11 @@ impl Fleet {
 
     /// Starts the agents not yet started, `rate` per second, unless the run stops.
     pub async fn ramp(&mut self, rate: f64) {
-        let begin = Instant::now();
+        let schedule = Schedule::new(Instant::now(), rate);
         let first = self.started;
         for (k, slot) in self.slots[first..].iter().enumerate() {
-            let at = begin + Duration::from_secs_f64(k as f64 / rate);
-            tokio::select! {
-                _ = sleep_until(at) => {}
-                _ = self.env.stop.cancelled() => return,
+            if schedule.wait(k as u64, &self.env.stop).await.is_none() {
+                return;
             }
             self.tasks.spawn(run(self.env.clone(), slot.clone()));
             self.started += 1;

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod probe;
 pub mod report;
 pub mod scenarios;
+mod schedule;
 pub mod stats;
 pub mod target;
 pub mod transport;

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use tokio::sync::Semaphore;
-use tokio::time::{sleep_until, timeout, Instant};
+use hdrhistogram::Histogram;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
@@ -20,8 +21,9 @@ use kas_proto::diagnostics::PingRequest;
 use crate::agent::{self, AgentEnv, Fleet, FleetShape};
 use crate::probe::EdgeSample;
 use crate::report::EdgeSummary;
+use crate::schedule::Schedule;
 use crate::stats::{new_histogram, Stats};
-use crate::transport::{Connector, Transport};
+use crate::transport::{Connector, H2Service};
 use crate::Ctx;
 
 /// Marks our lines in the blocklist file, so they can be told apart and removed.
@@ -90,6 +92,12 @@ async fn ramp_and_settle(ctx: &mut Ctx, fleet: &mut Fleet) -> bool {
         format!("{connected}/{n} within the ramp + {:?}", ctx.args.settle),
     );
     all
+}
+
+/// The last phase of every fleet scenario: stop the agents, waiting (bounded) for them.
+async fn stop(ctx: &Ctx, fleet: Fleet) {
+    ctx.set_phase("stop");
+    fleet.shutdown(Duration::from_secs(10)).await;
 }
 
 fn round3(v: f64) -> f64 {
@@ -167,8 +175,7 @@ pub async fn idle(ctx: &mut Ctx) -> anyhow::Result<()> {
             hold,
         ));
     }
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -207,8 +214,7 @@ pub async fn storm(ctx: &mut Ctx) -> anyhow::Result<()> {
         all,
         format!("{reconnected}/{n} within {:?}", ctx.args.duration),
     );
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -219,13 +225,12 @@ pub async fn churn(ctx: &mut Ctx) -> anyhow::Result<()> {
     let n = fleet.slots.len();
     let total = (ctx.args.churn_rate * ctx.args.duration.as_secs_f64()).ceil() as u64;
     let begin = Instant::now();
+    let schedule = Schedule::new(begin, ctx.args.churn_rate);
     let cycles_before = Stats::get(&ctx.stats.cycles);
     let mut min_connected = n;
     for k in 0..total {
-        let at = begin + Duration::from_secs_f64(k as f64 / ctx.args.churn_rate);
-        tokio::select! {
-            _ = sleep_until(at) => {}
-            _ = ctx.interrupted.cancelled() => break,
+        if schedule.wait(k, &ctx.interrupted).await.is_none() {
+            break;
         }
         fleet.cycle((k % n as u64) as usize);
         if k % 16 == 0 {
@@ -252,8 +257,7 @@ pub async fn churn(ctx: &mut Ctx) -> anyhow::Result<()> {
         all,
         format!("{}/{n} connected after the churn", fleet.connected()),
     );
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
 
@@ -274,6 +278,165 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
+/// The blocklist file as it was before the run (`None`: there was none), to put back.
+fn read_blocklist(file: &Path) -> anyhow::Result<Option<String>> {
+    match std::fs::read_to_string(file) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
+    }
+}
+
+/// Puts the blocklist file back as it was: without our lines, or not there at all.
+fn restore_blocklist(file: &Path, original: Option<&str>) -> anyhow::Result<()> {
+    match original {
+        Some(text) => write_atomically(file, &without_our_lines(text)),
+        None => {
+            std::fs::remove_file(file).with_context(|| format!("cannot remove {}", file.display()))
+        }
+    }
+}
+
+/// Who a blocklist run blocks: every `--block-every`th source address, and every agent
+/// behind one of those (with `--agents-per-ip` several share one).
+struct Blocked {
+    ips: BTreeSet<IpAddr>,
+    agents: Vec<usize>,
+}
+
+impl Blocked {
+    fn choose(fleet: &Fleet, every: usize) -> Self {
+        let ips: BTreeSet<IpAddr> = fleet
+            .slots
+            .iter()
+            .filter(|s| s.ip_index % every == 0)
+            .filter_map(|s| s.source)
+            .collect();
+        let agents = fleet
+            .slots
+            .iter()
+            .filter(|s| s.source.is_some_and(|ip| ips.contains(&ip)))
+            .map(|s| s.index)
+            .collect();
+        Self { ips, agents }
+    }
+
+    /// Tells the blocked agents their cut is the point: counted apart, and they stay down.
+    fn expect_cuts(&self, fleet: &Fleet) {
+        for &i in &self.agents {
+            fleet.slots[i].expect_cut.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The blocklist file with our line for every blocked address.
+    fn blocklist_text(&self, original: Option<&str>) -> String {
+        let mut text = without_our_lines(original.unwrap_or(""));
+        for ip in &self.ips {
+            text.push_str(&format!("{ip}  {BLOCKLIST_MARK}\n"));
+        }
+        text
+    }
+
+    fn all_cut(&self, fleet: &Fleet) -> bool {
+        self.agents
+            .iter()
+            .all(|&i| fleet.slots[i].cuts.load(Ordering::SeqCst) > 0)
+    }
+}
+
+/// What happened after the blocklist was written: how soon each blocked agent was cut,
+/// how many were not, and how many others were hit as well.
+struct Cuts {
+    /// Microseconds from the write to each blocked agent's cut.
+    after_write: Histogram<u64>,
+    not_cut: usize,
+    /// Agents not blocked that were cut after the write, or are down.
+    bystanders: usize,
+}
+
+impl Cuts {
+    fn measure(fleet: &Fleet, blocked: &Blocked, written_us: u64) -> Self {
+        let mut after_write = new_histogram();
+        let mut not_cut = 0;
+        for &i in &blocked.agents {
+            let slot = &fleet.slots[i];
+            let at = slot.cut_at_us.load(Ordering::SeqCst);
+            if slot.cuts.load(Ordering::SeqCst) > 0 && at >= written_us {
+                let _ = after_write.record((at - written_us).max(1));
+            } else {
+                not_cut += 1;
+            }
+        }
+        let bystanders = fleet
+            .slots
+            .iter()
+            .filter(|s| !s.expect_cut.load(Ordering::SeqCst))
+            .filter(|s| s.cut_at_us.load(Ordering::SeqCst) >= written_us || !s.is_connected())
+            .count();
+        Self {
+            after_write,
+            not_cut,
+            bystanders,
+        }
+    }
+
+    fn slowest_ms(&self) -> f64 {
+        self.after_write.max() as f64 / 1000.0
+    }
+
+    /// The checks: every blocked agent cut, in time, and nobody else.
+    fn check(&self, ctx: &mut Ctx, blocked: &Blocked, cut_in_time: bool) {
+        let (not_cut, bystanders, max_ms) = (self.not_cut, self.bystanders, self.slowest_ms());
+        ctx.check(
+            "blocked agents cut",
+            cut_in_time && not_cut == 0,
+            format!(
+                "{} of {} cut within {:?}",
+                blocked.agents.len() - not_cut,
+                blocked.agents.len(),
+                ctx.args.block_wait
+            ),
+        );
+        ctx.check(
+            "cut within the deadline",
+            not_cut == 0 && max_ms <= ctx.args.block_deadline.as_secs_f64() * 1000.0,
+            format!(
+                "slowest {max_ms:.0} ms (deadline {:?})",
+                ctx.args.block_deadline
+            ),
+        );
+        ctx.check(
+            "nobody else cut",
+            bystanders == 0,
+            format!("{bystanders} agents not blocked were cut or are down"),
+        );
+    }
+
+    /// The facts, and the cut times as a latency of their own.
+    fn record(self, ctx: &mut Ctx, fleet: &Fleet, blocked: &Blocked, file: &Path) {
+        let max_ms = self.slowest_ms();
+        ctx.fact("blocklist_file", file.display().to_string());
+        ctx.fact("blocked_ips", blocked.ips.len());
+        ctx.fact("blocked_agents", blocked.agents.len());
+        ctx.fact("blocked_cut", self.after_write.len());
+        ctx.fact("blocked_not_cut", self.not_cut);
+        ctx.fact("others_cut_or_down", self.bystanders);
+        ctx.fact("others", fleet.slots.len() - blocked.agents.len());
+        if !self.after_write.is_empty() {
+            ctx.fact(
+                "cut_p50_ms",
+                self.after_write.value_at_quantile(0.5) as f64 / 1000.0,
+            );
+            ctx.fact("cut_max_ms", max_ms);
+            ctx.extra_latency
+                .push(("cut after blocklist write".into(), self.after_write));
+        }
+    }
+}
+
+/// Blocks part of a connected fleet through the edge's blocklist file and measures how
+/// soon exactly those agents are cut; the file is restored however the run goes, once
+/// it was written.
 pub async fn blocklist(ctx: &mut Ctx) -> anyhow::Result<()> {
     let Some(file) = ctx.args.blocklist_file.clone() else {
         bail!("the blocklist scenario needs --blocklist-file (the edge's blocklist)");
@@ -282,139 +445,99 @@ pub async fn blocklist(ctx: &mut Ctx) -> anyhow::Result<()> {
         bail!("the blocklist scenario needs spread source addresses (drop --no-source-spread)");
     }
     let every = ctx.args.block_every.max(1);
-    let original = match std::fs::read_to_string(&file) {
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
-    };
+    let original = read_blocklist(&file)?;
     let mut fleet = fleet(ctx, Duration::ZERO)?;
     ramp_and_settle(ctx, &mut fleet).await;
     ctx.pause(Duration::from_secs(1)).await;
 
-    let blocked_ips: BTreeSet<IpAddr> = fleet
-        .slots
-        .iter()
-        .filter(|s| s.ip_index % every == 0)
-        .filter_map(|s| s.source)
-        .collect();
-    let blocked: Vec<usize> = fleet
-        .slots
-        .iter()
-        .filter(|s| s.source.is_some_and(|ip| blocked_ips.contains(&ip)))
-        .map(|s| s.index)
-        .collect();
-    for &i in &blocked {
-        fleet.slots[i].expect_cut.store(true, Ordering::SeqCst);
-    }
-    let mut text = without_our_lines(original.as_deref().unwrap_or(""));
-    for ip in &blocked_ips {
-        text.push_str(&format!("{ip}  {BLOCKLIST_MARK}\n"));
-    }
+    let blocked = Blocked::choose(&fleet, every);
+    blocked.expect_cuts(&fleet);
+    let text = blocked.blocklist_text(original.as_deref());
     ctx.set_phase("blocklist");
     let written_us = ctx.stats.start.elapsed().as_micros() as u64;
     let written = Instant::now();
     write_atomically(&file, &text)?;
 
-    let all_cut = |f: &Fleet| {
-        blocked
-            .iter()
-            .all(|&i| f.slots[i].cuts.load(Ordering::SeqCst) > 0)
-    };
-    let cut_in_time = fleet.wait_for(ctx.args.block_wait, all_cut).await;
+    let cut_in_time = fleet
+        .wait_for(ctx.args.block_wait, |f| blocked.all_cut(f))
+        .await;
     // Watch the rest a little longer: a sloppy match would cut them a moment later.
     let left = ctx.args.block_wait.saturating_sub(written.elapsed());
     ctx.pause(left.min(Duration::from_secs(1))).await;
+    let restored = restore_blocklist(&file, original.as_deref());
 
-    let restored = match &original {
-        Some(text) => write_atomically(&file, &without_our_lines(text)),
-        None => {
-            std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))
-        }
-    };
-
-    let mut cut_hist = new_histogram();
-    let mut not_cut = 0;
-    for &i in &blocked {
-        let slot = &fleet.slots[i];
-        let at = slot.cut_at_us.load(Ordering::SeqCst);
-        if slot.cuts.load(Ordering::SeqCst) > 0 && at >= written_us {
-            let _ = cut_hist.record((at - written_us).max(1));
-        } else {
-            not_cut += 1;
-        }
-    }
-    let bystanders = fleet
-        .slots
-        .iter()
-        .filter(|s| !s.expect_cut.load(Ordering::SeqCst))
-        .filter(|s| s.cut_at_us.load(Ordering::SeqCst) >= written_us || !s.is_connected())
-        .count();
-    let max_ms = cut_hist.max() as f64 / 1000.0;
-    ctx.fact("blocklist_file", file.display().to_string());
-    ctx.fact("blocked_ips", blocked_ips.len());
-    ctx.fact("blocked_agents", blocked.len());
-    ctx.fact("blocked_cut", cut_hist.len());
-    ctx.fact("blocked_not_cut", not_cut);
-    ctx.fact("others_cut_or_down", bystanders);
-    ctx.fact("others", fleet.slots.len() - blocked.len());
-    if !cut_hist.is_empty() {
-        ctx.fact(
-            "cut_p50_ms",
-            cut_hist.value_at_quantile(0.5) as f64 / 1000.0,
-        );
-        ctx.fact("cut_max_ms", max_ms);
-        ctx.extra_latency
-            .push(("cut after blocklist write".into(), cut_hist));
-    }
-    ctx.check(
-        "blocked agents cut",
-        cut_in_time && not_cut == 0,
-        format!(
-            "{} of {} cut within {:?}",
-            blocked.len() - not_cut,
-            blocked.len(),
-            ctx.args.block_wait
-        ),
-    );
-    ctx.check(
-        "cut within the deadline",
-        not_cut == 0 && max_ms <= ctx.args.block_deadline.as_secs_f64() * 1000.0,
-        format!(
-            "slowest {max_ms:.0} ms (deadline {:?})",
-            ctx.args.block_deadline
-        ),
-    );
-    ctx.check(
-        "nobody else cut",
-        bystanders == 0,
-        format!("{bystanders} agents not blocked were cut or are down"),
-    );
+    let cuts = Cuts::measure(&fleet, &blocked, written_us);
+    cuts.check(ctx, &blocked, cut_in_time);
+    cuts.record(ctx, &fleet, &blocked, &file);
     ctx.check(
         "blocklist file restored",
         restored.is_ok(),
         restored.err().map_or(String::new(), |e| format!("{e:#}")),
     );
-    ctx.set_phase("stop");
-    fleet.shutdown(Duration::from_secs(10)).await;
+    stop(ctx, fleet).await;
     Ok(())
 }
+
+/// A connection's Diagnostics client: the rpc scenario's requests go through these.
+type PingClient = DiagnosticsClient<H2Service>;
 
 /// Open-loop unary requests: send times are fixed up front at the target rate and each
 /// latency counts from its scheduled time, so a slow server shows as latency instead of
 /// silently lowering the request rate.
 pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
-    let connector = connector(ctx)?;
-    let stats = ctx.stats.clone();
     let conns_stop = CancellationToken::new();
+    let clients = connect_rpc_clients(ctx, &conns_stop).await?;
+    ctx.fact("rpc_connections_open", clients.len());
+
+    ctx.set_phase("rpc");
+    let rate = ctx.args.rpc_rate;
+    let total = ((rate * ctx.args.duration.as_secs_f64()).ceil() as u64).min(50_000_000);
+    let limit = ctx.args.rpc_max_in_flight.clamp(1, 1 << 20);
+    let in_flight = Arc::new(Semaphore::new(limit));
+    let dispatched = send_open_loop(ctx, &clients, total, &in_flight).await;
+    // Every permit back = every request finished (each is bounded by --rpc-timeout).
+    let drained = timeout(
+        ctx.args.rpc_timeout + Duration::from_secs(2),
+        in_flight.acquire_many(limit as u32),
+    )
+    .await;
+    let elapsed = dispatched.begin.elapsed().as_secs_f64();
+    conns_stop.cancel();
+    let (sent, ok) = (dispatched.sent, Stats::get(&ctx.stats.rpc_ok));
+    ctx.fact("rpc_target_rate_per_s", rate);
+    ctx.fact("rpc_scheduled", total);
+    ctx.fact("rpc_sent", sent);
+    ctx.fact(
+        "rpc_sent_rate_per_s",
+        round3(sent as f64 / dispatched.sending_secs.max(1e-3)),
+    );
+    ctx.fact("rpc_ok_rate_per_s", round3(ok as f64 / elapsed.max(1e-3)));
+    ctx.fact(
+        "rpc_dispatch_max_lag_ms",
+        round3(dispatched.max_lag.as_secs_f64() * 1000.0),
+    );
+    ctx.check(
+        "all requests finished",
+        drained.is_ok(),
+        format!("{ok} ok of {sent} sent"),
+    );
+    Ok(())
+}
+
+/// Opens `--rpc-connections` connections (round-robin over the targets, the transport mix
+/// as for a fleet), each driven until `stop`. One that fails is counted as an error and
+/// the run goes on with the rest; none at all is the end of it.
+async fn connect_rpc_clients(
+    ctx: &Ctx,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<PingClient>> {
+    let connector = connector(ctx)?;
+    let stats = &ctx.stats;
     let mut clients = Vec::new();
     ctx.set_phase("connect");
     for i in 0..ctx.args.rpc_connections.max(1) {
         let target = &ctx.targets[i % ctx.targets.len()];
-        let transport = if agent::uses_websocket(i, ctx.args.ws_fraction) {
-            Transport::Websocket
-        } else {
-            Transport::Grpc
-        };
+        let transport = agent::transport_for(i, ctx.args.ws_fraction);
         let source = match target.addr.ip() {
             IpAddr::V4(v4) if v4.is_loopback() && !ctx.args.no_source_spread => {
                 Some(IpAddr::V4(agent::source_address(ctx.args.source_base, i)?))
@@ -432,7 +555,7 @@ pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
             Ok(Ok((grpc, conn))) => {
                 stats.inc(&stats.handshakes);
                 stats.handshake_latency.record(t0.elapsed());
-                let stop = conns_stop.clone();
+                let stop = stop.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = conn => {}
@@ -450,84 +573,89 @@ pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
     if clients.is_empty() {
         bail!("no connection could be opened");
     }
-    ctx.fact("rpc_connections_open", clients.len());
+    Ok(clients)
+}
 
-    ctx.set_phase("rpc");
-    let rate = ctx.args.rpc_rate;
-    let total = ((rate * ctx.args.duration.as_secs_f64()).ceil() as u64).min(50_000_000);
-    let limit = ctx.args.rpc_max_in_flight.clamp(1, 1 << 20);
-    let in_flight = Arc::new(Semaphore::new(limit));
+/// What the open loop sent: when sending began, how long it took, how many went out and
+/// how far the dispatcher fell behind its schedule.
+struct Dispatched {
+    begin: Instant,
+    sending_secs: f64,
+    sent: u64,
+    max_lag: Duration,
+}
+
+/// Sends `total` Pings at `--rpc-rate` over the clients in turn, each on its own task and
+/// holding one of `in_flight`'s permits until answered; stops early on Ctrl-C.
+async fn send_open_loop(
+    ctx: &Ctx,
+    clients: &[PingClient],
+    total: u64,
+    in_flight: &Arc<Semaphore>,
+) -> Dispatched {
     let payload = payload(ctx.args.payload_bytes);
     let begin = Instant::now() + Duration::from_millis(50);
+    let schedule = Schedule::new(begin, ctx.args.rpc_rate);
     let mut max_lag = Duration::ZERO;
     let mut sent = 0u64;
     for i in 0..total {
-        let scheduled = begin + Duration::from_secs_f64(i as f64 / rate);
-        tokio::select! {
-            _ = sleep_until(scheduled) => {}
-            _ = ctx.interrupted.cancelled() => break,
-        }
+        let Some(scheduled) = schedule.wait(i, &ctx.interrupted).await else {
+            break;
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
         max_lag = max_lag.max(Instant::now().saturating_duration_since(scheduled));
-        let mut client = clients[(i as usize) % clients.len()].clone();
-        let mut request = tonic::Request::new(PingRequest {
-            payload: payload.to_vec(),
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", ctx.token.clone());
-        let stats = stats.clone();
-        let deadline = ctx.args.rpc_timeout;
-        stats.inc(&stats.rpc_sent);
+        let client = clients[(i as usize) % clients.len()].clone();
+        let request = agent::authed(
+            &ctx.token,
+            PingRequest {
+                payload: payload.to_vec(),
+            },
+        );
+        ctx.stats.inc(&ctx.stats.rpc_sent);
         sent += 1;
-        tokio::spawn(async move {
-            match timeout(deadline, client.ping(request)).await {
-                Ok(Ok(_)) => {
-                    stats.rpc_latency.record(scheduled.elapsed());
-                    stats.inc(&stats.rpc_ok);
-                }
-                Ok(Err(status)) => stats
-                    .errors
-                    .add(&format!("rpc: grpc {:?}", status.code()), || {
-                        status.to_string()
-                    }),
-                Err(_) => stats
-                    .errors
-                    .add("rpc: timeout", || format!("no answer within {deadline:?}")),
-            }
-            drop(permit);
-        });
+        let stats = ctx.stats.clone();
+        tokio::spawn(ping(
+            client,
+            request,
+            stats,
+            ctx.args.rpc_timeout,
+            scheduled,
+            permit,
+        ));
     }
-    let sending = begin.elapsed().as_secs_f64();
-    // Every permit back = every request finished (each is bounded by --rpc-timeout).
-    let drained = timeout(
-        ctx.args.rpc_timeout + Duration::from_secs(2),
-        in_flight.acquire_many(limit as u32),
-    )
-    .await;
-    let elapsed = begin.elapsed().as_secs_f64();
-    conns_stop.cancel();
-    let ok = Stats::get(&stats.rpc_ok);
-    ctx.fact("rpc_target_rate_per_s", rate);
-    ctx.fact("rpc_scheduled", total);
-    ctx.fact("rpc_sent", sent);
-    ctx.fact(
-        "rpc_sent_rate_per_s",
-        round3(sent as f64 / sending.max(1e-3)),
-    );
-    ctx.fact("rpc_ok_rate_per_s", round3(ok as f64 / elapsed.max(1e-3)));
-    ctx.fact(
-        "rpc_dispatch_max_lag_ms",
-        round3(max_lag.as_secs_f64() * 1000.0),
-    );
-    ctx.check(
-        "all requests finished",
-        drained.is_ok(),
-        format!("{ok} ok of {sent} sent"),
-    );
-    Ok(())
+    Dispatched {
+        begin,
+        sending_secs: begin.elapsed().as_secs_f64(),
+        sent,
+        max_lag,
+    }
+}
+
+/// One request: its latency counts from when it was scheduled, not sent; the permit goes
+/// back when it is answered or given up.
+async fn ping(
+    mut client: PingClient,
+    request: tonic::Request<PingRequest>,
+    stats: Arc<Stats>,
+    deadline: Duration,
+    scheduled: Instant,
+    permit: OwnedSemaphorePermit,
+) {
+    match timeout(deadline, client.ping(request)).await {
+        Ok(Ok(_)) => {
+            stats.rpc_latency.record(scheduled.elapsed());
+            stats.inc(&stats.rpc_ok);
+        }
+        Ok(Err(status)) => stats
+            .errors
+            .add(&agent::status_kind("rpc", &status), || status.to_string()),
+        Err(_) => stats
+            .errors
+            .add("rpc: timeout", || format!("no answer within {deadline:?}")),
+    }
+    drop(permit);
 }
 
 #[cfg(test)]

@@ -14,10 +14,13 @@ use tonic::Code;
 use kas::gitlab_standin::StandinProject;
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use kas_proto::agent_configuration::ConfigurationRequest;
+use kas_proto::gitops::git_ref_cf::Ref;
 use kas_proto::gitops::gitops_client::GitopsClient;
 use kas_proto::gitops::objects_to_synchronize_response::Message;
 use kas_proto::gitops::path_cf::Path;
-use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, PathCf};
+use kas_proto::gitops::{
+    GitRefCf, ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, PathCf,
+};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -217,7 +220,8 @@ async fn too_many_or_too_large_manifests_fail_with_the_reason() {
     let small = vec![b'a'; 100];
     let big = vec![b'b'; 2000];
     let half = vec![b'c'; 900];
-    kas.gitlab
+    let head = kas
+        .gitlab
         .commit_files(
             &manifests(),
             &[
@@ -258,6 +262,26 @@ async fn too_many_or_too_large_manifests_fail_with_the_reason() {
     .expect("accepted");
     let (_, files) = batch(&mut stream).await.expect("a batch within the bounds");
     assert_eq!(files.len(), 3);
+
+    // A pinned commit that does not exist is refused, not an empty batch (which would
+    // make the agent prune everything); an existing one is served.
+    let mut pinned = request("ops/manifests", &["fine/*.yaml"], "");
+    pinned.get_mut().r#ref = Some(GitRefCf {
+        r#ref: Some(Ref::Commit(
+            "0123456789abcdef0123456789abcdef01234567".into(),
+        )),
+    });
+    let mut stream = open(channel.clone(), pinned).await.expect("accepted");
+    let status = batch(&mut stream).await.expect_err("a missing commit");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("does not exist"), "{status:?}");
+    let mut pinned = request("ops/manifests", &["fine/*.yaml"], "");
+    pinned.get_mut().r#ref = Some(GitRefCf {
+        r#ref: Some(Ref::Commit(head.clone())),
+    });
+    let mut stream = open(channel.clone(), pinned).await.expect("accepted");
+    let (commit, files) = batch(&mut stream).await.expect("the pinned commit's batch");
+    assert_eq!((commit, files.len()), (head, 1));
 
     // A project GitLab does not know, or a request without paths.
     let status = open(channel.clone(), request("ops/nope", &["*.yaml"], ""))
@@ -314,4 +338,25 @@ async fn manifests_are_read_from_hgitaly_a_third_party_gitaly() {
     let (commit, files) = batch_of(&mut again, 78).await.expect("the next batch");
     assert_eq!(commit, second);
     assert_eq!(files["deploy/app.yaml"], "kind: Deployment\nreplicas: 2\n");
+
+    // Pinned commits through HGitaly's FindCommit: the first one is still served, an
+    // unknown one refused.
+    let channel = kas.h2c_channel().await;
+    for (pin, exists) in [(first.clone(), true), ("f".repeat(40), false)] {
+        let mut req = request("78", &["deploy/**/*.yaml"], "");
+        req.get_mut().r#ref = Some(GitRefCf {
+            r#ref: Some(Ref::Commit(pin.clone())),
+        });
+        let mut stream = open(channel.clone(), req).await.expect("accepted");
+        match batch_of(&mut stream, 78).await {
+            Ok((commit, files)) if exists => {
+                assert_eq!(commit, first);
+                assert_eq!(files["deploy/app.yaml"], "kind: Deployment\n");
+            }
+            Err(status) if !exists => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}")
+            }
+            other => panic!("pinned {pin}: {other:?}"),
+        }
+    }
 }

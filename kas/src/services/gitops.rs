@@ -191,6 +191,27 @@ async fn serve_stream(job: StreamJob) {
             _ => None,
         };
         if let Some(head) = head.filter(|h| *h != known) {
+            // A pinned commit must exist: listing a missing one reads as "no files", and
+            // an empty batch would make the agent remove everything it applied.
+            if let Revision::Commit(c) = &wanted.revision {
+                match shared.gitaly.find_commit(&location, c).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(Status::failed_precondition(format!(
+                                "commit {c} does not exist in the manifest project"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(crate::gitops::GitopsError::from(e).into()))
+                            .await;
+                        return;
+                    }
+                }
+            }
             let limits = shared.gitops_limits;
             match read_manifests(&shared.gitaly, &location, &head, &wanted.paths, limits).await {
                 Ok(objects) => {

@@ -360,3 +360,37 @@ async fn manifests_are_read_from_hgitaly_a_third_party_gitaly() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_revoked_token_ends_a_waiting_gitops_stream_within_the_cache_ttl() {
+    let kas = Harness::start_with(|c| {
+        c.gitops.poll_interval = Duration::from_millis(100);
+        c.gitlab.auth_cache_ttl = Duration::from_secs(1);
+    })
+    .await;
+    kas.gitlab.add_project(manifests());
+    let head = kas
+        .gitlab
+        .commit_files(&manifests(), &[("a.yaml", Some(b"kind: A\n"))])
+        .unwrap();
+    // Waiting: the agent already has the head.
+    let mut stream = open(
+        kas.h2c_channel().await,
+        request("ops/manifests", &["*.yaml"], &head),
+    )
+    .await
+    .expect("accepted");
+    let revoked_at = std::time::Instant::now();
+    kas.gitlab.remove_agent(TOKEN);
+    let status = match tokio::time::timeout(STEP, stream.message()).await {
+        Ok(Err(status)) => status,
+        other => panic!("expected the stream to end with an error, got {other:?}"),
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // TTL 1 s with ±10 % jitter, plus the GitLab round trip.
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+}

@@ -11,10 +11,13 @@ use kas_proto::gitops::objects_to_synchronize_response::{Header, Message, Object
 use kas_proto::gitops::path_cf::Path;
 use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse};
 
+use tokio::time::Instant;
+
 use super::Shared;
+use crate::auth::Agent;
 use crate::gitaly::{branch_head, GitalyError, GitalyLocation};
 use crate::gitops::{read_manifests, ManifestGlob, ManifestPath};
-use crate::head_poller::PollFn;
+use crate::head_poller::{jittered, PollFn};
 
 /// Objects larger than this are sent in several messages with the same source, so no
 /// message comes near agentk's 4 MiB receive limit.
@@ -149,6 +152,7 @@ struct StreamJob {
     wanted: Wanted,
     /// The commit the agent already has.
     known: String,
+    agent: Agent,
     tx: Tx,
     end: CancellationToken,
 }
@@ -161,9 +165,14 @@ async fn serve_stream(job: StreamJob) {
         default_branch,
         wanted,
         known,
+        agent,
         tx,
         end,
     } = job;
+    // While it waits for a change, the stream re-checks its token every cache TTL, so a
+    // revoked agent's stream ends within about one TTL (as configuration streams do).
+    let revalidate_every = shared.auth.success_ttl();
+    let mut revalidate_at = Instant::now() + jittered(revalidate_every);
     let events = &shared.metrics.config_events;
     let mut heads = match &wanted.revision {
         Revision::Commit(_) => None,
@@ -229,17 +238,29 @@ async fn serve_stream(job: StreamJob) {
             }
             return;
         }
-        match heads.as_mut() {
-            Some(heads) => tokio::select! {
-                changed = heads.changed() => if changed.is_err() { return },
-                _ = tx.closed() => return,
-                _ = end.cancelled() => return,
-            },
-            // A fixed commit the agent already has: nothing will change on this stream.
-            None => tokio::select! {
-                _ = tx.closed() => return,
-                _ = end.cancelled() => return,
-            },
+        let changed = async {
+            match heads.as_mut() {
+                Some(heads) => heads.changed().await.is_ok(),
+                // A fixed commit the agent already has: nothing changes on this stream.
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = changed => if !changed { return },
+            _ = tokio::time::sleep_until(revalidate_at) => {
+                revalidate_at = Instant::now() + jittered(revalidate_every);
+                match shared.auth.revalidate(&agent.token).await {
+                    Err(e) if e.is_definite() => {
+                        tracing::info!(project_id, outcome = e.outcome_label(), "agent token no longer accepted; ending its GitOps stream");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    // Accepted, or GitLab unreachable: keep waiting.
+                    _ => {}
+                }
+            }
+            _ = tx.closed() => return,
+            _ = end.cancelled() => return,
         }
     }
 }
@@ -280,6 +301,7 @@ impl Gitops for GitopsService {
                 default_branch: project.default_branch,
                 wanted,
                 known: request.commit_id,
+                agent,
                 tx,
                 end,
             })

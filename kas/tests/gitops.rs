@@ -394,3 +394,41 @@ async fn a_revoked_token_ends_a_waiting_gitops_stream_within_the_cache_ttl() {
         revoked_at.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_large_manifest_arrives_in_chunks_under_the_clients_message_limit() {
+    // Default bounds (5 MiB per file); the file is above a gRPC client's default 4 MiB
+    // receive limit, so it only arrives whole if kas splits it.
+    let kas = Harness::start_with(|c| c.gitops.poll_interval = Duration::from_millis(100)).await;
+    kas.gitlab.add_project(manifests());
+    let big: Vec<u8> = (0..4_500_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    kas.gitlab
+        .commit_files(&manifests(), &[("big.yaml", Some(&big))])
+        .unwrap();
+    let mut stream = open(
+        kas.h2c_channel().await,
+        request("ops/manifests", &["*.yaml"], ""),
+    )
+    .await
+    .expect("accepted");
+    let mut chunks = 0;
+    let mut data = Vec::new();
+    loop {
+        match next(&mut stream)
+            .await
+            .expect("stream healthy")
+            .and_then(|m| m.message)
+        {
+            Some(Message::Header(_)) => {}
+            Some(Message::Object(o)) => {
+                assert_eq!(o.source, "big.yaml");
+                chunks += 1;
+                data.extend_from_slice(&o.data);
+            }
+            Some(Message::Trailer(_)) => break,
+            None => panic!("the stream ended before its trailer"),
+        }
+    }
+    assert!(chunks >= 5, "{chunks} messages for 4.5 MB");
+    assert!(data == big, "the chunks do not add up to the file");
+}

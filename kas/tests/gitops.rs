@@ -432,3 +432,45 @@ async fn a_large_manifest_arrives_in_chunks_under_the_clients_message_limit() {
     assert!(chunks >= 5, "{chunks} messages for 4.5 MB");
     assert!(data == big, "the chunks do not add up to the file");
 }
+
+#[tokio::test]
+async fn gitlab_is_asked_where_a_manifest_project_lives_once_per_cache_ttl() {
+    let kas = Harness::start_with(|c| {
+        c.gitops.poll_interval = Duration::from_millis(100);
+        c.gitops.project_info_cache_error_ttl = Duration::from_millis(500);
+    })
+    .await;
+    kas.gitlab.add_project(manifests());
+    kas.gitlab
+        .commit_files(&manifests(), &[("a.yaml", Some(b"kind: A\n"))])
+        .unwrap();
+    let channel = kas.h2c_channel().await;
+    let before = kas.gitlab.project_info_requests();
+    for _ in 0..3 {
+        let mut stream = open(channel.clone(), request("ops/manifests", &["*.yaml"], ""))
+            .await
+            .expect("accepted");
+        batch(&mut stream).await.expect("a batch");
+    }
+    assert_eq!(
+        kas.gitlab.project_info_requests() - before,
+        1,
+        "three batches, one lookup"
+    );
+
+    // A refusal is remembered for the (short) error TTL, then asked again.
+    let before = kas.gitlab.project_info_requests();
+    for _ in 0..2 {
+        let status = open(channel.clone(), request("ops/missing", &["*.yaml"], ""))
+            .await
+            .expect_err("unknown project");
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    assert_eq!(kas.gitlab.project_info_requests() - before, 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = open(channel, request("ops/missing", &["*.yaml"], ""))
+        .await
+        .expect_err("still unknown");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(kas.gitlab.project_info_requests() - before, 2);
+}

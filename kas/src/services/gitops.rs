@@ -281,9 +281,8 @@ impl Gitops for GitopsService {
         // GitLab decides whether this agent may read the project, and where it lives.
         let project = self
             .shared
-            .auth
-            .gitlab()
-            .project_info(agent.token.expose(), &request.project_id)
+            .project_info
+            .get(self.shared.auth.gitlab(), &agent.token, &request.project_id)
             .await
             .map_err(Status::from)?;
         let location = project.gitaly.ok_or_else(|| {

@@ -33,7 +33,8 @@ impl AgentToken {
         &self.0
     }
 
-    fn digest(&self) -> [u8; 32] {
+    /// The token's SHA-256: the only form caches keep.
+    pub(crate) fn digest(&self) -> [u8; 32] {
         Sha256::digest(self.0.as_bytes()).into()
     }
 }

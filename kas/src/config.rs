@@ -230,6 +230,13 @@ pub struct GitopsConfig {
     pub max_manifest_file_size: usize,
     /// Bytes of all manifest files of one batch together (20 MiB).
     pub max_total_manifest_file_size: usize,
+    /// How long GitLab's answer on where a manifest project lives (and whether the agent
+    /// may read it) is reused (5 min; 0: ask every time).
+    #[serde(with = "humantime_serde")]
+    pub project_info_cache_ttl: Duration,
+    /// How long a refusal (401/403/404) of `project_info` is reused (1 min).
+    #[serde(with = "humantime_serde")]
+    pub project_info_cache_error_ttl: Duration,
 }
 
 impl Default for GitopsConfig {
@@ -241,6 +248,8 @@ impl Default for GitopsConfig {
             max_number_of_files: limits.max_number_of_files,
             max_manifest_file_size: limits.max_manifest_file_size,
             max_total_manifest_file_size: limits.max_total_manifest_file_size,
+            project_info_cache_ttl: Duration::from_secs(300),
+            project_info_cache_error_ttl: Duration::from_secs(60),
         }
     }
 }

@@ -107,6 +107,7 @@ struct State {
     down: AtomicBool,
     last_jwt: Mutex<Option<String>>,
     agent_info_requests: AtomicU64,
+    project_info_requests: AtomicU64,
 }
 
 /// A running stand-in. Dropping it stops the server.
@@ -296,6 +297,7 @@ impl State {
                 }
             }
             ["api", "v4", "internal", "kubernetes", "project_info"] => {
+                self.project_info_requests.fetch_add(1, Ordering::SeqCst);
                 let Some(agent) = self.bearer_agent(req) else {
                     return message(StatusCode::UNAUTHORIZED, "401 Unauthorized");
                 };
@@ -396,6 +398,7 @@ impl GitlabStandin {
             down: AtomicBool::new(false),
             last_jwt: Mutex::new(None),
             agent_info_requests: AtomicU64::new(0),
+            project_info_requests: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         let (st, stop2) = (state.clone(), stop.clone());
@@ -544,5 +547,9 @@ impl GitlabStandin {
 
     pub fn agent_info_requests(&self) -> u64 {
         self.state.agent_info_requests.load(Ordering::SeqCst)
+    }
+
+    pub fn project_info_requests(&self) -> u64 {
+        self.state.project_info_requests.load(Ordering::SeqCst)
     }
 }

@@ -3,11 +3,15 @@
 //! of one file and of all together), as real kas does for
 //! `gitlab.agent.gitops.rpc.Gitops/GetObjectsToSynchronize`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use globset::{GlobBuilder, GlobMatcher};
 
+use crate::auth::AgentToken;
 use crate::gitaly::{GitalyError, GitalyLocation, GitalyPool};
+use crate::gitlab::{GitlabClient, GitlabError, ProjectInfo};
 
 /// Bounds on one batch of manifests (real kas's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +63,70 @@ impl From<GitopsError> for tonic::Status {
                 tonic::Status::unavailable(format!("cannot read the manifest project: {e}"))
             }
         }
+    }
+}
+
+type ProjectLookup = Result<ProjectInfo, GitlabError>;
+/// (token digest, project as the agent named it).
+type ProjectKey = ([u8; 32], String);
+
+/// GitLab's `project_info` answers per (agent token, project), kept for a while as real
+/// kas does (`project_info_cache_ttl`), so agents asking again after every batch and every
+/// connection rotation do not become a GitLab load. Definite refusals are kept for the
+/// error TTL; GitLab being unreachable is never cached.
+pub struct ProjectInfoCache {
+    ttl: Duration,
+    error_ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<HashMap<ProjectKey, (Instant, ProjectLookup)>>,
+}
+
+impl ProjectInfoCache {
+    pub fn new(ttl: Duration, error_ttl: Duration, max_entries: usize) -> Self {
+        Self {
+            ttl,
+            error_ttl,
+            max_entries: max_entries.max(1),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn get(
+        &self,
+        gitlab: &GitlabClient,
+        token: &AgentToken,
+        project: &str,
+    ) -> ProjectLookup {
+        let key = (token.digest(), project.to_owned());
+        let now = Instant::now();
+        if let Some((expires, cached)) = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if *expires > now {
+                return cached.clone();
+            }
+        }
+        let result = gitlab.project_info(token.expose(), project).await;
+        let ttl = match &result {
+            Ok(_) => self.ttl,
+            Err(e) if e.is_definite() => self.error_ttl,
+            Err(_) => Duration::ZERO,
+        };
+        if !ttl.is_zero() {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= self.max_entries {
+                entries.retain(|_, (expires, _)| *expires > now);
+                if entries.len() >= self.max_entries {
+                    // Full of live entries: start over rather than grow without bound.
+                    entries.clear();
+                }
+            }
+            entries.insert(key, (now + ttl, result.clone()));
+        }
+        result
     }
 }
 

@@ -223,6 +223,16 @@ impl Reader {
             usize_value,
             |v| { cfg.gitops.max_number_of_files = v }
         );
+        set!(
+            ["agent", "gitops", "project_info_cache_ttl"],
+            duration,
+            |v| { cfg.gitops.project_info_cache_ttl = v }
+        );
+        set!(
+            ["agent", "gitops", "project_info_cache_error_ttl"],
+            duration,
+            |v| { cfg.gitops.project_info_cache_error_ttl = v }
+        );
         set!(["agent", "info_cache_ttl"], duration, |v| cfg
             .gitlab
             .auth_cache_ttl =

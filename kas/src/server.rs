@@ -103,6 +103,11 @@ impl BoundKas {
             gitaly: gitaly.clone(),
             gitops_pollers: HeadPollers::new(config.gitops.poll_interval, end_streams.clone()),
             gitops_limits: config.gitops.limits(),
+            project_info: crate::gitops::ProjectInfoCache::new(
+                config.gitops.project_info_cache_ttl,
+                config.gitops.project_info_cache_error_ttl,
+                config.gitlab.auth_cache_max_entries,
+            ),
             metrics,
             poll_interval: config.agent_configuration.poll_interval,
             max_config_file_bytes: config.agent_configuration.max_configuration_file_size,

@@ -14,10 +14,13 @@ use tonic::Code;
 use kas::gitlab_standin::StandinProject;
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use kas_proto::agent_configuration::ConfigurationRequest;
+use kas_proto::gitops::git_ref_cf::Ref;
 use kas_proto::gitops::gitops_client::GitopsClient;
 use kas_proto::gitops::objects_to_synchronize_response::Message;
 use kas_proto::gitops::path_cf::Path;
-use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, PathCf};
+use kas_proto::gitops::{
+    GitRefCf, ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, PathCf,
+};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -217,7 +220,8 @@ async fn too_many_or_too_large_manifests_fail_with_the_reason() {
     let small = vec![b'a'; 100];
     let big = vec![b'b'; 2000];
     let half = vec![b'c'; 900];
-    kas.gitlab
+    let head = kas
+        .gitlab
         .commit_files(
             &manifests(),
             &[
@@ -258,6 +262,26 @@ async fn too_many_or_too_large_manifests_fail_with_the_reason() {
     .expect("accepted");
     let (_, files) = batch(&mut stream).await.expect("a batch within the bounds");
     assert_eq!(files.len(), 3);
+
+    // A pinned commit that does not exist is refused, not an empty batch (which would
+    // make the agent prune everything); an existing one is served.
+    let mut pinned = request("ops/manifests", &["fine/*.yaml"], "");
+    pinned.get_mut().r#ref = Some(GitRefCf {
+        r#ref: Some(Ref::Commit(
+            "0123456789abcdef0123456789abcdef01234567".into(),
+        )),
+    });
+    let mut stream = open(channel.clone(), pinned).await.expect("accepted");
+    let status = batch(&mut stream).await.expect_err("a missing commit");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("does not exist"), "{status:?}");
+    let mut pinned = request("ops/manifests", &["fine/*.yaml"], "");
+    pinned.get_mut().r#ref = Some(GitRefCf {
+        r#ref: Some(Ref::Commit(head.clone())),
+    });
+    let mut stream = open(channel.clone(), pinned).await.expect("accepted");
+    let (commit, files) = batch(&mut stream).await.expect("the pinned commit's batch");
+    assert_eq!((commit, files.len()), (head, 1));
 
     // A project GitLab does not know, or a request without paths.
     let status = open(channel.clone(), request("ops/nope", &["*.yaml"], ""))
@@ -314,4 +338,139 @@ async fn manifests_are_read_from_hgitaly_a_third_party_gitaly() {
     let (commit, files) = batch_of(&mut again, 78).await.expect("the next batch");
     assert_eq!(commit, second);
     assert_eq!(files["deploy/app.yaml"], "kind: Deployment\nreplicas: 2\n");
+
+    // Pinned commits through HGitaly's FindCommit: the first one is still served, an
+    // unknown one refused.
+    let channel = kas.h2c_channel().await;
+    for (pin, exists) in [(first.clone(), true), ("f".repeat(40), false)] {
+        let mut req = request("78", &["deploy/**/*.yaml"], "");
+        req.get_mut().r#ref = Some(GitRefCf {
+            r#ref: Some(Ref::Commit(pin.clone())),
+        });
+        let mut stream = open(channel.clone(), req).await.expect("accepted");
+        match batch_of(&mut stream, 78).await {
+            Ok((commit, files)) if exists => {
+                assert_eq!(commit, first);
+                assert_eq!(files["deploy/app.yaml"], "kind: Deployment\n");
+            }
+            Err(status) if !exists => {
+                assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}")
+            }
+            other => panic!("pinned {pin}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_token_ends_a_waiting_gitops_stream_within_the_cache_ttl() {
+    let kas = Harness::start_with(|c| {
+        c.gitops.poll_interval = Duration::from_millis(100);
+        c.gitlab.auth_cache_ttl = Duration::from_secs(1);
+    })
+    .await;
+    kas.gitlab.add_project(manifests());
+    let head = kas
+        .gitlab
+        .commit_files(&manifests(), &[("a.yaml", Some(b"kind: A\n"))])
+        .unwrap();
+    // Waiting: the agent already has the head.
+    let mut stream = open(
+        kas.h2c_channel().await,
+        request("ops/manifests", &["*.yaml"], &head),
+    )
+    .await
+    .expect("accepted");
+    let revoked_at = std::time::Instant::now();
+    kas.gitlab.remove_agent(TOKEN);
+    let status = match tokio::time::timeout(STEP, stream.message()).await {
+        Ok(Err(status)) => status,
+        other => panic!("expected the stream to end with an error, got {other:?}"),
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // TTL 1 s with ±10 % jitter, plus the GitLab round trip.
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_large_manifest_arrives_in_chunks_under_the_clients_message_limit() {
+    // Default bounds (5 MiB per file); the file is above a gRPC client's default 4 MiB
+    // receive limit, so it only arrives whole if kas splits it.
+    let kas = Harness::start_with(|c| c.gitops.poll_interval = Duration::from_millis(100)).await;
+    kas.gitlab.add_project(manifests());
+    let big: Vec<u8> = (0..4_500_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    kas.gitlab
+        .commit_files(&manifests(), &[("big.yaml", Some(&big))])
+        .unwrap();
+    let mut stream = open(
+        kas.h2c_channel().await,
+        request("ops/manifests", &["*.yaml"], ""),
+    )
+    .await
+    .expect("accepted");
+    let mut chunks = 0;
+    let mut data = Vec::new();
+    loop {
+        match next(&mut stream)
+            .await
+            .expect("stream healthy")
+            .and_then(|m| m.message)
+        {
+            Some(Message::Header(_)) => {}
+            Some(Message::Object(o)) => {
+                assert_eq!(o.source, "big.yaml");
+                chunks += 1;
+                data.extend_from_slice(&o.data);
+            }
+            Some(Message::Trailer(_)) => break,
+            None => panic!("the stream ended before its trailer"),
+        }
+    }
+    assert!(chunks >= 5, "{chunks} messages for 4.5 MB");
+    assert!(data == big, "the chunks do not add up to the file");
+}
+
+#[tokio::test]
+async fn gitlab_is_asked_where_a_manifest_project_lives_once_per_cache_ttl() {
+    let kas = Harness::start_with(|c| {
+        c.gitops.poll_interval = Duration::from_millis(100);
+        c.gitops.project_info_cache_error_ttl = Duration::from_millis(500);
+    })
+    .await;
+    kas.gitlab.add_project(manifests());
+    kas.gitlab
+        .commit_files(&manifests(), &[("a.yaml", Some(b"kind: A\n"))])
+        .unwrap();
+    let channel = kas.h2c_channel().await;
+    let before = kas.gitlab.project_info_requests();
+    for _ in 0..3 {
+        let mut stream = open(channel.clone(), request("ops/manifests", &["*.yaml"], ""))
+            .await
+            .expect("accepted");
+        batch(&mut stream).await.expect("a batch");
+    }
+    assert_eq!(
+        kas.gitlab.project_info_requests() - before,
+        1,
+        "three batches, one lookup"
+    );
+
+    // A refusal is remembered for the (short) error TTL, then asked again.
+    let before = kas.gitlab.project_info_requests();
+    for _ in 0..2 {
+        let status = open(channel.clone(), request("ops/missing", &["*.yaml"], ""))
+            .await
+            .expect_err("unknown project");
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    assert_eq!(kas.gitlab.project_info_requests() - before, 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = open(channel, request("ops/missing", &["*.yaml"], ""))
+        .await
+        .expect_err("still unknown");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(kas.gitlab.project_info_requests() - before, 2);
 }

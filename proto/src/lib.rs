@@ -82,4 +82,5 @@ pub mod paths {
     pub const GITALY_FIND_BRANCH: &str = "/gitaly.RefService/FindBranch";
     pub const GITALY_TREE_ENTRY: &str = "/gitaly.CommitService/TreeEntry";
     pub const GITALY_GET_TREE_ENTRIES: &str = "/gitaly.CommitService/GetTreeEntries";
+    pub const GITALY_FIND_COMMIT: &str = "/gitaly.CommitService/FindCommit";
 }

@@ -18,7 +18,9 @@ use kas_proto::gitaly::commit_service_client::CommitServiceClient;
 use kas_proto::gitaly::ref_service_client::RefServiceClient;
 use kas_proto::gitaly::tree_entry::EntryType;
 use kas_proto::gitaly::tree_entry_response::ObjectType;
-use kas_proto::gitaly::{FindBranchRequest, GetTreeEntriesRequest, TreeEntryRequest};
+use kas_proto::gitaly::{
+    FindBranchRequest, FindCommitRequest, GetTreeEntriesRequest, TreeEntryRequest,
+};
 
 use super::token::v2_token;
 use super::{GitalyInfo, GitalyLocation};
@@ -297,6 +299,36 @@ impl GitalyPool {
                     .filter(|id| !id.is_empty())),
                 Err(status) if status.code() == Code::NotFound => Ok(None),
                 Err(status) => Err(GitalyError::from_status("FindBranch", status)),
+            }
+        })
+        .await
+    }
+
+    /// The commit id `revision` names, or `None` when it names no commit (Gitaly answers
+    /// with an empty message; NOT_FOUND and INVALID_ARGUMENT are read the same way).
+    pub async fn find_commit(
+        &self,
+        location: &GitalyLocation,
+        revision: &str,
+    ) -> Result<Option<String>, GitalyError> {
+        let request = self.request(
+            &location.info,
+            FindCommitRequest {
+                repository: Some(location.repository.to_proto()),
+                revision: revision.as_bytes().to_vec(),
+            },
+        );
+        self.run("FindCommit", &location.info, |channel| async move {
+            match CommitServiceClient::new(channel).find_commit(request).await {
+                Ok(response) => Ok(response
+                    .into_inner()
+                    .commit
+                    .map(|c| c.id)
+                    .filter(|id| !id.is_empty())),
+                Err(status) if matches!(status.code(), Code::NotFound | Code::InvalidArgument) => {
+                    Ok(None)
+                }
+                Err(status) => Err(GitalyError::from_status("FindCommit", status)),
             }
         })
         .await

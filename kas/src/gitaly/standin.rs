@@ -23,8 +23,9 @@ use kas_proto::gitaly::ref_service_server::{RefService, RefServiceServer};
 use kas_proto::gitaly::tree_entry::EntryType;
 use kas_proto::gitaly::tree_entry_response::ObjectType;
 use kas_proto::gitaly::{
-    Branch, FindBranchRequest, FindBranchResponse, GetTreeEntriesRequest, GetTreeEntriesResponse,
-    GitCommit, Repository, TreeEntry, TreeEntryRequest, TreeEntryResponse,
+    Branch, FindBranchRequest, FindBranchResponse, FindCommitRequest, FindCommitResponse,
+    GetTreeEntriesRequest, GetTreeEntriesResponse, GitCommit, Repository, TreeEntry,
+    TreeEntryRequest, TreeEntryResponse,
 };
 
 use super::token::verify_v2_authorization_now;
@@ -281,6 +282,33 @@ impl RefService for Service {
 impl CommitService for Service {
     type TreeEntryStream = ReceiverStream<Result<TreeEntryResponse, Status>>;
     type GetTreeEntriesStream = ReceiverStream<Result<GetTreeEntriesResponse, Status>>;
+
+    async fn find_commit(
+        &self,
+        request: Request<FindCommitRequest>,
+    ) -> Result<Response<FindCommitResponse>, Status> {
+        self.count("FindCommit");
+        let request = request.into_inner();
+        let repo = self.repository(request.repository.as_ref())?;
+        let rev = revision(&request.revision)?;
+        let id = git(
+            &repo,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("{rev}^{{commit}}"),
+            ],
+        )
+        .await?;
+        // Like Gitaly: no commit is an empty answer, not an error.
+        Ok(Response::new(FindCommitResponse {
+            commit: id.map(|id| GitCommit {
+                id: String::from_utf8_lossy(&id).trim().to_owned(),
+                ..Default::default()
+            }),
+        }))
+    }
 
     async fn tree_entry(
         &self,

@@ -11,10 +11,13 @@ use kas_proto::gitops::objects_to_synchronize_response::{Header, Message, Object
 use kas_proto::gitops::path_cf::Path;
 use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse};
 
+use tokio::time::Instant;
+
 use super::Shared;
+use crate::auth::Agent;
 use crate::gitaly::{branch_head, GitalyError, GitalyLocation};
 use crate::gitops::{read_manifests, ManifestGlob, ManifestPath};
-use crate::head_poller::PollFn;
+use crate::head_poller::{jittered, PollFn};
 
 /// Objects larger than this are sent in several messages with the same source, so no
 /// message comes near agentk's 4 MiB receive limit.
@@ -149,6 +152,7 @@ struct StreamJob {
     wanted: Wanted,
     /// The commit the agent already has.
     known: String,
+    agent: Agent,
     tx: Tx,
     end: CancellationToken,
 }
@@ -161,9 +165,14 @@ async fn serve_stream(job: StreamJob) {
         default_branch,
         wanted,
         known,
+        agent,
         tx,
         end,
     } = job;
+    // While it waits for a change, the stream re-checks its token every cache TTL, so a
+    // revoked agent's stream ends within about one TTL (as configuration streams do).
+    let revalidate_every = shared.auth.success_ttl();
+    let mut revalidate_at = Instant::now() + jittered(revalidate_every);
     let events = &shared.metrics.config_events;
     let mut heads = match &wanted.revision {
         Revision::Commit(_) => None,
@@ -191,6 +200,27 @@ async fn serve_stream(job: StreamJob) {
             _ => None,
         };
         if let Some(head) = head.filter(|h| *h != known) {
+            // A pinned commit must exist: listing a missing one reads as "no files", and
+            // an empty batch would make the agent remove everything it applied.
+            if let Revision::Commit(c) = &wanted.revision {
+                match shared.gitaly.find_commit(&location, c).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(Status::failed_precondition(format!(
+                                "commit {c} does not exist in the manifest project"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(crate::gitops::GitopsError::from(e).into()))
+                            .await;
+                        return;
+                    }
+                }
+            }
             let limits = shared.gitops_limits;
             match read_manifests(&shared.gitaly, &location, &head, &wanted.paths, limits).await {
                 Ok(objects) => {
@@ -208,17 +238,29 @@ async fn serve_stream(job: StreamJob) {
             }
             return;
         }
-        match heads.as_mut() {
-            Some(heads) => tokio::select! {
-                changed = heads.changed() => if changed.is_err() { return },
-                _ = tx.closed() => return,
-                _ = end.cancelled() => return,
-            },
-            // A fixed commit the agent already has: nothing will change on this stream.
-            None => tokio::select! {
-                _ = tx.closed() => return,
-                _ = end.cancelled() => return,
-            },
+        let changed = async {
+            match heads.as_mut() {
+                Some(heads) => heads.changed().await.is_ok(),
+                // A fixed commit the agent already has: nothing changes on this stream.
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = changed => if !changed { return },
+            _ = tokio::time::sleep_until(revalidate_at) => {
+                revalidate_at = Instant::now() + jittered(revalidate_every);
+                match shared.auth.revalidate(&agent.token).await {
+                    Err(e) if e.is_definite() => {
+                        tracing::info!(project_id, outcome = e.outcome_label(), "agent token no longer accepted; ending its GitOps stream");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    // Accepted, or GitLab unreachable: keep waiting.
+                    _ => {}
+                }
+            }
+            _ = tx.closed() => return,
+            _ = end.cancelled() => return,
         }
     }
 }
@@ -239,9 +281,8 @@ impl Gitops for GitopsService {
         // GitLab decides whether this agent may read the project, and where it lives.
         let project = self
             .shared
-            .auth
-            .gitlab()
-            .project_info(agent.token.expose(), &request.project_id)
+            .project_info
+            .get(self.shared.auth.gitlab(), &agent.token, &request.project_id)
             .await
             .map_err(Status::from)?;
         let location = project.gitaly.ok_or_else(|| {
@@ -259,6 +300,7 @@ impl Gitops for GitopsService {
                 default_branch: project.default_branch,
                 wanted,
                 known: request.commit_id,
+                agent,
                 tx,
                 end,
             })

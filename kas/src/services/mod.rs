@@ -24,7 +24,7 @@ use crate::agent_config::{ConfigSource, ConfigSourceError};
 use crate::auth::Agent;
 use crate::auth::Authenticator;
 use crate::gitaly::{GitalyError, GitalyPool};
-use crate::gitops::GitopsLimits;
+use crate::gitops::{GitopsLimits, ProjectInfoCache};
 use crate::head_poller::HeadPollers;
 use crate::listener::AgentConnection;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -40,6 +40,8 @@ pub struct Shared {
     /// One head poller per manifest project and branch, shared by all GitOps streams.
     pub gitops_pollers: Arc<HeadPollers<GitalyError>>,
     pub gitops_limits: GitopsLimits,
+    /// GitLab's `project_info` answers for GitOps streams.
+    pub project_info: ProjectInfoCache,
     pub metrics: Metrics,
     pub poll_interval: Duration,
     pub max_config_file_bytes: usize,

@@ -90,6 +90,10 @@ DASHBOARD_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5
 
 AGENT_TOKEN = "glagent-e2e-" + "".join(random.choice("abcdef0123456789") for _ in range(24))
 FRESH_TOKEN = AGENT_TOKEN + "-fresh"  # never cached: used while GitLab is down
+# kas reads agent configuration from Gitaly by default; this stand-in serves GitLab's REST
+# repository API instead (the Gitaly path is tested in kas/tests/gitaly.rs), which kas uses
+# only with an API token of its own.
+API_TOKEN = "glpat-e2e-" + "".join(random.choice("abcdef0123456789") for _ in range(20))
 AGENT_CONFIG_YAML = b"observability:\n  logging:\n    level: debug\n"
 
 
@@ -710,7 +714,9 @@ class E2E:
         secret = os.urandom(32)
         with open(os.path.join(self.tmp, "gitlab_kas_secret"), "w") as f:
             f.write(base64.b64encode(secret).decode())
-        gitlab = GitlabStandin(self.ip["gitlab"], secret, [AGENT_TOKEN, FRESH_TOKEN])
+        with open(os.path.join(self.tmp, "gitlab_api_token"), "w") as f:
+            f.write(API_TOKEN)
+        gitlab = GitlabStandin(self.ip["gitlab"], secret, [AGENT_TOKEN, FRESH_TOKEN, API_TOKEN])
         self.standins.append(gitlab)
         self.gitlab = gitlab
 
@@ -788,6 +794,8 @@ auth_cache_ttl = "2s"
 auth_cache_error_ttl = "1s"
 [agent_configuration]
 poll_interval = "1s"
+source = "gitlab_api"
+api_token_file = "{os.path.join(self.tmp, 'gitlab_api_token')}"
 [shutdown]
 readiness_delay = "0s"
 drain_deadline = "1s"
@@ -1123,8 +1131,8 @@ close_established = true
             self.res.check(code == "UNAVAILABLE", f"an uncached token while GitLab is down: {code}")
             n = self.prom_counter('kas_gitlab_api_request_duration_seconds_count{outcome="unavailable"}', timeout=15)
             self.res.check(n, f"Prometheus counts {n} GitLab API calls with outcome unavailable")
-            n = self.prom_counter('kas_agent_configuration_events_total{event="gitlab_unavailable"}', timeout=15)
-            self.res.check(n, f"the configuration poll reports {n} gitlab_unavailable events")
+            n = self.prom_counter('kas_agent_configuration_events_total{event="poll_failed"}', timeout=15)
+            self.res.check(n, f"the configuration poll reports {n} poll_failed events")
         finally:
             self.gitlab.down.clear()
         self.res.check(self.agent.ping(FRESH_TOKEN) == "OK", "GitLab back: the same token is accepted")

@@ -114,7 +114,8 @@ pub fn completes_upgrade(session: &Session, response: &ResponseHeader) -> bool {
 }
 
 /// Takes the agent's connection out of its pingora session, leaving a stand-in session in
-/// its place that holds the same request head and no connection.
+/// its place that holds the same request head (`head`, the session's request head as
+/// bytes) and no connection.
 ///
 /// Why: pingora has no API to hand an upgraded connection over, and reading the tunnel
 /// through the session keeps a 64 KiB body buffer per tunnel for as long as it is idle,
@@ -125,13 +126,15 @@ pub fn completes_upgrade(session: &Session, response: &ResponseHeader) -> bool {
 ///
 /// Bytes the agent sent before receiving the `101` (a websocket client must not, RFC 6455
 /// 4.1, but an eager one might) are taken out first by `http::websocket::take_buffered`.
-pub async fn take_h1_stream(session: &mut Session) -> io::Result<pingora::protocols::Stream> {
+pub async fn take_h1_stream(
+    session: &mut Session,
+    head: &[u8],
+) -> io::Result<pingora::protocols::Stream> {
     if !matches!(session.as_downstream(), HttpSession::H1(_)) {
         return Err(io::Error::other("not an HTTP/1.1 session"));
     }
-    let head = crate::http::websocket::encode_request_head(session.req_header());
     let (stand_in_io, mut feed) = tokio::io::duplex(head.len());
-    feed.write_all(&head).await?;
+    feed.write_all(head).await?;
     drop(feed);
     let mut stand_in = HttpSession::new_http1(Box::new(stand_in_io));
     match stand_in.read_request().await {
@@ -253,7 +256,8 @@ mod tests {
         let ok = ResponseHeader::build(200, None).unwrap();
         assert!(!completes_upgrade(&session, &ok));
 
-        let mut agent = take_h1_stream(&mut session).await.unwrap();
+        let head = b"GET /agent HTTP/1.1\r\nHost: kas\r\n\r\n";
+        let mut agent = take_h1_stream(&mut session, head).await.unwrap();
         // The stand-in left behind still describes the request for pingora's bookkeeping.
         assert_eq!(session.req_header().uri.path(), "/agent");
         agent.write_all(b"from the edge").await.unwrap();

@@ -164,7 +164,7 @@ impl PodDialer {
 }
 
 /// The request head as the pod sees it: the agent's request line and headers, unchanged.
-pub(crate) fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
+fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
     let target = request
         .uri
         .path_and_query()
@@ -342,8 +342,9 @@ pub async fn relay(session: &mut Session, answered: PodAnswer) -> RelayOutcome {
         outcome.end = TunnelEnd::AgentError;
         return RelayOutcome::Finished(outcome);
     }
+    let head = encode_request_head(session.req_header());
     let taken = match take_buffered(session).await {
-        Ok(pre_read) => pingora_compat::take_h1_stream(session)
+        Ok(pre_read) => pingora_compat::take_h1_stream(session, &head)
             .await
             .map(|agent| (agent, pre_read)),
         Err(e) => Err(e),

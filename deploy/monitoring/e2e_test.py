@@ -307,7 +307,7 @@ class GitlabStandin:
         if not self.jwt_ok(headers.get("Gitlab-Kas-Api-Request", "")):
             return 401, {"message": "401 Unauthorized (kas JWT)"}
         auth = headers.get("Authorization", "")
-        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else headers.get("PRIVATE-TOKEN", "")
         if token not in self.tokens:
             return 401, {"message": "401 Unauthorized"}
         url = urllib.parse.urlsplit(path)
@@ -1040,7 +1040,8 @@ close_established = true
         os.makedirs(check_dir, exist_ok=True)
         write_atomic(os.path.join(check_dir, "blocklist.txt"), bad)
         with open(os.path.join(check_dir, "check.toml"), "w") as f:
-            f.write('[discovery]\nkind = "static"\nendpoints = ["127.0.0.1:8150"]\n'
+            f.write('[tls]\nself_signed = true\nhosts = ["localhost"]\nself_signed_dir = "tls"\n'
+                    '[discovery]\nkind = "static"\nendpoints = ["127.0.0.1:8150"]\n'
                     '[policies]\nblocklist = "blocklist.txt"\n')
         check = subprocess.run([self.args.edge, "check", "--config", os.path.join(check_dir, "check.toml")],
                                capture_output=True, text=True, timeout=30)

@@ -210,20 +210,7 @@ mod tests {
             resolver,
             &[b"h2"],
         ));
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&source.cert).unwrap();
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = kas_testkit::clients::tls_connector(&source.cert, &[b"h2"]);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (server, client) = tokio::join!(
             acceptor.tls_handshake(plain),

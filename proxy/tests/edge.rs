@@ -517,20 +517,7 @@ async fn max_connection_age_closes_old_connections_when_enabled() {
 /// answers one upgrade with `101` and then echoes every byte.
 async fn echo_pod(ip: std::net::IpAddr) -> std::net::SocketAddr {
     use tokio::net::TcpListener;
-    let health = TcpListener::bind((ip, HEALTH_PORT)).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = health.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
-                let _ = sock
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
+    serve_readiness(ip).await;
     let agents = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = agents.accept().await {

@@ -51,14 +51,6 @@ async fn refused_at_once(stream: &mut TcpStream) -> bool {
     )
 }
 
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn connections_that_never_send_a_client_hello_end_at_the_handshake_deadline() {
     let cluster = Cluster::start(1).await;

@@ -15,31 +15,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Answers `/readiness` (anything) with 200 on `ip`'s health port, like a ready kas pod.
-async fn healthy(ip: IpAddr) {
-    let health = TcpListener::bind((ip, HEALTH_PORT)).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = health.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
-                let _ = sock
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
-}
-
 /// A stand-in kas pod that accepts websockets (a real websocket server) and floods each
 /// one with binary messages as fast as it can, while reporting every message it receives.
 /// Returns its address, the received messages and the bytes it managed to send so far.
 async fn flooding_pod(
     ip: IpAddr,
 ) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>, Arc<AtomicU64>) {
-    healthy(ip).await;
+    serve_readiness(ip).await;
     let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
     let (received_tx, received) = mpsc::unbounded_channel();
     let sent = Arc::new(AtomicU64::new(0));
@@ -149,7 +131,7 @@ async fn an_agent_that_stops_reading_its_websocket_still_reaches_the_pod() {
 /// names, then holds the connection open for a while (a pod that does not close after an
 /// error page must not matter either).
 async fn refusing_pod(ip: IpAddr) -> SocketAddr {
-    healthy(ip).await;
+    serve_readiness(ip).await;
     let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
@@ -375,9 +357,7 @@ impl EdgeWithStuckStdout {
     /// The value of an unlabelled counter or gauge on the admin port.
     async fn metric(&self, name: &str) -> Option<f64> {
         let (_, text) = http_get(self.admin, "/metrics").await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
+        metric_value(&text, name)
     }
 }
 

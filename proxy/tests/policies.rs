@@ -80,14 +80,6 @@ async fn ping_from(edge: &Edge, client: IpAddr) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn blocked_ip_is_refused_before_tls_and_others_pass() {
     let subnet = next_subnet();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{eventually, http_get, ip, next_subnet};
+use common::{eventually, http_get, ip, metric_value, next_subnet};
 use kas_edge::listener::tls::certs::write_self_signed;
 
 fn kas_edge(args: &[&str], config: &Path) -> Output {
@@ -49,6 +49,14 @@ fn check_and_run_reject_each_bad_setting_with_the_same_message() {
     let b = write_self_signed(&dir.path().join("b"), &["kas.b.test".into()]).unwrap();
     let not_a_dir = dir.path().join("file");
     std::fs::write(&not_a_dir, "").unwrap();
+    let bad_blocklist = dir.path().join("blocklist.txt");
+    std::fs::write(&bad_blocklist, "203.0.113.7\n10.1.2.3/8\n").unwrap();
+    let (garbage_cert, garbage_key) = (
+        dir.path().join("garbage.crt"),
+        dir.path().join("garbage.key"),
+    );
+    std::fs::write(&garbage_cert, "not a certificate\n").unwrap();
+    std::fs::write(&garbage_key, "not a key\n").unwrap();
     let acme = |extra: &str| {
         format!(
             "{LISTEN}[tls.acme]\ndomains = [\"kas.example.test\"]\ncache_dir = {:?}\n{extra}{STATIC}",
@@ -110,6 +118,29 @@ fn check_and_run_reject_each_bad_setting_with_the_same_message() {
         (
             format!("{LISTEN}{SELF_SIGNED}[discovery]\nkind = \"static\"\nendpoints = [\"0.0.0.0:8150\"]\n"),
             vec!["discovery.endpoints"],
+        ),
+        // Policy files are loaded by check exactly as run loads them.
+        (
+            format!("{LISTEN}{SELF_SIGNED}{STATIC}[policies]\nblocklist = {bad_blocklist:?}\n"),
+            vec!["blocklist.txt:2", "host bits"],
+        ),
+        (
+            format!(
+                "{LISTEN}[[tls.certificates]]\ncert = {garbage_cert:?}\nkey = {garbage_key:?}\n{STATIC}"
+            ),
+            vec!["garbage.crt"],
+        ),
+        (
+            format!(
+                "{LISTEN}[[tls.certificates]]\ncert = {:?}\nkey = {:?}\n{STATIC}",
+                dir.path().join("missing.crt"),
+                a.key
+            ),
+            vec!["missing.crt"],
+        ),
+        (
+            format!("{LISTEN}{SELF_SIGNED}{STATIC}[health]\ntimeout = \"9s\"\n"),
+            vec!["health.timeout"],
         ),
         // Trusted PROXY-protocol ranges and the :80 listener's limits.
         (
@@ -204,11 +235,22 @@ impl Drop for Edge {
     }
 }
 
-fn metric(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+#[test]
+fn check_reports_what_it_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocklist = dir.path().join("blocklist.txt");
+    std::fs::write(&blocklist, "203.0.113.7\n").unwrap();
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!("{LISTEN}{SELF_SIGNED}{STATIC}[policies]\nblocklist = {blocklist:?}\n"),
+    )
+    .unwrap();
+    let output = kas_edge(&["check"], &config);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    assert!(stdout.contains("1 entries"), "{stdout}");
 }
 
 #[tokio::test]
@@ -231,7 +273,7 @@ async fn a_dns_name_that_never_resolves_keeps_the_edge_unready() {
                 .await
                 .map(|r| r.1)
                 .unwrap_or_default();
-            metric(&m, "edge_discovery_errors_total").is_some_and(|n| n >= 3.0)
+            metric_value(&m, "edge_discovery_errors_total").is_some_and(|n| n >= 3.0)
         },
     )
     .await;
@@ -242,8 +284,8 @@ async fn a_dns_name_that_never_resolves_keeps_the_edge_unready() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let m = http_get(admin, "/metrics").await.unwrap().1;
-    assert_eq!(metric(&m, "edge_discovery_up"), Some(0.0), "{m}");
-    assert_eq!(metric(&m, "edge_ready"), Some(0.0), "{m}");
+    assert_eq!(metric_value(&m, "edge_discovery_up"), Some(0.0), "{m}");
+    assert_eq!(metric_value(&m, "edge_ready"), Some(0.0), "{m}");
     let log = edge.log();
     assert!(
         log.lines()
@@ -266,8 +308,8 @@ async fn a_dns_name_that_resolves_makes_the_edge_ready_even_without_pods() {
     })
     .await;
     let m = http_get(admin, "/metrics").await.unwrap().1;
-    assert_eq!(metric(&m, "edge_discovery_up"), Some(1.0), "{m}");
-    assert_eq!(metric(&m, "edge_ready"), Some(1.0), "{m}");
+    assert_eq!(metric_value(&m, "edge_discovery_up"), Some(1.0), "{m}");
+    assert_eq!(metric_value(&m, "edge_ready"), Some(1.0), "{m}");
     let pods: Vec<&str> = m
         .lines()
         .filter(|l| l.starts_with("edge_upstream_healthy{"))

@@ -38,15 +38,6 @@ async fn healthz_from(from: IpAddr, to: SocketAddr) -> Option<u16> {
 }
 
 /// The value of the first metric line starting with `prefix`, 0 if absent.
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn blocklisted_and_rate_limited_clients_are_refused_on_port_80() {
     let cluster = Cluster::start(0).await;

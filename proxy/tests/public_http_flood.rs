@@ -22,15 +22,6 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream
 }
 
 /// The value of the first metric line starting with `prefix`, 0 if absent.
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Sum of every sample of metric `name` (all label sets).
 fn metric_sum(metrics: &str, name: &str) -> f64 {
     metrics

@@ -11,6 +11,7 @@
 pub mod clients;
 pub mod edge;
 pub mod gitlab;
+pub mod metrics;
 pub mod net;
 pub mod pods;
 pub mod wait;

@@ -204,3 +204,25 @@ impl<P: Profile> Harness<P> {
             .unwrap_or_else(|| panic!("no answer to GET {path} from {}", self.obs_addr))
     }
 }
+
+/// A stand-in kas pod's observability port on `ip`: every request gets `200 ok`, as
+/// `/readiness` of a ready pod does, for tests whose agent port is a fake of their own.
+pub async fn serve_readiness(ip: std::net::IpAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let health = tokio::net::TcpListener::bind((ip, HEALTH_PORT))
+        .await
+        .expect("bind the stand-in health port");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = health.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+}

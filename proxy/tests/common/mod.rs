@@ -12,8 +12,9 @@ use kas_testkit::Profile;
 pub use kas_testkit::clients::{
     grpc_channel, http_get, tls_connect, tls_connector, tls_connector_trusting, ws_channel,
 };
+pub use kas_testkit::metrics::{metric, metric_value};
 pub use kas_testkit::net::{ip, next_subnet};
-pub use kas_testkit::pods::{AGENT_PORT, HEALTH_PORT};
+pub use kas_testkit::pods::{serve_readiness, AGENT_PORT, HEALTH_PORT};
 pub use kas_testkit::wait::{eventually, STEP};
 
 pub const TOKEN: &str = "glagent-edge-test-token";

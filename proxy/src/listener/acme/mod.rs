@@ -910,13 +910,7 @@ mod tests {
     async fn connect(addr: SocketAddr, root: &CertificateDer<'static>) -> Client {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root.clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = kas_testkit::clients::tls_connector_trusting(roots, &[b"h2"]);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut tls = connector
             .connect(ServerName::try_from(HOST).unwrap(), tcp)

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kas_edge::policy::blocklist::Blocklist;
-use kas_edge::policy::ratelimit::{Limiter, LimitsConfig};
+use kas_edge::policy::ratelimit::{AgentToken, Limiter, LimitsConfig};
 
 /// A deterministic mix like a real incident list: single addresses, /24s, IPv6 /64s and
 /// /128s, some allow exceptions and previews.
@@ -65,11 +65,16 @@ fn ratelimit(c: &mut Criterion) {
     let config = LimitsConfig::parse(
         "bench.toml",
         "[per_ip]\nnew_connections_per_second = 1000000\nrequests_per_second = 1000000\n\
-         [per_token]\nnew_connections_per_minute = 100000000\n",
+         [per_token]\nnew_streams_per_minute = 100000000\n",
     )
     .expect("valid");
     let limiter = Limiter::new(config);
     let ips = probes(4096);
+    let token = http::HeaderMap::from_iter([(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_static("Bearer glagent-bench-token"),
+    )]);
+    let token = AgentToken::from_headers(&token).expect("a bearer token");
     let mut group = c.benchmark_group("ratelimit");
     group.throughput(Throughput::Elements(ips.len() as u64));
     group.bench_function("check_connection_4096_keys", |b| {
@@ -82,7 +87,7 @@ fn ratelimit(c: &mut Criterion) {
     group.bench_function("check_token_4096", |b| {
         b.iter(|| {
             ips.iter()
-                .filter(|ip| limiter.check_token(**ip, b"glagent-bench-token").is_ok())
+                .filter(|ip| limiter.check_token(**ip, token).is_ok())
                 .count()
         })
     });

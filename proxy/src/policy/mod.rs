@@ -6,7 +6,7 @@
 //!    before TLS;
 //! 3. per connection after TLS (`connection`): concurrent connections per IP;
 //! 4. per request/stream ([`Policies::check_request`]): header rules, request rate, per-token
-//!    connection rate.
+//!    stream rate.
 //!
 //! Every policy file is watched; an edit takes effect within about a second, a bad edit is
 //! rejected whole (the last good version stays, the error names file and line), and a
@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{PoliciesConfig, ProxyProtocolConfig};
 use crate::listener::proxy_protocol::header::TrustedProxies;
-use crate::policy::ratelimit::{Limiter, LimitsConfig, Refusal};
+use crate::policy::ratelimit::{AgentToken, Limiter, LimitsConfig, Refusal};
 use crate::policy::rules::HeaderRules;
 use crate::support::filewatch::{self, FileWatcher};
 use crate::telemetry::metrics::EdgeMetrics;
@@ -133,7 +133,7 @@ impl Policies {
         metrics.blocklist_last_reload.set(now_secs());
         Ok(Arc::new(Self {
             blocklist: SharedBlocklist::new(blocklist),
-            limiter: ArcSwap::from_pointee(Limiter::new(limits)),
+            limiter: ArcSwap::from_pointee(Self::limiter(limits)),
             rules: ArcSwap::from_pointee(rules),
             trusted,
             proxy_header_timeout: proxy_protocol.header_timeout,
@@ -142,6 +142,15 @@ impl Policies {
             global_preview: cfg.preview,
             close_established: cfg.close_established,
         }))
+    }
+
+    /// Live limits from `limits`; the file's warnings (deprecated names) are logged, once
+    /// per load.
+    fn limiter(limits: LimitsConfig) -> Limiter {
+        for warning in limits.warnings() {
+            tracing::warn!("{warning}");
+        }
+        Limiter::new(limits)
     }
 
     pub fn proxy_protocol_enabled(&self) -> bool {
@@ -228,12 +237,8 @@ impl Policies {
         }
         // Parsed exactly as kas parses it, so no spelling of the header slips past the
         // per-token limit that kas would still accept.
-        let token = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| kas_common::auth::bearer_token(v).ok());
-        if let Some(token) = token {
-            if let Err(refusal) = limiter.check_token(ip, token.as_bytes()) {
+        if let Some(token) = AgentToken::from_headers(headers) {
+            if let Err(refusal) = limiter.check_token(ip, token) {
                 self.blocked(refusal.reason, "limits");
                 return Some(RequestRefusal::limited(&refusal));
             }
@@ -277,7 +282,7 @@ impl Policies {
         match LimitsConfig::load(path) {
             Ok(limits) if &limits == self.limiter.load().config() => {}
             Ok(limits) => {
-                self.limiter.store(Arc::new(Limiter::new(limits)));
+                self.limiter.store(Arc::new(Self::limiter(limits)));
                 self.metrics
                     .policy_reloads
                     .with_label_values(&["limits", "ok"])

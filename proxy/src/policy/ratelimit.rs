@@ -2,10 +2,11 @@
 //! or one leaked agent token, cannot take kas down for everyone.
 //!
 //! Per client IP: new connections per second (checked at accept, before TLS),
-//! concurrent connections, requests/streams per second. Per agent token: new connections
-//! per minute, like kas's `connections_per_token_per_minute`, keyed by a salted hash of the
-//! bearer token so the token itself is never stored or logged and many agents behind one
-//! NAT address do not share a budget. Optional ban: a client over its limits `violations`
+//! concurrent connections, requests/streams per second. Per agent token: new streams and
+//! requests per minute, like kas's `connections_per_token_per_minute`, keyed by a salted
+//! hash of the bearer token (parsed exactly as kas parses it, [`AgentToken`]) so the token
+//! itself is never stored or logged and many agents behind one NAT address do not share a
+//! budget. Optional ban: a client over its limits `violations`
 //! times within `window` is refused for `duration`.
 //!
 //! Rates are GCRA (`governor`), exact per key. Memory is bounded: idle keys are evicted
@@ -33,6 +34,9 @@ pub struct LimitsConfig {
     pub per_token: PerToken,
     pub ban: Ban,
     pub max_tracked_keys: Option<usize>,
+    /// What parsing had to say about how the file is written.
+    #[serde(skip)]
+    notes: Notes,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -48,7 +52,13 @@ pub struct PerIp {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PerToken {
-    pub new_connections_per_minute: Option<u32>,
+    /// New streams (gRPC calls, websocket upgrades) and other requests presenting one agent
+    /// token, per minute.
+    pub new_streams_per_minute: Option<u32>,
+    /// The deprecated name of `new_streams_per_minute` (it never counted connections);
+    /// [`LimitsConfig::parse`] moves it there with a warning.
+    #[serde(rename = "new_connections_per_minute")]
+    deprecated_new_connections_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -72,12 +82,53 @@ impl Default for Ban {
     }
 }
 
+/// Warnings about how a limits file is written (deprecated names), each naming file and
+/// line; logged once when the file is loaded and printed by `kas-edge check`. They are not
+/// limits: two files that differ only in spelling compare equal, so renaming a key does not
+/// restart the counters on reload.
+#[derive(Debug, Clone, Default)]
+struct Notes(Vec<String>);
+
+impl PartialEq for Notes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 const DEFAULT_MAX_KEYS: usize = 100_000;
 
 impl LimitsConfig {
     pub fn parse(label: &str, text: &str) -> Result<Self, PolicyFileError> {
         let invalid = |message: String| policy_file::invalid(label, message);
-        let config: LimitsConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut config: LimitsConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(old) = config
+            .per_token
+            .deprecated_new_connections_per_minute
+            .take()
+        {
+            const OLD: &str = "per_token.new_connections_per_minute";
+            const NEW: &str = "per_token.new_streams_per_minute";
+            let line = line_of(text, "new_connections_per_minute");
+            let at = line.map_or_else(|| label.to_owned(), |line| format!("{label}:{line}"));
+            if config.per_token.new_streams_per_minute.is_some() {
+                return Err(invalid(format!(
+                    "field `{OLD}`{}: the deprecated name of `{NEW}`, which is set too; \
+                     keep only `{NEW}`",
+                    line.map_or_else(String::new, |line| format!(" (line {line})"))
+                )));
+            }
+            if old == 0 {
+                return Err(invalid(format!(
+                    "field `{OLD}`: 0 would refuse everything; remove the line for no limit"
+                )));
+            }
+            config.per_token.new_streams_per_minute = Some(old);
+            config.notes.0.push(format!(
+                "{at}: field `{OLD}` is deprecated: it counts new streams and requests per \
+                 token, not connections; rename it to `{NEW}`"
+            ));
+        }
+
         let zero_rates = [
             (
                 "per_ip.new_connections_per_second",
@@ -93,8 +144,8 @@ impl LimitsConfig {
             ),
             ("per_ip.requests_burst", config.per_ip.requests_burst),
             (
-                "per_token.new_connections_per_minute",
-                config.per_token.new_connections_per_minute,
+                "per_token.new_streams_per_minute",
+                config.per_token.new_streams_per_minute,
             ),
         ];
         for (field, value) in zero_rates {
@@ -126,6 +177,42 @@ impl LimitsConfig {
 
     pub fn load(path: &Path) -> Result<Self, PolicyFileError> {
         policy_file::load(path, Self::parse)
+    }
+
+    /// Warnings about the file as written (deprecated names), for the log and `check`.
+    pub fn warnings(&self) -> &[String] {
+        &self.notes.0
+    }
+}
+
+/// The 1-based line of the first `key = ...` assignment in `text`.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+/// An agent token, as kas reads it: the first `authorization` header, as text, through
+/// [`kas_common::auth::bearer_token`] (scheme `Bearer` in any case, token trimmed). The
+/// only way to a per-token key, so no spelling of the header that kas accepts gets a
+/// budget of its own at the edge.
+#[derive(Clone, Copy)]
+pub struct AgentToken<'a>(&'a str);
+
+impl<'a> AgentToken<'a> {
+    pub fn from_headers(headers: &'a http::HeaderMap) -> Option<Self> {
+        let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+        kas_common::auth::bearer_token(value).ok().map(Self)
+    }
+}
+
+impl std::fmt::Debug for AgentToken<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentToken(..)")
     }
 }
 
@@ -182,7 +269,7 @@ impl Limiter {
             tokens: keyed(
                 config
                     .per_token
-                    .new_connections_per_minute
+                    .new_streams_per_minute
                     .and_then(NonZeroU32::new)
                     .map(Quota::per_minute),
             ),
@@ -281,13 +368,15 @@ impl Limiter {
         self.note(ip, result)
     }
 
-    /// A new agent connection presenting `token` (hashed here, never kept).
-    pub fn check_token(&self, ip: IpAddr, token: &[u8]) -> Result<(), Refusal> {
+    /// A new stream or request from `ip` presenting `token` (hashed here, never kept).
+    /// Refused as `token_connection_rate`, the reason's name before the limit was renamed
+    /// (dashboards and the runbook know it by that name).
+    pub fn check_token(&self, ip: IpAddr, token: AgentToken<'_>) -> Result<(), Refusal> {
         if self.tokens.is_none() {
             return Ok(());
         }
         let mut hasher = self.salt.build_hasher();
-        hasher.write(token);
+        hasher.write(token.0.as_bytes());
         let result = self.check(&self.tokens, &hasher.finish(), "token_connection_rate");
         self.note(ip, result)
     }
@@ -332,6 +421,23 @@ mod tests {
         IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n))
     }
 
+    fn limiter(text: &str) -> Limiter {
+        Limiter::new(LimitsConfig::parse("limits.toml", text).unwrap())
+    }
+    fn headers(authorization: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(authorization).unwrap(),
+        );
+        h
+    }
+
+    fn check_token(limiter: &Limiter, ip: IpAddr, authorization: &str) -> Result<(), Refusal> {
+        let h = headers(authorization);
+        limiter.check_token(ip, AgentToken::from_headers(&h).expect("a bearer token"))
+    }
+
     #[test]
     fn parse_errors_name_the_field_and_line() {
         let err =
@@ -349,6 +455,48 @@ mod tests {
         assert_eq!(
             LimitsConfig::parse("l", "").unwrap(),
             LimitsConfig::default()
+        );
+    }
+
+    #[test]
+    fn the_per_token_limit_is_named_for_streams_and_the_old_name_still_works() {
+        let new = LimitsConfig::parse("l", "[per_token]\nnew_streams_per_minute = 7\n").unwrap();
+        assert_eq!(new.per_token.new_streams_per_minute, Some(7));
+        assert!(new.warnings().is_empty());
+
+        let old = LimitsConfig::parse(
+            "policies/limits.toml",
+            "# limits\n[per_token]\nnew_connections_per_minute = 7\n",
+        )
+        .unwrap();
+        assert_eq!(old.per_token.new_streams_per_minute, Some(7));
+        assert_eq!(old, new, "the same limits, only spelled differently");
+        let [warning] = old.warnings() else {
+            panic!("one warning: {:?}", old.warnings())
+        };
+        assert!(
+            warning.starts_with("policies/limits.toml:3: ")
+                && warning.contains("deprecated")
+                && warning.contains("per_token.new_streams_per_minute"),
+            "{warning}"
+        );
+
+        let both = LimitsConfig::parse(
+            "l",
+            "[per_token]\nnew_streams_per_minute = 7\nnew_connections_per_minute = 9\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains("new_connections_per_minute") && both.contains("line 3"),
+            "{both}"
+        );
+        let zero = LimitsConfig::parse("l", "[per_token]\nnew_connections_per_minute = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            zero.contains("per_token.new_connections_per_minute"),
+            "{zero}"
         );
     }
 
@@ -376,14 +524,48 @@ mod tests {
 
     #[test]
     fn tokens_are_isolated_from_each_other() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse("l", "[per_token]\nnew_connections_per_minute = 2\n").unwrap(),
-        );
+        let limiter = limiter("[per_token]\nnew_streams_per_minute = 2\n");
         let same_ip = ip(9);
-        assert!(limiter.check_token(same_ip, b"token-a").is_ok());
-        assert!(limiter.check_token(same_ip, b"token-a").is_ok());
-        assert!(limiter.check_token(same_ip, b"token-a").is_err());
-        assert!(limiter.check_token(same_ip, b"token-b").is_ok());
+        assert!(check_token(&limiter, same_ip, "Bearer token-a").is_ok());
+        assert!(check_token(&limiter, same_ip, "Bearer token-a").is_ok());
+        assert_eq!(
+            check_token(&limiter, same_ip, "Bearer token-a")
+                .unwrap_err()
+                .reason,
+            "token_connection_rate"
+        );
+        assert!(check_token(&limiter, same_ip, "Bearer token-b").is_ok());
+    }
+
+    #[test]
+    fn every_spelling_kas_accepts_is_the_same_token() {
+        let limiter = limiter("[per_token]\nnew_streams_per_minute = 3\n");
+        for (n, spelling) in ["Bearer t0k", "bearer  t0k ", "BEARER \tt0k"]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(
+                check_token(&limiter, ip(n as u32), spelling).is_ok(),
+                "{spelling:?}"
+            );
+        }
+        assert!(check_token(&limiter, ip(7), "BeArEr t0k").is_err());
+        for not_a_token in ["Basic t0k", "Bearer", "Bearer   ", "t0k"] {
+            assert!(
+                AgentToken::from_headers(&headers(not_a_token)).is_none(),
+                "{not_a_token:?}"
+            );
+        }
+        assert!(AgentToken::from_headers(&http::HeaderMap::new()).is_none());
+        let mut non_text = http::HeaderMap::new();
+        non_text.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer t\xff").unwrap(),
+        );
+        assert!(
+            AgentToken::from_headers(&non_text).is_none(),
+            "kas refuses it too"
+        );
     }
 
     #[test]

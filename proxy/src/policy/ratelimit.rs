@@ -1,35 +1,58 @@
 //! Rate and connection limits from `policies/limits.toml`, so a flood from one client,
 //! or one leaked agent token, cannot take kas down for everyone.
 //!
-//! Per client IP: new connections per second (checked at accept, before TLS),
-//! concurrent connections, requests/streams per second. Per agent token: new streams and
-//! requests per minute, like kas's `connections_per_token_per_minute`, keyed by a salted
-//! hash of the bearer token (parsed exactly as kas parses it, [`AgentToken`]) so the token
-//! itself is never stored or logged and many agents behind one NAT address do not share a
-//! budget. Optional ban: a client over its limits `violations`
-//! times within `window` is refused for `duration`.
+//! Per client: new connections per second (checked at accept, before TLS), concurrent
+//! connections, requests/streams per second. A client is a [`ClientKey`]: its IPv4
+//! address or its IPv6 /64 by default (`[keys]`), so rotating through the addresses of one
+//! IPv6 subscriber prefix gains nothing. Per agent token: new streams and requests per
+//! minute, like kas's `connections_per_token_per_minute`, keyed by a salted hash of the
+//! bearer token (parsed exactly as kas parses it, [`AgentToken`]) so the token itself is
+//! never stored or logged and many agents behind one NAT address do not share a budget.
+//! Optional ban: a client over its limits `violations` times within `window` is refused
+//! for `duration`.
 //!
-//! Rates are GCRA (`governor`), exact per key. Memory is bounded: idle keys are evicted
-//! periodically and whenever a table grows past `max_tracked_keys`.
+//! Rates are GCRA (`governor`), exact per key, over one bounded state store ([`table`]):
+//! every check is O(1) (one hash, one shard lock, one lookup) whatever the table holds,
+//! and the table never holds more than `max_tracked_keys` entries in total. When it is
+//! full, a new key takes the place of the least recently used one
+//! (`edge_ratelimit_evictions_total` counts them). An evicted key starts fresh when it
+//! comes back, so a client whose key was evicted can get one extra burst; that takes about
+//! `max_tracked_keys` other keys used since the client's last check, so a client that keeps
+//! sending (the one a limit is for) stays at the recent end and keeps its state.
+//!
+//! Bans are kept apart, in their own bounded table (a tenth of `max_tracked_keys`, carved
+//! out of it), so a flood of fresh keys cannot push a banned client out of its ban. Only
+//! more bans can: when the ban table is full, the ban that expires first goes (bans all
+//! last `duration`, so that is the oldest). To get a ban evicted, an attacker needs more
+//! misbehaving clients than the ban table holds, each of which is refused by its limits
+//! anyway; the bound on memory wins over the last minutes of those bans.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+mod table;
+
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde::Deserialize;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+use prometheus::IntCounter;
+use serde::{de::Error as _, Deserialize, Deserializer};
 
 use crate::policy::file::{self as policy_file, PolicyFileError};
+use crate::support::net::{client_key, ClientKey, KeyPrefixes};
+use table::Table;
 
 /// The file's shape. Every limit is optional: absent means unlimited.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    pub keys: Keys,
     pub per_ip: PerIp,
     pub per_token: PerToken,
     pub ban: Ban,
@@ -37,6 +60,46 @@ pub struct LimitsConfig {
     /// What parsing had to say about how the file is written.
     #[serde(skip)]
     notes: Notes,
+}
+
+/// Which part of a client's address is the client (see [`KeyPrefixes`]).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keys {
+    /// 16..=32; default 32 (one address).
+    #[serde(deserialize_with = "ipv4_prefix")]
+    pub ipv4_prefix: u8,
+    /// 32..=128; default 64 (one subscriber prefix).
+    #[serde(deserialize_with = "ipv6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self {
+            ipv4_prefix: KeyPrefixes::DEFAULT.ipv4(),
+            ipv6_prefix: KeyPrefixes::DEFAULT.ipv6(),
+        }
+    }
+}
+
+impl Keys {
+    pub fn prefixes(&self) -> KeyPrefixes {
+        // Both were checked when the file was read; a `Keys` built in code that is out of
+        // range falls back to the defaults rather than failing on the request path.
+        KeyPrefixes::new(self.ipv4_prefix, self.ipv6_prefix).unwrap_or_default()
+    }
+}
+
+// The errors become TOML errors at the value, so they carry file, line and column.
+fn ipv4_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    KeyPrefixes::check_ipv4(u8::deserialize(d)?)
+        .map_err(|e| D::Error::custom(format!("field `keys.ipv4_prefix`: {e}")))
+}
+
+fn ipv6_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    KeyPrefixes::check_ipv6(u8::deserialize(d)?)
+        .map_err(|e| D::Error::custom(format!("field `keys.ipv6_prefix`: {e}")))
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -95,7 +158,9 @@ impl PartialEq for Notes {
     }
 }
 
-const DEFAULT_MAX_KEYS: usize = 100_000;
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+/// Fewer tracked keys than this would make the limits forget clients constantly.
+pub const MIN_MAX_KEYS: usize = 64;
 
 impl LimitsConfig {
     pub fn parse(label: &str, text: &str) -> Result<Self, PolicyFileError> {
@@ -128,7 +193,6 @@ impl LimitsConfig {
                  token, not connections; rename it to `{NEW}`"
             ));
         }
-
         let zero_rates = [
             (
                 "per_ip.new_connections_per_second",
@@ -167,10 +231,13 @@ impl LimitsConfig {
                 "field `ban`: window and duration must be > 0 when violations is set".into(),
             ));
         }
-        if config.max_tracked_keys == Some(0) {
-            return Err(invalid(
-                "field `max_tracked_keys`: must be at least 1".into(),
-            ));
+        if config
+            .max_tracked_keys
+            .is_some_and(|max| max < MIN_MAX_KEYS)
+        {
+            return Err(invalid(format!(
+                "field `max_tracked_keys`: must be at least {MIN_MAX_KEYS}"
+            )));
         }
         Ok(config)
     }
@@ -182,6 +249,11 @@ impl LimitsConfig {
     /// Warnings about the file as written (deprecated names), for the log and `check`.
     pub fn warnings(&self) -> &[String] {
         &self.notes.0
+    }
+
+    /// The bound on tracked keys, limiters and bans together.
+    pub fn max_keys(&self) -> usize {
+        self.max_tracked_keys.unwrap_or(DEFAULT_MAX_KEYS)
     }
 }
 
@@ -223,11 +295,86 @@ pub struct Refusal {
     pub retry_after: Duration,
 }
 
-type Keyed<K> = DefaultKeyedRateLimiter<K>;
-
-fn keyed<K: std::hash::Hash + Eq + Clone>(quota: Option<Quota>) -> Option<Keyed<K>> {
-    quota.map(RateLimiter::keyed)
+/// What the shared table holds a state for: one limit of one client or token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Connections(ClientKey),
+    Requests(ClientKey),
+    Token(u64),
+    Violations(ClientKey),
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connections,
+    Requests,
+    Token,
+    Violations,
+}
+
+impl Key {
+    fn kind(&self) -> Kind {
+        match self {
+            Key::Connections(_) => Kind::Connections,
+            Key::Requests(_) => Kind::Requests,
+            Key::Token(_) => Kind::Token,
+            Key::Violations(_) => Kind::Violations,
+        }
+    }
+}
+
+/// A rate's theoretical arrival time (`at`, governor's nanoseconds), or a violation count
+/// and the start of its window (nanoseconds since [`Limiter`]'s start).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    at: u64,
+    count: u32,
+}
+
+/// One limit's view of the shared table: governor's state store for it.
+struct View<K> {
+    table: Arc<Table<Key, Slot>>,
+    kind: Kind,
+    key: fn(K) -> Key,
+}
+
+impl<K: Copy> StateStore for View<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.table.update((self.key)(*key), |slot| {
+            let (outcome, tat) = f(slot.map(|s| Nanos::new(s.at)))?;
+            *slot = Some(Slot {
+                at: tat.as_u64(),
+                count: 0,
+            });
+            Ok(outcome)
+        })
+    }
+}
+
+impl<K: Copy + Eq + Hash> ShrinkableKeyedStateStore<K> for View<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let kind = self.kind;
+        let drop_below = drop_below.as_u64();
+        self.table
+            .retain(|key, slot| key.kind() != kind || slot.at > drop_below);
+    }
+
+    /// The shared table's keys (all limits').
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.table.len() == 0
+    }
+}
+
+type Gcra<K> = RateLimiter<K, View<K>, DefaultClock>;
 
 fn per_second(rate: Option<u32>, burst: Option<u32>) -> Option<Quota> {
     let rate = NonZeroU32::new(rate?)?;
@@ -235,49 +382,96 @@ fn per_second(rate: Option<u32>, burst: Option<u32>) -> Option<Quota> {
     Some(Quota::per_second(rate).allow_burst(burst))
 }
 
-struct Violations {
-    window_start: Instant,
-    count: u32,
-    banned_until: Option<Instant>,
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The live limits. Rebuilt from the file on reload (counters restart).
 pub struct Limiter {
     config: LimitsConfig,
+    prefixes: KeyPrefixes,
     clock: DefaultClock,
-    connections: Option<Keyed<IpAddr>>,
-    requests: Option<Keyed<IpAddr>>,
-    tokens: Option<Keyed<u64>>,
-    violations: Mutex<HashMap<IpAddr, Violations>>,
-    max_keys: usize,
+    /// The time base of violations and bans.
+    start: Instant,
+    /// Rate states and violation counts, all limits together.
+    table: Arc<Table<Key, Slot>>,
+    connections: Option<Gcra<ClientKey>>,
+    requests: Option<Gcra<ClientKey>>,
+    tokens: Option<Gcra<u64>>,
+    /// Banned clients and when their ban ends; present when banning is on.
+    bans: Option<Table<ClientKey, u64>>,
     /// Keys token hashes so the table cannot be precomputed against.
-    salt: std::collections::hash_map::RandomState,
+    salt: RandomState,
 }
 
 impl Limiter {
+    /// Limits whose evictions are counted nowhere (tests, benches).
     pub fn new(config: LimitsConfig) -> Self {
+        Self::with_evictions(
+            config,
+            IntCounter::new("evictions", "evictions").expect("valid metric"),
+        )
+    }
+
+    /// Limits that count the keys they evict to make room in `evictions`.
+    pub fn with_evictions(config: LimitsConfig, evictions: IntCounter) -> Self {
+        let max = config.max_keys().max(MIN_MAX_KEYS);
+        let ban_capacity = if config.ban.violations > 0 {
+            (max / 10).max(1)
+        } else {
+            0
+        };
+        let table = Arc::new(Table::new(max - ban_capacity, evictions.clone()));
+        let gcra = |quota: Option<Quota>, kind, key| {
+            quota.map(|quota| {
+                RateLimiter::new(
+                    quota,
+                    View {
+                        table: table.clone(),
+                        kind,
+                        key,
+                    },
+                    DefaultClock::default(),
+                )
+            })
+        };
         let per_ip = &config.per_ip;
         Self {
-            connections: keyed(per_second(
-                per_ip.new_connections_per_second,
-                per_ip.new_connections_burst,
-            )),
-            requests: keyed(per_second(
-                per_ip.requests_per_second,
-                per_ip.requests_burst,
-            )),
-            tokens: keyed(
-                config
-                    .per_token
-                    .new_streams_per_minute
-                    .and_then(NonZeroU32::new)
-                    .map(Quota::per_minute),
+            connections: gcra(
+                per_second(
+                    per_ip.new_connections_per_second,
+                    per_ip.new_connections_burst,
+                ),
+                Kind::Connections,
+                Key::Connections,
             ),
-            max_keys: config.max_tracked_keys.unwrap_or(DEFAULT_MAX_KEYS),
+            requests: gcra(
+                per_second(per_ip.requests_per_second, per_ip.requests_burst),
+                Kind::Requests,
+                Key::Requests,
+            ),
+            tokens: config
+                .per_token
+                .new_streams_per_minute
+                .and_then(NonZeroU32::new)
+                .map(|n| {
+                    RateLimiter::new(
+                        Quota::per_minute(n),
+                        View {
+                            table: table.clone(),
+                            kind: Kind::Token,
+                            key: Key::Token,
+                        },
+                        DefaultClock::default(),
+                    )
+                }),
+            bans: (ban_capacity > 0).then(|| Table::new(ban_capacity, evictions)),
+            table,
+            prefixes: config.keys.prefixes(),
             config,
             clock: DefaultClock::default(),
-            violations: Mutex::new(HashMap::new()),
-            salt: std::collections::hash_map::RandomState::new(),
+            start: Instant::now(),
+            salt: RandomState::new(),
         }
     }
 
@@ -285,73 +479,99 @@ impl Limiter {
         &self.config
     }
 
-    fn check<K: std::hash::Hash + Eq + Clone>(
+    /// The key every per-client limit of this configuration counts `ip` by.
+    pub fn key(&self, ip: IpAddr) -> ClientKey {
+        client_key(ip, self.prefixes)
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.start.elapsed())
+    }
+
+    fn check<K: Copy + Eq + Hash>(
         &self,
-        limiter: &Option<Keyed<K>>,
-        key: &K,
+        limiter: &Option<Gcra<K>>,
+        key: K,
         reason: &'static str,
     ) -> Result<(), Refusal> {
         let Some(limiter) = limiter else {
             return Ok(());
         };
-        if limiter.len() > self.max_keys {
-            limiter.retain_recent();
-        }
-        limiter.check_key(key).map_err(|not_until| Refusal {
+        limiter.check_key(&key).map_err(|not_until| Refusal {
             reason,
             retry_after: not_until.wait_time_from(self.clock.now()),
         })
     }
 
-    /// Records a refusal towards a ban, and checks an existing one.
-    fn note(&self, ip: IpAddr, result: Result<(), Refusal>) -> Result<(), Refusal> {
-        let ban = &self.config.ban;
-        if ban.violations == 0 {
-            return result;
-        }
-        let now = Instant::now();
-        let mut violations = crate::support::sync::lock(&self.violations);
-        if let Some(v) = violations.get(&ip) {
-            if let Some(until) = v.banned_until.filter(|u| *u > now) {
-                return Err(Refusal {
-                    reason: "banned",
-                    retry_after: until - now,
-                });
-            }
-        }
-        let Err(refusal) = result else { return Ok(()) };
-        if violations.len() >= self.max_keys {
-            violations.retain(|_, v| v.banned_until.is_some_and(|u| u > now));
-        }
-        let v = violations.entry(ip).or_insert(Violations {
-            window_start: now,
-            count: 0,
-            banned_until: None,
-        });
-        if now.duration_since(v.window_start) > ban.window {
-            v.window_start = now;
-            v.count = 0;
-        }
-        v.count += 1;
-        if v.count >= ban.violations {
-            v.banned_until = Some(now + ban.duration);
-            tracing::warn!(client = %ip, duration = ?ban.duration, "client banned after repeated limit violations");
+    /// The ban `client` is serving, if any.
+    fn banned(&self, client: ClientKey) -> Result<(), Refusal> {
+        let Some(bans) = &self.bans else {
+            return Ok(());
+        };
+        let Some(until) = bans.peek(client) else {
+            return Ok(());
+        };
+        let now = self.now();
+        if until > now {
             return Err(Refusal {
                 reason: "banned",
-                retry_after: ban.duration,
+                retry_after: Duration::from_nanos(until - now),
             });
         }
-        Err(refusal)
+        bans.remove_if(client, |until| *until <= now);
+        Ok(())
+    }
+
+    /// Counts a refusal towards a ban.
+    fn note(&self, client: ClientKey, result: Result<(), Refusal>) -> Result<(), Refusal> {
+        let Err(refusal) = result else { return Ok(()) };
+        let Some(bans) = &self.bans else {
+            return Err(refusal);
+        };
+        let ban = &self.config.ban;
+        let now = self.now();
+        let window = nanos(ban.window);
+        let ban_now = self.table.update(Key::Violations(client), |slot| {
+            let mut v = match *slot {
+                Some(v) if now.saturating_sub(v.at) <= window => v,
+                _ => Slot { at: now, count: 0 },
+            };
+            v.count = v.count.saturating_add(1);
+            if v.count >= ban.violations {
+                // The ban table takes over; the count starts again after it.
+                *slot = None;
+                true
+            } else {
+                *slot = Some(v);
+                false
+            }
+        });
+        if !ban_now {
+            return Err(refusal);
+        }
+        bans.update(client, |until| {
+            *until = Some(now.saturating_add(nanos(ban.duration)))
+        });
+        tracing::warn!(client = %client, duration = ?ban.duration, "client banned after repeated limit violations");
+        Err(Refusal {
+            reason: "banned",
+            retry_after: ban.duration,
+        })
     }
 
     /// A new TCP connection from `ip`, before TLS.
     pub fn check_connection(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let result = self.check(&self.connections, &ip, "connection_rate");
-        self.note(ip, result)
+        let client = self.key(ip);
+        self.banned(client)?;
+        let result = self.check(&self.connections, client, "connection_rate");
+        self.note(client, result)
     }
 
-    /// Whether one more concurrent connection from `ip` (which has `open` now) is allowed.
+    /// Whether one more concurrent connection from `ip`'s client (which has `open` now,
+    /// counted by [`Limiter::key`]) is allowed.
     pub fn check_concurrency(&self, ip: IpAddr, open: usize) -> Result<(), Refusal> {
+        let client = self.key(ip);
+        self.banned(client)?;
         let result = match self.config.per_ip.max_concurrent_connections {
             Some(max) if open >= max => Err(Refusal {
                 reason: "concurrent_connections",
@@ -359,13 +579,15 @@ impl Limiter {
             }),
             _ => Ok(()),
         };
-        self.note(ip, result)
+        self.note(client, result)
     }
 
     /// A request or stream from `ip`.
     pub fn check_request(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let result = self.check(&self.requests, &ip, "request_rate");
-        self.note(ip, result)
+        let client = self.key(ip);
+        self.banned(client)?;
+        let result = self.check(&self.requests, client, "request_rate");
+        self.note(client, result)
     }
 
     /// A new stream or request from `ip` presenting `token` (hashed here, never kept).
@@ -375,55 +597,71 @@ impl Limiter {
         if self.tokens.is_none() {
             return Ok(());
         }
+        let client = self.key(ip);
+        self.banned(client)?;
         let mut hasher = self.salt.build_hasher();
         hasher.write(token.0.as_bytes());
-        let result = self.check(&self.tokens, &hasher.finish(), "token_connection_rate");
-        self.note(ip, result)
+        let result = self.check(&self.tokens, hasher.finish(), "token_connection_rate");
+        self.note(client, result)
     }
 
-    /// Drops keys whose state is back to fresh. Called periodically.
+    /// Drops keys whose state is back to fresh and bans that are over: memory returns after
+    /// a flood. Called periodically; O(keys), one shard locked at a time. The bound on keys
+    /// does not depend on it.
     pub fn evict_idle(&self) {
         for limiter in [&self.connections, &self.requests].into_iter().flatten() {
             limiter.retain_recent();
-            limiter.shrink_to_fit();
         }
         if let Some(tokens) = &self.tokens {
             tokens.retain_recent();
-            tokens.shrink_to_fit();
         }
-        let now = Instant::now();
-        let window = self.config.ban.window;
-        let mut violations = crate::support::sync::lock(&self.violations);
-        violations.retain(|_, v| {
-            v.banned_until.is_some_and(|u| u > now) || now.duration_since(v.window_start) <= window
+        let now = self.now();
+        let window = nanos(self.config.ban.window);
+        self.table.retain(|key, slot| {
+            key.kind() != Kind::Violations || now.saturating_sub(slot.at) <= window
         });
-        violations.shrink_to_fit();
+        if let Some(bans) = &self.bans {
+            bans.retain(|_, until| *until > now);
+        }
     }
 
-    /// Tracked keys across all tables (for metrics and the flood test).
+    /// Keys tracked now: rate states, violation counts and bans. Never more than
+    /// `max_tracked_keys`. O(shards), takes no lock.
     pub fn tracked_keys(&self) -> usize {
-        let tables = [&self.connections, &self.requests]
-            .into_iter()
-            .flatten()
-            .map(|l| l.len())
-            .sum::<usize>();
-        tables
-            + self.tokens.as_ref().map_or(0, |t| t.len())
-            + self.violations.lock().map(|v| v.len()).unwrap_or(0)
+        self.table.len() + self.bans.as_ref().map_or(0, Table::len)
+    }
+
+    /// The most keys this limiter tracks (`max_tracked_keys`, rounded down to whole
+    /// shards).
+    pub fn capacity(&self) -> usize {
+        self.table.capacity() + self.bans.as_ref().map_or(0, Table::capacity)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn ip(n: u32) -> IpAddr {
-        IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n))
+        IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+    }
+
+    /// Address `n` of the IPv6 /64 number `net`.
+    fn v6(net: u16, n: u64) -> IpAddr {
+        let [a, b, c, d] = [
+            (n >> 48) as u16,
+            (n >> 32) as u16,
+            (n >> 16) as u16,
+            n as u16,
+        ];
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, net, a, b, c, d))
     }
 
     fn limiter(text: &str) -> Limiter {
         Limiter::new(LimitsConfig::parse("limits.toml", text).unwrap())
     }
+
     fn headers(authorization: &str) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
         h.insert(
@@ -456,6 +694,38 @@ mod tests {
             LimitsConfig::parse("l", "").unwrap(),
             LimitsConfig::default()
         );
+        let err = LimitsConfig::parse("l", "max_tracked_keys = 10\n").unwrap_err();
+        assert!(err.to_string().contains("max_tracked_keys"), "{err}");
+    }
+
+    #[test]
+    fn key_prefixes_are_read_and_validated_with_file_line_and_field() {
+        let config =
+            LimitsConfig::parse("l", "[keys]\nipv4_prefix = 24\nipv6_prefix = 56\n").unwrap();
+        assert_eq!(config.keys.prefixes(), KeyPrefixes::new(24, 56).unwrap());
+        assert_eq!(
+            LimitsConfig::parse("l", "").unwrap().keys.prefixes(),
+            KeyPrefixes::DEFAULT
+        );
+        for (text, field, line) in [
+            ("[keys]\nipv4_prefix = 8\n", "keys.ipv4_prefix", "line 2"),
+            ("[keys]\nipv4_prefix = 33\n", "keys.ipv4_prefix", "line 2"),
+            ("\n[keys]\nipv6_prefix = 16\n", "keys.ipv6_prefix", "line 3"),
+            ("[keys]\nipv6_prefix = 129\n", "keys.ipv6_prefix", "line 2"),
+            ("[keys]\nipv6_prefix = 300\n", "ipv6_prefix", "line 2"),
+            ("[keys]\nipv6_prefix = -1\n", "ipv6_prefix", "line 2"),
+            ("[keys]\nipv6 = 64\n", "ipv6", "line 2"),
+        ] {
+            let err = LimitsConfig::parse("policies/limits.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("policies/limits.toml: ")
+                    && err.contains(field)
+                    && err.contains(line),
+                "{text:?}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -502,13 +772,8 @@ mod tests {
 
     #[test]
     fn connection_rate_refuses_with_retry_after() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse(
-                "l",
-                "[per_ip]\nnew_connections_per_second = 1\nnew_connections_burst = 2\n",
-            )
-            .unwrap(),
-        );
+        let limiter =
+            limiter("[per_ip]\nnew_connections_per_second = 1\nnew_connections_burst = 2\n");
         assert!(limiter.check_connection(ip(1)).is_ok());
         assert!(limiter.check_connection(ip(1)).is_ok());
         let refusal = limiter.check_connection(ip(1)).unwrap_err();
@@ -520,6 +785,68 @@ mod tests {
             limiter.check_connection(ip(2)).is_ok(),
             "other clients are unaffected"
         );
+    }
+
+    #[test]
+    fn rotating_through_an_ipv6_slash_64_gains_nothing() {
+        // New connections, requests, concurrency and bans: each counts the /64, whichever of
+        // its addresses the client uses. Keyed by address, every new address was a fresh
+        // budget.
+        let limiter = limiter(
+            "[per_ip]\nnew_connections_per_second = 1\nnew_connections_burst = 3\n\
+             requests_per_second = 1\nrequests_burst = 3\nmax_concurrent_connections = 2\n\
+             [ban]\nviolations = 5\n",
+        );
+        let results: Vec<bool> = (1..=4)
+            .map(|n| limiter.check_connection(v6(2, n)).is_ok())
+            .collect();
+        assert_eq!(results, [true, true, true, false]);
+        let results: Vec<bool> = (100..104)
+            .map(|n| limiter.check_request(v6(2, n << 40)).is_ok())
+            .collect();
+        assert_eq!(results, [true, true, true, false]);
+        assert_eq!(
+            limiter.key(v6(2, 1)),
+            limiter.key(v6(2, u64::MAX)),
+            "the registry counts open connections by this key"
+        );
+        assert!(limiter.check_concurrency(v6(2, 9), 2).is_err());
+        // Two violations so far; three more from yet other addresses ban the /64.
+        for n in 200..203 {
+            let _ = limiter.check_request(v6(2, n));
+        }
+        assert_eq!(
+            limiter.check_connection(v6(2, 0xdead)).unwrap_err().reason,
+            "banned"
+        );
+        // The neighbouring /64 is another client.
+        assert!(limiter.check_connection(v6(3, 1)).is_ok());
+        assert!(limiter.check_request(v6(3, 1)).is_ok());
+    }
+
+    #[test]
+    fn key_prefixes_are_configurable() {
+        let per_address = limiter(
+            "[keys]\nipv6_prefix = 128\n[per_ip]\nnew_connections_per_second = 1\n\
+             new_connections_burst = 1\n",
+        );
+        assert!((1..=10).all(|n| per_address.check_connection(v6(2, n)).is_ok()));
+        let per_24 = limiter(
+            "[keys]\nipv4_prefix = 24\n[per_ip]\nnew_connections_per_second = 1\n\
+             new_connections_burst = 1\n",
+        );
+        assert!(per_24
+            .check_connection("192.0.2.1".parse().unwrap())
+            .is_ok());
+        assert!(per_24
+            .check_connection("192.0.2.77".parse().unwrap())
+            .is_err());
+        assert!(per_24
+            .check_connection("::ffff:192.0.2.78".parse().unwrap())
+            .is_err());
+        assert!(per_24
+            .check_connection("192.0.3.1".parse().unwrap())
+            .is_ok());
     }
 
     #[test]
@@ -570,12 +897,8 @@ mod tests {
 
     #[test]
     fn repeated_violations_ban_the_client() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse(
-                "l",
-                "[per_ip]\nrequests_per_second = 1\n[ban]\nviolations = 3\nwindow = \"1m\"\nduration = \"10m\"\n",
-            )
-            .unwrap(),
+        let limiter = limiter(
+            "[per_ip]\nrequests_per_second = 1\n[ban]\nviolations = 3\nwindow = \"1m\"\nduration = \"10m\"\n",
         );
         assert!(limiter.check_request(ip(3)).is_ok());
         for _ in 0..2 {
@@ -591,13 +914,27 @@ mod tests {
             limiter.check_connection(ip(3)).unwrap_err().reason,
             "banned"
         );
+        assert!(limiter.check_request(ip(4)).is_ok());
+    }
+
+    #[test]
+    fn a_ban_ends_after_its_duration() {
+        let limiter = limiter(
+            "[per_ip]\nmax_concurrent_connections = 1\n[ban]\nviolations = 1\nduration = \"50ms\"\n",
+        );
+        assert_eq!(
+            limiter.check_concurrency(ip(1), 1).unwrap_err().reason,
+            "banned"
+        );
+        assert!(limiter.check_concurrency(ip(1), 0).is_err());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(limiter.check_concurrency(ip(1), 0).is_ok());
+        assert_eq!(limiter.tracked_keys(), 0, "the ban is gone");
     }
 
     #[test]
     fn concurrency_limit() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse("l", "[per_ip]\nmax_concurrent_connections = 2\n").unwrap(),
-        );
+        let limiter = limiter("[per_ip]\nmax_concurrent_connections = 2\n");
         assert!(limiter.check_concurrency(ip(1), 1).is_ok());
         assert_eq!(
             limiter.check_concurrency(ip(1), 2).unwrap_err().reason,
@@ -606,26 +943,133 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_distinct_keys_stays_bounded() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse(
-                "l",
-                "max_tracked_keys = 1000\n[per_ip]\nnew_connections_per_second = 1000\nrequests_per_second = 1000\n",
-            )
-            .unwrap(),
+    fn a_full_ban_table_lets_the_ban_that_ends_first_go() {
+        // 640 keys: 64 for bans (one shard), the rest for rates.
+        let limiter = limiter(
+            "max_tracked_keys = 640\n[per_ip]\nmax_concurrent_connections = 1\n\
+             [ban]\nviolations = 1\n",
         );
-        for n in 0..50_000 {
+        assert_eq!(limiter.capacity(), 640);
+        for n in 0..65 {
+            assert_eq!(
+                limiter.check_concurrency(ip(n), 1).unwrap_err().reason,
+                "banned"
+            );
+        }
+        assert!(limiter.tracked_keys() <= 640);
+        assert!(
+            limiter.check_concurrency(ip(0), 0).is_ok(),
+            "the oldest ban made room"
+        );
+        assert!((1..65).all(|n| limiter.check_concurrency(ip(n), 0).is_err()));
+    }
+
+    #[test]
+    fn idle_keys_are_swept() {
+        let limiter = limiter(
+            "[per_ip]\nnew_connections_per_second = 1000\nrequests_per_second = 1000\n\
+             [ban]\nviolations = 10\nwindow = \"10ms\"\n[per_token]\nnew_streams_per_minute = 100000\n",
+        );
+        for n in 0..1000 {
             let _ = limiter.check_connection(ip(n));
             let _ = limiter.check_request(ip(n));
+            let _ = check_token(&limiter, ip(n), &format!("Bearer t{n}"));
         }
-        // Every key was used once at a high rate, so each returns to fresh within 1 ms;
-        // the size bound evicts them as the flood goes on.
-        std::thread::sleep(Duration::from_millis(5));
-        limiter.evict_idle();
-        assert!(
-            limiter.tracked_keys() <= 2_000,
-            "{}",
-            limiter.tracked_keys()
+        let _ = limiter.note(
+            limiter.key(ip(1)),
+            Err(Refusal {
+                reason: "test",
+                retry_after: Duration::ZERO,
+            }),
         );
+        assert_eq!(limiter.tracked_keys(), 3001);
+        // Every key was used once at a high rate (fresh again within 1 ms); the violation
+        // window is 10 ms.
+        std::thread::sleep(Duration::from_millis(20));
+        limiter.evict_idle();
+        assert_eq!(limiter.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn a_million_distinct_keys_never_exceed_the_bound() {
+        // Slow rates: a flood key stays "recent" for a second or more, so evicting idle keys
+        // cannot keep up; only the size bound does. The old limiter grew to hundreds of
+        // thousands of keys here, rescanning its whole table on every check past the bound.
+        let evictions = IntCounter::new("e", "e").unwrap();
+        let limiter = Limiter::with_evictions(
+            LimitsConfig::parse(
+                "l",
+                "max_tracked_keys = 100000\n\
+                 [per_ip]\nnew_connections_per_second = 1\nrequests_per_second = 1\n\
+                 [ban]\nviolations = 3\nduration = \"10m\"\n",
+            )
+            .unwrap(),
+            evictions.clone(),
+        );
+        let bound = limiter.config().max_keys();
+        assert!(limiter.capacity() <= bound && limiter.capacity() > bound - 128);
+        let banned = "2001:db8:bad::1".parse::<IpAddr>().unwrap();
+        for _ in 0..4 {
+            let _ = limiter.check_request(banned);
+        }
+        assert_eq!(limiter.check_request(banned).unwrap_err().reason, "banned");
+        let started = Instant::now();
+        let mut most = 0;
+        for n in 0..1_000_000u32 {
+            // Half IPv4 addresses, half IPv6 /64s: a million distinct clients.
+            let client = if n % 2 == 0 {
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
+            } else {
+                let [a, b, c, d] = n.to_be_bytes();
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    u16::from_be_bytes([a, b]),
+                    u16::from_be_bytes([c, d]),
+                    0,
+                    0,
+                    0,
+                    1,
+                ))
+            };
+            let _ = limiter.check_connection(client);
+            let tracked = limiter.tracked_keys();
+            assert!(tracked <= bound, "{tracked} keys after {n}");
+            most = most.max(tracked);
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "1,000,000 keys in {elapsed:?}: at most {most} tracked (bound {bound}), {} evicted",
+            evictions.get()
+        );
+        assert!(most > bound * 8 / 10, "the table was used: {most}");
+        assert!(evictions.get() >= 1_000_000 - bound as u64);
+        assert_eq!(
+            limiter.check_request(banned).unwrap_err().reason,
+            "banned",
+            "a flood of fresh keys does not end a ban"
+        );
+    }
+
+    #[test]
+    fn a_client_that_keeps_sending_keeps_its_state_through_a_flood() {
+        // Least recently used goes first: a client in the middle of being limited is used
+        // all the time and stays. (Evicting by age instead would hand it a fresh burst
+        // every `max_tracked_keys` new keys.)
+        let limiter = limiter(
+            "max_tracked_keys = 1000
+[per_ip]
+requests_per_second = 1
+",
+        );
+        let hot = v6(7, 1);
+        let mut allowed = 0;
+        for n in 0..100_000u32 {
+            let _ = limiter.check_request(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)));
+            if n % 10 == 0 {
+                allowed += u32::from(limiter.check_request(hot).is_ok());
+            }
+        }
+        assert!(allowed <= 2, "allowed {allowed} times");
     }
 }

@@ -51,7 +51,10 @@ pub struct EdgeMetrics {
     pub blocklist_last_reload: IntGauge,
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
+    /// Keys the rate limiters and bans track now (at most `max_tracked_keys`).
     pub ratelimit_keys: IntGauge,
+    /// Keys evicted (least recently used first) to make room for new ones in a full table.
+    pub ratelimit_evictions: prometheus::IntCounter,
 }
 
 use kas_common::metrics::register;
@@ -277,7 +280,17 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new(
                     "edge_ratelimit_tracked_keys",
-                    "Keys tracked by the rate limiters.",
+                    "Keys (a limit of one client or token, violation counts, bans) tracked by \
+                     the rate limiters; never more than max_tracked_keys.",
+                )
+                .expect("valid metric"),
+            ),
+            ratelimit_evictions: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_ratelimit_evictions_total",
+                    "Rate-limit keys evicted, least recently used first, to make room in a full \
+                     table (max_tracked_keys); an evicted client starts with a fresh budget.",
                 )
                 .expect("valid metric"),
             ),

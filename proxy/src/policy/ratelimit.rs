@@ -508,6 +508,11 @@ impl Limiter {
         let Some(bans) = &self.bans else {
             return Ok(());
         };
+        if bans.len() == 0 {
+            // Nobody is banned: no hash, no lock. (A ban being recorded this very moment
+            // applies from the client's next check.)
+            return Ok(());
+        }
         let Some(until) = bans.peek(client) else {
             return Ok(());
         };

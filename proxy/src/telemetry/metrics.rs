@@ -46,6 +46,8 @@ pub struct EdgeMetrics {
     /// Matches of preview entries and rules (counted, not blocked), by source.
     pub policy_preview: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    /// Rate-limit keys evicted (least recently used first) to make room in a full table.
+    pub ratelimit_evictions: prometheus::IntCounter,
     pub blocklist_entries: IntGauge,
     pub blocklist_reload_errors: prometheus::IntCounter,
     pub blocklist_last_reload: IntGauge,
@@ -53,8 +55,6 @@ pub struct EdgeMetrics {
     pub established_closed: prometheus::IntCounter,
     /// Keys the rate limiters and bans track now (at most `max_tracked_keys`).
     pub ratelimit_keys: IntGauge,
-    /// Keys evicted (least recently used first) to make room for new ones in a full table.
-    pub ratelimit_evictions: prometheus::IntCounter,
 }
 
 use kas_common::metrics::register;
@@ -244,6 +244,15 @@ impl EdgeMetrics {
                 "Policy file reloads by file and result.",
                 &["file", "result"],
             ),
+            ratelimit_evictions: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_ratelimit_evictions_total",
+                    "Rate-limit keys evicted, least recently used first, to make room in a full \
+                     table (max_tracked_keys); an evicted client starts with a fresh budget.",
+                )
+                .expect("valid metric"),
+            ),
             blocklist_entries: register(
                 &r,
                 IntGauge::new(
@@ -282,15 +291,6 @@ impl EdgeMetrics {
                     "edge_ratelimit_tracked_keys",
                     "Keys (a limit of one client or token, violation counts, bans) tracked by \
                      the rate limiters; never more than max_tracked_keys.",
-                )
-                .expect("valid metric"),
-            ),
-            ratelimit_evictions: register(
-                &r,
-                prometheus::IntCounter::new(
-                    "edge_ratelimit_evictions_total",
-                    "Rate-limit keys evicted, least recently used first, to make room in a full \
-                     table (max_tracked_keys); an evicted client starts with a fresh budget.",
                 )
                 .expect("valid metric"),
             ),

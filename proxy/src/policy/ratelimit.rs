@@ -631,7 +631,7 @@ impl Limiter {
     }
 
     /// Keys tracked now: rate states, violation counts and bans. Never more than
-    /// `max_tracked_keys`. O(shards), takes no lock.
+    /// `max_tracked_keys`. O(1), takes no lock.
     pub fn tracked_keys(&self) -> usize {
         self.table.len() + self.bans.as_ref().map_or(0, Table::len)
     }

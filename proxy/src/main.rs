@@ -43,6 +43,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     }
     if let Some(file) = &config.policies.limits {
         println!("{}: valid", file.display());
+        for warning in files.limits.warnings() {
+            println!("warning: {warning}");
+        }
     }
     if let Some(file) = &config.policies.rules {
         println!("{}: {} rules", file.display(), files.rules.len());

@@ -1,5 +1,7 @@
-//! Client connections by IP, from the start of their TLS handshake to their close, each
-//! with a way to close it from outside.
+//! Client connections by client, from the start of their TLS handshake to their close, each
+//! with a way to close it from outside. A client is a [`ClientKey`] (an IPv4 address or an
+//! IPv6 /64 by default, as `limits.toml` `[keys]` says), the key every per-client limit
+//! counts by: a client rotating through the addresses of its /64 is one client here too.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,19 +12,24 @@ use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::policy::ClientConnections;
+use crate::support::net::{ClientKey, KeyPrefixes, SharedKeyPrefixes};
 
 #[derive(Default)]
 struct Entry {
-    tokens: HashMap<u64, CancellationToken>,
+    /// Each connection's address (blocklist edits close by address) and its closer.
+    tokens: HashMap<u64, (IpAddr, CancellationToken)>,
     /// How many of `tokens` belong to connections still in their TLS handshake.
     handshaking: usize,
 }
 
-/// Client connections by IP, from the moment the edge decides to handshake with them
-/// until they close: a connection in its TLS handshake already counts against its
+/// Client connections by client key, from the moment the edge decides to handshake with
+/// them until they close: a connection in its TLS handshake already counts against its
 /// client's limits, and a blocklist edit closes it like an established one.
 pub struct ConnectionRegistry {
-    by_ip: Mutex<HashMap<IpAddr, Entry>>,
+    by_client: Mutex<HashMap<ClientKey, Entry>>,
+    /// How addresses become keys; set from `limits.toml` (default: /32 and /64). After a
+    /// change, connections already open stay counted under the key they were opened with.
+    prefixes: SharedKeyPrefixes,
     /// Connections in their TLS handshake, by socket cookie (unique for the kernel's
     /// lifetime, unlike a file descriptor number), waiting for the connection layer.
     handshakes: Mutex<HashMap<u64, Handshake>>,
@@ -50,6 +57,8 @@ pub struct HandshakeTicket {
 pub struct ConnectionGuard {
     registry: Arc<ConnectionRegistry>,
     pub(crate) ip: IpAddr,
+    /// The key it is counted under.
+    key: ClientKey,
     id: u64,
     /// False while the TLS handshake runs: only open connections are in `open`.
     established: bool,
@@ -58,17 +67,17 @@ pub struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let mut by_ip = self.registry.lock();
-        if let Some(entry) = by_ip.get_mut(&self.ip) {
+        let mut by_client = self.registry.lock();
+        if let Some(entry) = by_client.get_mut(&self.key) {
             entry.tokens.remove(&self.id);
             if !self.established {
                 entry.handshaking = entry.handshaking.saturating_sub(1);
             }
             if entry.tokens.is_empty() {
-                by_ip.remove(&self.ip);
+                by_client.remove(&self.key);
             }
         }
-        drop(by_ip);
+        drop(by_client);
         if self.established {
             self.registry.open.dec();
         } else {
@@ -80,7 +89,8 @@ impl Drop for ConnectionGuard {
 impl ConnectionRegistry {
     pub fn new(open: IntGauge, in_handshake: IntGauge) -> Arc<Self> {
         Arc::new(Self {
-            by_ip: Mutex::new(HashMap::new()),
+            by_client: Mutex::new(HashMap::new()),
+            prefixes: SharedKeyPrefixes::default(),
             handshakes: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             open,
@@ -88,17 +98,23 @@ impl ConnectionRegistry {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
-        crate::support::sync::lock(&self.by_ip)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, Entry>> {
+        crate::support::sync::lock(&self.by_client)
+    }
+
+    /// Which part of an address is the client, from now on.
+    pub fn set_key_prefixes(&self, prefixes: KeyPrefixes) {
+        self.prefixes.store(prefixes);
     }
 
     fn add(self: &Arc<Self>, ip: IpAddr, established: bool) -> ConnectionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancelled = CancellationToken::new();
+        let key = self.prefixes.key(ip);
         {
-            let mut by_ip = self.lock();
-            let entry = by_ip.entry(ip).or_default();
-            entry.tokens.insert(id, cancelled.clone());
+            let mut by_client = self.lock();
+            let entry = by_client.entry(key).or_default();
+            entry.tokens.insert(id, (ip, cancelled.clone()));
             if !established {
                 entry.handshaking += 1;
             }
@@ -111,6 +127,7 @@ impl ConnectionRegistry {
         ConnectionGuard {
             registry: self.clone(),
             ip,
+            key,
             id,
             established,
             cancelled,
@@ -151,7 +168,7 @@ impl ConnectionRegistry {
         let Handshake { mut guard, over } =
             crate::support::sync::lock(&self.handshakes).remove(&socket)?;
         over.cancel();
-        if let Some(entry) = self.lock().get_mut(&guard.ip) {
+        if let Some(entry) = self.lock().get_mut(&guard.key) {
             entry.handshaking = entry.handshaking.saturating_sub(1);
         }
         guard.established = true;
@@ -177,33 +194,45 @@ impl ConnectionRegistry {
         crate::support::sync::lock(&self.handshakes).len()
     }
 
-    /// Connections of `ip` in their TLS handshake now.
+    /// Connections of `ip`'s client (every address with its key) in their TLS handshake
+    /// now.
     pub fn handshakes_from(&self, ip: IpAddr) -> usize {
-        self.lock().get(&ip).map_or(0, |e| e.handshaking)
+        let key = self.prefixes.key(ip);
+        self.lock().get(&key).map_or(0, |e| e.handshaking)
     }
 
-    /// Connections of `ip`, open or in their handshake.
+    /// Connections of `ip`'s client (every address with its key), open or in their
+    /// handshake.
     pub fn count(&self, ip: IpAddr) -> usize {
-        self.lock().get(&ip).map_or(0, |e| e.tokens.len())
+        let key = self.prefixes.key(ip);
+        self.lock().get(&key).map_or(0, |e| e.tokens.len())
     }
 
-    /// Closes every connection (open or in its handshake) whose client IP matches;
+    /// Closes every connection (open or in its handshake) whose own address matches;
     /// returns how many.
     pub fn close_matching(&self, matches: impl Fn(IpAddr) -> bool) -> usize {
-        let by_ip = self.lock();
+        let by_client = self.lock();
         let mut closed = 0;
-        for (ip, entry) in by_ip.iter().filter(|(ip, _)| matches(**ip)) {
-            for token in entry.tokens.values() {
+        for (key, entry) in by_client.iter() {
+            let mut closed_here = 0;
+            for (_, token) in entry.tokens.values().filter(|(ip, _)| matches(*ip)) {
                 token.cancel();
-                closed += 1;
+                closed_here += 1;
             }
-            tracing::info!(client = %ip, connections = entry.tokens.len(), "closing established connections");
+            if closed_here > 0 {
+                tracing::info!(client = %key, connections = closed_here, "closing established connections");
+            }
+            closed += closed_here;
         }
         closed
     }
 }
 
 impl ClientConnections for ConnectionRegistry {
+    fn set_key_prefixes(&self, prefixes: KeyPrefixes) {
+        ConnectionRegistry::set_key_prefixes(self, prefixes);
+    }
+
     fn open_from(&self, ip: IpAddr) -> usize {
         self.count(ip)
     }
@@ -236,6 +265,47 @@ mod tests {
         drop((a1, a2));
         assert_eq!(registry.count(a), 0);
         assert_eq!(registry.open.get(), 1);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_slash_64_and_a_block_closes_only_the_blocked_address() {
+        let registry = ConnectionRegistry::new(
+            IntGauge::new("open", "open").unwrap(),
+            IntGauge::new("handshaking", "handshaking").unwrap(),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, other) = (
+            ip("2001:db8:1:2::a"),
+            ip("2001:db8:1:2:ffff::b"),
+            ip("2001:db8:1:3::a"),
+        );
+        let a1 = registry.register(a);
+        let b1 = registry.register(b);
+        let _h = registry.begin_handshake(ip("2001:db8:1:2::c"), 7);
+        let o1 = registry.register(other);
+        // Keyed by address, each of these was a client with one connection.
+        assert_eq!(registry.count(a), 3);
+        assert_eq!(registry.count(ip("2001:db8:1:2::99")), 3);
+        assert_eq!(registry.handshakes_from(b), 1);
+        assert_eq!(registry.count(other), 1);
+        // IPv4-mapped addresses are their IPv4 client.
+        let v4 = registry.register(ip("192.0.2.1"));
+        assert_eq!(registry.count(ip("::ffff:192.0.2.1")), 1);
+
+        // A blocklist entry for one address closes that address's connections only.
+        assert_eq!(registry.close_matching(|ip| ip == b), 1);
+        assert!(b1.cancelled.is_cancelled() && !a1.cancelled.is_cancelled());
+        drop(b1);
+        assert_eq!(registry.count(a), 2);
+
+        // Full-address keys when the limits say so; open connections keep their key.
+        registry.set_key_prefixes(KeyPrefixes::new(32, 128).unwrap());
+        let a2 = registry.register(a);
+        assert_eq!(registry.count(a), 1);
+        drop((a1, a2, o1, v4));
+        assert_eq!(registry.open.get(), 0);
+        registry.set_key_prefixes(KeyPrefixes::DEFAULT);
+        assert_eq!(registry.count(a), 1, "the handshake is left");
     }
 
     #[test]

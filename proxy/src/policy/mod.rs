@@ -4,9 +4,14 @@
 //! 2. right after a PROXY protocol header from a trusted load balancer
 //!    (`listener::proxy_protocol`): the same checks on the real client address, still
 //!    before TLS;
-//! 3. per connection after TLS (`connection`): concurrent connections per IP;
+//! 3. per connection after TLS (`connection`): concurrent connections per client;
 //! 4. per request/stream ([`Policies::check_request`]): header rules, request rate, per-token
-//!    connection rate.
+//!    stream rate.
+//!
+//! Every per-client limit (new connections, concurrency, requests, bans) counts the same
+//! [`ClientKey`](crate::support::net::ClientKey): the client's IPv4 address or IPv6 /64 by
+//! default, as `limits.toml` `[keys]` says. The blocklist matches addresses and networks as
+//! written.
 //!
 //! Every policy file is watched; an edit takes effect within about a second, a bad edit is
 //! rejected whole (the last good version stays, the error names file and line), and a
@@ -26,15 +31,18 @@ use arc_swap::ArcSwap;
 
 use crate::config::{PoliciesConfig, ProxyProtocolConfig};
 use crate::listener::proxy_protocol::header::TrustedProxies;
-use crate::policy::ratelimit::{Limiter, LimitsConfig, Refusal};
+use crate::policy::ratelimit::{AgentToken, Limiter, LimitsConfig, Refusal};
 use crate::policy::rules::HeaderRules;
 use crate::support::filewatch::{self, FileWatcher};
+use crate::support::net::KeyPrefixes;
 use crate::telemetry::metrics::EdgeMetrics;
 use blocklist::{Blocklist, SharedBlocklist, Verdict};
 
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 const RELOAD_POLL: Duration = Duration::from_secs(10);
 const EVICT_EVERY: Duration = Duration::from_secs(10);
+/// How often the rate-limit gauges are brought up to date.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a policy refused a request or stream; the HTTP layer decides how to say it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +69,10 @@ impl RequestRefusal {
 /// The connection layer implements it, so policy decisions never depend on how
 /// connections are kept.
 pub trait ClientConnections: Send + Sync {
-    /// Open connections from `ip`.
+    /// Which part of an address is the client (from `limits.toml`); [`Self::open_from`]
+    /// counts every connection whose address has the same key.
+    fn set_key_prefixes(&self, prefixes: KeyPrefixes);
+    /// Open connections from `ip`'s client (its key, not only that address).
     fn open_from(&self, ip: IpAddr) -> usize;
     /// Closes every open connection whose client matches; returns how many.
     fn close_matching(&self, matches: &dyn Fn(IpAddr) -> bool) -> usize;
@@ -131,9 +142,10 @@ impl Policies {
             .map_err(|e| anyhow::anyhow!("proxy_protocol.trusted: {e}"))?;
         metrics.blocklist_entries.set(blocklist.len() as i64);
         metrics.blocklist_last_reload.set(now_secs());
+        let limiter = Self::limiter(limits, &connections, &metrics);
         Ok(Arc::new(Self {
             blocklist: SharedBlocklist::new(blocklist),
-            limiter: ArcSwap::from_pointee(Limiter::new(limits)),
+            limiter: ArcSwap::from_pointee(limiter),
             rules: ArcSwap::from_pointee(rules),
             trusted,
             proxy_header_timeout: proxy_protocol.header_timeout,
@@ -142,6 +154,20 @@ impl Policies {
             global_preview: cfg.preview,
             close_established: cfg.close_established,
         }))
+    }
+
+    /// Live limits from `limits`: the connection registry counts by their keys from now
+    /// on, and the file's warnings (deprecated names) are logged, once per load.
+    fn limiter(
+        limits: LimitsConfig,
+        connections: &Arc<dyn ClientConnections>,
+        metrics: &EdgeMetrics,
+    ) -> Limiter {
+        for warning in limits.warnings() {
+            tracing::warn!("{warning}");
+        }
+        connections.set_key_prefixes(limits.keys.prefixes());
+        Limiter::with_evictions(limits, metrics.ratelimit_evictions.clone())
     }
 
     pub fn proxy_protocol_enabled(&self) -> bool {
@@ -188,7 +214,7 @@ impl Policies {
         !self.global_preview && matches!(self.blocklist.load().check(ip), Verdict::Deny(_))
     }
 
-    /// Whether `ip` may open one more concurrent connection.
+    /// Whether `ip`'s client may open one more concurrent connection.
     pub fn admit_concurrent(&self, ip: IpAddr) -> bool {
         let open = self.connections.open_from(ip);
         match self.limiter.load().check_concurrency(ip, open) {
@@ -228,12 +254,8 @@ impl Policies {
         }
         // Parsed exactly as kas parses it, so no spelling of the header slips past the
         // per-token limit that kas would still accept.
-        let token = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| kas_common::auth::bearer_token(v).ok());
-        if let Some(token) = token {
-            if let Err(refusal) = limiter.check_token(ip, token.as_bytes()) {
+        if let Some(token) = AgentToken::from_headers(headers) {
+            if let Err(refusal) = limiter.check_token(ip, token) {
                 self.blocked(refusal.reason, "limits");
                 return Some(RequestRefusal::limited(&refusal));
             }
@@ -277,7 +299,8 @@ impl Policies {
         match LimitsConfig::load(path) {
             Ok(limits) if &limits == self.limiter.load().config() => {}
             Ok(limits) => {
-                self.limiter.store(Arc::new(Limiter::new(limits)));
+                let limiter = Self::limiter(limits, &self.connections, &self.metrics);
+                self.limiter.store(Arc::new(limiter));
                 self.metrics
                     .policy_reloads
                     .with_label_values(&["limits", "ok"])
@@ -342,15 +365,21 @@ impl Policies {
         Ok(watchers)
     }
 
-    /// Evicts idle rate-limit keys forever (bounded memory under floods of addresses).
+    /// Forever: keeps `edge_ratelimit_tracked_keys` current (every second) and sweeps
+    /// rate-limit keys that are fresh again (every ten), so memory returns after a flood.
+    /// The bound on keys holds without it: the limiter evicts as it goes.
     pub async fn evict_idle_keys(self: Arc<Self>) {
+        let mut sweep_due = tokio::time::Instant::now() + EVICT_EVERY;
         loop {
-            tokio::time::sleep(EVICT_EVERY).await;
+            tokio::time::sleep(PUBLISH_EVERY).await;
             let limiter = self.limiter.load();
-            limiter.evict_idle();
+            if tokio::time::Instant::now() >= sweep_due {
+                limiter.evict_idle();
+                sweep_due += EVICT_EVERY;
+            }
             self.metrics
                 .ratelimit_keys
-                .set(limiter.tracked_keys() as i64);
+                .set(i64::try_from(limiter.tracked_keys()).unwrap_or(i64::MAX));
         }
     }
 }

@@ -1,38 +1,105 @@
 //! Rate and connection limits from `policies/limits.toml`, so a flood from one client,
 //! or one leaked agent token, cannot take kas down for everyone.
 //!
-//! Per client IP: new connections per second (checked at accept, before TLS),
-//! concurrent connections, requests/streams per second. Per agent token: new connections
-//! per minute, like kas's `connections_per_token_per_minute`, keyed by a salted hash of the
-//! bearer token so the token itself is never stored or logged and many agents behind one
-//! NAT address do not share a budget. Optional ban: a client over its limits `violations`
-//! times within `window` is refused for `duration`.
+//! Per client: new connections per second (checked at accept, before TLS), concurrent
+//! connections, requests/streams per second. A client is a [`ClientKey`]: its IPv4
+//! address or its IPv6 /64 by default (`[keys]`), so rotating through the addresses of one
+//! IPv6 subscriber prefix gains nothing. Per agent token: new streams and requests per
+//! minute, like kas's `connections_per_token_per_minute`, keyed by a salted hash of the
+//! bearer token (parsed exactly as kas parses it, [`AgentToken`]) so the token itself is
+//! never stored or logged and many agents behind one NAT address do not share a budget.
+//! Optional ban: a client over its limits `violations` times within `window` is refused
+//! for `duration`.
 //!
-//! Rates are GCRA (`governor`), exact per key. Memory is bounded: idle keys are evicted
-//! periodically and whenever a table grows past `max_tracked_keys`.
+//! Rates are GCRA (`governor`), exact per key, over one bounded state store ([`table`]):
+//! every check is O(1) (one hash, one shard lock, one lookup) whatever the table holds,
+//! and the table never holds more than `max_tracked_keys` entries in total. When it is
+//! full, a new key takes the place of the least recently used one
+//! (`edge_ratelimit_evictions_total` counts them). An evicted key starts fresh when it
+//! comes back, so a client whose key was evicted can get one extra burst; that takes about
+//! `max_tracked_keys` other keys used since the client's last check, so a client that keeps
+//! sending (the one a limit is for) stays at the recent end and keeps its state.
+//!
+//! Bans are kept apart, in their own bounded table (a tenth of `max_tracked_keys`, carved
+//! out of it), so a flood of fresh keys cannot push a banned client out of its ban. Only
+//! more bans can: when the ban table is full, the ban that expires first goes (bans all
+//! last `duration`, so that is the oldest). To get a ban evicted, an attacker needs more
+//! misbehaving clients than the ban table holds, each of which is refused by its limits
+//! anyway; the bound on memory wins over the last minutes of those bans.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+mod table;
+
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde::Deserialize;
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+use prometheus::IntCounter;
+use serde::{de::Error as _, Deserialize, Deserializer};
 
 use crate::policy::file::{self as policy_file, PolicyFileError};
+use crate::support::net::{client_key, ClientKey, KeyPrefixes};
+use table::Table;
 
 /// The file's shape. Every limit is optional: absent means unlimited.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    pub keys: Keys,
     pub per_ip: PerIp,
     pub per_token: PerToken,
     pub ban: Ban,
     pub max_tracked_keys: Option<usize>,
+    /// What parsing had to say about how the file is written.
+    #[serde(skip)]
+    notes: Notes,
+}
+
+/// Which part of a client's address is the client (see [`KeyPrefixes`]).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Keys {
+    /// 16..=32; default 32 (one address).
+    #[serde(deserialize_with = "ipv4_prefix")]
+    pub ipv4_prefix: u8,
+    /// 32..=128; default 64 (one subscriber prefix).
+    #[serde(deserialize_with = "ipv6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self {
+            ipv4_prefix: KeyPrefixes::DEFAULT.ipv4(),
+            ipv6_prefix: KeyPrefixes::DEFAULT.ipv6(),
+        }
+    }
+}
+
+impl Keys {
+    pub fn prefixes(&self) -> KeyPrefixes {
+        // Both were checked when the file was read; a `Keys` built in code that is out of
+        // range falls back to the defaults rather than failing on the request path.
+        KeyPrefixes::new(self.ipv4_prefix, self.ipv6_prefix).unwrap_or_default()
+    }
+}
+
+// The errors become TOML errors at the value, so they carry file, line and column.
+fn ipv4_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    KeyPrefixes::check_ipv4(u8::deserialize(d)?)
+        .map_err(|e| D::Error::custom(format!("field `keys.ipv4_prefix`: {e}")))
+}
+
+fn ipv6_prefix<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    KeyPrefixes::check_ipv6(u8::deserialize(d)?)
+        .map_err(|e| D::Error::custom(format!("field `keys.ipv6_prefix`: {e}")))
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -48,7 +115,13 @@ pub struct PerIp {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PerToken {
-    pub new_connections_per_minute: Option<u32>,
+    /// New streams (gRPC calls, websocket upgrades) and other requests presenting one agent
+    /// token, per minute.
+    pub new_streams_per_minute: Option<u32>,
+    /// The deprecated name of `new_streams_per_minute` (it never counted connections);
+    /// [`LimitsConfig::parse`] moves it there with a warning.
+    #[serde(rename = "new_connections_per_minute")]
+    deprecated_new_connections_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -72,12 +145,54 @@ impl Default for Ban {
     }
 }
 
-const DEFAULT_MAX_KEYS: usize = 100_000;
+/// Warnings about how a limits file is written (deprecated names), each naming file and
+/// line; logged once when the file is loaded and printed by `kas-edge check`. They are not
+/// limits: two files that differ only in spelling compare equal, so renaming a key does not
+/// restart the counters on reload.
+#[derive(Debug, Clone, Default)]
+struct Notes(Vec<String>);
+
+impl PartialEq for Notes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+/// Fewer tracked keys than this would make the limits forget clients constantly.
+pub const MIN_MAX_KEYS: usize = 64;
 
 impl LimitsConfig {
     pub fn parse(label: &str, text: &str) -> Result<Self, PolicyFileError> {
         let invalid = |message: String| policy_file::invalid(label, message);
-        let config: LimitsConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut config: LimitsConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(old) = config
+            .per_token
+            .deprecated_new_connections_per_minute
+            .take()
+        {
+            const OLD: &str = "per_token.new_connections_per_minute";
+            const NEW: &str = "per_token.new_streams_per_minute";
+            let line = line_of(text, "new_connections_per_minute");
+            let at = line.map_or_else(|| label.to_owned(), |line| format!("{label}:{line}"));
+            if config.per_token.new_streams_per_minute.is_some() {
+                return Err(invalid(format!(
+                    "field `{OLD}`{}: the deprecated name of `{NEW}`, which is set too; \
+                     keep only `{NEW}`",
+                    line.map_or_else(String::new, |line| format!(" (line {line})"))
+                )));
+            }
+            if old == 0 {
+                return Err(invalid(format!(
+                    "field `{OLD}`: 0 would refuse everything; remove the line for no limit"
+                )));
+            }
+            config.per_token.new_streams_per_minute = Some(old);
+            config.notes.0.push(format!(
+                "{at}: field `{OLD}` is deprecated: it counts new streams and requests per \
+                 token, not connections; rename it to `{NEW}`"
+            ));
+        }
         let zero_rates = [
             (
                 "per_ip.new_connections_per_second",
@@ -93,8 +208,8 @@ impl LimitsConfig {
             ),
             ("per_ip.requests_burst", config.per_ip.requests_burst),
             (
-                "per_token.new_connections_per_minute",
-                config.per_token.new_connections_per_minute,
+                "per_token.new_streams_per_minute",
+                config.per_token.new_streams_per_minute,
             ),
         ];
         for (field, value) in zero_rates {
@@ -116,16 +231,60 @@ impl LimitsConfig {
                 "field `ban`: window and duration must be > 0 when violations is set".into(),
             ));
         }
-        if config.max_tracked_keys == Some(0) {
-            return Err(invalid(
-                "field `max_tracked_keys`: must be at least 1".into(),
-            ));
+        if config
+            .max_tracked_keys
+            .is_some_and(|max| max < MIN_MAX_KEYS)
+        {
+            return Err(invalid(format!(
+                "field `max_tracked_keys`: must be at least {MIN_MAX_KEYS}"
+            )));
         }
         Ok(config)
     }
 
     pub fn load(path: &Path) -> Result<Self, PolicyFileError> {
         policy_file::load(path, Self::parse)
+    }
+
+    /// Warnings about the file as written (deprecated names), for the log and `check`.
+    pub fn warnings(&self) -> &[String] {
+        &self.notes.0
+    }
+
+    /// The bound on tracked keys, limiters and bans together.
+    pub fn max_keys(&self) -> usize {
+        self.max_tracked_keys.unwrap_or(DEFAULT_MAX_KEYS)
+    }
+}
+
+/// The 1-based line of the first `key = ...` assignment in `text`.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+/// An agent token, as kas reads it: the first `authorization` header, as text, through
+/// [`kas_common::auth::bearer_token`] (scheme `Bearer` in any case, token trimmed). The
+/// only way to a per-token key, so no spelling of the header that kas accepts gets a
+/// budget of its own at the edge.
+#[derive(Clone, Copy)]
+pub struct AgentToken<'a>(&'a str);
+
+impl<'a> AgentToken<'a> {
+    pub fn from_headers(headers: &'a http::HeaderMap) -> Option<Self> {
+        let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+        kas_common::auth::bearer_token(value).ok().map(Self)
+    }
+}
+
+impl std::fmt::Debug for AgentToken<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentToken(..)")
     }
 }
 
@@ -136,11 +295,86 @@ pub struct Refusal {
     pub retry_after: Duration,
 }
 
-type Keyed<K> = DefaultKeyedRateLimiter<K>;
-
-fn keyed<K: std::hash::Hash + Eq + Clone>(quota: Option<Quota>) -> Option<Keyed<K>> {
-    quota.map(RateLimiter::keyed)
+/// What the shared table holds a state for: one limit of one client or token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Connections(ClientKey),
+    Requests(ClientKey),
+    Token(u64),
+    Violations(ClientKey),
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Connections,
+    Requests,
+    Token,
+    Violations,
+}
+
+impl Key {
+    fn kind(&self) -> Kind {
+        match self {
+            Key::Connections(_) => Kind::Connections,
+            Key::Requests(_) => Kind::Requests,
+            Key::Token(_) => Kind::Token,
+            Key::Violations(_) => Kind::Violations,
+        }
+    }
+}
+
+/// A rate's theoretical arrival time (`at`, governor's nanoseconds), or a violation count
+/// and the start of its window (nanoseconds since [`Limiter`]'s start).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    at: u64,
+    count: u32,
+}
+
+/// One limit's view of the shared table: governor's state store for it.
+struct View<K> {
+    table: Arc<Table<Key, Slot>>,
+    kind: Kind,
+    key: fn(K) -> Key,
+}
+
+impl<K: Copy> StateStore for View<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.table.update((self.key)(*key), |slot| {
+            let (outcome, tat) = f(slot.map(|s| Nanos::new(s.at)))?;
+            *slot = Some(Slot {
+                at: tat.as_u64(),
+                count: 0,
+            });
+            Ok(outcome)
+        })
+    }
+}
+
+impl<K: Copy + Eq + Hash> ShrinkableKeyedStateStore<K> for View<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let kind = self.kind;
+        let drop_below = drop_below.as_u64();
+        self.table
+            .retain(|key, slot| key.kind() != kind || slot.at > drop_below);
+    }
+
+    /// The shared table's keys (all limits').
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.table.len() == 0
+    }
+}
+
+type Gcra<K> = RateLimiter<K, View<K>, DefaultClock>;
 
 fn per_second(rate: Option<u32>, burst: Option<u32>) -> Option<Quota> {
     let rate = NonZeroU32::new(rate?)?;
@@ -148,49 +382,96 @@ fn per_second(rate: Option<u32>, burst: Option<u32>) -> Option<Quota> {
     Some(Quota::per_second(rate).allow_burst(burst))
 }
 
-struct Violations {
-    window_start: Instant,
-    count: u32,
-    banned_until: Option<Instant>,
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The live limits. Rebuilt from the file on reload (counters restart).
 pub struct Limiter {
     config: LimitsConfig,
+    prefixes: KeyPrefixes,
     clock: DefaultClock,
-    connections: Option<Keyed<IpAddr>>,
-    requests: Option<Keyed<IpAddr>>,
-    tokens: Option<Keyed<u64>>,
-    violations: Mutex<HashMap<IpAddr, Violations>>,
-    max_keys: usize,
+    /// The time base of violations and bans.
+    start: Instant,
+    /// Rate states and violation counts, all limits together.
+    table: Arc<Table<Key, Slot>>,
+    connections: Option<Gcra<ClientKey>>,
+    requests: Option<Gcra<ClientKey>>,
+    tokens: Option<Gcra<u64>>,
+    /// Banned clients and when their ban ends; present when banning is on.
+    bans: Option<Table<ClientKey, u64>>,
     /// Keys token hashes so the table cannot be precomputed against.
-    salt: std::collections::hash_map::RandomState,
+    salt: RandomState,
 }
 
 impl Limiter {
+    /// Limits whose evictions are counted nowhere (tests, benches).
     pub fn new(config: LimitsConfig) -> Self {
+        Self::with_evictions(
+            config,
+            IntCounter::new("evictions", "evictions").expect("valid metric"),
+        )
+    }
+
+    /// Limits that count the keys they evict to make room in `evictions`.
+    pub fn with_evictions(config: LimitsConfig, evictions: IntCounter) -> Self {
+        let max = config.max_keys().max(MIN_MAX_KEYS);
+        let ban_capacity = if config.ban.violations > 0 {
+            (max / 10).max(1)
+        } else {
+            0
+        };
+        let table = Arc::new(Table::new(max - ban_capacity, evictions.clone()));
+        let gcra = |quota: Option<Quota>, kind, key| {
+            quota.map(|quota| {
+                RateLimiter::new(
+                    quota,
+                    View {
+                        table: table.clone(),
+                        kind,
+                        key,
+                    },
+                    DefaultClock::default(),
+                )
+            })
+        };
         let per_ip = &config.per_ip;
         Self {
-            connections: keyed(per_second(
-                per_ip.new_connections_per_second,
-                per_ip.new_connections_burst,
-            )),
-            requests: keyed(per_second(
-                per_ip.requests_per_second,
-                per_ip.requests_burst,
-            )),
-            tokens: keyed(
-                config
-                    .per_token
-                    .new_connections_per_minute
-                    .and_then(NonZeroU32::new)
-                    .map(Quota::per_minute),
+            connections: gcra(
+                per_second(
+                    per_ip.new_connections_per_second,
+                    per_ip.new_connections_burst,
+                ),
+                Kind::Connections,
+                Key::Connections,
             ),
-            max_keys: config.max_tracked_keys.unwrap_or(DEFAULT_MAX_KEYS),
+            requests: gcra(
+                per_second(per_ip.requests_per_second, per_ip.requests_burst),
+                Kind::Requests,
+                Key::Requests,
+            ),
+            tokens: config
+                .per_token
+                .new_streams_per_minute
+                .and_then(NonZeroU32::new)
+                .map(|n| {
+                    RateLimiter::new(
+                        Quota::per_minute(n),
+                        View {
+                            table: table.clone(),
+                            kind: Kind::Token,
+                            key: Key::Token,
+                        },
+                        DefaultClock::default(),
+                    )
+                }),
+            bans: (ban_capacity > 0).then(|| Table::new(ban_capacity, evictions)),
+            table,
+            prefixes: config.keys.prefixes(),
             config,
             clock: DefaultClock::default(),
-            violations: Mutex::new(HashMap::new()),
-            salt: std::collections::hash_map::RandomState::new(),
+            start: Instant::now(),
+            salt: RandomState::new(),
         }
     }
 
@@ -198,73 +479,104 @@ impl Limiter {
         &self.config
     }
 
-    fn check<K: std::hash::Hash + Eq + Clone>(
+    /// The key every per-client limit of this configuration counts `ip` by.
+    pub fn key(&self, ip: IpAddr) -> ClientKey {
+        client_key(ip, self.prefixes)
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.start.elapsed())
+    }
+
+    fn check<K: Copy + Eq + Hash>(
         &self,
-        limiter: &Option<Keyed<K>>,
-        key: &K,
+        limiter: &Option<Gcra<K>>,
+        key: K,
         reason: &'static str,
     ) -> Result<(), Refusal> {
         let Some(limiter) = limiter else {
             return Ok(());
         };
-        if limiter.len() > self.max_keys {
-            limiter.retain_recent();
-        }
-        limiter.check_key(key).map_err(|not_until| Refusal {
+        limiter.check_key(&key).map_err(|not_until| Refusal {
             reason,
             retry_after: not_until.wait_time_from(self.clock.now()),
         })
     }
 
-    /// Records a refusal towards a ban, and checks an existing one.
-    fn note(&self, ip: IpAddr, result: Result<(), Refusal>) -> Result<(), Refusal> {
-        let ban = &self.config.ban;
-        if ban.violations == 0 {
-            return result;
+    /// The ban `client` is serving, if any.
+    fn banned(&self, client: ClientKey) -> Result<(), Refusal> {
+        let Some(bans) = &self.bans else {
+            return Ok(());
+        };
+        if bans.len() == 0 {
+            // Nobody is banned: no hash, no lock. (A ban being recorded this very moment
+            // applies from the client's next check.)
+            return Ok(());
         }
-        let now = Instant::now();
-        let mut violations = crate::support::sync::lock(&self.violations);
-        if let Some(v) = violations.get(&ip) {
-            if let Some(until) = v.banned_until.filter(|u| *u > now) {
-                return Err(Refusal {
-                    reason: "banned",
-                    retry_after: until - now,
-                });
-            }
-        }
-        let Err(refusal) = result else { return Ok(()) };
-        if violations.len() >= self.max_keys {
-            violations.retain(|_, v| v.banned_until.is_some_and(|u| u > now));
-        }
-        let v = violations.entry(ip).or_insert(Violations {
-            window_start: now,
-            count: 0,
-            banned_until: None,
-        });
-        if now.duration_since(v.window_start) > ban.window {
-            v.window_start = now;
-            v.count = 0;
-        }
-        v.count += 1;
-        if v.count >= ban.violations {
-            v.banned_until = Some(now + ban.duration);
-            tracing::warn!(client = %ip, duration = ?ban.duration, "client banned after repeated limit violations");
+        let Some(until) = bans.peek(client) else {
+            return Ok(());
+        };
+        let now = self.now();
+        if until > now {
             return Err(Refusal {
                 reason: "banned",
-                retry_after: ban.duration,
+                retry_after: Duration::from_nanos(until - now),
             });
         }
-        Err(refusal)
+        bans.remove_if(client, |until| *until <= now);
+        Ok(())
+    }
+
+    /// Counts a refusal towards a ban.
+    fn note(&self, client: ClientKey, result: Result<(), Refusal>) -> Result<(), Refusal> {
+        let Err(refusal) = result else { return Ok(()) };
+        let Some(bans) = &self.bans else {
+            return Err(refusal);
+        };
+        let ban = &self.config.ban;
+        let now = self.now();
+        let window = nanos(ban.window);
+        let ban_now = self.table.update(Key::Violations(client), |slot| {
+            let mut v = match *slot {
+                Some(v) if now.saturating_sub(v.at) <= window => v,
+                _ => Slot { at: now, count: 0 },
+            };
+            v.count = v.count.saturating_add(1);
+            if v.count >= ban.violations {
+                // The ban table takes over; the count starts again after it.
+                *slot = None;
+                true
+            } else {
+                *slot = Some(v);
+                false
+            }
+        });
+        if !ban_now {
+            return Err(refusal);
+        }
+        bans.update(client, |until| {
+            *until = Some(now.saturating_add(nanos(ban.duration)))
+        });
+        tracing::warn!(client = %client, duration = ?ban.duration, "client banned after repeated limit violations");
+        Err(Refusal {
+            reason: "banned",
+            retry_after: ban.duration,
+        })
     }
 
     /// A new TCP connection from `ip`, before TLS.
     pub fn check_connection(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let result = self.check(&self.connections, &ip, "connection_rate");
-        self.note(ip, result)
+        let client = self.key(ip);
+        self.banned(client)?;
+        let result = self.check(&self.connections, client, "connection_rate");
+        self.note(client, result)
     }
 
-    /// Whether one more concurrent connection from `ip` (which has `open` now) is allowed.
+    /// Whether one more concurrent connection from `ip`'s client (which has `open` now,
+    /// counted by [`Limiter::key`]) is allowed.
     pub fn check_concurrency(&self, ip: IpAddr, open: usize) -> Result<(), Refusal> {
+        let client = self.key(ip);
+        self.banned(client)?;
         let result = match self.config.per_ip.max_concurrent_connections {
             Some(max) if open >= max => Err(Refusal {
                 reason: "concurrent_connections",
@@ -272,64 +584,101 @@ impl Limiter {
             }),
             _ => Ok(()),
         };
-        self.note(ip, result)
+        self.note(client, result)
     }
 
     /// A request or stream from `ip`.
     pub fn check_request(&self, ip: IpAddr) -> Result<(), Refusal> {
-        let result = self.check(&self.requests, &ip, "request_rate");
-        self.note(ip, result)
+        let client = self.key(ip);
+        self.banned(client)?;
+        let result = self.check(&self.requests, client, "request_rate");
+        self.note(client, result)
     }
 
-    /// A new agent connection presenting `token` (hashed here, never kept).
-    pub fn check_token(&self, ip: IpAddr, token: &[u8]) -> Result<(), Refusal> {
+    /// A new stream or request from `ip` presenting `token` (hashed here, never kept).
+    /// Refused as `token_connection_rate`, the reason's name before the limit was renamed
+    /// (dashboards and the runbook know it by that name).
+    pub fn check_token(&self, ip: IpAddr, token: AgentToken<'_>) -> Result<(), Refusal> {
         if self.tokens.is_none() {
             return Ok(());
         }
+        let client = self.key(ip);
+        self.banned(client)?;
         let mut hasher = self.salt.build_hasher();
-        hasher.write(token);
-        let result = self.check(&self.tokens, &hasher.finish(), "token_connection_rate");
-        self.note(ip, result)
+        hasher.write(token.0.as_bytes());
+        let result = self.check(&self.tokens, hasher.finish(), "token_connection_rate");
+        self.note(client, result)
     }
 
-    /// Drops keys whose state is back to fresh. Called periodically.
+    /// Drops keys whose state is back to fresh and bans that are over: memory returns after
+    /// a flood. Called periodically; O(keys), one shard locked at a time. The bound on keys
+    /// does not depend on it.
     pub fn evict_idle(&self) {
         for limiter in [&self.connections, &self.requests].into_iter().flatten() {
             limiter.retain_recent();
-            limiter.shrink_to_fit();
         }
         if let Some(tokens) = &self.tokens {
             tokens.retain_recent();
-            tokens.shrink_to_fit();
         }
-        let now = Instant::now();
-        let window = self.config.ban.window;
-        let mut violations = crate::support::sync::lock(&self.violations);
-        violations.retain(|_, v| {
-            v.banned_until.is_some_and(|u| u > now) || now.duration_since(v.window_start) <= window
+        let now = self.now();
+        let window = nanos(self.config.ban.window);
+        self.table.retain(|key, slot| {
+            key.kind() != Kind::Violations || now.saturating_sub(slot.at) <= window
         });
-        violations.shrink_to_fit();
+        if let Some(bans) = &self.bans {
+            bans.retain(|_, until| *until > now);
+        }
     }
 
-    /// Tracked keys across all tables (for metrics and the flood test).
+    /// Keys tracked now: rate states, violation counts and bans. Never more than
+    /// `max_tracked_keys`. O(1), takes no lock.
     pub fn tracked_keys(&self) -> usize {
-        let tables = [&self.connections, &self.requests]
-            .into_iter()
-            .flatten()
-            .map(|l| l.len())
-            .sum::<usize>();
-        tables
-            + self.tokens.as_ref().map_or(0, |t| t.len())
-            + self.violations.lock().map(|v| v.len()).unwrap_or(0)
+        self.table.len() + self.bans.as_ref().map_or(0, Table::len)
+    }
+
+    /// The most keys this limiter tracks (`max_tracked_keys`, rounded down to whole
+    /// shards).
+    pub fn capacity(&self) -> usize {
+        self.table.capacity() + self.bans.as_ref().map_or(0, Table::capacity)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn ip(n: u32) -> IpAddr {
-        IpAddr::V4(std::net::Ipv4Addr::from(0x7f00_0000 + n))
+        IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+    }
+
+    /// Address `n` of the IPv6 /64 number `net`.
+    fn v6(net: u16, n: u64) -> IpAddr {
+        let [a, b, c, d] = [
+            (n >> 48) as u16,
+            (n >> 32) as u16,
+            (n >> 16) as u16,
+            n as u16,
+        ];
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, net, a, b, c, d))
+    }
+
+    fn limiter(text: &str) -> Limiter {
+        Limiter::new(LimitsConfig::parse("limits.toml", text).unwrap())
+    }
+
+    fn headers(authorization: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(authorization).unwrap(),
+        );
+        h
+    }
+
+    fn check_token(limiter: &Limiter, ip: IpAddr, authorization: &str) -> Result<(), Refusal> {
+        let h = headers(authorization);
+        limiter.check_token(ip, AgentToken::from_headers(&h).expect("a bearer token"))
     }
 
     #[test]
@@ -350,17 +699,86 @@ mod tests {
             LimitsConfig::parse("l", "").unwrap(),
             LimitsConfig::default()
         );
+        let err = LimitsConfig::parse("l", "max_tracked_keys = 10\n").unwrap_err();
+        assert!(err.to_string().contains("max_tracked_keys"), "{err}");
+    }
+
+    #[test]
+    fn key_prefixes_are_read_and_validated_with_file_line_and_field() {
+        let config =
+            LimitsConfig::parse("l", "[keys]\nipv4_prefix = 24\nipv6_prefix = 56\n").unwrap();
+        assert_eq!(config.keys.prefixes(), KeyPrefixes::new(24, 56).unwrap());
+        assert_eq!(
+            LimitsConfig::parse("l", "").unwrap().keys.prefixes(),
+            KeyPrefixes::DEFAULT
+        );
+        for (text, field, line) in [
+            ("[keys]\nipv4_prefix = 8\n", "keys.ipv4_prefix", "line 2"),
+            ("[keys]\nipv4_prefix = 33\n", "keys.ipv4_prefix", "line 2"),
+            ("\n[keys]\nipv6_prefix = 16\n", "keys.ipv6_prefix", "line 3"),
+            ("[keys]\nipv6_prefix = 129\n", "keys.ipv6_prefix", "line 2"),
+            ("[keys]\nipv6_prefix = 300\n", "ipv6_prefix", "line 2"),
+            ("[keys]\nipv6_prefix = -1\n", "ipv6_prefix", "line 2"),
+            ("[keys]\nipv6 = 64\n", "ipv6", "line 2"),
+        ] {
+            let err = LimitsConfig::parse("policies/limits.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("policies/limits.toml: ")
+                    && err.contains(field)
+                    && err.contains(line),
+                "{text:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_per_token_limit_is_named_for_streams_and_the_old_name_still_works() {
+        let new = LimitsConfig::parse("l", "[per_token]\nnew_streams_per_minute = 7\n").unwrap();
+        assert_eq!(new.per_token.new_streams_per_minute, Some(7));
+        assert!(new.warnings().is_empty());
+
+        let old = LimitsConfig::parse(
+            "policies/limits.toml",
+            "# limits\n[per_token]\nnew_connections_per_minute = 7\n",
+        )
+        .unwrap();
+        assert_eq!(old.per_token.new_streams_per_minute, Some(7));
+        assert_eq!(old, new, "the same limits, only spelled differently");
+        let [warning] = old.warnings() else {
+            panic!("one warning: {:?}", old.warnings())
+        };
+        assert!(
+            warning.starts_with("policies/limits.toml:3: ")
+                && warning.contains("deprecated")
+                && warning.contains("per_token.new_streams_per_minute"),
+            "{warning}"
+        );
+
+        let both = LimitsConfig::parse(
+            "l",
+            "[per_token]\nnew_streams_per_minute = 7\nnew_connections_per_minute = 9\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains("new_connections_per_minute") && both.contains("line 3"),
+            "{both}"
+        );
+        let zero = LimitsConfig::parse("l", "[per_token]\nnew_connections_per_minute = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            zero.contains("per_token.new_connections_per_minute"),
+            "{zero}"
+        );
     }
 
     #[test]
     fn connection_rate_refuses_with_retry_after() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse(
-                "l",
-                "[per_ip]\nnew_connections_per_second = 1\nnew_connections_burst = 2\n",
-            )
-            .unwrap(),
-        );
+        let limiter =
+            limiter("[per_ip]\nnew_connections_per_second = 1\nnew_connections_burst = 2\n");
         assert!(limiter.check_connection(ip(1)).is_ok());
         assert!(limiter.check_connection(ip(1)).is_ok());
         let refusal = limiter.check_connection(ip(1)).unwrap_err();
@@ -375,25 +793,117 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_isolated_from_each_other() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse("l", "[per_token]\nnew_connections_per_minute = 2\n").unwrap(),
+    fn rotating_through_an_ipv6_slash_64_gains_nothing() {
+        // New connections, requests, concurrency and bans: each counts the /64, whichever of
+        // its addresses the client uses. Keyed by address, every new address was a fresh
+        // budget.
+        let limiter = limiter(
+            "[per_ip]\nnew_connections_per_second = 1\nnew_connections_burst = 3\n\
+             requests_per_second = 1\nrequests_burst = 3\nmax_concurrent_connections = 2\n\
+             [ban]\nviolations = 5\n",
         );
+        let results: Vec<bool> = (1..=4)
+            .map(|n| limiter.check_connection(v6(2, n)).is_ok())
+            .collect();
+        assert_eq!(results, [true, true, true, false]);
+        let results: Vec<bool> = (100..104)
+            .map(|n| limiter.check_request(v6(2, n << 40)).is_ok())
+            .collect();
+        assert_eq!(results, [true, true, true, false]);
+        assert_eq!(
+            limiter.key(v6(2, 1)),
+            limiter.key(v6(2, u64::MAX)),
+            "the registry counts open connections by this key"
+        );
+        assert!(limiter.check_concurrency(v6(2, 9), 2).is_err());
+        // Two violations so far; three more from yet other addresses ban the /64.
+        for n in 200..203 {
+            let _ = limiter.check_request(v6(2, n));
+        }
+        assert_eq!(
+            limiter.check_connection(v6(2, 0xdead)).unwrap_err().reason,
+            "banned"
+        );
+        // The neighbouring /64 is another client.
+        assert!(limiter.check_connection(v6(3, 1)).is_ok());
+        assert!(limiter.check_request(v6(3, 1)).is_ok());
+    }
+
+    #[test]
+    fn key_prefixes_are_configurable() {
+        let per_address = limiter(
+            "[keys]\nipv6_prefix = 128\n[per_ip]\nnew_connections_per_second = 1\n\
+             new_connections_burst = 1\n",
+        );
+        assert!((1..=10).all(|n| per_address.check_connection(v6(2, n)).is_ok()));
+        let per_24 = limiter(
+            "[keys]\nipv4_prefix = 24\n[per_ip]\nnew_connections_per_second = 1\n\
+             new_connections_burst = 1\n",
+        );
+        assert!(per_24
+            .check_connection("192.0.2.1".parse().unwrap())
+            .is_ok());
+        assert!(per_24
+            .check_connection("192.0.2.77".parse().unwrap())
+            .is_err());
+        assert!(per_24
+            .check_connection("::ffff:192.0.2.78".parse().unwrap())
+            .is_err());
+        assert!(per_24
+            .check_connection("192.0.3.1".parse().unwrap())
+            .is_ok());
+    }
+
+    #[test]
+    fn tokens_are_isolated_from_each_other() {
+        let limiter = limiter("[per_token]\nnew_streams_per_minute = 2\n");
         let same_ip = ip(9);
-        assert!(limiter.check_token(same_ip, b"token-a").is_ok());
-        assert!(limiter.check_token(same_ip, b"token-a").is_ok());
-        assert!(limiter.check_token(same_ip, b"token-a").is_err());
-        assert!(limiter.check_token(same_ip, b"token-b").is_ok());
+        assert!(check_token(&limiter, same_ip, "Bearer token-a").is_ok());
+        assert!(check_token(&limiter, same_ip, "Bearer token-a").is_ok());
+        assert_eq!(
+            check_token(&limiter, same_ip, "Bearer token-a")
+                .unwrap_err()
+                .reason,
+            "token_connection_rate"
+        );
+        assert!(check_token(&limiter, same_ip, "Bearer token-b").is_ok());
+    }
+
+    #[test]
+    fn every_spelling_kas_accepts_is_the_same_token() {
+        let limiter = limiter("[per_token]\nnew_streams_per_minute = 3\n");
+        for (n, spelling) in ["Bearer t0k", "bearer  t0k ", "BEARER \tt0k"]
+            .into_iter()
+            .enumerate()
+        {
+            assert!(
+                check_token(&limiter, ip(n as u32), spelling).is_ok(),
+                "{spelling:?}"
+            );
+        }
+        assert!(check_token(&limiter, ip(7), "BeArEr t0k").is_err());
+        for not_a_token in ["Basic t0k", "Bearer", "Bearer   ", "t0k"] {
+            assert!(
+                AgentToken::from_headers(&headers(not_a_token)).is_none(),
+                "{not_a_token:?}"
+            );
+        }
+        assert!(AgentToken::from_headers(&http::HeaderMap::new()).is_none());
+        let mut non_text = http::HeaderMap::new();
+        non_text.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_bytes(b"Bearer t\xff").unwrap(),
+        );
+        assert!(
+            AgentToken::from_headers(&non_text).is_none(),
+            "kas refuses it too"
+        );
     }
 
     #[test]
     fn repeated_violations_ban_the_client() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse(
-                "l",
-                "[per_ip]\nrequests_per_second = 1\n[ban]\nviolations = 3\nwindow = \"1m\"\nduration = \"10m\"\n",
-            )
-            .unwrap(),
+        let limiter = limiter(
+            "[per_ip]\nrequests_per_second = 1\n[ban]\nviolations = 3\nwindow = \"1m\"\nduration = \"10m\"\n",
         );
         assert!(limiter.check_request(ip(3)).is_ok());
         for _ in 0..2 {
@@ -409,13 +919,27 @@ mod tests {
             limiter.check_connection(ip(3)).unwrap_err().reason,
             "banned"
         );
+        assert!(limiter.check_request(ip(4)).is_ok());
+    }
+
+    #[test]
+    fn a_ban_ends_after_its_duration() {
+        let limiter = limiter(
+            "[per_ip]\nmax_concurrent_connections = 1\n[ban]\nviolations = 1\nduration = \"50ms\"\n",
+        );
+        assert_eq!(
+            limiter.check_concurrency(ip(1), 1).unwrap_err().reason,
+            "banned"
+        );
+        assert!(limiter.check_concurrency(ip(1), 0).is_err());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(limiter.check_concurrency(ip(1), 0).is_ok());
+        assert_eq!(limiter.tracked_keys(), 0, "the ban is gone");
     }
 
     #[test]
     fn concurrency_limit() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse("l", "[per_ip]\nmax_concurrent_connections = 2\n").unwrap(),
-        );
+        let limiter = limiter("[per_ip]\nmax_concurrent_connections = 2\n");
         assert!(limiter.check_concurrency(ip(1), 1).is_ok());
         assert_eq!(
             limiter.check_concurrency(ip(1), 2).unwrap_err().reason,
@@ -424,26 +948,133 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_distinct_keys_stays_bounded() {
-        let limiter = Limiter::new(
-            LimitsConfig::parse(
-                "l",
-                "max_tracked_keys = 1000\n[per_ip]\nnew_connections_per_second = 1000\nrequests_per_second = 1000\n",
-            )
-            .unwrap(),
+    fn a_full_ban_table_lets_the_ban_that_ends_first_go() {
+        // 640 keys: 64 for bans (one shard), the rest for rates.
+        let limiter = limiter(
+            "max_tracked_keys = 640\n[per_ip]\nmax_concurrent_connections = 1\n\
+             [ban]\nviolations = 1\n",
         );
-        for n in 0..50_000 {
+        assert_eq!(limiter.capacity(), 640);
+        for n in 0..65 {
+            assert_eq!(
+                limiter.check_concurrency(ip(n), 1).unwrap_err().reason,
+                "banned"
+            );
+        }
+        assert!(limiter.tracked_keys() <= 640);
+        assert!(
+            limiter.check_concurrency(ip(0), 0).is_ok(),
+            "the oldest ban made room"
+        );
+        assert!((1..65).all(|n| limiter.check_concurrency(ip(n), 0).is_err()));
+    }
+
+    #[test]
+    fn idle_keys_are_swept() {
+        let limiter = limiter(
+            "[per_ip]\nnew_connections_per_second = 1000\nrequests_per_second = 1000\n\
+             [ban]\nviolations = 10\nwindow = \"10ms\"\n[per_token]\nnew_streams_per_minute = 100000\n",
+        );
+        for n in 0..1000 {
             let _ = limiter.check_connection(ip(n));
             let _ = limiter.check_request(ip(n));
+            let _ = check_token(&limiter, ip(n), &format!("Bearer t{n}"));
         }
-        // Every key was used once at a high rate, so each returns to fresh within 1 ms;
-        // the size bound evicts them as the flood goes on.
-        std::thread::sleep(Duration::from_millis(5));
-        limiter.evict_idle();
-        assert!(
-            limiter.tracked_keys() <= 2_000,
-            "{}",
-            limiter.tracked_keys()
+        let _ = limiter.note(
+            limiter.key(ip(1)),
+            Err(Refusal {
+                reason: "test",
+                retry_after: Duration::ZERO,
+            }),
         );
+        assert_eq!(limiter.tracked_keys(), 3001);
+        // Every key was used once at a high rate (fresh again within 1 ms); the violation
+        // window is 10 ms.
+        std::thread::sleep(Duration::from_millis(20));
+        limiter.evict_idle();
+        assert_eq!(limiter.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn a_million_distinct_keys_never_exceed_the_bound() {
+        // Slow rates: a flood key stays "recent" for a second or more, so evicting idle keys
+        // cannot keep up; only the size bound does. The old limiter grew to hundreds of
+        // thousands of keys here, rescanning its whole table on every check past the bound.
+        let evictions = IntCounter::new("e", "e").unwrap();
+        let limiter = Limiter::with_evictions(
+            LimitsConfig::parse(
+                "l",
+                "max_tracked_keys = 100000\n\
+                 [per_ip]\nnew_connections_per_second = 1\nrequests_per_second = 1\n\
+                 [ban]\nviolations = 3\nduration = \"10m\"\n",
+            )
+            .unwrap(),
+            evictions.clone(),
+        );
+        let bound = limiter.config().max_keys();
+        assert!(limiter.capacity() <= bound && limiter.capacity() > bound - 128);
+        let banned = "2001:db8:bad::1".parse::<IpAddr>().unwrap();
+        for _ in 0..4 {
+            let _ = limiter.check_request(banned);
+        }
+        assert_eq!(limiter.check_request(banned).unwrap_err().reason, "banned");
+        let started = Instant::now();
+        let mut most = 0;
+        for n in 0..1_000_000u32 {
+            // Half IPv4 addresses, half IPv6 /64s: a million distinct clients.
+            let client = if n % 2 == 0 {
+                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
+            } else {
+                let [a, b, c, d] = n.to_be_bytes();
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    u16::from_be_bytes([a, b]),
+                    u16::from_be_bytes([c, d]),
+                    0,
+                    0,
+                    0,
+                    1,
+                ))
+            };
+            let _ = limiter.check_connection(client);
+            let tracked = limiter.tracked_keys();
+            assert!(tracked <= bound, "{tracked} keys after {n}");
+            most = most.max(tracked);
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "1,000,000 keys in {elapsed:?}: at most {most} tracked (bound {bound}), {} evicted",
+            evictions.get()
+        );
+        assert!(most > bound * 8 / 10, "the table was used: {most}");
+        assert!(evictions.get() >= 1_000_000 - bound as u64);
+        assert_eq!(
+            limiter.check_request(banned).unwrap_err().reason,
+            "banned",
+            "a flood of fresh keys does not end a ban"
+        );
+    }
+
+    #[test]
+    fn a_client_that_keeps_sending_keeps_its_state_through_a_flood() {
+        // Least recently used goes first: a client in the middle of being limited is used
+        // all the time and stays. (Evicting by age instead would hand it a fresh burst
+        // every `max_tracked_keys` new keys.)
+        let limiter = limiter(
+            "max_tracked_keys = 1000
+[per_ip]
+requests_per_second = 1
+",
+        );
+        let hot = v6(7, 1);
+        let mut allowed = 0;
+        for n in 0..100_000u32 {
+            let _ = limiter.check_request(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)));
+            if n % 10 == 0 {
+                allowed += u32::from(limiter.check_request(hot).is_ok());
+            }
+        }
+        assert!(allowed <= 2, "allowed {allowed} times");
     }
 }

@@ -51,11 +51,14 @@ pub struct EdgeMetrics {
     /// Matches of preview entries and rules (counted, not blocked), by source.
     pub policy_preview: IntCounterVec,
     pub policy_reloads: IntCounterVec,
+    /// Rate-limit keys evicted (least recently used first) to make room in a full table.
+    pub ratelimit_evictions: prometheus::IntCounter,
     pub blocklist_entries: IntGauge,
     pub blocklist_reload_errors: prometheus::IntCounter,
     pub blocklist_last_reload: IntGauge,
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
+    /// Keys the rate limiters and bans track now (at most `max_tracked_keys`).
     pub ratelimit_keys: IntGauge,
     /// Access lines dropped because stdout did not keep up (process-wide: the stdout queue
     /// is one per process, see [`super::log_writer`]).
@@ -252,6 +255,15 @@ impl EdgeMetrics {
                 "Policy file reloads by file and result.",
                 &["file", "result"],
             ),
+            ratelimit_evictions: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_ratelimit_evictions_total",
+                    "Rate-limit keys evicted, least recently used first, to make room in a full \
+                     table (max_tracked_keys); an evicted client starts with a fresh budget.",
+                )
+                .expect("valid metric"),
+            ),
             blocklist_entries: register(
                 &r,
                 IntGauge::new(
@@ -288,7 +300,8 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new(
                     "edge_ratelimit_tracked_keys",
-                    "Keys tracked by the rate limiters.",
+                    "Keys (a limit of one client or token, violation counts, bans) tracked by \
+                     the rate limiters; never more than max_tracked_keys.",
                 )
                 .expect("valid metric"),
             ),

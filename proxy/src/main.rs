@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kas_edge::telemetry::log_writer;
 
 /// The edge in front of GitLab's agent server (kas).
 #[derive(Parser)]
@@ -70,12 +71,15 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         #[cfg(feature = "dev")]
         Command::Dev { dir } => {
-            kas_common::logging::init("info");
+            kas_common::logging::init_with_writer("info", log_writer::stdout());
             kas_edge::dev::run(dir)
         }
         Command::Run { config } => {
             kas_edge::app::preflight::from_file(&config).and_then(|checked| {
-                kas_common::logging::init(&checked.config.log.level);
+                kas_common::logging::init_with_writer(
+                    &checked.config.log.level,
+                    log_writer::stdout(),
+                );
                 kas_edge::app::run_checked(checked, Box::new(|| {}))
             })
         }

@@ -156,8 +156,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use crate::listener::tls::certs::{self, CertResolver};
-
     /// The pingora version these adapters were written and tested against.
     const PINGORA_VERSION: &str = "0.9.1";
 
@@ -202,15 +200,24 @@ mod tests {
         assert_eq!(tls_handshake_duration(&plain), None, "no TLS, no duration");
         let plain = *plain.into_any().downcast::<L4Stream>().unwrap();
 
-        let dir = tempfile::tempdir().unwrap();
-        let hosts = vec!["localhost".to_owned()];
-        let source = certs::write_self_signed(dir.path(), &hosts).unwrap();
-        let resolver = Arc::new(CertResolver::new(vec![source.clone()]).unwrap());
-        let acceptor = pingora::listeners::tls::Acceptor::from_server_config(certs::server_config(
-            resolver,
-            &[b"h2"],
-        ));
-        let connector = kas_testkit::clients::tls_connector(&source.cert, &[b"h2"]);
+        // A certificate of its own: this module depends on no layer of the edge.
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = issued.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(issued.signing_key.serialize_der().into());
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = pingora::listeners::tls::Acceptor::from_server_config(Arc::new(server));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let connector = kas_testkit::clients::tls_connector_trusting(roots, &[b"h2"]);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (server, client) = tokio::join!(
             acceptor.tls_handshake(plain),

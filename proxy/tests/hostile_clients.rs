@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use kas_testkit::edge::{EdgeOptions, EdgeProfile, EdgeStdout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -301,73 +302,6 @@ async fn refused_upgrades_are_relayed_with_correct_framing() {
     );
 }
 
-/// The `kas-edge` binary with its stdout connected to a pipe that nobody reads: once the
-/// pipe's buffer is full, every write to it blocks.
-struct EdgeWithStuckStdout {
-    https: SocketAddr,
-    admin: SocketAddr,
-    ca_file: std::path::PathBuf,
-    child: std::process::Child,
-    /// The pipe's read end, held open and never read.
-    _stdout: std::process::ChildStdout,
-    _dir: tempfile::TempDir,
-}
-
-impl EdgeWithStuckStdout {
-    async fn start(subnet: (u8, u8), endpoints: &[SocketAddr]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let host = ip(subnet, 250);
-        let https = SocketAddr::new(host, 8443);
-        let admin = SocketAddr::new(host, 8081);
-        let tls_dir = dir.path().join("tls");
-        let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-        let config = format!(
-            "[listen]\nhttps = \"{https}\"\nadmin = \"{admin}\"\nthreads = 2\n\
-             [tls]\nself_signed = true\nhosts = [\"localhost\"]\nself_signed_dir = {tls_dir:?}\n\
-             [discovery]\nkind = \"static\"\nendpoints = [{}]\n\
-             [health]\nport = {HEALTH_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
-            list.join(", ")
-        );
-        let config_file = dir.path().join("edge.toml");
-        std::fs::write(&config_file, config).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kas-edge"))
-            .args(["run", "--config"])
-            .arg(&config_file)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let edge = Self {
-            https,
-            admin,
-            ca_file: tls_dir.join("tls.crt"),
-            child,
-            _stdout: stdout,
-            _dir: dir,
-        };
-        eventually("edge ready", Duration::from_secs(60), || async move {
-            matches!(http_get(admin, "/readyz").await, Some((200, _)))
-        })
-        .await;
-        edge
-    }
-
-    /// The value of an unlabelled counter or gauge on the admin port.
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let (_, text) = http_get(self.admin, "/metrics").await?;
-        metric_value(&text, name)
-    }
-}
-
-impl Drop for EdgeWithStuckStdout {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One authenticated Ping through the edge; `None` if no answer came within `limit`.
 async fn ping_within(channel: &tonic::transport::Channel, limit: Duration) -> Option<tonic::Code> {
     use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
@@ -390,7 +324,12 @@ async fn ping_within(channel: &tonic::transport::Channel, limit: Duration) -> Op
 #[tokio::test]
 async fn a_log_consumer_that_stops_reading_costs_log_lines_not_requests() {
     let cluster = Cluster::start(1).await;
-    let edge = EdgeWithStuckStdout::start(cluster.subnet, &cluster.endpoints()).await;
+    let options = EdgeOptions {
+        stdout: EdgeStdout::StuckPipe,
+        ..EdgeTests::edge()
+    };
+    let host = ip(cluster.subnet, 250);
+    let edge = Edge::launch(&options, host, &cluster.endpoints(), "").await;
     let admin = edge.admin;
     eventually("a healthy pod", STEP, || async move {
         http_get(admin, "/metrics")
@@ -401,8 +340,7 @@ async fn a_log_consumer_that_stops_reading_costs_log_lines_not_requests() {
     let channel = grpc_channel(edge.https, tls_connector(&edge.ca_file, &[b"h2"])).await;
 
     // About 260 bytes per access line: 5,000 calls are 1.3 MB, more than the pipe (64 KiB)
-    // and the edge's queue (1 MiB) together. (Only plain successful calls: pingora's own
-    // warnings still go to stdout directly and would block a worker on a full pipe.)
+    // and the edge's queue (1 MiB) together.
     let started = tokio::time::Instant::now();
     for batch in 0..100 {
         let calls = (0..50).map(|_| ping_within(&channel, Duration::from_secs(5)));
@@ -427,7 +365,7 @@ async fn a_log_consumer_that_stops_reading_costs_log_lines_not_requests() {
         ping_within(&channel, Duration::from_secs(5)).await,
         Some(tonic::Code::Ok)
     );
-    let dropped = edge.metric("edge_access_log_dropped_total").await;
+    let dropped = metric_value(&edge.metrics().await, "edge_access_log_dropped_total");
     assert!(
         dropped.is_some_and(|d| d > 0.0),
         "dropped lines are counted: {dropped:?}"

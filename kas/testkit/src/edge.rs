@@ -5,7 +5,7 @@
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -20,8 +20,8 @@ pub struct EdgeOptions {
     pub binary: PathBuf,
     /// `RUST_LOG` of the edge.
     pub rust_log: &'static str,
-    /// Whether the edge's log (its stdout) goes to [`Edge::log_file`]; else nowhere.
-    pub keep_log: bool,
+    /// Where the edge's log (its stdout) goes.
+    pub stdout: EdgeStdout,
     /// `tls.hosts` of the generated certificate.
     pub tls_hosts: &'static [&'static str],
     /// How long the edge may take to answer 200 on `/readyz`.
@@ -36,11 +36,23 @@ impl EdgeOptions {
         Self {
             binary: binary.into(),
             rust_log: "info",
-            keep_log: true,
+            stdout: EdgeStdout::LogFile,
             tls_hosts: &["localhost", "kas.example.test"],
             ready_within: Duration::from_secs(90),
         }
     }
+}
+
+/// Where the edge's stdout (its log) goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeStdout {
+    /// To [`Edge::log_file`], for [`Edge::log`].
+    LogFile,
+    /// Nowhere.
+    Null,
+    /// Into a pipe that nobody reads (a stuck log shipper): once the pipe's buffer is
+    /// full, every write to it blocks.
+    StuckPipe,
 }
 
 /// How a crate's tests run the edge with [`Edge::start`].
@@ -58,6 +70,8 @@ pub struct Edge<P> {
     pub config_file: PathBuf,
     pub child: Child,
     pub log_file: PathBuf,
+    /// With [`EdgeStdout::StuckPipe`], the pipe's read end: held open, never read.
+    _stuck_stdout: Option<ChildStdout>,
     _dir: tempfile::TempDir,
     profile: PhantomData<fn() -> P>,
 }
@@ -110,12 +124,12 @@ impl<P> Edge<P> {
         let config_file = dir.path().join("edge.toml");
         std::fs::write(&config_file, config).unwrap();
         let log_file = dir.path().join("edge.log");
-        let stdout = if options.keep_log {
-            Stdio::from(std::fs::File::create(&log_file).unwrap())
-        } else {
-            Stdio::null()
+        let stdout = match options.stdout {
+            EdgeStdout::LogFile => Stdio::from(std::fs::File::create(&log_file).unwrap()),
+            EdgeStdout::Null => Stdio::null(),
+            EdgeStdout::StuckPipe => Stdio::piped(),
         };
-        let child = Command::new(&options.binary)
+        let mut child = Command::new(&options.binary)
             .args(["run", "--config"])
             .arg(&config_file)
             .env("RUST_LOG", options.rust_log)
@@ -123,6 +137,7 @@ impl<P> Edge<P> {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", options.binary.display()));
+        let stuck_stdout = child.stdout.take();
         let edge = Self {
             https,
             http,
@@ -131,6 +146,7 @@ impl<P> Edge<P> {
             config_file,
             child,
             log_file,
+            _stuck_stdout: stuck_stdout,
             _dir: dir,
             profile: PhantomData,
         };
@@ -174,7 +190,7 @@ impl<P> Edge<P> {
             .unwrap();
     }
 
-    /// The edge's log so far (empty unless [`EdgeOptions::keep_log`]).
+    /// The edge's log so far (empty unless its stdout is [`EdgeStdout::LogFile`]).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }

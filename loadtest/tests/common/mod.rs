@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kas::gitlab_standin::GitlabStandin;
 use kas::Config;
-use kas_testkit::edge::EdgeOptions;
+use kas_testkit::edge::{EdgeOptions, EdgeStdout};
 use kas_testkit::net::{next_subnet, Subnet};
 use kas_testkit::pods::{Cluster, Pod};
 use kas_testkit::Profile;
@@ -109,7 +109,7 @@ impl Stack {
     pub async fn start_edge(&self, binary: &Path) -> Edge {
         let options = EdgeOptions {
             rust_log: "warn",
-            keep_log: false,
+            stdout: EdgeStdout::Null,
             tls_hosts: &["localhost"],
             ready_within: Duration::from_secs(15),
             ..EdgeOptions::new(binary)

@@ -8,8 +8,8 @@
 //!   the replica that runs ACME), everything else redirected to https; on a runtime of its
 //!   own, so a flood there cannot delay health checks or `/readyz`.
 //!
-//! Both are served by [`serve`], which bounds every connection: a global and a per-IP
-//! cap and an admission check at accept (before a byte is read), a header deadline, and a
+//! Both are served by [`serve`], which bounds every connection: a global and a per-client
+//! cap (by the same /32 or /64 key as the TLS port's limits) and an admission check at accept (before a byte is read), a header deadline, and a
 //! total lifetime.
 
 pub mod private;
@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::support::net::canonical;
+use crate::support::net::{canonical, ClientKey};
 use crate::support::sync::lock;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::discovery::DiscoveryStatus;
@@ -109,6 +109,15 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body>
 /// Decides at accept, before any byte is read, whether a client may connect.
 pub type Admit = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
+/// A cap on the connections one client holds at once. `key` says who "one client" is:
+/// the TLS port's limits count by the network around an address (IPv6 /64 by default),
+/// so a client rotating addresses within its /64 is still one client here too.
+#[derive(Clone)]
+pub struct PerClientCap {
+    pub limit: usize,
+    pub key: Arc<dyn Fn(IpAddr) -> ClientKey + Send + Sync>,
+}
+
 /// The bounds of one plain-HTTP listener.
 #[derive(Clone)]
 pub struct ServeLimits {
@@ -116,8 +125,8 @@ pub struct ServeLimits {
     pub listener: &'static str,
     /// Connections open at once; more are closed at accept.
     pub max_connections: usize,
-    /// Connections open at once from one client address, if limited.
-    pub max_connections_per_ip: Option<usize>,
+    /// Connections open at once from one client, if limited.
+    pub per_client: Option<PerClientCap>,
     /// Time for a request's headers, and the longest idle wait between requests.
     pub header_timeout: Duration,
     /// Total life of a connection; then it is closed whatever it is doing.
@@ -130,30 +139,38 @@ pub struct ServeLimits {
 const MAX_BUF: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
-/// Open connections per client address. An entry exists only while its address holds
-/// a connection, and every connection first holds one of `max_connections` permits, so
-/// the table never has more than `max_connections` entries.
-struct PerIp {
-    limit: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+/// Open connections per client key. An entry exists only while its client holds a
+/// connection, and every connection first holds one of `max_connections` permits, so the
+/// table never has more than `max_connections` entries.
+struct PerClient {
+    cap: PerClientCap,
+    open: Mutex<HashMap<ClientKey, usize>>,
 }
 
-struct PerIpGuard {
-    table: Arc<PerIp>,
-    ip: IpAddr,
+struct PerClientGuard {
+    table: Arc<PerClient>,
+    key: ClientKey,
 }
 
-impl PerIp {
-    fn try_hold(self: &Arc<Self>, ip: IpAddr) -> Option<PerIpGuard> {
+impl PerClient {
+    fn new(cap: PerClientCap) -> Arc<Self> {
+        Arc::new(Self {
+            cap,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn try_hold(self: &Arc<Self>, ip: IpAddr) -> Option<PerClientGuard> {
+        let key = (self.cap.key)(ip);
         let mut open = lock(&self.open);
-        let count = open.entry(ip).or_insert(0);
-        if *count >= self.limit {
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.cap.limit {
             return None;
         }
         *count += 1;
-        Some(PerIpGuard {
+        Some(PerClientGuard {
             table: self.clone(),
-            ip,
+            key,
         })
     }
 
@@ -163,13 +180,13 @@ impl PerIp {
     }
 }
 
-impl Drop for PerIpGuard {
+impl Drop for PerClientGuard {
     fn drop(&mut self) {
         let mut open = lock(&self.table.open);
-        if let Some(count) = open.get_mut(&self.ip) {
+        if let Some(count) = open.get_mut(&self.key) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
     }
@@ -188,12 +205,7 @@ where
         .max_buf_size(MAX_BUF)
         .max_headers(MAX_HEADERS);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let per_ip = limits.max_connections_per_ip.map(|limit| {
-        Arc::new(PerIp {
-            limit,
-            open: Mutex::new(HashMap::new()),
-        })
-    });
+    let per_client = limits.per_client.clone().map(PerClient::new);
     let open = metrics
         .plain_http_connections
         .with_label_values(&[limits.listener]);
@@ -227,7 +239,7 @@ where
             at_max.inc();
             continue;
         };
-        let ip_guard = match &per_ip {
+        let client_guard = match &per_client {
             Some(table) => match table.try_hold(ip) {
                 Some(guard) => Some(guard),
                 None => {
@@ -249,7 +261,7 @@ where
         let lifetime = limits.lifetime;
         let at_lifetime = at_lifetime.clone();
         tokio::spawn(async move {
-            let _held = (permit, ip_guard, held);
+            let _held = (permit, client_guard, held);
             if tokio::time::timeout(lifetime, conn).await.is_err() {
                 at_lifetime.inc();
             }
@@ -268,18 +280,23 @@ pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpL
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::support::net::{client_key, KeyPrefixes};
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpSocket, TcpStream};
 
     const WAIT: Duration = Duration::from_secs(5);
 
+    fn by_default_keys(limit: usize) -> PerClientCap {
+        PerClientCap {
+            limit,
+            key: Arc::new(|ip| client_key(ip, KeyPrefixes::default())),
+        }
+    }
+
     #[test]
-    fn per_ip_table_holds_at_most_the_limit_and_forgets_closed_clients() {
-        let table = Arc::new(PerIp {
-            limit: 2,
-            open: Mutex::new(HashMap::new()),
-        });
+    fn per_client_table_holds_at_most_the_limit_and_forgets_closed_clients() {
+        let table = PerClient::new(by_default_keys(2));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let first = table.try_hold(a).unwrap();
@@ -289,6 +306,22 @@ mod tests {
         assert_eq!(table.len(), 2);
         drop((first, second, other));
         assert_eq!(table.len(), 0, "entries leave with their last connection");
+    }
+
+    #[test]
+    fn addresses_of_one_ipv6_slash_64_are_one_client() {
+        let table = PerClient::new(by_default_keys(2));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let first = table.try_hold(ip("2001:db8:1:2::1")).unwrap();
+        let second = table.try_hold(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert!(
+            table.try_hold(ip("2001:db8:1:2:abcd::7")).is_none(),
+            "a third address of the same /64"
+        );
+        let neighbour = table.try_hold(ip("2001:db8:1:3::1")).unwrap();
+        assert_eq!(table.len(), 2);
+        drop((first, second, neighbour));
+        assert_eq!(table.len(), 0);
     }
 
     /// A connection from `from` to `addr`.
@@ -340,7 +373,7 @@ mod tests {
         ServeLimits {
             listener: "http",
             max_connections: 2,
-            max_connections_per_ip: Some(1),
+            per_client: Some(by_default_keys(1)),
             header_timeout: Duration::from_secs(30),
             lifetime: Duration::from_secs(30),
             admit: None,
@@ -404,7 +437,7 @@ mod tests {
         let metrics = EdgeMetrics::new();
         let addr = start(
             ServeLimits {
-                max_connections_per_ip: None,
+                per_client: None,
                 header_timeout: Duration::from_millis(300),
                 lifetime: Duration::from_millis(800),
                 ..limits()

@@ -15,7 +15,7 @@ pub fn limits() -> ServeLimits {
     ServeLimits {
         listener: "admin",
         max_connections: 256,
-        max_connections_per_ip: None,
+        per_client: None,
         header_timeout: Duration::from_secs(10),
         lifetime: Duration::from_secs(120),
         admit: None,
@@ -42,7 +42,7 @@ fn admin_response(state: &AdminState, req: &Request<Incoming>) -> Response<Body>
             },
             "/metrics" => {
                 state.metrics.ready.set(i64::from(state.is_ready()));
-                let mut r = text(StatusCode::OK, state.metrics.render(&state.pool));
+                let mut r = text(StatusCode::OK, state.metrics.render(&state.pool.samples()));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -15,7 +15,7 @@ use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use super::{now, text, AdminState, Admit, Reply, ServeLimits};
+use super::{now, text, AdminState, Admit, PerClientCap, Reply, ServeLimits};
 use crate::config::PublicHttpConfig;
 use crate::policy::Policies;
 
@@ -27,15 +27,23 @@ pub fn admit(policies: Arc<Policies>) -> Admit {
     Arc::new(move |ip: IpAddr| policies.trusted.contains(ip) || policies.admit(ip))
 }
 
-/// `[public_http]` as the bounds of [`super::serve`].
-pub fn limits(config: &PublicHttpConfig, admit: Admit) -> ServeLimits {
+/// `[public_http]` as the bounds of [`super::serve`]; one client is what the TLS port's
+/// limits count as one (`[keys]` in limits.toml, read at each connection).
+pub fn limits(config: &PublicHttpConfig, policies: Arc<Policies>) -> ServeLimits {
+    let per_client = PerClientCap {
+        limit: config.max_connections_per_ip,
+        key: {
+            let policies = policies.clone();
+            Arc::new(move |ip: IpAddr| policies.client_key(ip))
+        },
+    };
     ServeLimits {
         listener: "http",
         max_connections: config.max_connections,
-        max_connections_per_ip: Some(config.max_connections_per_ip),
+        per_client: Some(per_client),
         header_timeout: config.header_timeout,
         lifetime: config.max_connection_lifetime,
-        admit: Some(admit),
+        admit: Some(admit(policies)),
     }
 }
 
@@ -245,7 +253,7 @@ mod tests {
             ServeLimits {
                 listener: "http",
                 max_connections: 100,
-                max_connections_per_ip: None,
+                per_client: None,
                 header_timeout: Duration::from_secs(30),
                 lifetime: Duration::from_secs(30),
                 admit: None,

@@ -43,6 +43,7 @@ use crate::listener::tls;
 use crate::policy::Policies;
 use crate::support::keepalive;
 use crate::support::sync::lock;
+use crate::telemetry::log_writer;
 use crate::telemetry::metrics::EdgeMetrics;
 use crate::upstream::discovery::{self, DiscoveryStatus};
 use crate::upstream::pool::Pool;
@@ -106,6 +107,7 @@ fn exit_when_drained(
             if open == 0 {
                 tracing::info!("shutdown: all streams drained, exiting");
                 run_hook(&on_drained);
+                log_writer::flush_stdout(LOG_FLUSH_AT_EXIT);
                 std::process::exit(0);
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -228,8 +230,12 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         rt.shutdown_timeout(Duration::from_millis(100));
     }
     control.shutdown_timeout(Duration::from_millis(200));
+    log_writer::flush_stdout(LOG_FLUSH_AT_EXIT);
     Ok(())
 }
+
+/// How long an exiting edge waits for its queued log lines to reach stdout.
+const LOG_FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// The nice value of the `listen.http` threads: under CPU contention the scheduler then
 /// prefers agent traffic and the control plane to a flood of `:80`.
@@ -280,7 +286,7 @@ fn start_listeners(
         rt.spawn(admin::serve(
             listener,
             admin::public::redirect_handler(state.clone()),
-            admin::public::limits(&config.public_http, admin::public::admit(policies.clone())),
+            admin::public::limits(&config.public_http, policies.clone()),
             state.metrics.clone(),
         ));
     }

@@ -49,7 +49,7 @@ impl DiscoveryConfig {
     /// Names and addresses that could never work: a typo fails `check` and start-up with
     /// the field named, instead of leaving the edge unready with an endless retry loop.
     pub fn validate(&self) -> Result<(), FieldError> {
-        use crate::upstream::discovery::names;
+        use super::names;
         match self {
             DiscoveryConfig::Static { endpoints } => {
                 if endpoints.is_empty() {

@@ -1,10 +1,12 @@
 //! The edge's configuration: one TOML file, one typed structure, validated at load so
 //! that a bad value stops the edge (or `kas-edge check`) with the file, line and field.
 
+mod acme;
 mod discovery;
 mod downstream;
 mod health;
 mod listen;
+pub(crate) mod names;
 mod policies;
 mod public_http;
 mod shutdown;
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use acme::{AcmeConfig, AcmeConfigError, LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING};
 pub use discovery::DiscoveryConfig;
 pub use downstream::DownstreamConfig;
 pub use health::HealthConfig;

@@ -1,4 +1,5 @@
-//! The names discovery sends to DNS or the Kubernetes API, checked before they are used:
+//! The names discovery sends to DNS or the Kubernetes API, checked when the configuration
+//! is validated (here, so `check` needs nothing from the upstream layer):
 //! a name that cannot be valid is a configuration error (`kas-edge check` and start-up),
 //! not a retry loop that keeps the edge unready.
 

@@ -57,7 +57,7 @@ impl Default for ProxyProtocolConfig {
 
 impl ProxyProtocolConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
-        crate::listener::proxy_protocol::header::TrustedProxies::parse(&self.trusted)
+        crate::support::net::TrustedProxies::parse(&self.trusted)
             .map_err(|e| FieldError::new("proxy_protocol.trusted", e.to_string()))?;
         if self.header_timeout.is_zero() {
             return Err(FieldError::new(

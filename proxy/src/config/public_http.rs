@@ -19,7 +19,8 @@ const MAX_CONNECTIONS: usize = 1 << 20;
 pub struct PublicHttpConfig {
     /// Connections open at once on the listener; more are closed at accept.
     pub max_connections: usize,
-    /// Connections open at once from one client address; more are closed at accept.
+    /// Connections open at once from one client (an IPv4 address or IPv6 /64, as
+    /// `[keys]` in limits.toml sets for every per-client limit); more are closed at accept.
     pub max_connections_per_ip: usize,
     /// Time for a request's headers to arrive, also the longest idle wait between
     /// requests on a kept-alive connection.

@@ -25,7 +25,7 @@ pub struct TlsConfig {
     /// Where a generated certificate is written, so clients can be told to trust it.
     pub self_signed_dir: Option<PathBuf>,
     /// Obtain and renew the certificate from an ACME CA (HTTP-01 on `listen.http`).
-    pub acme: Option<crate::listener::acme::AcmeConfig>,
+    pub acme: Option<super::AcmeConfig>,
     /// `host:port` of the replica that runs ACME (its `listen.http`): HTTP-01 challenges
     /// this replica cannot answer are relayed there, since the CA's validation request may
     /// reach any replica through the load balancer.

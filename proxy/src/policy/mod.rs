@@ -30,11 +30,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 
 use crate::config::{PoliciesConfig, ProxyProtocolConfig};
-use crate::listener::proxy_protocol::header::TrustedProxies;
 use crate::policy::ratelimit::{AgentToken, Limiter, LimitsConfig, Refusal};
 use crate::policy::rules::HeaderRules;
 use crate::support::filewatch::{self, FileWatcher};
-use crate::support::net::KeyPrefixes;
+use crate::support::net::{ClientKey, KeyPrefixes, TrustedProxies};
 use crate::telemetry::metrics::EdgeMetrics;
 use blocklist::{Blocklist, SharedBlocklist, Verdict};
 
@@ -168,6 +167,11 @@ impl Policies {
         }
         connections.set_key_prefixes(limits.keys.prefixes());
         Limiter::with_evictions(limits, metrics.ratelimit_evictions.clone())
+    }
+
+    /// The key every per-client limit counts `ip` by, under the limits in force now.
+    pub fn client_key(&self, ip: IpAddr) -> ClientKey {
+        self.limiter.load().key(ip)
     }
 
     pub fn proxy_protocol_enabled(&self) -> bool {

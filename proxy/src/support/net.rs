@@ -161,6 +161,70 @@ impl Default for SharedKeyPrefixes {
     }
 }
 
+/// The peers whose PROXY headers are believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+/// A trusted proxy range that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid trusted proxy range {text:?}: {reason}")]
+pub struct TrustedProxiesError {
+    pub text: String,
+    pub reason: String,
+}
+
+impl TrustedProxies {
+    /// Parses addresses (`192.0.2.1`) and CIDRs (`10.0.0.0/8`). A CIDR with
+    /// host bits set is refused rather than widened, because it usually
+    /// means a mistyped prefix length.
+    pub fn parse<S: AsRef<str>>(ranges: &[S]) -> Result<TrustedProxies, TrustedProxiesError> {
+        let mut nets = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let text = range.as_ref().trim();
+            let error = |reason: String| TrustedProxiesError {
+                text: text.to_owned(),
+                reason,
+            };
+            let net = match text.parse::<IpNet>() {
+                Ok(net) => net,
+                Err(_) => text
+                    .parse::<IpAddr>()
+                    .map(IpNet::from)
+                    .map_err(|_| error("not an IP address or CIDR".to_owned()))?,
+            };
+            if net.trunc() != net {
+                return Err(error(format!(
+                    "host bits set, did you mean {}",
+                    net.trunc()
+                )));
+            }
+            let net = unmap(net);
+            if net.prefix_len() == 0 {
+                tracing::warn!(
+                    range = %net,
+                    "trusting PROXY headers from every peer lets any client choose its address"
+                );
+            }
+            nets.push(net);
+        }
+        Ok(TrustedProxies(nets))
+    }
+
+    /// Whether the TCP peer `ip` may send a PROXY header.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn nets(&self) -> &[IpNet] {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +304,41 @@ mod tests {
         assert_eq!(unmap(net("2001:db8::/32")), net("2001:db8::/32"));
         // Shorter than the mapped prefix: not an IPv4 range.
         assert_eq!(unmap(net("::/64")), net("::/64"));
+    }
+
+    #[test]
+    fn trusted_proxies() {
+        let trusted = TrustedProxies::parse(&[
+            "10.0.0.0/8",
+            " 192.0.2.7 ",
+            "2001:db8::/32",
+            "::ffff:172.16.0.0/108",
+        ])
+        .unwrap();
+        assert!(trusted.contains("10.1.2.3".parse().unwrap()));
+        assert!(trusted.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(trusted.contains("192.0.2.7".parse().unwrap()));
+        assert!(!trusted.contains("192.0.2.8".parse().unwrap()));
+        assert!(trusted.contains("2001:db8::9".parse().unwrap()));
+        assert!(trusted.contains("172.31.0.1".parse().unwrap()));
+        assert!(!trusted.contains("172.32.0.1".parse().unwrap()));
+        assert_eq!(trusted.nets().len(), 4);
+
+        let none = TrustedProxies::parse::<String>(&[]).unwrap();
+        assert!(none.is_empty());
+        assert!(!none.contains("10.0.0.1".parse().unwrap()));
+
+        let strings = vec!["10.1.2.3/8".to_owned()];
+        assert_eq!(
+            TrustedProxies::parse(&strings).unwrap_err().to_string(),
+            "invalid trusted proxy range \"10.1.2.3/8\": host bits set, did you mean 10.0.0.0/8"
+        );
+        assert_eq!(
+            TrustedProxies::parse(&["lb.internal"])
+                .unwrap_err()
+                .to_string(),
+            "invalid trusted proxy range \"lb.internal\": not an IP address or CIDR"
+        );
+        assert!(TrustedProxies::parse(&["10.0.0.0/33"]).is_err());
     }
 }

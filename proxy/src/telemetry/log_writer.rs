@@ -231,14 +231,17 @@ pub fn stdout() -> QueueWriter {
             std::io::stdout(),
             stdout_dropped().clone(),
         )
-        .map_err(|e| tracing::error!(error = %e, "cannot start the log writer thread; access lines are dropped"))
+        // Not `tracing`: its writer may be this very queue, still being made.
+        .map_err(|e| {
+            eprintln!("kas-edge: cannot start the log writer thread ({e}); log lines are dropped")
+        })
         .ok()
     });
     QueueWriter::new(queue.clone(), stdout_dropped().clone())
 }
 
-/// Waits (at most `timeout`) until the stdout queue has written what it holds: call before
-/// the process exits so the last access lines are not lost.
+/// Waits (at most `timeout`) until the stdout queue has written what it holds: called
+/// before the process exits so the last log lines (the drain's own among them) are not lost.
 pub fn flush_stdout(timeout: Duration) -> bool {
     stdout().queue.is_none_or(|queue| queue.flush(timeout))
 }

@@ -6,7 +6,14 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::upstream::pool::Pool;
+/// One kas pod as the per-pod series show it at a scrape. The upstream layer hands these
+/// over, so telemetry needs no knowledge of how pods are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSample {
+    pub label: String,
+    pub healthy: bool,
+    pub in_flight: usize,
+}
 
 #[derive(Clone)]
 pub struct EdgeMetrics {
@@ -366,25 +373,24 @@ impl EdgeMetrics {
         self.tls_cert_expiry.set(not_after - now);
     }
 
-    /// Renders all metrics, refreshing the per-pod series from the pool first so pods
-    /// that left discovery also leave the output: the gauges are rebuilt, the counters of
-    /// departed pods removed.
-    pub fn render(&self, pool: &Pool) -> String {
+    /// Renders all metrics, refreshing the per-pod series from `pods` (the pods discovery
+    /// knows now) first so pods that left discovery also leave the output: the gauges are
+    /// rebuilt, the counters of departed pods removed.
+    pub fn render(&self, pods: &[PodSample]) -> String {
         self.refresh_certificate_expiry();
-        let pods = pool.pods();
         let current: HashSet<&str> = pods.iter().map(|p| p.label.as_str()).collect();
         for counter in [&self.upstream_connect_failures, &self.health_check_failures] {
             remove_departed_pods(counter, &current);
         }
         self.upstream_healthy.reset();
         self.upstream_in_flight.reset();
-        for pod in pods.iter() {
+        for pod in pods {
             self.upstream_healthy
                 .with_label_values(&[&pod.label])
-                .set(i64::from(pod.is_healthy()));
+                .set(i64::from(pod.healthy));
             self.upstream_in_flight
                 .with_label_values(&[&pod.label])
-                .set(pod.in_flight() as i64);
+                .set(pod.in_flight as i64);
         }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
@@ -416,9 +422,6 @@ impl Default for EdgeMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::discovery::Endpoint;
-    use std::net::SocketAddr;
-    use std::time::Duration;
 
     fn series_of<'a>(text: &'a str, pod: &str) -> Vec<&'a str> {
         let label = format!("pod=\"{pod}\"");
@@ -427,16 +430,21 @@ mod tests {
             .collect()
     }
 
+    fn sample(label: &str) -> PodSample {
+        PodSample {
+            label: label.to_owned(),
+            healthy: true,
+            in_flight: 1,
+        }
+    }
+
     #[test]
     fn a_pod_that_leaves_discovery_leaves_the_metrics() {
         let metrics = EdgeMetrics::new();
-        let pool = Pool::new(8151, Duration::from_secs(5));
-        let endpoints: Vec<Endpoint> = (1..=2)
-            .map(|i| Endpoint::plain(SocketAddr::from(([127, 0, 1, i], 8150))))
-            .collect();
-        pool.update(&endpoints);
-        for pod in pool.pods().iter() {
-            pod.set_healthy(true);
+        let staying = "127.0.1.1:8150";
+        let leaving = "127.0.1.2:8150";
+        let pods = [sample(staying), sample(leaving)];
+        for pod in &pods {
             metrics
                 .upstream_connect_failures
                 .with_label_values(&[&pod.label])
@@ -446,16 +454,12 @@ mod tests {
                 .with_label_values(&[&pod.label])
                 .inc();
         }
-        let held = pool.pick().expect("a healthy pod");
-        let staying = "127.0.1.1:8150";
-        let leaving = "127.0.1.2:8150";
-        let before = metrics.render(&pool);
+        let before = metrics.render(&pods);
         for pod in [staying, leaving] {
             assert_eq!(series_of(&before, pod).len(), 4, "{before}");
         }
 
-        pool.update(&endpoints[..1]);
-        let after = metrics.render(&pool);
+        let after = metrics.render(&pods[..1]);
         assert_eq!(series_of(&after, leaving), Vec::<&str>::new(), "{after}");
         assert_eq!(series_of(&after, staying).len(), 4, "{after}");
         for name in [
@@ -469,6 +473,5 @@ mod tests {
                 "{name}: {after}"
             );
         }
-        drop(held);
     }
 }

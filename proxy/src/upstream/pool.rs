@@ -5,13 +5,14 @@
 //! of open streams keeps pods even where round robin would drift with churn.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
+use crate::telemetry::metrics::PodSample;
 use crate::upstream::discovery::Endpoint;
 
 pub struct Pod {
@@ -27,7 +28,10 @@ pub struct Pod {
     pub(crate) consecutive_ok: AtomicU32,
     pub(crate) consecutive_fail: AtomicU32,
     in_flight: AtomicUsize,
-    passive_down_until: Mutex<Option<Instant>>,
+    /// Nanoseconds after `created` until which the pod gets nothing new after a failed
+    /// connection (0: not backing off). An atomic, so choosing a pod takes no lock.
+    passive_down_until: AtomicU64,
+    created: Instant,
 }
 
 impl Pod {
@@ -45,7 +49,8 @@ impl Pod {
             consecutive_ok: AtomicU32::new(0),
             consecutive_fail: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
-            passive_down_until: Mutex::new(None),
+            passive_down_until: AtomicU64::new(0),
+            created: Instant::now(),
         }
     }
 
@@ -61,12 +66,12 @@ impl Pod {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    fn nanos_since_created(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.created).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn passively_down(&self, now: Instant) -> bool {
-        let guard = self
-            .passive_down_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        guard.is_some_and(|until| until > now)
+        self.passive_down_until.load(Ordering::Relaxed) > self.nanos_since_created(now)
     }
 
     /// Whether new traffic may go here. Existing streams are never affected.
@@ -99,8 +104,6 @@ pub struct Pool {
     pods: ArcSwap<Vec<Arc<Pod>>>,
     health_port: u16,
     passive_backoff: Duration,
-    /// Serialises pick-and-increment so concurrent connections spread exactly.
-    pick_lock: Mutex<()>,
     /// Woken when discovery changes, so new pods are checked at once.
     pub(crate) changed: Notify,
 }
@@ -111,13 +114,25 @@ impl Pool {
             pods: ArcSwap::from_pointee(Vec::new()),
             health_port,
             passive_backoff,
-            pick_lock: Mutex::new(()),
             changed: Notify::new(),
         }
     }
 
     pub fn pods(&self) -> Arc<Vec<Arc<Pod>>> {
         self.pods.load_full()
+    }
+
+    /// The pods discovery knows now, as the per-pod metric series show them.
+    pub fn samples(&self) -> Vec<PodSample> {
+        self.pods
+            .load()
+            .iter()
+            .map(|pod| PodSample {
+                label: pod.label.clone(),
+                healthy: pod.is_healthy(),
+                in_flight: pod.in_flight(),
+            })
+            .collect()
     }
 
     /// Applies a discovery snapshot. Known pods keep their health and counters; new pods
@@ -149,9 +164,11 @@ impl Pool {
         self.changed.notify_one();
     }
 
-    /// The eligible pod with the fewest in-flight streams, with a slot taken on it.
+    /// The eligible pod with the fewest in-flight streams, with a slot taken on it. No
+    /// lock: two concurrent picks may both take the same least-loaded pod, an imbalance of
+    /// one stream that the next picks even out (streams live for hours; exactness is not
+    /// worth serialising every request of every worker thread).
     pub fn pick(&self) -> Option<PodGuard> {
-        let _lock = crate::support::sync::lock(&self.pick_lock);
         let now = Instant::now();
         let pods = self.pods.load();
         let pod = pods
@@ -165,11 +182,8 @@ impl Pool {
 
     /// A connect failure or reset: stop new traffic to the pod for the back-off period.
     pub fn mark_failed(&self, pod: &Pod) {
-        let mut until = pod
-            .passive_down_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *until = Some(Instant::now() + self.passive_backoff);
+        let until = pod.nanos_since_created(Instant::now() + self.passive_backoff);
+        pod.passive_down_until.store(until, Ordering::Relaxed);
         tracing::warn!(pod = %pod.label, backoff = ?self.passive_backoff, "pod failed a connection; backing off");
     }
 
@@ -207,6 +221,29 @@ mod tests {
             pool.pods()[0].health_addr,
             "127.0.1.1:8151".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn samples_show_the_current_pods_with_health_and_load() {
+        let pool = Pool::new(8151, Duration::from_secs(5));
+        pool.update(&endpoints(2));
+        pool.pods()[1].set_healthy(true);
+        let held = pool.pick().expect("the healthy pod");
+        let sample = |label: &str, healthy, in_flight| PodSample {
+            label: label.to_owned(),
+            healthy,
+            in_flight,
+        };
+        assert_eq!(
+            pool.samples(),
+            [
+                sample("127.0.1.1:8150", false, 0),
+                sample("127.0.1.2:8150", true, 1)
+            ]
+        );
+        drop(held);
+        pool.update(&endpoints(1));
+        assert_eq!(pool.samples(), [sample("127.0.1.1:8150", false, 0)]);
     }
 
     #[test]

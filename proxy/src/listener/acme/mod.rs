@@ -14,7 +14,7 @@
 //! from the TLS listener: the plain `:80` listener answers
 //! `GET /.well-known/acme-challenge/<token>` with [`Acme::http01_key_authorization`], and
 //! the resolver given to pingora is an ordinary one that never sees ACME traffic.
-//! HTTP-01 cannot issue wildcard certificates, so [`AcmeConfig`] refuses `*.` names.
+//! HTTP-01 cannot issue wildcard certificates, so [`AcmeConfig`] (in `config/acme.rs`) refuses `*.` names.
 //!
 //! # Restarts, renewal and rotation
 //!
@@ -48,6 +48,8 @@
 
 pub mod publish;
 
+pub use crate::config::AcmeConfig;
+
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -56,174 +58,11 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt as _;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use rustls::server::ResolvesServerCert;
 use rustls_acme::{AccountCache, AcmeState, CertCache, EventError, EventOk, UseChallenge};
-use serde::Deserialize;
 use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-
-pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
-pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
-
-/// The `[acme]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcmeConfig {
-    /// Names on the certificate; the first one also names the cache file.
-    pub domains: Vec<String>,
-    /// `mailto:` addresses the CA warns before expiry or revocation.
-    #[serde(default)]
-    pub contact: Vec<String>,
-    /// ACME directory URL.
-    #[serde(default = "default_directory")]
-    pub directory: String,
-    /// Where the account key and the certificate survive restarts. Holds private keys.
-    pub cache_dir: PathBuf,
-    /// PEM root(s) that the ACME server's own HTTPS certificate must chain to, instead of
-    /// the public web PKI: for a private CA such as pebble or step-ca.
-    #[serde(default)]
-    pub directory_ca: Option<PathBuf>,
-    /// Publish every certificate to this Kubernetes TLS Secret (in the pod's namespace
-    /// unless `publish_namespace` says otherwise), for the replicas that do not run ACME
-    /// to mount. See [`crate::listener::acme::publish`].
-    #[serde(default)]
-    pub publish_secret: Option<String>,
-    #[serde(default)]
-    pub publish_namespace: Option<String>,
-}
-
-fn default_directory() -> String {
-    LETS_ENCRYPT_PRODUCTION.to_string()
-}
-
-impl AcmeConfig {
-    /// The cached certificate (PKCS#8 key first, then the chain), for replicas that serve
-    /// the leader's certificate from a shared volume. The name depends on the domains and
-    /// the directory, so changing either never serves a certificate for the old names.
-    pub fn certificate_path(&self) -> PathBuf {
-        let mut key = Vec::new();
-        for d in &self.domains {
-            key.extend_from_slice(d.as_bytes());
-            key.push(0);
-        }
-        key.extend_from_slice(self.directory.as_bytes());
-        let first = self.domains.first().map(String::as_str).unwrap_or("none");
-        self.cache_dir.join(format!(
-            "cert-{}-{:016x}.pem",
-            file_label(first),
-            fnv1a(&key)
-        ))
-    }
-
-    fn account_path(&self) -> PathBuf {
-        let mut key = Vec::new();
-        for c in &self.contact {
-            key.extend_from_slice(c.as_bytes());
-            key.push(0);
-        }
-        key.extend_from_slice(self.directory.as_bytes());
-        self.cache_dir
-            .join(format!("account-{:016x}.pk8", fnv1a(&key)))
-    }
-
-    /// Everything that would otherwise only fail later, inside the background task, where
-    /// nobody sees it until the certificate is missing.
-    fn validate(&self) -> Result<(), AcmeError> {
-        let invalid = |what: &str, value: &str, why: &str| AcmeError::Config {
-            problem: format!("{what} {value:?}: {why}"),
-        };
-        if self.domains.is_empty() {
-            return Err(AcmeError::Config {
-                problem: "acme.domains is empty".into(),
-            });
-        }
-        for d in &self.domains {
-            if d.starts_with("*.") {
-                return Err(invalid(
-                    "domain",
-                    d,
-                    "wildcards need DNS-01; HTTP-01 cannot validate them",
-                ));
-            }
-            if *d != d.to_ascii_lowercase() {
-                return Err(invalid("domain", d, "must be lower case"));
-            }
-            match ServerName::try_from(d.as_str()) {
-                Ok(ServerName::DnsName(_)) => {}
-                Ok(_) => return Err(invalid("domain", d, "IP addresses are not supported")),
-                Err(e) => return Err(invalid("domain", d, &e.to_string())),
-            }
-        }
-        for c in &self.contact {
-            if !c.starts_with("mailto:") || c.len() == "mailto:".len() {
-                return Err(invalid("contact", c, "must be a mailto: URL"));
-            }
-        }
-        for (what, name) in [
-            ("publish_secret", &self.publish_secret),
-            ("publish_namespace", &self.publish_namespace),
-        ] {
-            if let Some(name) = name {
-                let dns1123 = !name.is_empty()
-                    && name.len() <= 253
-                    && name.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-                    })
-                    && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-                    && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-                if !dns1123 {
-                    return Err(invalid(what, name, "not a valid Kubernetes object name"));
-                }
-            }
-        }
-        if self.publish_secret.is_none() && self.publish_namespace.is_some() {
-            return Err(AcmeError::Config {
-                problem: "acme.publish_namespace is set without acme.publish_secret".into(),
-            });
-        }
-        match self.directory.parse::<http::Uri>() {
-            Ok(uri)
-                if uri.scheme_str() == Some("https")
-                    && uri.host().is_some_and(|h| !h.is_empty()) => {}
-            Ok(_) => {
-                return Err(invalid(
-                    "directory",
-                    &self.directory,
-                    "ACME requires an https:// URL with a host",
-                ))
-            }
-            Err(e) => return Err(invalid("directory", &self.directory, &e.to_string())),
-        }
-        Ok(())
-    }
-}
-
-/// A short, file-name-safe prefix so operators can tell cache files apart.
-fn file_label(domain: &str) -> String {
-    domain
-        .chars()
-        .take(64)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// A hash that never changes between Rust releases (unlike `DefaultHasher`): a renamed
-/// cache file after an upgrade would mean a new order on every replica.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -301,7 +140,8 @@ impl fmt::Debug for Acme {
 /// directory (created private if missing) and the directory CA file. `kas-edge check` and
 /// [`Acme::start`] both go through here.
 pub fn preflight(cfg: &AcmeConfig) -> Result<(), AcmeError> {
-    cfg.validate()?;
+    cfg.validate()
+        .map_err(|e| AcmeError::Config { problem: e.problem })?;
     create_private_dir(&cfg.cache_dir).map_err(|source| AcmeError::CacheDir {
         path: cfg.cache_dir.clone(),
         source,
@@ -695,81 +535,11 @@ mod tests {
     const HOST: &str = "kas.edge.test";
 
     fn config(cache_dir: &Path) -> AcmeConfig {
-        AcmeConfig {
-            domains: vec![HOST.into()],
-            contact: vec!["mailto:ops@edge.test".into()],
-            directory: "https://127.0.0.1:1/dir".into(),
-            cache_dir: cache_dir.to_path_buf(),
-            directory_ca: None,
-            publish_secret: None,
-            publish_namespace: None,
-        }
+        AcmeConfig::for_tests(HOST, cache_dir)
     }
 
     fn ring() -> Arc<rustls::crypto::CryptoProvider> {
         Arc::new(rustls::crypto::ring::default_provider())
-    }
-
-    #[test]
-    fn config_defaults_to_lets_encrypt_and_refuses_unknown_fields() {
-        let cfg: AcmeConfig =
-            serde_json::from_str(r#"{"domains": ["kas.gitlab.com"], "cache_dir": "/var/acme"}"#)
-                .unwrap();
-        assert_eq!(cfg.directory, LETS_ENCRYPT_PRODUCTION);
-        assert!(cfg.contact.is_empty() && cfg.directory_ca.is_none());
-        cfg.validate().unwrap();
-        let err = serde_json::from_str::<AcmeConfig>(
-            r#"{"domains": ["a.test"], "cache_dir": "/x", "challenge": "tls-alpn-01"}"#,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("unknown field"), "{err}");
-    }
-
-    #[test]
-    fn refuses_what_http01_cannot_issue() {
-        let dir = Path::new("/nonexistent");
-        let with = |f: &dyn Fn(&mut AcmeConfig)| {
-            let mut cfg = config(dir);
-            f(&mut cfg);
-            cfg.validate().unwrap_err().to_string()
-        };
-        assert!(with(&|c| c.domains.clear()).contains("empty"));
-        assert!(with(&|c| c.domains = vec!["*.edge.test".into()]).contains("wildcard"));
-        assert!(with(&|c| c.domains = vec!["Kas.Edge.Test".into()]).contains("lower case"));
-        assert!(with(&|c| c.domains = vec!["127.0.0.1".into()]).contains("IP"));
-        assert!(with(&|c| c.domains = vec!["bad name".into()]).contains("bad name"));
-        assert!(with(&|c| c.contact = vec!["ops@edge.test".into()]).contains("mailto"));
-        assert!(with(&|c| c.directory = "http://ca.test/dir".into()).contains("https"));
-        assert!(with(&|c| c.directory = "https://".into()).contains("directory"));
-        assert!(with(&|c| c.directory = "https:///dir".into()).contains("directory"));
-        assert!(with(&|c| c.directory = "https://ca test/dir".into()).contains("directory"));
-        assert!(with(&|c| c.publish_secret = Some("Kas_Edge".into())).contains("publish_secret"));
-        assert!(with(&|c| c.publish_namespace = Some("kas".into())).contains("without"));
-        let mut ok = config(dir);
-        ok.publish_secret = Some("kas-edge-tls".into());
-        ok.publish_namespace = Some("gitlab-agent".into());
-        assert!(ok.validate().is_ok());
-    }
-
-    #[test]
-    fn cache_file_names_follow_domains_and_directory() {
-        let a = config(Path::new("/c"));
-        let mut b = a.clone();
-        b.domains.push("other.edge.test".into());
-        let mut c = a.clone();
-        c.directory = LETS_ENCRYPT_STAGING.into();
-        let paths = [&a, &b, &c].map(AcmeConfig::certificate_path);
-        assert!(paths[0] != paths[1] && paths[0] != paths[2] && paths[1] != paths[2]);
-        // Pinned: a different name after an upgrade would re-order on every replica.
-        assert_eq!(
-            paths[0],
-            Path::new(&format!(
-                "/c/cert-kas.edge.test-{:016x}.pem",
-                fnv1a(b"kas.edge.test\0https://127.0.0.1:1/dir")
-            ))
-        );
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
@@ -913,7 +683,7 @@ mod tests {
         let connector = kas_testkit::clients::tls_connector_trusting(roots, &[b"h2"]);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut tls = connector
-            .connect(ServerName::try_from(HOST).unwrap(), tcp)
+            .connect(rustls::pki_types::ServerName::try_from(HOST).unwrap(), tcp)
             .await
             .expect("the served chain verifies against pebble's root");
         echo(&mut tls, b"hello").await;

@@ -62,10 +62,10 @@ impl EndpointSliceConfig {
     /// Rejects names that would make a malformed URL or label selector, so a
     /// typo fails at start-up instead of as an endless stream of 400s.
     fn validate(&self) -> Result<(), EndpointSliceError> {
-        if super::names::dns_label(&self.namespace).is_err() {
+        if crate::config::names::dns_label(&self.namespace).is_err() {
             return Err(EndpointSliceError::InvalidNamespace(self.namespace.clone()));
         }
-        if super::names::service_name(&self.service).is_err() {
+        if crate::config::names::service_name(&self.service).is_err() {
             return Err(EndpointSliceError::InvalidService(self.service.clone()));
         }
         if self.port_name.as_deref() == Some("") {

@@ -96,7 +96,6 @@ impl Endpoint {
 }
 
 pub mod endpointslices;
-pub mod names;
 
 /// Publishes `endpoints` (sorted, de-duplicated) if they differ from what was published.
 pub fn publish(tx: &watch::Sender<Vec<Endpoint>>, mut endpoints: Vec<Endpoint>) {

@@ -12,6 +12,7 @@
 pub mod agent_config;
 pub mod auth;
 pub mod config;
+mod config_files;
 pub mod devstack;
 pub mod gitaly;
 pub mod gitlab;

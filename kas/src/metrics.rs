@@ -20,6 +20,9 @@ pub struct Metrics {
     pub config_events: IntCounterVec,
     /// Gitaly calls by RPC and outcome (`ok`, `not_found`, `unavailable`, ...).
     pub gitaly_requests: IntCounterVec,
+    /// Configuration file lookups by how they were answered (`read` from the source,
+    /// `cached`, `coalesced` into a read in progress).
+    pub config_file_reads: IntCounterVec,
     /// 1 while ready to take new agents.
     pub ready: IntGauge,
 }
@@ -92,6 +95,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let config_file_reads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "kas_agent_configuration_file_lookups_total",
+                    "Agent configuration file lookups by how they were answered (read, cached, coalesced).",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
         let ready = register(
             &registry,
             IntGauge::new("kas_ready", "1 while this kas accepts new agents.")
@@ -105,6 +119,7 @@ impl Metrics {
             gitlab_api_latency,
             config_events,
             gitaly_requests,
+            config_file_reads,
             ready,
         }
     }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent_config::{ConfigSource, GitlabApiSource};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigurationSourceKind};
+use crate::config_files::ConfigFiles;
 use crate::gitaly::{GitalyConfigSource, GitalyPool};
 use crate::gitlab::{GitlabClient, SharedSecret};
 use crate::head_poller::HeadPollers;
@@ -25,6 +26,9 @@ use crate::services::{self, Shared};
 
 /// After the deadline ends parked streams, connections get this long to say goodbye.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
+/// Bound of the configuration file cache: at the 128 KiB file limit still 128 files, and
+/// thousands of typical (few KiB) ones.
+const CONFIG_FILE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A kas whose ports are bound (so tests can bind `:0` and learn the addresses) but that
 /// does not serve until [`BoundKas::run`].
@@ -100,6 +104,7 @@ impl BoundKas {
                 config.agent_configuration.poll_interval,
                 end_streams.clone(),
             ),
+            config_files: ConfigFiles::new(CONFIG_FILE_CACHE_BYTES),
             gitaly: gitaly.clone(),
             gitops_pollers: HeadPollers::new(config.gitops.poll_interval, end_streams.clone()),
             gitops_limits: config.gitops.limits(),

@@ -35,9 +35,24 @@ async fn read_configuration(
     agent: &Agent,
     commit: &str,
 ) -> Result<ConfigurationResponse, ConfigSourceError> {
-    let file = shared.config_source.config_file(agent, commit).await?;
+    // Keyed by the poll key (repository and branch), the commit and the agent (its file).
+    let key = format!(
+        "{}|{commit}|{}",
+        shared.config_source.poll_key(agent),
+        agent.info.agent_name
+    );
+    let (file, outcome) = shared
+        .config_files
+        .get(&key, || shared.config_source.config_file(agent, commit))
+        .await;
+    shared
+        .metrics
+        .config_file_reads
+        .with_label_values(&[outcome.label()])
+        .inc();
+    let file = file?;
     let configuration = build_configuration_limited(
-        file.as_deref(),
+        file.as_ref().as_deref(),
         &agent.info,
         &shared.gitlab_external_url,
         shared.max_config_file_bytes,

@@ -23,6 +23,7 @@ use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 use crate::agent_config::{ConfigSource, ConfigSourceError};
 use crate::auth::Agent;
 use crate::auth::Authenticator;
+use crate::config_files::ConfigFiles;
 use crate::gitaly::{GitalyError, GitalyPool};
 use crate::gitops::{GitopsLimits, ProjectInfoCache};
 use crate::head_poller::HeadPollers;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub config_source: Arc<dyn ConfigSource>,
     /// One head poller per (repository, branch), shared by all configuration streams.
     pub head_pollers: Arc<HeadPollers<ConfigSourceError>>,
+    /// Configuration files read once per commit for every stream that needs them.
+    pub config_files: ConfigFiles,
     /// Gitaly servers, for GitOps manifest projects.
     pub gitaly: Arc<GitalyPool>,
     /// One head poller per manifest project and branch, shared by all GitOps streams.

@@ -575,13 +575,29 @@ async fn many_streams_on_one_project_share_one_gitaly_poller() {
         "{polls} polls: the poller is not running"
     );
 
-    // A change reaches every stream with one TreeEntry per stream at most.
+    // The first configuration was read from Gitaly once for all 60 streams.
+    assert_eq!(kas.gitaly_requests("TreeEntry").await, 1);
+
+    // A change reaches every stream with one TreeEntry for all of them: the file at the
+    // new commit is read once and shared.
     kas.gitlab
         .write_agent_config(&kas.agent, std::str::from_utf8(WARN).unwrap())
         .unwrap();
     for s in &mut streams {
         assert_eq!(level(&next(s).await), Some(LogLevelEnum::Warn as i32));
     }
+    assert_eq!(kas.gitaly_requests("TreeEntry").await, 2);
+    let metrics = kas.metrics().await;
+    let shared = count_metric(
+        &metrics,
+        "kas_agent_configuration_file_lookups_total",
+        "cached",
+    ) + count_metric(
+        &metrics,
+        "kas_agent_configuration_file_lookups_total",
+        "coalesced",
+    );
+    assert_eq!(shared, 2 * STREAMS as u64 - 2, "{metrics}");
 }
 
 #[tokio::test]

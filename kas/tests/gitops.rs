@@ -21,6 +21,7 @@ use kas_proto::gitops::path_cf::Path;
 use kas_proto::gitops::{
     GitRefCf, ObjectsToSynchronizeRequest, ObjectsToSynchronizeResponse, PathCf,
 };
+use kas_testkit::gitops::{next_message, read_batch, ObjectsStream};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -69,7 +70,7 @@ fn request(
 async fn open(
     channel: Channel,
     req: tonic::Request<ObjectsToSynchronizeRequest>,
-) -> Result<tonic::Streaming<ObjectsToSynchronizeResponse>, tonic::Status> {
+) -> Result<ObjectsStream, tonic::Status> {
     GitopsClient::new(channel)
         .get_objects_to_synchronize(req)
         .await
@@ -77,48 +78,23 @@ async fn open(
 }
 
 async fn next(
-    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+    stream: &mut ObjectsStream,
 ) -> Result<Option<ObjectsToSynchronizeResponse>, tonic::Status> {
-    tokio::time::timeout(STEP, stream.message())
-        .await
-        .expect("a GitOps message in time")
+    next_message(stream, STEP).await
 }
 
-/// One batch: the header's commit and the files (chunks joined); insists on
-/// header → objects → trailer → end of stream.
+/// One batch of the manifest project: its commit and files.
 async fn batch(
-    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+    stream: &mut ObjectsStream,
 ) -> Result<(String, BTreeMap<String, String>), tonic::Status> {
-    batch_of(stream, manifests().project_id).await
+    read_batch(stream, manifests().project_id, STEP).await
 }
 
 async fn batch_of(
-    stream: &mut tonic::Streaming<ObjectsToSynchronizeResponse>,
+    stream: &mut ObjectsStream,
     project_id: i64,
 ) -> Result<(String, BTreeMap<String, String>), tonic::Status> {
-    let commit = match next(stream).await?.and_then(|m| m.message) {
-        Some(Message::Header(h)) => {
-            assert_eq!(h.project_id, project_id);
-            h.commit_id
-        }
-        other => panic!("expected a header, got {other:?}"),
-    };
-    let mut files = BTreeMap::<String, String>::new();
-    loop {
-        match next(stream).await?.and_then(|m| m.message) {
-            Some(Message::Object(o)) => files
-                .entry(o.source)
-                .or_default()
-                .push_str(&String::from_utf8_lossy(&o.data)),
-            Some(Message::Trailer(_)) => break,
-            other => panic!("expected an object or the trailer, got {other:?}"),
-        }
-    }
-    assert!(
-        next(stream).await?.is_none(),
-        "the stream must end after the trailer"
-    );
-    Ok((commit, files))
+    read_batch(stream, project_id, STEP).await
 }
 
 #[tokio::test]

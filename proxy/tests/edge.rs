@@ -581,3 +581,77 @@ async fn bytes_sent_with_the_upgrade_request_reach_the_pod() {
         .unwrap();
     assert_eq!(&buf[..n], b"later");
 }
+
+/// GitOps through the edge, as a `wss://` agent: the manifests of the project its
+/// configuration names (read through Gitaly), then, on the stream it opens with that
+/// commit, the next commit's manifests.
+#[tokio::test]
+async fn a_gitops_agent_gets_its_manifests_and_their_next_commit_through_the_edge() {
+    use kas::gitlab_standin::StandinProject;
+    use kas_proto::gitops::gitops_client::GitopsClient;
+    use kas_proto::gitops::path_cf::Path;
+    use kas_proto::gitops::{ObjectsToSynchronizeRequest, PathCf};
+    use kas_testkit::gitops::read_batch;
+
+    let cluster = Cluster::start_with(2, |c| {
+        c.gitops.poll_interval = Duration::from_millis(100);
+    })
+    .await;
+    let manifests = StandinProject {
+        project_id: 77,
+        project_path: "ops/manifests".into(),
+        default_branch: "main".into(),
+        relative_path: None,
+    };
+    cluster.gitlab.add_project(manifests.clone());
+    let first = cluster
+        .gitlab
+        .commit_files(
+            &manifests,
+            &[("deploy/app.yaml", Some(b"kind: Deployment\n"))],
+        )
+        .unwrap();
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), "").await;
+    edge.wait_healthy(2).await;
+    let channel = edge.ws_channel().await.unwrap();
+    let request = |commit: &str| {
+        with_token(ObjectsToSynchronizeRequest {
+            project_id: "ops/manifests".into(),
+            commit_id: commit.into(),
+            paths: vec![PathCf {
+                path: Some(Path::Glob("deploy/*.yaml".into())),
+            }],
+            r#ref: None,
+        })
+    };
+    let mut stream = GitopsClient::new(channel.clone())
+        .get_objects_to_synchronize(request(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (commit, files) = read_batch(&mut stream, 77, STEP).await.unwrap();
+    assert_eq!(commit, first);
+    assert_eq!(
+        files.get("deploy/app.yaml").map(String::as_str),
+        Some("kind: Deployment\n")
+    );
+
+    let mut waiting = GitopsClient::new(channel)
+        .get_objects_to_synchronize(request(&commit))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = cluster
+        .gitlab
+        .commit_files(
+            &manifests,
+            &[("deploy/app.yaml", Some(b"kind: Deployment\nreplicas: 3\n"))],
+        )
+        .unwrap();
+    let (commit, files) = read_batch(&mut waiting, 77, STEP).await.unwrap();
+    assert_eq!(commit, second);
+    assert_eq!(
+        files.get("deploy/app.yaml").map(String::as_str),
+        Some("kind: Deployment\nreplicas: 3\n")
+    );
+}

@@ -2,7 +2,7 @@
 //! ([`net`]), bounded waits ([`wait`]), a GitLab stand-in with the demo agent ([`gitlab`]),
 //! kas pods on their own addresses and runtimes ([`pods`]), the `kas-edge` binary in front
 //! of them with a generated self-signed certificate ([`edge`]) and the clients agents use
-//! ([`clients`]).
+//! ([`clients`], [`gitops`]).
 //!
 //! What differs between the crates' tests (their token, pod timings) is a [`Profile`] each
 //! test crate defines once in its `tests/common/mod.rs`, with an [`edge::EdgeProfile`]
@@ -11,6 +11,7 @@
 pub mod clients;
 pub mod edge;
 pub mod gitlab;
+pub mod gitops;
 pub mod metrics;
 pub mod net;
 pub mod pods;

@@ -43,7 +43,8 @@ pub struct DownstreamConfig {
     pub h2_idle_timeout: Duration,
     /// Connections in their TLS handshake from all clients together.
     pub max_handshakes: usize,
-    /// Connections in their TLS handshake from one client address.
+    /// Connections in their TLS handshake from one client (its `[keys]` prefix: an IPv4
+    /// address, an IPv6 /64 by default).
     pub max_handshakes_per_client: usize,
 }
 

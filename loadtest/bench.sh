@@ -23,10 +23,20 @@
 #                  costs per request independent of how the load generator fares
 #   grpc_upstream_conns
 #                  proxy → pod TCP connections open mid-way through the gRPC run (ss)
+#   bulk_ws_mbps, bulk_grpc_mbps
+#                  MB/s of $BULK_BYTES pushed through one Diagnostics/Echo stream and read
+#                  back concurrently, over one websocket tunnel and over one HTTP/2
+#                  connection (kas-loadtest bulk, 64 KiB messages): a big configuration or
+#                  a busy reverse tunnel
+#   storm_s, storm_cpu_ms_per_agent
+#                  a reconnect storm: $STORM_AGENTS agents connected (wss), all dropped at
+#                  once, time until every one is back (kas-loadtest storm) and the proxy's
+#                  (direct: the pods') CPU per returning agent
 # Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
 # proxy costs on top of reaching kas at all.
 #
 # Knobs (environment): DURATION (s per throughput measurement, default 10), H1_CONNS (64),
+# BULK_BYTES (268435456), STORM_AGENTS (5000),
 # GRPC_CONNS (8), GRPC_STREAMS (16), NEWCONN_CONNS (16), RPC_RATE (1000), WS_RATE (ramp
 # agents/s, 300), WS_AGENTS
 # (10000, lowered to what the open-files limit allows: a proxy needs two descriptors per
@@ -46,6 +56,8 @@ NEWCONN_CONNS=${NEWCONN_CONNS:-16}
 RPC_RATE=${RPC_RATE:-1000}
 WS_AGENTS=${WS_AGENTS:-10000}
 WS_RATE=${WS_RATE:-300}
+BULK_BYTES=${BULK_BYTES:-268435456}
+STORM_AGENTS=${STORM_AGENTS:-5000}
 PATHS=${PATHS:-direct edge nginx haproxy}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release
@@ -302,13 +314,27 @@ for p in $PATHS; do
     --json "$RAW/$p-rpc.json" >"$RAW/$p-rpc.txt" 2>&1 || log "$p: rpc run reported failures (see JSON)"
   log "$p: new TLS connections/s"
   wrk -t2 -c"$NEWCONN_CONNS" -d"${DURATION}s" -H 'Connection: close' "$h1_url" >"$RAW/$p-newconn.txt" 2>&1 || true
+  for transport in ws grpc; do
+    log "$p: $BULK_BYTES bytes through one $transport stream"
+    if [ "$transport" = ws ]; then bulk_args=(--ws-fraction 1 "${ws_targets[@]:0:2}"); else bulk_args=(--ws-fraction 0 "${rpc_targets[@]:0:2}"); fi
+    [ "$p" = direct ] || bulk_args+=(--ca-file "$CA")
+    "${LT[@]}" --scenario bulk --bulk-bytes "$BULK_BYTES" --duration 120s "${bulk_args[@]}" \
+      --json "$RAW/$p-bulk-$transport.json" >"$RAW/$p-bulk-$transport.txt" 2>&1 || log "$p: bulk $transport reported failures (see JSON)"
+  done
+  log "$p: reconnect storm of $STORM_AGENTS agents"
+  run_storm() {
+    "${LT[@]}" --scenario storm --agents "$STORM_AGENTS" --rate 1000 --settle 120s --duration 120s \
+      --echo-interval 60s --max-error-rate 0.001 "${ws_targets[@]}" \
+      --json "$RAW/$p-storm.json" >"$RAW/$p-storm.txt" 2>&1 || log "$p: storm reported failures (see JSON)"
+  }
+  with_cost "$p-storm" "$(pids_of "$p")" run_storm
 done
 
 DATE=$(date -u +%Y-%m-%dT%H-%M-%SZ)
 NGINX_VERSION=$(nginx -v 2>&1 | head -1) HAPROXY_VERSION=$(haproxy -v 2>&1 | head -1) \
 RAW=$RAW RESULTS=$RESULTS DATE=$DATE PATHS=$PATHS WS_AGENTS=$WS_AGENTS DURATION=$DURATION \
 H1_CONNS=$H1_CONNS GRPC_CONNS=$GRPC_CONNS GRPC_STREAMS=$GRPC_STREAMS NEWCONN_CONNS=$NEWCONN_CONNS \
-RPC_RATE=$RPC_RATE python3 - <<'PY'
+RPC_RATE=$RPC_RATE BULK_BYTES=$BULK_BYTES STORM_AGENTS=$STORM_AGENTS python3 - <<'PY'
 import json, os, re
 
 raw, paths = os.environ["RAW"], os.environ["PATHS"].split()
@@ -356,7 +382,17 @@ for p in paths:
     h1_cpu, h1_ctx = cost(f"{p}-h1", (h1 or 0) * duration)
     grpc_cpu, grpc_ctx = cost(f"{p}-grpc", (grpc or 0) * duration)
     conns = read(f"{p}-grpc.conns").strip()
+    bulk = {t: (load_json(f"{p}-bulk-{t}.json") or {}) for t in ("ws", "grpc")}
+    storm = load_json(f"{p}-storm.json") or {}
+    storm_facts = storm.get("facts") or {}
+    # The storm's cost covers its ramp too: two connects per agent.
+    storm_cpu, _ = cost(f"{p}-storm", 2 * int(os.environ["STORM_AGENTS"]))
     results[p] = {
+        "bulk_ws_mbps": (bulk["ws"].get("facts") or {}).get("bulk_mb_per_s") if bulk["ws"].get("passed") else None,
+        "bulk_grpc_mbps": (bulk["grpc"].get("facts") or {}).get("bulk_mb_per_s") if bulk["grpc"].get("passed") else None,
+        "storm_s": storm_facts.get("storm_time_until_all_back_s") if storm.get("passed") else None,
+        "storm_cpu_ms_per_agent": round(storm_cpu / 1000, 3) if storm_cpu is not None else None,
+        "storm_passed": storm.get("passed"),
         "h1_cpu_us_per_req": h1_cpu, "h1_ctxsw_per_req": h1_ctx,
         "grpc_cpu_us_per_req": grpc_cpu, "grpc_ctxsw_per_req": grpc_ctx,
         "grpc_upstream_conns": int(conns) if conns.isdigit() else None,
@@ -385,6 +421,10 @@ metrics = [
     ("grpc_cpu_us_per_req", "gRPC: CPU µs per request (proxy; direct: pods)", "lower is better"),
     ("grpc_ctxsw_per_req", "gRPC: context switches per request", "lower is better"),
     ("grpc_upstream_conns", "gRPC: proxy → pod connections mid-run", "fewer is better"),
+    ("bulk_ws_mbps", f"MB/s echoed through one websocket tunnel ({int(os.environ['BULK_BYTES']) >> 20} MiB)", "higher is better"),
+    ("bulk_grpc_mbps", f"MB/s echoed through one gRPC stream ({int(os.environ['BULK_BYTES']) >> 20} MiB)", "higher is better"),
+    ("storm_s", f"reconnect storm: s until all {os.environ['STORM_AGENTS']} agents are back", "lower is better"),
+    ("storm_cpu_ms_per_agent", "reconnect storm: CPU ms per agent connect (proxy; direct: pods)", "lower is better"),
 ]
 ratios = {}
 for p in paths:
@@ -436,7 +476,8 @@ lines += [
     "Errors: " + "; ".join(
         f"{names[p]}: idle {results[p]['ws_errors']} errors ({results[p]['ws_connected']} connected), "
         f"h1 socket errors {results[p]['h1_socket_errors']}, new-conn socket errors {results[p]['new_conn_socket_errors']}, "
-        f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}"
+        f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
+        f"storm passed {results[p]['storm_passed']}"
         for p in paths),
 ]
 with open(os.path.join(os.environ["RESULTS"], "latest.md"), "w") as f:

@@ -417,6 +417,12 @@ async fn open_configuration(
     Ok(stream)
 }
 
+/// What `rx` receives, as the request stream of a client-streaming call: it ends when
+/// every sender is gone.
+pub fn receiver_stream<T>(rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
 /// The `Diagnostics/Echo` stream: requests go through the returned sender (one at a time,
 /// so the channel holds one), answers come on the returned stream.
 async fn open_echo(
@@ -426,11 +432,7 @@ async fn open_echo(
 ) -> Result<(mpsc::Sender<PingRequest>, Streaming<PingResponse>), End> {
     let mut client = DiagnosticsClient::with_origin(grpc.service.clone(), grpc.origin.clone());
     let (echo_tx, echo_rx) = mpsc::channel::<PingRequest>(1);
-    let outbound =
-        futures_util::stream::unfold(
-            echo_rx,
-            |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-        );
+    let outbound = receiver_stream(echo_rx);
     let opening = async { Ok(client.echo(env.authed(outbound)).await?.into_inner()) };
     let echo_in = opened(&env.stats, "echo", deadline, opening, || {
         "Echo stream did not open".into()

@@ -20,6 +20,8 @@ pub enum Scenario {
     Churn,
     /// Block part of a connected fleet through the blocklist file; time until cut.
     Blocklist,
+    /// Push --bulk-bytes through one Echo stream on one connection; MB/s.
+    Bulk,
 }
 
 impl Scenario {
@@ -30,6 +32,7 @@ impl Scenario {
             Scenario::Rpc => "rpc",
             Scenario::Churn => "churn",
             Scenario::Blocklist => "blocklist",
+            Scenario::Bulk => "bulk",
         }
     }
 }
@@ -213,6 +216,14 @@ pub struct Args {
     /// Payload bytes of Ping and Echo messages.
     #[arg(long, default_value_t = 32)]
     pub payload_bytes: usize,
+
+    /// `bulk`: payload bytes to send through the Echo stream (and read back).
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub bulk_bytes: u64,
+
+    /// `bulk`: payload bytes per message.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub bulk_chunk_bytes: usize,
 
     /// churn: agent reconnections per second.
     #[arg(long, default_value_t = 20.0, value_parser = parse_rate)]

@@ -5,6 +5,7 @@
 //! [`report`] renders the result; [`probe`] reads the edge's own numbers.
 
 pub mod agent;
+pub mod bulk;
 pub mod cli;
 pub mod probe;
 pub mod report;
@@ -293,6 +294,7 @@ fn check_capacity(args: &Args) -> anyhow::Result<()> {
     let nofile = raise_nofile_limit()?;
     let sockets = match args.scenario {
         Scenario::Rpc => args.rpc_connections,
+        Scenario::Bulk => 1,
         _ => args.agents,
     };
     if (sockets as u64) + 64 > nofile {
@@ -333,6 +335,7 @@ async fn run_sampled(ctx: &mut Ctx) -> (anyhow::Result<()>, Vec<Sample>) {
         Scenario::Rpc => scenarios::rpc(ctx).await,
         Scenario::Churn => scenarios::churn(ctx).await,
         Scenario::Blocklist => scenarios::blocklist(ctx).await,
+        Scenario::Bulk => bulk::bulk(ctx).await,
     };
     ctx.set_phase("done");
     // One last sample after everything settled.

@@ -29,7 +29,7 @@ use crate::Ctx;
 /// Marks our lines in the blocklist file, so they can be told apart and removed.
 pub const BLOCKLIST_MARK: &str = "# loadtest";
 
-fn connector(ctx: &Ctx) -> anyhow::Result<Connector> {
+pub(crate) fn connector(ctx: &Ctx) -> anyhow::Result<Connector> {
     Connector::new(
         ctx.ca_file.as_deref(),
         &ctx.args.server_name,
@@ -100,7 +100,7 @@ async fn stop(ctx: &Ctx, fleet: Fleet) {
     fleet.shutdown(Duration::from_secs(10)).await;
 }
 
-fn round3(v: f64) -> f64 {
+pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 

@@ -385,6 +385,39 @@ async fn through_the_edge_binary_over_tls() {
     let report = kas_loadtest::run(args).await.unwrap();
     assert_clean(&report);
     assert_eq!(fact_u64(&report, "storm_reconnected"), 20);
+
+    // 24 MiB through one stream each way, over a websocket and over HTTP/2: every byte
+    // comes back, in 64 KiB messages and in one message near tonic's 4 MiB limit.
+    for (target, ws_fraction, chunk) in [
+        (&wss, "1", "65536"),
+        (&grpcs, "0", "65536"),
+        (&grpcs, "0", "4000000"),
+    ] {
+        let args = stack.args(
+            "bulk",
+            &[
+                "--target",
+                target,
+                "--ws-fraction",
+                ws_fraction,
+                "--ca-file",
+                &ca,
+                "--bulk-bytes",
+                "25165824",
+                "--bulk-chunk-bytes",
+                chunk,
+                "--duration",
+                "60s",
+            ],
+        );
+        let report = kas_loadtest::run(args).await.unwrap();
+        assert_clean(&report);
+        assert_eq!(
+            fact_u64(&report, "bulk_echoed_bytes"),
+            25_165_824,
+            "{target}"
+        );
+    }
     eprintln!(
         "NOTE: blocklist through the edge is not exercised: the edge has no blocklist option yet"
     );

@@ -522,14 +522,9 @@ async fn echo_pod(ip: std::net::IpAddr) -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = agents.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(_head) = kas_testkit::clients::read_http_head(&mut sock).await else {
+                    return;
+                };
                 let _ = sock
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
                     .await;

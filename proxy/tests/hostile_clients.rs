@@ -137,14 +137,9 @@ async fn refusing_pod(ip: IpAddr) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
+                let Some(head) = kas_testkit::clients::read_http_head(&mut sock).await else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head);
                 let (answer, close): (&[u8], bool) = if head.starts_with("GET /chunked ") {
                     (

@@ -215,7 +215,7 @@ pub fn stdout_dropped() -> &'static IntCounter {
     DROPPED.get_or_init(|| {
         IntCounter::new(
             "edge_access_log_dropped_total",
-            "Access log lines dropped because stdout was not keeping up.",
+            "Log lines (access and the edge's own) dropped because stdout was not keeping up.",
         )
         .expect("valid metric")
     })

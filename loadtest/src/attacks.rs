@@ -468,7 +468,11 @@ async fn silent_tcp(env: Arc<AttackEnv>) -> (AttackSummary, Histogram<u64>) {
         sleep(Duration::from_millis(2)).await;
     }
     join_bounded(set, &env.stop).await;
-    tally.finish(KINDS[0], env.sizing.silent_sources, begin.elapsed())
+    tally.finish(
+        KINDS[0],
+        env.sizing.silent_sources.min(env.sizing.silent),
+        begin.elapsed(),
+    )
 }
 
 /// TLS, then a request head a few bytes a second that never ends (slowloris): the edge
@@ -510,7 +514,7 @@ async fn slow_tls(env: Arc<AttackEnv>) -> (AttackSummary, Histogram<u64>) {
         });
     }
     join_bounded(set, &env.stop).await;
-    tally.finish(KINDS[1], 2, begin.elapsed())
+    tally.finish(KINDS[1], env.sizing.slow.min(2), begin.elapsed())
 }
 
 /// TLS for attack `kind`'s `i`th connection, counted as established, or its failure
@@ -611,7 +615,7 @@ async fn idle_h2(env: Arc<AttackEnv>) -> (AttackSummary, Histogram<u64>) {
         sleep(Duration::from_millis(2)).await;
     }
     join_bounded(set, &env.stop).await;
-    tally.finish(KINDS[2], 2, begin.elapsed())
+    tally.finish(KINDS[2], env.sizing.idle_h2.min(2), begin.elapsed())
 }
 
 /// Answers SETTINGS and PING as a live client would, until the edge closes (`true`).

@@ -795,8 +795,10 @@ async fn flood_once(
     }
     if closed {
         tally.closed(t0.elapsed());
+        tally.response(format!("{name}: closed by the edge"));
     } else {
         tally.still_open();
+        tally.response(format!("{name}: left open"));
     }
 }
 

@@ -22,6 +22,9 @@ pub enum Scenario {
     Blocklist,
     /// Push --bulk-bytes through one Echo stream on one connection; MB/s.
     Bulk,
+    /// Hold a fleet while attackers (slowloris, floods, silent and stalled clients) hit the
+    /// edge from other addresses; the fleet's error rate and the edge's memory and CPU.
+    Hostile,
 }
 
 impl Scenario {
@@ -33,7 +36,26 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Blocklist => "blocklist",
             Scenario::Bulk => "bulk",
+            Scenario::Hostile => "hostile",
         }
+    }
+
+    /// The error budget when `--max-error-rate` is not given: none at all, except under
+    /// attack, where the 0.1 % applies (a legitimate agent caught in an overloaded
+    /// moment is tolerated, a pattern is not).
+    pub fn default_error_budget(self) -> f64 {
+        match self {
+            Scenario::Hostile => 0.001,
+            _ => 0.0,
+        }
+    }
+}
+
+impl Args {
+    /// `--max-error-rate`, or the scenario's default budget.
+    pub fn error_budget(&self) -> f64 {
+        self.max_error_rate
+            .unwrap_or_else(|| self.scenario.default_error_budget())
     }
 }
 
@@ -193,8 +215,9 @@ pub struct Args {
     pub html: Option<PathBuf>,
 
     /// Highest tolerated error rate (errors / operations); exceeding it fails the run.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
-    pub max_error_rate: f64,
+    /// Default: 0, or 0.001 for hostile (where only the legitimate agents' count).
+    #[arg(long, value_parser = parse_fraction)]
+    pub max_error_rate: Option<f64>,
 
     /// rpc: target requests per second (open loop).
     #[arg(long, default_value_t = 500.0, value_parser = parse_rate)]
@@ -249,6 +272,21 @@ pub struct Args {
     /// blocklist: how long to watch for cuts after writing the file.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub block_wait: Duration,
+
+    /// hostile: multiplies every attack's size (300 silent TCP, 50 slowloris, 100 idle
+    /// HTTP/2, 4 request-flood and 20 stalled-reader connections, 2,000 unique sources, 3
+    /// flooding addresses at 1).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_rate)]
+    pub attack_scale: f64,
+
+    /// hostile: first attacker source address; the attacks take consecutive addresses
+    /// from here (about 2,013 at scale 1), which must not overlap the fleet's.
+    #[arg(long, default_value = "127.0.6.1")]
+    pub attack_source_base: Ipv4Addr,
+
+    /// hostile: after the attacks stop, how long to wait before the "after" sample.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub attack_settle: Duration,
 
     /// Progress bar: auto (only when stderr is a terminal), always, never.
     #[arg(long, default_value = "auto")]

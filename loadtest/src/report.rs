@@ -132,6 +132,43 @@ pub struct EdgeSummary {
     pub cpu_us_per_connection_per_s: Option<f64>,
     pub open_connections: Option<f64>,
     pub active_streams: Option<f64>,
+    /// hostile: before the attacks, the highest while they ran, and after they stopped
+    /// and a settle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_before_attack_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_peak_attack_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_after_attack_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_cores_attack: Option<f64>,
+}
+
+/// One attack kind of the `hostile` scenario: what the attacker tried and what the edge
+/// did about it. Kept apart from [`Totals`], which are the legitimate fleet's alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttackSummary {
+    pub kind: String,
+    pub sources: usize,
+    /// Connections (or, for request_flood, inputs sent on a connection of their own).
+    pub attempts: u64,
+    /// Connected: TCP for silent_tcp, TLS for the others, authenticated for
+    /// stalled_reader.
+    pub established: u64,
+    /// Ended by the edge (EOF, reset, refused during the handshake).
+    pub closed_by_edge: u64,
+    /// Still open when the attack stopped (we closed them).
+    pub open_at_end: u64,
+    /// From connected to the edge's close.
+    pub close_p50_ms: Option<f64>,
+    pub close_max_ms: Option<f64>,
+    /// What came back: HTTP status lines, GOAWAYs.
+    pub responses: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub error_examples: BTreeMap<String, String>,
+    /// stalled_reader: bytes waiting for the readers when they read again.
+    pub bytes_held: u64,
+    pub elapsed_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -155,6 +192,9 @@ pub struct Report {
     /// Scenario-specific results (time until all back, cut times, achieved rate...).
     pub facts: serde_json::Map<String, serde_json::Value>,
     pub edge: Option<EdgeSummary>,
+    /// hostile: the attacks, one per kind.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attacks: Vec<AttackSummary>,
     pub checks: Vec<Check>,
     pub passed: bool,
     pub timeline: Vec<Sample>,
@@ -217,6 +257,9 @@ impl Report {
         }
         for (k, v) in &self.facts {
             rows.add("scenario", k.replace('_', " "), fmt_value(v));
+        }
+        for a in &self.attacks {
+            attack_rows(a, &mut rows);
         }
         if let Some(e) = &self.edge {
             edge_rows(e, &mut rows);
@@ -443,8 +486,56 @@ fn edge_rows(e: &EdgeSummary, rows: &mut Rows) {
     rows.add("edge", "cpu while holding", hold);
     let per_conn = or_dash(e.cpu_us_per_connection_per_s, |c| format!("{c:.2} µs/s"));
     rows.add("edge", "cpu per held connection", per_conn);
+    if e.rss_before_attack_bytes.is_some() {
+        let rss = format!(
+            "{} / {} / {}",
+            mib(e.rss_before_attack_bytes),
+            mib(e.rss_peak_attack_bytes),
+            mib(e.rss_after_attack_bytes)
+        );
+        rows.add("edge", "rss before / peak during / after attacks", rss);
+        let cpu = or_dash(e.cpu_cores_attack, |c| {
+            format!("{:.1} % of a core", c * 100.0)
+        });
+        rows.add("edge", "cpu during the attacks", cpu);
+    }
     rows.add("edge", "edge_open_connections", opt(e.open_connections));
     rows.add("edge", "edge_active_streams", opt(e.active_streams));
+}
+
+/// One attack in a line or three: what it tried, how the edge closed it, what it saw.
+fn attack_rows(a: &AttackSummary, rows: &mut Rows) {
+    let close = match (a.close_p50_ms, a.close_max_ms) {
+        (Some(p50), Some(max)) => format!(" (after p50 {p50:.0} ms, max {max:.0} ms)"),
+        _ => String::new(),
+    };
+    let mut line = format!(
+        "{} attempts from {} sources · {} established · {} closed by the edge{close} · {} open at the end",
+        a.attempts, a.sources, a.established, a.closed_by_edge, a.open_at_end
+    );
+    if a.bytes_held > 0 {
+        let _ = write!(line, " · {} KiB held for the readers", a.bytes_held / 1024);
+    }
+    rows.add("attacks", a.kind.clone(), line);
+    if !a.responses.is_empty() {
+        let seen: Vec<String> = a
+            .responses
+            .iter()
+            .map(|(k, n)| format!("{k} ×{n}"))
+            .collect();
+        rows.add("attacks", format!("{} saw", a.kind), seen.join(", "));
+    }
+    if !a.errors.is_empty() {
+        let errors: Vec<String> = a
+            .errors
+            .iter()
+            .map(|(k, n)| {
+                let example = a.error_examples.get(k).map_or("", |e| e.as_str());
+                format!("{k} ×{n} (e.g. {example})")
+            })
+            .collect();
+        rows.add("attacks", format!("{} errors", a.kind), errors.join("; "));
+    }
 }
 
 fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -26,6 +26,9 @@ use crate::stats::{new_histogram, Stats};
 use crate::transport::{Connector, H2Service};
 use crate::Ctx;
 
+mod hostile;
+pub use hostile::hostile;
+
 /// Marks our lines in the blocklist file, so they can be told apart and removed.
 pub const BLOCKLIST_MARK: &str = "# loadtest";
 
@@ -140,6 +143,7 @@ fn edge_summary(
         cpu_us_per_connection_per_s: cpu_hold.and_then(|c| per_conn(c * 1e6)),
         open_connections: end.open_connections,
         active_streams: end.active_streams,
+        ..EdgeSummary::default()
     }
 }
 

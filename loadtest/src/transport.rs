@@ -105,7 +105,7 @@ pub fn load_roots(ca_file: &Path) -> anyhow::Result<rustls::RootCertStore> {
     Ok(roots)
 }
 
-fn tls_connector(
+pub(crate) fn tls_connector(
     roots: &rustls::RootCertStore,
     alpn: &[u8],
     resumption: bool,
@@ -175,6 +175,19 @@ impl Connector {
         transport: Transport,
         source: Option<IpAddr>,
     ) -> Result<(GrpcConn, Connection), ConnectError> {
+        self.connect_via(target, transport, source, |io| io).await
+    }
+
+    /// [`Connector::connect`] with `wrap` put around the byte stream below the websocket
+    /// (above TLS): how a misbehaving client (one that stops reading) is built from a
+    /// well-behaved one.
+    pub async fn connect_via(
+        &self,
+        target: &Target,
+        transport: Transport,
+        source: Option<IpAddr>,
+        wrap: impl FnOnce(BoxIo) -> BoxIo,
+    ) -> Result<(GrpcConn, Connection), ConnectError> {
         let socket = match target.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -212,6 +225,7 @@ impl Connector {
             }
             io = Box::new(stream);
         }
+        io = wrap(io);
         if transport == Transport::Websocket {
             let ws = kas::wstunnel::client_handshake(io, &target.ws_url(&self.server_name_text))
                 .await

@@ -422,3 +422,154 @@ async fn through_the_edge_binary_over_tls() {
         "NOTE: blocklist through the edge is not exercised: the edge has no blocklist option yet"
     );
 }
+
+/// The attacks, small and quick, through the real edge with its deadlines shortened so
+/// that closes happen within the run: the fleet must not notice, every kind must run, and
+/// the edge must close what it promises to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
+    let binary = find_edge_binary().expect(
+        "kas-edge binary not found: build it (cargo build -p kas-edge) or point KAS_EDGE_BIN \
+         at it",
+    );
+    let stack = Stack::start(2).await;
+    // 5 new connections a second (burst 10) per client: the flood runs past it at once,
+    // while every agent and every unique source makes one connection.
+    let limits = stack.dir.path().join("limits.toml");
+    std::fs::write(
+        &limits,
+        "[per_ip]\nnew_connections_per_second = 5\nnew_connections_burst = 10\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "[downstream]\nhandshake_timeout = \"1s\"\nrequest_head_timeout = \"1s\"\n\
+         h2_idle_timeout = \"2s\"\n[policies]\nlimits = {:?}\n",
+        limits.display().to_string()
+    );
+    let edge = stack.start_edge_with(&binary, &extra).await;
+    let attackers = ip(kas_testkit::net::next_subnet(), 1).to_string();
+    let json = stack.dir.path().join("hostile.json");
+    let args = stack.args(
+        "hostile",
+        &[
+            "--target",
+            &format!("wss://{}/", edge.https),
+            "--target",
+            &format!("grpcs://{}", edge.https),
+            "--ws-fraction",
+            "0.5",
+            "--ca-file",
+            edge.ca_file.to_str().unwrap(),
+            "--agents",
+            "10",
+            "--echo-interval",
+            "300ms",
+            "--duration",
+            "5s",
+            "--attack-scale",
+            "0.02",
+            "--attack-source-base",
+            &attackers,
+            "--attack-settle",
+            "1s",
+            "--edge-pid",
+            &edge.child.id().to_string(),
+            "--edge-admin",
+            &format!("http://{}/metrics", edge.admin),
+        ],
+    );
+    let report = kas_loadtest::run(args).await.unwrap();
+    report.write_json(&json).unwrap();
+    let table = report.summary_table();
+    assert_clean(&report);
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "legitimate error budget" && c.ok),
+        "{table}"
+    );
+    assert!(report.totals.echo_ok >= 10, "{table}");
+    assert_eq!(fact_u64(&report, "legit_connected_end_of_attack"), 10);
+
+    let kinds: Vec<&str> = report.attacks.iter().map(|a| a.kind.as_str()).collect();
+    assert_eq!(kinds, kas_loadtest::attacks::KINDS, "{table}");
+    for a in &report.attacks {
+        assert!(a.attempts > 0, "{}: no attempts\n{table}", a.kind);
+    }
+    let attack = |kind: &str| report.attacks.iter().find(|a| a.kind == kind).unwrap();
+    // Deadlines of 1 s (handshake, request head) and 2 s (h2 idle) within a 5 s attack.
+    for kind in ["silent_tcp", "slow_tls", "idle_h2"] {
+        let a = attack(kind);
+        assert!(
+            a.established > 0 && a.closed_by_edge == a.established && a.open_at_end == 0,
+            "{kind}: the edge should have closed every connection\n{table}"
+        );
+    }
+    // The flood ran past 5/s (burst 10) from one address: refused at accept.
+    let flood = attack("conn_flood");
+    assert!(
+        flood.attempts > 20 && flood.closed_by_edge > 0,
+        "conn_flood: no refusals\n{table}"
+    );
+    assert!(
+        attack("unique_sources").established > 0,
+        "unique_sources: nobody got through\n{table}"
+    );
+    assert!(
+        attack("request_flood")
+            .responses
+            .keys()
+            .any(|k| k.contains("http 4")),
+        "request_flood: no 4xx for malformed requests\n{table}"
+    );
+    assert!(
+        attack("stalled_reader").established > 0,
+        "stalled_reader: never reached kas\n{table}"
+    );
+
+    let e = report.edge.as_ref().unwrap();
+    let (before, peak, after) = (
+        e.rss_before_attack_bytes.unwrap(),
+        e.rss_peak_attack_bytes.unwrap(),
+        e.rss_after_attack_bytes.unwrap(),
+    );
+    assert!(before > 0 && peak >= before && after > 0, "{e:?}");
+    assert!(e.cpu_cores_attack.is_some(), "{e:?}");
+    let parsed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(parsed["attacks"].as_array().map(Vec::len), Some(7));
+    assert!(parsed["edge"]["rss_peak_attack_bytes"].as_u64().is_some());
+    eprintln!("{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_refuses_attackers_among_the_fleet() {
+    let args = <kas_loadtest::Args as clap::Parser>::try_parse_from([
+        "kas-loadtest",
+        "--scenario",
+        "hostile",
+        "--target",
+        "wss://127.0.0.1:1/",
+        "--token",
+        "t",
+        "--agents",
+        "2000",
+        "--source-base",
+        "127.0.2.1",
+        "--attack-source-base",
+        "127.0.6.1",
+        "--progress",
+        "never",
+    ])
+    .unwrap();
+    let report = kas_loadtest::run(args).await.unwrap();
+    assert!(!report.passed);
+    let ran = report
+        .checks
+        .iter()
+        .find(|c| c.name == "scenario ran to the end")
+        .unwrap();
+    assert!(!ran.ok && ran.detail.contains("overlap"), "{ran:?}");
+    assert_eq!(report.totals.connect_attempts, 0, "no agent may start");
+}

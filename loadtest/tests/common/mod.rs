@@ -107,6 +107,11 @@ impl Stack {
     /// The `kas-edge` binary at `binary` on `<subnet>.250` in front of every pod, once it
     /// reports all of them healthy.
     pub async fn start_edge(&self, binary: &Path) -> Edge {
+        self.start_edge_with(binary, "").await
+    }
+
+    /// [`Stack::start_edge`] with `extra` TOML appended to the edge's configuration.
+    pub async fn start_edge_with(&self, binary: &Path, extra: &str) -> Edge {
         let options = EdgeOptions {
             rust_log: "warn",
             stdout: EdgeStdout::Null,
@@ -115,7 +120,7 @@ impl Stack {
             ..EdgeOptions::new(binary)
         };
         let endpoints: Vec<SocketAddr> = self.pods.iter().map(|p| p.addr).collect();
-        let edge = Edge::launch(&options, ip(self.subnet, 250), &endpoints, "").await;
+        let edge = Edge::launch(&options, ip(self.subnet, 250), &endpoints, extra).await;
         edge.wait_healthy(self.pods.len()).await;
         edge
     }

@@ -348,3 +348,75 @@ async fn a_trusted_balancer_that_never_sends_its_proxy_header_is_cut() {
         "{metrics}"
     );
 }
+
+/// A request head over `downstream.max_request_header_bytes` is answered by the edge (431,
+/// gRPC RESOURCE_EXHAUSTED) and never reaches a pod; the connection of the HTTP/1 one is
+/// closed; a head just under the limit goes through.
+#[tokio::test]
+async fn oversized_request_heads_are_refused_at_the_edge() {
+    let cluster = Cluster::start(1).await;
+    let edge = Edge::start(
+        cluster.subnet,
+        &cluster.endpoints(),
+        "[downstream]\nmax_request_header_bytes = 4096\n",
+    )
+    .await;
+    edge.wait_healthy(1).await;
+
+    // HTTP/1.1: 431 from the edge, then the connection ends.
+    let tls = edge.tls_client(&[b"http/1.1"]);
+    let mut big = tls_connect(edge.https, &tls, None).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: kas\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(8 * 1024)
+    );
+    big.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, big.read_to_end(&mut answer))
+        .await
+        .expect("closed by the edge")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    assert!(answer.contains("request headers too large"), "{answer}");
+
+    // The same request with a head under the limit reaches kas (which answers plain
+    // HTTP on its agent port with its own 400).
+    let mut small = tls_connect(edge.https, &tls, None).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: kas\r\nX-Padding: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(2 * 1024)
+    );
+    small.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, small.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+
+    // gRPC: a trailers-only RESOURCE_EXHAUSTED; the channel stays usable.
+    let channel = edge.grpc_channel().await;
+    let mut request = with_token(PingRequest {
+        payload: b"x".to_vec(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-padding", "a".repeat(8 * 1024).parse().unwrap());
+    let status = DiagnosticsClient::new(channel.clone())
+        .ping(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("request headers too large"),
+        "{status:?}"
+    );
+    DiagnosticsClient::new(channel)
+        .ping(with_token(PingRequest {
+            payload: b"x".to_vec(),
+        }))
+        .await
+        .expect("an ordinary call on the same connection");
+}

@@ -340,6 +340,7 @@ fn proxy_service(
         pool: state.pool.clone(),
         metrics: state.metrics.clone(),
         upstream: config.upstream.clone(),
+        max_request_header_bytes: config.downstream.max_request_header_bytes,
     };
     let app = ConnectionLayer {
         inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),

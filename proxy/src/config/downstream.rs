@@ -43,6 +43,10 @@ pub struct DownstreamConfig {
     pub h2_idle_timeout: Duration,
     /// Connections in their TLS handshake from all clients together.
     pub max_handshakes: usize,
+    /// Request line (or pseudo-headers) plus header names and values, in bytes; larger
+    /// requests are refused with 431 (gRPC: RESOURCE_EXHAUSTED) and never reach a pod.
+    /// Agents send well under 1 KiB; the default leaves room for proxies and tracing.
+    pub max_request_header_bytes: usize,
     /// Connections in their TLS handshake from one client (its `[keys]` prefix: an IPv4
     /// address, an IPv6 /64 by default).
     pub max_handshakes_per_client: usize,
@@ -62,6 +66,7 @@ impl Default for DownstreamConfig {
             h2_idle_timeout: Duration::from_secs(180),
             max_handshakes: 4096,
             max_handshakes_per_client: 64,
+            max_request_header_bytes: 32 * 1024,
         }
     }
 }
@@ -88,6 +93,12 @@ impl DownstreamConfig {
             return Err(FieldError::new(
                 "downstream.max_handshakes_per_client",
                 "must be at least 1",
+            ));
+        }
+        if self.max_request_header_bytes < 1024 {
+            return Err(FieldError::new(
+                "downstream.max_request_header_bytes",
+                "must be at least 1024 (an agent's request head is several hundred bytes)",
             ));
         }
         if !(0.0..=1.0).contains(&self.max_connection_age_jitter) {

@@ -264,6 +264,28 @@ mod tests {
     }
 
     #[test]
+    fn downstream_request_head_bound() {
+        let with = |body: &str| field_of(&format!("{STATIC}[downstream]\n{body}\n"));
+        assert_eq!(
+            with("max_request_header_bytes = 100"),
+            "downstream.max_request_header_bytes"
+        );
+        let ok = parse(&format!(
+            "{}[downstream]\nmax_request_header_bytes = 65536\n",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(ok.downstream.max_request_header_bytes, 65536);
+        assert_eq!(
+            parse(&minimal())
+                .unwrap()
+                .downstream
+                .max_request_header_bytes,
+            32 * 1024
+        );
+    }
+
+    #[test]
     fn public_http_limits() {
         let with = |body: &str| field_of(&format!("{STATIC}[public_http]\n{body}\n"));
         assert_eq!(with("max_connections = 0"), "public_http.max_connections");

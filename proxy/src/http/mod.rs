@@ -25,7 +25,7 @@ use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::pool::{Pod, PodGuard, Pool};
 use access_log::AccessRecord;
-use refusal::{bad_gateway, respond_denied, unavailable, Denial, GrpcCode};
+use refusal::{bad_gateway, header_too_large, respond_denied, unavailable, Denial, GrpcCode};
 use websocket::{PodDialer, RelayOutcome, TunnelEnd, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +78,18 @@ pub struct EdgeProxy {
     pub handoffs: Arc<PendingHandoffs>,
     /// Each connection's idle clock, stopped while a request runs.
     pub activity: Arc<ActivityTable>,
+    /// `downstream.max_request_header_bytes`.
+    pub max_request_header_bytes: usize,
+}
+
+/// The bytes a request head takes: method, path and query, header names and values (plus
+/// the separators HTTP/1 would put between them, so both protocols count alike).
+fn request_head_bytes(req: &pingora::http::RequestHeader) -> usize {
+    let line =
+        req.method.as_str().len() + req.uri.path_and_query().map_or(0, |p| p.as_str().len()) + 12;
+    req.headers.iter().fold(line, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + 4
+    })
 }
 
 fn classify(session: &Session) -> Protocol {
@@ -137,6 +149,12 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.client = client;
+        let head = request_head_bytes(session.req_header());
+        if head > self.max_request_header_bytes {
+            let denial = header_too_large(head, self.max_request_header_bytes);
+            respond_denied(session, ctx.protocol, &denial).await;
+            return Ok(true);
+        }
         if let Some(refusal) = self
             .policies
             .check_request(client, &session.req_header().headers)

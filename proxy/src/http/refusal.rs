@@ -206,6 +206,16 @@ pub(super) fn unavailable(why: &str) -> Denial {
     }
 }
 
+/// A request head over `downstream.max_request_header_bytes`.
+pub(super) fn header_too_large(size: usize, limit: usize) -> Denial {
+    Denial {
+        http_status: 431,
+        grpc_code: GrpcCode::ResourceExhausted,
+        message: format!("request headers too large ({size} bytes, limit {limit})"),
+        retry_after: None,
+    }
+}
+
 /// A pod was reached but did not answer usefully: 502 (gRPC: still UNAVAILABLE).
 pub(super) fn bad_gateway(why: &str) -> Denial {
     Denial {

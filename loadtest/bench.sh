@@ -186,6 +186,8 @@ http {
     ssl_certificate $WORK/tls/tls.crt;
     ssl_certificate_key $WORK/tls/tls.key;
     ssl_protocols TLSv1.2 TLSv1.3;
+    # A gRPC stream's body is unbounded (the default 1 MiB ends a bulk stream).
+    client_max_body_size 0;
     location / {
       if (\$http_content_type ~ "^application/grpc") {
         grpc_pass grpc://kas_h2;
@@ -393,6 +395,8 @@ for p in paths:
         "storm_s": storm_facts.get("storm_time_until_all_back_s") if storm.get("passed") else None,
         "storm_cpu_ms_per_agent": round(storm_cpu / 1000, 3) if storm_cpu is not None else None,
         "storm_passed": storm.get("passed"),
+        "bulk_failures": {t: [c["detail"] for c in b.get("checks") or [] if not c.get("ok")]
+                          for t, b in bulk.items() if b.get("passed") is False},
         "h1_cpu_us_per_req": h1_cpu, "h1_ctxsw_per_req": h1_ctx,
         "grpc_cpu_us_per_req": grpc_cpu, "grpc_ctxsw_per_req": grpc_ctx,
         "grpc_upstream_conns": int(conns) if conns.isdigit() else None,
@@ -478,6 +482,7 @@ lines += [
         f"h1 socket errors {results[p]['h1_socket_errors']}, new-conn socket errors {results[p]['new_conn_socket_errors']}, "
         f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
         f"storm passed {results[p]['storm_passed']}"
+        + (f", bulk failures {results[p]['bulk_failures']}" if results[p]['bulk_failures'] else "")
         for p in paths),
 ]
 with open(os.path.join(os.environ["RESULTS"], "latest.md"), "w") as f:

@@ -5,8 +5,8 @@
 //! [`report`] renders the result; [`probe`] reads the edge's own numbers.
 
 pub mod agent;
-pub mod bulk;
 pub mod attacks;
+pub mod bulk;
 pub mod cli;
 pub mod probe;
 pub mod report;

@@ -104,6 +104,28 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
 
 impl EdgeMetrics {
     pub fn new() -> Self {
+        let metrics = Self::registered();
+        metrics.prime_outcome_series();
+        metrics
+    }
+
+    /// Creates the series of every reload and relay outcome at 0, so `increase(...[15m]) > 0`
+    /// alerts see the first error after a start (a series born at 1 has no increase) and
+    /// dashboards show 0 rather than nothing.
+    fn prime_outcome_series(&self) {
+        for result in ["ok", "error"] {
+            self.tls_reloads.with_label_values(&[result]);
+            for file in ["blocklist", "limits", "rules"] {
+                self.policy_reloads.with_label_values(&[file, result]);
+            }
+        }
+        for result in ["answered", "not_answered", "busy"] {
+            self.acme_relays.with_label_values(&[result]);
+        }
+    }
+
+    /// Every metric registered; labelled ones without series yet.
+    fn registered() -> Self {
         let r = Registry::new();
         Self {
             requests: counter(
@@ -422,6 +444,21 @@ impl Default for EdgeMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_and_relay_outcomes_exist_at_zero_from_the_start() {
+        let text = EdgeMetrics::new().render(&[]);
+        for series in [
+            "edge_tls_reloads_total{result=\"error\"} 0",
+            "edge_tls_reloads_total{result=\"ok\"} 0",
+            "edge_policy_reloads_total{file=\"blocklist\",result=\"error\"} 0",
+            "edge_policy_reloads_total{file=\"limits\",result=\"ok\"} 0",
+            "edge_policy_reloads_total{file=\"rules\",result=\"error\"} 0",
+            "edge_acme_relays_total{result=\"busy\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    }
 
     fn series_of<'a>(text: &'a str, pod: &str) -> Vec<&'a str> {
         let label = format!("pod=\"{pod}\"");

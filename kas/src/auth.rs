@@ -12,6 +12,7 @@ use tonic::Status;
 
 use crate::gitlab::{AgentInfo, GitlabClient, GitlabError};
 use crate::metrics::Metrics;
+use crate::single_flight::SingleFlight;
 
 /// An agent token taken from `authorization: Bearer ...`. Debug output hides it.
 #[derive(Clone)]
@@ -72,7 +73,7 @@ pub struct Authenticator {
     cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
     /// One GitLab lookup per token at a time: a reconnect storm of one agent's streams
     /// waits for the first lookup instead of sending its own.
-    in_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Lookup>>>>,
+    in_flight: SingleFlight<[u8; 32], Lookup>,
 }
 
 impl Authenticator {
@@ -90,7 +91,7 @@ impl Authenticator {
             error_ttl,
             max_entries,
             cache: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: SingleFlight::new(),
         }
     }
 
@@ -138,27 +139,8 @@ impl Authenticator {
             });
             return cached;
         }
-        let cell = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default()
-            .clone();
-        let mut leader = false;
-        let result = cell
-            .get_or_init(|| {
-                leader = true;
-                self.lookup(key, token)
-            })
-            .await
-            .clone();
-        if leader {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            if in_flight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                in_flight.remove(&key);
-            }
-        } else {
+        let (result, ran) = self.in_flight.run(&key, || self.lookup(key, token)).await;
+        if !ran {
             self.count("coalesced");
         }
         result

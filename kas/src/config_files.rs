@@ -12,14 +12,13 @@
 //! next ask reads again. The cache is bounded by the bytes it holds; the least recently
 //! used files leave first.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
-use tokio::sync::OnceCell;
 
 use crate::agent_config::ConfigSourceError;
+use crate::single_flight::SingleFlight;
 
 /// A file's content, `None` when the agent has no file at that commit (an empty config).
 pub type FileContent = Arc<Option<Vec<u8>>>;
@@ -52,12 +51,12 @@ impl Outcome {
 pub struct ConfigFiles {
     max_bytes: usize,
     state: Mutex<State>,
+    in_flight: SingleFlight<String, Read>,
 }
 
 struct State {
     files: LruCache<String, FileContent>,
     bytes: usize,
-    in_flight: HashMap<String, Arc<OnceCell<Read>>>,
 }
 
 fn cost(key: &str, content: &FileContent) -> usize {
@@ -72,8 +71,8 @@ impl ConfigFiles {
             state: Mutex::new(State {
                 files: LruCache::unbounded(),
                 bytes: 0,
-                in_flight: HashMap::new(),
             }),
+            in_flight: SingleFlight::new(),
         }
     }
 
@@ -88,36 +87,25 @@ impl ConfigFiles {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Vec<u8>>, ConfigSourceError>>,
     {
-        let cell = {
-            let mut state = self.lock();
-            if let Some(content) = state.files.get(key) {
-                return (Ok(content.clone()), Outcome::Cached);
-            }
-            state.in_flight.entry(key.to_owned()).or_default().clone()
-        };
-        let mut leader = false;
-        let result = cell
-            .get_or_init(|| {
-                leader = true;
-                async move { read().await.map(Arc::new) }
-            })
-            .await
-            .clone();
-        if !leader {
-            return (result, Outcome::Coalesced);
+        if let Some(content) = self.lock().files.get(key) {
+            return (Ok(content.clone()), Outcome::Cached);
         }
-        let mut state = self.lock();
-        if state
+        let (result, ran) = self
             .in_flight
-            .get(key)
-            .is_some_and(|c| Arc::ptr_eq(c, &cell))
-        {
-            state.in_flight.remove(key);
-        }
-        if let Ok(content) = &result {
-            self.store(&mut state, key, content.clone());
-        }
-        (result, Outcome::Read)
+            .run(&key.to_owned(), || async move {
+                let result = read().await.map(Arc::new);
+                if let Ok(content) = &result {
+                    self.store(&mut self.lock(), key, content.clone());
+                }
+                result
+            })
+            .await;
+        let outcome = if ran {
+            Outcome::Read
+        } else {
+            Outcome::Coalesced
+        };
+        (result, outcome)
     }
 
     fn store(&self, state: &mut State, key: &str, content: FileContent) {
@@ -159,6 +147,7 @@ impl ConfigFiles {
 mod tests {
     use super::*;
     use crate::gitaly::GitalyError;
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

@@ -26,6 +26,7 @@ pub mod metrics;
 mod observability;
 pub mod server;
 mod services;
+mod single_flight;
 pub mod wstunnel;
 
 pub use config::Config;

@@ -4,8 +4,6 @@
 //! `--bulk-chunk-bytes` messages while the echoes are read back concurrently. The rate is
 //! the payload bytes echoed per second; each byte crossed the proxy twice.
 
-use std::net::IpAddr;
-
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -30,38 +28,14 @@ pub async fn bulk(ctx: &mut Ctx) -> anyhow::Result<()> {
     if chunk == 0 || chunk > MAX_CHUNK {
         bail!("--bulk-chunk-bytes must be 1..={MAX_CHUNK}");
     }
-    let target = ctx
-        .targets
-        .first()
-        .context("bulk needs a --target")?
-        .clone();
+    let target = ctx.targets.first().context("bulk needs a --target")?.addr;
     let transport = agent::transport_for(0, ctx.args.ws_fraction);
-    let source = match target.addr.ip() {
-        IpAddr::V4(v4) if v4.is_loopback() && !ctx.args.no_source_spread => {
-            Some(IpAddr::V4(agent::source_address(ctx.args.source_base, 0)?))
-        }
-        _ => None,
-    };
     ctx.set_phase("connect");
     let connector = crate::scenarios::connector(ctx)?;
     let stats = ctx.stats.clone();
-    stats.inc(&stats.connect_attempts);
-    let deadline = Instant::now() + ctx.args.connect_timeout;
-    let (grpc, conn) =
-        match timeout_at(deadline, connector.connect(&target, transport, source)).await {
-            Ok(Ok(connected)) => connected,
-            Ok(Err(e)) => {
-                stats.errors.add(e.stage, || e.to_string());
-                bail!("cannot connect to {}: {e}", target.addr);
-            }
-            Err(_) => {
-                stats
-                    .errors
-                    .add("timeout: handshake", || "connect timed out".into());
-                bail!("connecting to {} timed out", target.addr);
-            }
-        };
-    stats.inc(&stats.handshakes);
+    let Some((grpc, conn)) = crate::scenarios::open_counted(ctx, &connector, 0).await? else {
+        bail!("cannot connect to {target} (the error is in the report)");
+    };
     let driver = tokio::spawn(conn);
 
     ctx.set_phase("bulk");

@@ -23,7 +23,7 @@ use crate::probe::EdgeSample;
 use crate::report::EdgeSummary;
 use crate::schedule::Schedule;
 use crate::stats::{new_histogram, Stats};
-use crate::transport::{Connector, H2Service};
+use crate::transport::{Connection, Connector, GrpcConn, H2Service};
 use crate::Ctx;
 
 mod hostile;
@@ -528,56 +528,76 @@ pub async fn rpc(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens `--rpc-connections` connections (round-robin over the targets, the transport mix
-/// as for a fleet), each driven until `stop`. One that fails is counted as an error and
-/// the run goes on with the rest; none at all is the end of it.
+/// Opens `--rpc-connections` connections ([`open_counted`]), each driven until `stop`.
+/// One that fails is counted as an error and the run goes on with the rest; none at all is
+/// the end of it.
 async fn connect_rpc_clients(
     ctx: &Ctx,
     stop: &CancellationToken,
 ) -> anyhow::Result<Vec<PingClient>> {
     let connector = connector(ctx)?;
-    let stats = &ctx.stats;
     let mut clients = Vec::new();
     ctx.set_phase("connect");
     for i in 0..ctx.args.rpc_connections.max(1) {
-        let target = &ctx.targets[i % ctx.targets.len()];
-        let transport = agent::transport_for(i, ctx.args.ws_fraction);
-        let source = match target.addr.ip() {
-            IpAddr::V4(v4) if v4.is_loopback() && !ctx.args.no_source_spread => {
-                Some(IpAddr::V4(agent::source_address(ctx.args.source_base, i)?))
-            }
-            _ => None,
-        };
-        stats.inc(&stats.connect_attempts);
-        let t0 = Instant::now();
-        match timeout(
-            ctx.args.connect_timeout,
-            connector.connect(target, transport, source),
-        )
-        .await
-        {
-            Ok(Ok((grpc, conn))) => {
-                stats.inc(&stats.handshakes);
-                stats.handshake_latency.record(t0.elapsed());
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop.cancelled() => {}
-                    }
-                });
-                clients.push(DiagnosticsClient::with_origin(grpc.service, grpc.origin));
-            }
-            Ok(Err(e)) => stats.errors.add(e.stage, || e.to_string()),
-            Err(_) => stats
-                .errors
-                .add("timeout: handshake", || "connect timed out".into()),
+        if let Some((grpc, conn)) = open_counted(ctx, &connector, i).await? {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+            clients.push(DiagnosticsClient::with_origin(grpc.service, grpc.origin));
         }
     }
     if clients.is_empty() {
         bail!("no connection could be opened");
     }
     Ok(clients)
+}
+
+/// Connection `i` of a scenario of a few connections (`rpc`, `bulk`): target `i` round-robin,
+/// the fleet's transport mix ([`agent::transport_for`]) and, on loopback, source address `i`
+/// from `--source-base`; counted in the stats (attempt, handshake and its latency, or the
+/// error). `None` when it failed.
+pub(crate) async fn open_counted(
+    ctx: &Ctx,
+    connector: &Connector,
+    i: usize,
+) -> anyhow::Result<Option<(GrpcConn, Connection)>> {
+    let stats = &ctx.stats;
+    let target = &ctx.targets[i % ctx.targets.len()];
+    let transport = agent::transport_for(i, ctx.args.ws_fraction);
+    let source = match target.addr.ip() {
+        IpAddr::V4(v4) if v4.is_loopback() && !ctx.args.no_source_spread => {
+            Some(IpAddr::V4(agent::source_address(ctx.args.source_base, i)?))
+        }
+        _ => None,
+    };
+    stats.inc(&stats.connect_attempts);
+    let t0 = Instant::now();
+    match timeout(
+        ctx.args.connect_timeout,
+        connector.connect(target, transport, source),
+    )
+    .await
+    {
+        Ok(Ok(connected)) => {
+            stats.inc(&stats.handshakes);
+            stats.handshake_latency.record(t0.elapsed());
+            Ok(Some(connected))
+        }
+        Ok(Err(e)) => {
+            stats.errors.add(e.stage, || e.to_string());
+            Ok(None)
+        }
+        Err(_) => {
+            stats
+                .errors
+                .add("timeout: handshake", || "connect timed out".into());
+            Ok(None)
+        }
+    }
 }
 
 /// What the open loop sent: when sending began, how long it took, how many went out and

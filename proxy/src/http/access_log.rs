@@ -1,16 +1,14 @@
 //! One JSON `access` line per request, stream or tunnel, and the request metrics that go
 //! with it.
 //!
-//! The line is formatted exactly like every other log line (tracing's JSON format, as
-//! `kas_common::logging` sets it up, `target` = `access`) and is subject to the same level
-//! filter, but it is written off the request path: through a dispatcher of its own into
-//! [`crate::telemetry::log_writer`]'s bounded queue, so a log consumer that falls behind
-//! costs dropped lines (`edge_access_log_dropped_total`), never a stalled worker thread.
+//! The line is an ordinary log event (`target` = `access`, the same JSON format and level
+//! filter as every other line). It is written off the request path because the process's
+//! logger writes into [`crate::telemetry::log_writer`]'s bounded queue (`main` installs it
+//! so), so a log consumer that falls behind costs dropped lines
+//! (`edge_access_log_dropped_total`), never a stalled worker thread.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
-
-use tracing::Dispatch;
 
 use pingora::proxy::Session;
 
@@ -65,11 +63,7 @@ impl AccessRecord {
             .bytes
             .with_label_values(&["to_client"])
             .inc_by(self.bytes_out);
-        // The process's filter decides, as for any line; only the writing is elsewhere.
-        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
-            return;
-        }
-        tracing::dispatcher::with_default(access_dispatch(), || self.emit(protocol, error));
+        self.emit(protocol, error);
     }
 
     fn emit(&self, protocol: &str, error: Option<String>) {
@@ -88,20 +82,4 @@ impl AccessRecord {
             error,
         );
     }
-}
-
-/// Formats access lines like `kas_common::logging::init` does and hands them to the
-/// stdout queue.
-fn access_dispatch() -> &'static Dispatch {
-    static DISPATCH: OnceLock<Dispatch> = OnceLock::new();
-    DISPATCH.get_or_init(|| {
-        Dispatch::new(
-            tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_writer(crate::telemetry::log_writer::stdout())
-                .finish(),
-        )
-    })
 }

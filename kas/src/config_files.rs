@@ -95,7 +95,7 @@ impl ConfigFiles {
             .run(&key.to_owned(), || async move {
                 let result = read().await.map(Arc::new);
                 if let Ok(content) = &result {
-                    self.store(&mut self.lock(), key, content.clone());
+                    self.store(key, content.clone());
                 }
                 result
             })
@@ -108,11 +108,12 @@ impl ConfigFiles {
         (result, outcome)
     }
 
-    fn store(&self, state: &mut State, key: &str, content: FileContent) {
+    fn store(&self, key: &str, content: FileContent) {
         let size = cost(key, &content);
         if size > self.max_bytes {
             return;
         }
+        let mut state = self.lock();
         if let Some(old) = state.files.put(key.to_owned(), content) {
             state.bytes -= cost(key, &old);
         }

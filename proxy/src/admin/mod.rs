@@ -9,8 +9,8 @@
 //!   own, so a flood there cannot delay health checks or `/readyz`.
 //!
 //! Both are served by [`serve`], which bounds every connection: a global and a per-client
-//! cap (by the same /32 or /64 key as the TLS port's limits) and an admission check at accept (before a byte is read), a header deadline, and a
-//! total lifetime.
+//! cap (by the same /32 or /64 key as the TLS port's limits), an admission check at accept
+//! (before a byte is read), a header deadline, and a total lifetime.
 
 pub mod private;
 pub mod public;

@@ -36,6 +36,7 @@ use crate::connection::activity::ActivityTable;
 use crate::connection::handoff::PendingHandoffs;
 use crate::connection::registry::ConnectionRegistry;
 use crate::connection::{ConnectionLayer, IdleLimits, MaxAge};
+use crate::http::h2::H2Edge;
 use crate::http::EdgeProxy;
 use crate::listener::accept::{AcceptFilter, SelfProbes};
 use crate::listener::handshake::{HandshakeLayer, HandshakeLimits};
@@ -46,6 +47,7 @@ use crate::support::sync::lock;
 use crate::telemetry::log_writer;
 use crate::telemetry::metrics::EdgeMetrics;
 use crate::upstream::discovery::{self, DiscoveryStatus};
+use crate::upstream::h2c::{self, H2cSettings};
 use crate::upstream::pool::Pool;
 
 /// SIGTERM: readiness 503 first, listeners close only after `readiness_delay`.
@@ -330,7 +332,7 @@ fn proxy_service(
     registry: Arc<ConnectionRegistry>,
     state: &AdminState,
     probes: &Arc<SelfProbes>,
-) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>>>> {
+) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>, H2Edge>>> {
     let handoffs = Arc::new(PendingHandoffs::default());
     let activity = Arc::new(ActivityTable::default());
     let proxy = EdgeProxy {
@@ -342,8 +344,17 @@ fn proxy_service(
         upstream: config.upstream.clone(),
         max_request_header_bytes: config.downstream.max_request_header_bytes,
     };
+    let h2 = H2Edge::new(
+        policies.clone(),
+        state.pool.clone(),
+        state.metrics.clone(),
+        h2c_settings(config),
+        config.upstream.max_connect_attempts,
+        config.downstream.max_request_header_bytes,
+    );
     let app = ConnectionLayer {
         inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
+        h2: Arc::new(h2),
         policies: policies.clone(),
         registry: registry.clone(),
         metrics: state.metrics.clone(),
@@ -397,6 +408,26 @@ fn proxy_service(
     );
     Ok(service)
 }
+
+/// How the edge's gRPC streams reach pods: one connection per pod per edge worker thread,
+/// so streams started on one worker share a connection.
+fn h2c_settings(config: &EdgeConfig) -> H2cSettings {
+    let upstream = &config.upstream;
+    H2cSettings {
+        connect_timeout: upstream.connect_timeout,
+        tcp_keepalive: upstream.tcp_keepalive,
+        ping_interval: upstream.h2_ping_interval,
+        max_streams: upstream.max_h2_streams,
+        connections: config.listen.threads.clamp(1, h2c::MAX_SLOTS),
+        stream_window: POD_STREAM_WINDOW,
+        connection_window: POD_CONNECTION_WINDOW,
+    }
+}
+
+/// What a pod may send the edge ahead of a slow agent: per stream, and per connection
+/// (shared by every stream on it).
+const POD_STREAM_WINDOW: u32 = 256 * 1024;
+const POD_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Ready only once pingora accepts on the TLS port: it binds when `run` starts its
 /// services, and a load balancer acting on an early 200 would see refusals.

@@ -43,12 +43,32 @@ impl MaxAge {
     }
 }
 
+/// What an HTTP/2 server needs to know of the connection it serves.
+pub struct Http2Connection {
+    /// The client's address (after a PROXY header).
+    pub client: std::net::IpAddr,
+    /// Stopped while a stream is open (see [`activity`]).
+    pub activity: Arc<Activity>,
+    /// Flips when the edge starts draining: time for GOAWAY.
+    pub shutdown: ShutdownWatch,
+}
+
+/// Serves the requests of one connection that chose HTTP/2 in its TLS handshake, until
+/// the connection ends. The connection layer around it owns the connection's limits
+/// (blocks, maximum age, idle deadline, drain spread) and ends the future to apply them.
+#[async_trait]
+pub trait ServeHttp2: Send + Sync + 'static {
+    async fn serve(&self, stream: Stream, connection: Http2Connection);
+}
+
 /// The proxy application wrapped so each connection is registered for its lifetime, can
 /// be ended from outside (a block, its maximum age) and carries the tunnels its requests
-/// hand over. pingora runs HTTP/1.1 keep-alive rounds and HTTP/2 streams inside one
-/// `process_new` call, so "the connection" here is the TCP connection.
-pub struct ConnectionLayer<A> {
+/// hand over. HTTP/1.1 connections go to pingora's proxy (`inner`), which runs their
+/// keep-alive rounds inside one `process_new` call; HTTP/2 connections go to `h2`. Either
+/// way "the connection" here is the TCP connection.
+pub struct ConnectionLayer<A, H> {
     pub inner: Arc<A>,
+    pub h2: Arc<H>,
     pub policies: Arc<Policies>,
     pub registry: Arc<ConnectionRegistry>,
     pub metrics: EdgeMetrics,
@@ -118,7 +138,7 @@ async fn closed_by_drain(mut shutdown: ShutdownWatch, spread: std::time::Duratio
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
+impl<A: ServerApp + Send + Sync + 'static, H: ServeHttp2> ServerApp for ConnectionLayer<A, H> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -145,6 +165,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
             tracing::info!(client = %guard.ip, "closing a connection blocked during its handshake");
             return None;
         }
+        let client = guard.ip;
         let guard = Some(guard);
         let h2 = pingora_compat::alpn_label(&stream) == "h2";
         let activity = if h2 {
@@ -152,16 +173,30 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
         } else {
             Activity::new(self.idle.request_head, self.idle.keepalive)
         };
-        let _tracked = self.activity.track(socket, activity.clone());
+        // pingora's requests find their connection's clock by socket; the HTTP/2 server is
+        // handed it.
+        let _tracked = (!h2).then(|| self.activity.track(socket, activity.clone()));
         let deadline = self
             .max_age
             .map(|m| Instant::now() + m.pick())
             .filter(|_| guard.is_some());
-        // pingora's HTTP app returns only when the connection is done with it: after the
-        // last keep-alive request, the last HTTP/2 stream, or a request that handed its
-        // connection over (a websocket tunnel). It never returns a stream to reuse.
+        // Either server returns only when the connection is done with it: after the last
+        // keep-alive request, the last HTTP/2 stream, or a request that handed its
+        // connection over (a websocket tunnel). pingora never returns a stream to reuse.
+        let served = async {
+            if h2 {
+                let connection = Http2Connection {
+                    client,
+                    activity: activity.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                self.h2.serve(stream, connection).await;
+            } else {
+                self.inner.process_new(stream, shutdown).await;
+            }
+        };
         tokio::select! {
-            _ = self.inner.process_new(stream, shutdown) => {}
+            _ = served => {}
             // Dropping the connection's future closes its socket and, for HTTP/2, every
             // stream on it; upstream halves follow as their tasks see the close.
             _ = closed_by_edge(guard.as_ref(), deadline) => {

@@ -5,6 +5,7 @@
 //! which does the upgrade itself instead of pingora's HTTP/1 proxy loop).
 
 mod access_log;
+pub mod h2;
 mod refusal;
 pub mod websocket;
 
@@ -85,9 +86,13 @@ pub struct EdgeProxy {
 /// The bytes a request head takes: method, path and query, header names and values (plus
 /// the separators HTTP/1 would put between them, so both protocols count alike).
 fn request_head_bytes(req: &pingora::http::RequestHeader) -> usize {
-    let line =
-        req.method.as_str().len() + req.uri.path_and_query().map_or(0, |p| p.as_str().len()) + 12;
-    req.headers.iter().fold(line, |n, (name, value)| {
+    let line = req.method.as_str().len() + req.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    head_bytes(line, &req.headers)
+}
+
+/// `line` (method and target) plus the header block, with HTTP/1's separators.
+fn head_bytes(line: usize, headers: &http::HeaderMap) -> usize {
+    headers.iter().fold(line + 12, |n, (name, value)| {
         n + name.as_str().len() + value.len() + 4
     })
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::protocols::http::ServerSession as HttpSession;
 
 use super::Protocol;
 use crate::policy::RequestRefusal;
@@ -147,54 +146,83 @@ impl From<RequestRefusal> for Denial {
     }
 }
 
-/// Answers a request the edge will not forward. gRPC gets a trailers-only response
+/// A refusal's answer, before a protocol writes it. gRPC gets a trailers-only response
 /// (HEADERS with END_STREAM carrying `grpc-status`), which every gRPC client maps to the
-/// status; other requests get the HTTP status. Returns the HTTP status written.
+/// status; other requests get the HTTP status and the message as a short body.
+pub(super) struct DenialResponse {
+    pub(super) status: u16,
+    pub(super) headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `None` for gRPC: the head alone ends the stream.
+    pub(super) body: Option<Bytes>,
+}
+
+impl DenialResponse {
+    pub(super) fn new(protocol: Protocol, denial: &Denial) -> Self {
+        use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+        let value = |s: &str| {
+            http::HeaderValue::from_str(s)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("request refused"))
+        };
+        let mut headers = Vec::with_capacity(4);
+        let (status, body) = if protocol == Protocol::Grpc {
+            headers.push((
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            ));
+            headers.push((
+                http::HeaderName::from_static("grpc-status"),
+                http::HeaderValue::from_static(denial.grpc_code.as_str()),
+            ));
+            headers.push((
+                http::HeaderName::from_static("grpc-message"),
+                value(&denial.message),
+            ));
+            (200, None)
+        } else {
+            let body = Bytes::from(format!("{}\n", denial.message));
+            headers.push((
+                CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+            ));
+            headers.push((CONTENT_LENGTH, http::HeaderValue::from(body.len())));
+            (denial.http_status, Some(body))
+        };
+        if let Some(after) = denial.retry_after {
+            headers.push((RETRY_AFTER, http::HeaderValue::from(after.as_secs().max(1))));
+        }
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+/// Answers a request the edge will not forward on pingora's session (HTTP/1; see
+/// [`DenialResponse`]). Returns the HTTP status written.
 pub(super) async fn respond_denied(
     session: &mut Session,
     protocol: Protocol,
     denial: &Denial,
 ) -> u16 {
-    let retry_after = denial.retry_after.map(|d| d.as_secs().max(1).to_string());
-    if protocol == Protocol::Grpc {
-        let written = (|| -> Result<()> {
-            let mut resp = ResponseHeader::build(200, Some(4))?;
-            resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-            resp.insert_header("grpc-status", denial.grpc_code.as_str())?;
-            resp.insert_header("grpc-message", denial.message.as_str())?;
-            if let Some(secs) = &retry_after {
-                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
-            }
-            match session.as_downstream_mut() {
-                HttpSession::H2(h2) => h2.write_response_header(Box::new(resp), true),
-                _ => Err(Error::explain(
-                    InternalError,
-                    "gRPC on a non-HTTP/2 session",
-                )),
-            }
-        })();
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "could not write the gRPC error response");
+    let answer = DenialResponse::new(protocol, denial);
+    let written = async {
+        let mut resp = ResponseHeader::build(answer.status, Some(answer.headers.len()))?;
+        for (name, value) in answer.headers {
+            resp.insert_header(name, value)?;
         }
-        200
-    } else {
-        let written = async {
-            let body = Bytes::from(format!("{}\n", denial.message));
-            let mut resp = ResponseHeader::build(denial.http_status, Some(4))?;
-            resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-            resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-            if let Some(secs) = &retry_after {
-                resp.insert_header(http::header::RETRY_AFTER, secs.as_str())?;
-            }
-            session.set_keepalive(None);
-            session.write_response_header(Box::new(resp), false).await?;
-            session.write_response_body(Some(body), true).await
-        };
-        if let Err(e) = written.await {
-            tracing::debug!(error = %e, "could not write the error response");
+        let end = answer.body.is_none();
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), end).await?;
+        if let Some(body) = answer.body {
+            session.write_response_body(Some(body), true).await?;
         }
-        denial.http_status
+        Ok::<_, Box<Error>>(())
+    };
+    if let Err(e) = written.await {
+        tracing::debug!(error = %e, "could not write the error response");
     }
+    answer.status
 }
 
 pub(super) fn unavailable(why: &str) -> Denial {

@@ -2,5 +2,6 @@
 //! traffic ([`health`]) and which one gets the next stream ([`pool`]).
 
 pub mod discovery;
+pub mod h2c;
 pub mod health;
 pub mod pool;

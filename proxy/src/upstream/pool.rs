@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::telemetry::metrics::PodSample;
 use crate::upstream::discovery::Endpoint;
+use crate::upstream::h2c::PodConnections;
 
 pub struct Pod {
     pub addr: SocketAddr,
@@ -32,6 +33,8 @@ pub struct Pod {
     /// connection (0: not backing off). An atomic, so choosing a pod takes no lock.
     passive_down_until: AtomicU64,
     created: Instant,
+    /// The edge's HTTP/2 connections to the pod, for gRPC.
+    pub h2c: PodConnections,
 }
 
 impl Pod {
@@ -51,6 +54,7 @@ impl Pod {
             in_flight: AtomicUsize::new(0),
             passive_down_until: AtomicU64::new(0),
             created: Instant::now(),
+            h2c: PodConnections::default(),
         }
     }
 

@@ -1,0 +1,697 @@
+//! HTTP/2 from agents (`grpcs://`), forwarded by the edge itself to its pods' shared
+//! HTTP/2 connections.
+//!
+//! Why not pingora's HTTP/2 proxy: measured (`loadtest/bench.sh`, README "Performance"),
+//! it cost ≈100 µs of CPU and about one cross-thread hand-off per gRPC call, where an
+//! HTTP/2 forwarder needs a fraction of that. pingora 0.9 spawns a task per stream, takes
+//! a pooled upstream connection out of its pool while opening a stream on it (concurrent
+//! streams then dial new connections: 70–136 edge→pod connections during a 3-pod gRPC
+//! run) and builds a full proxy session per stream. Here one task serves one agent
+//! connection: it accepts streams and drives every open stream's forwarding itself, so a
+//! call wakes no other task on the agent's side; pods are reached over a few
+//! long-lived connections per pod ([`crate::upstream::h2c`]).
+//!
+//! What pingora did on this path and this module now does: policies (header rules, rate
+//! limits, per-token keys), least-in-flight pod choice with passive back-off, another pod
+//! when connecting fails, trailers-only `grpc-status` refusals, access log and metrics,
+//! GOAWAY on drain, and the HTTP/2 abuse limits: bounded streams and header lists,
+//! streams reset before they were accepted (h2's own limit), rapid cancellation of
+//! accepted streams, malformed requests, `CONNECT`. Connection-wide limits (block,
+//! maximum age, idle deadline) stay in [`crate::connection`], around this server.
+
+mod relay;
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream};
+use http::{HeaderMap, Method, Request, Response};
+use pingora::protocols::Stream;
+use prometheus::{Histogram, IntGauge};
+
+use super::access_log::AccessRecord;
+use super::refusal::{header_too_large, unavailable, Denial, DenialResponse, GrpcCode};
+use super::Protocol;
+use crate::connection::{Http2Connection, ServeHttp2};
+use crate::policy::Policies;
+use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
+use crate::upstream::h2c::{H2cSettings, OpenError, PodStream};
+use crate::upstream::pool::{Pod, PodGuard, Pool};
+use relay::{relay, Broken};
+
+/// Streams one agent connection may have open at once (pingora's default, kept).
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Malformed requests one connection may send before it is closed with
+/// ENHANCE_YOUR_CALM: no agent sends any.
+const MALFORMED_BUDGET: u32 = 32;
+/// Streams the client may cancel before their answer within [`CANCEL_WINDOW`] before the
+/// connection is closed with ENHANCE_YOUR_CALM ("rapid reset", CVE-2023-44487): each one
+/// costs the edge a policy check and a pod stream. Agents cancel a handful per hour.
+const CANCEL_BUDGET: u32 = 100;
+const CANCEL_WINDOW: Duration = Duration::from_secs(10);
+/// Flow-control windows the edge grants an agent: how much it may send before the edge
+/// passed it on to a pod. They bound what a connection can make the edge hold.
+const AGENT_STREAM_WINDOW: u32 = 256 * 1024;
+const AGENT_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// The HTTP/2 side of the edge: agents' gRPC (and any other HTTP/2 request) to pods.
+pub struct H2Edge {
+    policies: Arc<Policies>,
+    pool: Arc<Pool>,
+    metrics: EdgeMetrics,
+    upstream: H2cSettings,
+    max_connect_attempts: u32,
+    max_request_header_bytes: usize,
+    /// Metric children every stream touches, resolved once.
+    hot: HotMetrics,
+}
+
+struct HotMetrics {
+    active_grpc: IntGauge,
+    active_http: IntGauge,
+    latency_grpc: Histogram,
+    latency_http: Histogram,
+}
+
+impl HotMetrics {
+    fn new(metrics: &EdgeMetrics) -> Self {
+        let active = |p: Protocol| metrics.active.with_label_values(&[p.label()]);
+        let latency = |p: Protocol| metrics.upstream_latency.with_label_values(&[p.label()]);
+        Self {
+            active_grpc: active(Protocol::Grpc),
+            active_http: active(Protocol::Http),
+            latency_grpc: latency(Protocol::Grpc),
+            latency_http: latency(Protocol::Http),
+        }
+    }
+
+    fn active(&self, protocol: Protocol) -> &IntGauge {
+        match protocol {
+            Protocol::Grpc => &self.active_grpc,
+            _ => &self.active_http,
+        }
+    }
+
+    fn latency(&self, protocol: Protocol) -> &Histogram {
+        match protocol {
+            Protocol::Grpc => &self.latency_grpc,
+            _ => &self.latency_http,
+        }
+    }
+}
+
+/// A stream's end, as its connection's abuse limits need it.
+struct StreamEnd {
+    /// The client cancelled the stream before it got an answer.
+    cancelled_early: bool,
+}
+
+/// A request the connection answers without looking further: the stream is reset
+/// (malformed framing) or answered at once.
+enum Malformed {
+    Reset,
+    Answer(u16, &'static str),
+}
+
+impl H2Edge {
+    pub fn new(
+        policies: Arc<Policies>,
+        pool: Arc<Pool>,
+        metrics: EdgeMetrics,
+        upstream: H2cSettings,
+        max_connect_attempts: u32,
+        max_request_header_bytes: usize,
+    ) -> Self {
+        Self {
+            hot: HotMetrics::new(&metrics),
+            policies,
+            pool,
+            metrics,
+            upstream,
+            max_connect_attempts,
+            max_request_header_bytes,
+        }
+    }
+
+    fn server(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        // h2 answers heads beyond this itself (431); between our own limit and this one
+        // the edge answers with its gRPC-aware refusal.
+        let header_list = (self.max_request_header_bytes * 2).max(64 * 1024);
+        builder
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX))
+            .initial_window_size(AGENT_STREAM_WINDOW)
+            .initial_connection_window_size(AGENT_CONNECTION_WINDOW)
+            // Streams reset before they were accepted (h2's rapid-reset guard) and local
+            // resets forced by protocol errors: stated, not left to the crate's defaults.
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(Some(1024));
+        builder
+    }
+}
+
+#[async_trait]
+impl ServeHttp2 for H2Edge {
+    async fn serve(&self, stream: Stream, connection: Http2Connection) {
+        let mut conn = match self.server().handshake::<_, Bytes>(stream).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+        };
+        let mut shutdown = connection.shutdown.clone();
+        let mut draining = false;
+        let mut malformed = 0u32;
+        let mut cancels = CancelWindow::default();
+        let mut streams = FuturesUnordered::new();
+        loop {
+            if !draining && *shutdown.borrow() {
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            tokio::select! {
+                biased;
+                Some(end) = streams.next(), if !streams.is_empty() => {
+                    let end: StreamEnd = end;
+                    if end.cancelled_early && cancels.count() > CANCEL_BUDGET {
+                        self.calm_down(&connection, "streams cancelled before their answer");
+                        conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    }
+                }
+                changed = shutdown.changed(), if !draining => {
+                    // A dropped sender (the server is gone) is a drain as well.
+                    let _ = changed;
+                    conn.graceful_shutdown();
+                    draining = true;
+                }
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((request, mut respond))) => match screen(&request) {
+                        Ok(()) => streams.push(self.forward(&connection, request, respond)),
+                        Err(bad) => {
+                            match bad {
+                                Malformed::Reset => respond.send_reset(Reason::PROTOCOL_ERROR),
+                                Malformed::Answer(status, why) => {
+                                    answer_plain(&mut respond, status, why);
+                                }
+                            }
+                            malformed += 1;
+                            if malformed > MALFORMED_BUDGET {
+                                self.calm_down(&connection, "malformed requests");
+                                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                            }
+                        }
+                    },
+                    Some(Err(e)) => {
+                        tracing::debug!(client = %connection.client, error = %e, "HTTP/2 connection failed");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+/// Counts early cancels in fixed windows.
+#[derive(Default)]
+struct CancelWindow {
+    since: Option<Instant>,
+    count: u32,
+}
+
+impl CancelWindow {
+    /// Counts one more; returns the count within the current window.
+    fn count(&mut self) -> u32 {
+        let now = Instant::now();
+        match self.since {
+            Some(since) if now.duration_since(since) < CANCEL_WINDOW => self.count += 1,
+            _ => {
+                self.since = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count
+    }
+}
+
+/// Framing checks the h2 crate leaves to its user, done before a request costs anything:
+/// RFC 9113 §8.1.1 forbids forwarding a malformed request.
+fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
+    if request.method() == Method::CONNECT {
+        return Err(Malformed::Answer(405, "CONNECT is not served here"));
+    }
+    // Control bytes and spaces have no place in a request target, whatever a URI parser
+    // lets through.
+    let target = request.uri().path_and_query().map_or("", |p| p.as_str());
+    if target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(Malformed::Reset);
+    }
+    // Conflicting lengths are ambiguous framing (h2 itself reads only the first).
+    let mut lengths = request
+        .headers()
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter();
+    if let Some(first) = lengths.next() {
+        let parse = |v: &http::HeaderValue| {
+            v.to_str()
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+        };
+        let first = parse(first).ok_or(Malformed::Reset)?;
+        if lengths.any(|v| parse(v) != Some(first)) {
+            return Err(Malformed::Reset);
+        }
+    }
+    // A `host` that disagrees with `:authority` names two different targets.
+    if let (Some(host), Some(authority)) = (
+        request.headers().get(http::header::HOST),
+        request.uri().authority(),
+    ) {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Err(Malformed::Answer(400, "host and :authority disagree"));
+        }
+    }
+    Ok(())
+}
+
+/// Answers a stream with a status and a one-line reason, ending it.
+fn answer_plain(respond: &mut SendResponse<Bytes>, status: u16, why: &str) {
+    let denial = Denial {
+        http_status: status,
+        grpc_code: GrpcCode::from_http(status),
+        message: why.to_owned(),
+        retry_after: None,
+    };
+    answer_denied(respond, Protocol::Http, &denial);
+}
+
+/// Writes a refusal (see [`DenialResponse`]); returns the HTTP status written.
+fn answer_denied(respond: &mut SendResponse<Bytes>, protocol: Protocol, denial: &Denial) -> u16 {
+    let answer = DenialResponse::new(protocol, denial);
+    let mut response = Response::new(());
+    *response.status_mut() =
+        http::StatusCode::from_u16(answer.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    response.headers_mut().extend(answer.headers);
+    let end = answer.body.is_none();
+    match respond.send_response(response, end) {
+        Ok(mut body) => {
+            if let Some(bytes) = answer.body {
+                // Fits any initial window; if not, h2 buffers this one short body.
+                if let Err(e) = body.send_data(bytes, true) {
+                    tracing::debug!(error = %e, "could not write the refusal's body");
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "could not write the refusal"),
+    }
+    answer.status
+}
+
+fn classify(headers: &HeaderMap) -> Protocol {
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        Protocol::Grpc
+    } else {
+        Protocol::Http
+    }
+}
+
+/// The bytes a request head takes, counted as [`super::request_head_bytes`] counts them.
+fn head_bytes(parts: &http::request::Parts) -> usize {
+    let line =
+        parts.method.as_str().len() + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    super::head_bytes(line, &parts.headers)
+}
+
+/// Headers that describe one connection, not the request: never forwarded (HTTP/2
+/// forbids them; h2 refuses to send them).
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    for name in [
+        http::header::CONNECTION,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+        http::HeaderName::from_static("keep-alive"),
+        http::HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(http::header::TE);
+    }
+}
+
+/// The request as it goes to a pod: the same method, target and headers over cleartext.
+fn pod_request(parts: &http::request::Parts, pod: &Pod) -> Request<()> {
+    let authority = parts
+        .uri
+        .authority()
+        .map_or_else(|| pod.addr.to_string(), |a| a.as_str().to_owned());
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(target)
+        .build()
+        .unwrap_or_else(|_| parts.uri.clone());
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = parts.headers.clone();
+    request
+}
+
+/// How the pod's side of a forwarded stream ended.
+enum Answer {
+    /// The pod's answer reached the client in full.
+    Complete { status: u16, grpc: Option<GrpcCode> },
+    /// The client reset the stream or its connection failed.
+    ClientGone { status: u16 },
+    /// The pod failed before answering; the client got the edge's refusal.
+    Unanswered { status: u16, error: h2::Error },
+    /// The pod failed mid-answer; the client's stream was ended with `grpc`.
+    Cut {
+        status: u16,
+        grpc: GrpcCode,
+        error: h2::Error,
+    },
+}
+
+impl H2Edge {
+    fn calm_down(&self, connection: &Http2Connection, why: &'static str) {
+        self.policies.blocked("h2_abuse", "h2");
+        tracing::info!(client = %connection.client, why, "closing an HTTP/2 connection: ENHANCE_YOUR_CALM");
+    }
+
+    /// The policy refusal for a request, if any, checked before any pod is involved.
+    fn refusal(&self, client: std::net::IpAddr, parts: &http::request::Parts) -> Option<Denial> {
+        let head = head_bytes(parts);
+        if head > self.max_request_header_bytes {
+            return Some(header_too_large(head, self.max_request_header_bytes));
+        }
+        if let Some(refusal) = self.policies.check_request(Some(client), &parts.headers) {
+            return Some(Denial::from(refusal));
+        }
+        if !self.pool.any_accepting() {
+            return Some(unavailable("no healthy kas pod"));
+        }
+        None
+    }
+
+    /// One stream, from its request to its end: checked, sent to a pod, its answer
+    /// relayed back, logged.
+    async fn forward(
+        &self,
+        connection: &Http2Connection,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) -> StreamEnd {
+        let _busy = connection.activity.start();
+        let (mut parts, mut body) = request.into_parts();
+        let protocol = classify(&parts.headers);
+        let _active = GaugeGuard::hold(self.hot.active(protocol).clone());
+        let mut record = AccessRecord {
+            client: Some(connection.client),
+            protocol,
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            pod: None,
+            status: 0,
+            started: Instant::now(),
+            bytes_in: 0,
+            bytes_out: 0,
+            tunnel_end: None,
+        };
+        if let Some(denial) = self.refusal(connection.client, &parts) {
+            record.status = answer_denied(&mut respond, protocol, &denial);
+            self.finish(record, Some(denial.grpc_code), None);
+            return StreamEnd {
+                cancelled_early: false,
+            };
+        }
+        strip_connection_headers(&mut parts.headers);
+        let request_ends = body.is_end_stream();
+
+        // A pod stream: on another pod when connecting fails (nothing reached the pod).
+        let opened = tokio::select! {
+            opened = self.open_stream(&parts, request_ends) => opened,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+                record.status = 0;
+                self.finish(record, Some(GrpcCode::Cancelled), Some("client cancelled".into()));
+                return StreamEnd { cancelled_early: true };
+            }
+        };
+        let (guard, stream) = match opened {
+            Ok(opened) => opened,
+            Err(why) => {
+                let denial = unavailable(why);
+                record.status = answer_denied(&mut respond, protocol, &denial);
+                self.finish(record, Some(denial.grpc_code), Some(why.to_owned()));
+                return StreamEnd {
+                    cancelled_early: false,
+                };
+            }
+        };
+        record.pod = Some(guard.pod().clone());
+        let PodStream {
+            response,
+            body: mut to_pod,
+            ..
+        } = stream;
+
+        let answered = AtomicBool::new(false);
+        let mut bytes_in = 0u64;
+        let mut bytes_out = 0u64;
+        let mut upload_error = None;
+        let answer = {
+            let download = self.download(
+                protocol,
+                response,
+                &mut respond,
+                &answered,
+                &mut bytes_out,
+                record.started,
+            );
+            let upload = async {
+                if request_ends {
+                    return Ok(());
+                }
+                relay(&mut body, &mut to_pod, &mut bytes_in).await.map(drop)
+            };
+            tokio::pin!(download, upload);
+            let mut uploading = !request_ends;
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut download => break answer,
+                    sent = &mut upload, if uploading => {
+                        uploading = false;
+                        match sent {
+                            Ok(()) => {}
+                            // The pod reset or finished its side: its answer says how.
+                            Err(Broken::Destination) => {}
+                            Err(Broken::Source(e)) => {
+                                upload_error = Some(e);
+                                break Answer::ClientGone { status: 0 };
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let early = !answered.load(Ordering::Relaxed);
+        let (status, grpc, error) = match answer {
+            Answer::Complete { status, grpc } => (status, grpc, None),
+            Answer::ClientGone { status } => {
+                to_pod.send_reset(Reason::CANCEL);
+                let why =
+                    upload_error.map_or_else(|| "client went away".to_owned(), |e| e.to_string());
+                (status, Some(GrpcCode::Cancelled), Some(why))
+            }
+            Answer::Unanswered { status, error } => {
+                (status, Some(GrpcCode::Unavailable), Some(error.to_string()))
+            }
+            Answer::Cut {
+                status,
+                grpc,
+                error,
+            } => (status, Some(grpc), Some(error.to_string())),
+        };
+        record.status = status;
+        record.bytes_in = bytes_in;
+        record.bytes_out = bytes_out;
+        let cancelled_early = early && matches!(grpc, Some(GrpcCode::Cancelled));
+        self.finish(record, grpc, error);
+        drop(guard);
+        StreamEnd { cancelled_early }
+    }
+
+    /// Opens a stream for the request on the least-loaded pod, trying another pod when
+    /// one cannot be reached. Returns the pod's slot and the stream.
+    async fn open_stream(
+        &self,
+        parts: &http::request::Parts,
+        request_ends: bool,
+    ) -> Result<(PodGuard, PodStream), &'static str> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let guard = self.pool.pick().ok_or("no healthy kas pod")?;
+            let pod = guard.pod().clone();
+            let request = pod_request(parts, &pod);
+            let failure = match pod
+                .h2c
+                .open(pod.addr, &self.upstream, request, request_ends)
+                .await
+            {
+                Ok(stream) => return Ok((guard, stream)),
+                Err(e) => e,
+            };
+            if let OpenError::Connect(_) = failure {
+                self.connect_failed(&pod);
+            }
+            if attempts >= self.max_connect_attempts {
+                tracing::warn!(pod = %pod.label, error = %failure, "request not forwarded");
+                return Err("kas is unavailable");
+            }
+            tracing::debug!(pod = %pod.label, error = %failure, "trying another pod");
+        }
+    }
+
+    /// The pod's answer to the client: head, body and trailers, or the edge's refusal if
+    /// the pod fails before it answers.
+    async fn download(
+        &self,
+        protocol: Protocol,
+        response: h2::client::ResponseFuture,
+        respond: &mut SendResponse<Bytes>,
+        answered: &AtomicBool,
+        bytes_out: &mut u64,
+        started: Instant,
+    ) -> Answer {
+        let response = tokio::select! {
+            response = response => response,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return Answer::ClientGone { status: 0 },
+        };
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                let status = answer_denied(respond, protocol, &unavailable("kas is unavailable"));
+                return Answer::Unanswered { status, error };
+            }
+        };
+        self.hot
+            .latency(protocol)
+            .observe(started.elapsed().as_secs_f64());
+        let (mut head, mut from_pod) = response.into_parts();
+        let status = head.status.as_u16();
+        let head_grpc = head
+            .headers
+            .get("grpc-status")
+            .map(|s| GrpcCode::from_wire(s.as_bytes()));
+        strip_connection_headers(&mut head.headers);
+        let ends = from_pod.is_end_stream();
+        let mut to_client = match respond.send_response(Response::from_parts(head, ()), ends) {
+            Ok(send) => send,
+            Err(_) => return Answer::ClientGone { status },
+        };
+        answered.store(true, Ordering::Relaxed);
+        // The call's status as its client sees it: the trailers', else a trailers-only
+        // head's; without one, a 200 that ended is INTERNAL and any other status maps as
+        // gRPC clients map it.
+        let outcome = |trailer_status: Option<http::HeaderValue>| {
+            let trailer_grpc = trailer_status.map(|s| GrpcCode::from_wire(s.as_bytes()));
+            let grpc = trailer_grpc.or(head_grpc).unwrap_or(match status {
+                200 => GrpcCode::Internal,
+                _ => GrpcCode::from_http(status),
+            });
+            Answer::Complete {
+                status,
+                grpc: Some(grpc),
+            }
+        };
+        if ends {
+            return outcome(None);
+        }
+        match relay(&mut from_pod, &mut to_client, bytes_out).await {
+            Ok(trailer_status) => outcome(trailer_status),
+            Err(Broken::Destination) => Answer::ClientGone { status },
+            Err(Broken::Source(error)) => {
+                let grpc = cut_short(protocol, &mut to_client, &error);
+                Answer::Cut {
+                    status,
+                    grpc,
+                    error,
+                }
+            }
+        }
+    }
+
+    fn connect_failed(&self, pod: &Pod) {
+        self.pool.mark_failed(pod);
+        self.metrics
+            .upstream_connect_failures
+            .with_label_values(&[&pod.label])
+            .inc();
+    }
+
+    fn finish(&self, record: AccessRecord, grpc: Option<GrpcCode>, error: Option<String>) {
+        if record.protocol == Protocol::Grpc {
+            let code = grpc.unwrap_or(GrpcCode::Unavailable);
+            self.metrics
+                .grpc_responses
+                .with_label_values(&[code.name()])
+                .inc();
+        }
+        record.log(&self.metrics, error);
+    }
+}
+
+/// Ends a client's stream whose pod failed mid-answer. gRPC gets trailers with
+/// UNAVAILABLE (the agent reconnects, as for any lost pod) unless the pod reset the
+/// stream on purpose, whose reason is passed on; anything else gets the reset.
+fn cut_short(
+    protocol: Protocol,
+    to_client: &mut h2::SendStream<Bytes>,
+    error: &h2::Error,
+) -> GrpcCode {
+    let pod_reset = error.is_reset() && error.is_remote();
+    if protocol == Protocol::Grpc && !pod_reset {
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static(GrpcCode::Unavailable.as_str()),
+        );
+        trailers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("kas pod connection lost"),
+        );
+        if to_client.send_trailers(trailers).is_ok() {
+            return GrpcCode::Unavailable;
+        }
+    }
+    let reason = error.reason().unwrap_or(Reason::INTERNAL_ERROR);
+    to_client.send_reset(reason);
+    match reason {
+        Reason::CANCEL => GrpcCode::Cancelled,
+        Reason::REFUSED_STREAM => GrpcCode::Unavailable,
+        Reason::ENHANCE_YOUR_CALM => GrpcCode::ResourceExhausted,
+        _ => GrpcCode::Internal,
+    }
+}

@@ -1,0 +1,478 @@
+//! HTTP/2 duties the edge took over from pingora when it began forwarding gRPC itself:
+//! shared pod connections, flow control end to end, a pod lost mid-answer, abuse limits
+//! (rapid cancels, malformed requests, CONNECT) and GOAWAY on drain. Raw HTTP/2 clients
+//! (the h2 crate) over real TLS to the real `kas-edge` binary, in front of stand-in pods
+//! that speak HTTP/2 cleartext as kas does.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use h2::client::SendRequest;
+use h2::{Reason, RecvStream};
+use http::{HeaderMap, Request, Response};
+use tokio::net::TcpListener;
+
+const GRPC_PATH: &str = "https://localhost/kas_edge.test.v1.Test/Call";
+
+/// How a stand-in pod answers each stream.
+#[derive(Clone, Copy)]
+enum PodAnswers {
+    /// Waits `delay`, then a small body and `grpc-status: 0`.
+    Small { delay: Duration },
+    /// Sends `total` bytes as fast as the edge's window lets it, then `grpc-status: 0`.
+    Bulk { total: usize },
+    /// Sends a head and one DATA frame, then drops the whole connection.
+    DiesMidway,
+}
+
+/// What a stand-in pod saw.
+#[derive(Default)]
+struct PodSeen {
+    connections: AtomicU64,
+    streams: AtomicU64,
+    /// Bytes the edge's flow control let the pod send.
+    sent: AtomicU64,
+}
+
+async fn h2_pod(ip: IpAddr, answers: PodAnswers) -> (SocketAddr, Arc<PodSeen>) {
+    serve_readiness(ip).await;
+    let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
+    let seen = Arc::new(PodSeen::default());
+    let pod = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            pod.connections.fetch_add(1, Ordering::SeqCst);
+            let pod = pod.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(sock).await else {
+                    return;
+                };
+                while let Some(Ok((request, respond))) = conn.accept().await {
+                    pod.streams.fetch_add(1, Ordering::SeqCst);
+                    if let PodAnswers::DiesMidway = answers {
+                        answer_then_die(respond);
+                        // Drive the connection a moment so the frames leave, then
+                        // close the socket.
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(200), conn.accept()).await;
+                        return;
+                    }
+                    tokio::spawn(answer(request, respond, answers, pod.clone()));
+                }
+            });
+        }
+    });
+    (SocketAddr::new(ip, AGENT_PORT), seen)
+}
+
+fn grpc_ok() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    trailers
+}
+
+fn grpc_head() -> Response<()> {
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap()
+}
+
+async fn answer(
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    answers: PodAnswers,
+    pod: Arc<PodSeen>,
+) {
+    let mut body = request.into_body();
+    // Read the request body to its end (gRPC sends it first).
+    while let Some(Ok(data)) = body.data().await {
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let Ok(mut send) = respond.send_response(grpc_head(), false) else {
+        return;
+    };
+    match answers {
+        PodAnswers::Small { delay } => {
+            tokio::time::sleep(delay).await;
+            let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+        }
+        PodAnswers::Bulk { total } => {
+            let mut left = total;
+            while left > 0 {
+                send.reserve_capacity(left.min(64 * 1024));
+                let Some(Ok(granted)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                else {
+                    return;
+                };
+                let n = granted.min(left);
+                if n == 0 {
+                    continue;
+                }
+                if send.send_data(Bytes::from(vec![7u8; n]), false).is_err() {
+                    return;
+                }
+                pod.sent.fetch_add(n as u64, Ordering::SeqCst);
+                left -= n;
+            }
+        }
+        PodAnswers::DiesMidway => unreachable!(),
+    }
+    let _ = send.send_trailers(grpc_ok());
+}
+
+fn answer_then_die(mut respond: h2::server::SendResponse<Bytes>) {
+    if let Ok(mut send) = respond.send_response(grpc_head(), false) {
+        let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x05part"), false);
+    }
+}
+
+/// An HTTP/2 connection to the edge over TLS; its driver runs in a task whose result
+/// says how the connection ended.
+async fn h2_client(
+    edge: &Edge,
+) -> (
+    SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn grpc_request() -> Request<()> {
+    Request::builder()
+        .method("POST")
+        .uri(GRPC_PATH)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// One unary call: the request's 5-byte empty message, then the answer's body and
+/// `grpc-status`.
+async fn call(send: &mut SendRequest<Bytes>) -> (Vec<u8>, Option<String>) {
+    let mut ready = send.clone().ready().await.unwrap();
+    let (response, mut body) = ready.send_request(grpc_request(), false).unwrap();
+    body.send_data(Bytes::from_static(b"\0\0\0\0\0"), true)
+        .unwrap();
+    let response = tokio::time::timeout(STEP, response)
+        .await
+        .expect("an answer")
+        .unwrap();
+    read_answer(response).await
+}
+
+async fn read_answer(response: Response<RecvStream>) -> (Vec<u8>, Option<String>) {
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .map(|s| s.to_str().unwrap().to_owned());
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(STEP, body.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = tokio::time::timeout(STEP, body.trailers())
+        .await
+        .unwrap()
+        .unwrap();
+    let status = trailers
+        .and_then(|t| t.get("grpc-status").map(|s| s.to_str().unwrap().to_owned()))
+        .or(status);
+    (data, status)
+}
+
+/// The reason a connection ended with, waiting (bounded) for it to end.
+async fn ended_with(conn: tokio::task::JoinHandle<Result<(), h2::Error>>) -> Option<Reason> {
+    match tokio::time::timeout(STEP, conn).await {
+        Ok(Ok(Err(e))) => e.reason(),
+        Ok(Ok(Ok(()))) => Some(Reason::NO_ERROR),
+        Ok(Err(join)) => panic!("connection task failed: {join}"),
+        Err(_) => panic!("the connection did not end"),
+    }
+}
+
+/// Many agent connections, many calls: the pod sees at most one connection per edge
+/// worker thread (the test edge runs 2), not one per concurrent call.
+#[tokio::test]
+async fn agents_calls_share_a_few_connections_to_each_pod() {
+    let subnet = next_subnet();
+    let (pod, seen) = h2_pod(
+        ip(subnet, 10),
+        PodAnswers::Small {
+            delay: Duration::from_millis(5),
+        },
+    )
+    .await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let mut agents = Vec::new();
+    for _ in 0..16 {
+        let (send, conn) = h2_client(&edge).await;
+        agents.push(tokio::spawn(async move {
+            let calls = (0..10).map(|_| {
+                let mut send = send.clone();
+                async move { call(&mut send).await }
+            });
+            let answers = futures_util::future::join_all(calls).await;
+            drop(conn);
+            answers
+        }));
+    }
+    for agent in agents {
+        for (body, status) in agent.await.unwrap() {
+            assert_eq!(body, b"\0\0\0\0\x02ok");
+            assert_eq!(status.as_deref(), Some("0"));
+        }
+    }
+    assert_eq!(seen.streams.load(Ordering::SeqCst), 160);
+    let connections = seen.connections.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&connections),
+        "160 concurrent calls from 16 agents took {connections} pod connections"
+    );
+}
+
+/// An agent that reads nothing of a big answer holds the pod back through flow control:
+/// the edge lets the pod send about one window ahead, not the whole answer. Once the
+/// agent reads, every byte and the trailers arrive.
+#[tokio::test]
+async fn a_slow_agent_holds_back_its_pod_and_loses_nothing() {
+    const TOTAL: usize = 16 * 1024 * 1024;
+    let subnet = next_subnet();
+    let (pod, seen) = h2_pod(ip(subnet, 10), PodAnswers::Bulk { total: TOTAL }).await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let (send, _conn) = h2_client(&edge).await;
+    let mut ready = send.ready().await.unwrap();
+    let (response, mut body) = ready.send_request(grpc_request(), false).unwrap();
+    body.send_data(Bytes::from_static(b"\0\0\0\0\0"), true)
+        .unwrap();
+    let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+
+    // Nothing read: the pod's sending stalls.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut last = u64::MAX;
+    let stalled_at = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = seen.sent.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod never stalled"
+        );
+        last = now;
+    };
+    // The agent's window (64 KiB, h2's default) plus what the edge grants a pod per
+    // stream (256 KiB), with room for rounding; far below the 16 MiB answer.
+    assert!(
+        stalled_at <= 1024 * 1024,
+        "the pod sent {stalled_at} bytes to an agent that read nothing"
+    );
+
+    let (data, status) = read_answer(response).await;
+    assert_eq!(data.len(), TOTAL);
+    assert!(data.iter().all(|&b| b == 7));
+    assert_eq!(status.as_deref(), Some("0"));
+}
+
+/// A pod that dies mid-answer: the agent gets what was sent, then `grpc-status: 14`
+/// (UNAVAILABLE, so it reconnects), not a reset that would read as INTERNAL.
+#[tokio::test]
+async fn a_pod_lost_mid_answer_ends_the_call_with_unavailable() {
+    let subnet = next_subnet();
+    let (pod, _seen) = h2_pod(ip(subnet, 10), PodAnswers::DiesMidway).await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let (mut send, _conn) = h2_client(&edge).await;
+    let (body, status) = call(&mut send).await;
+    assert_eq!(body, b"\0\0\0\0\x05part");
+    assert_eq!(status.as_deref(), Some("14"));
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "edge_grpc_responses_total{grpc_status=\"UNAVAILABLE\"}"
+        ),
+        1.0
+    );
+}
+
+/// Streams cancelled right after they were accepted, over and over (HTTP/2 "rapid
+/// reset"): each costs the edge a pod stream, so the connection is closed with
+/// ENHANCE_YOUR_CALM after a budget; other agents are unaffected.
+#[tokio::test]
+async fn rapid_cancels_close_the_connection_with_enhance_your_calm() {
+    let subnet = next_subnet();
+    let (pod, seen) = h2_pod(
+        ip(subnet, 10),
+        PodAnswers::Small {
+            delay: Duration::from_secs(2),
+        },
+    )
+    .await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let (send, conn) = h2_client(&edge).await;
+    let mut cancelled = 0;
+    for _ in 0..400 {
+        let Ok(mut ready) = send.clone().ready().await else {
+            break;
+        };
+        let Ok((_response, mut body)) = ready.send_request(grpc_request(), false) else {
+            break;
+        };
+        if body
+            .send_data(Bytes::from_static(b"\0\0\0\0\0"), false)
+            .is_err()
+        {
+            break;
+        }
+        // Long enough for the edge to accept and forward the stream.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        body.send_reset(Reason::CANCEL);
+        cancelled += 1;
+    }
+    assert_eq!(ended_with(conn).await, Some(Reason::ENHANCE_YOUR_CALM));
+    assert!(
+        cancelled < 400,
+        "the connection survived {cancelled} cancels"
+    );
+    let reached = seen.streams.load(Ordering::SeqCst);
+    assert!(
+        reached <= 200,
+        "{reached} cancelled streams reached the pod"
+    );
+
+    // A well-behaved agent still gets through.
+    let (mut send, _conn) = h2_client(&edge).await;
+    assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+}
+
+fn request_with(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+    let mut request = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(()).unwrap()
+}
+
+/// Sends one request without a body; its answer's status, or the reset reason.
+async fn status_of(send: &SendRequest<Bytes>, request: Request<()>) -> Result<u16, Reason> {
+    let mut ready = send.clone().ready().await.map_err(|_| Reason::NO_ERROR)?;
+    let (response, _) = ready
+        .send_request(request, true)
+        .map_err(|_| Reason::NO_ERROR)?;
+    match tokio::time::timeout(STEP, response).await.unwrap() {
+        Ok(response) => Ok(response.status().as_u16()),
+        Err(e) => Err(e.reason().unwrap_or(Reason::NO_ERROR)),
+    }
+}
+
+/// Requests no agent sends never reach a pod: CONNECT is refused (405), a `host` that
+/// contradicts `:authority` is a 400, conflicting lengths reset the stream; a connection
+/// that keeps sending them is closed with ENHANCE_YOUR_CALM.
+#[tokio::test]
+async fn malformed_requests_and_connect_are_refused_then_the_connection_is_closed() {
+    let subnet = next_subnet();
+    let (pod, seen) = h2_pod(
+        ip(subnet, 10),
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+    )
+    .await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let (send, conn) = h2_client(&edge).await;
+
+    let connect = request_with("CONNECT", "elsewhere.example:443", &[]);
+    assert_eq!(status_of(&send, connect).await, Ok(405));
+    let two_hosts = request_with(
+        "GET",
+        "https://localhost/",
+        &[("host", "elsewhere.example")],
+    );
+    assert_eq!(status_of(&send, two_hosts).await, Ok(400));
+    let two_lengths = request_with(
+        "POST",
+        "https://localhost/",
+        &[("content-length", "0"), ("content-length", "5")],
+    );
+    assert_eq!(
+        status_of(&send, two_lengths).await,
+        Err(Reason::PROTOCOL_ERROR)
+    );
+    // A well-formed request on the same connection still works.
+    let fine = request_with("GET", "https://localhost/", &[]);
+    assert_eq!(status_of(&send, fine).await, Ok(200));
+    assert_eq!(seen.streams.load(Ordering::SeqCst), 1);
+
+    for _ in 0..40 {
+        let connect = request_with("CONNECT", "elsewhere.example:443", &[]);
+        if status_of(&send, connect).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(ended_with(conn).await, Some(Reason::ENHANCE_YOUR_CALM));
+    assert_eq!(seen.streams.load(Ordering::SeqCst), 1);
+}
+
+/// On SIGTERM the edge sends GOAWAY: a stream open before it finishes, new streams on the
+/// same connection are refused (the agent reconnects to another replica).
+#[tokio::test]
+async fn a_drain_sends_goaway_and_open_streams_finish() {
+    let subnet = next_subnet();
+    let (pod, _seen) = h2_pod(
+        ip(subnet, 10),
+        PodAnswers::Small {
+            delay: Duration::from_secs(3),
+        },
+    )
+    .await;
+    let edge = Edge::start(
+        subnet,
+        &[pod],
+        "[shutdown]\nreadiness_delay = \"0s\"\ndrain_deadline = \"10s\"\n",
+    )
+    .await;
+    edge.wait_healthy(1).await;
+    let (send, conn) = h2_client(&edge).await;
+    let mut open = send.clone();
+    let open_call = tokio::spawn(async move { call(&mut open).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    edge.signal("TERM");
+    let https = edge.https;
+    eventually("listener closed", STEP, || async move {
+        tokio::net::TcpStream::connect(https).await.is_err()
+    })
+    .await;
+    let refused = match send.clone().ready().await {
+        Err(_) => true,
+        Ok(mut ready) => match ready.send_request(grpc_request(), true) {
+            Err(_) => true,
+            Ok((response, _)) => tokio::time::timeout(STEP, response).await.unwrap().is_err(),
+        },
+    };
+    assert!(refused, "a new stream after GOAWAY was served");
+    let (body, status) = open_call.await.unwrap();
+    assert_eq!(body, b"\0\0\0\0\x02ok");
+    assert_eq!(status.as_deref(), Some("0"));
+    assert_eq!(ended_with(conn).await, Some(Reason::NO_ERROR));
+}

@@ -41,6 +41,15 @@ struct PodSeen {
 }
 
 async fn h2_pod(ip: IpAddr, answers: PodAnswers) -> (SocketAddr, Arc<PodSeen>) {
+    h2_pod_with_limit(ip, answers, u32::MAX).await
+}
+
+/// A stand-in pod that allows `max_streams` concurrent streams per connection.
+async fn h2_pod_with_limit(
+    ip: IpAddr,
+    answers: PodAnswers,
+    max_streams: u32,
+) -> (SocketAddr, Arc<PodSeen>) {
     serve_readiness(ip).await;
     let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
     let seen = Arc::new(PodSeen::default());
@@ -50,7 +59,10 @@ async fn h2_pod(ip: IpAddr, answers: PodAnswers) -> (SocketAddr, Arc<PodSeen>) {
             pod.connections.fetch_add(1, Ordering::SeqCst);
             let pod = pod.clone();
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(sock).await else {
+                let handshake = h2::server::Builder::new()
+                    .max_concurrent_streams(max_streams)
+                    .handshake(sock);
+                let Ok(mut conn) = handshake.await else {
                     return;
                 };
                 while let Some(Ok((request, respond))) = conn.accept().await {
@@ -243,6 +255,37 @@ async fn agents_calls_share_a_few_connections_to_each_pod() {
     assert!(
         (1..=2).contains(&connections),
         "160 concurrent calls from 16 agents took {connections} pod connections"
+    );
+}
+
+/// kas allows 200 streams per connection and agents hold theirs for hours: a stream
+/// beyond what a pod connection allows goes on another connection, never waits.
+#[tokio::test]
+async fn streams_beyond_a_pod_connections_limit_take_another_connection() {
+    let subnet = next_subnet();
+    let (pod, seen) = h2_pod_with_limit(
+        ip(subnet, 10),
+        PodAnswers::Small {
+            delay: Duration::from_secs(3),
+        },
+        20,
+    )
+    .await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let (send, _conn) = h2_client(&edge).await;
+    let calls = (0..90).map(|_| {
+        let mut send = send.clone();
+        async move { tokio::time::timeout(Duration::from_secs(6), call(&mut send)).await }
+    });
+    for answer in futures_util::future::join_all(calls).await {
+        let (_, status) = answer.expect("every held stream is answered in one round");
+        assert_eq!(status.as_deref(), Some("0"));
+    }
+    let connections = seen.connections.load(Ordering::SeqCst);
+    assert!(
+        (5..=7).contains(&connections),
+        "90 streams at 20 per connection took {connections} connections"
     );
 }
 
@@ -448,7 +491,8 @@ async fn a_drain_sends_goaway_and_open_streams_finish() {
     let edge = Edge::start(
         subnet,
         &[pod],
-        "[shutdown]\nreadiness_delay = \"0s\"\ndrain_deadline = \"10s\"\n",
+        // No spread: connections are closed only at the deadline, after this test.
+        "[shutdown]\nreadiness_delay = \"0s\"\ndrain_deadline = \"10s\"\nclose_spread = 0.0\n",
     )
     .await;
     edge.wait_healthy(1).await;

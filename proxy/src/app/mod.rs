@@ -418,7 +418,7 @@ fn h2c_settings(config: &EdgeConfig) -> H2cSettings {
         tcp_keepalive: upstream.tcp_keepalive,
         ping_interval: upstream.h2_ping_interval,
         max_streams: upstream.max_h2_streams,
-        connections: config.listen.threads.clamp(1, h2c::MAX_SLOTS),
+        connections: config.listen.threads.clamp(1, h2c::MAX_CONNECTIONS),
         stream_window: POD_STREAM_WINDOW,
         connection_window: POD_CONNECTION_WINDOW,
     }

@@ -49,6 +49,28 @@ impl AccessRecord {
         }
     }
 
+    /// A request's line before anything happened to it (HTTP/2, served by the edge).
+    pub(super) fn new(
+        client: std::net::IpAddr,
+        protocol: Protocol,
+        method: &http::Method,
+        uri: &http::Uri,
+        status: u16,
+    ) -> Self {
+        Self {
+            client: Some(client),
+            protocol,
+            method: method.clone(),
+            path: uri.path().to_owned(),
+            pod: None,
+            status,
+            started: Instant::now(),
+            bytes_in: 0,
+            bytes_out: 0,
+            tunnel_end: None,
+        }
+    }
+
     pub(super) fn log(&self, metrics: &EdgeMetrics, error: Option<String>) {
         let protocol = self.protocol.label();
         metrics

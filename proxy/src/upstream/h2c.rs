@@ -1,14 +1,14 @@
 //! HTTP/2 cleartext connections from the edge to one pod, shared by every gRPC stream the
 //! edge sends there.
 //!
-//! Each pod keeps a few long-lived multiplexed connections ([`H2cSettings::connections`],
-//! one per edge worker thread by default). A stream takes the connection of the slot its
-//! worker thread maps to, so streams started on one worker share one connection and
-//! rarely wake another worker; a connection that is full (`max_streams` in flight) passes
-//! the stream to the next slot. Opening a connection is single-flight per slot: a burst
-//! of streams to a new pod dials once, and when that dial fails every stream that waited
-//! for it fails at once instead of dialling again (and waiting `connect_timeout` again)
-//! one after the other.
+//! A pod gets a few long-lived multiplexed connections: one per edge worker thread
+//! ([`H2cSettings::connections`]), so streams started on one worker share a connection
+//! and rarely wake another worker, and more when those are full. A connection is full at
+//! `max_streams` or at the pod's own SETTINGS_MAX_CONCURRENT_STREAMS (kas: hyper's 200),
+//! whichever is lower: agents hold their streams for hours, so a stream must never wait
+//! for a slot on a full connection. Dialling is single-flight per pod: a burst of streams
+//! to a new pod dials once, and when that dial fails every stream that waited for it
+//! fails at once instead of dialling again (and waiting `connect_timeout` again) in turn.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use tokio::net::TcpStream;
@@ -29,9 +29,9 @@ pub struct H2cSettings {
     /// A PING this often; a connection whose PING is not answered within the next
     /// interval is closed (its streams fail, new ones dial again).
     pub ping_interval: Duration,
-    /// Streams in flight on one connection before a stream tries another slot.
+    /// Streams in flight on one connection, at most (the pod may allow fewer).
     pub max_streams: usize,
-    /// Connections per pod (at most [`MAX_SLOTS`]).
+    /// Connections per pod the edge keeps even when fewer would do: one per worker.
     pub connections: usize,
     /// Flow-control windows the edge grants pods: how much a pod may send on one stream,
     /// and on one connection, before the edge has passed it on to the agent. They bound
@@ -40,8 +40,9 @@ pub struct H2cSettings {
     pub connection_window: u32,
 }
 
-/// The most connections one pod gets from one edge.
-pub const MAX_SLOTS: usize = 8;
+/// The most connections one pod gets from one edge (at kas's 200 streams each, 12,800
+/// streams); beyond, streams queue on the least-loaded connection.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Why no stream could be opened on a pod.
 #[derive(Debug, thiserror::Error)]
@@ -62,40 +63,58 @@ struct Connection {
     streams: Arc<AtomicUsize>,
 }
 
-#[derive(Default)]
-struct Slot {
-    live: ArcSwapOption<Connection>,
-    /// Held while dialling, so one dial serves every stream waiting for the slot.
+impl Connection {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn has_room(&self, settings: &H2cSettings) -> bool {
+        let limit = settings
+            .max_streams
+            .min(self.send.current_max_send_streams());
+        !self.is_closed() && self.streams.load(Ordering::Relaxed) < limit
+    }
+}
+
+/// A pod's connections, created empty with the pod and filled as streams need them.
+pub struct PodConnections {
+    live: ArcSwap<Vec<Arc<Connection>>>,
+    /// Held while dialling, so one dial serves every stream waiting for it.
     dialling: tokio::sync::Mutex<()>,
     /// Dials that failed so far: a waiter that sees it change knows the dial it waited
     /// for failed.
     failures: AtomicU64,
 }
 
-/// A pod's connections, created empty with the pod and filled as streams need them.
-#[derive(Default)]
-pub struct PodConnections {
-    slots: [Slot; MAX_SLOTS],
+impl Default for PodConnections {
+    fn default() -> Self {
+        Self {
+            live: ArcSwap::from_pointee(Vec::new()),
+            dialling: tokio::sync::Mutex::new(()),
+            failures: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A stream opened on a pod: its answer to come, and the request body's way there.
 pub struct PodStream {
     pub response: h2::client::ResponseFuture,
     pub body: h2::SendStream<Bytes>,
-    /// Counts the stream against its connection's `max_streams` while it lives.
-    _counted: StreamSlot,
+    /// Counts the stream against its connection's limit while it lives.
+    _counted: StreamCount,
 }
 
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamCount(Arc<AtomicUsize>);
 
-impl Drop for StreamSlot {
+impl Drop for StreamCount {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 thread_local! {
-    /// This thread's slot: threads take slots in turn as they first open a stream.
+    /// This thread's preferred connection: threads take them in turn as they first open
+    /// a stream.
     static THREAD_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
 }
 static NEXT_THREAD_SLOT: AtomicUsize = AtomicUsize::new(0);
@@ -112,8 +131,8 @@ fn thread_slot() -> usize {
 }
 
 impl PodConnections {
-    /// Opens a stream for `request` on `addr`, dialling when the chosen slot has no live
-    /// connection. Fails before anything reached the pod, or not at all.
+    /// Opens a stream for `request` on `addr`, dialling when no connection has room.
+    /// Fails before anything reached the pod, or not at all.
     pub async fn open(
         &self,
         addr: SocketAddr,
@@ -121,26 +140,12 @@ impl PodConnections {
         request: http::Request<()>,
         end_of_stream: bool,
     ) -> Result<PodStream, OpenError> {
-        let count = settings.connections.clamp(1, MAX_SLOTS);
-        let first = thread_slot() % count;
-        // The first slot with room, else the thread's own (h2 then waits for the pod's
-        // stream limit).
-        let chosen = (0..count)
-            .map(|i| (first + i) % count)
-            .find(|&i| {
-                self.slots[i].live.load().as_ref().is_none_or(|c| {
-                    c.closed.load(Ordering::Relaxed)
-                        || c.streams.load(Ordering::Relaxed) < settings.max_streams
-                })
-            })
-            .unwrap_or(first);
-        let slot = &self.slots[chosen];
-        let connection = match live(slot) {
+        let connection = match self.with_room(settings) {
             Some(c) => c,
-            None => dial_once(slot, addr, settings).await?,
+            None => self.dial_once(addr, settings).await?,
         };
         connection.streams.fetch_add(1, Ordering::Relaxed);
-        let counted = StreamSlot(connection.streams.clone());
+        let counted = StreamCount(connection.streams.clone());
         let sent = match connection.send.clone().ready().await {
             Ok(mut send) => send.send_request(request, end_of_stream),
             Err(e) => Err(e),
@@ -152,7 +157,7 @@ impl PodConnections {
                 _counted: counted,
             }),
             Err(e) => {
-                forget(slot, &connection);
+                self.forget(&connection);
                 Err(OpenError::Closing(e))
             }
         }
@@ -160,49 +165,81 @@ impl PodConnections {
 
     /// Connections open to the pod now.
     pub fn connections(&self) -> usize {
-        self.slots.iter().filter(|s| live(s).is_some()).count()
+        self.live.load().iter().filter(|c| !c.is_closed()).count()
     }
-}
 
-fn live(slot: &Slot) -> Option<Arc<Connection>> {
-    slot.live
-        .load_full()
-        .filter(|c| !c.closed.load(Ordering::Relaxed))
-}
-
-/// Drops `connection` from its slot unless another one already replaced it.
-fn forget(slot: &Slot, connection: &Arc<Connection>) {
-    let current = slot.live.load();
-    if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
-        slot.live.store(None);
-    }
-}
-
-async fn dial_once(
-    slot: &Slot,
-    addr: SocketAddr,
-    settings: &H2cSettings,
-) -> Result<Arc<Connection>, OpenError> {
-    let failures = slot.failures.load(Ordering::SeqCst);
-    let _dialling = slot.dialling.lock().await;
-    if let Some(c) = live(slot) {
-        return Ok(c);
-    }
-    if slot.failures.load(Ordering::SeqCst) != failures {
-        return Err(OpenError::Connect(
-            "the dial this stream waited for failed".into(),
-        ));
-    }
-    match dial(addr, settings).await {
-        Ok(connection) => {
-            let connection = Arc::new(connection);
-            slot.live.store(Some(connection.clone()));
-            Ok(connection)
+    /// The thread's own connection if it has room, else any with room; `None` when one
+    /// more should be dialled (the thread has none yet, or all are full).
+    fn with_room(&self, settings: &H2cSettings) -> Option<Arc<Connection>> {
+        let list = self.live.load();
+        let own = thread_slot() % settings.connections.max(1);
+        if own >= list.len() {
+            return None;
         }
-        Err(e) => {
-            slot.failures.fetch_add(1, Ordering::SeqCst);
-            Err(e)
+        let n = list.len();
+        (0..n)
+            .map(|i| &list[(own + i) % n])
+            .find(|c| c.has_room(settings))
+            .cloned()
+    }
+
+    async fn dial_once(
+        &self,
+        addr: SocketAddr,
+        settings: &H2cSettings,
+    ) -> Result<Arc<Connection>, OpenError> {
+        let failures = self.failures.load(Ordering::SeqCst);
+        let _dialling = self.dialling.lock().await;
+        if let Some(c) = self.with_room(settings) {
+            return Ok(c);
         }
+        if self.failures.load(Ordering::SeqCst) != failures {
+            return Err(OpenError::Connect(
+                "the dial this stream waited for failed".into(),
+            ));
+        }
+        let open: Vec<Arc<Connection>> = self
+            .live
+            .load()
+            .iter()
+            .filter(|c| !c.is_closed())
+            .cloned()
+            .collect();
+        if open.len() >= MAX_CONNECTIONS {
+            // Bounded: the stream waits on the least-loaded connection instead.
+            if let Some(least) = open
+                .iter()
+                .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+            {
+                return Ok(least.clone());
+            }
+        }
+        match dial(addr, settings).await {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                self.live.rcu(|list| {
+                    let mut next: Vec<_> =
+                        list.iter().filter(|c| !c.is_closed()).cloned().collect();
+                    next.push(connection.clone());
+                    next
+                });
+                Ok(connection)
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops `connection` from the pod's list.
+    fn forget(&self, connection: &Arc<Connection>) {
+        self.live.rcu(|list| {
+            list.iter()
+                .filter(|c| !Arc::ptr_eq(c, connection))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
     }
 }
 
@@ -225,9 +262,9 @@ async fn dial(addr: SocketAddr, settings: &H2cSettings) -> Result<Connection, Op
         .map_err(|_| connect("no HTTP/2 handshake within the connect timeout".into()))?
         .map_err(|e| connect(format!("HTTP/2 handshake: {e}")))?;
     let closed = Arc::new(AtomicBool::new(false));
-    let pinger = connection.ping_pong();
-    let interval = settings.ping_interval;
-    let done = closed.clone();
+    let kill = Arc::new(tokio::sync::Notify::new());
+    let mut pinger = connection.ping_pong();
+    let (done, killed) = (closed.clone(), kill.clone());
     tokio::spawn(async move {
         tokio::select! {
             result = &mut connection => {
@@ -235,12 +272,27 @@ async fn dial(addr: SocketAddr, settings: &H2cSettings) -> Result<Connection, Op
                     tracing::debug!(pod = %addr, error = %e, "pod connection ended");
                 }
             }
-            why = keep_alive(pinger, interval) => {
-                tracing::warn!(pod = %addr, why, "closing an unresponsive pod connection");
-            }
+            _ = killed.notified() => {}
         }
         done.store(true, Ordering::Relaxed);
     });
+    // The pod's SETTINGS come before its PING answer: once answered, the connection's
+    // stream limit is the pod's, not a guess a first burst of streams would overrun.
+    if let Some(pinger) = pinger.as_mut() {
+        let answered =
+            tokio::time::timeout(settings.connect_timeout, pinger.ping(h2::Ping::opaque()));
+        if !matches!(answered.await, Ok(Ok(_))) {
+            kill.notify_one();
+            return Err(connect("no answer to the first HTTP/2 PING".into()));
+        }
+    }
+    tokio::spawn(keep_alive(
+        pinger,
+        settings.ping_interval,
+        kill,
+        closed.clone(),
+        addr,
+    ));
     Ok(Connection {
         send,
         closed,
@@ -248,18 +300,31 @@ async fn dial(addr: SocketAddr, settings: &H2cSettings) -> Result<Connection, Op
     })
 }
 
-/// PINGs the pod every `interval`; returns when one goes unanswered for an interval (or
-/// PINGs cannot be sent). Finds a pod that vanished without a FIN under idle streams.
-async fn keep_alive(pinger: Option<h2::PingPong>, interval: Duration) -> &'static str {
+/// PINGs the pod every `interval` and ends the connection when one goes unanswered for
+/// an interval: finds a pod that vanished without a FIN under idle streams.
+async fn keep_alive(
+    pinger: Option<h2::PingPong>,
+    interval: Duration,
+    kill: Arc<tokio::sync::Notify>,
+    closed: Arc<AtomicBool>,
+    addr: SocketAddr,
+) {
     let Some(mut pinger) = pinger else {
-        return std::future::pending().await;
+        return;
     };
     loop {
         tokio::time::sleep(interval).await;
+        if closed.load(Ordering::Relaxed) {
+            return;
+        }
         match tokio::time::timeout(interval, pinger.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
-            Ok(Err(_)) => return "PING failed",
-            Err(_) => return "PING unanswered",
+            Ok(Err(_)) if closed.load(Ordering::Relaxed) => return,
+            _ => {
+                tracing::warn!(pod = %addr, "closing a pod connection that stopped answering PINGs");
+                kill.notify_one();
+                return;
+            }
         }
     }
 }

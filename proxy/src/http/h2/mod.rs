@@ -115,7 +115,7 @@ struct StreamEnd {
 /// A request the connection answers without looking further: the stream is reset
 /// (malformed framing) or answered at once.
 enum Malformed {
-    Reset,
+    Reset(&'static str),
     Answer(u16, &'static str),
 }
 
@@ -196,12 +196,23 @@ impl ServeHttp2 for H2Edge {
                     Some(Ok((request, mut respond))) => match screen(&request) {
                         Ok(()) => streams.push(self.forward(&connection, request, respond)),
                         Err(bad) => {
-                            match bad {
-                                Malformed::Reset => respond.send_reset(Reason::PROTOCOL_ERROR),
-                                Malformed::Answer(status, why) => {
-                                    answer_plain(&mut respond, status, why);
+                            let (status, why) = match bad {
+                                Malformed::Reset(why) => {
+                                    respond.send_reset(Reason::PROTOCOL_ERROR);
+                                    (0, why)
                                 }
-                            }
+                                Malformed::Answer(status, why) => {
+                                    (answer_plain(&mut respond, status, why), why)
+                                }
+                            };
+                            let record = AccessRecord::new(
+                                connection.client,
+                                classify(request.headers()),
+                                request.method(),
+                                request.uri(),
+                                status,
+                            );
+                            self.finish(record, None, Some(why.to_owned()));
                             malformed += 1;
                             if malformed > MALFORMED_BUDGET {
                                 self.calm_down(&connection, "malformed requests");
@@ -252,7 +263,7 @@ fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
     // lets through.
     let target = request.uri().path_and_query().map_or("", |p| p.as_str());
     if target.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(Malformed::Reset);
+        return Err(Malformed::Reset("control bytes in the request target"));
     }
     // Conflicting lengths are ambiguous framing (h2 itself reads only the first).
     let mut lengths = request
@@ -266,9 +277,10 @@ fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok())
         };
-        let first = parse(first).ok_or(Malformed::Reset)?;
+        let ambiguous = Malformed::Reset("ambiguous content-length");
+        let first = parse(first).ok_or(ambiguous)?;
         if lengths.any(|v| parse(v) != Some(first)) {
-            return Err(Malformed::Reset);
+            return Err(Malformed::Reset("ambiguous content-length"));
         }
     }
     // A `host` that disagrees with `:authority` names two different targets.
@@ -286,15 +298,15 @@ fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
     Ok(())
 }
 
-/// Answers a stream with a status and a one-line reason, ending it.
-fn answer_plain(respond: &mut SendResponse<Bytes>, status: u16, why: &str) {
+/// Answers a stream with a status and a one-line reason, ending it; returns the status.
+fn answer_plain(respond: &mut SendResponse<Bytes>, status: u16, why: &str) -> u16 {
     let denial = Denial {
         http_status: status,
         grpc_code: GrpcCode::from_http(status),
         message: why.to_owned(),
         retry_after: None,
     };
-    answer_denied(respond, Protocol::Http, &denial);
+    answer_denied(respond, Protocol::Http, &denial)
 }
 
 /// Writes a refusal (see [`DenialResponse`]); returns the HTTP status written.
@@ -423,21 +435,11 @@ impl H2Edge {
         mut respond: SendResponse<Bytes>,
     ) -> StreamEnd {
         let _busy = connection.activity.start();
+        let protocol = classify(request.headers());
         let (mut parts, mut body) = request.into_parts();
-        let protocol = classify(&parts.headers);
         let _active = GaugeGuard::hold(self.hot.active(protocol).clone());
-        let mut record = AccessRecord {
-            client: Some(connection.client),
-            protocol,
-            method: parts.method.clone(),
-            path: parts.uri.path().to_owned(),
-            pod: None,
-            status: 0,
-            started: Instant::now(),
-            bytes_in: 0,
-            bytes_out: 0,
-            tunnel_end: None,
-        };
+        let mut record =
+            AccessRecord::new(connection.client, protocol, &parts.method, &parts.uri, 0);
         if let Some(denial) = self.refusal(connection.client, &parts) {
             record.status = answer_denied(&mut respond, protocol, &denial);
             self.finish(record, Some(denial.grpc_code), None);

@@ -11,7 +11,8 @@ use super::FieldError;
 pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Concurrent gRPC streams per upstream HTTP/2 connection (pingora's default is 1).
+    /// Concurrent gRPC streams per HTTP/2 connection to a pod, at most: a pod may allow
+    /// fewer (kas allows 200); a stream that finds every connection full opens another.
     pub max_h2_streams: usize,
     /// HTTP/2 PINGs find dead pods without an idle timeout on healthy streams.
     #[serde(with = "humantime_serde")]

@@ -1,8 +1,8 @@
-//! The HTTP proxy itself: pingora's `ProxyHttp` seam. Classifies each request (gRPC,
-//! websocket, other HTTP), picks the least-loaded healthy pod and forwards over the right
-//! upstream protocol: gRPC over HTTP/2 cleartext (streams and trailers end to end),
-//! websockets over HTTP/1.1 as a raw tunnel after the upgrade (handed to [`crate::http::websocket`],
-//! which does the upgrade itself instead of pingora's HTTP/1 proxy loop).
+//! The HTTP proxy. HTTP/2 connections (gRPC agents) are served by the edge's own
+//! forwarder ([`h2`]); HTTP/1.1 ones by pingora through its `ProxyHttp` seam, here:
+//! websocket upgrades become raw tunnels to the least-loaded pod (handed to
+//! [`crate::http::websocket`], which does the upgrade itself instead of pingora's HTTP/1
+//! proxy loop), anything else is forwarded over HTTP/1.1.
 
 mod access_log;
 pub mod h2;
@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -26,7 +25,7 @@ use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::pool::{Pod, PodGuard, Pool};
 use access_log::AccessRecord;
-use refusal::{bad_gateway, header_too_large, respond_denied, unavailable, Denial, GrpcCode};
+use refusal::{bad_gateway, header_too_large, respond_denied, unavailable, Denial};
 use websocket::{PodDialer, RelayOutcome, TunnelEnd, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,8 +61,6 @@ pub struct RequestCtx {
     pub(super) tunnel: Option<TunnelOutcome>,
     /// The upgrade became a tunnel, handed to the connection layer, which logs its end.
     handed_off: bool,
-    /// The `grpc-status` of the trailers passed to the client, if any.
-    grpc_trailer_status: Option<GrpcCode>,
     /// Counts the request in `edge_active_streams` until it ends, whichever way.
     _active: Option<GaugeGuard>,
     /// Keeps the connection's idle clock stopped until the request ends.
@@ -97,17 +94,10 @@ fn head_bytes(line: usize, headers: &http::HeaderMap) -> usize {
     })
 }
 
+/// pingora sees HTTP/1.1 only (HTTP/2 goes to [`h2`]), so no request here is gRPC.
 fn classify(session: &Session) -> Protocol {
     if session.is_upgrade_req() {
-        return Protocol::Websocket;
-    }
-    let grpc = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if grpc && session.as_downstream().is_http2() {
-        Protocol::Grpc
+        Protocol::Websocket
     } else {
         Protocol::Http
     }
@@ -127,7 +117,6 @@ impl ProxyHttp for EdgeProxy {
             upstream_latency_recorded: false,
             tunnel: None,
             handed_off: false,
-            grpc_trailer_status: None,
             _active: None,
             _busy: None,
         }
@@ -199,13 +188,7 @@ impl ProxyHttp for EdgeProxy {
         opts.tcp_keepalive = Some(crate::support::keepalive::pingora(
             self.upstream.tcp_keepalive,
         ));
-        if ctx.protocol == Protocol::Grpc {
-            opts.set_http_version(2, 2);
-            opts.max_h2_streams = self.upstream.max_h2_streams;
-            opts.h2_ping_interval = Some(self.upstream.h2_ping_interval);
-        } else {
-            opts.set_http_version(1, 1);
-        }
+        opts.set_http_version(1, 1);
         ctx.pod = Some(guard);
         Ok(Box::new(peer))
     }
@@ -237,19 +220,6 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    /// gRPC trailers on their way to the client: their `grpc-status` is the call's outcome.
-    async fn response_trailer_filter(
-        &self,
-        _session: &mut Session,
-        trailers: &mut http::HeaderMap,
-        ctx: &mut Self::CTX,
-    ) -> Result<Option<Bytes>> {
-        if let Some(status) = trailers.get("grpc-status") {
-            ctx.grpc_trailer_status = Some(GrpcCode::from_wire(status.as_bytes()));
-        }
-        Ok(None)
-    }
-
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -270,7 +240,7 @@ impl ProxyHttp for EdgeProxy {
         let already_answered = session.response_written().is_some();
         let error_code = if code == 0 || already_answered {
             code
-        } else if ctx.protocol == Protocol::Grpc || code == 503 || code == 502 {
+        } else if code == 503 || code == 502 {
             respond_denied(session, ctx.protocol, &unavailable("kas is unavailable")).await
         } else {
             if let Err(err) = session.respond_error(code).await {
@@ -288,21 +258,12 @@ impl ProxyHttp for EdgeProxy {
     /// the access log line still records it.
     fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
         *error.esource() == ErrorSource::Downstream
-            && matches!(
-                error.etype(),
-                ConnectionClosed | ReadError | WriteError | H2Error
-            )
+            && matches!(error.etype(), ConnectionClosed | ReadError | WriteError)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         if ctx.handed_off {
             return; // The tunnel logs when it ends.
-        }
-        if ctx.protocol == Protocol::Grpc {
-            self.metrics
-                .grpc_responses
-                .with_label_values(&[grpc_outcome(session, ctx, e).name()])
-                .inc();
         }
         // A relayed upgrade refusal left only a stand-in session behind: its numbers are in ctx.
         let (status, bytes_in, bytes_out) = match &ctx.tunnel {
@@ -322,27 +283,6 @@ impl ProxyHttp for EdgeProxy {
             ..AccessRecord::of(session, ctx, status)
         }
         .log(&self.metrics, e.map(|e| e.to_string()));
-    }
-}
-
-/// The status a gRPC call ended with, as its client sees it: the `grpc-status` of the
-/// trailers it got, or of a trailers-only answer (the pod's or the edge's own refusal);
-/// an HTTP error without one maps as gRPC clients map it. With no status at all the call
-/// was cut: `CANCELLED` when the client went away, `UNAVAILABLE` when the pod did not
-/// answer (or did not finish), `INTERNAL` for a stream that ended without trailers.
-fn grpc_outcome(session: &Session, ctx: &RequestCtx, e: Option<&Error>) -> GrpcCode {
-    if let Some(code) = ctx.grpc_trailer_status {
-        return code;
-    }
-    let written = session.response_written();
-    if let Some(status) = written.and_then(|r| r.headers.get("grpc-status")) {
-        return GrpcCode::from_wire(status.as_bytes());
-    }
-    match (written.map(|r| r.status.as_u16()), e) {
-        (_, Some(e)) if *e.esource() == ErrorSource::Downstream => GrpcCode::Cancelled,
-        (Some(status), _) if status != 200 => GrpcCode::from_http(status),
-        (Some(_), None) => GrpcCode::Internal,
-        _ => GrpcCode::Unavailable,
     }
 }
 

@@ -55,6 +55,8 @@ const MALFORMED_BUDGET: u32 = 32;
 /// costs the edge a policy check and a pod stream. Agents cancel a handful per hour.
 const CANCEL_BUDGET: u32 = 100;
 const CANCEL_WINDOW: Duration = Duration::from_secs(10);
+/// How long streams of a closed connection get to notice and log their end.
+const STREAMS_AFTER_CLOSE: Duration = Duration::from_secs(2);
 /// Flow-control windows the edge grants an agent: how much it may send before the edge
 /// passed it on to a pod. They bound what a connection can make the edge hold.
 const AGENT_STREAM_WINDOW: u32 = 256 * 1024;
@@ -221,12 +223,26 @@ impl ServeHttp2 for H2Edge {
                         }
                     },
                     Some(Err(e)) => {
-                        tracing::debug!(client = %connection.client, error = %e, "HTTP/2 connection failed");
+                        if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) && !e.is_remote() {
+                            // h2's own guard: too many streams reset before accept.
+                            self.calm_down(&connection, "streams reset before they were accepted");
+                        } else {
+                            tracing::debug!(client = %connection.client, error = %e, "HTTP/2 connection failed");
+                        }
                         break;
                     }
                     None => break,
                 },
             }
+        }
+        // Streams still open lost their connection with it: each sees that at once and
+        // ends, so every one still gets its access-log line and metrics.
+        let ended = async { while streams.next().await.is_some() {} };
+        if tokio::time::timeout(STREAMS_AFTER_CLOSE, ended)
+            .await
+            .is_err()
+        {
+            tracing::debug!(client = %connection.client, "streams outlived their closed connection; dropped");
         }
     }
 }

@@ -395,6 +395,7 @@ for p in paths:
         "storm_s": storm_facts.get("storm_time_until_all_back_s") if storm.get("passed") else None,
         "storm_cpu_ms_per_agent": round(storm_cpu / 1000, 3) if storm_cpu is not None else None,
         "storm_passed": storm.get("passed"),
+        "storm_failures": [c["detail"] for c in storm.get("checks") or [] if not c.get("ok")],
         "bulk_failures": {t: [c["detail"] for c in b.get("checks") or [] if not c.get("ok")]
                           for t, b in bulk.items() if b.get("passed") is False},
         "h1_cpu_us_per_req": h1_cpu, "h1_ctxsw_per_req": h1_ctx,
@@ -482,6 +483,7 @@ lines += [
         f"h1 socket errors {results[p]['h1_socket_errors']}, new-conn socket errors {results[p]['new_conn_socket_errors']}, "
         f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
         f"storm passed {results[p]['storm_passed']}"
+        + (f" ({results[p]['storm_failures']})" if results[p]['storm_failures'] else "")
         + (f", bulk failures {results[p]['bulk_failures']}" if results[p]['bulk_failures'] else "")
         for p in paths),
 ]

@@ -149,6 +149,155 @@ pub async fn take_h1_stream(
     }
 }
 
+/// A connection with bytes already read off it put back in front, for pingora's HTTP/1
+/// session to read first: how the edge's own HTTP/1 server ([`crate::http::h1`]) hands a
+/// connection to pingora after reading a request it leaves to pingora (a websocket
+/// upgrade, anything unusual). Everything else is the connection's own: its id (socket),
+/// TLS state and digests.
+#[derive(Debug)]
+pub struct Replayed {
+    prefix: bytes::Bytes,
+    inner: Stream,
+}
+
+impl Replayed {
+    /// `inner` with `prefix` in front, as a connection pingora can serve.
+    pub fn stream(prefix: bytes::Bytes, inner: Stream) -> Stream {
+        Box::new(Self { prefix, inner })
+    }
+}
+
+impl tokio::io::AsyncRead for Replayed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        let head = self.prefix.split_to(n);
+        buf.put_slice(&head);
+        if self.prefix.is_empty() {
+            // An empty slice still holds the whole buffer it came from; a tunnel lives
+            // for hours.
+            self.prefix = bytes::Bytes::new();
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Shutdown for Replayed {
+    async fn shutdown(&mut self) {
+        pingora::protocols::Shutdown::shutdown(self.inner.as_mut()).await
+    }
+}
+
+impl pingora::protocols::UniqueID for Replayed {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl pingora::protocols::Ssl for Replayed {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<std::sync::Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl pingora::protocols::GetTimingDigest for Replayed {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> std::time::Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> std::time::Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl pingora::protocols::GetProxyDigest for Replayed {
+    fn get_proxy_digest(
+        &self,
+    ) -> Option<std::sync::Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Replayed {
+    fn get_socket_digest(&self) -> Option<std::sync::Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::protocols::Peek for Replayed {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        if self.prefix.is_empty() {
+            self.inner.try_peek(buf).await
+        } else {
+            Ok(false)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

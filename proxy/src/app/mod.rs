@@ -36,7 +36,9 @@ use crate::connection::activity::ActivityTable;
 use crate::connection::handoff::PendingHandoffs;
 use crate::connection::registry::ConnectionRegistry;
 use crate::connection::{ConnectionLayer, IdleLimits, MaxAge};
+use crate::http::h1::H1Edge;
 use crate::http::h2::H2Edge;
+use crate::http::websocket::PodDialer;
 use crate::http::EdgeProxy;
 use crate::listener::accept::{AcceptFilter, SelfProbes};
 use crate::listener::handshake::{HandshakeLayer, HandshakeLimits};
@@ -332,7 +334,7 @@ fn proxy_service(
     registry: Arc<ConnectionRegistry>,
     state: &AdminState,
     probes: &Arc<SelfProbes>,
-) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>, H2Edge>>> {
+) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>>>> {
     let handoffs = Arc::new(PendingHandoffs::default());
     let activity = Arc::new(ActivityTable::default());
     let proxy = EdgeProxy {
@@ -352,9 +354,23 @@ fn proxy_service(
         config.upstream.max_connect_attempts,
         config.downstream.max_request_header_bytes,
     );
+    let h1 = H1Edge::new(
+        policies.clone(),
+        state.pool.clone(),
+        state.metrics.clone(),
+        PodDialer {
+            connect_timeout: config.upstream.connect_timeout,
+            response_timeout: config.upstream.upgrade_timeout,
+            tcp_keepalive: config.upstream.tcp_keepalive,
+        },
+        config.upstream.max_connect_attempts,
+        config.downstream.max_request_header_bytes,
+        config.downstream.request_head_timeout,
+    );
     let app = ConnectionLayer {
         inner: Arc::new(pingora::proxy::http_proxy(&server.configuration, proxy)),
         h2: Arc::new(h2),
+        h1: Arc::new(h1),
         policies: policies.clone(),
         registry: registry.clone(),
         metrics: state.metrics.clone(),

@@ -43,8 +43,8 @@ impl MaxAge {
     }
 }
 
-/// What an HTTP/2 server needs to know of the connection it serves.
-pub struct Http2Connection {
+/// What the edge's HTTP servers need to know of the connection they serve.
+pub struct ClientConnection {
     /// The client's address (after a PROXY header).
     pub client: std::net::IpAddr,
     /// Stopped while a stream is open (see [`activity`]).
@@ -58,17 +58,26 @@ pub struct Http2Connection {
 /// (blocks, maximum age, idle deadline, drain spread) and ends the future to apply them.
 #[async_trait]
 pub trait ServeHttp2: Send + Sync + 'static {
-    async fn serve(&self, stream: Stream, connection: Http2Connection);
+    async fn serve(&self, stream: Stream, connection: ClientConnection);
+}
+
+/// Serves the HTTP/1.1 requests of one connection it can serve itself, and returns the
+/// connection (with what it read of the next request put back) for pingora to serve the
+/// rest: websocket upgrades and anything unusual. `None`: the connection is done.
+#[async_trait]
+pub trait ServeHttp1: Send + Sync + 'static {
+    async fn serve(&self, stream: Stream, connection: ClientConnection) -> Option<Stream>;
 }
 
 /// The proxy application wrapped so each connection is registered for its lifetime, can
 /// be ended from outside (a block, its maximum age) and carries the tunnels its requests
-/// hand over. HTTP/1.1 connections go to pingora's proxy (`inner`), which runs their
-/// keep-alive rounds inside one `process_new` call; HTTP/2 connections go to `h2`. Either
-/// way "the connection" here is the TCP connection.
-pub struct ConnectionLayer<A, H> {
+/// hand over. HTTP/2 connections go to `h2`; HTTP/1.1 ones to `h1`, which may hand them
+/// on to pingora's proxy (`inner`, which runs the remaining keep-alive rounds inside one
+/// `process_new` call). Either way "the connection" here is the TCP connection.
+pub struct ConnectionLayer<A> {
     pub inner: Arc<A>,
-    pub h2: Arc<H>,
+    pub h2: Arc<dyn ServeHttp2>,
+    pub h1: Arc<dyn ServeHttp1>,
     pub policies: Arc<Policies>,
     pub registry: Arc<ConnectionRegistry>,
     pub metrics: EdgeMetrics,
@@ -138,7 +147,7 @@ async fn closed_by_drain(mut shutdown: ShutdownWatch, spread: std::time::Duratio
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static, H: ServeHttp2> ServerApp for ConnectionLayer<A, H> {
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -184,15 +193,15 @@ impl<A: ServerApp + Send + Sync + 'static, H: ServeHttp2> ServerApp for Connecti
         // keep-alive request, the last HTTP/2 stream, or a request that handed its
         // connection over (a websocket tunnel). pingora never returns a stream to reuse.
         let served = async {
+            let connection = ClientConnection {
+                client,
+                activity: activity.clone(),
+                shutdown: shutdown.clone(),
+            };
             if h2 {
-                let connection = Http2Connection {
-                    client,
-                    activity: activity.clone(),
-                    shutdown: shutdown.clone(),
-                };
                 self.h2.serve(stream, connection).await;
-            } else {
-                self.inner.process_new(stream, shutdown).await;
+            } else if let Some(rest) = self.h1.serve(stream, connection).await {
+                self.inner.process_new(rest, shutdown).await;
             }
         };
         tokio::select! {

@@ -14,6 +14,8 @@ use pingora::proxy::Session;
 
 use super::websocket::TunnelEnd;
 use super::{Protocol, RequestCtx};
+use prometheus::{Histogram, IntGauge};
+
 use crate::telemetry::metrics::EdgeMetrics;
 use crate::upstream::pool::Pod;
 
@@ -103,5 +105,40 @@ impl AccessRecord {
             tunnel_end = self.tunnel_end.map(TunnelEnd::label),
             error,
         );
+    }
+}
+
+/// Metric children every request touches, resolved once per server.
+pub(super) struct HotMetrics {
+    active_grpc: IntGauge,
+    active_http: IntGauge,
+    latency_grpc: Histogram,
+    latency_http: Histogram,
+}
+
+impl HotMetrics {
+    pub(super) fn new(metrics: &EdgeMetrics) -> Self {
+        let active = |p: Protocol| metrics.active.with_label_values(&[p.label()]);
+        let latency = |p: Protocol| metrics.upstream_latency.with_label_values(&[p.label()]);
+        Self {
+            active_grpc: active(Protocol::Grpc),
+            active_http: active(Protocol::Http),
+            latency_grpc: latency(Protocol::Grpc),
+            latency_http: latency(Protocol::Http),
+        }
+    }
+
+    pub(super) fn active(&self, protocol: Protocol) -> &IntGauge {
+        match protocol {
+            Protocol::Grpc => &self.active_grpc,
+            _ => &self.active_http,
+        }
+    }
+
+    pub(super) fn latency(&self, protocol: Protocol) -> &Histogram {
+        match protocol {
+            Protocol::Grpc => &self.latency_grpc,
+            _ => &self.latency_http,
+        }
     }
 }

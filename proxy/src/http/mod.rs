@@ -5,6 +5,7 @@
 //! proxy loop), anything else is forwarded over HTTP/1.1.
 
 mod access_log;
+pub mod h1;
 pub mod h2;
 mod refusal;
 pub mod websocket;
@@ -87,6 +88,28 @@ fn request_head_bytes(req: &pingora::http::RequestHeader) -> usize {
     head_bytes(line, &req.headers)
 }
 
+/// Why a request is answered by the edge instead of a pod, checked in this order before
+/// any pod is involved: its head is over the limit, a policy refuses it, no pod is fit.
+fn refused(
+    policies: &Policies,
+    pool: &Pool,
+    max_request_header_bytes: usize,
+    client: Option<std::net::IpAddr>,
+    head_bytes: usize,
+    headers: &http::HeaderMap,
+) -> Option<Denial> {
+    if head_bytes > max_request_header_bytes {
+        return Some(header_too_large(head_bytes, max_request_header_bytes));
+    }
+    if let Some(refusal) = policies.check_request(client, headers) {
+        return Some(Denial::from(refusal));
+    }
+    if !pool.any_accepting() {
+        return Some(unavailable("no healthy kas pod"));
+    }
+    None
+}
+
 /// `line` (method and target) plus the header block, with HTTP/1's separators.
 fn head_bytes(line: usize, headers: &http::HeaderMap) -> usize {
     headers.iter().fold(line + 12, |n, (name, value)| {
@@ -143,21 +166,15 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.client = client;
-        let head = request_head_bytes(session.req_header());
-        if head > self.max_request_header_bytes {
-            let denial = header_too_large(head, self.max_request_header_bytes);
+        if let Some(denial) = refused(
+            &self.policies,
+            &self.pool,
+            self.max_request_header_bytes,
+            client,
+            request_head_bytes(session.req_header()),
+            &session.req_header().headers,
+        ) {
             respond_denied(session, ctx.protocol, &denial).await;
-            return Ok(true);
-        }
-        if let Some(refusal) = self
-            .policies
-            .check_request(client, &session.req_header().headers)
-        {
-            respond_denied(session, ctx.protocol, &Denial::from(refusal)).await;
-            return Ok(true);
-        }
-        if !self.pool.any_accepting() {
-            respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
             return Ok(true);
         }
         if ctx.protocol == Protocol::Websocket {

@@ -151,7 +151,7 @@ impl PodDialer {
         })
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, HandshakeError> {
+    pub(super) async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, HandshakeError> {
         let connect_err = |source| HandshakeError::Connect { addr, source };
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
@@ -171,22 +171,40 @@ fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
         .map(|p| p.as_str())
         .unwrap_or("/");
     let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(request.method.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(target.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in request.headers.iter() {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"\r\n");
+    encode_head_into(
+        &mut head,
+        request.method.as_str(),
+        target,
+        request
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+    );
     head
 }
 
+/// Appends an HTTP/1.1 request head: `method target HTTP/1.1`, the headers, the blank line.
+pub(super) fn encode_head_into<'a>(
+    out: &mut Vec<u8>,
+    method: &str,
+    target: &str,
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) {
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Reads until a complete response head, bounded by [`MAX_RESPONSE_HEAD`].
-async fn read_response_head(
+pub(super) async fn read_response_head(
     stream: &mut TcpStream,
     addr: SocketAddr,
 ) -> Result<(ResponseHeader, Bytes), HandshakeError> {
@@ -748,7 +766,7 @@ async fn relay_refusal(
     stream: TcpStream,
     early: Bytes,
 ) -> pingora::Result<u64> {
-    let framing = RefusalFraming::of(&response);
+    let framing = ResponseFraming::of(&response);
     let (body, complete) = read_refusal_body(framing, stream, early).await;
     if !complete {
         tracing::debug!(status = response.status.as_u16(), framing = ?framing, relayed = body.len(),
@@ -756,7 +774,7 @@ async fn relay_refusal(
     }
     let mut head = response;
     strip_hop_by_hop(&mut head);
-    if framing != RefusalFraming::NoBody {
+    if framing != ResponseFraming::NoBody {
         head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     }
     let sent = body.len() as u64;
@@ -790,7 +808,7 @@ const HOP_BY_HOP: [&str; 6] = [
 ];
 
 /// Removes hop-by-hop headers and the pod's `Content-Length` (the relay sets its own).
-fn strip_hop_by_hop(head: &mut ResponseHeader) {
+pub(super) fn strip_hop_by_hop(head: &mut ResponseHeader) {
     let mut names: Vec<http::HeaderName> = head
         .headers
         .get_all(http::header::CONNECTION)
@@ -815,7 +833,7 @@ fn strip_hop_by_hop(head: &mut ResponseHeader) {
 
 /// How a refusing pod delimits its body (RFC 9112 6.3, for a response to a GET).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RefusalFraming {
+pub(super) enum ResponseFraming {
     /// 1xx, 204, 304: no body.
     NoBody,
     Chunked,
@@ -827,8 +845,8 @@ enum RefusalFraming {
     Invalid,
 }
 
-impl RefusalFraming {
-    fn of(response: &ResponseHeader) -> Self {
+impl ResponseFraming {
+    pub(super) fn of(response: &ResponseHeader) -> Self {
         let status = response.status;
         if status.is_informational() || status == 204 || status == 304 {
             return Self::NoBody;
@@ -876,7 +894,7 @@ impl RefusalFraming {
 /// [`MAX_REFUSAL_RAW`] bytes off the wire, within [`REFUSAL_BODY_TIMEOUT`]. Returns the
 /// body (decoded from chunks, cut at a declared length) and whether it arrived whole.
 async fn read_refusal_body(
-    framing: RefusalFraming,
+    framing: ResponseFraming,
     mut stream: TcpStream,
     early: Bytes,
 ) -> (Bytes, bool) {
@@ -888,19 +906,19 @@ async fn read_refusal_body(
         let mut raw_total = raw.len();
         loop {
             let complete = match framing {
-                RefusalFraming::NoBody => return true,
-                RefusalFraming::Invalid => return false,
-                RefusalFraming::Length(n) => {
+                ResponseFraming::NoBody => return true,
+                ResponseFraming::Invalid => return false,
+                ResponseFraming::Length(n) => {
                     let missing = n.saturating_sub(body.len() as u64);
                     let take = missing.min(raw.len() as u64) as usize;
                     body.extend_from_slice(&raw.split_to(take));
                     body.len() as u64 >= n
                 }
-                RefusalFraming::UntilClose => {
+                ResponseFraming::UntilClose => {
                     body.extend_from_slice(&raw.split());
                     false
                 }
-                RefusalFraming::Chunked => match chunks.decode(&mut raw, &mut body) {
+                ResponseFraming::Chunked => match chunks.decode(&mut raw, &mut body) {
                     Ok(done) => done,
                     Err(e) => {
                         tracing::debug!(error = %e, "a refused upgrade's chunked body");
@@ -916,7 +934,7 @@ async fn read_refusal_body(
             }
             raw.reserve(8 * 1024);
             match stream.read_buf(&mut raw).await {
-                Ok(0) => return framing == RefusalFraming::UntilClose,
+                Ok(0) => return framing == ResponseFraming::UntilClose,
                 Ok(n) => raw_total += n,
                 Err(_) => return false,
             }
@@ -931,7 +949,7 @@ async fn read_refusal_body(
 
 /// Decodes a chunked body incrementally (RFC 9112 7.1); trailers are not needed and not read.
 #[derive(Debug, Default)]
-struct ChunkedBody {
+pub(super) struct ChunkedBody {
     state: ChunkState,
 }
 
@@ -953,7 +971,11 @@ const MAX_CHUNK_SIZE_LINE: usize = 4 * 1024;
 
 impl ChunkedBody {
     /// Moves what `raw` holds into `body`; `Ok(true)` once the last chunk is read.
-    fn decode(&mut self, raw: &mut BytesMut, body: &mut BytesMut) -> Result<bool, String> {
+    pub(super) fn decode(
+        &mut self,
+        raw: &mut BytesMut,
+        body: &mut BytesMut,
+    ) -> Result<bool, String> {
         loop {
             match self.state {
                 ChunkState::Done => return Ok(true),
@@ -1092,8 +1114,8 @@ mod tests {
         let answered = dialer().handshake(addr, &upgrade_request()).await.unwrap();
         assert_eq!(answered.response.status, 401);
         assert_eq!(
-            RefusalFraming::of(&answered.response),
-            RefusalFraming::Length(5)
+            ResponseFraming::of(&answered.response),
+            ResponseFraming::Length(5)
         );
         assert_eq!(&answered.early[..], b"nope!");
     }
@@ -1449,8 +1471,8 @@ mod tests {
 
     #[test]
     fn refusal_framing_follows_rfc_9112() {
-        use RefusalFraming::*;
-        type Case<'a> = (u16, &'a [(&'a str, &'a str)], RefusalFraming);
+        use ResponseFraming::*;
+        type Case<'a> = (u16, &'a [(&'a str, &'a str)], ResponseFraming);
         let cases: &[Case] = &[
             (401, &[("content-length", "5")], Length(5)),
             (401, &[("content-length", "5, 5")], Length(5)),
@@ -1478,7 +1500,7 @@ mod tests {
         ];
         for (status, headers, expected) in cases {
             assert_eq!(
-                RefusalFraming::of(&response(*status, headers)),
+                ResponseFraming::of(&response(*status, headers)),
                 *expected,
                 "{status} {headers:?}"
             );

@@ -184,6 +184,16 @@ impl Pool {
         Some(PodGuard { pod })
     }
 
+    /// A slot on `pod` itself: an agent connection's next request to the pod it already
+    /// has a connection to (HTTP/1.1 keep-alive), while that pod takes new traffic.
+    pub fn hold(&self, pod: &Arc<Pod>) -> Option<PodGuard> {
+        if !pod.accepts_new(Instant::now()) {
+            return None;
+        }
+        pod.in_flight.fetch_add(1, Ordering::SeqCst);
+        Some(PodGuard { pod: pod.clone() })
+    }
+
     /// A connect failure or reset: stop new traffic to the pod for the back-off period.
     pub fn mark_failed(&self, pod: &Pod) {
         let until = pod.nanos_since_created(Instant::now() + self.passive_backoff);

@@ -33,12 +33,11 @@ use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Request, Response};
 use pingora::protocols::Stream;
-use prometheus::{Histogram, IntGauge};
 
-use super::access_log::AccessRecord;
-use super::refusal::{header_too_large, unavailable, Denial, DenialResponse, GrpcCode};
+use super::access_log::{AccessRecord, HotMetrics};
+use super::refusal::{unavailable, Denial, DenialResponse, GrpcCode};
 use super::Protocol;
-use crate::connection::{Http2Connection, ServeHttp2};
+use crate::connection::{ClientConnection, ServeHttp2};
 use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::h2c::{H2cSettings, OpenError, PodStream};
@@ -70,42 +69,7 @@ pub struct H2Edge {
     upstream: H2cSettings,
     max_connect_attempts: u32,
     max_request_header_bytes: usize,
-    /// Metric children every stream touches, resolved once.
     hot: HotMetrics,
-}
-
-struct HotMetrics {
-    active_grpc: IntGauge,
-    active_http: IntGauge,
-    latency_grpc: Histogram,
-    latency_http: Histogram,
-}
-
-impl HotMetrics {
-    fn new(metrics: &EdgeMetrics) -> Self {
-        let active = |p: Protocol| metrics.active.with_label_values(&[p.label()]);
-        let latency = |p: Protocol| metrics.upstream_latency.with_label_values(&[p.label()]);
-        Self {
-            active_grpc: active(Protocol::Grpc),
-            active_http: active(Protocol::Http),
-            latency_grpc: latency(Protocol::Grpc),
-            latency_http: latency(Protocol::Http),
-        }
-    }
-
-    fn active(&self, protocol: Protocol) -> &IntGauge {
-        match protocol {
-            Protocol::Grpc => &self.active_grpc,
-            _ => &self.active_http,
-        }
-    }
-
-    fn latency(&self, protocol: Protocol) -> &Histogram {
-        match protocol {
-            Protocol::Grpc => &self.latency_grpc,
-            _ => &self.latency_http,
-        }
-    }
 }
 
 /// A stream's end, as its connection's abuse limits need it.
@@ -161,7 +125,7 @@ impl H2Edge {
 
 #[async_trait]
 impl ServeHttp2 for H2Edge {
-    async fn serve(&self, stream: Stream, connection: Http2Connection) {
+    async fn serve(&self, stream: Stream, connection: ClientConnection) {
         let mut conn = match self.server().handshake::<_, Bytes>(stream).await {
             Ok(conn) => conn,
             Err(e) => {
@@ -422,31 +386,16 @@ enum Answer {
 }
 
 impl H2Edge {
-    fn calm_down(&self, connection: &Http2Connection, why: &'static str) {
+    fn calm_down(&self, connection: &ClientConnection, why: &'static str) {
         self.policies.blocked("h2_abuse", "h2");
         tracing::info!(client = %connection.client, why, "closing an HTTP/2 connection: ENHANCE_YOUR_CALM");
-    }
-
-    /// The policy refusal for a request, if any, checked before any pod is involved.
-    fn refusal(&self, client: std::net::IpAddr, parts: &http::request::Parts) -> Option<Denial> {
-        let head = head_bytes(parts);
-        if head > self.max_request_header_bytes {
-            return Some(header_too_large(head, self.max_request_header_bytes));
-        }
-        if let Some(refusal) = self.policies.check_request(Some(client), &parts.headers) {
-            return Some(Denial::from(refusal));
-        }
-        if !self.pool.any_accepting() {
-            return Some(unavailable("no healthy kas pod"));
-        }
-        None
     }
 
     /// One stream, from its request to its end: checked, sent to a pod, its answer
     /// relayed back, logged.
     async fn forward(
         &self,
-        connection: &Http2Connection,
+        connection: &ClientConnection,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> StreamEnd {
@@ -456,7 +405,14 @@ impl H2Edge {
         let _active = GaugeGuard::hold(self.hot.active(protocol).clone());
         let mut record =
             AccessRecord::new(connection.client, protocol, &parts.method, &parts.uri, 0);
-        if let Some(denial) = self.refusal(connection.client, &parts) {
+        if let Some(denial) = super::refused(
+            &self.policies,
+            &self.pool,
+            self.max_request_header_bytes,
+            Some(connection.client),
+            head_bytes(&parts),
+            &parts.headers,
+        ) {
             record.status = answer_denied(&mut respond, protocol, &denial);
             self.finish(record, Some(denial.grpc_code), None);
             return StreamEnd {

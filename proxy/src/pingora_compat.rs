@@ -343,6 +343,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replayed_connection_reads_its_prefix_first_and_keeps_its_identity() {
+        let (stream, mut client) = pair().await;
+        let plain: Stream = Box::new(stream);
+        let id = plain.id();
+        let mut replayed =
+            Replayed::stream(bytes::Bytes::from_static(b"GET / HTTP/1.1\r\n"), plain);
+        assert_eq!(
+            replayed.id(),
+            id,
+            "the same socket, for cookies and digests"
+        );
+        client.write_all(b"host: x\r\n\r\n").await.unwrap();
+        let mut got = vec![0u8; 29];
+        replayed.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+        replayed.write_all(b"ok").await.unwrap();
+        let mut answer = [0u8; 2];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"ok");
+    }
+
+    #[tokio::test]
     async fn tls_handshake_duration_is_the_second_timing_digest() {
         let (stream, client) = pair().await;
         let plain: Stream = Box::new(stream);

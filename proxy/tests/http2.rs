@@ -534,3 +534,64 @@ async fn a_drain_sends_goaway_and_open_streams_finish() {
     assert_eq!(status.as_deref(), Some("0"));
     assert_eq!(ended_with(conn).await, Some(Reason::NO_ERROR));
 }
+
+/// The HTTP/2 error codes of every GOAWAY frame in `bytes` (a server's side of a
+/// connection, after its preface).
+fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
+    let mut codes = Vec::new();
+    while bytes.len() >= 9 {
+        let length = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        let kind = bytes[3];
+        if bytes.len() < 9 + length {
+            break;
+        }
+        let payload = &bytes[9..9 + length];
+        if kind == 0x7 && payload.len() >= 8 {
+            codes.push(u32::from_be_bytes([
+                payload[4], payload[5], payload[6], payload[7],
+            ]));
+        }
+        bytes = &bytes[9 + length..];
+    }
+    codes
+}
+
+/// A malformed frame (a PING of the wrong size) is a connection error: the edge answers
+/// GOAWAY with an error code and closes that connection; other agents are unaffected.
+#[tokio::test]
+async fn a_malformed_frame_ends_its_connection_with_goaway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let subnet = next_subnet();
+    let (pod, _seen) = h2_pod(
+        ip(subnet, 10),
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+    )
+    .await;
+    let edge = Edge::start(subnet, &[pod], "").await;
+    edge.wait_healthy(1).await;
+    let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    hello.extend_from_slice(&[0, 0, 7, 0x6, 0, 0, 0, 0, 0]); // PING, 7 bytes (must be 8)
+    hello.extend_from_slice(&[0; 7]);
+    tls.write_all(&hello).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(STEP, tls.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was not closed");
+    // RFC 9113 names FRAME_SIZE_ERROR; the h2 crate answers PROTOCOL_ERROR. Either is a
+    // connection error, never NO_ERROR.
+    const PROTOCOL_ERROR: u32 = 0x1;
+    const FRAME_SIZE_ERROR: u32 = 0x6;
+    let codes = goaway_codes(&answer);
+    assert!(
+        matches!(codes[..], [PROTOCOL_ERROR] | [FRAME_SIZE_ERROR]),
+        "GOAWAY codes {codes:?}"
+    );
+
+    let (mut send, _conn) = h2_client(&edge).await;
+    assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+}

@@ -1,8 +1,9 @@
 //! The HTTP proxy. HTTP/2 connections (gRPC agents) are served by the edge's own
-//! forwarder ([`h2`]); HTTP/1.1 ones by pingora through its `ProxyHttp` seam, here:
-//! websocket upgrades become raw tunnels to the least-loaded pod (handed to
+//! forwarder ([`h2`]); plain HTTP/1.1 requests by its own HTTP/1.1 loop ([`h1`]). What
+//! that loop leaves to pingora comes here, through pingora's `ProxyHttp` seam: websocket
+//! upgrades become raw tunnels to the least-loaded pod (handed to
 //! [`crate::http::websocket`], which does the upgrade itself instead of pingora's HTTP/1
-//! proxy loop), anything else is forwarded over HTTP/1.1.
+//! proxy loop); any other request is forwarded over HTTP/1.1.
 
 mod access_log;
 pub mod h1;

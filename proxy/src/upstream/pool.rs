@@ -185,9 +185,11 @@ impl Pool {
     }
 
     /// A slot on `pod` itself: an agent connection's next request to the pod it already
-    /// has a connection to (HTTP/1.1 keep-alive), while that pod takes new traffic.
+    /// has a connection to (HTTP/1.1 keep-alive), while that pod is still discovered and
+    /// takes new traffic.
     pub fn hold(&self, pod: &Arc<Pod>) -> Option<PodGuard> {
-        if !pod.accepts_new(Instant::now()) {
+        let known = self.pods.load().iter().any(|p| Arc::ptr_eq(p, pod));
+        if !known || !pod.accepts_new(Instant::now()) {
             return None;
         }
         pod.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -285,6 +287,19 @@ mod tests {
         pool.mark_failed(&third);
         assert!(pool.pick().is_none());
         assert!(!pool.any_accepting());
+    }
+
+    #[test]
+    fn a_held_pod_is_kept_only_while_discovered_and_fit() {
+        let pool = healthy_pool(2);
+        let first = pool.pods()[0].clone();
+        assert_eq!(pool.hold(&first).unwrap().pod().addr, first.addr);
+        pool.mark_failed(&first);
+        assert!(pool.hold(&first).is_none(), "backing off");
+        let second = pool.pods()[1].clone();
+        pool.update(&endpoints(1));
+        assert!(second.accepts_new(Instant::now()));
+        assert!(pool.hold(&second).is_none(), "gone from discovery");
     }
 
     #[test]

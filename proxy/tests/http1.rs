@@ -32,6 +32,15 @@ enum Answers {
     UntilClose,
 }
 
+/// A stand-in pod and the edge in front of it, with `extra` edge configuration.
+async fn edge_before(answers: Answers, extra: &str) -> (Edge, Arc<Seen>) {
+    let subnet = next_subnet();
+    let (pod, seen) = h1_pod(ip(subnet, 10), answers).await;
+    let edge = Edge::start(subnet, &[pod], extra).await;
+    edge.wait_healthy(1).await;
+    (edge, seen)
+}
+
 #[derive(Default)]
 struct Seen {
     connections: AtomicU64,
@@ -169,10 +178,7 @@ async fn closed_within(conn: &mut (impl AsyncRead + Unpin), within: Duration) ->
 /// and the pod sees one connection for all of them.
 #[tokio::test]
 async fn keep_alive_requests_share_one_pod_connection() {
-    let subnet = next_subnet();
-    let (pod, seen) = h1_pod(ip(subnet, 10), Answers::KeepAlive).await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, seen) = edge_before(Answers::KeepAlive, "").await;
     let mut conn = h1_client(&edge).await;
     for n in 1..=20 {
         let request: &[u8] = b"POST /things HTTP/1.1\r\nhost: localhost\r\ncontent-length: 5\r\nconnection: keep-alive\r\n\r\nhello";
@@ -200,10 +206,7 @@ async fn keep_alive_requests_share_one_pod_connection() {
 /// goes again on a fresh connection, and the agent never notices.
 #[tokio::test]
 async fn a_pod_connection_the_pod_closed_is_replaced() {
-    let subnet = next_subnet();
-    let (pod, seen) = h1_pod(ip(subnet, 10), Answers::CloseOnSecond).await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, seen) = edge_before(Answers::CloseOnSecond, "").await;
     let mut conn = h1_client(&edge).await;
     for _ in 0..5 {
         conn.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
@@ -221,10 +224,7 @@ async fn a_pod_connection_the_pod_closed_is_replaced() {
 /// connection, which the agent is told.
 #[tokio::test]
 async fn chunked_and_until_close_answers_keep_their_framing() {
-    let subnet = next_subnet();
-    let (chunked, _) = h1_pod(ip(subnet, 10), Answers::Chunked).await;
-    let edge = Edge::start(subnet, &[chunked], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, _) = edge_before(Answers::Chunked, "").await;
     let mut conn = h1_client(&edge).await;
     for _ in 0..2 {
         conn.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
@@ -236,10 +236,7 @@ async fn chunked_and_until_close_answers_keep_their_framing() {
     }
     drop(edge);
 
-    let subnet = next_subnet();
-    let (until_close, _) = h1_pod(ip(subnet, 10), Answers::UntilClose).await;
-    let edge = Edge::start(subnet, &[until_close], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, _) = edge_before(Answers::UntilClose, "").await;
     let mut conn = h1_client(&edge).await;
     conn.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
@@ -253,15 +250,11 @@ async fn chunked_and_until_close_answers_keep_their_framing() {
 /// timeout.
 #[tokio::test]
 async fn a_request_body_that_never_arrives_is_cut() {
-    let subnet = next_subnet();
-    let (pod, seen) = h1_pod(ip(subnet, 10), Answers::KeepAlive).await;
-    let edge = Edge::start(
-        subnet,
-        &[pod],
+    let (edge, seen) = edge_before(
+        Answers::KeepAlive,
         "[downstream]\nrequest_head_timeout = \"1s\"\n",
     )
     .await;
-    edge.wait_healthy(1).await;
     let mut conn = h1_client(&edge).await;
     conn.write_all(b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 10\r\n\r\nabc")
         .await
@@ -277,10 +270,7 @@ async fn a_request_body_that_never_arrives_is_cut() {
 /// (here a chunked request body), answered by the pod as before.
 #[tokio::test]
 async fn requests_left_to_pingora_continue_the_same_connection() {
-    let subnet = next_subnet();
-    let (pod, seen) = h1_pod(ip(subnet, 10), Answers::KeepAlive).await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, seen) = edge_before(Answers::KeepAlive, "").await;
     let mut conn = h1_client(&edge).await;
     conn.write_all(b"GET /first HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await

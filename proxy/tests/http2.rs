@@ -31,6 +31,16 @@ enum PodAnswers {
     DiesMidway,
 }
 
+/// A stand-in pod (`max_streams` per connection) and the edge in front of it, with
+/// `extra` edge configuration.
+async fn edge_before(answers: PodAnswers, max_streams: u32, extra: &str) -> (Edge, Arc<PodSeen>) {
+    let subnet = next_subnet();
+    let (pod, seen) = h2_pod(ip(subnet, 10), answers, max_streams).await;
+    let edge = Edge::start(subnet, &[pod], extra).await;
+    edge.wait_healthy(1).await;
+    (edge, seen)
+}
+
 /// What a stand-in pod saw.
 #[derive(Default)]
 struct PodSeen {
@@ -40,16 +50,8 @@ struct PodSeen {
     sent: AtomicU64,
 }
 
-async fn h2_pod(ip: IpAddr, answers: PodAnswers) -> (SocketAddr, Arc<PodSeen>) {
-    h2_pod_with_limit(ip, answers, u32::MAX).await
-}
-
 /// A stand-in pod that allows `max_streams` concurrent streams per connection.
-async fn h2_pod_with_limit(
-    ip: IpAddr,
-    answers: PodAnswers,
-    max_streams: u32,
-) -> (SocketAddr, Arc<PodSeen>) {
+async fn h2_pod(ip: IpAddr, answers: PodAnswers, max_streams: u32) -> (SocketAddr, Arc<PodSeen>) {
     serve_readiness(ip).await;
     let listener = TcpListener::bind((ip, AGENT_PORT)).await.unwrap();
     let seen = Arc::new(PodSeen::default());
@@ -221,16 +223,14 @@ async fn ended_with(conn: tokio::task::JoinHandle<Result<(), h2::Error>>) -> Opt
 /// worker thread (the test edge runs 2), not one per concurrent call.
 #[tokio::test]
 async fn agents_calls_share_a_few_connections_to_each_pod() {
-    let subnet = next_subnet();
-    let (pod, seen) = h2_pod(
-        ip(subnet, 10),
+    let (edge, seen) = edge_before(
         PodAnswers::Small {
             delay: Duration::from_millis(5),
         },
+        u32::MAX,
+        "",
     )
     .await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
     let mut agents = Vec::new();
     for _ in 0..16 {
         let (send, conn) = h2_client(&edge).await;
@@ -262,17 +262,14 @@ async fn agents_calls_share_a_few_connections_to_each_pod() {
 /// beyond what a pod connection allows goes on another connection, never waits.
 #[tokio::test]
 async fn streams_beyond_a_pod_connections_limit_take_another_connection() {
-    let subnet = next_subnet();
-    let (pod, seen) = h2_pod_with_limit(
-        ip(subnet, 10),
+    let (edge, seen) = edge_before(
         PodAnswers::Small {
             delay: Duration::from_secs(3),
         },
         20,
+        "",
     )
     .await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
     let (send, _conn) = h2_client(&edge).await;
     let calls = (0..90).map(|_| {
         let mut send = send.clone();
@@ -295,10 +292,7 @@ async fn streams_beyond_a_pod_connections_limit_take_another_connection() {
 #[tokio::test]
 async fn a_slow_agent_holds_back_its_pod_and_loses_nothing() {
     const TOTAL: usize = 16 * 1024 * 1024;
-    let subnet = next_subnet();
-    let (pod, seen) = h2_pod(ip(subnet, 10), PodAnswers::Bulk { total: TOTAL }).await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, seen) = edge_before(PodAnswers::Bulk { total: TOTAL }, u32::MAX, "").await;
     let (send, _conn) = h2_client(&edge).await;
     let mut ready = send.ready().await.unwrap();
     let (response, mut body) = ready.send_request(grpc_request(), false).unwrap();
@@ -338,10 +332,7 @@ async fn a_slow_agent_holds_back_its_pod_and_loses_nothing() {
 /// (UNAVAILABLE, so it reconnects), not a reset that would read as INTERNAL.
 #[tokio::test]
 async fn a_pod_lost_mid_answer_ends_the_call_with_unavailable() {
-    let subnet = next_subnet();
-    let (pod, _seen) = h2_pod(ip(subnet, 10), PodAnswers::DiesMidway).await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
+    let (edge, _seen) = edge_before(PodAnswers::DiesMidway, u32::MAX, "").await;
     let (mut send, _conn) = h2_client(&edge).await;
     let (body, status) = call(&mut send).await;
     assert_eq!(body, b"\0\0\0\0\x05part");
@@ -361,16 +352,14 @@ async fn a_pod_lost_mid_answer_ends_the_call_with_unavailable() {
 /// ENHANCE_YOUR_CALM after a budget; other agents are unaffected.
 #[tokio::test]
 async fn rapid_cancels_close_the_connection_with_enhance_your_calm() {
-    let subnet = next_subnet();
-    let (pod, seen) = h2_pod(
-        ip(subnet, 10),
+    let (edge, seen) = edge_before(
         PodAnswers::Small {
             delay: Duration::from_secs(2),
         },
+        u32::MAX,
+        "",
     )
     .await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
     let (send, conn) = h2_client(&edge).await;
     let mut cancelled = 0;
     for _ in 0..400 {
@@ -432,16 +421,14 @@ async fn status_of(send: &SendRequest<Bytes>, request: Request<()>) -> Result<u1
 /// that keeps sending them is closed with ENHANCE_YOUR_CALM.
 #[tokio::test]
 async fn malformed_requests_and_connect_are_refused_then_the_connection_is_closed() {
-    let subnet = next_subnet();
-    let (pod, seen) = h2_pod(
-        ip(subnet, 10),
+    let (edge, seen) = edge_before(
         PodAnswers::Small {
             delay: Duration::ZERO,
         },
+        u32::MAX,
+        "",
     )
     .await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
     let (send, conn) = h2_client(&edge).await;
 
     let connect = request_with("CONNECT", "elsewhere.example:443", &[]);
@@ -480,22 +467,15 @@ async fn malformed_requests_and_connect_are_refused_then_the_connection_is_close
 /// same connection are refused (the agent reconnects to another replica).
 #[tokio::test]
 async fn a_drain_sends_goaway_and_open_streams_finish() {
-    let subnet = next_subnet();
-    let (pod, _seen) = h2_pod(
-        ip(subnet, 10),
+    let (edge, _seen) = edge_before(
         PodAnswers::Small {
             delay: Duration::from_secs(3),
         },
-    )
-    .await;
-    let edge = Edge::start(
-        subnet,
-        &[pod],
+        u32::MAX,
         // No spread: connections are closed only at the deadline, after this test.
         "[shutdown]\nreadiness_delay = \"0s\"\ndrain_deadline = \"10s\"\nclose_spread = 0.0\n",
     )
     .await;
-    edge.wait_healthy(1).await;
     let (send, conn) = h2_client(&edge).await;
     let mut open = send.clone();
     let open_call = tokio::spawn(async move { call(&mut open).await });
@@ -561,16 +541,14 @@ fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
 #[tokio::test]
 async fn a_malformed_frame_ends_its_connection_with_goaway() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let subnet = next_subnet();
-    let (pod, _seen) = h2_pod(
-        ip(subnet, 10),
+    let (edge, _seen) = edge_before(
         PodAnswers::Small {
             delay: Duration::ZERO,
         },
+        u32::MAX,
+        "",
     )
     .await;
-    let edge = Edge::start(subnet, &[pod], "").await;
-    edge.wait_healthy(1).await;
     let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
         .await
         .unwrap();

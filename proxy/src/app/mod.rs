@@ -39,7 +39,7 @@ use crate::connection::{ConnectionLayer, IdleLimits, MaxAge};
 use crate::http::h1::H1Edge;
 use crate::http::h2::H2Edge;
 use crate::http::websocket::PodDialer;
-use crate::http::EdgeProxy;
+use crate::http::{EdgeProxy, RequestGate};
 use crate::listener::accept::{AcceptFilter, SelfProbes};
 use crate::listener::handshake::{HandshakeLayer, HandshakeLimits};
 use crate::listener::tls;
@@ -337,34 +337,27 @@ fn proxy_service(
 ) -> anyhow::Result<Service<ConnectionLayer<pingora::proxy::HttpProxy<EdgeProxy>>>> {
     let handoffs = Arc::new(PendingHandoffs::default());
     let activity = Arc::new(ActivityTable::default());
-    let proxy = EdgeProxy {
-        handoffs: handoffs.clone(),
-        activity: activity.clone(),
+    let gate = Arc::new(RequestGate {
         policies: policies.clone(),
         pool: state.pool.clone(),
         metrics: state.metrics.clone(),
-        upstream: config.upstream.clone(),
+        max_connect_attempts: config.upstream.max_connect_attempts,
         max_request_header_bytes: config.downstream.max_request_header_bytes,
+    });
+    let proxy = EdgeProxy {
+        gate: gate.clone(),
+        handoffs: handoffs.clone(),
+        activity: activity.clone(),
+        upstream: config.upstream.clone(),
     };
-    let h2 = H2Edge::new(
-        policies.clone(),
-        state.pool.clone(),
-        state.metrics.clone(),
-        h2c_settings(config),
-        config.upstream.max_connect_attempts,
-        config.downstream.max_request_header_bytes,
-    );
+    let h2 = H2Edge::new(gate.clone(), h2c_settings(config));
     let h1 = H1Edge::new(
-        policies.clone(),
-        state.pool.clone(),
-        state.metrics.clone(),
+        gate,
         PodDialer {
             connect_timeout: config.upstream.connect_timeout,
             response_timeout: config.upstream.upgrade_timeout,
             tcp_keepalive: config.upstream.tcp_keepalive,
         },
-        config.upstream.max_connect_attempts,
-        config.downstream.max_request_header_bytes,
         config.downstream.request_head_timeout,
     );
     let app = ConnectionLayer {

@@ -70,16 +70,12 @@ pub struct RequestCtx {
 }
 
 pub struct EdgeProxy {
-    pub policies: Arc<Policies>,
-    pub pool: Arc<Pool>,
-    pub metrics: EdgeMetrics,
+    pub gate: Arc<RequestGate>,
     pub upstream: UpstreamConfig,
     /// Where established tunnels wait for [`crate::connection::ConnectionLayer`] to carry them.
     pub handoffs: Arc<PendingHandoffs>,
     /// Each connection's idle clock, stopped while a request runs.
     pub activity: Arc<ActivityTable>,
-    /// `downstream.max_request_header_bytes`.
-    pub max_request_header_bytes: usize,
 }
 
 /// The bytes a request head takes: method, path and query, header names and values (plus
@@ -89,26 +85,48 @@ fn request_head_bytes(req: &pingora::http::RequestHeader) -> usize {
     head_bytes(line, &req.headers)
 }
 
-/// Why a request is answered by the edge instead of a pod, checked in this order before
-/// any pod is involved: its head is over the limit, a policy refuses it, no pod is fit.
-fn refused(
-    policies: &Policies,
-    pool: &Pool,
-    max_request_header_bytes: usize,
-    client: Option<std::net::IpAddr>,
-    head_bytes: usize,
-    headers: &http::HeaderMap,
-) -> Option<Denial> {
-    if head_bytes > max_request_header_bytes {
-        return Some(header_too_large(head_bytes, max_request_header_bytes));
+/// What every request path of the edge shares (pingora's, [`h1`], [`h2`]): the policies
+/// and pods a request is checked against and sent to, and the metrics it is counted in.
+pub struct RequestGate {
+    pub policies: Arc<Policies>,
+    pub pool: Arc<Pool>,
+    pub metrics: EdgeMetrics,
+    /// How many pods a request may try when connecting fails.
+    pub max_connect_attempts: u32,
+    /// `downstream.max_request_header_bytes`.
+    pub max_request_header_bytes: usize,
+}
+
+impl RequestGate {
+    /// Why a request is answered by the edge instead of a pod, checked in this order
+    /// before any pod is involved: its head is over the limit, a policy refuses it, no
+    /// pod is fit.
+    fn refused(
+        &self,
+        client: Option<std::net::IpAddr>,
+        head_bytes: usize,
+        headers: &http::HeaderMap,
+    ) -> Option<Denial> {
+        if head_bytes > self.max_request_header_bytes {
+            return Some(header_too_large(head_bytes, self.max_request_header_bytes));
+        }
+        if let Some(refusal) = self.policies.check_request(client, headers) {
+            return Some(Denial::from(refusal));
+        }
+        if !self.pool.any_accepting() {
+            return Some(unavailable("no healthy kas pod"));
+        }
+        None
     }
-    if let Some(refusal) = policies.check_request(client, headers) {
-        return Some(Denial::from(refusal));
+
+    /// A pod refused a connection: keep new traffic off it for the passive back-off.
+    fn connect_failed(&self, pod: &Pod) {
+        self.pool.mark_failed(pod);
+        self.metrics
+            .upstream_connect_failures
+            .with_label_values(&[&pod.label])
+            .inc();
     }
-    if !pool.any_accepting() {
-        return Some(unavailable("no healthy kas pod"));
-    }
-    None
 }
 
 /// `line` (method and target) plus the header block, with HTTP/1's separators.
@@ -152,7 +170,8 @@ impl ProxyHttp for EdgeProxy {
             .request_started(pingora_compat::session_cookie(session));
         ctx.protocol = classify(session);
         ctx._active = Some(GaugeGuard::hold(
-            self.metrics
+            self.gate
+                .metrics
                 .active
                 .with_label_values(&[ctx.protocol.label()]),
         ));
@@ -167,10 +186,7 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.client = client;
-        if let Some(denial) = refused(
-            &self.policies,
-            &self.pool,
-            self.max_request_header_bytes,
+        if let Some(denial) = self.gate.refused(
             client,
             request_head_bytes(session.req_header()),
             &session.req_header().headers,
@@ -194,6 +210,7 @@ impl ProxyHttp for EdgeProxy {
         // A retry releases the slot on the pod that failed before taking a new one.
         ctx.pod = None;
         let guard = self
+            .gate
             .pool
             .pick()
             .ok_or_else(|| Error::explain(HTTPStatus(503), "no healthy kas pod"))?;
@@ -219,10 +236,10 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(guard) = &ctx.pod {
-            self.connect_failed(guard.pod());
+            self.gate.connect_failed(guard.pod());
         }
         // Nothing reached the pod yet, so another pod may take the request.
-        if ctx.attempts < self.upstream.max_connect_attempts {
+        if ctx.attempts < self.gate.max_connect_attempts {
             e.set_retry(true);
         }
         e
@@ -300,24 +317,16 @@ impl ProxyHttp for EdgeProxy {
             bytes_out,
             ..AccessRecord::of(session, ctx, status)
         }
-        .log(&self.metrics, e.map(|e| e.to_string()));
+        .log(&self.gate.metrics, e.map(|e| e.to_string()));
     }
 }
 
 impl EdgeProxy {
-    /// A pod refused a connection: keep new traffic off it for the passive back-off.
-    fn connect_failed(&self, pod: &Pod) {
-        self.pool.mark_failed(pod);
-        self.metrics
-            .upstream_connect_failures
-            .with_label_values(&[&pod.label])
-            .inc();
-    }
-
     fn record_upstream_latency(&self, ctx: &mut RequestCtx) {
         if !ctx.upstream_latency_recorded {
             ctx.upstream_latency_recorded = true;
-            self.metrics
+            self.gate
+                .metrics
                 .upstream_latency
                 .with_label_values(&[ctx.protocol.label()])
                 .observe(ctx.started.elapsed().as_secs_f64());
@@ -337,7 +346,7 @@ impl EdgeProxy {
         let answered = loop {
             ctx.attempts += 1;
             ctx.pod = None;
-            let Some(guard) = self.pool.pick() else {
+            let Some(guard) = self.gate.pool.pick() else {
                 respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
                 return;
             };
@@ -345,13 +354,13 @@ impl EdgeProxy {
             let pod = ctx.pod.insert(guard).pod().clone();
             match dialer.handshake(addr, &request).await {
                 Ok(answered) => break answered,
-                Err(e) if e.is_connect() && ctx.attempts < self.upstream.max_connect_attempts => {
+                Err(e) if e.is_connect() && ctx.attempts < self.gate.max_connect_attempts => {
                     tracing::debug!(error = %e, "trying another pod");
-                    self.connect_failed(&pod);
+                    self.gate.connect_failed(&pod);
                 }
                 Err(e) => {
                     if e.is_connect() {
-                        self.connect_failed(&pod);
+                        self.gate.connect_failed(&pod);
                     }
                     tracing::warn!(error = %e, "websocket upgrade not forwarded");
                     let denial = bad_gateway("kas did not answer the upgrade");
@@ -388,7 +397,7 @@ impl EdgeProxy {
                 // access log needs and what must live as long as the tunnel go with it.
                 let mut record = AccessRecord::of(session, ctx, 101);
                 let held = (ctx.pod.take(), ctx._active.take());
-                let metrics = self.metrics.clone();
+                let metrics = self.gate.metrics.clone();
                 let connection = pending.connection_id();
                 self.handoffs
                     .put(Handoff::new(connection, move |stop| async move {

@@ -37,12 +37,11 @@ use super::websocket::{
     encode_head_into, read_response_head, strip_hop_by_hop, ChunkedBody, HandshakeError, PodDialer,
     ResponseFraming,
 };
-use super::Protocol;
+use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp1};
 use crate::pingora_compat::Replayed;
-use crate::policy::Policies;
-use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
-use crate::upstream::pool::{Pod, PodGuard, Pool};
+use crate::telemetry::metrics::GaugeGuard;
+use crate::upstream::pool::{Pod, PodGuard};
 
 /// Request bodies up to this size are served here: read whole before a pod is chosen, so
 /// a failed connect can still move to another pod. Larger ones go to pingora.
@@ -56,35 +55,19 @@ const RELAY_CHUNK: usize = 16 * 1024;
 
 /// The HTTP/1.1 side of the edge for plain requests.
 pub struct H1Edge {
-    policies: Arc<Policies>,
-    pool: Arc<Pool>,
-    metrics: EdgeMetrics,
+    gate: Arc<RequestGate>,
     hot: HotMetrics,
     dialer: PodDialer,
-    max_connect_attempts: u32,
-    max_request_header_bytes: usize,
     /// How long a request body may take to arrive once its head did.
     body_timeout: Duration,
 }
 
 impl H1Edge {
-    pub fn new(
-        policies: Arc<Policies>,
-        pool: Arc<Pool>,
-        metrics: EdgeMetrics,
-        dialer: PodDialer,
-        max_connect_attempts: u32,
-        max_request_header_bytes: usize,
-        body_timeout: Duration,
-    ) -> Self {
+    pub fn new(gate: Arc<RequestGate>, dialer: PodDialer, body_timeout: Duration) -> Self {
         Self {
-            hot: HotMetrics::new(&metrics),
-            policies,
-            pool,
-            metrics,
+            hot: HotMetrics::new(&gate.metrics),
+            gate,
             dialer,
-            max_connect_attempts,
-            max_request_header_bytes,
             body_timeout,
         }
     }
@@ -220,7 +203,7 @@ impl ServeHttp1 for H1Edge {
                     Parsed::Other => return Some(Replayed::stream(buf.freeze(), client)),
                     Parsed::Incomplete => {}
                 }
-                if buf.len() > self.max_request_header_bytes {
+                if buf.len() > self.gate.max_request_header_bytes {
                     // pingora reads the rest and the request is refused there (431).
                     return Some(Replayed::stream(buf.freeze(), client));
                 }
@@ -279,21 +262,18 @@ impl H1Edge {
             tokio::time::timeout(self.body_timeout, body_read).await,
             Ok(true)
         ) {
-            record.log(&self.metrics, Some("request body incomplete".into()));
+            record.log(&self.gate.metrics, Some("request body incomplete".into()));
             return false;
         }
         let raw = buf.split_to(total).freeze();
         record.bytes_in = request.body_len as u64;
-        if let Some(denial) = super::refused(
-            &self.policies,
-            &self.pool,
-            self.max_request_header_bytes,
+        if let Some(denial) = self.gate.refused(
             Some(connection.client),
             request.head_bytes,
             &request.headers,
         ) {
             record.status = answer_denied(client, &denial).await;
-            record.log(&self.metrics, None);
+            record.log(&self.gate.metrics, None);
             return false;
         }
         let mut out = Vec::with_capacity(total + 64);
@@ -315,7 +295,7 @@ impl H1Edge {
             Ok(answered) => answered,
             Err(Failed::Answered(status, why)) => {
                 record.status = status;
-                record.log(&self.metrics, Some(why));
+                record.log(&self.gate.metrics, Some(why));
                 return false;
             }
         };
@@ -326,7 +306,7 @@ impl H1Edge {
         if head.status.is_informational() {
             tracing::warn!(pod = %guard.pod().label, status = head.status.as_u16(), "pod answered a plain request with an interim response");
             record.status = answer_denied(client, &bad_gateway("kas answered incorrectly")).await;
-            record.log(&self.metrics, None);
+            record.log(&self.gate.metrics, None);
             return false;
         }
         let framing = if request.method == Method::HEAD {
@@ -336,7 +316,7 @@ impl H1Edge {
         };
         if framing == ResponseFraming::Invalid {
             record.status = answer_denied(client, &bad_gateway("kas answered incorrectly")).await;
-            record.log(&self.metrics, None);
+            record.log(&self.gate.metrics, None);
             return false;
         }
         let pod_keeps = !asks_close(&head.headers) && framing != ResponseFraming::UntilClose;
@@ -352,7 +332,7 @@ impl H1Edge {
         };
         record.bytes_out = sent;
         let failed = error.is_some();
-        record.log(&self.metrics, error);
+        record.log(&self.gate.metrics, error);
         drop(guard);
         if pod_keeps && pod_clean && !failed {
             *link = Some(pod);
@@ -375,13 +355,13 @@ impl H1Edge {
             let kept = link
                 .take()
                 .filter(PodLink::alive)
-                .and_then(|l| Some((self.pool.hold(&l.pod)?, l)));
+                .and_then(|l| Some((self.gate.pool.hold(&l.pod)?, l)));
             let reused = kept.is_some();
             let (guard, mut pod) = match kept {
                 Some(kept) => kept,
                 None => {
                     attempts += 1;
-                    let Some(guard) = self.pool.pick() else {
+                    let Some(guard) = self.gate.pool.pick() else {
                         let status =
                             answer_denied(client, &unavailable("no healthy kas pod")).await;
                         return Err(Failed::Answered(status, "no healthy kas pod".into()));
@@ -390,8 +370,8 @@ impl H1Edge {
                     match self.dialer.connect(pod.addr).await {
                         Ok(stream) => (guard, PodLink { pod, stream }),
                         Err(e) => {
-                            self.connect_failed(&pod);
-                            if attempts < self.max_connect_attempts {
+                            self.gate.connect_failed(&pod);
+                            if attempts < self.gate.max_connect_attempts {
                                 tracing::debug!(error = %e, "trying another pod");
                                 continue;
                             }
@@ -423,14 +403,6 @@ impl H1Edge {
                 }
             }
         }
-    }
-
-    fn connect_failed(&self, pod: &Pod) {
-        self.pool.mark_failed(pod);
-        self.metrics
-            .upstream_connect_failures
-            .with_label_values(&[&pod.label])
-            .inc();
     }
 }
 

@@ -36,12 +36,11 @@ use pingora::protocols::Stream;
 
 use super::access_log::{AccessRecord, HotMetrics};
 use super::refusal::{unavailable, Denial, DenialResponse, GrpcCode};
-use super::Protocol;
+use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp2};
-use crate::policy::Policies;
-use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
+use crate::telemetry::metrics::GaugeGuard;
 use crate::upstream::h2c::{H2cSettings, OpenError, PodStream};
-use crate::upstream::pool::{Pod, PodGuard, Pool};
+use crate::upstream::pool::{Pod, PodGuard};
 use relay::{relay, Broken};
 
 /// Streams one agent connection may have open at once (pingora's default, kept).
@@ -63,12 +62,8 @@ const AGENT_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// The HTTP/2 side of the edge: agents' gRPC (and any other HTTP/2 request) to pods.
 pub struct H2Edge {
-    policies: Arc<Policies>,
-    pool: Arc<Pool>,
-    metrics: EdgeMetrics,
+    gate: Arc<RequestGate>,
     upstream: H2cSettings,
-    max_connect_attempts: u32,
-    max_request_header_bytes: usize,
     hot: HotMetrics,
 }
 
@@ -86,22 +81,11 @@ enum Malformed {
 }
 
 impl H2Edge {
-    pub fn new(
-        policies: Arc<Policies>,
-        pool: Arc<Pool>,
-        metrics: EdgeMetrics,
-        upstream: H2cSettings,
-        max_connect_attempts: u32,
-        max_request_header_bytes: usize,
-    ) -> Self {
+    pub fn new(gate: Arc<RequestGate>, upstream: H2cSettings) -> Self {
         Self {
-            hot: HotMetrics::new(&metrics),
-            policies,
-            pool,
-            metrics,
+            hot: HotMetrics::new(&gate.metrics),
+            gate,
             upstream,
-            max_connect_attempts,
-            max_request_header_bytes,
         }
     }
 
@@ -109,7 +93,7 @@ impl H2Edge {
         let mut builder = h2::server::Builder::new();
         // h2 answers heads beyond this itself (431); between our own limit and this one
         // the edge answers with its gRPC-aware refusal.
-        let header_list = (self.max_request_header_bytes * 2).max(64 * 1024);
+        let header_list = (self.gate.max_request_header_bytes * 2).max(64 * 1024);
         builder
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_header_list_size(u32::try_from(header_list).unwrap_or(u32::MAX))
@@ -387,7 +371,7 @@ enum Answer {
 
 impl H2Edge {
     fn calm_down(&self, connection: &ClientConnection, why: &'static str) {
-        self.policies.blocked("h2_abuse", "h2");
+        self.gate.policies.blocked("h2_abuse", "h2");
         tracing::info!(client = %connection.client, why, "closing an HTTP/2 connection: ENHANCE_YOUR_CALM");
     }
 
@@ -405,14 +389,10 @@ impl H2Edge {
         let _active = GaugeGuard::hold(self.hot.active(protocol).clone());
         let mut record =
             AccessRecord::new(connection.client, protocol, &parts.method, &parts.uri, 0);
-        if let Some(denial) = super::refused(
-            &self.policies,
-            &self.pool,
-            self.max_request_header_bytes,
-            Some(connection.client),
-            head_bytes(&parts),
-            &parts.headers,
-        ) {
+        if let Some(denial) =
+            self.gate
+                .refused(Some(connection.client), head_bytes(&parts), &parts.headers)
+        {
             record.status = answer_denied(&mut respond, protocol, &denial);
             self.finish(record, Some(denial.grpc_code), None);
             return StreamEnd {
@@ -526,7 +506,7 @@ impl H2Edge {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let guard = self.pool.pick().ok_or("no healthy kas pod")?;
+            let guard = self.gate.pool.pick().ok_or("no healthy kas pod")?;
             let pod = guard.pod().clone();
             let request = pod_request(parts, &pod);
             let failure = match pod
@@ -538,9 +518,9 @@ impl H2Edge {
                 Err(e) => e,
             };
             if let OpenError::Connect(_) = failure {
-                self.connect_failed(&pod);
+                self.gate.connect_failed(&pod);
             }
-            if attempts >= self.max_connect_attempts {
+            if attempts >= self.gate.max_connect_attempts {
                 tracing::warn!(pod = %pod.label, error = %failure, "request not forwarded");
                 return Err("kas is unavailable");
             }
@@ -617,23 +597,16 @@ impl H2Edge {
         }
     }
 
-    fn connect_failed(&self, pod: &Pod) {
-        self.pool.mark_failed(pod);
-        self.metrics
-            .upstream_connect_failures
-            .with_label_values(&[&pod.label])
-            .inc();
-    }
-
     fn finish(&self, record: AccessRecord, grpc: Option<GrpcCode>, error: Option<String>) {
         if record.protocol == Protocol::Grpc {
             let code = grpc.unwrap_or(GrpcCode::Unavailable);
-            self.metrics
+            self.gate
+                .metrics
                 .grpc_responses
                 .with_label_values(&[code.name()])
                 .inc();
         }
-        record.log(&self.metrics, error);
+        record.log(&self.gate.metrics, error);
     }
 }
 

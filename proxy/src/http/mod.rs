@@ -129,6 +129,16 @@ impl RequestGate {
     }
 }
 
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1), and are never
+/// forwarded: the fixed ones and every `Proxy-*` (plus, in HTTP/1, whatever `Connection`
+/// names).
+fn is_hop_by_hop(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade"
+    ) || name.as_str().starts_with("proxy-")
+}
+
 /// `line` (method and target) plus the header block, with HTTP/1's separators.
 fn head_bytes(line: usize, headers: &http::HeaderMap) -> usize {
     headers.iter().fold(line + 12, |n, (name, value)| {

@@ -796,18 +796,8 @@ async fn relay_refusal(
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1), and must not
-/// be relayed: the fixed ones below, every `Proxy-*`, and whatever `Connection` names.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-/// Removes hop-by-hop headers and the pod's `Content-Length` (the relay sets its own).
+/// Removes hop-by-hop headers ([`super::is_hop_by_hop`] and whatever `Connection` names)
+/// and the pod's `Content-Length` (the relay sets its own).
 pub(super) fn strip_hop_by_hop(head: &mut ResponseHeader) {
     let mut names: Vec<http::HeaderName> = head
         .headers
@@ -820,10 +810,9 @@ pub(super) fn strip_hop_by_hop(head: &mut ResponseHeader) {
     names.extend(
         head.headers
             .keys()
-            .filter(|name| name.as_str().starts_with("proxy-"))
+            .filter(|name| super::is_hop_by_hop(name))
             .cloned(),
     );
-    names.extend(HOP_BY_HOP.iter().map(|n| http::HeaderName::from_static(n)));
     names.push(http::header::CONTENT_LENGTH);
     for name in &names {
         // A removal takes every value of the name.

@@ -163,14 +163,6 @@ fn parse(buf: &[u8]) -> Parsed {
     }))
 }
 
-/// Request headers about the agent's connection, not the request (RFC 9110 7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer"
-    )
-}
-
 /// A connection to the pod this agent connection's requests go to, kept between them.
 struct PodLink {
     pod: Arc<Pod>,
@@ -285,7 +277,7 @@ impl H1Edge {
             request
                 .headers
                 .iter()
-                .filter(|(name, _)| !is_hop_by_hop(name))
+                .filter(|(name, _)| !super::is_hop_by_hop(name))
                 .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
         );
         out.extend_from_slice(&raw[request.head_len..]);

@@ -316,20 +316,17 @@ fn head_bytes(parts: &http::request::Parts) -> usize {
 /// Headers that describe one connection, not the request: never forwarded (HTTP/2
 /// forbids them; h2 refuses to send them).
 fn strip_connection_headers(headers: &mut HeaderMap) {
-    for name in [
-        http::header::CONNECTION,
-        http::header::TRANSFER_ENCODING,
-        http::header::UPGRADE,
-        http::HeaderName::from_static("keep-alive"),
-        http::HeaderName::from_static("proxy-connection"),
-    ] {
+    let hop_by_hop: Vec<http::HeaderName> = headers
+        .iter()
+        .filter(|(name, value)| {
+            // `te: trailers` is the one such header HTTP/2 carries (gRPC requires it).
+            super::is_hop_by_hop(name)
+                && !(*name == http::header::TE && value.as_bytes() == b"trailers")
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in hop_by_hop {
         headers.remove(name);
-    }
-    if headers
-        .get(http::header::TE)
-        .is_some_and(|te| te.as_bytes() != b"trailers")
-    {
-        headers.remove(http::header::TE);
     }
 }
 

@@ -825,6 +825,8 @@ pub(super) fn strip_hop_by_hop(head: &mut ResponseHeader) {
 pub(super) enum ResponseFraming {
     /// 1xx, 204, 304: no body.
     NoBody,
+    /// The answer to a HEAD request: no body, and the `Content-Length` a GET would get.
+    HeadOnly(u64),
     Chunked,
     Length(u64),
     /// No length (or a transfer coding other than chunked last): until the pod closes.
@@ -895,7 +897,7 @@ async fn read_refusal_body(
         let mut raw_total = raw.len();
         loop {
             let complete = match framing {
-                ResponseFraming::NoBody => return true,
+                ResponseFraming::NoBody | ResponseFraming::HeadOnly(_) => return true,
                 ResponseFraming::Invalid => return false,
                 ResponseFraming::Length(n) => {
                     let missing = n.saturating_sub(body.len() as u64);

@@ -302,7 +302,11 @@ impl H1Edge {
             return false;
         }
         let framing = if request.method == Method::HEAD {
-            ResponseFraming::NoBody
+            // The length the pod states is the body a GET would get: kept as it is.
+            match ResponseFraming::of(&head) {
+                ResponseFraming::Length(n) => ResponseFraming::HeadOnly(n),
+                _ => ResponseFraming::NoBody,
+            }
         } else {
             ResponseFraming::of(&head)
         };
@@ -417,7 +421,7 @@ fn reframed(mut head: ResponseHeader, framing: ResponseFraming, close: bool) -> 
         push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
-        ResponseFraming::Length(n) => {
+        ResponseFraming::Length(n) | ResponseFraming::HeadOnly(n) => {
             push_header(&mut out, b"content-length", n.to_string().as_bytes())
         }
         ResponseFraming::Chunked => push_header(&mut out, b"transfer-encoding", b"chunked"),
@@ -471,7 +475,7 @@ async fn relay_body(
     let mut sent = 0u64;
     let pod_gone = |sent| (sent, "the pod closed mid-answer".to_owned());
     match framing {
-        ResponseFraming::NoBody | ResponseFraming::Invalid => {
+        ResponseFraming::NoBody | ResponseFraming::HeadOnly(_) | ResponseFraming::Invalid => {
             write_client(client, &out).await.map_err(|e| (0, e))?;
             Ok((0, early.is_empty()))
         }

@@ -221,6 +221,26 @@ async fn keep_alive_requests_share_one_pod_connection() {
     );
 }
 
+/// Agent connections that come one after another (one request each) reuse the same
+/// pod connection: a new agent costs the pod no new connection.
+#[tokio::test]
+async fn successive_agent_connections_reuse_an_idle_pod_connection() {
+    let (edge, seen) = edge_before(Answers::KeepAlive, "").await;
+    for n in 1..=3 {
+        let mut conn = h1_client(&edge).await;
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_answer(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, format!("pong {n}").as_bytes());
+        drop(conn);
+        // The edge sees the close and parks the pod connection.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+}
+
 /// A pod that closes a kept-alive connection as the next request arrives: the request
 /// goes again on a fresh connection, and the agent never notices.
 #[tokio::test]

@@ -4,4 +4,5 @@
 pub mod discovery;
 pub mod h2c;
 pub mod health;
+pub mod idle;
 pub mod pool;

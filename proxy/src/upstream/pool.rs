@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use crate::telemetry::metrics::PodSample;
 use crate::upstream::discovery::Endpoint;
 use crate::upstream::h2c::PodConnections;
+use crate::upstream::idle::IdleConnections;
 
 pub struct Pod {
     pub addr: SocketAddr,
@@ -35,6 +36,8 @@ pub struct Pod {
     created: Instant,
     /// The edge's HTTP/2 connections to the pod, for gRPC.
     pub h2c: PodConnections,
+    /// HTTP/1.1 connections to the pod between agent connections.
+    pub idle_h1: IdleConnections,
 }
 
 impl Pod {
@@ -55,6 +58,7 @@ impl Pod {
             passive_down_until: AtomicU64::new(0),
             created: Instant::now(),
             h2c: PodConnections::default(),
+            idle_h1: IdleConnections::default(),
         }
     }
 

@@ -8,8 +8,9 @@
 //! Why: pingora's HTTP/1 proxy cost ≈135 µs of CPU and about one context switch per
 //! request (`loadtest/bench.sh`: a per-request session, its upstream pool's idle-watcher
 //! task woken on every reuse). Here the agent connection's own task reads the request,
-//! writes it to the pod over the connection's own pod connection (kept alive, no pool)
-//! and writes the answer back, head and body in one write.
+//! writes it to the pod over the connection's own pod connection (kept alive; between
+//! agent connections it waits in its pod's small idle set, [`crate::upstream::idle`]) and
+//! writes the answer back, head and body in one write.
 //!
 //! Duties kept from pingora's path: request-head size limit (431), policies (header rules,
 //! rate limits, per-token keys), least-in-flight pod choice (the first request; later ones
@@ -41,6 +42,7 @@ use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp1};
 use crate::pingora_compat::Replayed;
 use crate::telemetry::metrics::GaugeGuard;
+use crate::upstream::idle::still_open;
 use crate::upstream::pool::{Pod, PodGuard};
 
 /// Request bodies up to this size are served here: read whole before a pod is chosen, so
@@ -172,8 +174,20 @@ struct PodLink {
 impl PodLink {
     /// Whether the pod still keeps the connection open (it closes idle ones).
     fn alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        still_open(&self.stream)
+    }
+}
+
+/// The pod connection an agent connection holds between its requests; when the agent
+/// connection ends, it goes to its pod's idle connections for the next agent.
+#[derive(Default)]
+struct KeptLink(Option<PodLink>);
+
+impl Drop for KeptLink {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take() {
+            link.pod.idle_h1.put(link.stream);
+        }
     }
 }
 
@@ -187,7 +201,7 @@ enum Failed {
 impl ServeHttp1 for H1Edge {
     async fn serve(&self, mut client: Stream, connection: ClientConnection) -> Option<Stream> {
         let mut buf = BytesMut::new();
-        let mut link: Option<PodLink> = None;
+        let mut link = KeptLink::default();
         loop {
             let request = loop {
                 match parse(&buf) {
@@ -207,7 +221,7 @@ impl ServeHttp1 for H1Edge {
             };
             let _busy = connection.activity.start();
             let keep_alive = self
-                .exchange(&mut client, &mut buf, request, &mut link, &connection)
+                .exchange(&mut client, &mut buf, request, &mut link.0, &connection)
                 .await;
             if !keep_alive {
                 let _ = tokio::time::timeout(CLIENT_WRITE_STALL, client.shutdown()).await;
@@ -352,28 +366,33 @@ impl H1Edge {
                 .take()
                 .filter(PodLink::alive)
                 .and_then(|l| Some((self.gate.pool.hold(&l.pod)?, l)));
-            let reused = kept.is_some();
+            let mut reused = kept.is_some();
             let (guard, mut pod) = match kept {
                 Some(kept) => kept,
                 None => {
-                    attempts += 1;
                     let Some(guard) = self.gate.pool.pick() else {
                         let status =
                             answer_denied(client, &unavailable("no healthy kas pod")).await;
                         return Err(Failed::Answered(status, "no healthy kas pod".into()));
                     };
                     let pod = guard.pod().clone();
-                    match self.dialer.connect(pod.addr).await {
-                        Ok(stream) => (guard, PodLink { pod, stream }),
-                        Err(e) => {
-                            self.gate.connect_failed(&pod);
-                            if attempts < self.gate.max_connect_attempts {
-                                tracing::debug!(error = %e, "trying another pod");
-                                continue;
+                    if let Some(stream) = pod.idle_h1.take() {
+                        reused = true;
+                        (guard, PodLink { pod, stream })
+                    } else {
+                        attempts += 1;
+                        match self.dialer.connect(pod.addr).await {
+                            Ok(stream) => (guard, PodLink { pod, stream }),
+                            Err(e) => {
+                                self.gate.connect_failed(&pod);
+                                if attempts < self.gate.max_connect_attempts {
+                                    tracing::debug!(error = %e, "trying another pod");
+                                    continue;
+                                }
+                                let status =
+                                    answer_denied(client, &unavailable("kas is unavailable")).await;
+                                return Err(Failed::Answered(status, e.to_string()));
                             }
-                            let status =
-                                answer_denied(client, &unavailable("kas is unavailable")).await;
-                            return Err(Failed::Answered(status, e.to_string()));
                         }
                     }
                 }

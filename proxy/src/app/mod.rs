@@ -2,8 +2,10 @@
 //! each layer's behaviour lives in its own module.
 //!
 //! Layers, outside in: accept filter and PROXY header (`listener`) → TLS (`listener::tls`)
-//! → connection registration (`connection`) → HTTP proxy (`http::EdgeProxy`) → pods
-//! (`upstream`: discovery + health + least in-flight).
+//! → connection registration (`connection`) → HTTP by ALPN: the edge's own HTTP/2
+//! forwarder (`http::h2`) or HTTP/1.1 loop (`http::h1`, which leaves upgrades and anything
+//! unusual to pingora's `http::EdgeProxy`) → pods (`upstream`: discovery + health + least
+//! in-flight; shared HTTP/2 connections in `upstream::h2c`).
 //!
 //! Runtimes and threads:
 //! - pingora's: the TLS port (`listen.threads` workers);

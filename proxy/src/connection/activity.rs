@@ -6,7 +6,7 @@
 //! `keepalive_timeout` of the previous response. HTTP/2: a connection without an open
 //! stream (before the first one, or after the last one) lives `h2_idle_timeout`. The
 //! clock lives here, around whatever serves requests, so it holds whichever request path
-//! runs inside (pingora's today).
+//! runs inside (the edge's own HTTP/2 and HTTP/1.1 servers, or pingora's).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -573,3 +573,30 @@ async fn a_malformed_frame_ends_its_connection_with_goaway() {
     let (mut send, _conn) = h2_client(&edge).await;
     assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
 }
+
+/// An HTTP/2 connection that opens no stream gets no longer than an HTTP/1 client gets for
+/// its first request head, not the (minutes long) idle time between an agent's streams.
+#[tokio::test]
+async fn an_http2_connection_that_opens_no_stream_ends_at_the_request_head_deadline() {
+    let (edge, _seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "[downstream]\nrequest_head_timeout = \"1s\"\nh2_idle_timeout = \"5m\"\n",
+    )
+    .await;
+    let (_send, conn) = h2_client(&edge).await;
+    let started = std::time::Instant::now();
+    ended_with(conn).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a connection without streams lived {:?}",
+        started.elapsed()
+    );
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        metric(&metrics, "edge_timeouts_total{stage=\"request_head\"}"),
+        1.0
+    );
+}

@@ -31,7 +31,8 @@ pub struct DownstreamConfig {
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// HTTP/1: from the end of the TLS handshake to the complete first request head
-    /// (a websocket upgrade request included).
+    /// (a websocket upgrade request included). HTTP/2: to the first stream (at most
+    /// `h2_idle_timeout`).
     #[serde(with = "humantime_serde")]
     pub request_head_timeout: Duration,
     /// HTTP/1: from the end of one response to the complete head of the next request.

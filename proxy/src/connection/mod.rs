@@ -178,7 +178,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
         let guard = Some(guard);
         let h2 = pingora_compat::alpn_label(&stream) == "h2";
         let activity = if h2 {
-            Activity::new(self.idle.h2_idle, self.idle.h2_idle)
+            // Agents open their first stream at once; a connection that opens none gets no
+            // longer than an HTTP/1 client gets for its first request head.
+            let first = self.idle.request_head.min(self.idle.h2_idle);
+            Activity::new(first, self.idle.h2_idle)
         } else {
             Activity::new(self.idle.request_head, self.idle.keepalive)
         };
@@ -218,8 +221,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
             }
             _ = activity.expired() => {
                 let stage = match (h2, activity.requests_started()) {
+                    (_, 0) => "request_head",
                     (true, _) => "h2_idle",
-                    (false, 0) => "request_head",
                     (false, _) => "keepalive",
                 };
                 self.metrics.timeouts.with_label_values(&[stage]).inc();

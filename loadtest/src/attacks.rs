@@ -578,8 +578,8 @@ const GOAWAY: u8 = 7;
 const ACK: u8 = 1;
 
 /// HTTP/2 connections that say hello (preface, SETTINGS, acknowledgements) and never
-/// open a stream: the edge may close them after its h2 idle timeout; meanwhile they must
-/// not hurt anyone else.
+/// open a stream: the edge may close them at its request-head deadline (at most its h2
+/// idle timeout); meanwhile they must not hurt anyone else.
 async fn idle_h2(env: Arc<AttackEnv>) -> (AttackSummary, Histogram<u64>) {
     let tally = Shared::default();
     let begin = Instant::now();

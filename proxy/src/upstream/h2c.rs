@@ -163,11 +163,6 @@ impl PodConnections {
         }
     }
 
-    /// Connections open to the pod now.
-    pub fn connections(&self) -> usize {
-        self.live.load().iter().filter(|c| !c.is_closed()).count()
-    }
-
     /// The thread's own connection if it has room, else any with room; `None` when one
     /// more should be dialled (the thread has none yet, or all are full).
     fn with_room(&self, settings: &H2cSettings) -> Option<Arc<Connection>> {

@@ -191,11 +191,9 @@ impl Drop for KeptLink {
     }
 }
 
-/// Why a request got no answer from a pod.
-enum Failed {
-    /// Told the client already (refusal or 502), or the client is gone.
-    Answered(u16, String),
-}
+/// A request that got no answer from a pod: the client was told already (the status
+/// written, or 0 when it was gone), and why, for the access log.
+struct Unanswered(u16, String);
 
 #[async_trait]
 impl ServeHttp1 for H1Edge {
@@ -299,7 +297,7 @@ impl H1Edge {
 
         let (guard, mut pod, head, early) = match self.round_trip(client, link, &out).await {
             Ok(answered) => answered,
-            Err(Failed::Answered(status, why)) => {
+            Err(Unanswered(status, why)) => {
                 record.status = status;
                 record.log(&self.gate.metrics, Some(why));
                 return false;
@@ -359,7 +357,7 @@ impl H1Edge {
         client: &mut Stream,
         link: &mut Option<PodLink>,
         request: &[u8],
-    ) -> Result<(PodGuard, PodLink, ResponseHeader, Bytes), Failed> {
+    ) -> Result<(PodGuard, PodLink, ResponseHeader, Bytes), Unanswered> {
         let mut attempts = 0;
         loop {
             let kept = link
@@ -373,7 +371,7 @@ impl H1Edge {
                     let Some(guard) = self.gate.pool.pick() else {
                         let status =
                             answer_denied(client, &unavailable("no healthy kas pod")).await;
-                        return Err(Failed::Answered(status, "no healthy kas pod".into()));
+                        return Err(Unanswered(status, "no healthy kas pod".into()));
                     };
                     let pod = guard.pod().clone();
                     if let Some(stream) = pod.idle_h1.take() {
@@ -391,7 +389,7 @@ impl H1Edge {
                                 }
                                 let status =
                                     answer_denied(client, &unavailable("kas is unavailable")).await;
-                                return Err(Failed::Answered(status, e.to_string()));
+                                return Err(Unanswered(status, e.to_string()));
                             }
                         }
                     }
@@ -414,7 +412,7 @@ impl H1Edge {
                 Err(e) => {
                     tracing::warn!(pod = %pod.pod.label, error = %e, "request not forwarded");
                     let status = answer_denied(client, &bad_gateway("kas did not answer")).await;
-                    return Err(Failed::Answered(status, e.to_string()));
+                    return Err(Unanswered(status, e.to_string()));
                 }
             }
         }

@@ -13,7 +13,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p kas \
+RUN cargo build --release --locked -p kas --no-default-features \
     && install -m 0755 target/release/kas /usr/local/bin/kas
 
 FROM debian:bookworm-slim

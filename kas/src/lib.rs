@@ -4,30 +4,44 @@
 //! request is authenticated with GitLab and every fact comes from GitLab, so any pod can
 //! serve any agent and pods can come and go behind the edge.
 //!
-//! Layout: [`config`] (typed settings) → [`server`] (wiring and drain) → [`listener`]
-//! (transports) → [`services`] (gRPC) → [`auth`], [`agent_config`] → [`gitlab`] (the one
-//! place that talks to GitLab) and [`gitaly`] (repositories; [`head_poller`] shares the
-//! polling). [`gitlab_standin`], [`gitaly::standin`] and [`devstack`] run a local system.
+//! The parts, each a folder, from the outside in (a part uses only parts listed after it):
+//!
+//! - [`server`]: wiring only — builds the parts from [`config`], runs the listeners and the
+//!   drain order the edge depends on.
+//! - [`transport`]: the agent port (h2c and the `ws-tunnel` websocket on one listener,
+//!   connection age, pre-auth message limits).
+//! - `services`: the gRPC services, thin — decode, call [`agent`] (or, next, the tunnel
+//!   registry), encode.
+//! - [`agent`]: what an agent is served — its configuration built from `config.yaml`, the
+//!   configuration-file cache, GitOps manifests.
+//! - [`sources`]: where repository content comes from — the [`sources::ConfigSource`]
+//!   trait, Gitaly ([`sources::gitaly`]: client, v2 token, pool) and GitLab's REST API.
+//! - [`auth`]: agent tokens checked with GitLab, cached, single-flight, revalidated.
+//! - [`gitlab`]: the one place that talks to GitLab's internal API (client, JWT, secret).
+//! - [`sync`]: shared pollers and single-flight, the pieces that make a thousand streams
+//!   cost one call.
+//! - [`config`]: one validated structure, from kas.toml or real kas's YAML (kascfg).
+//! - [`telemetry`]: metrics, the observability port, logging.
+//! - [`dev`] (feature `dev`, off in the container builds): the GitLab and Gitaly stand-ins
+//!   and the local stack behind `kas dev` / `kas-edge dev`.
+//!
+//! Where the next parts go: `tunnel/` (reverse-tunnel registry and routing), `k8s_proxy/`
+//! (the Kubernetes API proxy on `agent.kubernetes_api.listen`) and `api/` (the port GitLab
+//! calls: agent tracker, push notifications), each a folder beside `agent/`, wired in
+//! [`server`].
 
-pub mod agent_config;
+pub mod agent;
 pub mod auth;
 pub mod config;
-mod config_files;
-pub mod devstack;
-pub mod gitaly;
+#[cfg(feature = "dev")]
+pub mod dev;
 pub mod gitlab;
-pub mod gitlab_standin;
-pub mod gitops;
-pub mod head_poller;
-pub mod kascfg;
-mod listener;
-pub mod logging;
-pub mod metrics;
-mod observability;
 pub mod server;
 mod services;
-mod single_flight;
-pub mod wstunnel;
+pub mod sources;
+pub mod sync;
+pub mod telemetry;
+pub mod transport;
 
 pub use config::Config;
 pub use server::BoundKas;

@@ -4,9 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio::sync::watch;
 
-use kas::devstack::{DevStack, DevStackOptions};
 use kas::{BoundKas, Config};
 
 /// A stateless GitLab agent server.
@@ -50,6 +48,7 @@ enum Command {
     /// Validate the configuration and exit.
     Check(ServeArgs),
     /// Start the local stack: a GitLab stand-in and three kas pods on loopback.
+    #[cfg(feature = "dev")]
     Dev {
         /// Directory for the generated secret, demo token and demo repository.
         #[arg(long, default_value = ".dev")]
@@ -63,7 +62,7 @@ impl ServeArgs {
         let (mut config, ignored) = match (&self.config, &self.configuration_file) {
             (Some(path), _) => (Config::from_file(path)?, Vec::new()),
             (None, Some(path)) => {
-                let yaml = kas::kascfg::KasYaml::from_file(path)?;
+                let yaml = kas::config::kascfg::KasYaml::from_file(path)?;
                 (yaml.config, yaml.ignored)
             }
             (None, None) => (Config::default(), Vec::new()),
@@ -127,27 +126,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("configuration is valid");
             Ok(())
         }
-        Some(Command::Dev { dir }) => {
-            kas::logging::init("info");
-            let opts = DevStackOptions {
-                dir,
-                ..DevStackOptions::default()
-            };
-            let stack = DevStack::start(&opts).await?;
-            println!(
-                "\nkas local stack is up (Ctrl-C stops it)\n{}",
-                stack.describe()
-            );
-            let (tx, rx) = watch::channel(false);
-            tokio::spawn(async move {
-                termination().await;
-                let _ = tx.send(true);
-            });
-            stack.run(rx).await
-        }
+        #[cfg(feature = "dev")]
+        Some(Command::Dev { dir }) => run_dev_stack(dir).await,
         None => {
             let (config, ignored) = cli.serve.load()?;
-            kas::logging::init(&config.log.level);
+            kas::telemetry::logging::init(&config.log.level);
             for key in &ignored {
                 tracing::warn!(key = %key, "configuration key ignored: not implemented by this kas");
             }
@@ -157,6 +140,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kas.run(termination()).await
         }
     }
+}
+
+/// `kas dev`: the GitLab and Gitaly stand-ins and three kas pods, until Ctrl-C.
+#[cfg(feature = "dev")]
+async fn run_dev_stack(dir: PathBuf) -> anyhow::Result<()> {
+    use kas::dev::devstack::{DevStack, DevStackOptions};
+    kas::telemetry::logging::init("info");
+    let opts = DevStackOptions {
+        dir,
+        ..DevStackOptions::default()
+    };
+    let stack = DevStack::start(&opts).await?;
+    println!(
+        "\nkas local stack is up (Ctrl-C stops it)\n{}",
+        stack.describe()
+    );
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        termination().await;
+        let _ = tx.send(true);
+    });
+    stack.run(rx).await
 }
 
 #[tokio::main]

@@ -12,17 +12,17 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent_config::{ConfigSource, GitlabApiSource};
+use crate::agent::config_files::ConfigFiles;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigurationSourceKind};
-use crate::config_files::ConfigFiles;
-use crate::gitaly::{GitalyConfigSource, GitalyPool};
 use crate::gitlab::{GitlabClient, SharedSecret};
-use crate::head_poller::HeadPollers;
-use crate::listener::{self, Drain};
-use crate::metrics::Metrics;
-use crate::observability::Observability;
 use crate::services::{self, Shared};
+use crate::sources::gitaly::{GitalyConfigSource, GitalyPool};
+use crate::sources::{ConfigSource, GitlabApiSource};
+use crate::sync::head_poller::HeadPollers;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::observability::Observability;
+use crate::transport::{self, Drain};
 
 /// After the deadline ends parked streams, connections get this long to say goodbye.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
@@ -108,7 +108,7 @@ impl BoundKas {
             gitaly: gitaly.clone(),
             gitops_pollers: HeadPollers::new(config.gitops.poll_interval, end_streams.clone()),
             gitops_limits: config.gitops.limits(),
-            project_info: crate::gitops::ProjectInfoCache::new(
+            project_info: crate::agent::gitops::ProjectInfoCache::new(
                 config.gitops.project_info_cache_ttl,
                 config.gitops.project_info_cache_error_ttl,
                 config.gitlab.auth_cache_max_entries,
@@ -165,7 +165,7 @@ impl BoundKas {
             let (stop, drain, metrics) = (stop_accepting.clone(), drain.clone(), metrics.clone());
             let end_streams = self.shared.end_streams.clone();
             tokio::spawn(async move {
-                listener::serve(
+                transport::serve(
                     self.agent_listener,
                     routes,
                     &agent_cfg,

@@ -198,7 +198,7 @@ async fn ws_connect(addr: SocketAddr) -> WebSocketStream<TcpStream> {
         .expect("a websocket request");
     request.headers_mut().insert(
         http::header::SEC_WEBSOCKET_PROTOCOL,
-        http::HeaderValue::from_static(kas::wstunnel::SUBPROTOCOL),
+        http::HeaderValue::from_static(kas::transport::wstunnel::SUBPROTOCOL),
     );
     tokio_tungstenite::client_async(request, tcp)
         .await

@@ -15,12 +15,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use kas::config::ConfigurationSourceKind;
-use kas::gitaly::standin::{commit_all, GitalyStandin, STORAGE};
-use kas::gitaly::{
-    GitalyError, GitalyInfo, GitalyLimits, GitalyLocation, GitalyPool, GitalyRepository,
-};
-use kas::gitlab::SharedSecret;
-use kas::gitlab_standin::{GitlabStandin, StandinAgent};
+use kas::dev::gitaly_standin::{commit_all, GitalyStandin, STORAGE};
+use kas::dev::gitlab_standin::{GitlabStandin, StandinAgent};
+use kas::gitlab::{GitalyInfo, GitalyLocation, GitalyRepository, SharedSecret};
+use kas::sources::gitaly::{GitalyError, GitalyLimits, GitalyPool};
 use kas::{BoundKas, Config};
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};

@@ -11,7 +11,7 @@ use common::{with_token, Harness, TOKEN};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use kas::gitlab_standin::StandinProject;
+use kas::dev::gitlab_standin::StandinProject;
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use kas_proto::agent_configuration::ConfigurationRequest;
 use kas_proto::gitops::git_ref_cf::Ref;

@@ -227,9 +227,12 @@ impl Connector {
         }
         io = wrap(io);
         if transport == Transport::Websocket {
-            let ws = kas::wstunnel::client_handshake(io, &target.ws_url(&self.server_name_text))
-                .await
-                .map_err(stage("websocket"))?;
+            let ws = kas::transport::wstunnel::client_handshake(
+                io,
+                &target.ws_url(&self.server_name_text),
+            )
+            .await
+            .map_err(stage("websocket"))?;
             io = Box::new(ws);
         }
         let (send, conn) = self

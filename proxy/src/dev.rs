@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use kas::devstack::{DevStack, DevStackOptions};
+use kas::dev::devstack::{DevStack, DevStackOptions};
 
 use crate::config::{DiscoveryConfig, EdgeConfig};
 
@@ -49,7 +49,7 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
     config.tls.self_signed = true;
     config.tls.self_signed_dir = Some(tls_dir.clone());
     config.discovery = DiscoveryConfig::Static { endpoints: pods };
-    config.health.port = kas::devstack::OBSERVABILITY_PORT;
+    config.health.port = kas::dev::devstack::OBSERVABILITY_PORT;
     config.shutdown.readiness_delay = Duration::ZERO;
     config.shutdown.drain_deadline = Duration::from_secs(5);
     config.validate(std::path::Path::new("(dev defaults)"))?;

@@ -582,7 +582,7 @@ async fn bytes_sent_with_the_upgrade_request_reach_the_pod() {
 /// commit, the next commit's manifests.
 #[tokio::test]
 async fn a_gitops_agent_gets_its_manifests_and_their_next_commit_through_the_edge() {
-    use kas::gitlab_standin::StandinProject;
+    use kas::dev::gitlab_standin::StandinProject;
     use kas_proto::gitops::gitops_client::GitopsClient;
     use kas_proto::gitops::path_cf::Path;
     use kas_proto::gitops::{ObjectsToSynchronizeRequest, PathCf};

@@ -434,9 +434,9 @@ async fn request_rate_limit_answers_429_with_retry_after_and_grpc_status_8() {
 async fn per_token_limit_isolates_tokens_from_the_same_ip() {
     let limits = "[per_token]\nnew_connections_per_minute = 2\n";
     let (cluster, edge, _files) = setup("", limits, "", "").await;
-    let other = kas::gitlab_standin::StandinAgent {
+    let other = kas::dev::gitlab_standin::StandinAgent {
         agent_id: 2,
-        ..kas::gitlab_standin::StandinAgent::demo("glagent-second-token")
+        ..kas::dev::gitlab_standin::StandinAgent::demo("glagent-second-token")
     };
     cluster.gitlab.add_agent(other);
     let channel = edge.grpc_channel().await;

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::jwt::{sign_api_request_jwt, JWT_HEADER};
 use super::SharedSecret;
-use crate::gitaly::{GitalyInfo, GitalyLocation, GitalyRepository};
+use super::{GitalyInfo, GitalyLocation, GitalyRepository};
 
 /// What GitLab tells kas about an agent token (`GET /api/v4/internal/kubernetes/agent_info`).
 #[derive(Debug, Clone, PartialEq, Eq)]

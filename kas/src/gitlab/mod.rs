@@ -2,9 +2,11 @@
 //! to GitLab's API, so the wire format and its error mapping live together.
 
 mod client;
+mod gitaly_location;
 mod jwt;
 mod secret;
 
 pub use client::{AgentInfo, GitlabClient, GitlabError, ProjectInfo, RepoAuth};
+pub use gitaly_location::{GitalyInfo, GitalyLocation, GitalyRepository};
 pub use jwt::{verify_api_request_jwt, ApiRequestClaims, JWT_AUDIENCE, JWT_HEADER, JWT_ISSUER};
 pub use secret::{SecretError, SharedSecret};

@@ -11,9 +11,10 @@ use kas_proto::agent_configuration::agent_configuration_server::AgentConfigurati
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 
 use super::Shared;
-use crate::agent_config::{build_configuration_limited, ConfigSourceError};
+use crate::agent::configuration::build_configuration_limited;
 use crate::auth::Agent;
-use crate::head_poller::{jittered, PollFn};
+use crate::sources::ConfigSourceError;
+use crate::sync::head_poller::{jittered, PollFn};
 
 /// A configuration that could not be read for a passing reason is tried again this soon
 /// (or at the next poll interval, if shorter).

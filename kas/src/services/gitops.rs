@@ -14,10 +14,11 @@ use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeRespons
 use tokio::time::Instant;
 
 use super::Shared;
+use crate::agent::gitops::{read_manifests, ManifestGlob, ManifestPath};
 use crate::auth::Agent;
-use crate::gitaly::{branch_head, GitalyError, GitalyLocation};
-use crate::gitops::{read_manifests, ManifestGlob, ManifestPath};
-use crate::head_poller::{jittered, PollFn};
+use crate::gitlab::GitalyLocation;
+use crate::sources::gitaly::{branch_head, GitalyError};
+use crate::sync::head_poller::{jittered, PollFn};
 
 /// Objects larger than this are sent in several messages with the same source, so no
 /// message comes near agentk's 4 MiB receive limit.
@@ -215,7 +216,7 @@ async fn serve_stream(job: StreamJob) {
                     }
                     Err(e) => {
                         let _ = tx
-                            .send(Err(crate::gitops::GitopsError::from(e).into()))
+                            .send(Err(crate::agent::gitops::GitopsError::from(e).into()))
                             .await;
                         return;
                     }

@@ -20,15 +20,15 @@ use kas_proto::diagnostics::diagnostics_server::DiagnosticsServer;
 use kas_proto::gitops::gitops_server::GitopsServer;
 use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnelServer;
 
-use crate::agent_config::{ConfigSource, ConfigSourceError};
+use crate::agent::config_files::ConfigFiles;
+use crate::agent::gitops::{GitopsLimits, ProjectInfoCache};
 use crate::auth::Agent;
 use crate::auth::Authenticator;
-use crate::config_files::ConfigFiles;
-use crate::gitaly::{GitalyError, GitalyPool};
-use crate::gitops::{GitopsLimits, ProjectInfoCache};
-use crate::head_poller::HeadPollers;
-use crate::listener::AgentConnection;
-use crate::metrics::{GaugeGuard, Metrics};
+use crate::sources::gitaly::{GitalyError, GitalyPool};
+use crate::sources::{ConfigSource, ConfigSourceError};
+use crate::sync::head_poller::HeadPollers;
+use crate::telemetry::metrics::{GaugeGuard, Metrics};
+use crate::transport::AgentConnection;
 
 /// State every service shares.
 pub struct Shared {

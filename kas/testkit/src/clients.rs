@@ -104,7 +104,7 @@ pub async fn ws_channel(
                     }
                     None => Box::new(tcp),
                 };
-                let ws = kas::wstunnel::client_handshake(stream, &url).await?;
+                let ws = kas::transport::wstunnel::client_handshake(stream, &url).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(ws))
             }
         }))

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use kas::dev::gitlab_standin::{GitlabStandin, StandinAgent};
 use kas::gitlab::SharedSecret;
-use kas::gitlab_standin::{GitlabStandin, StandinAgent};
 use kas::Config;
 
 use crate::Profile;

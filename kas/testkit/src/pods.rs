@@ -10,8 +10,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+use kas::dev::gitlab_standin::{GitlabStandin, StandinAgent};
 use kas::gitlab::SharedSecret;
-use kas::gitlab_standin::{GitlabStandin, StandinAgent};
 use kas::{BoundKas, Config};
 
 use crate::clients;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kas::gitlab_standin::GitlabStandin;
+use kas::dev::gitlab_standin::GitlabStandin;
 use kas::Config;
 use kas_testkit::edge::{EdgeOptions, EdgeStdout};
 use kas_testkit::net::{next_subnet, Subnet};

@@ -4,7 +4,7 @@
 //! exactly as it would against gitlab.com.
 //!
 //! Repositories are real git repositories under `<repo_root>/<project_path>`, served by a
-//! Gitaly stand-in ([`crate::gitaly::standin`]) that this stand-in starts on the same
+//! Gitaly stand-in ([`crate::sources::gitaly::standin`]) that this stand-in starts on the same
 //! address; `agent_info` and `project_info` point at it (`gitaly_info`,
 //! `gitaly_repository`), or at another Gitaly set with [`GitlabStandin::set_gitaly`].
 //! Like GitLab, the REST repository API refuses agent tokens and takes only an API token
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::gitaly::standin::{commit_all, GitalyStandin, STORAGE};
+use super::gitaly_standin::{commit_all, GitalyStandin, STORAGE};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -29,8 +29,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent_config::config_file_path;
 use crate::gitlab::{verify_api_request_jwt, SharedSecret, JWT_HEADER};
+use crate::sources::config_file_path;
 
 /// An agent the stand-in knows.
 #[derive(Debug, Clone)]

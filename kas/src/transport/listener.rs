@@ -25,8 +25,8 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 
 use crate::config::AgentListenerConfig;
-use crate::metrics::{GaugeGuard, Metrics};
-use crate::wstunnel::{PreAuthLimit, WsByteStream, SUBPROTOCOL};
+use crate::telemetry::metrics::{GaugeGuard, Metrics};
+use crate::transport::wstunnel::{PreAuthLimit, WsByteStream, SUBPROTOCOL};
 
 /// A slow client may take this long to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);

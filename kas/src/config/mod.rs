@@ -2,6 +2,8 @@
 //! once at start so a bad value stops the process with the field's name instead of
 //! surfacing later as a confusing runtime failure.
 
+pub mod kascfg;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -160,7 +162,7 @@ impl Default for AgentConfigurationConfig {
             poll_interval: Duration::from_secs(300),
             source: ConfigurationSourceKind::Gitaly,
             api_token_file: None,
-            max_configuration_file_size: crate::agent_config::MAX_CONFIG_FILE_BYTES,
+            max_configuration_file_size: crate::sources::MAX_CONFIG_FILE_BYTES,
         }
     }
 }
@@ -187,7 +189,7 @@ pub struct GitalyConfig {
 
 impl Default for GitalyConfig {
     fn default() -> Self {
-        let limits = crate::gitaly::GitalyLimits::default();
+        let limits = crate::sources::gitaly::GitalyLimits::default();
         Self {
             global_api_rate_limit: RateLimitConfig {
                 refill_rate_per_second: limits.global_per_second,
@@ -203,14 +205,14 @@ impl Default for GitalyConfig {
 }
 
 impl GitalyConfig {
-    pub fn limits(&self) -> crate::gitaly::GitalyLimits {
-        crate::gitaly::GitalyLimits {
+    pub fn limits(&self) -> crate::sources::gitaly::GitalyLimits {
+        crate::sources::gitaly::GitalyLimits {
             global_per_second: self.global_api_rate_limit.refill_rate_per_second,
             global_burst: self.global_api_rate_limit.bucket_size,
             per_server_per_second: self.per_server_api_rate_limit.refill_rate_per_second,
             per_server_burst: self.per_server_api_rate_limit.bucket_size,
             call_timeout: self.call_timeout,
-            ..crate::gitaly::GitalyLimits::default()
+            ..crate::sources::gitaly::GitalyLimits::default()
         }
     }
 }
@@ -241,7 +243,7 @@ pub struct GitopsConfig {
 
 impl Default for GitopsConfig {
     fn default() -> Self {
-        let limits = crate::gitops::GitopsLimits::default();
+        let limits = crate::agent::gitops::GitopsLimits::default();
         Self {
             poll_interval: Duration::from_secs(20),
             max_number_of_paths: limits.max_number_of_paths,
@@ -255,8 +257,8 @@ impl Default for GitopsConfig {
 }
 
 impl GitopsConfig {
-    pub fn limits(&self) -> crate::gitops::GitopsLimits {
-        crate::gitops::GitopsLimits {
+    pub fn limits(&self) -> crate::agent::gitops::GitopsLimits {
+        crate::agent::gitops::GitopsLimits {
             max_number_of_paths: self.max_number_of_paths,
             max_number_of_files: self.max_number_of_files,
             max_manifest_file_size: self.max_manifest_file_size,

@@ -11,8 +11,8 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::gitlab::{AgentInfo, GitlabClient, GitlabError};
-use crate::metrics::Metrics;
-use crate::single_flight::SingleFlight;
+use crate::sync::single_flight::SingleFlight;
+use crate::telemetry::metrics::Metrics;
 
 /// An agent token taken from `authorization: Bearer ...`. Debug output hides it.
 #[derive(Clone)]

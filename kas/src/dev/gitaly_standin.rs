@@ -28,7 +28,7 @@ use kas_proto::gitaly::{
     TreeEntryRequest, TreeEntryResponse,
 };
 
-use super::token::verify_v2_authorization_now;
+use crate::sources::gitaly::token::verify_v2_authorization_now;
 
 /// The one storage this stand-in has.
 pub const STORAGE: &str = "default";

@@ -1,11 +1,4 @@
-//! Where an agent's configuration comes from, and how its `config.yaml` becomes the
-//! `AgentConfiguration` message agentk expects.
-//!
-//! The source is a trait: Gitaly ([`crate::gitaly::GitalyConfigSource`], the default, as
-//! real kas) or, as an explicit option, GitLab's REST repository API with an API token
-//! ([`GitlabApiSource`]).
-
-use std::path::Path;
+//! How an agent's `config.yaml` becomes the `AgentConfiguration` message agentk expects.
 
 use kas_proto::agentcfg::{
     AgentConfiguration, CiAccessCf, CiAccessGroupCf, CiAccessProjectCf, GitopsCf, LogLevelEnum,
@@ -13,153 +6,7 @@ use kas_proto::agentcfg::{
 };
 use serde::Deserialize;
 
-use crate::auth::Agent;
-use crate::gitaly::GitalyError;
-use crate::gitlab::{GitlabClient, GitlabError, RepoAuth};
-
-/// Upstream kas refuses configuration files above this size.
-pub const MAX_CONFIG_FILE_BYTES: usize = 128 * 1024;
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigSourceError {
-    #[error(transparent)]
-    Gitlab(#[from] GitlabError),
-    #[error(transparent)]
-    Gitaly(#[from] GitalyError),
-    #[error(
-        "GitLab named no Gitaly server for the agent's project (no gitaly_info in agent_info)"
-    )]
-    NoGitalyLocation,
-    #[error("invalid agent configuration file: {0}")]
-    InvalidFile(String),
-}
-
-impl ConfigSourceError {
-    /// Errors that end the agent's stream (its token is refused, its file is bad) rather
-    /// than being retried at the next poll (GitLab or Gitaly unreachable or misconfigured).
-    pub fn is_final(&self) -> bool {
-        match self {
-            ConfigSourceError::Gitlab(e) => e.is_definite(),
-            ConfigSourceError::InvalidFile(_) => true,
-            ConfigSourceError::Gitaly(_) | ConfigSourceError::NoGitalyLocation => false,
-        }
-    }
-}
-
-impl From<ConfigSourceError> for tonic::Status {
-    fn from(e: ConfigSourceError) -> Self {
-        match e {
-            ConfigSourceError::Gitlab(e) => e.into(),
-            ConfigSourceError::InvalidFile(msg) => tonic::Status::failed_precondition(msg),
-            ConfigSourceError::Gitaly(_) | ConfigSourceError::NoGitalyLocation => {
-                tonic::Status::unavailable("repository is unavailable, try again later")
-            }
-        }
-    }
-}
-
-/// Path of an agent's configuration file inside its project.
-pub fn config_file_path(agent_name: &str) -> String {
-    format!(".gitlab/agents/{agent_name}/config.yaml")
-}
-
-#[tonic::async_trait]
-pub trait ConfigSource: Send + Sync + 'static {
-    /// Names what [`ConfigSource::head_commit`] polls (repository and branch), so every
-    /// stream of agents in one project shares one poller.
-    fn poll_key(&self, agent: &Agent) -> String;
-    /// The commit the agent's configuration is currently at, `None` for an empty
-    /// repository (nothing to send yet). Cheap: it is polled.
-    async fn head_commit(&self, agent: &Agent) -> Result<Option<String>, ConfigSourceError>;
-    /// The raw `config.yaml` at `commit`, or `None` if the agent has no file (empty config).
-    async fn config_file(
-        &self,
-        agent: &Agent,
-        commit: &str,
-    ) -> Result<Option<Vec<u8>>, ConfigSourceError>;
-}
-
-/// Reads `config.yaml` through GitLab's repository REST API (branch head, then the file)
-/// with an API token (`read_repository`): GitLab does not accept agent tokens there.
-pub struct GitlabApiSource {
-    gitlab: GitlabClient,
-    api_token: String,
-}
-
-impl GitlabApiSource {
-    pub fn new(gitlab: GitlabClient, api_token_file: &Path) -> anyhow::Result<Self> {
-        let token = std::fs::read_to_string(api_token_file).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read agent_configuration.api_token_file {}: {e}",
-                api_token_file.display()
-            )
-        })?;
-        let api_token = token.trim().to_owned();
-        if api_token.is_empty() {
-            anyhow::bail!(
-                "agent_configuration.api_token_file {} is empty",
-                api_token_file.display()
-            );
-        }
-        Ok(Self { gitlab, api_token })
-    }
-
-    fn auth(&self) -> RepoAuth<'_> {
-        RepoAuth::ApiToken(&self.api_token)
-    }
-}
-
-#[tonic::async_trait]
-impl ConfigSource for GitlabApiSource {
-    fn poll_key(&self, agent: &Agent) -> String {
-        format!(
-            "gitlab-api|{}|{}",
-            agent.info.project_id, agent.info.default_branch
-        )
-    }
-
-    async fn head_commit(&self, agent: &Agent) -> Result<Option<String>, ConfigSourceError> {
-        match self
-            .gitlab
-            .branch_head(
-                self.auth(),
-                agent.info.project_id,
-                &agent.info.default_branch,
-            )
-            .await
-        {
-            Ok(head) => Ok(Some(head)),
-            // No such branch yet: an empty repository as far as the agent is concerned.
-            Err(GitlabError::NotFound) => Ok(None),
-            Err(e) => Err(api_token_error(e)),
-        }
-    }
-
-    async fn config_file(
-        &self,
-        agent: &Agent,
-        commit: &str,
-    ) -> Result<Option<Vec<u8>>, ConfigSourceError> {
-        let path = config_file_path(&agent.info.agent_name);
-        self.gitlab
-            .repository_file(self.auth(), agent.info.project_id, &path, commit)
-            .await
-            .map_err(api_token_error)
-    }
-}
-
-/// A refusal of kas's API token is an operator problem, not the agent's: it is retried
-/// (and logged) instead of ending the agent's stream as if its own token were bad.
-fn api_token_error(e: GitlabError) -> ConfigSourceError {
-    match e {
-        GitlabError::Unauthenticated | GitlabError::PermissionDenied => {
-            ConfigSourceError::Gitlab(GitlabError::Unavailable(format!(
-                "GitLab refused the token of agent_configuration.api_token_file: {e}"
-            )))
-        }
-        e => e.into(),
-    }
-}
+use crate::sources::{ConfigSourceError, MAX_CONFIG_FILE_BYTES};
 
 /// The part of `config.yaml` this kas understands. Other sections (user_access,
 /// remote_development, ...) are accepted and ignored, as an older kas would.
@@ -312,7 +159,7 @@ pub fn build_configuration_limited(
                     )));
                 }
                 for (j, path) in p.paths.iter().enumerate() {
-                    crate::gitops::ManifestGlob::new(&path.glob).map_err(|e| {
+                    crate::agent::gitops::ManifestGlob::new(&path.glob).map_err(|e| {
                         ConfigSourceError::InvalidFile(format!(
                             "gitops.manifest_projects[{i}].paths[{j}].glob: {e}"
                         ))

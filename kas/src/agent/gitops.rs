@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use globset::{GlobBuilder, GlobMatcher};
 
 use crate::auth::AgentToken;
-use crate::gitaly::{GitalyError, GitalyLocation, GitalyPool};
+use crate::gitlab::GitalyLocation;
 use crate::gitlab::{GitlabClient, GitlabError, ProjectInfo};
+use crate::sources::gitaly::{GitalyError, GitalyPool};
 
 /// Bounds on one batch of manifests (real kas's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

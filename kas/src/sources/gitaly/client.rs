@@ -23,7 +23,7 @@ use kas_proto::gitaly::{
 };
 
 use super::token::v2_token;
-use super::{GitalyInfo, GitalyLocation};
+use crate::gitlab::{GitalyInfo, GitalyLocation};
 
 /// What went wrong talking to Gitaly, reduced to what callers act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

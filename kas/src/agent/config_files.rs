@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-use crate::agent_config::ConfigSourceError;
-use crate::single_flight::SingleFlight;
+use crate::sources::ConfigSourceError;
+use crate::sync::single_flight::SingleFlight;
 
 /// A file's content, `None` when the agent has no file at that commit (an empty config).
 pub type FileContent = Arc<Option<Vec<u8>>>;
@@ -147,7 +147,7 @@ impl ConfigFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gitaly::GitalyError;
+    use crate::sources::gitaly::GitalyError;
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use super::{GitalyError, GitalyLocation, GitalyPool};
-use crate::agent_config::{config_file_path, ConfigSource, ConfigSourceError};
+use super::{GitalyError, GitalyPool};
 use crate::auth::Agent;
+use crate::gitlab::GitalyLocation;
+use crate::sources::{config_file_path, ConfigSource, ConfigSourceError};
 
 pub struct GitalyConfigSource {
     pool: Arc<GitalyPool>,

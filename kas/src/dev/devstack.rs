@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
+use super::gitlab_standin::{GitlabStandin, StandinAgent};
 use crate::config::Config;
 use crate::gitlab::SharedSecret;
-use crate::gitlab_standin::{GitlabStandin, StandinAgent};
 use crate::server::BoundKas;
 
 pub const AGENT_PORT: u16 = 8150;
@@ -91,7 +91,7 @@ impl DevStack {
         let agent = StandinAgent::demo(&token);
         gitlab.add_agent(agent.clone());
         let repo = repo_root.join(&agent.project_path);
-        let config_path = repo.join(crate::agent_config::config_file_path(&agent.agent_name));
+        let config_path = repo.join(crate::sources::config_file_path(&agent.agent_name));
         if !config_path.exists() {
             gitlab.write_agent_config(&agent, DEMO_CONFIG)?;
         } else if !repo.join(".git").exists() {

@@ -1,26 +1,10 @@
-//! Reading repositories from Gitaly, as real kas does: the agent configuration file and
-//! GitOps manifests come from the Gitaly server GitLab names in `agent_info`
-//! (`gitaly_info`, `gitaly_repository`), not from GitLab's REST API (which does not accept
-//! agent tokens).
-//!
-//! - [`token`]: the v2 HMAC token signed fresh for every call.
-//! - [`GitalyPool`]: one HTTP/2 channel per Gitaly address, a global and a per-server rate
-//!   limit, a deadline on every call, `kas_gitaly_requests_total{rpc,outcome}`.
-//! - [`GitalyConfigSource`]: the [`crate::agent_config::ConfigSource`] built on them.
-//! - [`standin`]: a Gitaly of our own over real git repositories (the `git` CLI), for the
-//!   local stack and tests.
-
-mod client;
-mod config_source;
-pub mod standin;
-pub mod token;
+//! Where GitLab says a project's repository lives: the `gitaly_info` and
+//! `gitaly_repository` objects of its internal API answers (`agent_info`, `project_info`).
+//! Plain data; the Gitaly client (`sources::gitaly`) connects to it.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-
-pub use client::{GitalyError, GitalyLimits, GitalyPool, TreeEntryInfo};
-pub use config_source::{branch_head, GitalyConfigSource};
 
 /// How to reach a Gitaly server (`gitaly_info` in GitLab's internal API answers).
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]

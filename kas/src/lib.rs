@@ -10,8 +10,9 @@
 //!   drain order the edge depends on.
 //! - [`transport`]: the agent port (h2c and the `ws-tunnel` websocket on one listener,
 //!   connection age, pre-auth message limits).
-//! - `services`: the gRPC services, thin — decode, call [`agent`] (or, next, the tunnel
-//!   registry), encode.
+//! - `services`: the gRPC services, thin — decode, call [`agent`] or [`tunnel`], encode.
+//! - [`tunnel`]: reverse tunnels — per agent the idle tunnels and the requests waiting
+//!   for one, and one call carried through a tunnel with the protocol's message order.
 //! - [`agent`]: what an agent is served — its configuration built from `config.yaml`, the
 //!   configuration-file cache, GitOps manifests.
 //! - [`sources`]: where repository content comes from — the [`sources::ConfigSource`]
@@ -25,10 +26,9 @@
 //! - [`dev`] (feature `dev`, off in the container builds): the GitLab and Gitaly stand-ins
 //!   and the local stack behind `kas dev` / `kas-edge dev`.
 //!
-//! Where the next parts go: `tunnel/` (reverse-tunnel registry and routing), `k8s_proxy/`
-//! (the Kubernetes API proxy on `agent.kubernetes_api.listen`) and `api/` (the port GitLab
-//! calls: agent tracker, push notifications), each a folder beside `agent/`, wired in
-//! [`server`].
+//! Where the next parts go: `k8s_proxy/` (the Kubernetes API proxy on
+//! `agent.kubernetes_api.listen`, a caller of [`tunnel`]) and `api/` (the port GitLab calls:
+//! agent tracker, push notifications), each a folder beside `agent/`, wired in [`server`].
 
 pub mod agent;
 pub mod auth;
@@ -42,6 +42,7 @@ pub mod sources;
 pub mod sync;
 pub mod telemetry;
 pub mod transport;
+pub mod tunnel;
 
 pub use config::Config;
 pub use server::BoundKas;

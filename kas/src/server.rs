@@ -23,6 +23,7 @@ use crate::sync::head_poller::HeadPollers;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::observability::Observability;
 use crate::transport::{self, Drain};
+use crate::tunnel::{TunnelMetrics, TunnelRegistry};
 
 /// After the deadline ends parked streams, connections get this long to say goodbye.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
@@ -113,11 +114,15 @@ impl BoundKas {
                 config.gitops.project_info_cache_error_ttl,
                 config.gitlab.auth_cache_max_entries,
             ),
-            metrics,
+            metrics: metrics.clone(),
             poll_interval: config.agent_configuration.poll_interval,
             max_config_file_bytes: config.agent_configuration.max_configuration_file_size,
             gitlab_external_url: config.external_url().to_owned(),
             pod_name: pod_name.to_owned(),
+            tunnels: TunnelRegistry::new(
+                config.reverse_tunnel.limits(),
+                TunnelMetrics::new(metrics.registry()),
+            ),
             end_streams,
         });
         Ok(Self {
@@ -197,6 +202,7 @@ impl BoundKas {
             _ = &mut drained => tracing::info!(%pod, "shutdown: all connections drained"),
             _ = tokio::time::sleep(cfg.drain_deadline) => {
                 tracing::info!(%pod, "shutdown: drain deadline reached, ending open streams");
+                self.shared.tunnels.shut_down();
                 self.shared.end_streams.cancel();
                 if tokio::time::timeout(FINAL_FLUSH, &mut drained).await.is_err() {
                     tracing::warn!(%pod, "shutdown: connections still open after the final flush; closing");

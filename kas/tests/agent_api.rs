@@ -235,7 +235,9 @@ async fn reverse_tunnel_parks_after_its_descriptor() {
     let kas = Harness::start().await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(ConnectRequest {
-        msg: Some(Msg::Descriptor(Descriptor::default())),
+        msg: Some(Msg::Descriptor(Descriptor {
+            agent_descriptor: Some(kas::tunnel::kubernetes_api_descriptor()),
+        })),
     })
     .await
     .unwrap();
@@ -258,9 +260,40 @@ async fn reverse_tunnel_parks_after_its_descriptor() {
         obs.contains("kas_open_streams{method=\"Connect\"} 1"),
         "{obs}"
     );
+    assert!(
+        obs.contains("kas_reverse_tunnels{state=\"ready\"} 1"),
+        "{obs}"
+    );
     drop(tx);
     let end = tokio::time::timeout(STEP, inbound.message()).await.unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
+}
+
+#[tokio::test]
+async fn a_descriptor_must_describe_the_agent() {
+    let kas = Harness::start().await;
+    for descriptor in [
+        Descriptor::default(),
+        Descriptor {
+            agent_descriptor: Some(
+                kas_proto::gitlab::agent::reverse_tunnel::info::AgentDescriptor {
+                    services: vec![kas_proto::gitlab::agent::reverse_tunnel::info::Service {
+                        name: String::new(),
+                        methods: vec![],
+                    }],
+                },
+            ),
+        },
+    ] {
+        let first = ConnectRequest {
+            msg: Some(Msg::Descriptor(descriptor)),
+        };
+        let status = ReverseTunnelClient::new(kas.h2c_channel().await)
+            .connect(with_token(tokio_stream::iter(vec![first]), TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
 }
 
 #[tokio::test]

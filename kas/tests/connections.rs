@@ -46,7 +46,9 @@ async fn park_tunnel(
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(ConnectRequest {
-        msg: Some(Msg::Descriptor(Descriptor::default())),
+        msg: Some(Msg::Descriptor(Descriptor {
+            agent_descriptor: Some(kas::tunnel::kubernetes_api_descriptor()),
+        })),
     })
     .await
     .expect("descriptor queued");

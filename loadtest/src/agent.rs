@@ -451,7 +451,7 @@ async fn open_tunnel(
     let mut client = ReverseTunnelClient::with_origin(grpc.service.clone(), grpc.origin.clone());
     let descriptor = ConnectRequest {
         msg: Some(connect_request::Msg::Descriptor(Descriptor {
-            agent_descriptor: Some(Default::default()),
+            agent_descriptor: Some(kas::tunnel::kubernetes_api_descriptor()),
         })),
     };
     let outbound = futures_util::stream::iter([descriptor]).chain(futures_util::stream::pending());

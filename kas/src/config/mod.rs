@@ -42,6 +42,8 @@ pub struct Config {
     pub agent_configuration: AgentConfigurationConfig,
     pub gitaly: GitalyConfig,
     pub gitops: GitopsConfig,
+    pub reverse_tunnel: ReverseTunnelConfig,
+    pub kubernetes_api: KubernetesApiConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -267,6 +269,74 @@ impl GitopsConfig {
     }
 }
 
+/// The reverse tunnels agents hold open, and routing requests through them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReverseTunnelConfig {
+    /// How long a request waits for one of its agent's tunnels before it fails with
+    /// "Agent connection not found" (real kas: 20 s).
+    #[serde(with = "humantime_serde")]
+    pub routing_timeout: Duration,
+    /// Idle tunnels one agent may hold on this pod (agentk opens at most 500).
+    pub max_tunnels_per_agent: usize,
+    /// Idle tunnels of all agents on this pod.
+    pub max_tunnels_total: usize,
+    /// Requests waiting for one agent's tunnels on this pod.
+    pub max_waiting_requests_per_agent: usize,
+}
+
+impl Default for ReverseTunnelConfig {
+    fn default() -> Self {
+        let limits = crate::tunnel::RegistryLimits::default();
+        Self {
+            routing_timeout: limits.find_timeout,
+            max_tunnels_per_agent: limits.max_tunnels_per_agent,
+            max_tunnels_total: limits.max_tunnels_total,
+            max_waiting_requests_per_agent: limits.max_waiting_per_agent,
+        }
+    }
+}
+
+impl ReverseTunnelConfig {
+    pub fn limits(&self) -> crate::tunnel::RegistryLimits {
+        crate::tunnel::RegistryLimits {
+            max_tunnels_per_agent: self.max_tunnels_per_agent,
+            max_tunnels_total: self.max_tunnels_total,
+            max_waiting_per_agent: self.max_waiting_requests_per_agent,
+            find_timeout: self.routing_timeout,
+        }
+    }
+}
+
+/// The Kubernetes API proxy (`kubectl` → `/k8s-proxy/` → an agent's tunnel), real kas's
+/// `agent.kubernetes_api`. Off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesApiConfig {
+    /// Where the proxy listens (real kas: `0.0.0.0:8154`); unset: no proxy.
+    pub listen: Option<SocketAddr>,
+    /// The path prefix callers use, stripped before the request reaches the cluster
+    /// (real kas's `url_path_prefix`, always ending with `/`).
+    pub url_path_prefix: String,
+    /// How long GitLab's yes to a caller (CI job, user) is reused.
+    #[serde(with = "humantime_serde")]
+    pub allowed_agent_cache_ttl: Duration,
+    /// How long GitLab's no (401/403/404) is reused.
+    #[serde(with = "humantime_serde")]
+    pub allowed_agent_cache_error_ttl: Duration,
+}
+
+impl Default for KubernetesApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            url_path_prefix: "/".into(),
+            allowed_agent_cache_ttl: Duration::from_secs(60),
+            allowed_agent_cache_error_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -359,7 +429,15 @@ impl Config {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
-        let nonzero: [(&'static str, Duration); 7] = [
+        let nonzero: [(&'static str, Duration); 9] = [
+            (
+                "reverse_tunnel.routing_timeout",
+                self.reverse_tunnel.routing_timeout,
+            ),
+            (
+                "kubernetes_api.allowed_agent_cache_ttl",
+                self.kubernetes_api.allowed_agent_cache_ttl,
+            ),
             ("gitops.poll_interval", self.gitops.poll_interval),
             ("agent.max_connection_age", self.agent.max_connection_age),
             ("gitlab.api_timeout", self.gitlab.api_timeout),
@@ -435,9 +513,56 @@ impl Config {
                  agent.max_websocket_message_bytes",
             ));
         }
+        for (field, value) in [
+            (
+                "reverse_tunnel.max_tunnels_per_agent",
+                self.reverse_tunnel.max_tunnels_per_agent,
+            ),
+            (
+                "reverse_tunnel.max_tunnels_total",
+                self.reverse_tunnel.max_tunnels_total,
+            ),
+            (
+                "reverse_tunnel.max_waiting_requests_per_agent",
+                self.reverse_tunnel.max_waiting_requests_per_agent,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        if !self.kubernetes_api.url_path_prefix.starts_with('/') {
+            return Err(invalid(
+                "kubernetes_api.url_path_prefix",
+                format!(
+                    "must start with /, got {:?}",
+                    self.kubernetes_api.url_path_prefix
+                ),
+            ));
+        }
+        if let Some(listen) = self.kubernetes_api.listen {
+            if listen.port() != 0
+                && (listen == self.agent.listen || listen == self.observability.listen)
+            {
+                return Err(invalid(
+                    "kubernetes_api.listen",
+                    "must differ from agent.listen and observability.listen",
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
+    }
+
+    /// The proxy's path prefix as real kas uses it: always ending with `/`.
+    pub fn k8s_proxy_prefix(&self) -> String {
+        let prefix = &self.kubernetes_api.url_path_prefix;
+        if prefix.ends_with('/') {
+            prefix.clone()
+        } else {
+            format!("{prefix}/")
+        }
     }
 
     pub fn external_url(&self) -> &str {

@@ -29,6 +29,7 @@ use crate::sources::{ConfigSource, ConfigSourceError};
 use crate::sync::head_poller::HeadPollers;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::AgentConnection;
+use crate::tunnel::TunnelRegistry;
 
 /// State every service shares.
 pub struct Shared {
@@ -51,6 +52,8 @@ pub struct Shared {
     pub gitlab_external_url: String,
     /// Reported by the diagnostics service so callers can see which pod answered.
     pub pod_name: String,
+    /// Idle reverse tunnels of the agents connected here, and requests waiting for them.
+    pub tunnels: TunnelRegistry,
     /// Cancelled at the drain deadline: long-lived streams end with OK so agents
     /// reconnect elsewhere instead of being cut.
     pub end_streams: CancellationToken,

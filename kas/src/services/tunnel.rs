@@ -1,3 +1,7 @@
+//! `ReverseTunnel/Connect`: authenticates the agent, reads its descriptor, and hands the
+//! stream to the tunnel registry ([`crate::tunnel`]), which routes at most one request
+//! through it.
+
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -9,10 +13,9 @@ use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnel;
 use kas_proto::reverse_tunnel::{ConnectRequest, ConnectResponse};
 
 use super::Shared;
+use crate::tunnel::forward::{run_tunnel, TunnelEnd};
+use crate::tunnel::Descriptor;
 
-/// Holds the reverse tunnels agents keep open. This kas routes no requests through them
-/// yet: a tunnel is parked after its descriptor until the agent leaves or the pod drains,
-/// which is exactly the long-lived, mostly idle stream the edge must carry.
 pub struct ReverseTunnelService {
     shared: Arc<Shared>,
 }
@@ -34,10 +37,12 @@ impl ReverseTunnel for ReverseTunnelService {
         let agent = self.shared.authenticate(&request).await?;
         let end = self.shared.stream_end(&request);
         let mut inbound = request.into_inner();
-        match inbound.message().await? {
+        let descriptor = match inbound.message().await? {
             Some(ConnectRequest {
-                msg: Some(Msg::Descriptor(_)),
-            }) => {}
+                msg: Some(Msg::Descriptor(d)),
+            }) => d.agent_descriptor.ok_or_else(|| {
+                Status::invalid_argument("tunnel descriptor without an agent_descriptor")
+            })?,
             Some(_) => {
                 return Err(Status::invalid_argument(
                     "the first message on a tunnel must be its descriptor",
@@ -48,24 +53,25 @@ impl ReverseTunnel for ReverseTunnelService {
                     "tunnel closed before its descriptor",
                 ))
             }
-        }
-        let guard = self.shared.stream_guard("Connect");
-        let (tx, rx) = mpsc::channel::<Result<ConnectResponse, Status>>(1);
+        };
+        let descriptor = Descriptor::from_proto(descriptor).map_err(Status::invalid_argument)?;
         let agent_id = agent.info.agent_id;
+        let registration = self
+            .shared
+            .tunnels
+            .register(agent_id, Arc::new(descriptor))?;
+        let guard = self.shared.stream_guard("Connect");
+        let busy = self.shared.tunnels.metrics().busy.clone();
+        let (tx, rx) = mpsc::channel::<Result<ConnectResponse, Status>>(1);
         tokio::spawn(async move {
             let _guard = guard;
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => match msg {
-                        // Nothing was routed, so the agent has nothing to send; ignore noise.
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    },
-                    _ = tx.closed() => break,
-                    _ = end.cancelled() => break,
+            match run_tunnel(registration, inbound, tx.clone(), end, busy).await {
+                TunnelEnd::Ok => tracing::debug!(agent_id, "reverse tunnel ended"),
+                TunnelEnd::Status(status) => {
+                    tracing::info!(agent_id, code = ?status.code(), message = status.message(), "reverse tunnel ended with an error");
+                    let _ = tx.send(Err(status)).await;
                 }
             }
-            tracing::debug!(agent_id, "reverse tunnel closed");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

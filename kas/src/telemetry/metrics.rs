@@ -124,6 +124,11 @@ impl Metrics {
         }
     }
 
+    /// The pod's registry, for parts that own their metrics (e.g. the tunnel registry).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> String {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())

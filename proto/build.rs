@@ -12,6 +12,8 @@ const PROTOS: &[&str] = &[
     "prototool.proto",
     "reverse_tunnel_info.proto",
     "reverse_tunnel.proto",
+    "grpctool.proto",
+    "kubernetes_api.proto",
     "google/rpc/status.proto",
     "diagnostics.proto",
     "gitaly/shared.proto",

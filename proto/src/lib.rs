@@ -29,6 +29,14 @@ pub mod gitlab {
                 tonic::include_proto!("gitlab.agent.gitops.rpc");
             }
         }
+        pub mod grpctool {
+            tonic::include_proto!("gitlab.agent.grpctool");
+        }
+        pub mod kubernetes_api {
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.kubernetes_api.rpc");
+            }
+        }
         pub mod reverse_tunnel {
             pub mod info {
                 tonic::include_proto!("gitlab.agent.reverse_tunnel.info");
@@ -51,6 +59,9 @@ pub use gitlab::agent::agent_registrar::rpc as agent_registrar;
 pub use gitlab::agent::agentcfg;
 pub use gitlab::agent::entity;
 pub use gitlab::agent::gitops::rpc as gitops;
+pub use gitlab::agent::grpctool;
+pub use gitlab::agent::kubernetes_api::rpc as kubernetes_api;
+pub use gitlab::agent::prototool;
 pub use gitlab::agent::reverse_tunnel::rpc as reverse_tunnel;
 
 pub mod kas_edge {
@@ -69,6 +80,11 @@ pub mod gitaly {
     tonic::include_proto!("gitaly");
 }
 
+/// The type URL of `kubernetes_api::HeaderExtra` packed in `HttpRequest.Header.extra`: agentk
+/// matches it exactly, so it is spelled out once here.
+pub const HEADER_EXTRA_TYPE_URL: &str =
+    "type.googleapis.com/gitlab.agent.kubernetes_api.rpc.HeaderExtra";
+
 /// gRPC method paths, for routing and per-method metrics without string typos.
 pub mod paths {
     pub const GET_CONFIGURATION: &str =
@@ -76,6 +92,14 @@ pub mod paths {
     pub const REGISTER: &str = "/gitlab.agent.agent_registrar.rpc.AgentRegistrar/Register";
     pub const REVERSE_TUNNEL_CONNECT: &str =
         "/gitlab.agent.reverse_tunnel.rpc.ReverseTunnel/Connect";
+    /// What kas names in `RequestInfo.method_name` for the Kubernetes API proxy (leading
+    /// slash included: agentk opens a stream on exactly this path).
+    pub const KUBERNETES_API_MAKE_REQUEST: &str =
+        "/gitlab.agent.kubernetes_api.rpc.KubernetesApi/MakeRequest";
+    /// The service and method a tunnel's descriptor names to carry
+    /// [`KUBERNETES_API_MAKE_REQUEST`].
+    pub const KUBERNETES_API_SERVICE: &str = "gitlab.agent.kubernetes_api.rpc.KubernetesApi";
+    pub const KUBERNETES_API_METHOD: &str = "MakeRequest";
     pub const GITOPS_GET_OBJECTS: &str = "/gitlab.agent.gitops.rpc.Gitops/GetObjectsToSynchronize";
     pub const DIAGNOSTICS_PING: &str = "/kas_edge.diagnostics.v1.Diagnostics/Ping";
     pub const DIAGNOSTICS_ECHO: &str = "/kas_edge.diagnostics.v1.Diagnostics/Echo";

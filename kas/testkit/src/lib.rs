@@ -10,7 +10,7 @@
 //! test crate defines once in its `tests/common/mod.rs`, with an [`edge::EdgeProfile`]
 //! when its tests start the edge.
 
-
+pub mod agent;
 pub mod clients;
 pub mod edge;
 pub mod gitlab;

@@ -18,7 +18,8 @@ pub fn kubeconfig(server: &str, token: Option<&str>, ca_file: Option<&Path>) -> 
         format!("    certificate-authority: {}\n", f.display())
     });
     let user = token.map_or("  user: {}\n".to_owned(), |t| {
-        format!("  user:\n    token: \"{t}\"\n")
+        let quoted = t.replace('\\', "\\\\").replace('"', "\\\"");
+        format!("  user:\n    token: \"{quoted}\"\n")
     });
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n{ca}\

@@ -2,16 +2,21 @@
 //! ([`net`]), bounded waits ([`wait`]), a GitLab stand-in with the demo agent ([`gitlab`]),
 //! kas pods on their own addresses and runtimes ([`pods`]), the `kas-edge` binary in front
 //! of them with a generated self-signed certificate ([`edge`]) and the clients agents use
-//! ([`clients`], [`gitops`]).
+//! ([`clients`], [`gitops`]), a Kubernetes API stand-in ([`kube_api`]) with real `kubectl`
+//! to drive it ([`kubectl`]), and an agentk stand-in that holds reverse tunnels and replays
+//! requests through them ([`agent`]).
 //!
 //! What differs between the crates' tests (their token, pod timings) is a [`Profile`] each
 //! test crate defines once in its `tests/common/mod.rs`, with an [`edge::EdgeProfile`]
 //! when its tests start the edge.
 
+pub mod agent;
 pub mod clients;
 pub mod edge;
 pub mod gitlab;
 pub mod gitops;
+pub mod kube_api;
+pub mod kubectl;
 pub mod metrics;
 pub mod net;
 pub mod pods;

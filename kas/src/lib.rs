@@ -36,6 +36,7 @@ pub mod config;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod gitlab;
+pub mod k8s_proxy;
 pub mod server;
 mod services;
 pub mod sources;

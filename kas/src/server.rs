@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::config_files::ConfigFiles;
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigurationSourceKind};
 use crate::gitlab::{GitlabClient, SharedSecret};
+use crate::k8s_proxy::{self, auth::ProxyAuthorizer, K8sProxy, K8sProxyMetrics};
 use crate::services::{self, Shared};
 use crate::sources::gitaly::{GitalyConfigSource, GitalyPool};
 use crate::sources::{ConfigSource, GitlabApiSource};
@@ -37,6 +39,8 @@ pub struct BoundKas {
     config: Config,
     agent_listener: TcpListener,
     obs_listener: TcpListener,
+    /// The Kubernetes API proxy, when `kubernetes_api.listen` is set.
+    k8s_proxy: Option<(TcpListener, Option<TlsAcceptor>, Arc<K8sProxy>)>,
     shared: Arc<Shared>,
 }
 
@@ -88,6 +92,12 @@ impl BoundKas {
                 Arc::new(GitlabApiSource::new(gitlab.clone(), token_file)?)
             }
         };
+        let proxy_authorizer = ProxyAuthorizer::new(
+            gitlab.clone(),
+            config.kubernetes_api.allowed_agent_cache_ttl,
+            config.kubernetes_api.allowed_agent_cache_error_ttl,
+            config.gitlab.auth_cache_max_entries,
+        );
         let auth = Authenticator::new(
             gitlab,
             metrics.clone(),
@@ -97,6 +107,31 @@ impl BoundKas {
         );
         let agent_listener = bind(config.agent.listen, "agent.listen").await?;
         let obs_listener = bind(config.observability.listen, "observability.listen").await?;
+        let k8s_proxy_listener = match config.kubernetes_api.listen {
+            Some(addr) => Some(bind(addr, "kubernetes_api.listen").await?),
+            None => None,
+        };
+        let tunnels = TunnelRegistry::new(
+            config.reverse_tunnel.limits(),
+            TunnelMetrics::new(metrics.registry()),
+        );
+        let k8s_proxy_tls = match (
+            &config.kubernetes_api.certificate_file,
+            &config.kubernetes_api.key_file,
+        ) {
+            (Some(cert), Some(key)) => Some(k8s_proxy::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let k8s_proxy = k8s_proxy_listener.map(|listener| {
+            let proxy = K8sProxy::new(
+                config.k8s_proxy_prefix(),
+                config.external_url(),
+                proxy_authorizer,
+                tunnels.clone(),
+                K8sProxyMetrics::new(metrics.registry()),
+            );
+            (listener, k8s_proxy_tls, Arc::new(proxy))
+        });
         let end_streams = CancellationToken::new();
         let shared = Arc::new(Shared {
             auth,
@@ -119,16 +154,14 @@ impl BoundKas {
             max_config_file_bytes: config.agent_configuration.max_configuration_file_size,
             gitlab_external_url: config.external_url().to_owned(),
             pod_name: pod_name.to_owned(),
-            tunnels: TunnelRegistry::new(
-                config.reverse_tunnel.limits(),
-                TunnelMetrics::new(metrics.registry()),
-            ),
+            tunnels,
             end_streams,
         });
         Ok(Self {
             config,
             agent_listener,
             obs_listener,
+            k8s_proxy,
             shared,
         })
     }
@@ -145,12 +178,20 @@ impl BoundKas {
             .unwrap_or(self.config.observability.listen)
     }
 
+    /// The Kubernetes API proxy's address, when it is configured.
+    pub fn k8s_proxy_addr(&self) -> Option<SocketAddr> {
+        self.k8s_proxy
+            .as_ref()
+            .and_then(|(l, _, _)| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves, then drains. Returns once every connection is
     /// closed or the drain deadline (plus a short flush) has passed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let pod = self.shared.pod_name.clone();
         let agent_addr = self.agent_addr();
         let obs_addr = self.observability_addr();
+        let k8s_proxy_addr = self.k8s_proxy_addr();
         let ready = Arc::new(AtomicBool::new(true));
         let metrics = self.shared.metrics.clone();
         metrics.ready.set(1);
@@ -182,7 +223,17 @@ impl BoundKas {
                 .await
             })
         };
-        tracing::info!(%pod, %agent_addr, %obs_addr, "kas serving");
+        let k8s_proxy_task = self.k8s_proxy.map(|(listener, tls, proxy)| {
+            tokio::spawn(k8s_proxy::serve(
+                listener,
+                tls,
+                proxy,
+                stop_accepting.clone(),
+                drain.goaway.clone(),
+                drain.tracker.clone(),
+            ))
+        });
+        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, "kas serving");
 
         shutdown.await;
         let cfg = &self.config.shutdown;
@@ -193,6 +244,9 @@ impl BoundKas {
 
         stop_accepting.cancel();
         accept_task.await.context("agent listener task failed")?;
+        if let Some(task) = k8s_proxy_task {
+            task.await.context("k8s-proxy listener task failed")?;
+        }
         drain.goaway.cancel();
         drain.tracker.close();
         tracing::info!(%pod, deadline = ?cfg.drain_deadline, "shutdown: listener closed, GOAWAY sent, draining");

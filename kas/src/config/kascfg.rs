@@ -241,6 +241,56 @@ impl Reader {
             cfg.gitlab.auth_cache_error_ttl = v
         });
 
+        // The Kubernetes API proxy is on when the section is present, as in real kas.
+        let k8s_api = self
+            .root
+            .get("agent")
+            .and_then(|a| a.get("kubernetes_api"))
+            .cloned();
+        if let Some(section) = k8s_api {
+            cfg.kubernetes_api.listen = Some(([0, 0, 0, 0], 8154).into());
+            if section.is_null() {
+                self.take(&["agent", "kubernetes_api"]);
+            }
+        }
+        if let Some(network) = self.take(&["agent", "kubernetes_api", "listen", "network"]) {
+            if network.as_str() != Some("tcp") {
+                return Err(
+                    "agent.kubernetes_api.listen.network: only \"tcp\" is supported".into(),
+                );
+            }
+        }
+        set!(
+            ["agent", "kubernetes_api", "listen", "address"],
+            listen_address,
+            |v| { cfg.kubernetes_api.listen = Some(v) }
+        );
+        set!(
+            ["agent", "kubernetes_api", "listen", "certificate_file"],
+            string,
+            |v| { cfg.kubernetes_api.certificate_file = Some(PathBuf::from(v)) }
+        );
+        set!(
+            ["agent", "kubernetes_api", "listen", "key_file"],
+            string,
+            |v| { cfg.kubernetes_api.key_file = Some(PathBuf::from(v)) }
+        );
+        set!(
+            ["agent", "kubernetes_api", "url_path_prefix"],
+            string,
+            |v| { cfg.kubernetes_api.url_path_prefix = v }
+        );
+        set!(
+            ["agent", "kubernetes_api", "allowed_agent_cache_ttl"],
+            duration,
+            |v| { cfg.kubernetes_api.allowed_agent_cache_ttl = v }
+        );
+        set!(
+            ["agent", "kubernetes_api", "allowed_agent_cache_error_ttl"],
+            duration,
+            |v| { cfg.kubernetes_api.allowed_agent_cache_error_ttl = v }
+        );
+
         if let Some(network) = self.take(&["observability", "listen", "network"]) {
             if network.as_str() != Some("tcp") {
                 return Err("observability.listen.network: only \"tcp\" is supported".into());
@@ -270,6 +320,29 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kubernetes_api_section_turns_the_proxy_on() {
+        let off = KasYaml::from_yaml("gitlab:\n  address: http://x\n").expect("valid");
+        assert_eq!(off.config.kubernetes_api.listen, None);
+        let on = KasYaml::from_yaml("agent:\n  kubernetes_api: {}\n").expect("valid");
+        assert_eq!(
+            on.config.kubernetes_api.listen,
+            Some(([0, 0, 0, 0], 8154).into())
+        );
+        assert!(on.ignored.is_empty(), "{:?}", on.ignored);
+        let set = KasYaml::from_yaml(
+            "agent:\n  kubernetes_api:\n    listen:\n      address: 127.0.0.1:9154\n    \
+             url_path_prefix: /k8s-proxy\n    allowed_agent_cache_ttl: 30s\n    \
+             shutdown_grace_period: 3600s\n",
+        )
+        .expect("valid");
+        let k = &set.config.kubernetes_api;
+        assert_eq!(k.listen, Some(([127, 0, 0, 1], 9154).into()));
+        assert_eq!(set.config.k8s_proxy_prefix(), "/k8s-proxy/");
+        assert_eq!(k.allowed_agent_cache_ttl, Duration::from_secs(30));
+        assert_eq!(set.ignored, ["agent.kubernetes_api.shutdown_grace_period"]);
+    }
 
     #[test]
     fn durations_take_protobuf_and_human_forms() {

@@ -315,6 +315,10 @@ impl ReverseTunnelConfig {
 pub struct KubernetesApiConfig {
     /// Where the proxy listens (real kas: `0.0.0.0:8154`); unset: no proxy.
     pub listen: Option<SocketAddr>,
+    /// TLS for the listener (both or neither): kubectl sends its bearer token only over
+    /// TLS. Behind the edge, which terminates TLS, it is not needed.
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// The path prefix callers use, stripped before the request reaches the cluster
     /// (real kas's `url_path_prefix`, always ending with `/`).
     pub url_path_prefix: String,
@@ -330,6 +334,8 @@ impl Default for KubernetesApiConfig {
     fn default() -> Self {
         Self {
             listen: None,
+            certificate_file: None,
+            key_file: None,
             url_path_prefix: "/".into(),
             allowed_agent_cache_ttl: Duration::from_secs(60),
             allowed_agent_cache_error_ttl: Duration::from_secs(10),
@@ -530,6 +536,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be greater than zero"));
             }
+        }
+        if self.kubernetes_api.certificate_file.is_some() != self.kubernetes_api.key_file.is_some()
+        {
+            return Err(invalid(
+                "kubernetes_api.certificate_file",
+                "certificate_file and key_file go together: set both for TLS, or neither",
+            ));
         }
         if !self.kubernetes_api.url_path_prefix.starts_with('/') {
             return Err(invalid(

@@ -21,7 +21,7 @@ use super::gitaly_standin::{commit_all, GitalyStandin, STORAGE};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -29,6 +29,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::standin_proxy_access::ProxyAccess;
+pub use super::standin_proxy_access::{StandinAllowedAgent, StandinCiJob, StandinProxyUser};
 use crate::gitlab::{verify_api_request_jwt, SharedSecret, JWT_HEADER};
 use crate::sources::config_file_path;
 
@@ -108,6 +110,8 @@ struct State {
     last_jwt: Mutex<Option<String>>,
     agent_info_requests: AtomicU64,
     project_info_requests: AtomicU64,
+    /// CI jobs and users of the Kubernetes API proxy.
+    proxy_access: ProxyAccess,
 }
 
 /// A running stand-in. Dropping it stops the server.
@@ -255,8 +259,8 @@ impl State {
             .find(|p| matches(p))
     }
 
-    fn bearer_agent(&self, req: &Request<Incoming>) -> Option<StandinAgent> {
-        let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    fn bearer_agent(&self, req: &http::request::Parts) -> Option<StandinAgent> {
+        let value = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
         let token = value.strip_prefix("Bearer ")?;
         self.agents
             .lock()
@@ -265,11 +269,17 @@ impl State {
             .cloned()
     }
 
-    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn answer(&self, req: &http::request::Parts, body: &[u8]) -> Response<Full<Bytes>> {
         if self.down.load(Ordering::SeqCst) {
             return message(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable");
         }
-        let jwt = req.headers().get(JWT_HEADER).and_then(|v| v.to_str().ok());
+        if req.uri.path() == "/api/v4/job/allowed_agents" {
+            // Authenticated by the job token alone, without kas's JWT, as on GitLab.
+            let token = req.headers.get("job-token").and_then(|v| v.to_str().ok());
+            let (status, body) = self.proxy_access.allowed_agents(token);
+            return json_response(status, body);
+        }
+        let jwt = req.headers.get(JWT_HEADER).and_then(|v| v.to_str().ok());
         if let Some(jwt) = jwt {
             *self.last_jwt.lock().unwrap_or_else(|p| p.into_inner()) = Some(jwt.to_owned());
         }
@@ -279,7 +289,7 @@ impl State {
         {
             return message(StatusCode::UNAUTHORIZED, "401 Unauthorized");
         }
-        let path = req.uri().path();
+        let path = req.uri.path();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match segments.as_slice() {
             ["api", "v4", "internal", "kubernetes", "agent_info"]
@@ -296,6 +306,10 @@ impl State {
                     }
                 }
             }
+            ["api", "v4", "internal", "kubernetes", "authorize_proxy_user"] => {
+                let (status, body) = self.proxy_access.authorize_proxy_user(body);
+                json_response(status, body)
+            }
             ["api", "v4", "internal", "kubernetes", "project_info"] => {
                 self.project_info_requests.fetch_add(1, Ordering::SeqCst);
                 let Some(agent) = self.bearer_agent(req) else {
@@ -305,7 +319,7 @@ impl State {
                     return message(StatusCode::FORBIDDEN, "403 Forbidden");
                 }
                 let id = req
-                    .uri()
+                    .uri
                     .query()
                     .unwrap_or("")
                     .split('&')
@@ -319,7 +333,7 @@ impl State {
             ["api", "v4", "projects", id, "repository", kind, rest] => {
                 // Like GitLab: the repository API takes API tokens, never agent tokens.
                 let api_token = req
-                    .headers()
+                    .headers
                     .get("private-token")
                     .and_then(|v| v.to_str().ok());
                 if api_token != Some(self.api_token.as_str()) {
@@ -328,7 +342,7 @@ impl State {
                 let Some(project) = self.find_project(id) else {
                     return message(StatusCode::NOT_FOUND, "404 Project Not Found");
                 };
-                let (rest, query) = (rest, req.uri().query().unwrap_or(""));
+                let (rest, query) = (rest, req.uri.query().unwrap_or(""));
                 let Some(name) = percent_decode(rest) else {
                     return message(StatusCode::BAD_REQUEST, "bad path encoding");
                 };
@@ -399,6 +413,7 @@ impl GitlabStandin {
             last_jwt: Mutex::new(None),
             agent_info_requests: AtomicU64::new(0),
             project_info_requests: AtomicU64::new(0),
+            proxy_access: ProxyAccess::default(),
         });
         let stop = CancellationToken::new();
         let (st, stop2) = (state.clone(), stop.clone());
@@ -416,9 +431,18 @@ impl GitlabStandin {
                 tokio::spawn(async move {
                     let conn = hyper::server::conn::http1::Builder::new().serve_connection(
                         TokioIo::new(stream),
-                        service_fn(move |req| {
-                            let response = st.answer(&req);
-                            async move { Ok::<_, Infallible>(response) }
+                        service_fn(move |req: Request<Incoming>| {
+                            let st = st.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                // GitLab's request bodies here are small JSON objects.
+                                let body = http_body_util::Limited::new(body, 64 * 1024)
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                Ok::<_, Infallible>(st.answer(&parts, &body))
+                            }
                         }),
                     );
                     tokio::select! {
@@ -547,6 +571,16 @@ impl GitlabStandin {
 
     pub fn agent_info_requests(&self) -> u64 {
         self.state.agent_info_requests.load(Ordering::SeqCst)
+    }
+
+    /// A CI job whose token `GET /api/v4/job/allowed_agents` accepts.
+    pub fn add_ci_job(&self, job: StandinCiJob) {
+        self.state.proxy_access.add_job(job);
+    }
+
+    /// A user `authorize_proxy_user` accepts (personal access token or session cookie).
+    pub fn add_proxy_user(&self, user: StandinProxyUser) {
+        self.state.proxy_access.add_user(user);
     }
 
     pub fn project_info_requests(&self) -> u64 {

@@ -5,3 +5,4 @@
 pub mod devstack;
 pub mod gitaly_standin;
 pub mod gitlab_standin;
+mod standin_proxy_access;

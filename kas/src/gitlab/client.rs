@@ -185,16 +185,51 @@ impl GitlabClient {
         })
     }
 
-    /// One GET against GitLab with kas's JWT; maps transport failures and statuses to
-    /// `GitlabError` and records latency per endpoint and outcome.
+    pub(super) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub(super) fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Adds kas's `Gitlab-Kas-Api-Request` JWT, which GitLab's internal API requires.
+    pub(super) fn with_jwt(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, GitlabError> {
+        let jwt = sign_api_request_jwt(&self.secret).map_err(GitlabError::Unavailable)?;
+        Ok(request.header(JWT_HEADER, jwt))
+    }
+
+    /// One GET against GitLab with kas's JWT.
     async fn get(
         &self,
         endpoint: &'static str,
         path: &str,
         auth: RepoAuth<'_>,
     ) -> Result<bytes::Bytes, GitlabError> {
+        let request = self
+            .http
+            .get(self.url(path))
+            .header(http::header::ACCEPT, "application/json");
+        let request = match auth {
+            RepoAuth::AgentToken(token) => request.bearer_auth(token),
+            RepoAuth::ApiToken(token) => request.header("PRIVATE-TOKEN", token),
+        };
+        let request = self.with_jwt(request)?;
+        self.send(endpoint, request).await
+    }
+
+    /// Sends one request to GitLab; maps transport failures and statuses to `GitlabError`
+    /// and records latency per endpoint and outcome.
+    pub(super) async fn send(
+        &self,
+        endpoint: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<bytes::Bytes, GitlabError> {
         let started = Instant::now();
-        let result = self.get_inner(path, auth).await;
+        let result = Self::send_inner(request).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.outcome_label(),
@@ -205,17 +240,7 @@ impl GitlabClient {
         result
     }
 
-    async fn get_inner(&self, path: &str, auth: RepoAuth<'_>) -> Result<bytes::Bytes, GitlabError> {
-        let jwt = sign_api_request_jwt(&self.secret).map_err(GitlabError::Unavailable)?;
-        let request = self
-            .http
-            .get(format!("{}{}", self.base, path))
-            .header(JWT_HEADER, jwt)
-            .header(http::header::ACCEPT, "application/json");
-        let request = match auth {
-            RepoAuth::AgentToken(token) => request.bearer_auth(token),
-            RepoAuth::ApiToken(token) => request.header("PRIVATE-TOKEN", token),
-        };
+    async fn send_inner(request: reqwest::RequestBuilder) -> Result<bytes::Bytes, GitlabError> {
         let response = request
             .send()
             .await
@@ -233,7 +258,10 @@ impl GitlabClient {
         }
     }
 
-    fn decode<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, GitlabError> {
+    pub(super) fn decode<T: for<'de> Deserialize<'de>>(
+        body: &[u8],
+        what: &str,
+    ) -> Result<T, GitlabError> {
         serde_json::from_slice(body)
             .map_err(|e| GitlabError::Unavailable(format!("unexpected {what} response: {e}")))
     }

@@ -4,3 +4,4 @@
 
 pub mod head_poller;
 pub(crate) mod single_flight;
+pub mod ttl_cache;

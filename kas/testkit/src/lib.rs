@@ -20,6 +20,7 @@ pub mod kubectl;
 pub mod metrics;
 pub mod net;
 pub mod pods;
+pub mod tls;
 pub mod wait;
 
 use kas::Config;

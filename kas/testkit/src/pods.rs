@@ -29,6 +29,8 @@ pub struct Pod {
     pub name: String,
     pub addr: SocketAddr,
     pub obs_addr: SocketAddr,
+    /// The Kubernetes API proxy, when the configuration has one.
+    pub k8s_proxy_addr: Option<SocketAddr>,
     /// kas's task: its result once it has drained (after [`Pod::begin_shutdown`]).
     pub task: Option<JoinHandle<anyhow::Result<()>>>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -40,25 +42,28 @@ impl Pod {
     pub async fn start(name: &str, config: Config) -> Self {
         let (tx, rx) = oneshot::channel();
         let pod_name = name.to_owned();
-        let (runtime, task, addr, obs_addr) = tokio::task::spawn_blocking(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let kas = rt.block_on(BoundKas::bind(config, &pod_name)).unwrap();
-            let (addr, obs_addr) = (kas.agent_addr(), kas.observability_addr());
-            let task = rt.spawn(kas.run(async {
-                let _ = rx.await;
-            }));
-            (rt, task, addr, obs_addr)
-        })
-        .await
-        .unwrap();
+        let (runtime, task, addr, obs_addr, k8s_proxy_addr) =
+            tokio::task::spawn_blocking(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let kas = rt.block_on(BoundKas::bind(config, &pod_name)).unwrap();
+                let (addr, obs_addr) = (kas.agent_addr(), kas.observability_addr());
+                let k8s_proxy_addr = kas.k8s_proxy_addr();
+                let task = rt.spawn(kas.run(async {
+                    let _ = rx.await;
+                }));
+                (rt, task, addr, obs_addr, k8s_proxy_addr)
+            })
+            .await
+            .unwrap();
         Self {
             name: name.to_owned(),
             addr,
             obs_addr,
+            k8s_proxy_addr,
             task: Some(task),
             shutdown: Some(tx),
             runtime: Some(runtime),
@@ -145,6 +150,8 @@ pub struct Harness<P: Profile> {
     pub agent: StandinAgent,
     pub agent_addr: SocketAddr,
     pub obs_addr: SocketAddr,
+    /// The Kubernetes API proxy, when the tweak configured one.
+    pub k8s_proxy_addr: Option<SocketAddr>,
     /// kas's task: its result once it has drained (after [`Harness::begin_shutdown`]).
     pub task: Option<JoinHandle<anyhow::Result<()>>>,
     pod: Pod,
@@ -174,6 +181,7 @@ impl<P: Profile> Harness<P> {
             agent: standin.agent,
             agent_addr: pod.addr,
             obs_addr: pod.obs_addr,
+            k8s_proxy_addr: pod.k8s_proxy_addr,
             task: pod.task.take(),
             pod,
             _dir: standin.dir,

@@ -205,7 +205,10 @@ async fn serve(
             let _ = out.send(wire::response_trailer()).await;
             drop(out);
             end(&mut inbound, &abort).await;
-            return Err((Code::Internal, "misbehaved: Message before Header".into()));
+            // What kas answered the misbehaviour with, if it ended the stream with an error.
+            return Err(inbound
+                .failure()
+                .unwrap_or((Code::Internal, "misbehaved: Message before Header".into())));
         }
         Misbehaviour::TrailerAfterError => {
             let _ = out
@@ -214,7 +217,9 @@ async fn serve(
             let _ = out.tx.send(wire::trailer()).await;
             drop(out);
             end(&mut inbound, &abort).await;
-            return Err((Code::Internal, "misbehaved: Trailer after Error".into()));
+            return Err(inbound
+                .failure()
+                .unwrap_or((Code::Internal, "misbehaved: Trailer after Error".into())));
         }
         _ => {}
     }

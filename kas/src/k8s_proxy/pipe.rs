@@ -1,0 +1,278 @@
+//! One HTTP request carried through a tunnel as `KubernetesApi/MakeRequest`: the request
+//! head, its body in chunks and a trailer go to the agent as `grpctool.HttpRequest`
+//! messages; the agent's `grpctool.HttpResponse` messages come back as the response, each
+//! chunk passed on as it arrives so `watch` and `logs -f` stream. A `101 Switching
+//! Protocols` answer turns the connection into a byte pipe both ways (`UpgradeData`) for
+//! `exec`, `attach` and `port-forward` over websocket or SPDY.
+//!
+//! Backpressure holds end to end: each direction is a bounded channel, so a slow reader
+//! stops the tunnel's stream, and HTTP/2 flow control stops the other side.
+
+use std::collections::HashMap;
+use std::io;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use prost::Message as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use kas_proto::grpctool::{http_request, http_response, HttpRequest, HttpResponse};
+use kas_proto::kubernetes_api::{HeaderExtra, ImpersonationConfig};
+use kas_proto::prototool;
+use kas_proto::prototool::Values;
+
+use super::headers;
+use super::status::ProxyError;
+use super::ProxyBody;
+use crate::tunnel::{CallSender, FromAgent, TunnelCall};
+
+/// Request bodies and upgraded bytes travel in messages of at most this size (as real kas).
+const CHUNK: usize = 32 * 1024;
+/// Response chunks queued towards a slow caller before the tunnel waits.
+const BODY_DEPTH: usize = 4;
+
+/// What the caller asked, already cleaned for the cluster.
+pub struct ClusterRequest {
+    pub method: String,
+    pub url_path: String,
+    pub headers: HashMap<String, Values>,
+    pub query: HashMap<String, Values>,
+    pub impersonation: Option<ImpersonationConfig>,
+    pub upgrade: bool,
+}
+
+fn encode_request(message: http_request::Message) -> Bytes {
+    HttpRequest {
+        message: Some(message),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn header_message(req: &ClusterRequest, content_length: i64) -> Bytes {
+    let extra = req.impersonation.as_ref().map(|imp| prost_types::Any {
+        type_url: kas_proto::HEADER_EXTRA_TYPE_URL.to_owned(),
+        value: HeaderExtra {
+            imp_config: Some(imp.clone()),
+        }
+        .encode_to_vec(),
+    });
+    encode_request(http_request::Message::Header(http_request::Header {
+        request: Some(prototool::HttpRequest {
+            method: req.method.clone(),
+            header: req.headers.clone(),
+            url_path: req.url_path.clone(),
+            query: req.query.clone(),
+        }),
+        extra,
+        content_length: Some(content_length),
+    }))
+}
+
+/// Sends the request to the agent and answers with the agent's response.
+pub async fn forward(
+    call: TunnelCall,
+    mut request: http::Request<Incoming>,
+    cluster: ClusterRequest,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let on_upgrade = cluster.upgrade.then(|| hyper::upgrade::on(&mut request));
+    let body = request.into_body();
+    let content_length = match hyper::body::Body::size_hint(&body).exact() {
+        Some(n) => i64::try_from(n).unwrap_or(i64::MAX),
+        None => -1,
+    };
+    let TunnelCall {
+        to_agent,
+        mut from_agent,
+    } = call;
+    if !to_agent
+        .send(header_message(&cluster, content_length))
+        .await
+    {
+        return Err(ProxyError::bad_gateway("the agent's tunnel closed"));
+    }
+    // Where the upgraded connection's read half goes once the cluster said 101.
+    let (upgraded_tx, upgraded_rx) = oneshot::channel();
+    tokio::spawn(send_request_body(
+        body,
+        to_agent,
+        cluster.upgrade,
+        upgraded_rx,
+    ));
+
+    let head = read_response_head(&mut from_agent).await?;
+    let status =
+        StatusCode::from_u16(u16::try_from(head.status_code).unwrap_or(0)).map_err(|_| {
+            ProxyError::bad_gateway(format!("the cluster answered status {}", head.status_code))
+        })?;
+    let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut response = Response::new(super::empty_body());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers::response_headers(&head.header, upgraded);
+    match on_upgrade {
+        Some(on_upgrade) if upgraded => {
+            tokio::spawn(pipe_upgraded(on_upgrade, from_agent, upgraded_tx));
+        }
+        _ => {
+            let (tx, rx) = mpsc::channel(BODY_DEPTH);
+            tokio::spawn(send_response_body(from_agent, tx));
+            *response.body_mut() = super::stream_body(rx);
+        }
+    }
+    Ok(response)
+}
+
+/// The request body as `Data` messages, then `Trailer`; then, for an upgrade, the client's
+/// bytes as `UpgradeData` until it closes; then the half-close.
+async fn send_request_body(
+    mut body: Incoming,
+    to_agent: CallSender,
+    upgrade: bool,
+    upgraded: oneshot::Receiver<tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+) {
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // The caller broke off its body: the request is not complete, so it must not
+            // reach the cluster as if it were.
+            return;
+        };
+        if let Ok(data) = frame.into_data() {
+            for chunk in data.chunks(CHUNK) {
+                let msg = http_request::Message::Data(http_request::Data {
+                    data: Bytes::copy_from_slice(chunk).into(),
+                });
+                if !to_agent.send(encode_request(msg)).await {
+                    return;
+                }
+            }
+        }
+    }
+    let trailer = http_request::Message::Trailer(http_request::Trailer {});
+    if !to_agent.send(encode_request(trailer)).await {
+        return;
+    }
+    if upgrade {
+        // Not upgraded (the cluster answered something else): nothing more to send.
+        if let Ok(mut read) = upgraded.await {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let msg = http_request::Message::UpgradeData(http_request::UpgradeData {
+                            data: buf[..n].to_vec(),
+                        });
+                        if !to_agent.send(encode_request(msg)).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    to_agent.close_send().await;
+}
+
+/// The next `HttpResponse` from the agent; `Ok(None)` at a clean end of the tunnel.
+async fn next_response(
+    from_agent: &mut mpsc::Receiver<FromAgent>,
+) -> Result<Option<http_response::Message>, ProxyError> {
+    loop {
+        match from_agent.recv().await {
+            None => return Ok(None),
+            // The gRPC header and trailer of MakeRequest carry nothing for the caller.
+            Some(FromAgent::Header(_)) | Some(FromAgent::Trailer(_)) => continue,
+            Some(FromAgent::Message(data)) => {
+                let message = HttpResponse::decode(data)
+                    .map_err(|e| {
+                        ProxyError::bad_gateway(format!(
+                            "the agent sent an invalid response message: {e}"
+                        ))
+                    })?
+                    .message
+                    .ok_or_else(|| {
+                        ProxyError::bad_gateway("the agent sent an empty response message")
+                    })?;
+                return Ok(Some(message));
+            }
+            Some(FromAgent::Error(status)) => {
+                return Err(ProxyError::bad_gateway(format!(
+                    "HTTP->gRPC: failed to read gRPC response: rpc error: code = {:?} desc = {}",
+                    status.code(),
+                    status.message()
+                )))
+            }
+        }
+    }
+}
+
+async fn read_response_head(
+    from_agent: &mut mpsc::Receiver<FromAgent>,
+) -> Result<prototool::HttpResponse, ProxyError> {
+    match next_response(from_agent).await? {
+        Some(http_response::Message::Header(h)) => h.response.ok_or_else(|| {
+            ProxyError::bad_gateway("the agent sent a response header without a response")
+        }),
+        Some(_) => Err(ProxyError::bad_gateway(
+            "the agent's response did not start with its header",
+        )),
+        None => Err(ProxyError::bad_gateway(
+            "the agent's tunnel closed before the response",
+        )),
+    }
+}
+
+/// The response body, chunk by chunk as the agent sends it. An error after the head has
+/// gone out aborts the response (the caller must not take a cut body for a whole one); a
+/// clean end of the tunnel (kas draining) ends it cleanly.
+async fn send_response_body(
+    mut from_agent: mpsc::Receiver<FromAgent>,
+    body: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+) {
+    loop {
+        let frame = match next_response(&mut from_agent).await {
+            Ok(Some(http_response::Message::Data(d))) => Ok(Frame::data(Bytes::from(d.data))),
+            Ok(Some(http_response::Message::Trailer(_))) | Ok(None) => return,
+            Ok(Some(_)) => Err(io::Error::other(
+                "the agent's response broke the message order",
+            )),
+            Err(e) => Err(io::Error::other(e.message)),
+        };
+        let failed = frame.is_err();
+        if body.send(frame).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// After a 101: the client's connection and the tunnel become one byte pipe.
+async fn pipe_upgraded(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mut from_agent: mpsc::Receiver<FromAgent>,
+    read_half: oneshot::Sender<tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+) {
+    let Ok(upgraded) = on_upgrade.await else {
+        return;
+    };
+    let (read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+    if read_half.send(read).is_err() {
+        return;
+    }
+    loop {
+        match next_response(&mut from_agent).await {
+            Ok(Some(http_response::Message::UpgradeData(d))) => {
+                if write.write_all(&d.data).await.is_err() {
+                    break;
+                }
+            }
+            // The response trailer precedes the upgraded bytes.
+            Ok(Some(http_response::Message::Trailer(_))) => continue,
+            Ok(Some(_)) | Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = write.shutdown().await;
+}

@@ -97,7 +97,9 @@ impl Stack {
     async fn agent(&self, misbehaviour: Misbehaviour) -> TestAgent {
         let mut options = AgentOptions::new(TOKEN, &self.kube.url());
         options.misbehaviour = misbehaviour;
-        let agent = TestAgent::connect_h2c(self.kas.agent_addr, options).await;
+        let agent = TestAgent::connect_h2c(self.kas.agent_addr, options)
+            .await
+            .expect("agent connects");
         self.wait_ready_tunnels(2).await;
         agent
     }

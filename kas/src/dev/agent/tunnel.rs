@@ -21,7 +21,7 @@ use tonic::{Code, Streaming};
 
 use super::inbound::{self, Failure};
 use super::{wire, Misbehaviour, Shared};
-use crate::clients::with_token;
+use crate::dev::channels::with_token;
 
 /// The most a `Data` or `UpgradeData` message carries, as agentk's 32 KiB buffers.
 pub const CHUNK: usize = 32 * 1024;

@@ -5,7 +5,7 @@
 //! taken, as agentk does (minus its +10 scale-up step: tests want a known count).
 //!
 //! A request routed through a tunnel is replayed against [`AgentOptions::kube_api`] (the
-//! [`crate::kube_api`] stand-in) with kas's `HeaderExtra` applied as `Impersonate-*`
+//! [`crate::dev::kube_api`] stand-in) with kas's `HeaderExtra` applied as `Impersonate-*`
 //! headers, and answered on the tunnel in agentk's order: `Header` → `Message`
 //! (`HttpResponse.Header`) → `Message` (`Data`, up to 32 KiB, sent as they arrive so
 //! watches stream) … → `Message` (`HttpResponse.Trailer`) → for a `101`, `UpgradeData` both
@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::clients;
+use super::channels;
 
 /// How an agent connects and where it replays requests.
 #[derive(Clone, Debug)]
@@ -139,8 +139,11 @@ impl TestAgent {
     }
 
     /// Over gRPC on HTTP/2 cleartext (`grpc://addr`).
-    pub async fn connect_h2c(addr: SocketAddr, options: AgentOptions) -> Self {
-        Self::start(clients::h2c_channel(addr).await, options)
+    pub async fn connect_h2c(
+        addr: SocketAddr,
+        options: AgentOptions,
+    ) -> Result<Self, tonic::transport::Error> {
+        Ok(Self::start(channels::h2c(addr).await?, options))
     }
 
     /// Over a `ws://addr/` websocket with subprotocol `ws-tunnel`, as agentk on `wss://`
@@ -149,10 +152,7 @@ impl TestAgent {
         addr: SocketAddr,
         options: AgentOptions,
     ) -> Result<Self, tonic::transport::Error> {
-        Ok(Self::start(
-            clients::ws_channel(addr, None, None).await?,
-            options,
-        ))
+        Ok(Self::start(channels::ws(addr).await?, options))
     }
 
     /// From now on, break the protocol this way (see [`Misbehaviour`] for when it is read).
@@ -207,7 +207,7 @@ impl TestAgent {
             if self.idle() == n {
                 return true;
             }
-            tokio::time::sleep(crate::wait::POLL).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         false
     }

@@ -63,6 +63,14 @@ pub struct EdgeMetrics {
     pub blocklist_entries: IntGauge,
     pub blocklist_reload_errors: prometheus::IntCounter,
     pub blocklist_last_reload: IntGauge,
+    /// Per `source` (`file`, `configmap`): the first 52 bits of the SHA-256 of the text of
+    /// the list in force (`policy::blocklist::content_digest`), equal on replicas that
+    /// hold the same list; only for configured sources, 0 until the first load.
+    pub blocklist_content_hash: IntGaugeVec,
+    /// 1 while the blocklist ConfigMap's watch works, 0 after a failed list or watch.
+    pub blocklist_watch_up: IntGauge,
+    /// Failed lists and watches of the blocklist ConfigMap.
+    pub blocklist_watch_errors: prometheus::IntCounter,
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
     /// Keys the rate limiters and bans track now (at most `max_tracked_keys`).
@@ -314,6 +322,29 @@ impl EdgeMetrics {
                 IntGauge::new(
                     "edge_blocklist_last_reload_timestamp_seconds",
                     "Unix time of the last successful blocklist load.",
+                )
+                .expect("valid metric"),
+            ),
+            blocklist_content_hash: gauge(
+                &r,
+                "edge_blocklist_content_hash",
+                "First 52 bits of the SHA-256 of the blocklist text in force, by source: equal \
+                 on replicas that hold the same list.",
+                &["source"],
+            ),
+            blocklist_watch_up: register(
+                &r,
+                IntGauge::new(
+                    "edge_blocklist_watch_up",
+                    "1 while the blocklist ConfigMap watch works, 0 after a failed list or watch.",
+                )
+                .expect("valid metric"),
+            ),
+            blocklist_watch_errors: register(
+                &r,
+                prometheus::IntCounter::new(
+                    "edge_blocklist_watch_errors_total",
+                    "Failed lists and watches of the blocklist ConfigMap.",
                 )
                 .expect("valid metric"),
             ),

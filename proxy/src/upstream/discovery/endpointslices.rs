@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{DiscoveryStatus, Endpoint};
+use crate::support::kubernetes::watch_error_status as api_status;
 
 /// Label the EndpointSlice controller puts on every slice it manages for a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -164,16 +165,6 @@ fn stopped(cfg: &EndpointSliceConfig) {
         service = %cfg.service,
         "no receivers left; stopping kas EndpointSlice discovery"
     );
-}
-
-fn api_status(err: &watcher::Error) -> Option<u16> {
-    match err {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s))
-        | watcher::Error::WatchError(s) => Some(s.code),
-        _ => None,
-    }
 }
 
 /// An expired resourceVersion: the watcher relists, nothing is wrong.
@@ -756,7 +747,7 @@ mod tests {
     ) {
         spawn_discovery_reporting(
             fake,
-            Arc::new(DiscoveryStatus::new(
+            Arc::new(super::super::new_status(
                 &crate::telemetry::metrics::EdgeMetrics::new(),
             )),
         )
@@ -995,7 +986,7 @@ mod tests {
     async fn announces_an_empty_first_list() {
         let fake = FakeApi::start(vec![], "100").await;
         let metrics = crate::telemetry::metrics::EdgeMetrics::new();
-        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let status = Arc::new(super::super::new_status(&metrics));
         let (mut rx, task) = spawn_discovery_reporting(&fake, status.clone());
         let changed = tokio::time::timeout(WAIT, rx.changed()).await;
         assert!(matches!(changed, Ok(Ok(()))), "first sync not announced");
@@ -1011,7 +1002,7 @@ mod tests {
         let fake = FakeApi::start(vec![], "100").await;
         fake.state.lock().unwrap().forbidden = true;
         let metrics = crate::telemetry::metrics::EdgeMetrics::new();
-        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let status = Arc::new(super::super::new_status(&metrics));
         let (mut rx, task) = spawn_discovery_reporting(&fake, status.clone());
         let deadline = tokio::time::Instant::now() + WAIT;
         while metrics.discovery_errors.get() < 1 {
@@ -1214,7 +1205,7 @@ mod tests {
         ];
         for cfg in cases {
             let (tx, _rx) = watch::channel(Vec::new());
-            let status = Arc::new(DiscoveryStatus::new(
+            let status = Arc::new(super::super::new_status(
                 &crate::telemetry::metrics::EdgeMetrics::new(),
             ));
             let result =

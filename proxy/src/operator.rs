@@ -134,6 +134,7 @@ impl Snapshot {
     pub fn summary(&self) -> String {
         let hash = content_digest(self.text.as_bytes());
         let entries = match Blocklist::parse("-", &self.text) {
+            Ok(list) if list.len() == 1 => "1 entry".to_owned(),
             Ok(list) => format!("{} entries", list.len()),
             Err(e) => format!("DOES NOT PARSE ({} bad lines)", e.bad_lines().len().max(1)),
         };

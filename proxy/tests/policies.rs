@@ -59,27 +59,6 @@ async fn setup(
     (cluster, edge, files)
 }
 
-async fn tls_from(edge: &Edge, client: IpAddr) -> std::io::Result<()> {
-    tokio::time::timeout(
-        STEP,
-        tls_connect(edge.https, &edge.tls_client(&[b"h2"]), Some(client)),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("timeout"))?
-    .map(|_| ())
-}
-
-async fn ping_from(edge: &Edge, client: IpAddr) -> Result<String, String> {
-    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
-        .await
-        .map_err(|e| e.to_string())?;
-    DiagnosticsClient::new(channel)
-        .ping(with_token(PingRequest::default()))
-        .await
-        .map(|r| r.into_inner().pod)
-        .map_err(|e| e.to_string())
-}
-
 #[tokio::test]
 async fn blocked_ip_is_refused_before_tls_and_others_pass() {
     let subnet = next_subnet();

@@ -12,6 +12,7 @@ pub mod clients;
 pub mod edge;
 pub mod gitlab;
 pub mod gitops;
+pub mod kube_api;
 pub mod metrics;
 pub mod net;
 pub mod pods;

@@ -8,11 +8,13 @@
 //! label `configmap:NAMESPACE/NAME/KEY` stands where a file name would), the last good list
 //! kept on a bad one, the newly blocked clients' connections closed.
 //!
-//! Missed events: after any failed list or watch (a dropped connection, an API server
-//! restart, an expired resourceVersion) the watch starts over with a fresh list, so an
-//! update made while it was down is applied as soon as the API answers again. A watch that
-//! the API server ends normally resumes from the last resourceVersion it saw (kept current
-//! by bookmarks), which the API server guarantees misses nothing.
+//! Missed events: every watch starts with a fresh LIST of the one object, and whenever a
+//! watch ends — cut mid-stream, ended by the API server (`timeoutSeconds`), silent for too
+//! long, an error — the next one starts with a LIST again (after a jittered back-off when it
+//! failed). So an update made while no watch was open is applied as soon as the API answers,
+//! whether or not the API server could have replayed it. (kube-runtime's `watcher`, which
+//! EndpointSlice discovery uses, resumes a cut watch from its last resourceVersion instead;
+//! for a single object a relist costs nothing and trusts nothing.)
 //!
 //! A ConfigMap that does not exist, or has no such key, is an empty list (so a freshly
 //! deployed, empty ConfigMap works); a value that does not parse is rejected.
@@ -23,23 +25,30 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::watcher::{self, watcher, Event};
+use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::Api;
+use tokio::time::Instant;
 
 use super::blocklist::{content_digest, Blocklist};
 use super::sources::BlocklistSource;
 use super::Policies;
 use crate::config::{BlocklistConfigMap, PoliciesConfig};
-use crate::support::kubernetes::{self, watch_error_status};
+use crate::support::kubernetes;
 use crate::support::status::SourceStatus;
 use crate::telemetry::metrics::EdgeMetrics;
 
 /// What the configuration and the errors call this source.
 const FIELD: &str = "policies.blocklist_configmap";
 
-/// The API server ends a watch after this long (and the client gives up on one silent for a
-/// little longer), so a connection that died without a word is noticed within a minute.
+/// The API server ends a watch after this long, and a watch silent (no event, no bookmark)
+/// for [`WATCH_IDLE_LIMIT`] is given up: a connection that died without a word is noticed
+/// within about a minute.
 const WATCH_TIMEOUT_SECS: u32 = 55;
+const WATCH_IDLE_LIMIT: Duration = Duration::from_secs(WATCH_TIMEOUT_SECS as u64 + 10);
+
+/// A watch that ends sooner than this after its list started is followed by a back-off,
+/// as after a failure, so an API server that ends every watch at once is not hammered.
+const MIN_WATCH: Duration = Duration::from_secs(1);
 
 /// Waits between attempts after a failed list or watch: the first, the longest.
 const FIRST_RETRY: Duration = Duration::from_millis(250);
@@ -106,9 +115,32 @@ pub fn start(
         metrics.blocklist_watch_up.clone(),
         metrics.blocklist_watch_errors.clone(),
     ));
-    let client = rt.block_on(kubernetes::client(FIELD, cfg.kubeconfig.as_deref()))?;
+    let client = rt.block_on(kubernetes::watch_client(FIELD, cfg.kubeconfig.as_deref()))?;
     rt.spawn(run(client, key, Arc::downgrade(policies), status.clone()));
     Ok(status)
+}
+
+/// Why a list+watch cycle ended early.
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    #[error("list: {0}")]
+    List(kube::Error),
+    #[error("watch: {0}")]
+    Watch(kube::Error),
+    #[error("watch: {0}")]
+    Event(Box<kube::core::Status>),
+}
+
+impl WatchError {
+    fn status(&self) -> Option<u16> {
+        match self {
+            WatchError::List(kube::Error::Api(s)) | WatchError::Watch(kube::Error::Api(s)) => {
+                Some(s.code)
+            }
+            WatchError::Event(s) => Some(s.code),
+            _ => None,
+        }
+    }
 }
 
 /// Follows the ConfigMap until `policies` is gone, applying every new value of the key.
@@ -119,52 +151,87 @@ pub async fn run(
     status: Arc<SourceStatus>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &key.namespace);
-    let config = watcher::Config::default()
-        .fields(&format!("metadata.name={}", key.name))
-        .timeout(WATCH_TIMEOUT_SECS);
     let mut applied = Applied::default();
     let mut retry = Retry::default();
-    loop {
-        let mut events = pin!(watcher(api.clone(), config.clone()));
-        // Between Init and InitDone: the object of the (re)list, if there is one.
-        let mut listed: Option<ConfigMap> = None;
-        let failure = loop {
-            let Some(event) = events.next().await else {
-                break None;
-            };
-            let Some(policies) = policies.upgrade() else {
-                return;
-            };
-            match event {
-                Ok(Event::Init) => listed = None,
-                Ok(Event::InitApply(cm)) => listed = Some(cm),
-                Ok(Event::InitDone) => {
-                    applied.offer(&policies, &key, listed.take().as_ref());
-                    status.succeeded();
-                    retry.reset();
-                }
-                Ok(Event::Apply(cm)) => applied.offer(&policies, &key, Some(&cm)),
-                Ok(Event::Delete(_)) => applied.offer(&policies, &key, None),
-                Err(err) => break Some(err),
+    while policies.strong_count() > 0 {
+        let started = Instant::now();
+        let wait = match list_and_watch(&api, &key, &policies, &mut applied, &status).await {
+            Ok(()) if started.elapsed() >= MIN_WATCH => {
+                retry.reset();
+                tracing::debug!(configmap = %key.label(), "blocklist ConfigMap watch ended; relisting");
+                continue;
+            }
+            // Ended at once: wait before asking again, as after a failure.
+            Ok(()) => retry.next(),
+            Err(err) => {
+                let wait = retry.next();
+                report(&err, &key, &status, wait);
+                wait
             }
         };
-        let wait = retry.next();
-        match failure {
-            Some(err) => {
-                report(&err, &key, &status, wait);
-            }
-            None => {
-                tracing::warn!(configmap = %key.label(), "blocklist ConfigMap watch ended; relisting")
-            }
-        }
-        // A fresh watcher lists first: whatever changed meanwhile is applied then.
         tokio::time::sleep(wait).await;
     }
 }
 
-fn report(err: &watcher::Error, key: &ConfigMapKey, status: &SourceStatus, wait: Duration) {
+/// One cycle: LIST the object and apply it, then WATCH from the list's resourceVersion
+/// until the watch ends. `Ok` when it ended without an error.
+async fn list_and_watch(
+    api: &Api<ConfigMap>,
+    key: &ConfigMapKey,
+    policies: &Weak<Policies>,
+    applied: &mut Applied,
+    status: &SourceStatus,
+) -> Result<(), WatchError> {
+    let selector = format!("metadata.name={}", key.name);
+    let list = api
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .map_err(WatchError::List)?;
+    let Some(policies) = policies.upgrade() else {
+        return Ok(());
+    };
+    let current = list
+        .items
+        .iter()
+        .find(|cm| cm.metadata.name.as_deref() == Some(&key.name));
+    applied.offer(&policies, key, current);
+    status.succeeded();
+    let version = list.metadata.resource_version.unwrap_or_default();
+    let params = WatchParams::default()
+        .fields(&selector)
+        .timeout(WATCH_TIMEOUT_SECS);
+    let events = api
+        .watch(&params, &version)
+        .await
+        .map_err(WatchError::Watch)?;
+    let mut events = pin!(events);
+    loop {
+        // Bookmarks (or the API server's end of the watch) come well within this; a
+        // connection that died without a word does not.
+        let next = tokio::time::timeout(WATCH_IDLE_LIMIT, events.next()).await;
+        let event = match next {
+            Err(_idle) => {
+                tracing::warn!(configmap = %key.label(), "blocklist ConfigMap watch silent for {WATCH_IDLE_LIMIT:?}; relisting");
+                return Ok(());
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(err))) => return Err(WatchError::Watch(err)),
+            Ok(Some(Ok(event))) => event,
+        };
+        match event {
+            WatchEvent::Added(cm) | WatchEvent::Modified(cm) => {
+                applied.offer(&policies, key, Some(&cm));
+            }
+            WatchEvent::Deleted(_) => applied.offer(&policies, key, None),
+            WatchEvent::Bookmark(_) => {}
+            WatchEvent::Error(err) => return Err(WatchError::Event(err.boxed())),
+        }
+    }
+}
+
+fn report(err: &WatchError, key: &ConfigMapKey, status: &SourceStatus, wait: Duration) {
     let configmap = key.label();
-    match watch_error_status(err) {
+    match err.status() {
         // The API server forgot our resourceVersion: relisting is the cure, nothing is wrong.
         Some(410) => {
             tracing::debug!(%configmap, error = %err, "blocklist ConfigMap watch expired; relisting");

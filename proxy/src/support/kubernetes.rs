@@ -65,34 +65,26 @@ pub async fn in_cluster_client(purpose: &str) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("building a Kubernetes client from the service account")
 }
 
-/// A client from `kubeconfig` (its current context) when one is named, else from the pod's
-/// service account.
-pub async fn client(purpose: &str, kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
-    let Some(path) = kubeconfig else {
-        return in_cluster_client(purpose).await;
+/// A client for a watch with its own back-off: from `kubeconfig` (its current context) when
+/// one is named, else from the pod's service account. kube's default retry of 503/504/429
+/// answers is off: it retries a request for minutes, during which the caller can neither
+/// report the API as down nor retry on its own, shorter schedule.
+pub async fn watch_client(
+    purpose: &str,
+    kubeconfig: Option<&Path>,
+) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = read_kubeconfig(purpose, path)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("{purpose}: using the kubeconfig {}", path.display()))?
+        }
+        None => in_cluster_config(purpose)?,
     };
-    let file = read_kubeconfig(purpose, path)?;
-    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
-        .await
-        .with_context(|| format!("{purpose}: using the kubeconfig {}", path.display()))?;
-    kube::Client::try_from(config).with_context(|| {
-        format!(
-            "{purpose}: building a Kubernetes client from {}",
-            path.display()
-        )
-    })
-}
-
-/// The HTTP status of the API's answer behind a watcher error, if it was one.
-pub fn watch_error_status(err: &kube::runtime::watcher::Error) -> Option<u16> {
-    use kube::runtime::watcher::Error;
-    match err {
-        Error::InitialListFailed(kube::Error::Api(s))
-        | Error::WatchStartFailed(kube::Error::Api(s))
-        | Error::WatchFailed(kube::Error::Api(s))
-        | Error::WatchError(s) => Some(s.code),
-        _ => None,
-    }
+    config.default_retry = false;
+    kube::Client::try_from(config)
+        .with_context(|| format!("{purpose}: building a Kubernetes client"))
 }
 
 /// How long one request of an operator command may take.
@@ -100,7 +92,8 @@ const OPERATOR_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The client of an operator command (`kas-edge block`): the kubeconfig named, else what
 /// kubectl would use (`KUBECONFIG`, `~/.kube/config`, then a pod's service account), in
-/// `context` when one is named. Its requests give up after 15 s.
+/// `context` when one is named. Its requests give up after 15 s and are not retried (an
+/// operator sees the error at once and runs the command again).
 pub async fn operator_client(
     kubeconfig: Option<&Path>,
     context: Option<&str>,
@@ -127,6 +120,7 @@ pub async fn operator_client(
     config.connect_timeout = Some(OPERATOR_REQUEST_TIMEOUT);
     config.read_timeout = Some(OPERATOR_REQUEST_TIMEOUT);
     config.write_timeout = Some(OPERATOR_REQUEST_TIMEOUT);
+    config.default_retry = false;
     kube::Client::try_from(config).context("building a Kubernetes client")
 }
 
@@ -158,7 +152,7 @@ mod tests {
         )
         .unwrap();
         preflight("blocklist", Some(&good)).unwrap();
-        client("blocklist", Some(&good)).await.unwrap();
+        watch_client("blocklist", Some(&good)).await.unwrap();
         operator_client(Some(&good), Some("x")).await.unwrap();
         let missing = dir.path().join("missing");
         let err = format!(

@@ -44,3 +44,27 @@ pub type Edge = kas_testkit::edge::Edge<EdgeTests>;
 pub fn with_token<T>(message: T) -> tonic::Request<T> {
     kas_testkit::clients::with_token(message, TOKEN)
 }
+
+/// A TLS handshake with the edge from `client` (within [`STEP`]).
+pub async fn tls_from(edge: &Edge, client: std::net::IpAddr) -> std::io::Result<()> {
+    tokio::time::timeout(
+        STEP,
+        tls_connect(edge.https, &edge.tls_client(&[b"h2"]), Some(client)),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("timeout"))?
+    .map(|_| ())
+}
+
+/// A Diagnostics Ping over a new `wss://` tunnel from `client`; the pod that answered.
+pub async fn ping_from(edge: &Edge, client: std::net::IpAddr) -> Result<String, String> {
+    use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
+        .await
+        .map_err(|e| e.to_string())?;
+    DiagnosticsClient::new(channel)
+        .ping(with_token(kas_proto::diagnostics::PingRequest::default()))
+        .await
+        .map(|r| r.into_inner().pod)
+        .map_err(|e| e.to_string())
+}

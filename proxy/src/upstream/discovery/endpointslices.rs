@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{DiscoveryStatus, Endpoint};
-use crate::support::kubernetes::watch_error_status as api_status;
 
 /// Label the EndpointSlice controller puts on every slice it manages for a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -165,6 +164,16 @@ fn stopped(cfg: &EndpointSliceConfig) {
         service = %cfg.service,
         "no receivers left; stopping kas EndpointSlice discovery"
     );
+}
+
+fn api_status(err: &watcher::Error) -> Option<u16> {
+    match err {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
 }
 
 /// An expired resourceVersion: the watcher relists, nothing is wrong.

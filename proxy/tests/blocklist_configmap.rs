@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 const NS: &str = "kas";
 const NAME: &str = "kas-edge-blocklist";
 const KEY: &str = "blocklist.txt";
+const WATCH_UP: &str = "edge_blocklist_watch_up{configmap=\"kas/kas-edge-blocklist\"}";
 
 /// kas pods, the API stand-in with the blocklist ConfigMap holding `initial`, and `n` edge
 /// replicas watching it.
@@ -214,11 +215,7 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
             Some(1.0),
             "replica {i}"
         );
-        assert_eq!(
-            metric_value(&metrics, "edge_blocklist_watch_up"),
-            Some(1.0),
-            "replica {i}"
-        );
+        assert_eq!(metric_value(&metrics, WATCH_UP), Some(1.0), "replica {i}");
         let victim_tunnel = format!("\"client\":\"{victim}\"");
         let log = edge.log();
         assert!(
@@ -334,7 +331,7 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
     api.put(NS, NAME, &[(KEY, &format!("{first}\n{second}\n"))]);
     for edge in &replicas.edges {
         eventually("edge_blocklist_watch_up 0", STEP, || async {
-            metric_value(&edge.metrics().await, "edge_blocklist_watch_up") == Some(0.0)
+            metric_value(&edge.metrics().await, WATCH_UP) == Some(0.0)
         })
         .await;
         assert!(
@@ -349,14 +346,19 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
             http_get(edge.admin, "/readyz").await,
             Some((200, _))
         ));
-        assert!(metric(&edge.metrics().await, "edge_blocklist_watch_errors_total") >= 1.0);
+        assert!(
+            metric(
+                &edge.metrics().await,
+                "edge_blocklist_watch_errors_total{configmap=\"kas/kas-edge-blocklist\"}"
+            ) >= 1.0
+        );
     }
     api.set_outage(false);
     replicas.wait_all(second, true).await;
     replicas.wait_in_step().await;
     for edge in &replicas.edges {
         eventually("edge_blocklist_watch_up 1", STEP, || async {
-            metric_value(&edge.metrics().await, "edge_blocklist_watch_up") == Some(1.0)
+            metric_value(&edge.metrics().await, WATCH_UP) == Some(1.0)
         })
         .await;
     }

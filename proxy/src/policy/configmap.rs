@@ -110,10 +110,13 @@ pub fn start(
     metrics: &EdgeMetrics,
 ) -> anyhow::Result<Arc<SourceStatus>> {
     let key = ConfigMapKey::resolve(cfg)?;
+    let configmap = format!("{}/{}", key.namespace, key.name);
     let status = Arc::new(SourceStatus::new(
-        format!("blocklist ConfigMap {}/{}", key.namespace, key.name),
-        metrics.blocklist_watch_up.clone(),
-        metrics.blocklist_watch_errors.clone(),
+        format!("blocklist ConfigMap {configmap}"),
+        metrics.blocklist_watch_up.with_label_values(&[&configmap]),
+        metrics
+            .blocklist_watch_errors
+            .with_label_values(&[&configmap]),
     ));
     let client = rt.block_on(kubernetes::watch_client(FIELD, cfg.kubeconfig.as_deref()))?;
     rt.spawn(run(client, key, Arc::downgrade(policies), status.clone()));

@@ -67,10 +67,11 @@ pub struct EdgeMetrics {
     /// the list in force (`policy::blocklist::content_digest`), equal on replicas that
     /// hold the same list; only for configured sources, 0 until the first load.
     pub blocklist_content_hash: IntGaugeVec,
-    /// 1 while the blocklist ConfigMap's watch works, 0 after a failed list or watch.
-    pub blocklist_watch_up: IntGauge,
-    /// Failed lists and watches of the blocklist ConfigMap.
-    pub blocklist_watch_errors: prometheus::IntCounter,
+    /// By `configmap` (NAMESPACE/NAME), only with `policies.blocklist_configmap`: 1 while
+    /// the watch of the blocklist ConfigMap works, 0 after a failed list or watch.
+    pub blocklist_watch_up: IntGaugeVec,
+    /// Failed lists and watches of the blocklist ConfigMap, by `configmap`.
+    pub blocklist_watch_errors: IntCounterVec,
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
     /// Keys the rate limiters and bans track now (at most `max_tracked_keys`).
@@ -332,21 +333,17 @@ impl EdgeMetrics {
                  on replicas that hold the same list.",
                 &["source"],
             ),
-            blocklist_watch_up: register(
+            blocklist_watch_up: gauge(
                 &r,
-                IntGauge::new(
-                    "edge_blocklist_watch_up",
-                    "1 while the blocklist ConfigMap watch works, 0 after a failed list or watch.",
-                )
-                .expect("valid metric"),
+                "edge_blocklist_watch_up",
+                "1 while the blocklist ConfigMap watch works, 0 after a failed list or watch.",
+                &["configmap"],
             ),
-            blocklist_watch_errors: register(
+            blocklist_watch_errors: counter(
                 &r,
-                prometheus::IntCounter::new(
-                    "edge_blocklist_watch_errors_total",
-                    "Failed lists and watches of the blocklist ConfigMap.",
-                )
-                .expect("valid metric"),
+                "edge_blocklist_watch_errors_total",
+                "Failed lists and watches of the blocklist ConfigMap.",
+                &["configmap"],
             ),
             established_closed: register(
                 &r,

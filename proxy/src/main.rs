@@ -29,24 +29,9 @@ enum Command {
     /// Block an address or network on every replica: adds it to the blocklist with the
     /// reason, who and when. Against the ConfigMap the edge watches, every replica refuses
     /// it (and closes its open connections) within about a second.
-    Block {
-        /// An IP address or a network in CIDR notation (canonical: 10.0.0.0/8).
-        address: String,
-        /// Why (an incident, a ticket); written as a comment with who and when.
-        #[arg(long)]
-        reason: String,
-        /// Who blocks, for the comment (default: login name@host).
-        #[arg(long)]
-        by: Option<String>,
-        #[command(flatten)]
-        list: ListArgs,
-    },
+    Block(BlockArgs),
     /// Remove an address's or network's own blocklist entries (and their reason lines).
-    Unblock {
-        address: String,
-        #[command(flatten)]
-        list: ListArgs,
-    },
+    Unblock(UnblockArgs),
     /// The blocklist itself.
     Blocklist {
         #[command(subcommand)]
@@ -61,6 +46,28 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct BlockArgs {
+    /// An IP address or a network in CIDR notation (canonical: 10.0.0.0/8).
+    address: String,
+    /// Why (an incident, a ticket); written as a comment with who and when.
+    #[arg(long)]
+    reason: String,
+    /// Who blocks, for the comment (default: login name@host).
+    #[arg(long)]
+    by: Option<String>,
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+#[derive(Args)]
+struct UnblockArgs {
+    /// The address or network, as its entries name it.
+    address: String,
+    #[command(flatten)]
+    list: ListArgs,
+}
+
 #[derive(Subcommand)]
 enum BlocklistCommand {
     /// Print the list in force, with its resourceVersion, entries and the content hash
@@ -69,6 +76,17 @@ enum BlocklistCommand {
         #[command(flatten)]
         list: ListArgs,
     },
+}
+
+/// What a blocklist command does, its arguments checked before anything is contacted.
+enum Action {
+    Show,
+    Block {
+        net: ipnet::IpNet,
+        reason: String,
+        stamp: edit::Stamp,
+    },
+    Unblock(ipnet::IpNet),
 }
 
 /// Which list: the ConfigMap the edge watches, a file, or what an edge configuration names.
@@ -108,7 +126,7 @@ impl ListArgs {
 }
 
 /// `block`, `unblock` and `blocklist show`, on a small runtime of their own.
-fn blocklist_command(list: ListArgs, command: ListCommand) -> anyhow::Result<()> {
+fn blocklist_command(list: ListArgs, action: Action) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -116,28 +134,19 @@ fn blocklist_command(list: ListArgs, command: ListCommand) -> anyhow::Result<()>
     rt.block_on(async move {
         let target = list.into_args().resolve().await?;
         let what = target.describe();
-        let outcome = match command {
-            ListCommand::Show => {
+        let outcome = match action {
+            Action::Show => {
                 let snapshot = target.read().await?;
                 print!("{}", snapshot.text);
                 eprintln!("# {what}: {}", snapshot.summary());
                 return Ok(());
             }
-            ListCommand::Block {
-                address,
-                reason,
-                by,
-            } => {
-                let net = edit::parse_target(&address)?;
-                let stamp = edit::Stamp::now(by);
+            Action::Block { net, reason, stamp } => {
                 target
                     .edit(|text| edit::block(text, net, &reason, &stamp))
                     .await?
             }
-            ListCommand::Unblock { address } => {
-                let net = edit::parse_target(&address)?;
-                target.edit(|text| edit::unblock(text, net)).await?
-            }
+            Action::Unblock(net) => target.edit(|text| edit::unblock(text, net)).await?,
         };
         let summary = outcome.snapshot.summary();
         match outcome.edited {
@@ -154,18 +163,6 @@ fn blocklist_command(list: ListArgs, command: ListCommand) -> anyhow::Result<()>
         }
         Ok(())
     })
-}
-
-enum ListCommand {
-    Show,
-    Block {
-        address: String,
-        reason: String,
-        by: Option<String>,
-    },
-    Unblock {
-        address: String,
-    },
 }
 
 /// Validates the configuration and every file it names, exactly as `run` would load them.
@@ -213,25 +210,23 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Check { config } => check(&config),
-        Command::Block {
+        Command::Block(BlockArgs {
             address,
             reason,
             by,
             list,
-        } => blocklist_command(
-            list,
-            ListCommand::Block {
-                address,
-                reason,
-                by,
-            },
-        ),
-        Command::Unblock { address, list } => {
-            blocklist_command(list, ListCommand::Unblock { address })
-        }
+        }) => edit::parse_target(&address)
+            .map_err(anyhow::Error::from)
+            .and_then(|net| {
+                let stamp = edit::Stamp::now(by);
+                blocklist_command(list, Action::Block { net, reason, stamp })
+            }),
+        Command::Unblock(UnblockArgs { address, list }) => edit::parse_target(&address)
+            .map_err(anyhow::Error::from)
+            .and_then(|net| blocklist_command(list, Action::Unblock(net))),
         Command::Blocklist {
             command: BlocklistCommand::Show { list },
-        } => blocklist_command(list, ListCommand::Show),
+        } => blocklist_command(list, Action::Show),
         #[cfg(feature = "dev")]
         Command::Dev { dir } => {
             kas_common::logging::init_with_writer("info", log_writer::stdout());

@@ -36,7 +36,8 @@ const FIELD_MANAGER: &str = "kas-edge";
 pub enum Target {
     File(PathBuf),
     ConfigMap {
-        api: Api<ConfigMap>,
+        /// Boxed: a client is large next to a path.
+        api: Box<Api<ConfigMap>>,
         key: ConfigMapKey,
     },
 }
@@ -114,7 +115,7 @@ impl TargetArgs {
         )
         .await?;
         Ok(Target::ConfigMap {
-            api: Api::namespaced(client, &key.namespace),
+            api: Box::new(Api::namespaced(client, &key.namespace)),
             key,
         })
     }
@@ -352,13 +353,6 @@ mod tests {
     use super::*;
     use crate::policy::edit::{self, Stamp};
 
-    fn stamp() -> Stamp {
-        Stamp {
-            by: "t".into(),
-            at: "2026-12-01T10:00:00Z".into(),
-        }
-    }
-
     #[tokio::test]
     async fn concurrent_file_blocks_all_land_and_the_mode_stays() {
         let dir = tempfile::tempdir().unwrap();
@@ -370,7 +364,7 @@ mod tests {
                 let path = path.clone();
                 std::thread::spawn(move || {
                     let net = edit::parse_target(&format!("192.0.2.{i}")).unwrap();
-                    edit_file(&path, &|text| edit::block(text, net, "r", &stamp())).unwrap()
+                    edit_file(&path, &|text| edit::block(text, net, "r", &Stamp::fixed())).unwrap()
                 })
             })
             .collect();

@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kas_edge::policy::blocklist::content_digest;
-use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::PingRequest;
 use kas_testkit::kube_api::KubeApi;
-use tonic::transport::Channel;
 
 const NS: &str = "kas";
 const NAME: &str = "kas-edge-blocklist";
@@ -92,6 +90,14 @@ impl Replicas {
     }
 }
 
+/// Waits until the edge's `edge_blocklist_watch_up` for the ConfigMap is `value`.
+async fn wait_watch_up(edge: &Edge, value: f64) {
+    eventually(&format!("{WATCH_UP} {value}"), STEP, || async {
+        metric_value(&edge.metrics().await, WATCH_UP) == Some(value)
+    })
+    .await;
+}
+
 fn configmap_hash(metrics: &str) -> f64 {
     metric(metrics, "edge_blocklist_content_hash{source=\"configmap\"}")
 }
@@ -129,38 +135,6 @@ async fn block(api: &KubeApi, address: &str, reason: &str) -> String {
     .await;
     assert!(ok, "kas-edge block {address} failed: {out}");
     out
-}
-
-/// A websocket tunnel from `client`, proven by one Ping.
-async fn tunnel(edge: &Edge, client: IpAddr) -> DiagnosticsClient<Channel> {
-    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
-        .await
-        .unwrap();
-    let mut c = DiagnosticsClient::new(channel);
-    c.ping(with_token(PingRequest::default())).await.unwrap();
-    c
-}
-
-/// How long after `since` the tunnel stopped answering (bounded by a step).
-async fn cut_after(
-    tunnel: &mut DiagnosticsClient<Channel>,
-    since: Instant,
-    what: &str,
-) -> Duration {
-    loop {
-        if tunnel
-            .ping(with_token(PingRequest::default()))
-            .await
-            .is_err()
-        {
-            return since.elapsed();
-        }
-        assert!(
-            since.elapsed() < STEP,
-            "{what}: the tunnel was never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -330,10 +304,7 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
     api.set_outage(true);
     api.put(NS, NAME, &[(KEY, &format!("{first}\n{second}\n"))]);
     for edge in &replicas.edges {
-        eventually("edge_blocklist_watch_up 0", STEP, || async {
-            metric_value(&edge.metrics().await, WATCH_UP) == Some(0.0)
-        })
-        .await;
+        wait_watch_up(edge, 0.0).await;
         assert!(
             tls_from(edge, first).await.is_err(),
             "the last list stays in force"
@@ -357,15 +328,17 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
     replicas.wait_all(second, true).await;
     replicas.wait_in_step().await;
     for edge in &replicas.edges {
-        eventually("edge_blocklist_watch_up 1", STEP, || async {
-            metric_value(&edge.metrics().await, WATCH_UP) == Some(1.0)
-        })
-        .await;
+        wait_watch_up(edge, 1.0).await;
     }
-    assert!(
-        api.counts().bookmarks > 0,
-        "watches asked for bookmarks and got them"
-    );
+    // The watches ask for bookmarks, and a watch that got some still applies the next change.
+    watching().await;
+    eventually("a bookmark on the open watches", STEP, || async {
+        api.counts().bookmarks >= replicas.edges.len()
+    })
+    .await;
+    let third = replicas.client(70);
+    api.put(NS, NAME, &[(KEY, &format!("{first}\n{second}\n{third}\n"))]);
+    replicas.wait_all(third, true).await;
 }
 
 #[tokio::test]
@@ -443,8 +416,8 @@ async fn concurrent_blocks_all_land_in_the_configmap_and_in_a_file() {
     let subnet = next_subnet();
     let api = KubeApi::start(ip(subnet, 240)).await;
     api.put(NS, NAME, &[(KEY, "# incident blocks\n")]);
-    // Both read the same resourceVersion, so one update is refused and made again.
-    api.set_get_delay(Duration::from_millis(300));
+    // All three read the same resourceVersion: two updates are refused and made again.
+    api.gather_gets(3);
     let addresses = ["192.0.2.10", "192.0.2.11", "2001:db8::/48"];
     let runs = addresses
         .iter()
@@ -460,7 +433,7 @@ async fn concurrent_blocks_all_land_in_the_configmap_and_in_a_file() {
         );
     }
     assert!(
-        api.counts().conflicts >= 1,
+        api.counts().conflicts >= 2,
         "the writers collided: {:?}",
         api.counts()
     );

@@ -1,6 +1,7 @@
 //! A Kubernetes API stand-in for ConfigMaps, over real HTTP on a loopback address of the
 //! test's own: what the edge's ConfigMap watch and `kas-edge block` talk to, with a
-//! kubeconfig file that points at it.
+//! kubeconfig file that points at it. Its wire helpers ([`serve`], [`json_response`],
+//! [`status_response`], [`parse_query`]) serve other fakes of the API too.
 //!
 //! It serves, for `/api/v1/namespaces/NS/configmaps[/NAME]`:
 //! - GET of one ConfigMap, LIST (with `fieldSelector=metadata.name=…`) and WATCH
@@ -14,8 +15,8 @@
 //! Every change bumps one global resourceVersion. A test can change objects directly
 //! ([`KubeApi::put`], as `kubectl edit` would), cut every open watch connection
 //! mid-stream ([`KubeApi::drop_watches`]), take the whole API away for a while
-//! ([`KubeApi::set_outage`]), slow down GETs so concurrent writers collide
-//! ([`KubeApi::set_get_delay`]), and count what clients did ([`KubeApi::counts`]).
+//! ([`KubeApi::set_outage`]), make concurrent writers read the same version so they collide
+//! ([`KubeApi::gather_gets`]), and count what clients did ([`KubeApi::counts`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -35,10 +36,15 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-type Body = BoxBody<Bytes, std::io::Error>;
+/// The stand-in's response body; other fakes of the API (proxy's EndpointSlice unit tests)
+/// answer with it too, through [`json_response`] and [`status_response`].
+pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// How often open watches that asked for them get a BOOKMARK, unless a test says otherwise.
 pub const BOOKMARK_EVERY: Duration = Duration::from_millis(500);
+
+/// Longest a GET waits for the others of [`KubeApi::gather_gets`].
+pub const GATHER_LIMIT: Duration = Duration::from_secs(10);
 
 /// What clients did, for assertions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,7 +102,8 @@ struct State {
     watches: Vec<Watch>,
     next_watch: u64,
     outage: bool,
-    get_delay: Duration,
+    /// The next GETs of one ConfigMap wait here for one another ([`KubeApi::gather_gets`]).
+    gathering: Option<(usize, Arc<tokio::sync::Barrier>)>,
     counts: Counts,
 }
 
@@ -161,6 +168,32 @@ impl Drop for KubeApi {
     }
 }
 
+/// Serves HTTP/1.1 on `listener`, answering every request with `handle`, until the returned
+/// task is aborted. Connections a fake cuts (a dropped watch) end with errors: ignored.
+pub fn serve<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -172,23 +205,9 @@ impl KubeApi {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
         let server_state = state.clone();
-        let server = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let state = server_state.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(&state, req).await) }
-                    });
-                    // Watches end with errors when the stand-in drops them: expected.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let server = serve(listener, move |req| {
+            let state = server_state.clone();
+            async move { handle(&state, req).await }
         });
         let ticker_state = state.clone();
         let bookmarks = tokio::spawn(async move {
@@ -282,10 +301,11 @@ impl KubeApi {
         }
     }
 
-    /// Delays every GET of a single ConfigMap, so clients that read at about the same time
-    /// read the same resourceVersion and their updates collide.
-    pub fn set_get_delay(&self, delay: Duration) {
-        lock(&self.state).get_delay = delay;
+    /// The next `n` GETs of a single ConfigMap wait for one another (at most [`GATHER_LIMIT`])
+    /// and then all read the same resourceVersion: the updates of clients that read, modify
+    /// and write collide, and all but one are refused with 409.
+    pub fn gather_gets(&self, n: usize) {
+        lock(&self.state).gathering = Some((n, Arc::new(tokio::sync::Barrier::new(n))));
     }
 
     pub fn counts(&self) -> Counts {
@@ -295,6 +315,14 @@ impl KubeApi {
             ..state.counts
         }
     }
+}
+
+fn not_found(name: &str) -> Response<Body> {
+    status_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("configmaps \"{name}\" not found"),
+    )
 }
 
 /// What a request is about: the namespace and, for one object, its name.
@@ -314,14 +342,14 @@ fn route(path: &str) -> Option<(String, Option<String>)> {
 
 async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
     if lock(state).outage {
-        return status(
+        return status_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "ServiceUnavailable",
             "outage",
         );
     }
     let Some((namespace, name)) = route(req.uri().path()) else {
-        return status(StatusCode::NOT_FOUND, "NotFound", "no such path");
+        return status_response(StatusCode::NOT_FOUND, "NotFound", "no such path");
     };
     let query = parse_query(req.uri().query().unwrap_or(""));
     match (req.method().clone(), name) {
@@ -330,41 +358,44 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         }
         (Method::GET, None) => list(state, &namespace, &query),
         (Method::GET, Some(name)) => {
-            let delay = lock(state).get_delay;
-            tokio::time::sleep(delay).await;
+            let gather = {
+                let mut state = lock(state);
+                let gather = state.gathering.as_mut().map(|(left, barrier)| {
+                    *left -= 1;
+                    (*left, barrier.clone())
+                });
+                if let Some((0, _)) = gather {
+                    state.gathering = None;
+                }
+                gather
+            };
+            if let Some((_, barrier)) = gather {
+                let _ = tokio::time::timeout(GATHER_LIMIT, barrier.wait()).await;
+            }
             match lock(state).objects.get(&(namespace, name.clone())) {
                 Some(object) => json_response(StatusCode::OK, object),
-                None => status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("configmaps \"{name}\" not found"),
-                ),
+                None => not_found(&name),
             }
         }
         (Method::PUT, Some(name)) => {
             let Some(object) = body_json(req).await else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+                return status_response(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
             };
             let mut state = lock(state);
             let key = (namespace.clone(), name.clone());
             let Some(current) = state.objects.get(&key) else {
-                return status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("configmaps \"{name}\" not found"),
-                );
+                return not_found(&name);
             };
             let sent = object["metadata"]["resourceVersion"].as_str().unwrap_or("");
             if !sent.is_empty() && current["metadata"]["resourceVersion"] != sent {
                 state.counts.conflicts += 1;
-                return status(
-                    StatusCode::CONFLICT,
+                return status_response(StatusCode::CONFLICT,
                     "Conflict",
                     &format!("Operation cannot be fulfilled on configmaps \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
                 );
             }
             if object["metadata"]["name"] != name.as_str() {
-                return status(
+                return status_response(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",
                     "name does not match the path",
@@ -376,7 +407,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         }
         (Method::POST, None) => {
             let Some(object) = body_json(req).await else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+                return status_response(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
             };
             let name = object["metadata"]["name"]
                 .as_str()
@@ -387,7 +418,7 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 .objects
                 .contains_key(&(namespace.clone(), name.clone()))
             {
-                return status(
+                return status_response(
                     StatusCode::CONFLICT,
                     "AlreadyExists",
                     &format!("configmaps \"{name}\" already exists"),
@@ -403,16 +434,12 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
                 .get(&(namespace.clone(), name.clone()))
                 .cloned()
             else {
-                return status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("configmaps \"{name}\" not found"),
-                );
+                return not_found(&name);
             };
             let stored = state.store(&namespace, object, "DELETED");
             json_response(StatusCode::OK, &stored)
         }
-        _ => status(
+        _ => status_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
             "not served by the stand-in",
@@ -514,7 +541,8 @@ async fn body_json(req: Request<Incoming>) -> Option<Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+/// A `Status` object, as the API server answers errors.
+pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     let body = json!({
         "kind": "Status",
         "apiVersion": "v1",
@@ -527,7 +555,7 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     json_response(code, &body)
 }
 
-fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+pub fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")
@@ -539,7 +567,8 @@ fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
         .unwrap()
 }
 
-fn parse_query(query: &str) -> HashMap<String, String> {
+/// A request's query parameters, percent-decoded.
+pub fn parse_query(query: &str) -> HashMap<String, String> {
     query
         .split('&')
         .filter(|kv| !kv.is_empty())

@@ -78,6 +78,15 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// A fixed stamp for tests.
+    #[cfg(test)]
+    pub(crate) fn fixed() -> Self {
+        Self {
+            by: "alice@laptop".into(),
+            at: "2026-12-01T10:00:00Z".into(),
+        }
+    }
+
     /// Now, by `by` or else the login name and host.
     pub fn now(by: Option<String>) -> Self {
         let by = by.unwrap_or_else(|| {
@@ -252,10 +261,7 @@ mod tests {
     use super::*;
 
     fn stamp() -> Stamp {
-        Stamp {
-            by: "alice@laptop".into(),
-            at: "2026-12-01T10:00:00Z".into(),
-        }
+        Stamp::fixed()
     }
 
     fn net(s: &str) -> IpNet {

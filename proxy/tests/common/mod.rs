@@ -68,3 +68,40 @@ pub async fn ping_from(edge: &Edge, client: std::net::IpAddr) -> Result<String, 
         .map(|r| r.into_inner().pod)
         .map_err(|e| e.to_string())
 }
+
+/// A `wss://` tunnel from `client`, proven by one Ping.
+pub async fn tunnel(
+    edge: &Edge,
+    client: std::net::IpAddr,
+) -> kas_proto::diagnostics::diagnostics_client::DiagnosticsClient<tonic::transport::Channel> {
+    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
+        .await
+        .unwrap();
+    let mut c = kas_proto::diagnostics::diagnostics_client::DiagnosticsClient::new(channel);
+    c.ping(with_token(kas_proto::diagnostics::PingRequest::default()))
+        .await
+        .unwrap();
+    c
+}
+
+/// How long after `since` the tunnel stopped answering Pings (asked every 20 ms); panics
+/// naming `what` when it still answers a step later.
+pub async fn cut_after(
+    tunnel: &mut kas_proto::diagnostics::diagnostics_client::DiagnosticsClient<
+        tonic::transport::Channel,
+    >,
+    since: std::time::Instant,
+    what: &str,
+) -> Duration {
+    loop {
+        let ping = with_token(kas_proto::diagnostics::PingRequest::default());
+        if tunnel.ping(ping).await.is_err() {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < STEP,
+            "{what}: the tunnel was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

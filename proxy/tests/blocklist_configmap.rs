@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use kas_edge::policy::blocklist::content_digest;

@@ -185,7 +185,9 @@ impl Target {
     }
 
     /// Applies `edit` to the list in force and writes the result, again on the newer text
-    /// after a concurrent change.
+    /// after a concurrent change. A file edit blocks the calling thread while it waits for
+    /// another one to finish (at most [`FILE_LOCK_WAIT`]): meant for the command's own
+    /// runtime.
     pub async fn edit(
         &self,
         edit: impl Fn(&str) -> Result<Edited, EditError>,

@@ -144,7 +144,7 @@ impl Snapshot {
             .as_deref()
             .map(|v| format!("resourceVersion {v}, "))
             .unwrap_or_default();
-        format!("{version}{entries}, content hash {hash} (edge_blocklist_content_hash)")
+        format!("{version}{entries}, edge_blocklist_content_hash {hash}")
     }
 }
 
@@ -386,7 +386,9 @@ mod tests {
         let target = Target::File(path.clone());
         let snapshot = target.read().await.unwrap();
         assert!(
-            snapshot.summary().starts_with("8 entries, content hash "),
+            snapshot
+                .summary()
+                .starts_with("8 entries, edge_blocklist_content_hash "),
             "{}",
             snapshot.summary()
         );

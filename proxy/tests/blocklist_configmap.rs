@@ -219,7 +219,10 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
     .await;
     assert!(ok, "{shown}");
     let hash = replicas.expected_hash();
-    assert!(shown.contains(&format!("content hash {hash} ")), "{shown}");
+    assert!(
+        shown.contains(&format!("edge_blocklist_content_hash {hash}\n")),
+        "{shown}"
+    );
     assert!(shown.contains("1 entry,"), "{shown}");
 
     // And back: unblock admits it again everywhere.

@@ -34,7 +34,8 @@ pub enum Edited {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EditError {
-    #[error("{0:?}: {1}")]
+    /// The problem names the argument as written.
+    #[error("{1}")]
     Address(String, LineProblem),
     #[error("--reason must be one line of text")]
     Reason,
@@ -326,7 +327,7 @@ mod tests {
     fn block_refuses_what_would_not_hold() {
         assert_eq!(
             parse_target("10.1.2.3/8").unwrap_err().to_string(),
-            "\"10.1.2.3/8\": \"10.1.2.3/8\" has host bits set, did you mean 10.0.0.0/8"
+            "\"10.1.2.3/8\" has host bits set, did you mean 10.0.0.0/8"
         );
         assert!(parse_target("everything").is_err());
         for reason in ["", "  ", "two\nlines"] {

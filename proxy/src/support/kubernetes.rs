@@ -104,7 +104,7 @@ pub async fn operator_client(
     };
     let mut config = match kubeconfig {
         Some(path) => {
-            let file = read_kubeconfig("kas-edge", path)?;
+            let file = read_kubeconfig("--kubeconfig", path)?;
             kube::Config::from_custom_kubeconfig(file, &options)
                 .await
                 .with_context(|| format!("using the kubeconfig {}", path.display()))?

@@ -15,7 +15,8 @@
 #    (cert-manager's Certificate, the Prometheus operator's PodMonitor/PrometheusRule: no
 #    offline schema; they are still yamllinted and rendered);
 # 5. checks invariants a schema cannot see (no subPath on hot-reloaded mounts, policies
-#    ConfigMap without hash suffix, headless kas Service, grace periods vs [shutdown],
+#    ConfigMap without hash suffix, the blocklist ConfigMap without data and its Roles,
+#    headless kas Service, grace periods vs [shutdown],
 #    PodMonitors that select the Deployments' pods and name ports they have, the
 #    PrometheusRule equal to deploy/monitoring/rules/kas-edge.rules.yaml);
 # 6. hadolint on the Dockerfiles, shellcheck on this script and deploy/monitoring/test.sh.
@@ -175,6 +176,28 @@ for dep in (edge, kas):
 if ("ConfigMap", "kas-edge-policies") not in by:
     errors.append("ConfigMap kas-edge-policies must keep its name (disableNameSuffixHash), "
                   "or every policy edit restarts the edge")
+# The incident blocklist: the ConfigMap the edge watches exists, carries no data (so
+# `kubectl apply` never overwrites blocks made with `kas-edge block`), and the reader and
+# editor Roles grant exactly what the edge and the command need on it, and nothing beyond.
+edge_cfg = toml_from("kas-edge-config", "edge.toml")
+blocklist_cm = ((edge_cfg or {}).get("policies", {}).get("blocklist_configmap") or {}).get("name")
+if blocklist_cm:
+    cm = by.get(("ConfigMap", blocklist_cm))
+    if cm is None:
+        errors.append(f"edge.toml watches ConfigMap {blocklist_cm}, which is not deployed")
+    elif "data" in cm or "binaryData" in cm:
+        errors.append(f"ConfigMap {blocklist_cm} must not carry data: kubectl apply would "
+                      "overwrite the blocks made with kas-edge block")
+    for role, verbs in (("kas-edge-blocklist-reader", {"get", "list", "watch"}),
+                        ("kas-edge-blocklist-editor", {"get", "update"})):
+        rules = by.get(("Role", role), {}).get("rules")
+        if not rules:
+            errors.append(f"Role {role} is missing")
+            continue
+        cm_rules = [r for r in rules if "configmaps" in r.get("resources", [])]
+        if [r.get("resourceNames") for r in cm_rules] != [[blocklist_cm]] or \
+                set(cm_rules[0].get("verbs", [])) != verbs:
+            errors.append(f"Role {role} must grant exactly {sorted(verbs)} on configmaps/{blocklist_cm}")
 if edge["spec"].get("replicas", 1) < 2:
     errors.append("kas-edge needs at least 2 replicas")
 if "replicas" in kas["spec"]:
@@ -203,7 +226,7 @@ def check_grace(dep, cfg, label):
         errors.append(f"{label}: terminationGracePeriodSeconds {have} < preStop {sleep} + "
                       f"readiness_delay + drain_deadline = {need} (+5 s margin)")
 
-check_grace(edge, toml_from("kas-edge-config", "edge.toml"), "kas-edge")
+check_grace(edge, edge_cfg, "kas-edge")
 check_grace(kas, toml_from("kas-config", "kas.toml"), "kas")
 
 # Prometheus operator objects: each PodMonitor selects the pods of one of the two

@@ -318,6 +318,76 @@ class GitlabStandin:
         return 404, {"message": "404 Not Found"}
 
 
+class ConfigMapStandin:
+    """The Kubernetes API for the one ConfigMap the edges watch for their incident blocklist
+    ([policies.blocklist_configmap]): LIST, and a WATCH that sends a BOOKMARK every second
+    and ends at its timeoutSeconds. The list never changes here (proxy/tests covers edits);
+    it gives the replicas the same ConfigMap hash and a working watch."""
+
+    BLOCKLIST = "# e2e incident blocks: none\n"
+
+    def __init__(self, ip, tmp):
+        cm = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "kas-edge-blocklist", "namespace": "kas", "resourceVersion": "7"},
+              "data": {"blocklist.txt": self.BLOCKLIST}}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the watch body ends when the connection closes
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                q = urllib.parse.parse_qs(url.query)
+                if url.path != "/api/v1/namespaces/kas/configmaps" or \
+                        q.get("fieldSelector") != ["metadata.name=kas-edge-blocklist"]:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                if q.get("watch") != ["true"]:
+                    self.wfile.write(json.dumps({"apiVersion": "v1", "kind": "ConfigMapList",
+                                                 "metadata": {"resourceVersion": "7"}, "items": [cm]}).encode())
+                    return
+                bookmark = json.dumps({"type": "BOOKMARK", "object": {
+                    "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"resourceVersion": "7"}}})
+                end = time.monotonic() + int(q.get("timeoutSeconds", ["60"])[0])
+                try:
+                    while time.monotonic() < end:
+                        self.wfile.write(bookmark.encode() + b"\n")
+                        self.wfile.flush()
+                        time.sleep(1)
+                except OSError:
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer((ip, 0), Handler)
+        self.server.daemon_threads = True
+        self.kubeconfig = os.path.join(tmp, "kubeconfig")
+        with open(self.kubeconfig, "w") as f:
+            f.write(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster:
+    server: http://{ip}:{self.server.server_address[1]}
+users:
+- name: e2e
+  user: {{}}
+contexts:
+- name: e2e
+  context: {{cluster: e2e, user: e2e}}
+current-context: e2e
+""")
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class ReadinessOnly:
     """A kas pod whose observability port answers /readiness 200 while its agent port is
     closed: passes the edge's health checks, fails every connect."""
@@ -722,6 +792,8 @@ class E2E:
         for n, ip in enumerate(self.pod_ips, 1):
             self.start_kas(n, ip)
         self.standins.append(ReadinessOnly(self.half_ip, self.obs_port))
+        self.kube_api = ConfigMapStandin(self.ip["gitlab"], self.tmp)
+        self.standins.append(self.kube_api)
 
         tls_dir = os.path.join(self.tmp, "tls")
         os.makedirs(tls_dir)
@@ -829,6 +901,10 @@ blocklist = "policies/blocklist.txt"
 limits = "policies/limits.toml"
 rules = "policies/rules.toml"
 close_established = true
+[policies.blocklist_configmap]
+namespace = "kas"
+name = "kas-edge-blocklist"
+kubeconfig = "{self.kube_api.kubeconfig}"
 """)
         check = subprocess.run([self.args.edge, "check", "--config", path], capture_output=True, text=True, timeout=30)
         if check.returncode != 0:

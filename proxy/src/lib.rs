@@ -6,7 +6,8 @@
 //! per request, gRPC over h2c, websocket upgrades) → [`upstream`] (discovery, health, pod
 //! choice). [`policy`] holds the operator's decisions (blocklist, limits, header rules),
 //! [`admin`] the private admin port and the public plain-HTTP listener, [`telemetry`]
-//! metrics and logs, [`config`] the one typed configuration.
+//! metrics and logs, [`config`] the one typed configuration, [`operator`] the commands that
+//! edit the blocklist every replica enforces (`kas-edge block`).
 
 pub mod admin;
 pub mod app;
@@ -16,6 +17,7 @@ pub mod connection;
 pub mod dev;
 pub mod http;
 pub mod listener;
+pub mod operator;
 pub(crate) mod pingora_compat;
 pub mod policy;
 pub mod support;

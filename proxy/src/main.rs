@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use kas_edge::operator::{Target, TargetArgs};
+use kas_edge::policy::edit::{self, Edited};
 use kas_edge::telemetry::log_writer;
 
 /// The edge in front of GitLab's agent server (kas).
@@ -24,6 +26,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Block an address or network on every replica: adds it to the blocklist with the
+    /// reason, who and when. Against the ConfigMap the edge watches, every replica refuses
+    /// it (and closes its open connections) within about a second.
+    Block(BlockArgs),
+    /// Remove an address's or network's own blocklist entries (and their reason lines).
+    Unblock(UnblockArgs),
+    /// The blocklist itself.
+    Blocklist {
+        #[command(subcommand)]
+        command: BlocklistCommand,
+    },
     /// Start the local stack: GitLab stand-in, 3 kas pods and the edge in front.
     #[cfg(feature = "dev")]
     Dev {
@@ -31,6 +44,125 @@ enum Command {
         #[arg(long, default_value = ".dev")]
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct BlockArgs {
+    /// An IP address or a network in CIDR notation (canonical: 10.0.0.0/8).
+    address: String,
+    /// Why (an incident, a ticket); written as a comment with who and when.
+    #[arg(long)]
+    reason: String,
+    /// Who blocks, for the comment (default: login name@host).
+    #[arg(long)]
+    by: Option<String>,
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+#[derive(Args)]
+struct UnblockArgs {
+    /// The address or network, as its entries name it.
+    address: String,
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+#[derive(Subcommand)]
+enum BlocklistCommand {
+    /// Print the list in force, with its resourceVersion, entries and the content hash
+    /// every replica that holds it shows in `edge_blocklist_content_hash`.
+    Show {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+}
+
+/// What a blocklist command does, its arguments checked before anything is contacted.
+enum Action {
+    Show,
+    Block {
+        net: ipnet::IpNet,
+        reason: String,
+        stamp: edit::Stamp,
+    },
+    Unblock(ipnet::IpNet),
+}
+
+/// Which list: the ConfigMap the edge watches, a file, or what an edge configuration names.
+#[derive(Args)]
+struct ListArgs {
+    /// The ConfigMap of `policies.blocklist_configmap`, as NAMESPACE/NAME.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    configmap: Option<String>,
+    /// The ConfigMap key.
+    #[arg(long, requires = "configmap", default_value = kas_edge::config::DEFAULT_BLOCKLIST_KEY)]
+    key: String,
+    /// A blocklist file (`policies.blocklist`).
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// An edge configuration: its blocklist ConfigMap, else its blocklist file.
+    #[arg(long, value_name = "EDGE.TOML")]
+    config: Option<PathBuf>,
+    /// Kubernetes credentials (default: KUBECONFIG, ~/.kube/config, or the pod's).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current one).
+    #[arg(long)]
+    context: Option<String>,
+}
+
+impl ListArgs {
+    fn into_args(self) -> TargetArgs {
+        TargetArgs {
+            configmap: self.configmap,
+            key: Some(self.key),
+            file: self.file,
+            config: self.config,
+            kubeconfig: self.kubeconfig,
+            context: self.context,
+        }
+    }
+}
+
+/// `block`, `unblock` and `blocklist show`, on a small runtime of their own.
+fn blocklist_command(list: ListArgs, action: Action) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let target = list.into_args().resolve().await?;
+        let what = target.describe();
+        let outcome = match action {
+            Action::Show => {
+                let snapshot = target.read().await?;
+                print!("{}", snapshot.text);
+                eprintln!("# {what}: {}", snapshot.summary());
+                return Ok(());
+            }
+            Action::Block { net, reason, stamp } => {
+                target
+                    .edit(|text| edit::block(text, net, &reason, &stamp))
+                    .await?
+            }
+            Action::Unblock(net) => target.edit(|text| edit::unblock(text, net)).await?,
+        };
+        let summary = outcome.snapshot.summary();
+        match outcome.edited {
+            Edited::Changed { summary: done, .. } => {
+                let when = match target {
+                    Target::ConfigMap { .. } => {
+                        "every replica watching it applies this within about a second"
+                    }
+                    Target::File(_) => "an edge watching this file applies it within a second",
+                };
+                println!("{done} in {what} ({summary}): {when}");
+            }
+            Edited::Unchanged(why) => println!("{why} in {what}; nothing changed ({summary})"),
+        }
+        Ok(())
+    })
 }
 
 /// Validates the configuration and every file it names, exactly as `run` would load them.
@@ -41,6 +173,15 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     println!("{}: configuration is valid", path.display());
     if let Some(file) = &config.policies.blocklist {
         println!("{}: {} entries", file.display(), files.blocklist.len());
+    }
+    if let Some(cm) = &config.policies.blocklist_configmap {
+        println!(
+            "blocklist ConfigMap {}/{} key {}: watched through the Kubernetes API at run time \
+             (`kas-edge blocklist show --config …` reads it now)",
+            cm.namespace.as_deref().unwrap_or("(the pod's namespace)"),
+            cm.name,
+            cm.key
+        );
     }
     if let Some(file) = &config.policies.limits {
         println!("{}: valid", file.display());
@@ -69,6 +210,23 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Check { config } => check(&config),
+        Command::Block(BlockArgs {
+            address,
+            reason,
+            by,
+            list,
+        }) => edit::parse_target(&address)
+            .map_err(anyhow::Error::from)
+            .and_then(|net| {
+                let stamp = edit::Stamp::now(by);
+                blocklist_command(list, Action::Block { net, reason, stamp })
+            }),
+        Command::Unblock(UnblockArgs { address, list }) => edit::parse_target(&address)
+            .map_err(anyhow::Error::from)
+            .and_then(|net| blocklist_command(list, Action::Unblock(net))),
+        Command::Blocklist {
+            command: BlocklistCommand::Show { list },
+        } => blocklist_command(list, Action::Show),
         #[cfg(feature = "dev")]
         Command::Dev { dir } => {
             kas_common::logging::init_with_writer("info", log_writer::stdout());

@@ -59,27 +59,6 @@ async fn setup(
     (cluster, edge, files)
 }
 
-async fn tls_from(edge: &Edge, client: IpAddr) -> std::io::Result<()> {
-    tokio::time::timeout(
-        STEP,
-        tls_connect(edge.https, &edge.tls_client(&[b"h2"]), Some(client)),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("timeout"))?
-    .map(|_| ())
-}
-
-async fn ping_from(edge: &Edge, client: IpAddr) -> Result<String, String> {
-    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
-        .await
-        .map_err(|e| e.to_string())?;
-    DiagnosticsClient::new(channel)
-        .ping(with_token(PingRequest::default()))
-        .await
-        .map(|r| r.into_inner().pod)
-        .map_err(|e| e.to_string())
-}
-
 #[tokio::test]
 async fn blocked_ip_is_refused_before_tls_and_others_pass() {
     let subnet = next_subnet();
@@ -116,39 +95,15 @@ async fn live_edit_cuts_the_newly_blocked_clients_open_websocket_only() {
     let subnet = next_subnet();
     let (victim, bystander) = (ip(subnet, 66), ip(subnet, 67));
     let (_cluster, edge, files) = setup("# nothing yet\n", "", "", "").await;
-    let open = |client| {
-        let edge = &edge;
-        async move {
-            let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
-                .await
-                .unwrap();
-            let mut c = DiagnosticsClient::new(channel);
-            c.ping(with_token(PingRequest::default())).await.unwrap();
-            c
-        }
-    };
-    let mut victim_conn = open(victim).await;
-    let mut bystander_conn = open(bystander).await;
+    let mut victim_conn = tunnel(&edge, victim).await;
+    let mut bystander_conn = tunnel(&edge, bystander).await;
 
     let edited = Instant::now();
     files.write(
         "blocklist.txt",
         &format!("{victim}/32  # blocked during the incident\n"),
     );
-    let cut_after = loop {
-        if victim_conn
-            .ping(with_token(PingRequest::default()))
-            .await
-            .is_err()
-        {
-            break edited.elapsed();
-        }
-        assert!(
-            edited.elapsed() < STEP,
-            "the blocked client's websocket was never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let cut_after = cut_after(&mut victim_conn, edited, "the blocked client's websocket").await;
     println!("newly blocked websocket closed {cut_after:?} after the edit");
     assert!(cut_after < Duration::from_secs(5), "took {cut_after:?}");
     bystander_conn

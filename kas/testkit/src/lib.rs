@@ -15,6 +15,7 @@ pub mod edge;
 pub mod gitlab;
 pub mod gitops;
 pub mod kubectl;
+pub mod configmap_api;
 pub mod metrics;
 pub mod net;
 pub mod pods;

@@ -2,8 +2,9 @@
 //! while pingora's listeners drain. Two listeners with different audiences, on different
 //! runtimes (see `app`):
 //! - [`private`]: the admin port, `/healthz`, `/readyz` (503 from the first moment of a
-//!   drain, and until discovery has produced a first result), `/metrics` — for the kubelet
-//!   and Prometheus, never exposed publicly; on the control-plane runtime;
+//!   drain, and until discovery and the blocklist ConfigMap have produced a first result),
+//!   `/metrics` — for the kubelet and Prometheus, never exposed publicly; on the
+//!   control-plane runtime;
 //! - [`public`]: the optional `:80` listener, health and ACME paths answered (or relayed to
 //!   the replica that runs ACME), everything else redirected to https; on a runtime of its
 //!   own, so a flood there cannot delay health checks or `/readyz`.
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::support::net::{canonical, ClientKey};
+use crate::support::status::SourceStatus;
 use crate::support::sync::lock;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::discovery::DiscoveryStatus;
@@ -47,6 +49,9 @@ pub struct AdminState {
     pub metrics: EdgeMetrics,
     /// Whether discovery has produced a first result.
     pub discovery: Arc<DiscoveryStatus>,
+    /// With `policies.blocklist_configmap`: whether the ConfigMap has been read once. A
+    /// replica that has not would admit clients every other replica refuses.
+    pub blocklist_watch: Option<Arc<SourceStatus>>,
     pub https_port: u16,
     /// Set when certificates come from ACME.
     pub acme: Option<Arc<crate::listener::acme::Acme>>,
@@ -60,8 +65,9 @@ impl AdminState {
         self.metrics.ready.set(i64::from(self.is_ready()));
     }
 
-    /// Ready while not draining, once discovery has produced a first result and, with
-    /// ACME, once a certificate is there to serve.
+    /// Ready while not draining, once discovery has produced a first result, the blocklist
+    /// ConfigMap (when configured) has been read and, with ACME, once a certificate is there
+    /// to serve.
     pub fn is_ready(&self) -> bool {
         self.readiness().is_ok()
     }
@@ -71,11 +77,9 @@ impl AdminState {
         if !self.ready.load(Ordering::SeqCst) {
             return Err("draining or not yet accepting".into());
         }
-        if !self.discovery.is_synced() {
-            return Err(match self.discovery.last_error() {
-                Some(why) => format!("waiting for the first discovery result: {why}"),
-                None => "waiting for the first discovery result".into(),
-            });
+        self.discovery.readiness()?;
+        if let Some(watch) = &self.blocklist_watch {
+            watch.readiness()?;
         }
         if self
             .acme

@@ -205,7 +205,6 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use crate::telemetry::metrics::EdgeMetrics;
-    use crate::upstream::discovery::DiscoveryStatus;
     use crate::upstream::pool::Pool;
 
     async fn status_of(addr: std::net::SocketAddr, path: &str) -> u16 {
@@ -240,7 +239,8 @@ mod tests {
             ready: AtomicBool::new(true),
             pool: Arc::new(Pool::new(1, Duration::from_secs(1))),
             metrics: metrics.clone(),
-            discovery: Arc::new(DiscoveryStatus::new(&metrics)),
+            discovery: Arc::new(crate::upstream::discovery::new_status(&metrics)),
+            blocklist_watch: None,
             https_port: 443,
             acme: None,
             acme_relay: Some(relay.to_string()),

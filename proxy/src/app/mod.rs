@@ -50,7 +50,7 @@ use crate::support::keepalive;
 use crate::support::sync::lock;
 use crate::telemetry::log_writer;
 use crate::telemetry::metrics::EdgeMetrics;
-use crate::upstream::discovery::{self, DiscoveryStatus};
+use crate::upstream::discovery;
 use crate::upstream::h2c::{self, H2cSettings};
 use crate::upstream::pool::Pool;
 
@@ -168,16 +168,6 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
     let metrics = EdgeMetrics::new();
     let pool = Arc::new(Pool::new(config.health.port, config.health.passive_backoff));
     let tls = tls::TlsSetup::new(&config.tls, metrics.clone(), control.handle())?;
-    let state = Arc::new(AdminState {
-        ready: AtomicBool::new(false),
-        pool: pool.clone(),
-        metrics: metrics.clone(),
-        discovery: Arc::new(DiscoveryStatus::new(&metrics)),
-        https_port: config.listen.https.port(),
-        acme: tls.acme(),
-        acme_relay: config.tls.acme_challenge_relay.clone(),
-    });
-
     let registry = ConnectionRegistry::new(
         metrics.open_connections.clone(),
         metrics.handshakes_in_progress.clone(),
@@ -193,6 +183,25 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         metrics.clone(),
     )?;
     let _policy_watchers = policies.watch(&config.policies)?;
+    let blocklist_watch = match &config.policies.blocklist_configmap {
+        Some(cm) => Some(crate::policy::configmap::start(
+            control.handle(),
+            cm,
+            &policies,
+            &metrics,
+        )?),
+        None => None,
+    };
+    let state = Arc::new(AdminState {
+        ready: AtomicBool::new(false),
+        pool: pool.clone(),
+        metrics: metrics.clone(),
+        discovery: Arc::new(discovery::new_status(&metrics)),
+        blocklist_watch,
+        https_port: config.listen.https.port(),
+        acme: tls.acme(),
+        acme_relay: config.tls.acme_challenge_relay.clone(),
+    });
     control.spawn(policies.clone().evict_idle_keys());
     start_listeners(&control, public_http.as_ref(), &config, &state, &policies)?;
     start_control_plane(&control, &config, &state)?;

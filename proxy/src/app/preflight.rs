@@ -37,7 +37,7 @@ pub fn from_file(path: &Path) -> anyhow::Result<Preflight> {
 /// Checks every file `config` names and everything `run` would otherwise only find out
 /// later: policy files, certificate/key pairs (readable, parseable, matching), the
 /// self-signed certificate's host names, the ACME settings, cache and CA, and what
-/// discovery needs from the pod (namespace, in-cluster credentials). Field-level checks
+/// discovery and the blocklist ConfigMap need from the pod (namespace, credentials). Field-level checks
 /// (discovery names, `proxy_protocol.trusted`, limits) already ran when the
 /// configuration was parsed (`EdgeConfig::validate`).
 pub fn check(config: EdgeConfig) -> anyhow::Result<Preflight> {
@@ -64,6 +64,7 @@ pub fn check(config: EdgeConfig) -> anyhow::Result<Preflight> {
         acme::preflight(cfg).context("tls.acme")?;
     }
     crate::upstream::discovery::preflight(&config.discovery)?;
+    crate::policy::configmap::preflight(&config.policies)?;
     Ok(Preflight {
         config,
         policy_files,

@@ -23,7 +23,9 @@ pub use discovery::DiscoveryConfig;
 pub use downstream::DownstreamConfig;
 pub use health::HealthConfig;
 pub use listen::ListenConfig;
-pub use policies::{PoliciesConfig, ProxyProtocolConfig};
+pub use policies::{
+    BlocklistConfigMap, PoliciesConfig, ProxyProtocolConfig, DEFAULT_BLOCKLIST_KEY,
+};
 pub use public_http::PublicHttpConfig;
 pub use shutdown::ShutdownConfig;
 pub use tls::{CertificateConfig, TlsConfig};
@@ -102,6 +104,11 @@ impl EdgeConfig {
                 resolve(ca);
             }
         }
+        let kubeconfig = self
+            .policies
+            .blocklist_configmap
+            .as_mut()
+            .and_then(|c| c.kubeconfig.as_mut());
         for file in [
             &mut self.policies.blocklist,
             &mut self.policies.limits,
@@ -109,6 +116,7 @@ impl EdgeConfig {
         ]
         .into_iter()
         .flatten()
+        .chain(kubeconfig)
         {
             resolve(file);
         }
@@ -128,6 +136,7 @@ impl EdgeConfig {
         self.upstream.validate()?;
         self.downstream.validate()?;
         self.shutdown.validate()?;
+        self.policies.validate()?;
         self.proxy_protocol.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| FieldError::new("log.level", e.to_string()))?;
@@ -324,6 +333,35 @@ mod tests {
         ))
         .unwrap();
         assert!(matches!(c.discovery, DiscoveryConfig::Kubernetes { .. }));
+    }
+
+    #[test]
+    fn blocklist_configmap() {
+        let c = parse(&format!(
+            "{}[policies.blocklist_configmap]\nname = \"kas-edge-blocklist\"\n",
+            minimal()
+        ))
+        .unwrap();
+        let cm = c.policies.blocklist_configmap.unwrap();
+        assert_eq!(cm.key, "blocklist.txt");
+        assert_eq!(cm.namespace, None);
+        let with =
+            |body: &str| field_of(&format!("{STATIC}[policies.blocklist_configmap]\n{body}\n"));
+        assert_eq!(with("name = \"Kas\""), "policies.blocklist_configmap.name");
+        assert_eq!(
+            with("name = \"b\"\nnamespace = \"KAS\""),
+            "policies.blocklist_configmap.namespace"
+        );
+        assert_eq!(
+            with("name = \"b\"\nkey = \"a/b\""),
+            "policies.blocklist_configmap.key"
+        );
+        let err = parse(&format!(
+            "{}[policies.blocklist_configmap]\nnamespace = \"kas\"\n",
+            minimal()
+        ))
+        .unwrap_err();
+        assert!(err.contains("name"), "{err}");
     }
 
     #[test]

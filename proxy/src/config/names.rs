@@ -1,7 +1,7 @@
-//! The names discovery sends to DNS or the Kubernetes API, checked when the configuration
-//! is validated (here, so `check` needs nothing from the upstream layer):
-//! a name that cannot be valid is a configuration error (`kas-edge check` and start-up),
-//! not a retry loop that keeps the edge unready.
+//! The names discovery and the blocklist ConfigMap send to DNS or the Kubernetes API,
+//! checked when the configuration is validated (here, so `check` needs nothing from the
+//! upstream or policy layers): a name that cannot be valid is a configuration error
+//! (`kas-edge check` and start-up), not a retry loop that keeps the edge unready.
 
 /// A Kubernetes DNS-1123 label: namespaces and port names. 1–63 characters of lower-case
 /// letters, digits and `-`, starting and ending with a letter or digit.
@@ -26,6 +26,34 @@ pub fn service_name(s: &str) -> Result<(), &'static str> {
     dns_label(s)?;
     if !s.starts_with(|c: char| c.is_ascii_lowercase()) {
         return Err("a Service name must start with a lower-case letter");
+    }
+    Ok(())
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain), such as a ConfigMap's: at most 253
+/// characters, dot-separated DNS-1123 labels.
+pub fn object_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("must be 1-253 characters");
+    }
+    s.split('.')
+        .try_for_each(dns_label)
+        .map_err(|_| "lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit")
+}
+
+/// A ConfigMap key: 1–253 letters, digits, `-`, `_` or `.`, and not `.` or `..`.
+pub fn configmap_key(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("must be 1-253 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    if s == "." || s == ".." {
+        return Err("must not be '.' or '..'");
     }
     Ok(())
 }
@@ -86,6 +114,31 @@ mod tests {
         }
         assert!(service_name("kas").is_ok());
         assert!(service_name("0kas").is_err());
+    }
+
+    #[test]
+    fn object_names_and_configmap_keys() {
+        let longest = format!("{0}.{0}.{0}.{1}", "k".repeat(63), "k".repeat(61));
+        for good in ["kas-edge-blocklist", "a", "kas.edge.v1", &longest] {
+            assert!(object_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Kas",
+            "kas_edge",
+            "kas..edge",
+            ".kas",
+            "kas-",
+            &format!("{longest}k"),
+        ] {
+            assert!(object_name(bad).is_err(), "{bad}");
+        }
+        for good in ["blocklist.txt", "BLOCK_list-1", ".hidden"] {
+            assert!(configmap_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", &"k".repeat(254)] {
+            assert!(configmap_key(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -57,9 +57,7 @@ use std::fmt;
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
 use crate::support::net::{canonical, unmap};
@@ -149,6 +147,8 @@ pub struct Blocklist {
     v4: Ranges<u32>,
     v6: Ranges<u128>,
     len: usize,
+    /// [`content_digest`] of the text this list was parsed from; 0 for the empty default.
+    digest: u64,
 }
 
 impl fmt::Debug for Blocklist {
@@ -158,6 +158,7 @@ impl fmt::Debug for Blocklist {
             .field("len", &self.len)
             .field("v4_ranges", &self.v4.starts.len())
             .field("v6_ranges", &self.v6.starts.len())
+            .field("digest", &format_args!("{:013x}", self.digest))
             .finish()
     }
 }
@@ -178,6 +179,12 @@ impl Blocklist {
         self.len == 0
     }
 
+    /// [`content_digest`] of the text this list was parsed from (0 for
+    /// [`Blocklist::default`]): equal on every replica that holds the same text.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
     pub fn check(&self, ip: IpAddr) -> Verdict<'_> {
         let decision = match canonical(ip) {
             IpAddr::V4(addr) => self.v4.find(u32::from(addr)),
@@ -192,58 +199,29 @@ impl Blocklist {
     }
 }
 
-/// Whether a connection from `ip`, allowed under `old`, must now be closed.
-/// Connections that were already denied were closed at accept, and previews
-/// never close anything.
-pub fn newly_blocked(old: &Blocklist, new: &Blocklist, ip: IpAddr) -> bool {
-    new.check(ip).is_deny() && !old.check(ip).is_deny()
+/// The first 52 bits of the SHA-256 of a blocklist's text as read (file bytes or the
+/// ConfigMap value): the same on every replica and in `kas-edge blocklist show`, and exact
+/// as a Prometheus sample (a float holds 53 bits), so replicas can be compared with one
+/// query on `edge_blocklist_content_hash`.
+pub fn content_digest(bytes: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let sum = Sha256::digest(bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&sum[..8]);
+    u64::from_be_bytes(first) >> 12
 }
 
-/// The current blocklist, swapped atomically on reload.
-///
-/// It is read on every TCP accept, so reads must not take a lock that a
-/// reload could hold; `ArcSwap` gives wait-free loads.
-pub struct SharedBlocklist {
-    current: ArcSwap<Blocklist>,
+/// A `kas-edge block`/`unblock` argument: an address or a canonical network, checked with
+/// the words a bad line gets.
+pub fn parse_address(token: &str) -> Result<IpNet, LineProblem> {
+    parse_network(token)
 }
 
-impl SharedBlocklist {
-    pub fn new(list: Blocklist) -> SharedBlocklist {
-        SharedBlocklist {
-            current: ArcSwap::from_pointee(list),
-        }
-    }
-
-    /// The cheapest way to consult the list; hold the guard only briefly, as
-    /// it may pin the table a reload is trying to drop.
-    pub fn load(&self) -> arc_swap::Guard<Arc<Blocklist>> {
-        self.current.load()
-    }
-
-    /// For callers that keep the table across awaits or reloads.
-    pub fn current(&self) -> Arc<Blocklist> {
-        self.current.load_full()
-    }
-
-    /// Installs `list` and returns the table it replaced, so the caller can
-    /// use [`newly_blocked`] to find open connections the change blocks.
-    pub fn store(&self, list: Blocklist) -> Arc<Blocklist> {
-        self.current.swap(Arc::new(list))
-    }
-}
-
-impl Default for SharedBlocklist {
-    fn default() -> SharedBlocklist {
-        SharedBlocklist::new(Blocklist::default())
-    }
-}
-
-impl fmt::Debug for SharedBlocklist {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("SharedBlocklist")
-            .field(&*self.current.load())
-            .finish()
-    }
+/// The network and kind of one line of a blocklist, or `None` for a blank or comment line
+/// (and for a line that does not parse, which [`Blocklist::parse`] reports).
+pub fn line_entry(line: &str) -> Option<(IpNet, EntryKind)> {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    parse_line(line).ok().flatten().map(|l| (l.net, l.kind))
 }
 
 /// Reads and parses the file at `path`, which also labels error messages.
@@ -385,6 +363,7 @@ fn parse_bytes(label: &str, bytes: &[u8]) -> Result<Blocklist, BlocklistError> {
             limit: MAX_FILE_BYTES,
         });
     }
+    let digest = content_digest(bytes);
     // Editors on Windows like to start files with a byte order mark.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut builder = Builder::default();
@@ -408,7 +387,7 @@ fn parse_bytes(label: &str, bytes: &[u8]) -> Result<Blocklist, BlocklistError> {
         }
     }
     if bad.is_empty() {
-        Ok(builder.finish())
+        Ok(builder.finish(digest))
     } else {
         Err(BlocklistError::BadLines {
             label: label.to_owned(),
@@ -654,7 +633,7 @@ impl Builder {
         }
     }
 
-    fn finish(self) -> Blocklist {
+    fn finish(self, digest: u64) -> Blocklist {
         let mut entries = Vec::new();
         let v4 = build_ranges(self.v4, &mut entries);
         let v6 = build_ranges(self.v6, &mut entries);
@@ -663,6 +642,7 @@ impl Builder {
             v4,
             v6,
             len: self.len,
+            digest,
         }
     }
 }
@@ -1096,28 +1076,46 @@ mod tests {
     }
 
     #[test]
-    fn shared_blocklist_swaps_and_reports_newly_blocked() {
-        let shared = SharedBlocklist::new(list("192.0.2.0/24\npreview 198.51.100.0/24\n"));
-        let client = ip("198.51.100.7");
-        assert!(!shared.load().check(client).is_deny());
-        let old = shared.store(list("192.0.2.0/24\n198.51.100.0/24\n"));
-        let new = shared.current();
-        assert!(new.check(client).is_deny());
-        assert!(newly_blocked(&old, &new, client));
-        assert!(
-            !newly_blocked(&old, &new, ip("192.0.2.1")),
-            "already denied"
+    fn digest_follows_the_text_and_fits_a_prometheus_sample() {
+        let a = list("192.0.2.1\n");
+        assert_eq!(a.digest(), content_digest(b"192.0.2.1\n"));
+        assert_eq!(a.digest(), list("192.0.2.1\n").digest());
+        // Same entries, different text: a different list as far as replicas go.
+        assert_ne!(a.digest(), list("192.0.2.1  # note\n").digest());
+        assert_ne!(
+            list("").digest(),
+            0,
+            "an empty list from a source is not 'no list'"
         );
-        assert!(
-            !newly_blocked(&old, &new, ip("203.0.113.1")),
-            "never denied"
-        );
-        assert!(!newly_blocked(&new, &old, client), "unblocked, not blocked");
-        assert!(format!("{shared:?}").contains("len: 2"));
+        assert_eq!(Blocklist::default().digest(), 0);
+        for text in ["", "x", "192.0.2.1\n"] {
+            let d = content_digest(text.as_bytes());
+            assert!(d < 1 << 52, "{d:x}");
+            assert_eq!(d as f64 as u64, d, "exact as an f64");
+        }
+        assert!(format!("{a:?}").contains("digest"));
 
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Blocklist>();
-        send_sync::<SharedBlocklist>();
+    }
+
+    #[test]
+    fn addresses_and_lines_for_edits() {
+        assert_eq!(parse_address("192.0.2.7").unwrap(), net("192.0.2.7/32"));
+        assert_eq!(
+            parse_address("::ffff:192.0.2.7").unwrap(),
+            net("192.0.2.7/32")
+        );
+        assert_eq!(
+            parse_address("10.1.2.3/8").unwrap_err().to_string(),
+            "\"10.1.2.3/8\" has host bits set, did you mean 10.0.0.0/8"
+        );
+        assert_eq!(
+            line_entry("allow 198.51.100.9  # partner\r"),
+            Some((net("198.51.100.9/32"), EntryKind::Allow))
+        );
+        assert_eq!(line_entry("# 192.0.2.1"), None);
+        assert_eq!(line_entry("10.0.0.300"), None);
     }
 
     #[test]

@@ -15,12 +15,18 @@
 //!
 //! Every policy file is watched; an edit takes effect within about a second, a bad edit is
 //! rejected whole (the last good version stays, the error names file and line), and a
-//! blocklist edit also closes the newly blocked clients' established connections.
+//! blocklist edit also closes the newly blocked clients' established connections. The
+//! blocklist can also live in a ConfigMap watched through the Kubernetes API
+//! ([`configmap`]), so an edit reaches every replica at once; both sources go through
+//! [`Policies::apply_blocklist`], and [`edit`] is what `kas-edge block` does to either.
 
 pub mod blocklist;
+pub mod configmap;
+pub mod edit;
 mod file;
 pub mod ratelimit;
 pub mod rules;
+pub mod sources;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -35,7 +41,8 @@ use crate::policy::rules::HeaderRules;
 use crate::support::filewatch::{self, FileWatcher};
 use crate::support::net::{ClientKey, KeyPrefixes, TrustedProxies};
 use crate::telemetry::metrics::EdgeMetrics;
-use blocklist::{Blocklist, SharedBlocklist, Verdict};
+use blocklist::{Blocklist, BlocklistError, Verdict};
+use sources::{BlocklistSource, Blocklists, SharedBlocklists};
 
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 const RELOAD_POLL: Duration = Duration::from_secs(10);
@@ -78,7 +85,7 @@ pub trait ClientConnections: Send + Sync {
 }
 
 pub struct Policies {
-    blocklist: SharedBlocklist,
+    blocklist: SharedBlocklists,
     limiter: ArcSwap<Limiter>,
     rules: ArcSwap<HeaderRules>,
     pub(crate) trusted: TrustedProxies,
@@ -94,6 +101,17 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// `edge_blocklist_entries` (every source) and `source`'s content hash, for `lists` now in
+/// force.
+fn publish_blocklist(metrics: &EdgeMetrics, source: BlocklistSource, lists: &Blocklists) {
+    metrics.blocklist_entries.set(lists.len() as i64);
+    let digest = lists.get(source).map_or(0, Blocklist::digest);
+    metrics
+        .blocklist_content_hash
+        .with_label_values(&[source.label()])
+        .set(i64::try_from(digest).unwrap_or(i64::MAX));
 }
 
 /// The policy files as loaded at start; each is empty when not configured.
@@ -139,11 +157,16 @@ impl Policies {
         } = files;
         let trusted = TrustedProxies::parse(&proxy_protocol.trusted)
             .map_err(|e| anyhow::anyhow!("proxy_protocol.trusted: {e}"))?;
-        metrics.blocklist_entries.set(blocklist.len() as i64);
+        let lists = SharedBlocklists::default();
+        if cfg.blocklist.is_some() {
+            lists.replace(BlocklistSource::File, blocklist, |_, new| {
+                publish_blocklist(&metrics, BlocklistSource::File, new);
+            });
+        }
         metrics.blocklist_last_reload.set(now_secs());
         let limiter = Self::limiter(limits, &connections, &metrics);
         Ok(Arc::new(Self {
-            blocklist: SharedBlocklist::new(blocklist),
+            blocklist: lists,
             limiter: ArcSwap::from_pointee(limiter),
             rules: ArcSwap::from_pointee(rules),
             trusted,
@@ -268,25 +291,44 @@ impl Policies {
     }
 
     fn reload_blocklist(&self, path: &Path) {
-        match blocklist::load_file(path) {
+        self.apply_blocklist(
+            BlocklistSource::File,
+            &path.display().to_string(),
+            blocklist::load_file(path),
+        );
+    }
+
+    /// Puts a blocklist read from `source` (`origin` names the file or ConfigMap) in force
+    /// and, in the same step, closes the established connections of the clients it newly
+    /// blocks; or, for a list that did not parse, keeps the last good one and says why.
+    /// File edits and ConfigMap updates alike come through here: same errors, same
+    /// metrics.
+    pub fn apply_blocklist(
+        &self,
+        source: BlocklistSource,
+        origin: &str,
+        loaded: Result<Blocklist, BlocklistError>,
+    ) {
+        match loaded {
             Ok(new) => {
                 let entries = new.len();
-                let old = self.blocklist.store(new);
-                let new = self.blocklist.current();
-                self.metrics.blocklist_entries.set(entries as i64);
-                self.metrics.blocklist_last_reload.set(now_secs());
-                self.metrics
-                    .policy_reloads
-                    .with_label_values(&["blocklist", "ok"])
-                    .inc();
-                let closed = if self.close_established && !self.global_preview {
-                    self.connections
-                        .close_matching(&|ip| blocklist::newly_blocked(&old, &new, ip))
-                } else {
-                    0
-                };
+                let hash = format!("{:013x}", new.digest());
+                let closed = self.blocklist.replace(source, new, |old, new| {
+                    publish_blocklist(&self.metrics, source, new);
+                    self.metrics.blocklist_last_reload.set(now_secs());
+                    self.metrics
+                        .policy_reloads
+                        .with_label_values(&["blocklist", "ok"])
+                        .inc();
+                    if self.close_established && !self.global_preview {
+                        self.connections
+                            .close_matching(&|ip| sources::newly_blocked(old, new, ip))
+                    } else {
+                        0
+                    }
+                });
                 self.metrics.established_closed.inc_by(closed as u64);
-                tracing::info!(file = %path.display(), entries, closed_connections = closed, "blocklist reloaded");
+                tracing::info!(%source, %origin, entries, %hash, closed_connections = closed, "blocklist reloaded");
             }
             Err(e) => {
                 self.metrics.blocklist_reload_errors.inc();
@@ -294,7 +336,7 @@ impl Policies {
                     .policy_reloads
                     .with_label_values(&["blocklist", "error"])
                     .inc();
-                tracing::error!(error = %e, "blocklist edit rejected; the previous version stays in force");
+                tracing::error!(%source, %origin, error = %e, "blocklist edit rejected; the previous version stays in force");
             }
         }
     }

@@ -6,4 +6,5 @@ pub mod http_client;
 pub mod keepalive;
 pub mod kubernetes;
 pub mod net;
+pub mod status;
 pub mod sync;

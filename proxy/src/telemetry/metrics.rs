@@ -63,6 +63,15 @@ pub struct EdgeMetrics {
     pub blocklist_entries: IntGauge,
     pub blocklist_reload_errors: prometheus::IntCounter,
     pub blocklist_last_reload: IntGauge,
+    /// Per `source` (`file`, `configmap`): the first 52 bits of the SHA-256 of the text of
+    /// the list in force (`policy::blocklist::content_digest`), equal on replicas that
+    /// hold the same list; only for configured sources, 0 until the first load.
+    pub blocklist_content_hash: IntGaugeVec,
+    /// By `configmap` (NAMESPACE/NAME), only with `policies.blocklist_configmap`: 1 while
+    /// the watch of the blocklist ConfigMap works, 0 after a failed list or watch.
+    pub blocklist_watch_up: IntGaugeVec,
+    /// Failed lists and watches of the blocklist ConfigMap, by `configmap`.
+    pub blocklist_watch_errors: IntCounterVec,
     /// Established connections closed because a reload newly blocked their client.
     pub established_closed: prometheus::IntCounter,
     /// Keys the rate limiters and bans track now (at most `max_tracked_keys`).
@@ -316,6 +325,25 @@ impl EdgeMetrics {
                     "Unix time of the last successful blocklist load.",
                 )
                 .expect("valid metric"),
+            ),
+            blocklist_content_hash: gauge(
+                &r,
+                "edge_blocklist_content_hash",
+                "First 52 bits of the SHA-256 of the blocklist text in force, by source: equal \
+                 on replicas that hold the same list.",
+                &["source"],
+            ),
+            blocklist_watch_up: gauge(
+                &r,
+                "edge_blocklist_watch_up",
+                "1 while the blocklist ConfigMap watch works, 0 after a failed list or watch.",
+                &["configmap"],
+            ),
+            blocklist_watch_errors: counter(
+                &r,
+                "edge_blocklist_watch_errors_total",
+                "Failed lists and watches of the blocklist ConfigMap.",
+                &["configmap"],
             ),
             established_closed: register(
                 &r,

@@ -44,3 +44,64 @@ pub type Edge = kas_testkit::edge::Edge<EdgeTests>;
 pub fn with_token<T>(message: T) -> tonic::Request<T> {
     kas_testkit::clients::with_token(message, TOKEN)
 }
+
+/// A TLS handshake with the edge from `client` (within [`STEP`]).
+pub async fn tls_from(edge: &Edge, client: std::net::IpAddr) -> std::io::Result<()> {
+    tokio::time::timeout(
+        STEP,
+        tls_connect(edge.https, &edge.tls_client(&[b"h2"]), Some(client)),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("timeout"))?
+    .map(|_| ())
+}
+
+/// A Diagnostics Ping over a new `wss://` tunnel from `client`; the pod that answered.
+pub async fn ping_from(edge: &Edge, client: std::net::IpAddr) -> Result<String, String> {
+    use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
+    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
+        .await
+        .map_err(|e| e.to_string())?;
+    DiagnosticsClient::new(channel)
+        .ping(with_token(kas_proto::diagnostics::PingRequest::default()))
+        .await
+        .map(|r| r.into_inner().pod)
+        .map_err(|e| e.to_string())
+}
+
+/// A `wss://` tunnel from `client`, proven by one Ping.
+pub async fn tunnel(
+    edge: &Edge,
+    client: std::net::IpAddr,
+) -> kas_proto::diagnostics::diagnostics_client::DiagnosticsClient<tonic::transport::Channel> {
+    let channel = ws_channel(edge.https, edge.tls_client(&[b"http/1.1"]), Some(client))
+        .await
+        .unwrap();
+    let mut c = kas_proto::diagnostics::diagnostics_client::DiagnosticsClient::new(channel);
+    c.ping(with_token(kas_proto::diagnostics::PingRequest::default()))
+        .await
+        .unwrap();
+    c
+}
+
+/// How long after `since` the tunnel stopped answering Pings (asked every 20 ms); panics
+/// naming `what` when it still answers a step later.
+pub async fn cut_after(
+    tunnel: &mut kas_proto::diagnostics::diagnostics_client::DiagnosticsClient<
+        tonic::transport::Channel,
+    >,
+    since: std::time::Instant,
+    what: &str,
+) -> Duration {
+    loop {
+        let ping = with_token(kas_proto::diagnostics::PingRequest::default());
+        if tunnel.ping(ping).await.is_err() {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < STEP,
+            "{what}: the tunnel was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -460,26 +460,23 @@ fn slice_endpoints(
 mod tests {
     use super::*;
 
-    use std::collections::HashMap;
-    use std::convert::Infallible;
     use std::sync::{Arc, Mutex};
 
     use bytes::Bytes;
-    use http_body_util::combinators::BoxBody;
-    use http_body_util::{BodyExt, Full, StreamBody};
+    use http_body_util::{BodyExt, StreamBody};
     use hyper::body::{Frame, Incoming};
     use hyper::{Method, Request, Response, StatusCode};
-    use hyper_util::rt::TokioIo;
     use serde_json::{json, Value};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio::task::JoinHandle;
 
+    // The same wire helpers as the ConfigMap stand-in the integration tests use.
+    use kas_testkit::configmap_api::{json_response, parse_query, serve, status_response, Body};
+
     const NS: &str = "gitlab-agent";
     const SVC: &str = "kas";
     const WAIT: Duration = Duration::from_secs(10);
-
-    type Body = BoxBody<Bytes, Infallible>;
 
     // ---- fake kube-apiserver -------------------------------------------------
 
@@ -520,25 +517,9 @@ mod tests {
             let (opened_tx, watches_opened) = watch::channel(0);
             let opened_tx = Arc::new(opened_tx);
             let server_state = state.clone();
-            let server = tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let state = server_state.clone();
-                    let opened = opened_tx.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let response = handle(&state, &opened, req);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        // Connections end with errors when the watcher drops a
-                        // watch; that is expected and irrelevant to the tests.
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
+            let server = serve(listener, move |req| {
+                let response = handle(&server_state, &opened_tx, req);
+                async move { response }
             });
             FakeApi {
                 addr,
@@ -635,7 +616,7 @@ mod tests {
         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
             let event = rx.recv().await?;
             let line = Bytes::from(format!("{event}\n"));
-            Some((Ok::<_, Infallible>(Frame::data(line)), rx))
+            Some((Ok::<_, std::io::Error>(Frame::data(line)), rx))
         });
         Response::builder()
             .status(StatusCode::OK)
@@ -645,59 +626,7 @@ mod tests {
     }
 
     fn status(code: StatusCode, reason: &str) -> Response<Body> {
-        let body = json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": format!("fake apiserver: {reason}"),
-            "reason": reason,
-            "code": code.as_u16(),
-        });
-        json_response(code, &body)
-    }
-
-    fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())).boxed())
-            .unwrap()
-    }
-
-    fn parse_query(query: &str) -> HashMap<String, String> {
-        query
-            .split('&')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                (percent_decode(k), percent_decode(v))
-            })
-            .collect()
-    }
-
-    fn percent_decode(s: &str) -> String {
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'%' if i + 2 < bytes.len() => {
-                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
-                    out.push(u8::from_str_radix(hex, 16).unwrap());
-                    i += 3;
-                }
-                b'+' => {
-                    out.push(b' ');
-                    i += 1;
-                }
-                b => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8(out).unwrap()
+        status_response(code, reason, &format!("fake apiserver: {reason}"))
     }
 
     // ---- fixtures ------------------------------------------------------------
@@ -756,7 +685,7 @@ mod tests {
     ) {
         spawn_discovery_reporting(
             fake,
-            Arc::new(DiscoveryStatus::new(
+            Arc::new(super::super::new_status(
                 &crate::telemetry::metrics::EdgeMetrics::new(),
             )),
         )
@@ -995,7 +924,7 @@ mod tests {
     async fn announces_an_empty_first_list() {
         let fake = FakeApi::start(vec![], "100").await;
         let metrics = crate::telemetry::metrics::EdgeMetrics::new();
-        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let status = Arc::new(super::super::new_status(&metrics));
         let (mut rx, task) = spawn_discovery_reporting(&fake, status.clone());
         let changed = tokio::time::timeout(WAIT, rx.changed()).await;
         assert!(matches!(changed, Ok(Ok(()))), "first sync not announced");
@@ -1011,7 +940,7 @@ mod tests {
         let fake = FakeApi::start(vec![], "100").await;
         fake.state.lock().unwrap().forbidden = true;
         let metrics = crate::telemetry::metrics::EdgeMetrics::new();
-        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let status = Arc::new(super::super::new_status(&metrics));
         let (mut rx, task) = spawn_discovery_reporting(&fake, status.clone());
         let deadline = tokio::time::Instant::now() + WAIT;
         while metrics.discovery_errors.get() < 1 {
@@ -1214,7 +1143,7 @@ mod tests {
         ];
         for cfg in cases {
             let (tx, _rx) = watch::channel(Vec::new());
-            let status = Arc::new(DiscoveryStatus::new(
+            let status = Arc::new(super::super::new_status(
                 &crate::telemetry::metrics::EdgeMetrics::new(),
             ));
             let result =

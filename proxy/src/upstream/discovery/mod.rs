@@ -8,15 +8,12 @@
 //! `edge_discovery_errors_total` show a source that cannot reach its API or name.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::config::DiscoveryConfig;
-use crate::support::sync::lock;
 use crate::telemetry::metrics::EdgeMetrics;
 
 /// Longest a single DNS lookup may take before it counts as failed (the system resolver
@@ -24,51 +21,15 @@ use crate::telemetry::metrics::EdgeMetrics;
 const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether discovery has produced a result yet, and whether its last attempt worked.
-pub struct DiscoveryStatus {
-    synced: AtomicBool,
-    /// Why the source is not producing results, while it is not.
-    last_error: Mutex<Option<String>>,
-    up: prometheus::IntGauge,
-    errors: prometheus::IntCounter,
-}
+pub use crate::support::status::SourceStatus as DiscoveryStatus;
 
-impl DiscoveryStatus {
-    /// Reports into `edge_discovery_up` and `edge_discovery_errors_total`.
-    pub fn new(metrics: &EdgeMetrics) -> Self {
-        metrics.discovery_up.set(0);
-        Self {
-            synced: AtomicBool::new(false),
-            last_error: Mutex::new(None),
-            up: metrics.discovery_up.clone(),
-            errors: metrics.discovery_errors.clone(),
-        }
-    }
-
-    /// The source produced a result (possibly empty).
-    pub fn succeeded(&self) {
-        if !self.synced.swap(true, Ordering::SeqCst) {
-            tracing::info!("discovery produced its first result");
-        }
-        self.up.set(1);
-        *lock(&self.last_error) = None;
-    }
-
-    /// The source failed to produce a result; `reason` is kept for `/readyz`.
-    pub fn failed(&self, reason: impl std::fmt::Display) {
-        self.up.set(0);
-        self.errors.inc();
-        *lock(&self.last_error) = Some(reason.to_string());
-    }
-
-    /// True once the source has produced a first result; it stays true (a later failure
-    /// keeps the last set of pods, and the metrics show it).
-    pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::SeqCst)
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        lock(&self.last_error).clone()
-    }
+/// Discovery's status, reporting into `edge_discovery_up` and `edge_discovery_errors_total`.
+pub fn new_status(metrics: &EdgeMetrics) -> DiscoveryStatus {
+    DiscoveryStatus::new(
+        "discovery",
+        metrics.discovery_up.clone(),
+        metrics.discovery_errors.clone(),
+    )
 }
 
 /// One kas pod as discovery sees it: its traffic address (pod IP and agent port).
@@ -160,14 +121,9 @@ pub async fn run_dns(
     }
 }
 
-/// Where Kubernetes mounts the pod's namespace.
-const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-
 /// The namespace this pod runs in, for `discovery.namespace` left unset.
 pub fn own_namespace() -> anyhow::Result<String> {
-    std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
-        .map(|ns| ns.trim().to_owned())
-        .context("discovery.namespace is not set and the pod's own namespace is unknown")
+    crate::support::kubernetes::own_namespace("discovery.namespace")
 }
 
 /// What `run` would need from the pod for `config`, checked without contacting
@@ -180,22 +136,7 @@ pub fn preflight(config: &DiscoveryConfig) -> anyhow::Result<()> {
     if namespace.is_none() {
         own_namespace()?;
     }
-    const PURPOSE: &str = "discovery.kind = \"kubernetes\"";
-    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
-        if std::env::var_os(var).is_none() {
-            anyhow::bail!(
-                "{PURPOSE} needs the Kubernetes API, but {var} is not set: \
-                 the edge is not running inside a Kubernetes pod"
-            );
-        }
-    }
-    kube::Config::incluster().with_context(|| {
-        format!(
-            "{PURPOSE}: loading the in-cluster service account (token, CA and namespace under \
-             /var/run/secrets/kubernetes.io/serviceaccount; is automountServiceAccountToken off?)"
-        )
-    })?;
-    Ok(())
+    crate::support::kubernetes::preflight("discovery.kind = \"kubernetes\"", None)
 }
 
 /// Starts the configured source on `rt`; the receiver sees every new set of pods and
@@ -260,7 +201,7 @@ mod tests {
     #[tokio::test]
     async fn dns_source_resolves_and_publishes_sorted() {
         let (tx, mut rx) = watch::channel(Vec::new());
-        let status = Arc::new(DiscoveryStatus::new(&EdgeMetrics::new()));
+        let status = Arc::new(new_status(&EdgeMetrics::new()));
         let task = tokio::spawn(run_dns(
             "localhost".into(),
             8150,
@@ -285,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn dns_name_that_does_not_resolve_keeps_discovery_unsynced() {
         let metrics = EdgeMetrics::new();
-        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let status = Arc::new(new_status(&metrics));
         let (tx, rx) = watch::channel(Vec::new());
         // `.invalid` never resolves (RFC 6761), without depending on the network.
         let task = tokio::spawn(run_dns(
@@ -318,7 +259,7 @@ mod tests {
             .build()
             .unwrap();
         let metrics = EdgeMetrics::new();
-        let status = Arc::new(DiscoveryStatus::new(&metrics));
+        let status = Arc::new(new_status(&metrics));
         let config = DiscoveryConfig::Static {
             endpoints: vec!["127.0.1.1:8150".parse().unwrap()],
         };

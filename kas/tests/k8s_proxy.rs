@@ -436,3 +436,28 @@ async fn a_tunnel_message_out_of_order_fails_the_call_with_502() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_drain_ends_an_open_exec_cleanly() {
+    use tokio::io::AsyncWriteExt;
+    let mut stack = Stack::start(json!({"agent": {}})).await;
+    let _agent = stack.agent(Misbehaviour::None).await;
+    let kubectl = stack.ci();
+    let mut exec = kubectl.spawn(&["exec", "-i", "web-0", "--", "cat"]);
+    let mut stdin = exec.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(exec.stdout.take().expect("stdout")).lines();
+    stdin.write_all(b"before the drain\n").await.expect("write");
+    let echoed = tokio::time::timeout(RUN, lines.next_line()).await;
+    assert!(
+        matches!(&echoed, Ok(Ok(Some(l))) if l == "before the drain"),
+        "{echoed:?}"
+    );
+    // The pod drains: readiness 503, listeners close, and at the drain deadline (3 s) the
+    // tunnel carrying the exec ends; kubectl's exec ends instead of hanging, and kas exits.
+    stack.kas.begin_shutdown();
+    let ended = tokio::time::timeout(RUN, exec.wait()).await;
+    assert!(ended.is_ok(), "the exec ended with the drain");
+    let task = stack.kas.task.take().expect("kas task");
+    let result = tokio::time::timeout(RUN, task).await.expect("kas exits");
+    assert!(matches!(result, Ok(Ok(()))), "{result:?}");
+}

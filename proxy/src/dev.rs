@@ -33,6 +33,7 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
     let pods: Vec<SocketAddr> = stack.pods.iter().map(|p| p.agent_addr()).collect();
     let description = stack.describe();
     let token = stack.token.clone();
+    let ci_token = stack.ci_token.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stack_task = rt.spawn(stack.run(stop_rx));
 
@@ -54,12 +55,30 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
     config.shutdown.drain_deadline = Duration::from_secs(5);
     config.validate(std::path::Path::new("(dev defaults)"))?;
 
+    // kubectl through the edge's /k8s-proxy/ route to the demo agent's cluster.
+    let kubeconfig_path = dir.join("kubeconfig");
+    let ca =
+        std::path::absolute(tls_dir.join("tls.crt")).unwrap_or_else(|_| tls_dir.join("tls.crt"));
+    std::fs::write(
+        &kubeconfig_path,
+        kas::dev::kubeconfig::kubeconfig(
+            &format!(
+                "https://localhost:8443{}",
+                kas::dev::devstack::K8S_PROXY_PREFIX.trim_end_matches('/')
+            ),
+            Some(&ci_token),
+            Some(&ca),
+        ),
+    )
+    .with_context(|| format!("cannot write {}", kubeconfig_path.display()))?;
+
     println!(
         "\nkas-edge local stack (Ctrl-C stops everything)\n{description}\
          edge:             https://localhost:8443  (wss:// and grpcs://, certificate {tls}/tls.crt)\n\
          edge admin:       http://{ADMIN}/metrics  /readyz  /healthz\n\n\
-         try: python3 kas/tests/python/get_configuration.py localhost:8443 {token} --tls {tls}/tls.crt\n",
+         try: python3 kas/tests/python/get_configuration.py localhost:8443 {token} --tls {tls}/tls.crt\n         and: kubectl --kubeconfig {kubeconfig} get pods -A   (also get -w, logs -f, exec)\n",
         tls = tls_dir.display(),
+        kubeconfig = kubeconfig_path.display(),
     );
 
     let stop = move || {

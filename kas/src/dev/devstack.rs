@@ -1,7 +1,11 @@
 //! The local stack behind the README's first command: a GitLab stand-in (with its Gitaly
 //! stand-in over real git repositories in `<dir>/repos`) and several kas pods on loopback,
 //! each pod on its own address (127.0.1.N) like pods with their own IPs, with the agent
-//! port and the observability port apart.
+//! port, the observability port and the Kubernetes API proxy's port apart; a Kubernetes API
+//! stand-in as the demo agent's cluster, and the demo agent itself holding reverse tunnels
+//! into it — on every pod, since requests reach any pod and tunnels are not yet shared
+//! between pods (the Redis tunnel tracker is issue 21) — and a CI job token GitLab's
+//! stand-in accepts for the demo agent, so `kubectl` works through the proxy.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,13 +14,19 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use super::gitlab_standin::{GitlabStandin, StandinAgent};
+use super::agent::{AgentOptions, TestAgent};
+use super::gitlab_standin::{GitlabStandin, StandinAgent, StandinAllowedAgent, StandinCiJob};
+use super::kube_api::KubeApi;
 use crate::config::Config;
 use crate::gitlab::SharedSecret;
 use crate::server::BoundKas;
 
 pub const AGENT_PORT: u16 = 8150;
 pub const OBSERVABILITY_PORT: u16 = 8151;
+/// The Kubernetes API proxy's port on each pod (real kas's default).
+pub const K8S_PROXY_PORT: u16 = 8154;
+/// The path the proxy serves (as on kas.gitlab.com); the edge passes it on unchanged.
+pub const K8S_PROXY_PREFIX: &str = "/k8s-proxy/";
 
 #[derive(Debug, Clone)]
 pub struct DevStackOptions {
@@ -24,6 +34,8 @@ pub struct DevStackOptions {
     pub dir: PathBuf,
     pub pods: u8,
     pub gitlab_listen: SocketAddr,
+    /// The demo agent's cluster (the Kubernetes API stand-in).
+    pub kube_api_listen: SocketAddr,
     pub poll_interval: Duration,
 }
 
@@ -33,6 +45,7 @@ impl Default for DevStackOptions {
             dir: PathBuf::from(".dev"),
             pods: 3,
             gitlab_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8180),
+            kube_api_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8182),
             poll_interval: Duration::from_secs(2),
         }
     }
@@ -66,6 +79,9 @@ pub struct DevStack {
     pub secret_file: PathBuf,
     pub token: String,
     pub agent: StandinAgent,
+    /// `ci:<agent id>:<job token>`: the bearer token `kubectl` uses through the proxy.
+    pub ci_token: String,
+    pub kube_api: KubeApi,
     pub pods: Vec<BoundKas>,
 }
 
@@ -98,6 +114,34 @@ impl DevStack {
             // A demo directory from before repositories were git: make it one, as it is.
             gitlab.commit_files(&agent.project(), &[])?;
         }
+        let job_token = read_or_create(&opts.dir.join("demo-ci-job-token"), || {
+            let bytes: [u8; 16] = rand::random();
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            format!("glcbt-dev-{hex}")
+        })?;
+        gitlab.add_ci_job(StandinCiJob {
+            job_token: job_token.clone(),
+            job_id: 1,
+            pipeline_id: 1,
+            project_id: agent.project_id,
+            group_ids: vec![],
+            username: "dev".into(),
+            environment: None,
+            allowed_agents: vec![StandinAllowedAgent {
+                agent_id: agent.agent_id,
+                config_project_id: agent.project_id,
+                access_as: serde_json::json!({"ci_job": {}}),
+            }],
+        });
+        let ci_token = format!("ci:{}:{job_token}", agent.agent_id);
+        let kube_api = KubeApi::start(opts.kube_api_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot start the Kubernetes API stand-in on {}",
+                    opts.kube_api_listen
+                )
+            })?;
         let mut pods = Vec::new();
         for n in 1..=opts.pods {
             let mut config = Config::default();
@@ -108,6 +152,8 @@ impl DevStack {
             config.agent_configuration.poll_interval = opts.poll_interval;
             config.shutdown.readiness_delay = Duration::from_secs(1);
             config.shutdown.drain_deadline = Duration::from_secs(5);
+            config.kubernetes_api.listen = Some(SocketAddr::new(pod_ip(n), K8S_PROXY_PORT));
+            config.kubernetes_api.url_path_prefix = K8S_PROXY_PREFIX.into();
             pods.push(BoundKas::bind(config, &format!("kas-{n}")).await?);
         }
         Ok(Self {
@@ -115,6 +161,8 @@ impl DevStack {
             secret_file,
             token,
             agent,
+            ci_token,
+            kube_api,
             pods,
         })
     }
@@ -134,21 +182,45 @@ impl DevStack {
                 a = pod.agent_addr(),
                 o = pod.observability_addr()
             ));
+            if let Some(proxy) = pod.k8s_proxy_addr() {
+                out.push_str(&format!(
+                    "                  k8s proxy http://{proxy}{K8S_PROXY_PREFIX}\n"
+                ));
+            }
         }
         out.push_str(&format!("demo agent token: {}\n", self.token));
+        out.push_str(&format!(
+            "demo cluster:     {}  (Kubernetes API stand-in; the demo agent holds tunnels on every pod)\n",
+            self.kube_api.url()
+        ));
+        out.push_str(&format!(
+            "CI job token:     {}  (kubectl bearer token for the proxy)\n",
+            self.ci_token
+        ));
         out
     }
 
     /// Runs every pod until `shutdown` flips to true, then drains them together.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
+        let agent_addrs: Vec<SocketAddr> = self.pods.iter().map(|p| p.agent_addr()).collect();
         for pod in self.pods {
             let mut rx = shutdown.clone();
             tasks.push(tokio::spawn(pod.run(async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })));
         }
+        // The demo agent: two idle tunnels on every pod, as if one agentk per pod.
+        let mut agents = Vec::new();
+        for addr in &agent_addrs {
+            let options = AgentOptions::new(&self.token, &self.kube_api.url());
+            match TestAgent::connect_h2c(*addr, options).await {
+                Ok(agent) => agents.push(agent),
+                Err(e) => tracing::warn!(%addr, error = %e, "the demo agent cannot connect"),
+            }
+        }
         let _ = shutdown.wait_for(|stop| *stop).await;
+        drop(agents);
         for task in tasks {
             task.await.context("kas pod task failed")??;
         }

@@ -29,6 +29,11 @@ enum PodAnswers {
     Bulk { total: usize },
     /// Sends a head and one DATA frame, then drops the whole connection.
     DiesMidway,
+    /// Like `Small` without delay, but takes a new stream off its connection only every
+    /// 50 ms: streams wait in h2's accept queue, where a reset counts against the
+    /// connection's limit of streams reset before they were accepted (h2's default, 20,
+    /// as in kas).
+    AcceptsSlowly,
 }
 
 /// A stand-in pod (`max_streams` per connection) and the edge in front of it, with
@@ -48,6 +53,8 @@ struct PodSeen {
     streams: AtomicU64,
     /// Bytes the edge's flow control let the pod send.
     sent: AtomicU64,
+    /// Connections the pod closed with ENHANCE_YOUR_CALM (too many early resets).
+    calmed: AtomicU64,
 }
 
 /// A stand-in pod that allows `max_streams` concurrent streams per connection.
@@ -67,7 +74,20 @@ async fn h2_pod(ip: IpAddr, answers: PodAnswers, max_streams: u32) -> (SocketAdd
                 let Ok(mut conn) = handshake.await else {
                     return;
                 };
-                while let Some(Ok((request, respond))) = conn.accept().await {
+                loop {
+                    if let PodAnswers::AcceptsSlowly = answers {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let (request, respond) = match conn.accept().await {
+                        Some(Ok(stream)) => stream,
+                        Some(Err(e)) => {
+                            if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) {
+                                pod.calmed.fetch_add(1, Ordering::SeqCst);
+                            }
+                            return;
+                        }
+                        None => return,
+                    };
                     pod.streams.fetch_add(1, Ordering::SeqCst);
                     if let PodAnswers::DiesMidway = answers {
                         answer_then_die(respond);
@@ -114,6 +134,9 @@ async fn answer(
         return;
     };
     match answers {
+        PodAnswers::AcceptsSlowly => {
+            let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+        }
         PodAnswers::Small { delay } => {
             tokio::time::sleep(delay).await;
             let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
@@ -394,6 +417,79 @@ async fn rapid_cancels_close_the_connection_with_enhance_your_calm() {
     // A well-behaved agent still gets through.
     let (mut send, _conn) = h2_client(&edge).await;
     assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+}
+
+/// A stream the client reset in the same write that opened it is already reset when the
+/// edge takes it: it never reaches a pod, whatever the order the edge's tasks run in.
+#[tokio::test]
+async fn streams_reset_in_the_write_that_opened_them_never_reach_a_pod() {
+    let (edge, seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "",
+    )
+    .await;
+    let (send, _conn) = h2_client(&edge).await;
+    let mut send = send.ready().await.unwrap();
+    // The pod connection is up: nothing stands between the edge and the pod.
+    assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+    for _ in 0..4 {
+        // 20: the most h2 lets a connection reset before they are accepted.
+        for _ in 0..20 {
+            let (_response, mut body) = send.send_request(grpc_request(), false).unwrap();
+            body.send_reset(Reason::CANCEL);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status) = call(&mut send).await;
+    assert_eq!(status.as_deref(), Some("0"));
+    assert_eq!(
+        seen.streams.load(Ordering::SeqCst),
+        2,
+        "streams reset before the edge forwarded them reached the pod"
+    );
+}
+
+/// Streams the clients cancel after the edge forwarded them, while the pod has not yet
+/// taken them off its accept queue: however many, the edge's resets never make the pod
+/// close the shared connection (h2 does past 20 such resets), and it stays in use.
+#[tokio::test]
+async fn cancels_of_streams_a_pod_has_not_accepted_never_close_its_connection() {
+    let (edge, seen) = edge_before(PodAnswers::AcceptsSlowly, u32::MAX, "").await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(h2_client(&edge).await);
+    }
+    let bursts = clients.iter().map(|(send, _)| {
+        let send = send.clone();
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let mut opened = Vec::new();
+            for _ in 0..25 {
+                opened.push(send.send_request(grpc_request(), false).unwrap());
+            }
+            // The edge forwards them meanwhile; the pod takes one every 50 ms.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (_response, mut body) in opened {
+                body.send_reset(Reason::CANCEL);
+            }
+        }
+    });
+    futures_util::future::join_all(bursts).await;
+    // The pod has worked through its queue once a new call is answered.
+    let (mut send, _conn) = h2_client(&edge).await;
+    let (_, status) = tokio::time::timeout(Duration::from_secs(30), call(&mut send))
+        .await
+        .expect("answered once the pod caught up");
+    assert_eq!(status.as_deref(), Some("0"));
+    assert_eq!(seen.calmed.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        1,
+        "the pod connection was replaced"
+    );
 }
 
 fn request_with(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {

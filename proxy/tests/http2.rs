@@ -460,7 +460,10 @@ async fn cancels_of_streams_a_pod_has_not_accepted_never_close_its_connection() 
     let (edge, seen) = edge_before(PodAnswers::AcceptsSlowly, u32::MAX, "").await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(h2_client(&edge).await);
+        let (mut send, conn) = h2_client(&edge).await;
+        // Its pod connection is up: the edge forwards the burst at once.
+        assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+        clients.push((send, conn));
     }
     let bursts = clients.iter().map(|(send, _)| {
         let send = send.clone();
@@ -471,24 +474,38 @@ async fn cancels_of_streams_a_pod_has_not_accepted_never_close_its_connection() 
                 opened.push(send.send_request(grpc_request(), false).unwrap());
             }
             // The edge forwards them meanwhile; the pod takes one every 50 ms.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
             for (_response, mut body) in opened {
                 body.send_reset(Reason::CANCEL);
             }
         }
     });
     futures_util::future::join_all(bursts).await;
-    // The pod has worked through its queue once a new call is answered.
+    // The pod works through its queue: the 4 first calls, the 100 streams and, for resets
+    // that had to wait, probes.
+    let pod = seen.clone();
+    eventually("the pod took every stream", Duration::from_secs(30), || {
+        let pod = pod.clone();
+        async move {
+            pod.streams.load(Ordering::SeqCst) >= 104 || pod.calmed.load(Ordering::SeqCst) > 0
+        }
+    })
+    .await;
+    assert_eq!(
+        seen.calmed.load(Ordering::SeqCst),
+        0,
+        "the pod closed a connection over resets of streams it had not accepted"
+    );
     let (mut send, _conn) = h2_client(&edge).await;
     let (_, status) = tokio::time::timeout(Duration::from_secs(30), call(&mut send))
         .await
         .expect("answered once the pod caught up");
     assert_eq!(status.as_deref(), Some("0"));
-    assert_eq!(seen.calmed.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        seen.connections.load(Ordering::SeqCst),
-        1,
-        "the pod connection was replaced"
+    // One per edge worker, never replaced.
+    let connections = seen.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "{connections} pod connections: some were replaced"
     );
 }
 

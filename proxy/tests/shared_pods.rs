@@ -8,6 +8,7 @@
 mod common;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,25 +198,30 @@ async fn zero_window_channel(edge: &Edge, source: IpAddr) -> Channel {
 }
 
 /// Echo streams whose client sends and never reads: every message comes back to the edge
-/// and stays there. Returns once each stream has its answer's head.
-async fn zero_window_reader(channel: &Channel, streams: usize, payload: usize) -> Vec<Held> {
+/// and stays there, and once the pod's answers back up, the pod stops reading the stream
+/// too. Returns once each stream has its answer's head; `sent` counts the messages the
+/// client got out.
+async fn zero_window_reader(channel: &Channel, streams: usize, sent: &Arc<AtomicU64>) -> Vec<Held> {
     let mut held = Vec::new();
     for _ in 0..streams {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // One message at a time, so `sent` counts what the connection took.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         let answers = DiagnosticsClient::new(channel.clone())
             .echo(with_token(ReceiverStream::new(rx)))
             .await
             .unwrap()
             .into_inner();
-        // Far more than the windows: the sender stalls once they are full.
+        let sent = sent.clone();
+        // Far more than every window and buffer on the way: the sender stalls.
         let feed = tokio::spawn(async move {
-            for _ in 0..64 {
+            for _ in 0..256 {
                 let ping = PingRequest {
-                    payload: vec![b'z'; payload],
+                    payload: vec![b'z'; 128 * 1024],
                 };
                 if tx.send(ping).await.is_err() {
                     return;
                 }
+                sent.fetch_add(1, Ordering::SeqCst);
             }
             std::future::pending::<()>().await;
         });
@@ -230,16 +236,52 @@ struct Held {
     feed: tokio::task::JoinHandle<()>,
 }
 
+impl Held {
+    /// Waits (bounded) for the edge to end the stream; the error it ended with.
+    async fn cut(&mut self) -> Result<tonic::Status, String> {
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            for _ in 0..1024 {
+                match self.answers.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err("ended without an error".to_owned()),
+                    Err(status) => return Ok(status),
+                }
+            }
+            Err("answers kept coming".to_owned())
+        })
+        .await;
+        ended.unwrap_or_else(|_| Err("still open after 30 s".to_owned()))
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.feed.abort();
     }
 }
 
-/// Clients that open Echo streams and never read their answers (a window of 0) hold the
-/// pod's answers at the edge. Other agents' streams on the same pod connection keep
-/// moving a MiB each way; and the readers, holding more stalled streams than a
-/// connection may, are cut.
+/// Waits until `sent` stops moving for a second (at most 30 s): the attack's bytes have
+/// filled every window and buffer they can.
+async fn until_stalled(sent: &AtomicU64) {
+    let mut last = u64::MAX;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = sent.load(Ordering::SeqCst);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("the zero-window readers never stalled");
+}
+
+/// Clients that open Echo streams and never read their answers (a window of 0). Another
+/// agent's streams on the same pod connection must still move a MiB each way:
+/// - two readers with one stream each, all their bytes on it: the answers back up into
+///   the pod, which stops reading those streams (what the pod's windows must absorb);
+/// - then two readers with 16 streams each: the answers wait at the edge (what the edge's
+///   windows must absorb). Those hold more stalled streams than a connection may and are
+///   cut; the single-stream readers are within their share and are not.
 #[tokio::test]
 async fn zero_window_readers_do_not_freeze_other_agents_and_are_cut() {
     let (cluster, edge) = one_shared_pod_connection().await;
@@ -247,42 +289,37 @@ async fn zero_window_readers_do_not_freeze_other_agents_and_are_cut() {
     let big = vec![b'a'; 128 * 1024];
     agent.still_served(big.clone()).await.unwrap();
 
-    let mut readers = Vec::new();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut channels = Vec::new();
     let mut held = Vec::new();
-    for i in 0..2 {
-        let channel = zero_window_channel(&edge, ip(cluster.subnet, 120 + i)).await;
-        held.extend(zero_window_reader(&channel, 16, 128 * 1024).await);
-        readers.push(channel);
-    }
-    // Time for the held answers to fill whatever they can fill.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for round in 0..8 {
-        if let Err(e) = agent.still_served(big.clone()).await {
-            panic!("round {round} of a MiB each way stalled behind zero-window readers: {e}");
+    for (phase, streams) in [(1, 1), (1, 1), (2, 16), (2, 16)] {
+        let source = ip(cluster.subnet, 120 + channels.len() as u8);
+        let channel = zero_window_channel(&edge, source).await;
+        held.push(zero_window_reader(&channel, streams, &sent).await);
+        channels.push(channel);
+        if held.len() % 2 == 1 {
+            continue;
+        }
+        until_stalled(&sent).await;
+        for round in 0..8 {
+            if let Err(e) = agent.still_served(big.clone()).await {
+                panic!("phase {phase}: round {round} of a MiB each way stalled behind zero-window readers: {e}");
+            }
         }
     }
 
-    // The readers hold 16 stalled streams per connection: their connections are closed
-    // and their streams end.
-    for (i, stream) in held.iter_mut().enumerate() {
-        let ended = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                match stream.answers.message().await {
-                    Ok(Some(_)) => continue,
-                    other => return other.map(|_| ()),
-                }
-            }
-        })
-        .await;
-        assert!(
-            matches!(ended, Ok(Err(_))),
-            "held stream {i} was not cut: {ended:?}"
-        );
+    // The two readers with 16 stalled streams are cut; the single-stream ones are not.
+    for (i, stream) in held[2..].iter_mut().flatten().enumerate() {
+        if let Err(e) = stream.cut().await {
+            panic!("stream {i} of a reader over its share was not cut: {e}");
+        }
     }
     let metrics = edge.metrics().await;
-    assert!(
-        metric(&metrics, "edge_policy_blocked_total{reason=\"h2_abuse\"") >= 2.0,
+    assert_eq!(
+        metric(&metrics, "edge_policy_blocked_total{reason=\"h2_abuse\""),
+        2.0,
         "{metrics}"
     );
     agent.still_served(big).await.unwrap();
+    drop(channels);
 }

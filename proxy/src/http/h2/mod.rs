@@ -24,6 +24,7 @@ mod relay;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -39,9 +40,9 @@ use super::refusal::{unavailable, Denial, DenialResponse, GrpcCode};
 use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp2};
 use crate::telemetry::metrics::GaugeGuard;
-use crate::upstream::h2c::{H2cSettings, OpenError, PodStream};
+use crate::upstream::h2c::{H2cSettings, OpenError, PodAnswer, PodStream};
 use crate::upstream::pool::{Pod, PodGuard};
-use relay::{relay, Broken};
+use relay::{relay, Broken, Stalls};
 
 /// Streams one agent connection may have open at once (pingora's default, kept).
 const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -55,6 +56,9 @@ const CANCEL_BUDGET: u32 = 100;
 const CANCEL_WINDOW: Duration = Duration::from_secs(10);
 /// How long streams of a closed connection get to notice and log their end.
 const STREAMS_AFTER_CLOSE: Duration = Duration::from_secs(2);
+/// How long a connection closed with ENHANCE_YOUR_CALM gets to take its GOAWAY before it
+/// is dropped (a client that reads nothing would hold it open).
+const CALM_DOWN_GRACE: Duration = Duration::from_secs(1);
 /// Flow-control windows the edge grants an agent: how much it may send before the edge
 /// passed it on to a pod. They bound what a connection can make the edge hold.
 const AGENT_STREAM_WINDOW: u32 = 256 * 1024;
@@ -121,6 +125,9 @@ impl ServeHttp2 for H2Edge {
         let mut draining = false;
         let mut malformed = 0u32;
         let mut cancels = CancelWindow::default();
+        let stalls = Stalls::default();
+        // Set once the connection was told to calm down: it is dropped then.
+        let mut cut_at: Option<tokio::time::Instant> = None;
         let mut streams = FuturesUnordered::new();
         loop {
             if !draining && *shutdown.borrow() {
@@ -134,8 +141,15 @@ impl ServeHttp2 for H2Edge {
                     if end.cancelled_early && cancels.count() > CANCEL_BUDGET {
                         self.calm_down(&connection, "streams cancelled before their answer");
                         conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                        cut_at.get_or_insert_with(|| tokio::time::Instant::now() + CALM_DOWN_GRACE);
                     }
                 }
+                _ = stalls.exceeded(), if cut_at.is_none() => {
+                    self.calm_down(&connection, "more stalled streams than a connection may hold");
+                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    cut_at = Some(tokio::time::Instant::now() + CALM_DOWN_GRACE);
+                }
+                _ = sleep_until(cut_at) => break,
                 changed = shutdown.changed(), if !draining => {
                     // A dropped sender (the server is gone) is a drain as well.
                     let _ = changed;
@@ -144,7 +158,7 @@ impl ServeHttp2 for H2Edge {
                 }
                 accepted = conn.accept() => match accepted {
                     Some(Ok((request, mut respond))) => match screen(&request) {
-                        Ok(()) => streams.push(self.forward(&connection, request, respond)),
+                        Ok(()) => streams.push(self.forward(&connection, &stalls, request, respond)),
                         Err(bad) => {
                             let (status, why) = match bad {
                                 Malformed::Reset(why) => {
@@ -167,6 +181,7 @@ impl ServeHttp2 for H2Edge {
                             if malformed > MALFORMED_BUDGET {
                                 self.calm_down(&connection, "malformed requests");
                                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                                cut_at.get_or_insert_with(|| tokio::time::Instant::now() + CALM_DOWN_GRACE);
                             }
                         }
                     },
@@ -183,8 +198,9 @@ impl ServeHttp2 for H2Edge {
                 },
             }
         }
-        // Streams still open lost their connection with it: each sees that at once and
+        // Streams still open lose their connection with it: each sees that at once and
         // ends, so every one still gets its access-log line and metrics.
+        drop(conn);
         let ended = async { while streams.next().await.is_some() {} };
         if tokio::time::timeout(STREAMS_AFTER_CLOSE, ended)
             .await
@@ -193,6 +209,21 @@ impl ServeHttp2 for H2Edge {
             tracing::debug!(client = %connection.client, "streams outlived their closed connection; dropped");
         }
     }
+}
+
+/// Sleeps until `at`; never resolves without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the client has reset the stream by now, asked without waiting.
+fn client_reset(respond: &mut SendResponse<Bytes>) -> bool {
+    respond
+        .poll_reset(&mut Context::from_waker(Waker::noop()))
+        .is_ready()
 }
 
 /// Counts early cancels in fixed windows.
@@ -350,6 +381,14 @@ fn pod_request(parts: &http::request::Parts, pod: &Pod) -> Request<()> {
     request
 }
 
+/// Why no pod stream was opened.
+enum Unopened {
+    /// The client reset its stream first: nothing reached a pod.
+    Abandoned,
+    /// No pod took it; the client is told this.
+    Unavailable(&'static str),
+}
+
 /// How the pod's side of a forwarded stream ended.
 enum Answer {
     /// The pod's answer reached the client in full.
@@ -377,6 +416,7 @@ impl H2Edge {
     async fn forward(
         &self,
         connection: &ClientConnection,
+        stalls: &Stalls,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> StreamEnd {
@@ -400,17 +440,26 @@ impl H2Edge {
         let request_ends = body.is_end_stream();
 
         // A pod stream: on another pod when connecting fails (nothing reached the pod).
-        let opened = tokio::select! {
-            opened = self.open_stream(&parts, request_ends) => opened,
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-                record.status = 0;
-                self.finish(record, Some(GrpcCode::Cancelled), Some("client cancelled".into()));
-                return StreamEnd { cancelled_early: true };
-            }
+        // Whether the client reset its stream is asked once more right before the stream
+        // goes out, so a stream reset in the write that opened it never reaches a pod.
+        let opened = {
+            let mut abandoned = || client_reset(&mut respond);
+            self.open_stream(&parts, request_ends, &mut abandoned).await
         };
-        let (guard, stream) = match opened {
+        let (guard, mut stream) = match opened {
             Ok(opened) => opened,
-            Err(why) => {
+            Err(Unopened::Abandoned) => {
+                record.status = 0;
+                self.finish(
+                    record,
+                    Some(GrpcCode::Cancelled),
+                    Some("client cancelled".into()),
+                );
+                return StreamEnd {
+                    cancelled_early: true,
+                };
+            }
+            Err(Unopened::Unavailable(why)) => {
                 let denial = unavailable(why);
                 record.status = answer_denied(&mut respond, protocol, &denial);
                 self.finish(record, Some(denial.grpc_code), Some(why.to_owned()));
@@ -420,11 +469,7 @@ impl H2Edge {
             }
         };
         record.pod = Some(guard.pod().clone());
-        let PodStream {
-            response,
-            body: mut to_pod,
-            ..
-        } = stream;
+        let (response, to_pod) = stream.parts();
 
         let answered = AtomicBool::new(false);
         let mut bytes_in = 0u64;
@@ -438,12 +483,15 @@ impl H2Edge {
                 &answered,
                 &mut bytes_out,
                 record.started,
+                stalls,
             );
             let upload = async {
                 if request_ends {
                     return Ok(());
                 }
-                relay(&mut body, &mut to_pod, &mut bytes_in).await.map(drop)
+                relay(&mut body, to_pod, &mut bytes_in, None)
+                    .await
+                    .map(drop)
             };
             tokio::pin!(download, upload);
             let mut uploading = !request_ends;
@@ -470,7 +518,7 @@ impl H2Edge {
         let (status, grpc, error) = match answer {
             Answer::Complete { status, grpc } => (status, grpc, None),
             Answer::ClientGone { status } => {
-                to_pod.send_reset(Reason::CANCEL);
+                // The pod's stream ends as `stream` is dropped (see `PodStream`).
                 let why =
                     upload_error.map_or_else(|| "client went away".to_owned(), |e| e.to_string());
                 (status, Some(GrpcCode::Cancelled), Some(why))
@@ -489,6 +537,7 @@ impl H2Edge {
         record.bytes_out = bytes_out;
         let cancelled_early = early && matches!(grpc, Some(GrpcCode::Cancelled));
         self.finish(record, grpc, error);
+        drop(stream);
         drop(guard);
         StreamEnd { cancelled_early }
     }
@@ -499,19 +548,25 @@ impl H2Edge {
         &self,
         parts: &http::request::Parts,
         request_ends: bool,
-    ) -> Result<(PodGuard, PodStream), &'static str> {
+        abandoned: &mut (dyn FnMut() -> bool + Send),
+    ) -> Result<(PodGuard, PodStream), Unopened> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let guard = self.gate.pool.pick().ok_or("no healthy kas pod")?;
+            let guard = self
+                .gate
+                .pool
+                .pick()
+                .ok_or(Unopened::Unavailable("no healthy kas pod"))?;
             let pod = guard.pod().clone();
             let request = pod_request(parts, &pod);
             let failure = match pod
                 .h2c
-                .open(pod.addr, &self.upstream, request, request_ends)
+                .open(pod.addr, &self.upstream, request, request_ends, abandoned)
                 .await
             {
                 Ok(stream) => return Ok((guard, stream)),
+                Err(OpenError::Abandoned) => return Err(Unopened::Abandoned),
                 Err(e) => e,
             };
             if let OpenError::Connect(_) = failure {
@@ -519,7 +574,7 @@ impl H2Edge {
             }
             if attempts >= self.gate.max_connect_attempts {
                 tracing::warn!(pod = %pod.label, error = %failure, "request not forwarded");
-                return Err("kas is unavailable");
+                return Err(Unopened::Unavailable("kas is unavailable"));
             }
             tracing::debug!(pod = %pod.label, error = %failure, "trying another pod");
         }
@@ -527,17 +582,19 @@ impl H2Edge {
 
     /// The pod's answer to the client: head, body and trailers, or the edge's refusal if
     /// the pod fails before it answers.
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
         protocol: Protocol,
-        response: h2::client::ResponseFuture,
+        response: &mut PodAnswer,
         respond: &mut SendResponse<Bytes>,
         answered: &AtomicBool,
         bytes_out: &mut u64,
         started: Instant,
+        stalls: &Stalls,
     ) -> Answer {
         let response = tokio::select! {
-            response = response => response,
+            response = response.head() => response,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return Answer::ClientGone { status: 0 },
         };
         let response = match response {
@@ -580,7 +637,7 @@ impl H2Edge {
         if ends {
             return outcome(None);
         }
-        match relay(&mut from_pod, &mut to_client, bytes_out).await {
+        match relay(&mut from_pod, &mut to_client, bytes_out, Some(stalls)).await {
             Ok(trailer_status) => outcome(trailer_status),
             Err(Broken::Destination) => Answer::ClientGone { status },
             Err(Broken::Source(error)) => {

@@ -55,6 +55,8 @@ struct PodSeen {
     sent: AtomicU64,
     /// Connections the pod closed with ENHANCE_YOUR_CALM (too many early resets).
     calmed: AtomicU64,
+    /// Every request's `:authority` and headers.
+    requests: std::sync::Mutex<Vec<(Option<String>, HeaderMap)>>,
 }
 
 /// A stand-in pod that allows `max_streams` concurrent streams per connection.
@@ -89,6 +91,9 @@ async fn h2_pod(ip: IpAddr, answers: PodAnswers, max_streams: u32) -> (SocketAdd
                         None => return,
                     };
                     pod.streams.fetch_add(1, Ordering::SeqCst);
+                    let authority = request.uri().authority().map(|a| a.to_string());
+                    let headers = request.headers().clone();
+                    pod.requests.lock().unwrap().push((authority, headers));
                     if let PodAnswers::DiesMidway = answers {
                         answer_then_die(respond);
                         // Drive the connection a moment so the frames leave, then
@@ -574,6 +579,119 @@ async fn malformed_requests_and_connect_are_refused_then_the_connection_is_close
     }
     assert_eq!(ended_with(conn).await, Some(Reason::ENHANCE_YOUR_CALM));
     assert_eq!(seen.streams.load(Ordering::SeqCst), 1);
+}
+
+/// A `host` must agree with `:authority`, every one of them: a second `host` naming
+/// another target is refused like the first would be (400), and never reaches the pod.
+#[tokio::test]
+async fn every_host_must_agree_with_the_authority() {
+    let (edge, seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "",
+    )
+    .await;
+    let (send, _conn) = h2_client(&edge).await;
+    for hosts in [
+        &[("host", "elsewhere.example")][..],
+        &[("host", "localhost"), ("host", "elsewhere.example")],
+        &[("host", "localhost"), ("host", "localhost")],
+    ] {
+        let request = request_with("GET", "https://localhost/", hosts);
+        assert_eq!(status_of(&send, request).await, Ok(400), "{hosts:?}");
+    }
+    let agreeing = request_with("GET", "https://localhost/", &[("host", "localhost")]);
+    assert_eq!(status_of(&send, agreeing).await, Ok(200));
+    let requests = seen.requests.lock().unwrap();
+    assert_eq!(requests.len(), 1);
+    // The pod gets the one authority, as `:authority`.
+    assert_eq!(requests[0].0.as_deref(), Some("localhost"));
+    assert!(requests[0].1.get("host").is_none(), "{:?}", requests[0].1);
+}
+
+/// One header field of a request's raw HTTP/2 header block: a literal, not indexed.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    assert!(
+        name.len() < 127 && value.len() < 127,
+        "one-byte lengths only"
+    );
+    let mut field = vec![0x00, name.len() as u8];
+    field.extend_from_slice(name.as_bytes());
+    field.push(value.len() as u8);
+    field.extend_from_slice(value.as_bytes());
+    field
+}
+
+/// Sends one GET on a raw HTTP/2 connection, its header block exactly `fields` (which
+/// the h2 crate would not send: `:scheme` without `:authority`), and returns the answer's
+/// status: the edge's HPACK encoder sends 200 and 400 as static-table indexes.
+async fn raw_get_status(edge: &Edge, fields: &[(&str, &str)]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let block: Vec<u8> = fields
+        .iter()
+        .flat_map(|(name, value)| hpack_literal(name, value))
+        .collect();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    let len = block.len() as u32;
+    // HEADERS on stream 1, END_HEADERS | END_STREAM.
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, 0x1, 0x5]);
+    out.extend_from_slice(&1u32.to_be_bytes());
+    out.extend_from_slice(&block);
+    tls.write_all(&out).await.unwrap();
+    for _ in 0..64 {
+        let mut header = [0u8; 9];
+        tokio::time::timeout(STEP, tls.read_exact(&mut header))
+            .await
+            .expect("a frame in time")
+            .expect("the connection stays open until the answer");
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        tls.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+        match (header[3], stream) {
+            (0x1, 1) => match payload.first() {
+                Some(0x88) => return 200,
+                Some(0x8c) => return 400,
+                other => panic!("an unexpected status encoding: {other:?}"),
+            },
+            (0x3, 1) => panic!("the stream was reset"),
+            _ => {}
+        }
+    }
+    panic!("no answer within 64 frames");
+}
+
+/// A request without `:authority` names its target with `host` alone: the pod gets that
+/// as `:authority` (not its own address next to the client's `host`, a mismatch a strict
+/// pod may treat as an error). Without either, the request names no target: 400.
+#[tokio::test]
+async fn a_request_without_authority_takes_its_host_as_authority() {
+    let (edge, seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "",
+    )
+    .await;
+    let head = [(":method", "GET"), (":scheme", "https"), (":path", "/")];
+    let with_host = [&head[..], &[("host", "localhost")]].concat();
+    assert_eq!(raw_get_status(&edge, &with_host).await, 200);
+    assert_eq!(raw_get_status(&edge, &head).await, 400);
+    let requests = seen.requests.lock().unwrap();
+    assert_eq!(
+        requests.len(),
+        1,
+        "the request without a target reached the pod"
+    );
+    assert_eq!(requests[0].0.as_deref(), Some("localhost"));
+    assert!(requests[0].1.get("host").is_none(), "{:?}", requests[0].1);
 }
 
 /// On SIGTERM the edge sends GOAWAY: a stream open before it finishes, new streams on the

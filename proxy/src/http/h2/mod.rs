@@ -32,16 +32,18 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
+use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Response};
 use pingora::protocols::Stream;
 
 use super::access_log::{AccessRecord, HotMetrics};
-use super::refusal::{unavailable, Denial, DenialResponse, GrpcCode};
+use super::headers::{self, Hop};
+use super::refusal::{header_too_large, unavailable, Denial, DenialResponse, GrpcCode};
 use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp2};
 use crate::telemetry::metrics::GaugeGuard;
 use crate::upstream::h2c::{H2cSettings, OpenError, PodAnswer, PodStream};
-use crate::upstream::pool::{Pod, PodGuard};
+use crate::upstream::pool::PodGuard;
 use relay::{relay, Broken, Stalls};
 
 /// Streams one agent connection may have open at once (pingora's default, kept).
@@ -158,7 +160,7 @@ impl ServeHttp2 for H2Edge {
                 }
                 accepted = conn.accept() => match accepted {
                     Some(Ok((request, mut respond))) => match screen(&request) {
-                        Ok(()) => streams.push(self.forward(&connection, &stalls, request, respond)),
+                        Ok(target) => streams.push(self.forward(&connection, &stalls, request, target, respond)),
                         Err(bad) => {
                             let (status, why) = match bad {
                                 Malformed::Reset(why) => {
@@ -249,8 +251,8 @@ impl CancelWindow {
 }
 
 /// Framing checks the h2 crate leaves to its user, done before a request costs anything:
-/// RFC 9113 §8.1.1 forbids forwarding a malformed request.
-fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
+/// RFC 9113 §8.1.1 forbids forwarding a malformed request. Returns the request's target.
+fn screen(request: &Request<RecvStream>) -> Result<Authority, Malformed> {
     if request.method() == Method::CONNECT {
         return Err(Malformed::Answer(405, "CONNECT is not served here"));
     }
@@ -278,19 +280,9 @@ fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
             return Err(Malformed::Reset("ambiguous content-length"));
         }
     }
-    // A `host` that disagrees with `:authority` names two different targets.
-    if let (Some(host), Some(authority)) = (
-        request.headers().get(http::header::HOST),
-        request.uri().authority(),
-    ) {
-        if !host
-            .as_bytes()
-            .eq_ignore_ascii_case(authority.as_str().as_bytes())
-        {
-            return Err(Malformed::Answer(400, "host and :authority disagree"));
-        }
-    }
-    Ok(())
+    // One target: `:authority`, `host`, or both agreeing.
+    headers::http2_target(request.uri(), request.headers())
+        .map_err(|headers::Refused(why)| Malformed::Answer(400, why))
 }
 
 /// Answers a stream with a status and a one-line reason, ending it; returns the status.
@@ -344,34 +336,14 @@ fn head_bytes(parts: &http::request::Parts) -> usize {
     super::head_bytes(line, &parts.headers)
 }
 
-/// Headers that describe one connection, not the request: never forwarded (HTTP/2
-/// forbids them; h2 refuses to send them).
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    let hop_by_hop: Vec<http::HeaderName> = headers
-        .iter()
-        .filter(|(name, value)| {
-            // `te: trailers` is the one such header HTTP/2 carries (gRPC requires it).
-            super::is_hop_by_hop(name)
-                && !(*name == http::header::TE && value.as_bytes() == b"trailers")
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in hop_by_hop {
-        headers.remove(name);
-    }
-}
-
-/// The request as it goes to a pod: the same method, target and headers over cleartext.
-fn pod_request(parts: &http::request::Parts, pod: &Pod) -> Request<()> {
-    let authority = parts
-        .uri
-        .authority()
-        .map_or_else(|| pod.addr.to_string(), |a| a.as_str().to_owned());
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+/// The request as it goes to a pod: the same method, target and end-to-end headers
+/// ([`headers`]) over cleartext, the target as `:authority` alone.
+fn pod_request(parts: &http::request::Parts, target: &Authority) -> Request<()> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = http::Uri::builder()
         .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(target)
+        .authority(target.clone())
+        .path_and_query(path)
         .build()
         .unwrap_or_else(|_| parts.uri.clone());
     let mut request = Request::new(());
@@ -418,6 +390,7 @@ impl H2Edge {
         connection: &ClientConnection,
         stalls: &Stalls,
         request: Request<RecvStream>,
+        target: Authority,
         mut respond: SendResponse<Bytes>,
     ) -> StreamEnd {
         let _busy = connection.activity.start();
@@ -436,7 +409,18 @@ impl H2Edge {
                 cancelled_early: false,
             };
         }
-        strip_connection_headers(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, Hop::Http2);
+        // The pod gets the target once, as `:authority`.
+        parts.headers.remove(http::header::HOST);
+        let list = headers::http2_header_list_size(&pod_request(&parts, &target));
+        if list > headers::POD_HEADER_LIST_MAX {
+            let denial = header_too_large(list, headers::POD_HEADER_LIST_MAX);
+            record.status = answer_denied(&mut respond, protocol, &denial);
+            self.finish(record, Some(denial.grpc_code), None);
+            return StreamEnd {
+                cancelled_early: false,
+            };
+        }
         let request_ends = body.is_end_stream();
 
         // A pod stream: on another pod when connecting fails (nothing reached the pod).
@@ -444,7 +428,8 @@ impl H2Edge {
         // goes out, so a stream reset in the write that opened it never reaches a pod.
         let opened = {
             let mut abandoned = || client_reset(&mut respond);
-            self.open_stream(&parts, request_ends, &mut abandoned).await
+            self.open_stream(&parts, &target, request_ends, &mut abandoned)
+                .await
         };
         let (guard, mut stream) = match opened {
             Ok(opened) => opened,
@@ -547,6 +532,7 @@ impl H2Edge {
     async fn open_stream(
         &self,
         parts: &http::request::Parts,
+        target: &Authority,
         request_ends: bool,
         abandoned: &mut (dyn FnMut() -> bool + Send),
     ) -> Result<(PodGuard, PodStream), Unopened> {
@@ -559,7 +545,7 @@ impl H2Edge {
                 .pick()
                 .ok_or(Unopened::Unavailable("no healthy kas pod"))?;
             let pod = guard.pod().clone();
-            let request = pod_request(parts, &pod);
+            let request = pod_request(parts, target);
             let failure = match pod
                 .h2c
                 .open(pod.addr, &self.upstream, request, request_ends, abandoned)
@@ -613,7 +599,7 @@ impl H2Edge {
             .headers
             .get("grpc-status")
             .map(|s| GrpcCode::from_wire(s.as_bytes()));
-        strip_connection_headers(&mut head.headers);
+        headers::strip_hop_by_hop(&mut head.headers, Hop::Http2);
         let ends = from_pod.is_end_stream();
         let mut to_client = match respond.send_response(Response::from_parts(head, ()), ends) {
             Ok(send) => send,

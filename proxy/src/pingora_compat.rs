@@ -68,13 +68,46 @@ pub fn session_cookie(session: &Session) -> Option<u64> {
     }
 }
 
+/// Runs `closed` when pingora drops the connection's socket, whatever the reason: pingora
+/// reports nothing when a TLS handshake fails, it just drops the stream. The hook is the
+/// L4 stream's `tracer` (meant for upstream connections), whose `on_disconnected` its
+/// `Drop` calls before the descriptor closes, so the peer sees the close only after
+/// `closed` ran. Replaces any tracer the stream had (pingora sets none on accepted
+/// connections).
+pub fn on_socket_dropped(stream: &mut L4Stream, closed: impl Fn() + Send + Sync + 'static) {
+    stream.tracer = Some(pingora::upstreams::peer::Tracer(Box::new(DropHook(
+        std::sync::Arc::new(closed),
+    ))));
+}
+
+#[derive(Clone)]
+struct DropHook(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for DropHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DropHook")
+    }
+}
+
+impl pingora::upstreams::peer::Tracing for DropHook {
+    fn on_connected(&self) {}
+
+    fn on_disconnected(&self) {
+        (self.0)()
+    }
+
+    fn boxed_clone(&self) -> Box<dyn pingora::upstreams::peer::Tracing> {
+        Box::new(self.clone())
+    }
+}
+
 /// The descriptor of a stream pingora owns, for [`shutdown_socket`] later.
 pub fn raw_fd(stream: &L4Stream) -> std::os::unix::io::RawFd {
     stream.as_raw_fd()
 }
 
 /// Whether descriptor `fd` still is the socket with `cookie` (not closed, not reused).
-pub fn is_same_socket(fd: std::os::unix::io::RawFd, cookie: u64) -> bool {
+fn is_same_socket(fd: std::os::unix::io::RawFd, cookie: u64) -> bool {
     pingora::protocols::l4::ext::get_socket_cookie(fd).ok() == Some(cookie)
 }
 
@@ -327,6 +360,25 @@ mod tests {
             lock.contains(&expected),
             "pingora changed: re-check every adapter in pingora_compat.rs, then its version"
         );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_socket_runs_its_hook_before_the_peer_sees_the_close() {
+        let (mut stream, mut client) = pair().await;
+        let ran = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = ran.clone();
+        on_socket_dropped(&mut stream, move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        // What pingora does with a connection whose TLS handshake failed.
+        let tls: Stream = Box::new(stream);
+        drop(tls);
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the close reaches the peer");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 
     #[tokio::test]

@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
 
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use kas_proto::agent_configuration::ConfigurationRequest;
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
-use kas_proto::diagnostics::{PingRequest, PingResponse};
+use kas_proto::diagnostics::PingRequest;
 
 async fn ping(channel: &Channel) -> Result<String, tonic::Status> {
     let response = DiagnosticsClient::new(channel.clone())
@@ -24,37 +23,6 @@ async fn ping(channel: &Channel) -> Result<String, tonic::Status> {
         }))
         .await?;
     Ok(response.into_inner().pod)
-}
-
-/// Opens an Echo stream and returns a function-like pair to exchange one message.
-struct Echo {
-    tx: tokio::sync::mpsc::Sender<PingRequest>,
-    rx: tonic::Streaming<PingResponse>,
-}
-
-impl Echo {
-    async fn open(channel: &Channel) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let rx = DiagnosticsClient::new(channel.clone())
-            .echo(with_token(ReceiverStream::new(rx)))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    async fn round_trip(&mut self, text: &str) -> Result<PingResponse, String> {
-        self.tx
-            .send(PingRequest {
-                payload: text.as_bytes().to_vec(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(STEP, self.rx.message()).await {
-            Ok(Ok(Some(r))) => Ok(r),
-            other => Err(format!("{other:?}")),
-        }
-    }
 }
 
 #[tokio::test]
@@ -134,7 +102,7 @@ async fn grpc_unary_server_streaming_and_bidi_pass_through_with_trailers() {
     for i in 0..20 {
         let text = format!("message {i}");
         assert_eq!(
-            echo.round_trip(&text).await.unwrap().payload,
+            echo.round_trip(text.as_str()).await.unwrap().payload,
             text.as_bytes()
         );
     }
@@ -164,7 +132,7 @@ async fn websocket_carries_grpc_through_the_edge() {
     assert!(!first.commit_id.is_empty());
     let mut echo = Echo::open(&channel).await;
     for i in 0..10 {
-        assert!(echo.round_trip(&format!("ws {i}")).await.is_ok());
+        assert!(echo.round_trip(format!("ws {i}")).await.is_ok());
     }
     let metrics = edge.metrics().await;
     assert!(

@@ -132,6 +132,42 @@ async fn handshakes_count_against_per_client_and_global_caps() {
     assert!(tls.is_ok(), "{tls:?}");
 }
 
+/// A handshake that fails gives its client's slot back as it fails: one address sends 200
+/// garbage handshakes one after another, each closed by the edge before the next starts,
+/// and its next real connection is served at once (behind a NAT, one broken client must
+/// not lock out the agents that share its address).
+#[tokio::test]
+async fn a_failed_handshake_frees_its_clients_slot_when_it_fails() {
+    let cluster = Cluster::start(1).await;
+    let extra = "[downstream]\nmax_handshakes_per_client = 8\n";
+    let edge = Edge::start(cluster.subnet, &cluster.endpoints(), extra).await;
+    let client = ip(cluster.subnet, 131);
+    for i in 0..200 {
+        let mut garbage = tcp_from(client, edge.https).await;
+        // Not a ClientHello: the TLS handshake fails at once.
+        let _ = garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(STEP, garbage.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("garbage handshake {i} was not closed"),
+            }
+        }
+    }
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), Some(client)).await;
+    assert!(tls.is_ok(), "the next real connection was refused: {tls:?}");
+    let metrics = edge.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "edge_policy_blocked_total{reason=\"client_handshakes_in_progress\""
+        ),
+        0.0,
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn http1_head_and_keepalive_have_total_deadlines() {
     let cluster = Cluster::start(1).await;

@@ -45,6 +45,8 @@ async fn edge_before(answers: Answers, extra: &str) -> (Edge, Arc<Seen>) {
 struct Seen {
     connections: AtomicU64,
     requests: AtomicU64,
+    /// Every request head received, lowercased.
+    heads: std::sync::Mutex<Vec<String>>,
     /// Bytes of request bodies received.
     body_bytes: AtomicU64,
 }
@@ -64,6 +66,7 @@ async fn h1_pod(ip: IpAddr, answers: Answers) -> (SocketAddr, Arc<Seen>) {
                     n += 1;
                     pod.requests.fetch_add(1, Ordering::SeqCst);
                     let head = String::from_utf8_lossy(&head).to_lowercase();
+                    pod.heads.lock().unwrap().push(head.clone());
                     if let Some(length) = head_value(&head, "content-length") {
                         let mut body = vec![0u8; length.parse().unwrap()];
                         sock.read_exact(&mut body).await.unwrap();
@@ -326,4 +329,94 @@ async fn requests_left_to_pingora_continue_the_same_connection() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(body.starts_with(b"pong"));
     assert_eq!(seen.body_bytes.load(Ordering::SeqCst), 5);
+}
+
+/// The same request as each path of the edge takes it: its own loop (a plain GET),
+/// pingora (a chunked body) and a websocket upgrade (pingora's path, forwarded by the
+/// edge's own dialer). `headers` go in every one, and a `Connection` header naming
+/// `connection` (plus `upgrade` for the upgrade).
+fn on_every_path(headers: &str, connection: &[&str]) -> [(&'static str, String); 3] {
+    let named = |extra: &[&str]| {
+        let tokens: Vec<&str> = extra.iter().chain(connection).copied().collect();
+        match tokens.is_empty() {
+            true => String::new(),
+            false => format!("connection: {}\r\n", tokens.join(", ")),
+        }
+    };
+    [
+        (
+            "inline",
+            format!("GET /inline HTTP/1.1\r\n{headers}{}\r\n", named(&[])),
+        ),
+        (
+            "pingora",
+            format!(
+                "POST /pingora HTTP/1.1\r\n{headers}{}transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                named(&[])
+            ),
+        ),
+        (
+            "upgrade",
+            format!(
+                "GET /upgrade HTTP/1.1\r\n{headers}{}upgrade: websocket\r\n\
+                 sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 sec-websocket-protocol: ws-tunnel\r\n\r\n",
+                named(&["upgrade"])
+            ),
+        ),
+    ]
+}
+
+/// Hop-by-hop headers, and whatever a `Connection` header names, describe the agent's
+/// connection, not its request: no path forwards them to a pod (RFC 9110 7.6.1). An
+/// upgrade keeps its own `Connection: upgrade` and `Upgrade`.
+#[tokio::test]
+async fn headers_a_connection_header_names_never_reach_a_pod() {
+    let (edge, seen) = edge_before(Answers::KeepAlive, "").await;
+    let hop = "host: localhost\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\n\
+               proxy-authorization: basic eA==\r\n";
+    for (path, request) in on_every_path(hop, &["x-secret"]) {
+        let mut conn = h1_client(&edge).await;
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let (head, _) = read_answer(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        let forwarded = seen.heads.lock().unwrap().pop().expect("the pod got it");
+        for name in ["x-secret", "keep-alive", "proxy-authorization"] {
+            assert!(
+                head_value(&forwarded, name).is_none(),
+                "{path} forwarded {name}: {forwarded}"
+            );
+        }
+        if path == "upgrade" {
+            assert_eq!(
+                head_value(&forwarded, "upgrade").as_deref(),
+                Some("websocket")
+            );
+            assert_eq!(
+                head_value(&forwarded, "connection").as_deref(),
+                Some("upgrade")
+            );
+        } else {
+            assert_eq!(head_value(&forwarded, "connection"), None, "{forwarded}");
+        }
+    }
+}
+
+/// An HTTP/1.1 request names exactly one host (RFC 9112 3.2): with none or two, every
+/// path answers 400 and the pod sees nothing.
+#[tokio::test]
+async fn a_request_without_exactly_one_host_is_refused_on_every_path() {
+    let (edge, seen) = edge_before(Answers::KeepAlive, "").await;
+    for hosts in ["", "host: localhost\r\nhost: elsewhere.example\r\n"] {
+        for (path, request) in on_every_path(hosts, &[]) {
+            let mut conn = h1_client(&edge).await;
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let (head, _) = read_answer(&mut conn).await;
+            assert!(
+                head.starts_with("http/1.1 400"),
+                "{path} with {hosts:?}: {head}"
+            );
+        }
+    }
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 0);
 }

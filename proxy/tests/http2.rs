@@ -29,6 +29,11 @@ enum PodAnswers {
     Bulk { total: usize },
     /// Sends a head and one DATA frame, then drops the whole connection.
     DiesMidway,
+    /// Like `Small` without delay, but takes a new stream off its connection only every
+    /// 50 ms: streams wait in h2's accept queue, where a reset counts against the
+    /// connection's limit of streams reset before they were accepted (h2's default, 20,
+    /// as in kas).
+    AcceptsSlowly,
 }
 
 /// A stand-in pod (`max_streams` per connection) and the edge in front of it, with
@@ -48,6 +53,10 @@ struct PodSeen {
     streams: AtomicU64,
     /// Bytes the edge's flow control let the pod send.
     sent: AtomicU64,
+    /// Connections the pod closed with ENHANCE_YOUR_CALM (too many early resets).
+    calmed: AtomicU64,
+    /// Every request's `:authority` and headers.
+    requests: std::sync::Mutex<Vec<(Option<String>, HeaderMap)>>,
 }
 
 /// A stand-in pod that allows `max_streams` concurrent streams per connection.
@@ -67,8 +76,24 @@ async fn h2_pod(ip: IpAddr, answers: PodAnswers, max_streams: u32) -> (SocketAdd
                 let Ok(mut conn) = handshake.await else {
                     return;
                 };
-                while let Some(Ok((request, respond))) = conn.accept().await {
+                loop {
+                    if let PodAnswers::AcceptsSlowly = answers {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let (request, respond) = match conn.accept().await {
+                        Some(Ok(stream)) => stream,
+                        Some(Err(e)) => {
+                            if e.reason() == Some(Reason::ENHANCE_YOUR_CALM) {
+                                pod.calmed.fetch_add(1, Ordering::SeqCst);
+                            }
+                            return;
+                        }
+                        None => return,
+                    };
                     pod.streams.fetch_add(1, Ordering::SeqCst);
+                    let authority = request.uri().authority().map(|a| a.to_string());
+                    let headers = request.headers().clone();
+                    pod.requests.lock().unwrap().push((authority, headers));
                     if let PodAnswers::DiesMidway = answers {
                         answer_then_die(respond);
                         // Drive the connection a moment so the frames leave, then
@@ -114,6 +139,9 @@ async fn answer(
         return;
     };
     match answers {
+        PodAnswers::AcceptsSlowly => {
+            let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+        }
         PodAnswers::Small { delay } => {
             tokio::time::sleep(delay).await;
             let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
@@ -396,6 +424,96 @@ async fn rapid_cancels_close_the_connection_with_enhance_your_calm() {
     assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
 }
 
+/// A stream the client reset in the same write that opened it is already reset when the
+/// edge takes it: it never reaches a pod, whatever the order the edge's tasks run in.
+#[tokio::test]
+async fn streams_reset_in_the_write_that_opened_them_never_reach_a_pod() {
+    let (edge, seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "",
+    )
+    .await;
+    let (send, _conn) = h2_client(&edge).await;
+    let mut send = send.ready().await.unwrap();
+    // The pod connection is up: nothing stands between the edge and the pod.
+    assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+    for _ in 0..4 {
+        // 20: the most h2 lets a connection reset before they are accepted.
+        for _ in 0..20 {
+            let (_response, mut body) = send.send_request(grpc_request(), false).unwrap();
+            body.send_reset(Reason::CANCEL);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status) = call(&mut send).await;
+    assert_eq!(status.as_deref(), Some("0"));
+    assert_eq!(
+        seen.streams.load(Ordering::SeqCst),
+        2,
+        "streams reset before the edge forwarded them reached the pod"
+    );
+}
+
+/// Streams the clients cancel after the edge forwarded them, while the pod has not yet
+/// taken them off its accept queue: however many, the edge's resets never make the pod
+/// close the shared connection (h2 does past 20 such resets), and it stays in use.
+#[tokio::test]
+async fn cancels_of_streams_a_pod_has_not_accepted_never_close_its_connection() {
+    let (edge, seen) = edge_before(PodAnswers::AcceptsSlowly, u32::MAX, "").await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (mut send, conn) = h2_client(&edge).await;
+        // Its pod connection is up: the edge forwards the burst at once.
+        assert_eq!(call(&mut send).await.1.as_deref(), Some("0"));
+        clients.push((send, conn));
+    }
+    let bursts = clients.iter().map(|(send, _)| {
+        let send = send.clone();
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let mut opened = Vec::new();
+            for _ in 0..25 {
+                opened.push(send.send_request(grpc_request(), false).unwrap());
+            }
+            // The edge forwards them meanwhile; the pod takes one every 50 ms.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for (_response, mut body) in opened {
+                body.send_reset(Reason::CANCEL);
+            }
+        }
+    });
+    futures_util::future::join_all(bursts).await;
+    // The pod works through its queue: the 4 first calls, the 100 streams and, for resets
+    // that had to wait, probes.
+    let pod = seen.clone();
+    eventually("the pod took every stream", Duration::from_secs(30), || {
+        let pod = pod.clone();
+        async move {
+            pod.streams.load(Ordering::SeqCst) >= 104 || pod.calmed.load(Ordering::SeqCst) > 0
+        }
+    })
+    .await;
+    assert_eq!(
+        seen.calmed.load(Ordering::SeqCst),
+        0,
+        "the pod closed a connection over resets of streams it had not accepted"
+    );
+    let (mut send, _conn) = h2_client(&edge).await;
+    let (_, status) = tokio::time::timeout(Duration::from_secs(30), call(&mut send))
+        .await
+        .expect("answered once the pod caught up");
+    assert_eq!(status.as_deref(), Some("0"));
+    // One per edge worker, never replaced.
+    let connections = seen.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "{connections} pod connections: some were replaced"
+    );
+}
+
 fn request_with(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
     let mut request = Request::builder().method(method).uri(uri);
     for (name, value) in headers {
@@ -461,6 +579,119 @@ async fn malformed_requests_and_connect_are_refused_then_the_connection_is_close
     }
     assert_eq!(ended_with(conn).await, Some(Reason::ENHANCE_YOUR_CALM));
     assert_eq!(seen.streams.load(Ordering::SeqCst), 1);
+}
+
+/// A `host` must agree with `:authority`, every one of them: a second `host` naming
+/// another target is refused like the first would be (400), and never reaches the pod.
+#[tokio::test]
+async fn every_host_must_agree_with_the_authority() {
+    let (edge, seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "",
+    )
+    .await;
+    let (send, _conn) = h2_client(&edge).await;
+    for hosts in [
+        &[("host", "elsewhere.example")][..],
+        &[("host", "localhost"), ("host", "elsewhere.example")],
+        &[("host", "localhost"), ("host", "localhost")],
+    ] {
+        let request = request_with("GET", "https://localhost/", hosts);
+        assert_eq!(status_of(&send, request).await, Ok(400), "{hosts:?}");
+    }
+    let agreeing = request_with("GET", "https://localhost/", &[("host", "localhost")]);
+    assert_eq!(status_of(&send, agreeing).await, Ok(200));
+    let requests = seen.requests.lock().unwrap();
+    assert_eq!(requests.len(), 1);
+    // The pod gets the one authority, as `:authority`.
+    assert_eq!(requests[0].0.as_deref(), Some("localhost"));
+    assert!(requests[0].1.get("host").is_none(), "{:?}", requests[0].1);
+}
+
+/// One header field of a request's raw HTTP/2 header block: a literal, not indexed.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    assert!(
+        name.len() < 127 && value.len() < 127,
+        "one-byte lengths only"
+    );
+    let mut field = vec![0x00, name.len() as u8];
+    field.extend_from_slice(name.as_bytes());
+    field.push(value.len() as u8);
+    field.extend_from_slice(value.as_bytes());
+    field
+}
+
+/// Sends one GET on a raw HTTP/2 connection, its header block exactly `fields` (which
+/// the h2 crate would not send: `:scheme` without `:authority`), and returns the answer's
+/// status: the edge's HPACK encoder sends 200 and 400 as static-table indexes.
+async fn raw_get_status(edge: &Edge, fields: &[(&str, &str)]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let block: Vec<u8> = fields
+        .iter()
+        .flat_map(|(name, value)| hpack_literal(name, value))
+        .collect();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    let len = block.len() as u32;
+    // HEADERS on stream 1, END_HEADERS | END_STREAM.
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, 0x1, 0x5]);
+    out.extend_from_slice(&1u32.to_be_bytes());
+    out.extend_from_slice(&block);
+    tls.write_all(&out).await.unwrap();
+    for _ in 0..64 {
+        let mut header = [0u8; 9];
+        tokio::time::timeout(STEP, tls.read_exact(&mut header))
+            .await
+            .expect("a frame in time")
+            .expect("the connection stays open until the answer");
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        tls.read_exact(&mut payload).await.unwrap();
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+        match (header[3], stream) {
+            (0x1, 1) => match payload.first() {
+                Some(0x88) => return 200,
+                Some(0x8c) => return 400,
+                other => panic!("an unexpected status encoding: {other:?}"),
+            },
+            (0x3, 1) => panic!("the stream was reset"),
+            _ => {}
+        }
+    }
+    panic!("no answer within 64 frames");
+}
+
+/// A request without `:authority` names its target with `host` alone: the pod gets that
+/// as `:authority` (not its own address next to the client's `host`, a mismatch a strict
+/// pod may treat as an error). Without either, the request names no target: 400.
+#[tokio::test]
+async fn a_request_without_authority_takes_its_host_as_authority() {
+    let (edge, seen) = edge_before(
+        PodAnswers::Small {
+            delay: Duration::ZERO,
+        },
+        u32::MAX,
+        "",
+    )
+    .await;
+    let head = [(":method", "GET"), (":scheme", "https"), (":path", "/")];
+    let with_host = [&head[..], &[("host", "localhost")]].concat();
+    assert_eq!(raw_get_status(&edge, &with_host).await, 200);
+    assert_eq!(raw_get_status(&edge, &head).await, 400);
+    let requests = seen.requests.lock().unwrap();
+    assert_eq!(
+        requests.len(),
+        1,
+        "the request without a target reached the pod"
+    );
+    assert_eq!(requests[0].0.as_deref(), Some("localhost"));
+    assert!(requests[0].1.get("host").is_none(), "{:?}", requests[0].1);
 }
 
 /// On SIGTERM the edge sends GOAWAY: a stream open before it finishes, new streams on the

@@ -38,6 +38,13 @@ const AGE_GRACE: Duration = Duration::from_secs(30);
 /// A connection ends at a random point in the last fifth of `max_connection_age`, so
 /// agents that connected together (after a rollout) do not all reconnect together.
 const AGE_SPREAD: f64 = 0.2;
+/// Streams on one HTTP/2 connection (hyper's default, stated) and the flow-control window
+/// of each; the connection's window is theirs added up. An edge carries many agents over
+/// one connection, and a stream whose handler stops reading (an Echo whose agent takes
+/// none of its answers) must fill only its own window, never the one every stream on the
+/// connection shares (hyper's default: 1 MiB, one stream's worth).
+const H2_MAX_STREAMS: u32 = 200;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
 
 /// One agent connection (an HTTP/2 connection or a websocket tunnel), as services see it
 /// in the request extensions.
@@ -315,7 +322,10 @@ pub(crate) async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(cfg.keepalive_interval))
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_MAX_STREAMS * H2_STREAM_WINDOW);
     let ctx = Arc::new(ListenerCtx {
         routes,
         metrics,

@@ -26,12 +26,15 @@ pub struct EdgeOptions {
     pub tls_hosts: &'static [&'static str],
     /// How long the edge may take to answer 200 on `/readyz`.
     pub ready_within: Duration,
+    /// `listen.threads`: the edge's workers, and so its HTTP/2 connections per pod (one
+    /// per worker). A test that needs every agent on one shared pod connection runs 1.
+    pub threads: usize,
 }
 
 impl EdgeOptions {
     /// `binary` logging at info to its log file, a certificate for `localhost` and
     /// `kas.example.test`, ready within 90 s (generous: with ACME the edge is ready only
-    /// once its certificate is issued).
+    /// once its certificate is issued), 2 worker threads.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
@@ -39,6 +42,7 @@ impl EdgeOptions {
             stdout: EdgeStdout::LogFile,
             tls_hosts: &["localhost", "kas.example.test"],
             ready_within: Duration::from_secs(90),
+            threads: 2,
         }
     }
 }
@@ -115,10 +119,11 @@ impl<P> Edge<P> {
             )
         };
         let config = format!(
-            "[listen]\nhttps = \"{https}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\nthreads = 2\n\
+            "[listen]\nhttps = \"{https}\"\nhttp = \"{http}\"\nadmin = \"{admin}\"\nthreads = {}\n\
              {tls_section}\
              [discovery]\nkind = \"static\"\nendpoints = [{}]\n\
              [health]\nport = {HEALTH_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n{extra}",
+            options.threads,
             list.join(", ")
         );
         let config_file = dir.path().join("edge.toml");

@@ -440,14 +440,13 @@ fn h2c_settings(config: &EdgeConfig) -> H2cSettings {
         max_streams: upstream.max_h2_streams,
         connections: config.listen.threads.clamp(1, h2c::MAX_CONNECTIONS),
         stream_window: POD_STREAM_WINDOW,
-        connection_window: POD_CONNECTION_WINDOW,
     }
 }
 
-/// What a pod may send the edge ahead of a slow agent: per stream, and per connection
-/// (shared by every stream on it).
-const POD_STREAM_WINDOW: u32 = 256 * 1024;
-const POD_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// What a pod may send the edge ahead of a slow agent, per stream. The connection's
+/// window is every stream's added up ([`H2cSettings::connection_window`]), so one agent's
+/// unread answers never hold back another's.
+pub const POD_STREAM_WINDOW: u32 = 256 * 1024;
 
 /// Ready only once pingora accepts on the TLS port: it binds when `run` starts its
 /// services, and a load balancer acting on an early 200 would see refusals.

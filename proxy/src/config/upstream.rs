@@ -40,16 +40,20 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// The most streams a pod connection may carry: its flow-control window is every stream's
+/// window added up (256 KiB each, and one for a probe), which HTTP/2 caps at 2^31 - 1.
+pub const MAX_H2_STREAMS: usize = 8190;
+
 impl UpstreamConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
         super::positive("upstream.connect_timeout", self.connect_timeout)?;
         super::positive("upstream.h2_ping_interval", self.h2_ping_interval)?;
         super::positive("upstream.upgrade_timeout", self.upgrade_timeout)?;
         super::at_least_one("upstream.max_connect_attempts", self.max_connect_attempts)?;
-        if self.max_h2_streams == 0 {
+        if self.max_h2_streams == 0 || self.max_h2_streams > MAX_H2_STREAMS {
             return Err(FieldError::new(
                 "upstream.max_h2_streams",
-                "must be at least 1",
+                format!("must be from 1 to {MAX_H2_STREAMS}"),
             ));
         }
         Ok(())

@@ -8,6 +8,7 @@
 mod access_log;
 pub mod h1;
 pub mod h2;
+pub mod headers;
 mod refusal;
 pub mod websocket;
 
@@ -27,7 +28,7 @@ use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::pool::{Pod, PodGuard, Pool};
 use access_log::AccessRecord;
-use refusal::{bad_gateway, header_too_large, respond_denied, unavailable, Denial};
+use refusal::{bad_gateway, bad_request, header_too_large, respond_denied, unavailable, Denial};
 use websocket::{PodDialer, RelayOutcome, TunnelEnd, TunnelOutcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,16 +130,6 @@ impl RequestGate {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1), and are never
-/// forwarded: the fixed ones and every `Proxy-*` (plus, in HTTP/1, whatever `Connection`
-/// names).
-fn is_hop_by_hop(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "keep-alive" | "transfer-encoding" | "te" | "trailer" | "upgrade"
-    ) || name.as_str().starts_with("proxy-")
-}
-
 /// `line` (method and target) plus the header block, with HTTP/1's separators.
 fn head_bytes(line: usize, headers: &http::HeaderMap) -> usize {
     headers.iter().fold(line + 12, |n, (name, value)| {
@@ -196,6 +187,12 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.client = client;
+        let head = session.req_header();
+        let http11 = head.version == http::Version::HTTP_11;
+        if let Err(headers::Refused(why)) = headers::check_http1_target(&head.headers, http11) {
+            respond_denied(session, ctx.protocol, &bad_request(why)).await;
+            return Ok(true);
+        }
         if let Some(denial) = self.gate.refused(
             client,
             request_head_bytes(session.req_header()),
@@ -236,6 +233,19 @@ impl ProxyHttp for EdgeProxy {
         opts.set_http_version(1, 1);
         ctx.pod = Some(guard);
         Ok(Box::new(peer))
+    }
+
+    /// The request as it goes to the pod: end-to-end headers only ([`headers`]).
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        for name in headers::hop_by_hop(&upstream_request.headers, headers::Hop::Http1) {
+            upstream_request.remove_header(&name);
+        }
+        Ok(())
     }
 
     fn fail_to_connect(

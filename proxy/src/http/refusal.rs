@@ -244,6 +244,16 @@ pub(super) fn header_too_large(size: usize, limit: usize) -> Denial {
     }
 }
 
+/// A request the header rules refuse ([`super::headers`]): 400.
+pub(super) fn bad_request(why: &str) -> Denial {
+    Denial {
+        http_status: 400,
+        grpc_code: GrpcCode::from_http(400),
+        message: why.to_owned(),
+        retry_after: None,
+    }
+}
+
 /// A pod was reached but did not answer usefully: 502 (gRPC: still UNAVAILABLE).
 pub(super) fn bad_gateway(why: &str) -> Denial {
     Denial {

@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::headers::Hop;
 use crate::pingora_compat;
 
 /// The largest response head a pod may send for an upgrade.
@@ -163,13 +164,20 @@ impl PodDialer {
     }
 }
 
-/// The request head as the pod sees it: the agent's request line and headers, unchanged.
+/// The upgrade request as the pod sees it: the agent's request line and end-to-end
+/// headers ([`super::headers`]), and this hop's own `Connection: upgrade` and the
+/// agent's `Upgrade`.
 fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
     let target = request
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    let hop_by_hop = super::headers::hop_by_hop(&request.headers, Hop::Http1);
+    let upgrade = request
+        .headers
+        .get(http::header::UPGRADE)
+        .map(|v| (&b"upgrade"[..], v.as_bytes()));
     let mut head = Vec::with_capacity(256);
     encode_head_into(
         &mut head,
@@ -178,7 +186,10 @@ fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
         request
             .headers
             .iter()
-            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+            .filter(|(name, _)| !hop_by_hop.contains(name))
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+            .chain([(&b"connection"[..], &b"upgrade"[..])])
+            .chain(upgrade),
     );
     head
 }
@@ -796,23 +807,10 @@ async fn relay_refusal(
     }
 }
 
-/// Removes hop-by-hop headers ([`super::is_hop_by_hop`] and whatever `Connection` names)
-/// and the pod's `Content-Length` (the relay sets its own).
+/// Removes what must not cross to the agent ([`super::headers::hop_by_hop`]) and the
+/// pod's `Content-Length` (the relay sets its own).
 pub(super) fn strip_hop_by_hop(head: &mut ResponseHeader) {
-    let mut names: Vec<http::HeaderName> = head
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| http::HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    names.extend(
-        head.headers
-            .keys()
-            .filter(|name| super::is_hop_by_hop(name))
-            .cloned(),
-    );
+    let mut names = super::headers::hop_by_hop(&head.headers, Hop::Http1);
     names.push(http::header::CONTENT_LENGTH);
     for name in &names {
         // A removal takes every value of the name.
@@ -1520,8 +1518,9 @@ mod tests {
             ],
         );
         strip_hop_by_hop(&mut head);
-        let left: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["sec-websocket-version", "content-type"]);
+        let mut left: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "sec-websocket-version"]);
     }
 
     proptest::proptest! {

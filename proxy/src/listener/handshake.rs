@@ -7,7 +7,10 @@
 //! each connection is registered before its handshake starts and a small task ends it at
 //! `handshake_timeout` (or at once when its client gets blocked) by shutting its socket
 //! down, which makes pingora's pending read fail. The connection layer takes the
-//! registration over when the handshake completes.
+//! registration over when the handshake completes; a handshake that fails gives its
+//! client's slot back the moment pingora drops its socket
+//! ([`pingora_compat::on_socket_dropped`]), so a broken client behind a NAT does not hold
+//! the slots of the agents sharing its address.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +24,6 @@ use crate::connection::registry::ConnectionRegistry;
 use crate::pingora_compat;
 use crate::policy::Policies;
 use crate::telemetry::metrics::EdgeMetrics;
-
-/// How often a waiting handshake's socket is looked for (see the deadline task).
-const LIVENESS_CHECK: Duration = Duration::from_millis(500);
 
 /// Bounds on connections in their TLS handshake.
 #[derive(Debug, Clone, Copy)]
@@ -87,28 +87,21 @@ impl PreTlsProcess for HandshakeLayer {
             return Err(Error::explain(ErrorType::SocketError, "no socket cookie"));
         };
         let ticket = self.registry.begin_handshake(ip, socket);
+        // A failed handshake ends with pingora dropping the socket: its slot is free then.
+        // After a completed one the connection layer holds the registration, and this
+        // finds nothing to abandon.
+        let registry = self.registry.clone();
+        pingora_compat::on_socket_dropped(stream, move || {
+            registry.abandon_handshake(socket);
+        });
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
         let timeout = self.limits.timeout;
         let fd = pingora_compat::raw_fd(stream);
         tokio::spawn(async move {
-            // pingora says nothing when a handshake fails: it closes the socket. Looking
-            // for the socket now and then frees a failed handshake's slot long before its
-            // deadline.
-            let gone = async {
-                loop {
-                    tokio::time::sleep(LIVENESS_CHECK).await;
-                    if !pingora_compat::is_same_socket(fd, socket) {
-                        return;
-                    }
-                }
-            };
             let reason = tokio::select! {
+                // Completed, failed or abandoned: nothing left to bound.
                 _ = ticket.over.cancelled() => return,
-                _ = gone => {
-                    registry.abandon_handshake(socket);
-                    return;
-                }
                 _ = tokio::time::sleep(timeout) => "tls_handshake",
                 _ = ticket.cancelled.cancelled() => "blocked",
             };

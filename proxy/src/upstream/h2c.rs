@@ -4,22 +4,44 @@
 //! A pod gets a few long-lived multiplexed connections: one per edge worker thread
 //! ([`H2cSettings::connections`]), so streams started on one worker share a connection
 //! and rarely wake another worker, and more when those are full. A connection is full at
-//! `max_streams` or at the pod's own SETTINGS_MAX_CONCURRENT_STREAMS (kas: hyper's 200),
-//! whichever is lower: agents hold their streams for hours, so a stream must never wait
-//! for a slot on a full connection. Dialling is single-flight per pod: a burst of streams
-//! to a new pod dials once, and when that dial fails every stream that waited for it
-//! fails at once instead of dialling again (and waiting `connect_timeout` again) in turn.
+//! `max_streams` or at the pod's own SETTINGS_MAX_CONCURRENT_STREAMS (kas: hyper's 200)
+//! less one kept for a probe ([`PodStream`]), whichever is lower: agents hold their
+//! streams for hours, so a stream must never wait for a slot on a full connection.
+//! Dialling is single-flight per pod: a burst of streams to a new pod dials once, and
+//! when that dial fails every stream that waited for it fails at once instead of dialling
+//! again (and waiting `connect_timeout` again) in turn.
+//!
+//! Because every agent's streams share these connections, nothing one agent does may make
+//! a pod close one, nor hold one back for the others:
+//! - flow control: the connection's window is the streams' windows added up
+//!   ([`H2cSettings::connection_window`]), so the answers an agent does not read fill its
+//!   own streams' windows and never the window every stream shares;
+//! - early resets: a pod closes a connection (GOAWAY ENHANCE_YOUR_CALM; h2's
+//!   `max_pending_accept_reset_streams`, 20 in kas) on which too many streams were reset
+//!   while still in its accept queue; the edge keeps such resets within
+//!   [`EARLY_RESET_BUDGET`] ([`PodStream`]);
+//! - the pod's other per-connection limits are out of an agent's reach: the edge opens no
+//!   stream before the pod's SETTINGS arrived and never more than it allows (so it refuses
+//!   none, which h2 counts), sends only requests its own HTTP/2 server accepted and
+//!   rebuilt (no malformed header block or framing, which h2 also counts), header lists
+//!   within [`crate::http::headers::POD_HEADER_LIST_MAX`], and control frames of its own
+//!   only (no agent's SETTINGS, PING or WINDOW_UPDATE is relayed): one PING per
+//!   `ping_interval`, WINDOW_UPDATEs as h2 batches released bytes.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Reason, RecvStream, SendStream};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::support::sync::lock;
 
 /// How the edge talks HTTP/2 to pods; built once from `[upstream]`.
 #[derive(Debug, Clone)]
@@ -33,15 +55,34 @@ pub struct H2cSettings {
     pub max_streams: usize,
     /// Connections per pod the edge keeps even when fewer would do: one per worker.
     pub connections: usize,
-    /// Flow-control windows the edge grants pods: how much a pod may send on one stream,
-    /// and on one connection, before the edge has passed it on to the agent. They bound
-    /// what the edge holds for a slow agent.
+    /// How much a pod may send on one stream before the edge has passed it on to the
+    /// agent: what the edge holds for an agent that does not read.
     pub stream_window: u32,
-    pub connection_window: u32,
 }
 
-/// The most connections one pod gets from one edge (at kas's 200 streams each, 12,800
-/// streams); beyond, streams queue on the least-loaded connection.
+impl H2cSettings {
+    /// The connection-level window the edge grants a pod: every stream's window added up
+    /// (the streams the connection may carry, and the probe), so no stream's unread bytes
+    /// ever use up what the others need. The streams' windows, not this, bound what the
+    /// edge holds.
+    pub fn connection_window(&self) -> u32 {
+        let streams = u64::try_from(self.max_streams).unwrap_or(u64::MAX);
+        let total = u64::from(self.stream_window).saturating_mul(streams.saturating_add(1));
+        u32::try_from(total.min(MAX_WINDOW)).unwrap_or(u32::MAX)
+    }
+}
+
+/// The largest flow-control window HTTP/2 allows (RFC 9113 6.9.1).
+pub const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+/// Streams on one connection the edge may have reset before the pod answered them and
+/// that may still wait in the pod's accept queue. h2 (hyper, kas) closes a connection on
+/// which more than 20 streams were reset while waiting there: half of that, so the
+/// bound holds with room to spare.
+pub const EARLY_RESET_BUDGET: usize = 10;
+
+/// The most connections one pod gets from one edge (at kas's 200 streams each, about
+/// 12,700 streams); beyond, a stream goes to another pod.
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// Why no stream could be opened on a pod.
@@ -54,6 +95,12 @@ pub enum OpenError {
     /// sent, another connection or pod may take the request.
     #[error("the pod's connection is closing: {0}")]
     Closing(h2::Error),
+    /// Every connection the pod may get from this edge is full.
+    #[error("all {MAX_CONNECTIONS} connections to the pod are full")]
+    Full,
+    /// The client reset its stream before it was sent: nothing reached the pod.
+    #[error("the client reset the stream")]
+    Abandoned,
 }
 
 /// One live connection: the handle to open streams on it, and what it carries now.
@@ -61,6 +108,7 @@ struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
+    settling: Arc<Settling>,
 }
 
 impl Connection {
@@ -69,10 +117,60 @@ impl Connection {
     }
 
     fn has_room(&self, settings: &H2cSettings) -> bool {
-        let limit = settings
-            .max_streams
-            .min(self.send.current_max_send_streams());
+        // One of the pod's slots stays free for a probe (see `probe_when_asked`).
+        let pod = self
+            .send
+            .current_max_send_streams()
+            .saturating_sub(1)
+            .max(1);
+        let limit = settings.max_streams.min(pod);
         !self.is_closed() && self.streams.load(Ordering::Relaxed) < limit
+    }
+}
+
+/// What a connection knows about the streams in its pod's accept queue.
+///
+/// h2 hands a server's streams to its application in the order they were opened, and a
+/// pod answers a stream only after taking it: once the pod answered stream `n`, every
+/// stream opened before it has left the queue, and a reset of any of them no longer
+/// counts against the pod's limit. Resets of streams not known to have left it are
+/// "unsettled"; at most [`EARLY_RESET_BUDGET`] are. A stream that would exceed that waits
+/// (holding its slot) until the pod answers it or a later stream: when nothing else does,
+/// a probe (a health check, answered at once) is sent for it.
+#[derive(Default)]
+struct Settling {
+    /// The highest stream id the pod answered.
+    answered: AtomicU32,
+    /// Stream ids reset before they were answered, above `answered` when they were reset.
+    unsettled: Mutex<Vec<u32>>,
+    /// Streams waiting to be reset.
+    waiting: AtomicUsize,
+    /// Wakes them when `answered` moves.
+    moved: Notify,
+    /// Asks for a probe.
+    want_probe: Notify,
+}
+
+impl Settling {
+    /// The pod answered stream `id`.
+    fn answered(&self, id: u32) {
+        let before = self.answered.fetch_max(id, Ordering::SeqCst);
+        if id > before && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.moved.notify_waiters();
+        }
+    }
+
+    /// Takes a place in the budget for resetting unanswered stream `id`, if there is one.
+    fn reserve_early_reset(&self, id: u32) -> bool {
+        let mut unsettled = lock(&self.unsettled);
+        let answered = self.answered.load(Ordering::SeqCst);
+        unsettled.retain(|&reset| reset > answered);
+        if unsettled.len() < EARLY_RESET_BUDGET {
+            unsettled.push(id);
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -97,11 +195,111 @@ impl Default for PodConnections {
 }
 
 /// A stream opened on a pod: its answer to come, and the request body's way there.
+///
+/// Dropping it ends the stream. h2 resets a stream whose last handle goes; once the pod
+/// answered, that is harmless. Before, the reset is one of the connection's early resets
+/// ([`Settling`]): sent at once within the budget, else the stream is kept (a small task
+/// holds it and its slot) until its reset can no longer count, or the pod answers it.
 pub struct PodStream {
-    pub response: h2::client::ResponseFuture,
-    pub body: h2::SendStream<Bytes>,
+    /// `None` only while dropping.
+    open: Option<Open>,
+}
+
+struct Open {
+    answer: PodAnswer,
+    body: SendStream<Bytes>,
     /// Counts the stream against its connection's limit while it lives.
     _counted: StreamCount,
+}
+
+/// The pod's answer to a stream, to come.
+pub struct PodAnswer {
+    /// Until the head arrives (or the stream fails).
+    pending: Option<ResponseFuture>,
+    id: u32,
+    settling: Arc<Settling>,
+}
+
+impl PodAnswer {
+    /// Waits for the pod's answer head. Cancel-safe: the stream stays unanswered if this is
+    /// dropped while it waits. A second call fails (the head was taken).
+    pub async fn head(&mut self) -> Result<http::Response<RecvStream>, h2::Error> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Err(h2::Error::from(Reason::INTERNAL_ERROR));
+        };
+        let answer = pending.await;
+        self.pending = None;
+        // h2 answers an oversized header list itself, before the pod took the stream.
+        if let Ok(response) = &answer {
+            if response.status() != http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+                self.settling.answered(self.id);
+            }
+        }
+        answer
+    }
+}
+
+impl PodStream {
+    /// The answer to come and the request body's way to the pod, to use side by side.
+    pub fn parts(&mut self) -> (&mut PodAnswer, &mut SendStream<Bytes>) {
+        let open = self
+            .open
+            .as_mut()
+            .expect("a PodStream holds its stream until dropped");
+        (&mut open.answer, &mut open.body)
+    }
+}
+
+impl Drop for PodStream {
+    fn drop(&mut self) {
+        let Some(mut open) = self.open.take() else {
+            return;
+        };
+        if open.answer.pending.is_none() {
+            // Answered (or failed): h2's reset as the handles go cannot count.
+            return;
+        }
+        if open.answer.settling.reserve_early_reset(open.answer.id) {
+            open.body.send_reset(Reason::CANCEL);
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(open.reset_once_settled());
+        }
+    }
+}
+
+impl Open {
+    /// Resets an unanswered stream as soon as its reset fits the budget, or lets it go
+    /// once the pod answers it (or its connection ends).
+    async fn reset_once_settled(mut self) {
+        let settling = self.answer.settling.clone();
+        settling.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&settling.waiting);
+        loop {
+            let moved = settling.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if settling.reserve_early_reset(self.answer.id) {
+                self.body.send_reset(Reason::CANCEL);
+                return;
+            }
+            settling.want_probe.notify_one();
+            tokio::select! {
+                _ = self.answer.head() => return,
+                _ = moved => {}
+            }
+        }
+    }
+}
+
+/// Counts a stream among those waiting for their reset while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct StreamCount(Arc<AtomicUsize>);
@@ -132,13 +330,16 @@ fn thread_slot() -> usize {
 
 impl PodConnections {
     /// Opens a stream for `request` on `addr`, dialling when no connection has room.
-    /// Fails before anything reached the pod, or not at all.
+    /// Fails before anything reached the pod, or not at all. `abandoned` is asked last,
+    /// right before the stream is sent: a client that reset its stream by then (in the
+    /// very write that opened it, say) sends nothing to the pod.
     pub async fn open(
         &self,
         addr: SocketAddr,
         settings: &H2cSettings,
         request: http::Request<()>,
         end_of_stream: bool,
+        abandoned: &mut (dyn FnMut() -> bool + Send),
     ) -> Result<PodStream, OpenError> {
         let connection = match self.with_room(settings) {
             Some(c) => c,
@@ -146,15 +347,27 @@ impl PodConnections {
         };
         connection.streams.fetch_add(1, Ordering::Relaxed);
         let counted = StreamCount(connection.streams.clone());
-        let sent = match connection.send.clone().ready().await {
-            Ok(mut send) => send.send_request(request, end_of_stream),
-            Err(e) => Err(e),
+        let mut send = match connection.send.clone().ready().await {
+            Ok(send) => send,
+            Err(e) => {
+                self.forget(&connection);
+                return Err(OpenError::Closing(e));
+            }
         };
-        match sent {
+        if abandoned() {
+            return Err(OpenError::Abandoned);
+        }
+        match send.send_request(request, end_of_stream) {
             Ok((response, body)) => Ok(PodStream {
-                response,
-                body,
-                _counted: counted,
+                open: Some(Open {
+                    answer: PodAnswer {
+                        id: u32::from(response.stream_id()),
+                        pending: Some(response),
+                        settling: connection.settling.clone(),
+                    },
+                    body,
+                    _counted: counted,
+                }),
             }),
             Err(e) => {
                 self.forget(&connection);
@@ -201,13 +414,9 @@ impl PodConnections {
             .cloned()
             .collect();
         if open.len() >= MAX_CONNECTIONS {
-            // Bounded: the stream waits on the least-loaded connection instead.
-            if let Some(least) = open
-                .iter()
-                .min_by_key(|c| c.streams.load(Ordering::Relaxed))
-            {
-                return Ok(least.clone());
-            }
+            // Bounded, and a full connection takes no more: its window is sized for the
+            // streams it may carry.
+            return Err(OpenError::Full);
         }
         match dial(addr, settings).await {
             Ok(connection) => {
@@ -249,7 +458,7 @@ async fn dial(addr: SocketAddr, settings: &H2cSettings) -> Result<Connection, Op
         .map_err(|e| connect(e.to_string()))?;
     let handshake = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
-        .initial_connection_window_size(settings.connection_window)
+        .initial_connection_window_size(settings.connection_window())
         .enable_push(false)
         .handshake::<_, Bytes>(tcp);
     let (send, mut connection) = tokio::time::timeout(settings.connect_timeout, handshake)
@@ -288,11 +497,76 @@ async fn dial(addr: SocketAddr, settings: &H2cSettings) -> Result<Connection, Op
         closed.clone(),
         addr,
     ));
+    let settling = Arc::new(Settling::default());
+    tokio::spawn(probe_when_asked(
+        settling.clone(),
+        send.clone(),
+        closed.clone(),
+        addr,
+    ));
     Ok(Connection {
         send,
         closed,
         streams: Arc::new(AtomicUsize::new(0)),
+        settling,
     })
+}
+
+/// How long the prober waits before trying again after a probe failed.
+const PROBE_RETRY: Duration = Duration::from_millis(100);
+
+/// Sends a probe, one at a time, whenever a stream waits for its reset: a stream the pod
+/// answers at once (a gRPC health check), opened after every stream waiting, whose answer
+/// settles them all ([`Settling`]). It takes the slot `has_room` keeps free.
+async fn probe_when_asked(
+    settling: Arc<Settling>,
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+    addr: SocketAddr,
+) {
+    loop {
+        if settling.waiting.load(Ordering::SeqCst) == 0 {
+            settling.want_probe.notified().await;
+        }
+        if closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut ready) = send.clone().ready().await else {
+            return;
+        };
+        let Ok((response, mut body)) = ready.send_request(probe(addr), false) else {
+            return;
+        };
+        let id = u32::from(response.stream_id());
+        // An empty `HealthCheckRequest`, which also ends the request.
+        let _ = body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true);
+        match response.await {
+            Ok(head) if head.status() != http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                settling.answered(id);
+            }
+            _ if closed.load(Ordering::Relaxed) => return,
+            _ => tokio::time::sleep(PROBE_RETRY).await,
+        }
+    }
+}
+
+/// The probe: kas answers a health check at once, without authentication.
+fn probe(addr: SocketAddr) -> http::Request<()> {
+    let mut request = http::Request::new(());
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::builder()
+        .scheme("http")
+        .authority(addr.to_string())
+        .path_and_query("/grpc.health.v1.Health/Check")
+        .build()
+        .unwrap_or_default();
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    request
 }
 
 /// PINGs the pod every `interval` and ends the connection when one goes unanswered for

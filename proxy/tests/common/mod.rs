@@ -105,3 +105,38 @@ pub async fn cut_after(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An Echo stream (`kas_edge.diagnostics.v1.Diagnostics/Echo`), held open to exchange
+/// messages one round trip at a time, as an agent holds its streams.
+pub struct Echo {
+    pub tx: tokio::sync::mpsc::Sender<kas_proto::diagnostics::PingRequest>,
+    pub rx: tonic::Streaming<kas_proto::diagnostics::PingResponse>,
+}
+
+impl Echo {
+    pub async fn open(channel: &tonic::transport::Channel) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let rx =
+            kas_proto::diagnostics::diagnostics_client::DiagnosticsClient::new(channel.clone())
+                .echo(with_token(tokio_stream::wrappers::ReceiverStream::new(rx)))
+                .await
+                .unwrap()
+                .into_inner();
+        Self { tx, rx }
+    }
+
+    /// Sends `payload` and waits (at most [`STEP`]) for it to come back.
+    pub async fn round_trip(
+        &mut self,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<kas_proto::diagnostics::PingResponse, String> {
+        let request = kas_proto::diagnostics::PingRequest {
+            payload: payload.into(),
+        };
+        self.tx.send(request).await.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(STEP, self.rx.message()).await {
+            Ok(Ok(Some(r))) => Ok(r),
+            other => Err(format!("{other:?}")),
+        }
+    }
+}

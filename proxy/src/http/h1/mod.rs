@@ -33,7 +33,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::access_log::{AccessRecord, HotMetrics};
-use super::refusal::{bad_gateway, unavailable, Denial, DenialResponse};
+use super::headers::{self, Hop};
+use super::refusal::{bad_gateway, bad_request, unavailable, Denial, DenialResponse};
 use super::websocket::{
     encode_head_into, read_response_head, strip_hop_by_hop, ChunkedBody, HandshakeError, PodDialer,
     ResponseFraming,
@@ -271,6 +272,11 @@ impl H1Edge {
         }
         let raw = buf.split_to(total).freeze();
         record.bytes_in = request.body_len as u64;
+        if let Err(headers::Refused(why)) = headers::check_http1_target(&request.headers, true) {
+            record.status = answer_denied(client, &bad_request(why)).await;
+            record.log(&self.gate.metrics, None);
+            return false;
+        }
         if let Some(denial) = self.gate.refused(
             Some(connection.client),
             request.head_bytes,
@@ -282,6 +288,7 @@ impl H1Edge {
         }
         let mut out = Vec::with_capacity(total + 64);
         let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let hop_by_hop = headers::hop_by_hop(&request.headers, Hop::Http1);
         encode_head_into(
             &mut out,
             request.method.as_str(),
@@ -289,7 +296,7 @@ impl H1Edge {
             request
                 .headers
                 .iter()
-                .filter(|(name, _)| !super::is_hop_by_hop(name))
+                .filter(|(name, _)| !hop_by_hop.contains(name))
                 .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
         );
         out.extend_from_slice(&raw[request.head_len..]);

@@ -24,6 +24,7 @@ mod relay;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -31,17 +32,19 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream};
+use http::uri::Authority;
 use http::{HeaderMap, Method, Request, Response};
 use pingora::protocols::Stream;
 
 use super::access_log::{AccessRecord, HotMetrics};
-use super::refusal::{unavailable, Denial, DenialResponse, GrpcCode};
+use super::headers::{self, Hop};
+use super::refusal::{header_too_large, unavailable, Denial, DenialResponse, GrpcCode};
 use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp2};
 use crate::telemetry::metrics::GaugeGuard;
-use crate::upstream::h2c::{H2cSettings, OpenError, PodStream};
-use crate::upstream::pool::{Pod, PodGuard};
-use relay::{relay, Broken};
+use crate::upstream::h2c::{H2cSettings, OpenError, PodAnswer, PodStream};
+use crate::upstream::pool::PodGuard;
+use relay::{relay, Broken, Stalls};
 
 /// Streams one agent connection may have open at once (pingora's default, kept).
 const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -55,6 +58,9 @@ const CANCEL_BUDGET: u32 = 100;
 const CANCEL_WINDOW: Duration = Duration::from_secs(10);
 /// How long streams of a closed connection get to notice and log their end.
 const STREAMS_AFTER_CLOSE: Duration = Duration::from_secs(2);
+/// How long a connection closed with ENHANCE_YOUR_CALM gets to take its GOAWAY before it
+/// is dropped (a client that reads nothing would hold it open).
+const CALM_DOWN_GRACE: Duration = Duration::from_secs(1);
 /// Flow-control windows the edge grants an agent: how much it may send before the edge
 /// passed it on to a pod. They bound what a connection can make the edge hold.
 const AGENT_STREAM_WINDOW: u32 = 256 * 1024;
@@ -121,6 +127,9 @@ impl ServeHttp2 for H2Edge {
         let mut draining = false;
         let mut malformed = 0u32;
         let mut cancels = CancelWindow::default();
+        let stalls = Stalls::default();
+        // Set once the connection was told to calm down: it is dropped then.
+        let mut cut_at: Option<tokio::time::Instant> = None;
         let mut streams = FuturesUnordered::new();
         loop {
             if !draining && *shutdown.borrow() {
@@ -134,8 +143,15 @@ impl ServeHttp2 for H2Edge {
                     if end.cancelled_early && cancels.count() > CANCEL_BUDGET {
                         self.calm_down(&connection, "streams cancelled before their answer");
                         conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                        cut_at.get_or_insert_with(|| tokio::time::Instant::now() + CALM_DOWN_GRACE);
                     }
                 }
+                _ = stalls.exceeded(), if cut_at.is_none() => {
+                    self.calm_down(&connection, "more stalled streams than a connection may hold");
+                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    cut_at = Some(tokio::time::Instant::now() + CALM_DOWN_GRACE);
+                }
+                _ = sleep_until(cut_at) => break,
                 changed = shutdown.changed(), if !draining => {
                     // A dropped sender (the server is gone) is a drain as well.
                     let _ = changed;
@@ -144,7 +160,7 @@ impl ServeHttp2 for H2Edge {
                 }
                 accepted = conn.accept() => match accepted {
                     Some(Ok((request, mut respond))) => match screen(&request) {
-                        Ok(()) => streams.push(self.forward(&connection, request, respond)),
+                        Ok(target) => streams.push(self.forward(&connection, &stalls, request, target, respond)),
                         Err(bad) => {
                             let (status, why) = match bad {
                                 Malformed::Reset(why) => {
@@ -167,6 +183,7 @@ impl ServeHttp2 for H2Edge {
                             if malformed > MALFORMED_BUDGET {
                                 self.calm_down(&connection, "malformed requests");
                                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                                cut_at.get_or_insert_with(|| tokio::time::Instant::now() + CALM_DOWN_GRACE);
                             }
                         }
                     },
@@ -183,8 +200,9 @@ impl ServeHttp2 for H2Edge {
                 },
             }
         }
-        // Streams still open lost their connection with it: each sees that at once and
+        // Streams still open lose their connection with it: each sees that at once and
         // ends, so every one still gets its access-log line and metrics.
+        drop(conn);
         let ended = async { while streams.next().await.is_some() {} };
         if tokio::time::timeout(STREAMS_AFTER_CLOSE, ended)
             .await
@@ -193,6 +211,21 @@ impl ServeHttp2 for H2Edge {
             tracing::debug!(client = %connection.client, "streams outlived their closed connection; dropped");
         }
     }
+}
+
+/// Sleeps until `at`; never resolves without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the client has reset the stream by now, asked without waiting.
+fn client_reset(respond: &mut SendResponse<Bytes>) -> bool {
+    respond
+        .poll_reset(&mut Context::from_waker(Waker::noop()))
+        .is_ready()
 }
 
 /// Counts early cancels in fixed windows.
@@ -218,8 +251,8 @@ impl CancelWindow {
 }
 
 /// Framing checks the h2 crate leaves to its user, done before a request costs anything:
-/// RFC 9113 §8.1.1 forbids forwarding a malformed request.
-fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
+/// RFC 9113 §8.1.1 forbids forwarding a malformed request. Returns the request's target.
+fn screen(request: &Request<RecvStream>) -> Result<Authority, Malformed> {
     if request.method() == Method::CONNECT {
         return Err(Malformed::Answer(405, "CONNECT is not served here"));
     }
@@ -247,19 +280,9 @@ fn screen(request: &Request<RecvStream>) -> Result<(), Malformed> {
             return Err(Malformed::Reset("ambiguous content-length"));
         }
     }
-    // A `host` that disagrees with `:authority` names two different targets.
-    if let (Some(host), Some(authority)) = (
-        request.headers().get(http::header::HOST),
-        request.uri().authority(),
-    ) {
-        if !host
-            .as_bytes()
-            .eq_ignore_ascii_case(authority.as_str().as_bytes())
-        {
-            return Err(Malformed::Answer(400, "host and :authority disagree"));
-        }
-    }
-    Ok(())
+    // One target: `:authority`, `host`, or both agreeing.
+    headers::http2_target(request.uri(), request.headers())
+        .map_err(|headers::Refused(why)| Malformed::Answer(400, why))
 }
 
 /// Answers a stream with a status and a one-line reason, ending it; returns the status.
@@ -313,34 +336,14 @@ fn head_bytes(parts: &http::request::Parts) -> usize {
     super::head_bytes(line, &parts.headers)
 }
 
-/// Headers that describe one connection, not the request: never forwarded (HTTP/2
-/// forbids them; h2 refuses to send them).
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    let hop_by_hop: Vec<http::HeaderName> = headers
-        .iter()
-        .filter(|(name, value)| {
-            // `te: trailers` is the one such header HTTP/2 carries (gRPC requires it).
-            super::is_hop_by_hop(name)
-                && !(*name == http::header::TE && value.as_bytes() == b"trailers")
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in hop_by_hop {
-        headers.remove(name);
-    }
-}
-
-/// The request as it goes to a pod: the same method, target and headers over cleartext.
-fn pod_request(parts: &http::request::Parts, pod: &Pod) -> Request<()> {
-    let authority = parts
-        .uri
-        .authority()
-        .map_or_else(|| pod.addr.to_string(), |a| a.as_str().to_owned());
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+/// The request as it goes to a pod: the same method, target and end-to-end headers
+/// ([`headers`]) over cleartext, the target as `:authority` alone.
+fn pod_request(parts: &http::request::Parts, target: &Authority) -> Request<()> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = http::Uri::builder()
         .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(target)
+        .authority(target.clone())
+        .path_and_query(path)
         .build()
         .unwrap_or_else(|_| parts.uri.clone());
     let mut request = Request::new(());
@@ -348,6 +351,14 @@ fn pod_request(parts: &http::request::Parts, pod: &Pod) -> Request<()> {
     *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
     request
+}
+
+/// Why no pod stream was opened.
+enum Unopened {
+    /// The client reset its stream first: nothing reached a pod.
+    Abandoned,
+    /// No pod took it; the client is told this.
+    Unavailable(&'static str),
 }
 
 /// How the pod's side of a forwarded stream ended.
@@ -377,7 +388,9 @@ impl H2Edge {
     async fn forward(
         &self,
         connection: &ClientConnection,
+        stalls: &Stalls,
         request: Request<RecvStream>,
+        target: Authority,
         mut respond: SendResponse<Bytes>,
     ) -> StreamEnd {
         let _busy = connection.activity.start();
@@ -396,21 +409,42 @@ impl H2Edge {
                 cancelled_early: false,
             };
         }
-        strip_connection_headers(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, Hop::Http2);
+        // The pod gets the target once, as `:authority`.
+        parts.headers.remove(http::header::HOST);
+        let list = headers::http2_header_list_size(&pod_request(&parts, &target));
+        if list > headers::POD_HEADER_LIST_MAX {
+            let denial = header_too_large(list, headers::POD_HEADER_LIST_MAX);
+            record.status = answer_denied(&mut respond, protocol, &denial);
+            self.finish(record, Some(denial.grpc_code), None);
+            return StreamEnd {
+                cancelled_early: false,
+            };
+        }
         let request_ends = body.is_end_stream();
 
         // A pod stream: on another pod when connecting fails (nothing reached the pod).
-        let opened = tokio::select! {
-            opened = self.open_stream(&parts, request_ends) => opened,
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-                record.status = 0;
-                self.finish(record, Some(GrpcCode::Cancelled), Some("client cancelled".into()));
-                return StreamEnd { cancelled_early: true };
-            }
+        // Whether the client reset its stream is asked once more right before the stream
+        // goes out, so a stream reset in the write that opened it never reaches a pod.
+        let opened = {
+            let mut abandoned = || client_reset(&mut respond);
+            self.open_stream(&parts, &target, request_ends, &mut abandoned)
+                .await
         };
-        let (guard, stream) = match opened {
+        let (guard, mut stream) = match opened {
             Ok(opened) => opened,
-            Err(why) => {
+            Err(Unopened::Abandoned) => {
+                record.status = 0;
+                self.finish(
+                    record,
+                    Some(GrpcCode::Cancelled),
+                    Some("client cancelled".into()),
+                );
+                return StreamEnd {
+                    cancelled_early: true,
+                };
+            }
+            Err(Unopened::Unavailable(why)) => {
                 let denial = unavailable(why);
                 record.status = answer_denied(&mut respond, protocol, &denial);
                 self.finish(record, Some(denial.grpc_code), Some(why.to_owned()));
@@ -420,11 +454,7 @@ impl H2Edge {
             }
         };
         record.pod = Some(guard.pod().clone());
-        let PodStream {
-            response,
-            body: mut to_pod,
-            ..
-        } = stream;
+        let (response, to_pod) = stream.parts();
 
         let answered = AtomicBool::new(false);
         let mut bytes_in = 0u64;
@@ -438,12 +468,15 @@ impl H2Edge {
                 &answered,
                 &mut bytes_out,
                 record.started,
+                stalls,
             );
             let upload = async {
                 if request_ends {
                     return Ok(());
                 }
-                relay(&mut body, &mut to_pod, &mut bytes_in).await.map(drop)
+                relay(&mut body, to_pod, &mut bytes_in, None)
+                    .await
+                    .map(drop)
             };
             tokio::pin!(download, upload);
             let mut uploading = !request_ends;
@@ -470,7 +503,7 @@ impl H2Edge {
         let (status, grpc, error) = match answer {
             Answer::Complete { status, grpc } => (status, grpc, None),
             Answer::ClientGone { status } => {
-                to_pod.send_reset(Reason::CANCEL);
+                // The pod's stream ends as `stream` is dropped (see `PodStream`).
                 let why =
                     upload_error.map_or_else(|| "client went away".to_owned(), |e| e.to_string());
                 (status, Some(GrpcCode::Cancelled), Some(why))
@@ -489,6 +522,7 @@ impl H2Edge {
         record.bytes_out = bytes_out;
         let cancelled_early = early && matches!(grpc, Some(GrpcCode::Cancelled));
         self.finish(record, grpc, error);
+        drop(stream);
         drop(guard);
         StreamEnd { cancelled_early }
     }
@@ -498,20 +532,27 @@ impl H2Edge {
     async fn open_stream(
         &self,
         parts: &http::request::Parts,
+        target: &Authority,
         request_ends: bool,
-    ) -> Result<(PodGuard, PodStream), &'static str> {
+        abandoned: &mut (dyn FnMut() -> bool + Send),
+    ) -> Result<(PodGuard, PodStream), Unopened> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let guard = self.gate.pool.pick().ok_or("no healthy kas pod")?;
+            let guard = self
+                .gate
+                .pool
+                .pick()
+                .ok_or(Unopened::Unavailable("no healthy kas pod"))?;
             let pod = guard.pod().clone();
-            let request = pod_request(parts, &pod);
+            let request = pod_request(parts, target);
             let failure = match pod
                 .h2c
-                .open(pod.addr, &self.upstream, request, request_ends)
+                .open(pod.addr, &self.upstream, request, request_ends, abandoned)
                 .await
             {
                 Ok(stream) => return Ok((guard, stream)),
+                Err(OpenError::Abandoned) => return Err(Unopened::Abandoned),
                 Err(e) => e,
             };
             if let OpenError::Connect(_) = failure {
@@ -519,7 +560,7 @@ impl H2Edge {
             }
             if attempts >= self.gate.max_connect_attempts {
                 tracing::warn!(pod = %pod.label, error = %failure, "request not forwarded");
-                return Err("kas is unavailable");
+                return Err(Unopened::Unavailable("kas is unavailable"));
             }
             tracing::debug!(pod = %pod.label, error = %failure, "trying another pod");
         }
@@ -527,17 +568,19 @@ impl H2Edge {
 
     /// The pod's answer to the client: head, body and trailers, or the edge's refusal if
     /// the pod fails before it answers.
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
         protocol: Protocol,
-        response: h2::client::ResponseFuture,
+        response: &mut PodAnswer,
         respond: &mut SendResponse<Bytes>,
         answered: &AtomicBool,
         bytes_out: &mut u64,
         started: Instant,
+        stalls: &Stalls,
     ) -> Answer {
         let response = tokio::select! {
-            response = response => response,
+            response = response.head() => response,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return Answer::ClientGone { status: 0 },
         };
         let response = match response {
@@ -556,7 +599,7 @@ impl H2Edge {
             .headers
             .get("grpc-status")
             .map(|s| GrpcCode::from_wire(s.as_bytes()));
-        strip_connection_headers(&mut head.headers);
+        headers::strip_hop_by_hop(&mut head.headers, Hop::Http2);
         let ends = from_pod.is_end_stream();
         let mut to_client = match respond.send_response(Response::from_parts(head, ()), ends) {
             Ok(send) => send,
@@ -580,7 +623,7 @@ impl H2Edge {
         if ends {
             return outcome(None);
         }
-        match relay(&mut from_pod, &mut to_client, bytes_out).await {
+        match relay(&mut from_pod, &mut to_client, bytes_out, Some(stalls)).await {
             Ok(trailer_status) => outcome(trailer_status),
             Err(Broken::Destination) => Answer::ClientGone { status },
             Err(Broken::Source(error)) => {

@@ -51,6 +51,11 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
     config.tls.self_signed_dir = Some(tls_dir.clone());
     config.discovery = DiscoveryConfig::Static { endpoints: pods };
     config.health.port = kas::dev::devstack::OBSERVABILITY_PORT;
+    // kubectl's requests go to the pods' Kubernetes API proxy (.dev/kubeconfig).
+    config.upstream.routes = vec![crate::config::PathRoute {
+        path_prefix: kas::dev::devstack::K8S_PROXY_PREFIX.into(),
+        port: kas::dev::devstack::K8S_PROXY_PORT,
+    }];
     config.shutdown.readiness_delay = Duration::ZERO;
     config.shutdown.drain_deadline = Duration::from_secs(5);
     config.validate(std::path::Path::new("(dev defaults)"))?;
@@ -76,7 +81,8 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
         "\nkas-edge local stack (Ctrl-C stops everything)\n{description}\
          edge:             https://localhost:8443  (wss:// and grpcs://, certificate {tls}/tls.crt)\n\
          edge admin:       http://{ADMIN}/metrics  /readyz  /healthz\n\n\
-         try: python3 kas/tests/python/get_configuration.py localhost:8443 {token} --tls {tls}/tls.crt\n         and: kubectl --kubeconfig {kubeconfig} get pods -A   (also get -w, logs -f, exec)\n",
+         try: python3 kas/tests/python/get_configuration.py localhost:8443 {token} --tls {tls}/tls.crt\n\
+         and: kubectl --kubeconfig {kubeconfig} get pods -A   (also get -w, logs -f, exec)\n",
         tls = tls_dir.display(),
         kubeconfig = kubeconfig_path.display(),
     );

@@ -166,7 +166,10 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         None => None,
     };
     let metrics = EdgeMetrics::new();
-    let pool = Arc::new(Pool::new(config.health.port, config.health.passive_backoff));
+    let pool = Arc::new(
+        Pool::new(config.health.port, config.health.passive_backoff)
+            .with_route_ports(config.upstream.routes().ports()),
+    );
     let tls = tls::TlsSetup::new(&config.tls, metrics.clone(), control.handle())?;
     let registry = ConnectionRegistry::new(
         metrics.open_connections.clone(),
@@ -354,6 +357,7 @@ fn proxy_service(
         metrics: state.metrics.clone(),
         max_connect_attempts: config.upstream.max_connect_attempts,
         max_request_header_bytes: config.downstream.max_request_header_bytes,
+        routes: config.upstream.routes(),
     });
     let proxy = EdgeProxy {
         gate: gate.clone(),

@@ -29,7 +29,7 @@ pub use policies::{
 pub use public_http::PublicHttpConfig;
 pub use shutdown::ShutdownConfig;
 pub use tls::{CertificateConfig, TlsConfig};
-pub use upstream::UpstreamConfig;
+pub use upstream::{PathRoute, UpstreamConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -25,7 +25,22 @@ pub struct UpstreamConfig {
     /// How long a pod may take to answer a websocket upgrade before the agent gets a 502.
     #[serde(with = "humantime_serde")]
     pub upgrade_timeout: Duration,
+    /// Paths that go to another port of the same pods: `[[upstream.routes]]` with
+    /// `path_prefix = "/k8s-proxy/"` and `port = 8154` sends `kubectl`'s requests to kas's
+    /// Kubernetes API proxy. Everything else goes to the discovered (agent) port.
+    pub routes: Vec<PathRoute>,
 }
+
+/// One path route (see [`UpstreamConfig::routes`]).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PathRoute {
+    pub path_prefix: String,
+    pub port: u16,
+}
+
+/// More routes than this is a configuration mistake (every pod keeps connections per route).
+const MAX_ROUTES: usize = 8;
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
@@ -36,6 +51,7 @@ impl Default for UpstreamConfig {
             tcp_keepalive: Duration::from_secs(60),
             max_connect_attempts: 3,
             upgrade_timeout: Duration::from_secs(10),
+            routes: Vec::new(),
         }
     }
 }
@@ -56,6 +72,47 @@ impl UpstreamConfig {
                 format!("must be from 1 to {MAX_H2_STREAMS}"),
             ));
         }
+        if self.routes.len() > MAX_ROUTES {
+            return Err(FieldError::new(
+                "upstream.routes",
+                format!("at most {MAX_ROUTES} routes"),
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') || route.path_prefix.len() < 2 {
+                return Err(FieldError::new(
+                    "upstream.routes.path_prefix",
+                    format!(
+                        "{:?} must start with / and name a path (e.g. \"/k8s-proxy/\")",
+                        route.path_prefix
+                    ),
+                ));
+            }
+            if route.port == 0 {
+                return Err(FieldError::new(
+                    "upstream.routes.port",
+                    format!("route {:?} needs a port", route.path_prefix),
+                ));
+            }
+            if self.routes[..i]
+                .iter()
+                .any(|r| r.path_prefix == route.path_prefix)
+            {
+                return Err(FieldError::new(
+                    "upstream.routes.path_prefix",
+                    format!("{:?} is listed twice", route.path_prefix),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    pub fn routes(&self) -> crate::upstream::route::Routes {
+        crate::upstream::route::Routes::new(
+            self.routes
+                .iter()
+                .map(|r| (r.path_prefix.clone(), r.port))
+                .collect(),
+        )
     }
 }

@@ -27,6 +27,7 @@ use crate::pingora_compat;
 use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
 use crate::upstream::pool::{Pod, PodGuard, Pool};
+use crate::upstream::route::Routes;
 use access_log::AccessRecord;
 use refusal::{bad_gateway, bad_request, header_too_large, respond_denied, unavailable, Denial};
 use websocket::{PodDialer, RelayOutcome, TunnelEnd, TunnelOutcome};
@@ -96,6 +97,8 @@ pub struct RequestGate {
     pub max_connect_attempts: u32,
     /// `downstream.max_request_header_bytes`.
     pub max_request_header_bytes: usize,
+    /// Which port of a pod a path goes to (`upstream.routes`).
+    pub routes: Routes,
 }
 
 impl RequestGate {
@@ -210,7 +213,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         ctx.attempts += 1;
@@ -221,7 +224,8 @@ impl ProxyHttp for EdgeProxy {
             .pool
             .pick()
             .ok_or_else(|| Error::explain(HTTPStatus(503), "no healthy kas pod"))?;
-        let mut peer = HttpPeer::new(guard.pod().addr, false, String::new());
+        let route = self.gate.routes.for_path(session.req_header().uri.path());
+        let mut peer = HttpPeer::new(guard.pod().port(route).addr, false, String::new());
         let opts = &mut peer.options;
         opts.connection_timeout = Some(self.upstream.connect_timeout);
         opts.read_timeout = None;
@@ -363,6 +367,7 @@ impl EdgeProxy {
             tcp_keepalive: self.upstream.tcp_keepalive,
         };
         let request = session.req_header().clone();
+        let route = self.gate.routes.for_path(request.uri.path());
         let answered = loop {
             ctx.attempts += 1;
             ctx.pod = None;
@@ -370,7 +375,7 @@ impl EdgeProxy {
                 respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
                 return;
             };
-            let addr = guard.pod().addr;
+            let addr = guard.pod().port(route).addr;
             let pod = ctx.pod.insert(guard).pod().clone();
             match dialer.handshake(addr, &request).await {
                 Ok(answered) => break answered,

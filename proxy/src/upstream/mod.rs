@@ -6,3 +6,4 @@ pub mod h2c;
 pub mod health;
 pub mod idle;
 pub mod pool;
+pub mod route;

@@ -16,6 +16,7 @@ use crate::telemetry::metrics::PodSample;
 use crate::upstream::discovery::Endpoint;
 use crate::upstream::h2c::PodConnections;
 use crate::upstream::idle::IdleConnections;
+use crate::upstream::route::Route;
 
 pub struct Pod {
     pub addr: SocketAddr,
@@ -38,10 +39,42 @@ pub struct Pod {
     pub h2c: PodConnections,
     /// HTTP/1.1 connections to the pod between agent connections.
     pub idle_h1: IdleConnections,
+    /// The pod's other ports that path routes send to ([`Route`]), in route order.
+    routes: Vec<RoutePort>,
+}
+
+/// One routed port of a pod and the edge's connections to it.
+pub struct RoutePort {
+    pub addr: SocketAddr,
+    pub h2c: PodConnections,
+}
+
+/// Where a request with a given [`Route`] goes on a pod.
+pub struct PodPort<'a> {
+    pub addr: SocketAddr,
+    pub h2c: &'a PodConnections,
 }
 
 impl Pod {
-    fn new(endpoint: &Endpoint, health_port: u16) -> Self {
+    /// The address and HTTP/2 connections for `route` on this pod.
+    pub fn port(&self, route: Route) -> PodPort<'_> {
+        match route
+            .index()
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+        {
+            Some(port) => PodPort {
+                addr: port.addr,
+                h2c: &port.h2c,
+            },
+            None => PodPort {
+                addr: self.addr,
+                h2c: &self.h2c,
+            },
+        }
+    }
+
+    fn new(endpoint: &Endpoint, health_port: u16, route_ports: &[u16]) -> Self {
         Self {
             addr: endpoint.addr,
             health_addr: SocketAddr::new(endpoint.addr.ip(), health_port),
@@ -59,6 +92,13 @@ impl Pod {
             created: Instant::now(),
             h2c: PodConnections::default(),
             idle_h1: IdleConnections::default(),
+            routes: route_ports
+                .iter()
+                .map(|port| RoutePort {
+                    addr: SocketAddr::new(endpoint.addr.ip(), *port),
+                    h2c: PodConnections::default(),
+                })
+                .collect(),
         }
     }
 
@@ -111,6 +151,8 @@ impl Drop for PodGuard {
 pub struct Pool {
     pods: ArcSwap<Vec<Arc<Pod>>>,
     health_port: u16,
+    /// The ports of `upstream.routes`, opened on every pod.
+    route_ports: Vec<u16>,
     passive_backoff: Duration,
     /// Woken when discovery changes, so new pods are checked at once.
     pub(crate) changed: Notify,
@@ -121,9 +163,16 @@ impl Pool {
         Self {
             pods: ArcSwap::from_pointee(Vec::new()),
             health_port,
+            route_ports: Vec::new(),
             passive_backoff,
             changed: Notify::new(),
         }
+    }
+
+    /// Every pod also takes requests on these ports ([`Route`]s other than the agent's).
+    pub fn with_route_ports(mut self, ports: Vec<u16>) -> Self {
+        self.route_ports = ports;
+        self
     }
 
     pub fn pods(&self) -> Arc<Vec<Arc<Pod>>> {
@@ -154,7 +203,7 @@ impl Pool {
                 Some(pod) => pod.clone(),
                 None => {
                     tracing::info!(pod = %endpoint.addr, name = ?endpoint.name, "pod discovered");
-                    Arc::new(Pod::new(endpoint, self.health_port))
+                    Arc::new(Pod::new(endpoint, self.health_port, &self.route_ports))
                 }
             };
             pod.ready.store(endpoint.ready, Ordering::SeqCst);

@@ -204,6 +204,13 @@ impl ServeHttp1 for H1Edge {
         loop {
             let request = loop {
                 match parse(&buf) {
+                    // Another port of the pods (the Kubernetes API proxy): pingora's path
+                    // dials it; this loop keeps its pod connections for agents' requests.
+                    Parsed::Plain(request)
+                        if !self.gate.routes.for_path(request.uri.path()).is_agent() =>
+                    {
+                        return Some(Replayed::stream(buf.freeze(), client))
+                    }
                     Parsed::Plain(request) => break request,
                     Parsed::Other => return Some(Replayed::stream(buf.freeze(), client)),
                     Parsed::Incomplete => {}

@@ -546,9 +546,10 @@ impl H2Edge {
                 .ok_or(Unopened::Unavailable("no healthy kas pod"))?;
             let pod = guard.pod().clone();
             let request = pod_request(parts, target);
-            let failure = match pod
+            let port = pod.port(self.gate.routes.for_path(parts.uri.path()));
+            let failure = match port
                 .h2c
-                .open(pod.addr, &self.upstream, request, request_ends, abandoned)
+                .open(port.addr, &self.upstream, request, request_ends, abandoned)
                 .await
             {
                 Ok(stream) => return Ok((guard, stream)),

@@ -3,9 +3,8 @@
 //! of one file and of all together), as real kas does for
 //! `gitlab.agent.gitops.rpc.Gitops/GetObjectsToSynchronize`.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::time::Duration;
 
 use globset::{GlobBuilder, GlobMatcher};
 
@@ -13,6 +12,7 @@ use crate::auth::AgentToken;
 use crate::gitlab::GitalyLocation;
 use crate::gitlab::{GitlabClient, GitlabError, ProjectInfo};
 use crate::sources::gitaly::{GitalyError, GitalyPool};
+use crate::sync::ttl_cache::TtlCache;
 
 /// Bounds on one batch of manifests (real kas's defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +78,7 @@ type ProjectKey = ([u8; 32], String);
 pub struct ProjectInfoCache {
     ttl: Duration,
     error_ttl: Duration,
-    max_entries: usize,
-    entries: Mutex<HashMap<ProjectKey, (Instant, ProjectLookup)>>,
+    entries: TtlCache<ProjectKey, ProjectLookup>,
 }
 
 impl ProjectInfoCache {
@@ -87,8 +86,7 @@ impl ProjectInfoCache {
         Self {
             ttl,
             error_ttl,
-            max_entries: max_entries.max(1),
-            entries: Mutex::new(HashMap::new()),
+            entries: TtlCache::new(max_entries),
         }
     }
 
@@ -99,35 +97,19 @@ impl ProjectInfoCache {
         project: &str,
     ) -> ProjectLookup {
         let key = (token.digest(), project.to_owned());
-        let now = Instant::now();
-        if let Some((expires, cached)) = self
+        let (answer, _) = self
             .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            if *expires > now {
-                return cached.clone();
-            }
-        }
-        let result = gitlab.project_info(token.expose(), project).await;
-        let ttl = match &result {
-            Ok(_) => self.ttl,
-            Err(e) if e.is_definite() => self.error_ttl,
-            Err(_) => Duration::ZERO,
-        };
-        if !ttl.is_zero() {
-            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if entries.len() >= self.max_entries {
-                entries.retain(|_, (expires, _)| *expires > now);
-                if entries.len() >= self.max_entries {
-                    // Full of live entries: start over rather than grow without bound.
-                    entries.clear();
-                }
-            }
-            entries.insert(key, (now + ttl, result.clone()));
-        }
-        result
+            .get_or_lookup(
+                &key,
+                || gitlab.project_info(token.expose(), project),
+                |answer| match answer {
+                    Ok(_) => self.ttl,
+                    Err(e) if e.is_definite() => self.error_ttl,
+                    Err(_) => Duration::ZERO,
+                },
+            )
+            .await;
+        answer
     }
 }
 

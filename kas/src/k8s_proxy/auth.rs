@@ -105,14 +105,11 @@ impl Credential {
     }
 
     fn from_bearer(value: &str) -> Result<Self, ProxyError> {
-        let Some(rest) = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-        else {
-            return Err(ProxyError::unauthorized(
+        let rest = kas_common::auth::bearer_token(value).map_err(|_| {
+            ProxyError::unauthorized(
                 "Authorization header: expected Bearer <type>:<agent id>:<token>",
-            ));
-        };
+            )
+        })?;
         let mut parts = rest.trim().splitn(3, ':');
         let (Some(kind), Some(agent_id), Some(token)) = (parts.next(), parts.next(), parts.next())
         else {

@@ -23,6 +23,7 @@ use super::auth::{Credential, ProxyAuthorizer};
 use super::pipe::{self, ClusterRequest};
 use super::status::ProxyError;
 use super::{headers, ProxyBody};
+use crate::transport::next_connection;
 use crate::tunnel::{Meta, TunnelRegistry};
 
 /// A slow caller may take this long to send its request head (real kas: 10 s).
@@ -218,20 +219,7 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "k8s-proxy accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = next_connection(&listener, &stop, "k8s-proxy").await {
         let (proxy, goaway, builder, tls) =
             (proxy.clone(), goaway.clone(), builder.clone(), tls.clone());
         tracker.spawn(async move {

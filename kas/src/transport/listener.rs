@@ -24,6 +24,7 @@ use tonic::body::Body;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
+use super::accept::next_connection;
 use crate::config::AgentListenerConfig;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::wstunnel::{PreAuthLimit, WsByteStream, SUBPROTOCOL};
@@ -339,21 +340,7 @@ pub(crate) async fn serve(
         max_connection_age: cfg.max_connection_age,
         end_streams: end_streams.clone(),
     });
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = next_connection(&listener, &stop, "agent").await {
         let agent_conn = AgentConnection::new(&end_streams);
         let end = agent_conn.end.clone();
         let conn_ctx = Arc::new(ConnCtx {

@@ -143,7 +143,7 @@ mod probe {
 
 /// A kas.yaml shaped like the one the GitLab Helm chart renders (its kas ConfigMap), with
 /// this kas's implemented keys added as an operator's `customConfig` would.
-fn helm_chart_yaml(agent: u16, obs: u16, secret: &std::path::Path) -> String {
+fn helm_chart_yaml(agent: u16, obs: u16, k8s_proxy: u16, secret: &std::path::Path) -> String {
     format!(
         r#"agent:
   listen:
@@ -157,7 +157,7 @@ fn helm_chart_yaml(agent: u16, obs: u16, secret: &std::path::Path) -> String {
   info_cache_error_ttl: "60s"
   kubernetes_api:
     listen:
-      address: ":8154"
+      address: "127.0.0.1:{k8s_proxy}"
       websocket: true
     url_path_prefix: "/k8s-proxy"
 gitlab:
@@ -194,9 +194,7 @@ gitaly:
 
 /// Keys of [`helm_chart_yaml`] this kas does not implement.
 const HELM_IGNORED: &[&str] = &[
-    "agent.kubernetes_api.listen.address",
     "agent.kubernetes_api.listen.websocket",
-    "agent.kubernetes_api.url_path_prefix",
     "agent.listen.websocket",
     "api.listen.address",
     "api.listen.authentication_secret_file",
@@ -211,9 +209,9 @@ fn a_real_kas_yaml_is_accepted_and_unimplemented_keys_are_reported_once() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, kas::gitlab::SharedSecret::generate().to_base64()).unwrap();
-    let (agent, obs) = (free_port(), free_port());
+    let (agent, obs, k8s_proxy) = (free_port(), free_port(), free_port());
     let path = dir.path().join("kas.yaml");
-    std::fs::write(&path, helm_chart_yaml(agent, obs, &secret)).unwrap();
+    std::fs::write(&path, helm_chart_yaml(agent, obs, k8s_proxy, &secret)).unwrap();
 
     // `check` lists every ignored key and accepts the file.
     let out = kas()

@@ -461,3 +461,45 @@ async fn a_drain_ends_an_open_exec_cleanly() {
     let result = tokio::time::timeout(RUN, task).await.expect("kas exits");
     assert!(matches!(result, Ok(Ok(()))), "{result:?}");
 }
+
+#[tokio::test]
+async fn browsers_are_answered_only_from_gitlabs_origin() {
+    let stack = Stack::start(json!({"agent": {}})).await;
+    let _agent = stack.agent(Misbehaviour::None).await;
+    let gitlab = stack.kas.gitlab.url();
+    let client = stack.client();
+    // A preflight needs no credentials and echoes what the browser asked for.
+    let r = client
+        .request(
+            reqwest::Method::OPTIONS,
+            stack.url("/k8s-proxy/api/v1/pods"),
+        )
+        .header("origin", &gitlab)
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], gitlab.as_str());
+    assert_eq!(r.headers()["access-control-allow-headers"], "authorization");
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    // A real request from GitLab's origin carries the CORS headers; another origin is refused.
+    let r = client
+        .get(stack.url("/k8s-proxy/version"))
+        .header("origin", &gitlab)
+        .bearer_auth(format!("ci:{AGENT_ID}:{JOB_TOKEN}"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], gitlab.as_str());
+    let r = client
+        .get(stack.url("/k8s-proxy/version"))
+        .header("origin", "https://evil.example")
+        .bearer_auth(format!("ci:{AGENT_ID}:{JOB_TOKEN}"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}

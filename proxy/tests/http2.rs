@@ -34,6 +34,8 @@ enum PodAnswers {
     /// connection's limit of streams reset before they were accepted (h2's default, 20,
     /// as in kas).
     AcceptsSlowly,
+    /// Never reads a request body; with `answers`, sends a head and 64 KiB of body.
+    NeverReads { answers: bool },
 }
 
 /// A stand-in pod (`max_streams` per connection) and the edge in front of it, with
@@ -94,6 +96,10 @@ async fn h2_pod(ip: IpAddr, answers: PodAnswers, max_streams: u32) -> (SocketAdd
                     let authority = request.uri().authority().map(|a| a.to_string());
                     let headers = request.headers().clone();
                     pod.requests.lock().unwrap().push((authority, headers));
+                    if let PodAnswers::NeverReads { answers } = answers {
+                        tokio::spawn(hold_unread(request, respond, answers));
+                        continue;
+                    }
                     if let PodAnswers::DiesMidway = answers {
                         answer_then_die(respond);
                         // Drive the connection a moment so the frames leave, then
@@ -165,9 +171,28 @@ async fn answer(
                 left -= n;
             }
         }
-        PodAnswers::DiesMidway => unreachable!(),
+        PodAnswers::DiesMidway | PodAnswers::NeverReads { .. } => unreachable!(),
     }
     let _ = send.send_trailers(grpc_ok());
+}
+
+/// Holds a stream without ever reading its body: every DATA frame stays buffered in h2,
+/// where small ones count against the connection's framing budget.
+async fn hold_unread(
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    answers: bool,
+) {
+    if answers {
+        if let Ok(mut send) = respond.send_response(grpc_head(), false) {
+            let _ = send.send_data(Bytes::from(vec![7u8; 64 * 1024]), false);
+            // Held until the test ends.
+            let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+        }
+    } else {
+        let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+    }
+    drop(request);
 }
 
 fn answer_then_die(mut respond: h2::server::SendResponse<Bytes>) {
@@ -512,6 +537,81 @@ async fn cancels_of_streams_a_pod_has_not_accepted_never_close_its_connection() 
         connections <= 2,
         "{connections} pod connections: some were replaced"
     );
+}
+
+/// Sends `n` DATA frames of one byte each on `body`, one at a time (fewer if the stream
+/// ends meanwhile).
+async fn trickle(body: &mut h2::SendStream<Bytes>, n: usize) {
+    for _ in 0..n {
+        if body.send_data(Bytes::from_static(b"z"), false).is_err() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// After an attack on `seen`'s pod: its connections were never closed over it, and a new
+/// stream still reaches it.
+async fn pod_unharmed(edge: &Edge, seen: &PodSeen) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        seen.calmed.load(Ordering::SeqCst),
+        0,
+        "the pod closed a connection"
+    );
+    let before = seen.streams.load(Ordering::SeqCst);
+    let (send, _conn) = h2_client(edge).await;
+    let mut ready = send.ready().await.unwrap();
+    let (_response, _body) = ready.send_request(grpc_request(), false).unwrap();
+    eventually("a new stream reaches the pod", STEP, || async {
+        seen.streams.load(Ordering::SeqCst) > before
+    })
+    .await;
+    let connections = seen.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "{connections} pod connections: some were replaced"
+    );
+}
+
+/// A pod reads no stream before it answers it (kas authenticates first). One-byte DATA
+/// frames on such a stream, forwarded frame for frame, would spend the framing budget h2
+/// keeps per connection for small frames nobody read (GOAWAY ENHANCE_YOUR_CALM): the edge
+/// sends a few, then gathers the rest into larger frames.
+#[tokio::test]
+async fn tiny_frames_to_a_stream_its_pod_has_not_answered_go_out_together() {
+    let (edge, seen) = edge_before(PodAnswers::NeverReads { answers: false }, u32::MAX, "").await;
+    let (send, _conn) = h2_client(&edge).await;
+    let mut ready = send.ready().await.unwrap();
+    let (_response, mut body) = ready.send_request(grpc_request(), false).unwrap();
+    // The stand-in's budget (h2's default for its window): 128 one-byte frames.
+    trickle(&mut body, 1000).await;
+    pod_unharmed(&edge, &seen).await;
+}
+
+/// The same once the pod answered, while its answer waits on an agent that reads nothing
+/// (a pod whose answers back up stops reading, as kas's Echo does).
+#[tokio::test]
+async fn tiny_frames_while_an_answer_waits_on_its_agent_go_out_together() {
+    let (edge, seen) = edge_before(PodAnswers::NeverReads { answers: true }, u32::MAX, "").await;
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut ready = send.ready().await.unwrap();
+    let (response, mut body) = ready.send_request(grpc_request(), false).unwrap();
+    body.send_data(Bytes::from_static(b"\0\0\0\0\0"), false)
+        .unwrap();
+    let _response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    // The answer's body now waits at the edge for a window this client never opens.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    trickle(&mut body, 1000).await;
+    pod_unharmed(&edge, &seen).await;
 }
 
 fn request_with(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {

@@ -16,8 +16,11 @@
 //! when connecting fails, trailers-only `grpc-status` refusals, access log and metrics,
 //! GOAWAY on drain, and the HTTP/2 abuse limits: bounded streams and header lists,
 //! streams reset before they were accepted (h2's own limit), rapid cancellation of
-//! accepted streams, malformed requests, `CONNECT`. Connection-wide limits (block,
-//! maximum age, idle deadline) stay in [`crate::connection`], around this server.
+//! accepted streams, malformed requests, `CONNECT`, more stalled answers than a
+//! connection may hold ([`relay::Stalls`]). Connection-wide limits (block, maximum age,
+//! idle deadline) stay in [`crate::connection`], around this server. Header rules are
+//! every path's ([`super::headers`]); what keeps one agent from hurting the others on the
+//! pod connections they share is in [`crate::upstream::h2c`] and [`relay`].
 
 mod relay;
 

@@ -329,6 +329,14 @@ impl Shared {
     fn still_open(&self) {
         self.with(|t| t.open_at_end += 1);
     }
+    /// How a connection established at `since` ended: closed by the edge, or still open.
+    fn ended(&self, closed: bool, since: Instant) {
+        if closed {
+            self.closed(since.elapsed());
+        } else {
+            self.still_open();
+        }
+    }
     fn response(&self, what: impl Into<String>) {
         self.responses(what, 1);
     }
@@ -1081,11 +1089,7 @@ async fn stall_one(
         .load(Ordering::Relaxed)
         .saturating_sub(before);
     tally.with(|t| t.bytes_held += held);
-    if closed || conn_done.is_cancelled() {
-        tally.closed(t0.elapsed());
-    } else {
-        tally.still_open();
-    }
+    tally.ended(closed || conn_done.is_cancelled(), t0);
     call.abort();
     conn_task.abort();
     Ok(())

@@ -38,6 +38,11 @@ enum PodAnswers {
     NeverReads { answers: bool },
 }
 
+/// Answers every stream at once.
+const AT_ONCE: PodAnswers = PodAnswers::Small {
+    delay: Duration::ZERO,
+};
+
 /// A stand-in pod (`max_streams` per connection) and the edge in front of it, with
 /// `extra` edge configuration.
 async fn edge_before(answers: PodAnswers, max_streams: u32, extra: &str) -> (Edge, Arc<PodSeen>) {
@@ -453,14 +458,7 @@ async fn rapid_cancels_close_the_connection_with_enhance_your_calm() {
 /// edge takes it: it never reaches a pod, whatever the order the edge's tasks run in.
 #[tokio::test]
 async fn streams_reset_in_the_write_that_opened_them_never_reach_a_pod() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let (send, _conn) = h2_client(&edge).await;
     let mut send = send.ready().await.unwrap();
     // The pod connection is up: nothing stands between the edge and the pod.
@@ -639,14 +637,7 @@ async fn status_of(send: &SendRequest<Bytes>, request: Request<()>) -> Result<u1
 /// that keeps sending them is closed with ENHANCE_YOUR_CALM.
 #[tokio::test]
 async fn malformed_requests_and_connect_are_refused_then_the_connection_is_closed() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let (send, conn) = h2_client(&edge).await;
 
     let connect = request_with("CONNECT", "elsewhere.example:443", &[]);
@@ -685,14 +676,7 @@ async fn malformed_requests_and_connect_are_refused_then_the_connection_is_close
 /// another target is refused like the first would be (400), and never reaches the pod.
 #[tokio::test]
 async fn every_host_must_agree_with_the_authority() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let (send, _conn) = h2_client(&edge).await;
     for hosts in [
         &[("host", "elsewhere.example")][..],
@@ -772,14 +756,7 @@ async fn raw_get_status(edge: &Edge, fields: &[(&str, &str)]) -> u16 {
 /// pod may treat as an error). Without either, the request names no target: 400.
 #[tokio::test]
 async fn a_request_without_authority_takes_its_host_as_authority() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let head = [(":method", "GET"), (":scheme", "https"), (":path", "/")];
     let with_host = [&head[..], &[("host", "localhost")]].concat();
     assert_eq!(raw_get_status(&edge, &with_host).await, 200);
@@ -872,14 +849,7 @@ fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
 #[tokio::test]
 async fn a_malformed_frame_ends_its_connection_with_goaway() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (edge, _seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, _seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
         .await
         .unwrap();
@@ -910,9 +880,7 @@ async fn a_malformed_frame_ends_its_connection_with_goaway() {
 #[tokio::test]
 async fn an_http2_connection_that_opens_no_stream_ends_at_the_request_head_deadline() {
     let (edge, _seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
+        AT_ONCE,
         u32::MAX,
         "[downstream]\nrequest_head_timeout = \"1s\"\nh2_idle_timeout = \"5m\"\n",
     )

@@ -46,20 +46,42 @@ const MESSAGE: usize = 128 * 1024;
 /// forwarded them. Each stays within the edge's limits, so none is cut; no reset may reach
 /// a pod in a way that makes it close a connection the fleet uses.
 pub(super) async fn reset_burst(env: Arc<AttackEnv>) -> (AttackSummary, Histogram<u64>) {
+    // Every client's rounds count from the same instant.
+    let begin = Instant::now();
+    let clients = env.sizing.reset_clients;
+    run_clients(env, 7, clients, move |env, tally, i| async move {
+        reset_client(&env, &tally, i, begin).await
+    })
+    .await
+}
+
+/// Runs `client` for `n` clients of attack `kind` (an index into [`KINDS`]) at once,
+/// counting how each failed, until they end or the stop; the attack's summary.
+async fn run_clients<F, Fut>(
+    env: Arc<AttackEnv>,
+    kind: usize,
+    n: usize,
+    client: F,
+) -> (AttackSummary, Histogram<u64>)
+where
+    F: Fn(Arc<AttackEnv>, Shared, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), (&'static str, anyhow::Error)>> + Send + 'static,
+{
     let tally = Shared::default();
     let begin = Instant::now();
     let mut set = JoinSet::new();
-    for i in 0..env.sizing.reset_clients {
-        let (env, tally) = (env.clone(), tally.clone());
+    for i in 0..n {
+        let run = client(env.clone(), tally.clone(), i);
+        let tally = tally.clone();
         set.spawn(async move {
             tally.attempt();
-            if let Err((stage, e)) = reset_client(&env, &tally, i, begin).await {
+            if let Err((stage, e)) = run.await {
                 tally.error(stage, &e);
             }
         });
     }
     join_bounded(set, &env.stop).await;
-    tally.finish(KINDS[7], env.sizing.reset_clients, begin.elapsed())
+    tally.finish(KINDS[kind], n, begin.elapsed())
 }
 
 /// A task that drives an HTTP/2 connection, and a token cancelled when it ends.
@@ -108,11 +130,7 @@ async fn reset_client(
         let reset = burst(&mut send, &env.host, gap).await;
         tally.responses("streams reset", reset as u64);
     }
-    if closed.is_cancelled() {
-        tally.closed(t0.elapsed());
-    } else {
-        tally.still_open();
-    }
+    tally.ended(closed.is_cancelled(), t0);
     drop(held);
     task.abort();
     Ok(())
@@ -163,21 +181,12 @@ async fn burst(send: &mut SendRequest<Bytes>, host: &str, gap: Option<Duration>)
 /// edge closes them, after 10 s), odd ones one (within their share: held to the end).
 /// `bytes_held` counts what they sent, none of which came back.
 pub(super) async fn zero_window(env: Arc<AttackEnv>) -> (AttackSummary, Histogram<u64>) {
-    let tally = Shared::default();
-    let begin = Instant::now();
-    let mut set = JoinSet::new();
-    for i in 0..env.sizing.zero_window {
+    let clients = env.sizing.zero_window;
+    run_clients(env, 8, clients, |env, tally, i| async move {
         let streams = if i % 2 == 0 { OVER_SHARE } else { 1 };
-        let (env, tally) = (env.clone(), tally.clone());
-        set.spawn(async move {
-            tally.attempt();
-            if let Err((stage, e)) = zero_window_client(&env, &tally, i, streams).await {
-                tally.error(stage, &e);
-            }
-        });
-    }
-    join_bounded(set, &env.stop).await;
-    tally.finish(KINDS[8], env.sizing.zero_window, begin.elapsed())
+        zero_window_client(&env, &tally, i, streams).await
+    })
+    .await
 }
 
 async fn zero_window_client(
@@ -243,11 +252,7 @@ async fn zero_window_client(
         _ = env.stop.cancelled() => {}
     }
     tally.with(|t| t.bytes_held += sent.load(Ordering::Relaxed));
-    if closed.is_cancelled() {
-        tally.closed(t0.elapsed());
-    } else {
-        tally.still_open();
-    }
+    tally.ended(closed.is_cancelled(), t0);
     drop(held);
     task.abort();
     Ok(())

@@ -4,7 +4,10 @@
 //! against the legitimate agents' error budget.
 //!
 //! Every attacker binds to loopback source addresses of its own, apart from the fleet's,
-//! so the edge's per-client limits see them as other clients.
+//! so the edge's per-client limits see them as other clients. The attacks on the pods'
+//! connections the edge shares between agents are in [`shared_pods`].
+
+mod shared_pods;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,7 +43,7 @@ use crate::target::Target;
 use crate::transport::{load_roots, tls_connector, BoxIo, Connector, Transport};
 
 /// The attack kinds, in the order they are laid out over the source addresses.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 9] = [
     "silent_tcp",
     "slow_tls",
     "idle_h2",
@@ -48,6 +51,8 @@ pub const KINDS: [&str; 7] = [
     "request_flood",
     "stalled_reader",
     "unique_sources",
+    "reset_burst",
+    "zero_window",
 ];
 
 /// Longest a response is read for, and the most bytes kept of it: attack connections are
@@ -70,6 +75,10 @@ pub struct Sizing {
     pub request_flood: usize,
     pub stalled: usize,
     pub unique: usize,
+    /// reset_burst: HTTP/2 clients (one source address each) bursting together.
+    pub reset_clients: usize,
+    /// zero_window: HTTP/2 clients (one source address each) that read nothing.
+    pub zero_window: usize,
 }
 
 impl Sizing {
@@ -87,11 +96,13 @@ impl Sizing {
             request_flood: n(4.0),
             stalled: n(20.0),
             unique: n(2000.0),
+            reset_clients: n(16.0),
+            zero_window: n(4.0),
         }
     }
 
     /// Source addresses per kind, in [`KINDS`] order.
-    fn sources(&self) -> [usize; 7] {
+    fn sources(&self) -> [usize; 9] {
         [
             self.silent_sources,
             2,
@@ -100,6 +111,8 @@ impl Sizing {
             1,
             1,
             self.unique,
+            self.reset_clients,
+            self.zero_window,
         ]
     }
 
@@ -110,7 +123,14 @@ impl Sizing {
 
     /// Sockets the attacks may hold at once, for the open-files check.
     pub fn max_sockets(&self) -> usize {
-        self.silent + self.slow + self.idle_h2 + self.stalled + self.request_flood + 64
+        self.silent
+            + self.slow
+            + self.idle_h2
+            + self.stalled
+            + self.request_flood
+            + self.reset_clients
+            + self.zero_window
+            + 64
     }
 }
 
@@ -152,12 +172,14 @@ pub struct AttackEnv {
     pub host: String,
     /// For the stalled readers, which go through the whole agent stack.
     pub connector: Connector,
+    /// For the zero-window readers: HTTP/2 whose streams grant no window.
+    pub zero_window: Connector,
     pub token: MetadataValue<Ascii>,
     pub sizing: Sizing,
     pub handshake_timeout: Duration,
     /// Cancelled when the attack phase ends: every attacker stops and closes.
     pub stop: CancellationToken,
-    first_source: [usize; 7],
+    first_source: [usize; 9],
     base: Ipv4Addr,
 }
 
@@ -186,7 +208,7 @@ impl AttackEnv {
         let roots = load_roots(ca_file)?;
         let name = ServerName::try_from(server_name.to_owned())
             .with_context(|| format!("--server-name `{server_name}` is not a valid name"))?;
-        let mut first_source = [0usize; 7];
+        let mut first_source = [0usize; 9];
         let mut next = 0;
         for (slot, n) in first_source.iter_mut().zip(sizing.sources()) {
             *slot = next;
@@ -199,6 +221,7 @@ impl AttackEnv {
             server_name: name,
             host: server_name.to_owned(),
             connector: Connector::new(Some(ca_file), server_name, false)?,
+            zero_window: Connector::new(Some(ca_file), server_name, false)?.granting_no_window(),
             token,
             sizing,
             handshake_timeout,
@@ -306,8 +329,19 @@ impl Shared {
     fn still_open(&self) {
         self.with(|t| t.open_at_end += 1);
     }
+    /// How a connection established at `since` ended: closed by the edge, or still open.
+    fn ended(&self, closed: bool, since: Instant) {
+        if closed {
+            self.closed(since.elapsed());
+        } else {
+            self.still_open();
+        }
+    }
     fn response(&self, what: impl Into<String>) {
-        self.with(|t| *t.responses.entry(what.into()).or_default() += 1);
+        self.responses(what, 1);
+    }
+    fn responses(&self, what: impl Into<String>, n: u64) {
+        self.with(|t| *t.responses.entry(what.into()).or_default() += n);
     }
     fn error(&self, kind: &str, e: &anyhow::Error) {
         self.with(|t| {
@@ -364,6 +398,8 @@ pub async fn run_all(env: Arc<AttackEnv>) -> Vec<(AttackSummary, Histogram<u64>)
     set.spawn(request_flood(env.clone()));
     set.spawn(stalled_reader(env.clone()));
     set.spawn(unique_sources(env.clone()));
+    set.spawn(shared_pods::reset_burst(env.clone()));
+    set.spawn(shared_pods::zero_window(env.clone()));
     let mut out = Vec::new();
     while let Some(done) = set.join_next().await {
         if let Ok(result) = done {
@@ -1053,11 +1089,7 @@ async fn stall_one(
         .load(Ordering::Relaxed)
         .saturating_sub(before);
     tally.with(|t| t.bytes_held += held);
-    if closed || conn_done.is_cancelled() {
-        tally.closed(t0.elapsed());
-    } else {
-        tally.still_open();
-    }
+    tally.ended(closed || conn_done.is_cancelled(), t0);
     call.abort();
     conn_task.abort();
     Ok(())

@@ -29,7 +29,7 @@ pub async fn bulk(ctx: &mut Ctx) -> anyhow::Result<()> {
         bail!("--bulk-chunk-bytes must be 1..={MAX_CHUNK}");
     }
     let target = ctx.targets.first().context("bulk needs a --target")?.addr;
-    let transport = agent::transport_for(0, ctx.args.ws_fraction);
+    let transport = agent::transport_for(0, ctx.args.ws_fraction());
     ctx.set_phase("connect");
     let connector = crate::scenarios::connector(ctx)?;
     let stats = ctx.stats.clone();

@@ -52,6 +52,14 @@ impl Scenario {
 }
 
 impl Args {
+    /// `--ws-fraction`, or the scenario's default share.
+    pub fn ws_fraction(&self) -> f64 {
+        self.ws_fraction_arg.unwrap_or(match self.scenario {
+            Scenario::Hostile => 0.5,
+            _ => 1.0,
+        })
+    }
+
     /// `--max-error-rate`, or the scenario's default budget.
     pub fn error_budget(&self) -> f64 {
         self.max_error_rate
@@ -137,8 +145,10 @@ pub struct Args {
     pub settle: Duration,
 
     /// Share of agents using the websocket transport; the rest use gRPC over HTTP/2.
-    #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
-    pub ws_fraction: f64,
+    /// Default: 1, or 0.5 for hostile (whose attacks on the edge's shared pod connections
+    /// aim at the gRPC agents).
+    #[arg(long = "ws-fraction", value_parser = parse_fraction)]
+    pub ws_fraction_arg: Option<f64>,
 
     /// Agent token (`authorization: Bearer`). Default: .dev/demo-agent-token if present.
     #[arg(long, conflicts_with = "token_file")]

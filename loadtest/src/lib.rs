@@ -457,7 +457,7 @@ fn params(ctx: &Ctx) -> serde_json::Value {
         "agents": ctx.args.agents,
         "rate": ctx.args.rate,
         "duration_s": ctx.args.duration.as_secs_f64(),
-        "ws_fraction": ctx.args.ws_fraction,
+        "ws_fraction": ctx.args.ws_fraction(),
         "echo_interval_s": ctx.args.echo_interval.as_secs_f64(),
         "reverse_tunnel": ctx.args.reverse_tunnel,
         "tls_resumption": ctx.args.tls_resumption,

@@ -63,7 +63,7 @@ fn fleet(ctx: &Ctx, cycle_jitter: Duration) -> anyhow::Result<Fleet> {
         env,
         &FleetShape {
             agents: ctx.args.agents,
-            ws_fraction: ctx.args.ws_fraction,
+            ws_fraction: ctx.args.ws_fraction(),
             source_base: ctx.args.source_base,
             agents_per_ip: ctx.args.agents_per_ip,
             spread_sources: !ctx.args.no_source_spread,
@@ -567,7 +567,7 @@ pub(crate) async fn open_counted(
 ) -> anyhow::Result<Option<(GrpcConn, Connection)>> {
     let stats = &ctx.stats;
     let target = &ctx.targets[i % ctx.targets.len()];
-    let transport = agent::transport_for(i, ctx.args.ws_fraction);
+    let transport = agent::transport_for(i, ctx.args.ws_fraction());
     let source = match target.addr.ip() {
         IpAddr::V4(v4) if v4.is_loopback() && !ctx.args.no_source_spread => {
             Some(IpAddr::V4(agent::source_address(ctx.args.source_base, i)?))

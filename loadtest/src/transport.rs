@@ -167,6 +167,13 @@ impl Connector {
         })
     }
 
+    /// The same client, but its streams grant the server no flow-control window: it takes
+    /// none of any answer (the hostile scenario's `zero_window` readers).
+    pub fn granting_no_window(mut self) -> Self {
+        self.h2.initial_stream_window_size(0);
+        self
+    }
+
     /// TCP (bound to `source` when given), then TLS, websocket and HTTP/2 as the target and
     /// transport require. The returned connection must be polled for requests to progress.
     pub async fn connect(

@@ -424,8 +424,9 @@ async fn through_the_edge_binary_over_tls() {
 }
 
 /// The attacks, small and quick, through the real edge with its deadlines shortened so
-/// that closes happen within the run: the fleet must not notice, every kind must run, and
-/// the edge must close what it promises to close.
+/// that closes happen within the run: the fleet (half of it on the pods' connections the
+/// edge shares) must not notice, every kind must run, and the edge must close what it
+/// promises to close. 14 s: a zero-window reader's stalled streams count after 10.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
     let binary = find_edge_binary().expect(
@@ -465,7 +466,7 @@ async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
             "--echo-interval",
             "300ms",
             "--duration",
-            "5s",
+            "14s",
             "--attack-scale",
             "0.02",
             "--attack-source-base",
@@ -498,7 +499,7 @@ async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
         assert!(a.attempts > 0, "{}: no attempts\n{table}", a.kind);
     }
     let attack = |kind: &str| report.attacks.iter().find(|a| a.kind == kind).unwrap();
-    // Deadlines of 1 s (handshake, request head) and 2 s (h2 idle) within a 5 s attack.
+    // Deadlines of 1 s (handshake, request head) and 2 s (h2 idle) within the attack.
     for kind in ["silent_tcp", "slow_tls", "idle_h2"] {
         let a = attack(kind);
         assert!(
@@ -527,6 +528,22 @@ async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
         attack("stalled_reader").established > 0,
         "stalled_reader: never reached kas\n{table}"
     );
+    // Within every limit of the edge: never cut, bursting all along.
+    let resets = attack("reset_burst");
+    assert!(
+        resets.established == resets.attempts
+            && resets.closed_by_edge == 0
+            && resets.responses.get("streams reset").copied().unwrap_or(0) >= 20,
+        "reset_burst\n{table}"
+    );
+    // One client holding 16 stalled streams: cut.
+    let readers = attack("zero_window");
+    assert!(
+        readers.established > 0 && readers.closed_by_edge == readers.established,
+        "zero_window: the reader over its share was not cut\n{table}"
+    );
+    assert!(fact_u64(&report, "legit_grpc_agents") > 0, "{table}");
+    assert_eq!(fact_u64(&report, "legit_streams_ended_during_attack"), 0);
 
     let e = report.edge.as_ref().unwrap();
     let (before, peak, after) = (
@@ -538,7 +555,10 @@ async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
     assert!(e.cpu_cores_attack.is_some(), "{e:?}");
     let parsed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(parsed["attacks"].as_array().map(Vec::len), Some(7));
+    assert_eq!(
+        parsed["attacks"].as_array().map(Vec::len),
+        Some(kas_loadtest::attacks::KINDS.len())
+    );
     assert!(parsed["edge"]["rss_peak_attack_bytes"].as_u64().is_some());
     eprintln!("{table}");
 }

@@ -34,7 +34,14 @@ enum PodAnswers {
     /// connection's limit of streams reset before they were accepted (h2's default, 20,
     /// as in kas).
     AcceptsSlowly,
+    /// Never reads a request body; with `answers`, sends a head and 64 KiB of body.
+    NeverReads { answers: bool },
 }
+
+/// Answers every stream at once.
+const AT_ONCE: PodAnswers = PodAnswers::Small {
+    delay: Duration::ZERO,
+};
 
 /// A stand-in pod (`max_streams` per connection) and the edge in front of it, with
 /// `extra` edge configuration.
@@ -94,6 +101,10 @@ async fn h2_pod(ip: IpAddr, answers: PodAnswers, max_streams: u32) -> (SocketAdd
                     let authority = request.uri().authority().map(|a| a.to_string());
                     let headers = request.headers().clone();
                     pod.requests.lock().unwrap().push((authority, headers));
+                    if let PodAnswers::NeverReads { answers } = answers {
+                        tokio::spawn(hold_unread(request, respond, answers));
+                        continue;
+                    }
                     if let PodAnswers::DiesMidway = answers {
                         answer_then_die(respond);
                         // Drive the connection a moment so the frames leave, then
@@ -165,9 +176,28 @@ async fn answer(
                 left -= n;
             }
         }
-        PodAnswers::DiesMidway => unreachable!(),
+        PodAnswers::DiesMidway | PodAnswers::NeverReads { .. } => unreachable!(),
     }
     let _ = send.send_trailers(grpc_ok());
+}
+
+/// Holds a stream without ever reading its body: every DATA frame stays buffered in h2,
+/// where small ones count against the connection's framing budget.
+async fn hold_unread(
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    answers: bool,
+) {
+    if answers {
+        if let Ok(mut send) = respond.send_response(grpc_head(), false) {
+            let _ = send.send_data(Bytes::from(vec![7u8; 64 * 1024]), false);
+            // Held until the test ends.
+            let _ = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+        }
+    } else {
+        let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+    }
+    drop(request);
 }
 
 fn answer_then_die(mut respond: h2::server::SendResponse<Bytes>) {
@@ -428,14 +458,7 @@ async fn rapid_cancels_close_the_connection_with_enhance_your_calm() {
 /// edge takes it: it never reaches a pod, whatever the order the edge's tasks run in.
 #[tokio::test]
 async fn streams_reset_in_the_write_that_opened_them_never_reach_a_pod() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let (send, _conn) = h2_client(&edge).await;
     let mut send = send.ready().await.unwrap();
     // The pod connection is up: nothing stands between the edge and the pod.
@@ -514,6 +537,81 @@ async fn cancels_of_streams_a_pod_has_not_accepted_never_close_its_connection() 
     );
 }
 
+/// Sends `n` DATA frames of one byte each on `body`, one at a time (fewer if the stream
+/// ends meanwhile).
+async fn trickle(body: &mut h2::SendStream<Bytes>, n: usize) {
+    for _ in 0..n {
+        if body.send_data(Bytes::from_static(b"z"), false).is_err() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// After an attack on `seen`'s pod: its connections were never closed over it, and a new
+/// stream still reaches it.
+async fn pod_unharmed(edge: &Edge, seen: &PodSeen) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        seen.calmed.load(Ordering::SeqCst),
+        0,
+        "the pod closed a connection"
+    );
+    let before = seen.streams.load(Ordering::SeqCst);
+    let (send, _conn) = h2_client(edge).await;
+    let mut ready = send.ready().await.unwrap();
+    let (_response, _body) = ready.send_request(grpc_request(), false).unwrap();
+    eventually("a new stream reaches the pod", STEP, || async {
+        seen.streams.load(Ordering::SeqCst) > before
+    })
+    .await;
+    let connections = seen.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "{connections} pod connections: some were replaced"
+    );
+}
+
+/// A pod reads no stream before it answers it (kas authenticates first). One-byte DATA
+/// frames on such a stream, forwarded frame for frame, would spend the framing budget h2
+/// keeps per connection for small frames nobody read (GOAWAY ENHANCE_YOUR_CALM): the edge
+/// sends a few, then gathers the rest into larger frames.
+#[tokio::test]
+async fn tiny_frames_to_a_stream_its_pod_has_not_answered_go_out_together() {
+    let (edge, seen) = edge_before(PodAnswers::NeverReads { answers: false }, u32::MAX, "").await;
+    let (send, _conn) = h2_client(&edge).await;
+    let mut ready = send.ready().await.unwrap();
+    let (_response, mut body) = ready.send_request(grpc_request(), false).unwrap();
+    // The stand-in's budget (h2's default for its window): 128 one-byte frames.
+    trickle(&mut body, 1000).await;
+    pod_unharmed(&edge, &seen).await;
+}
+
+/// The same once the pod answered, while its answer waits on an agent that reads nothing
+/// (a pod whose answers back up stops reading, as kas's Echo does).
+#[tokio::test]
+async fn tiny_frames_while_an_answer_waits_on_its_agent_go_out_together() {
+    let (edge, seen) = edge_before(PodAnswers::NeverReads { answers: true }, u32::MAX, "").await;
+    let tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut ready = send.ready().await.unwrap();
+    let (response, mut body) = ready.send_request(grpc_request(), false).unwrap();
+    body.send_data(Bytes::from_static(b"\0\0\0\0\0"), false)
+        .unwrap();
+    let _response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    // The answer's body now waits at the edge for a window this client never opens.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    trickle(&mut body, 1000).await;
+    pod_unharmed(&edge, &seen).await;
+}
+
 fn request_with(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
     let mut request = Request::builder().method(method).uri(uri);
     for (name, value) in headers {
@@ -539,14 +637,7 @@ async fn status_of(send: &SendRequest<Bytes>, request: Request<()>) -> Result<u1
 /// that keeps sending them is closed with ENHANCE_YOUR_CALM.
 #[tokio::test]
 async fn malformed_requests_and_connect_are_refused_then_the_connection_is_closed() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let (send, conn) = h2_client(&edge).await;
 
     let connect = request_with("CONNECT", "elsewhere.example:443", &[]);
@@ -585,14 +676,7 @@ async fn malformed_requests_and_connect_are_refused_then_the_connection_is_close
 /// another target is refused like the first would be (400), and never reaches the pod.
 #[tokio::test]
 async fn every_host_must_agree_with_the_authority() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let (send, _conn) = h2_client(&edge).await;
     for hosts in [
         &[("host", "elsewhere.example")][..],
@@ -672,14 +756,7 @@ async fn raw_get_status(edge: &Edge, fields: &[(&str, &str)]) -> u16 {
 /// pod may treat as an error). Without either, the request names no target: 400.
 #[tokio::test]
 async fn a_request_without_authority_takes_its_host_as_authority() {
-    let (edge, seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let head = [(":method", "GET"), (":scheme", "https"), (":path", "/")];
     let with_host = [&head[..], &[("host", "localhost")]].concat();
     assert_eq!(raw_get_status(&edge, &with_host).await, 200);
@@ -772,14 +849,7 @@ fn goaway_codes(mut bytes: &[u8]) -> Vec<u32> {
 #[tokio::test]
 async fn a_malformed_frame_ends_its_connection_with_goaway() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (edge, _seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
-        u32::MAX,
-        "",
-    )
-    .await;
+    let (edge, _seen) = edge_before(AT_ONCE, u32::MAX, "").await;
     let mut tls = tls_connect(edge.https, &edge.tls_client(&[b"h2"]), None)
         .await
         .unwrap();
@@ -810,9 +880,7 @@ async fn a_malformed_frame_ends_its_connection_with_goaway() {
 #[tokio::test]
 async fn an_http2_connection_that_opens_no_stream_ends_at_the_request_head_deadline() {
     let (edge, _seen) = edge_before(
-        PodAnswers::Small {
-            delay: Duration::ZERO,
-        },
+        AT_ONCE,
         u32::MAX,
         "[downstream]\nrequest_head_timeout = \"1s\"\nh2_idle_timeout = \"5m\"\n",
     )

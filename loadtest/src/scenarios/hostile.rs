@@ -14,6 +14,7 @@ use crate::attacks::{self, AttackEnv, Sizing};
 use crate::probe::{EdgeProbe, EdgeSample};
 use crate::report::EdgeSummary;
 use crate::stats::Stats;
+use crate::transport::Transport;
 use crate::Ctx;
 
 use super::{delta, fleet, ramp_and_settle, round3, stop};
@@ -112,6 +113,7 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.set_phase("before");
     let before = ctx.probe.sample().await;
     let errors_before = ctx.stats.errors.total();
+    let cuts_before = Stats::get(&ctx.stats.unexpected_cuts);
 
     ctx.set_phase("attack");
     let begin = Instant::now();
@@ -128,6 +130,7 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
     let attack_secs = begin.elapsed();
     let attack_end = ctx.probe.sample().await;
     let connected_end_of_attack = fleet.connected();
+    let cuts_during = Stats::get(&ctx.stats.unexpected_cuts).saturating_sub(cuts_before);
 
     ctx.set_phase("stop attacks");
     attack_stop.cancel();
@@ -191,6 +194,35 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
             format!("{} kinds", results.len())
         } else {
             format!("no attempts: {}", missing.join(", "))
+        },
+    );
+    // The pods' connections the edge shares carry the `grpcs://` agents: the attacks on
+    // them (reset bursts, zero-window readers) aim at those agents' streams.
+    let sharing = fleet
+        .slots
+        .iter()
+        .filter(|s| s.transport == Transport::Grpc)
+        .count();
+    ctx.fact("legit_grpc_agents", sharing);
+    ctx.fact("legit_streams_ended_during_attack", cuts_during);
+    ctx.check(
+        "fleet shares the pods' connections with the attackers",
+        sharing > 0,
+        format!("{sharing} of {n} agents on grpcs:// (--ws-fraction below 1)"),
+    );
+    let cut_example = ctx
+        .stats
+        .errors
+        .snapshot()
+        .get("cut")
+        .map(|(_, example)| example.clone())
+        .unwrap_or_default();
+    ctx.check(
+        "no legitimate stream ended during the attacks",
+        cuts_during == 0,
+        match cuts_during {
+            0 => "every held configuration and Echo stream lived on".to_owned(),
+            n => format!("{n} agents lost a stream, e.g. {cut_example}"),
         },
     );
     ctx.check(

@@ -24,9 +24,10 @@
 //!   stream before the pod's SETTINGS arrived and never more than it allows (so it refuses
 //!   none, which h2 counts), sends only requests its own HTTP/2 server accepted and
 //!   rebuilt (no malformed header block or framing, which h2 also counts), header lists
-//!   within [`crate::http::headers::POD_HEADER_LIST_MAX`], and control frames of its own
-//!   only (no agent's SETTINGS, PING or WINDOW_UPDATE is relayed): one PING per
-//!   `ping_interval`, WINDOW_UPDATEs as h2 batches released bytes.
+//!   within [`crate::http::headers::POD_HEADER_LIST_MAX`], DATA framed by the edge so
+//!   that small frames a pod would hold unread stay few (`http::h2::relay::upload`), and
+//!   control frames of its own only (no agent's SETTINGS, PING or WINDOW_UPDATE is
+//!   relayed): one PING per `ping_interval`, WINDOW_UPDATEs as h2 batches released bytes.
 
 use std::cell::Cell;
 use std::net::SocketAddr;

@@ -16,13 +16,16 @@
 //! when connecting fails, trailers-only `grpc-status` refusals, access log and metrics,
 //! GOAWAY on drain, and the HTTP/2 abuse limits: bounded streams and header lists,
 //! streams reset before they were accepted (h2's own limit), rapid cancellation of
-//! accepted streams, malformed requests, `CONNECT`. Connection-wide limits (block,
-//! maximum age, idle deadline) stay in [`crate::connection`], around this server.
+//! accepted streams, malformed requests, `CONNECT`, more stalled answers than a
+//! connection may hold ([`relay::Stalls`]). Connection-wide limits (block, maximum age,
+//! idle deadline) stay in [`crate::connection`], around this server. Header rules are
+//! every path's ([`super::headers`]); what keeps one agent from hurting the others on the
+//! pod connections they share is in [`crate::upstream::h2c`] and [`relay`].
 
 mod relay;
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
@@ -44,7 +47,7 @@ use crate::connection::{ClientConnection, ServeHttp2};
 use crate::telemetry::metrics::GaugeGuard;
 use crate::upstream::h2c::{H2cSettings, OpenError, PodAnswer, PodStream};
 use crate::upstream::pool::PodGuard;
-use relay::{relay, Broken, Stalls};
+use relay::{relay, upload, Broken, Stalls, StreamFlow, ToAgent};
 
 /// Streams one agent connection may have open at once (pingora's default, kept).
 const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -456,7 +459,7 @@ impl H2Edge {
         record.pod = Some(guard.pod().clone());
         let (response, to_pod) = stream.parts();
 
-        let answered = AtomicBool::new(false);
+        let flow = StreamFlow::default();
         let mut bytes_in = 0u64;
         let mut bytes_out = 0u64;
         let mut upload_error = None;
@@ -465,18 +468,18 @@ impl H2Edge {
                 protocol,
                 response,
                 &mut respond,
-                &answered,
                 &mut bytes_out,
                 record.started,
-                stalls,
+                ToAgent {
+                    stalls,
+                    flow: &flow,
+                },
             );
             let upload = async {
                 if request_ends {
                     return Ok(());
                 }
-                relay(&mut body, to_pod, &mut bytes_in, None)
-                    .await
-                    .map(drop)
+                upload(&mut body, to_pod, &mut bytes_in, &flow).await
             };
             tokio::pin!(download, upload);
             let mut uploading = !request_ends;
@@ -499,7 +502,7 @@ impl H2Edge {
                 }
             }
         };
-        let early = !answered.load(Ordering::Relaxed);
+        let early = !flow.answered.load(Ordering::Relaxed);
         let (status, grpc, error) = match answer {
             Answer::Complete { status, grpc } => (status, grpc, None),
             Answer::ClientGone { status } => {
@@ -575,10 +578,9 @@ impl H2Edge {
         protocol: Protocol,
         response: &mut PodAnswer,
         respond: &mut SendResponse<Bytes>,
-        answered: &AtomicBool,
         bytes_out: &mut u64,
         started: Instant,
-        stalls: &Stalls,
+        to_agent: ToAgent<'_>,
     ) -> Answer {
         let response = tokio::select! {
             response = response.head() => response,
@@ -606,7 +608,7 @@ impl H2Edge {
             Ok(send) => send,
             Err(_) => return Answer::ClientGone { status },
         };
-        answered.store(true, Ordering::Relaxed);
+        to_agent.flow.answered.store(true, Ordering::Relaxed);
         // The call's status as its client sees it: the trailers', else a trailers-only
         // head's; without one, a 200 that ended is INTERNAL and any other status maps as
         // gRPC clients map it.
@@ -624,7 +626,7 @@ impl H2Edge {
         if ends {
             return outcome(None);
         }
-        match relay(&mut from_pod, &mut to_client, bytes_out, Some(stalls)).await {
+        match relay(&mut from_pod, &mut to_client, bytes_out, Some(to_agent)).await {
             Ok(trailer_status) => outcome(trailer_status),
             Err(Broken::Destination) => Answer::ClientGone { status },
             Err(Broken::Source(error)) => {

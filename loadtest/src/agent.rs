@@ -1,6 +1,7 @@
 //! One simulated agent: connect, authenticate, hold the configuration stream and an Echo
-//! stream (and optionally a reverse tunnel), reconnect with jittered back-off when cut —
-//! the shape of agentk's traffic, one task per agent.
+//! stream (and optionally idle reverse tunnels, as agentk: kas-dev's agentk stand-in's
+//! tunnel workers over this agent's connection), reconnect with jittered back-off when
+//! cut — the shape of agentk's traffic, one task per agent plus one per tunnel.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -10,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::bail;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -23,8 +23,7 @@ use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurati
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::{PingRequest, PingResponse};
-use kas_proto::reverse_tunnel::reverse_tunnel_client::ReverseTunnelClient;
-use kas_proto::reverse_tunnel::{connect_request, ConnectRequest, ConnectResponse, Descriptor};
+use kas::dev::agent::{Fleet as TunnelFleet, KasConn, TestAgent};
 
 use crate::schedule::Schedule;
 use crate::stats::Stats;
@@ -34,26 +33,48 @@ use crate::transport::{Connector, GrpcConn, Transport};
 /// An Echo not answered within this is a broken stream.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One agent token: the header value every request carries, and the token itself for the
+/// tunnels.
+#[derive(Clone)]
+pub struct AgentToken {
+    pub header: MetadataValue<Ascii>,
+    pub raw: String,
+}
+
+/// The reverse tunnels agents hold: the fleet they share (API server client, counters)
+/// and how many idle ones each keeps.
+pub struct Tunnels {
+    pub fleet: Arc<TunnelFleet>,
+    pub idle: usize,
+}
+
 /// What every agent shares.
 pub struct AgentEnv {
     pub connector: Connector,
     pub targets: Vec<Target>,
-    pub token: MetadataValue<Ascii>,
+    /// Agent `i` uses token `i mod len` (never empty).
+    pub tokens: Vec<AgentToken>,
     pub stats: Arc<Stats>,
     pub stop: CancellationToken,
+    /// Zero: no Echo stream.
     pub echo_interval: Duration,
     pub connect_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    pub reverse_tunnel: bool,
+    pub tunnels: Option<Tunnels>,
     pub payload: Bytes,
     /// After a requested reconnect, wait a random time up to this first.
     pub cycle_jitter: Duration,
 }
 
 impl AgentEnv {
-    pub fn authed<T>(&self, message: T) -> tonic::Request<T> {
-        authed(&self.token, message)
+    /// Agent `slot`'s token.
+    pub fn token(&self, slot: &Slot) -> &AgentToken {
+        &self.tokens[slot.index % self.tokens.len().max(1)]
+    }
+
+    pub fn authed<T>(&self, slot: &Slot, message: T) -> tonic::Request<T> {
+        authed(&self.token(slot).header, message)
     }
 }
 
@@ -304,9 +325,9 @@ async fn session(
 /// whole life, and what the edge has to carry per connection.
 struct HeldStreams {
     config: Streaming<ConfigurationResponse>,
-    echo_out: mpsc::Sender<PingRequest>,
-    echo_in: Streaming<PingResponse>,
-    tunnel: Option<Streaming<ConnectResponse>>,
+    echo: Option<(mpsc::Sender<PingRequest>, Streaming<PingResponse>)>,
+    /// The idle tunnels' workers; dropping it ends them.
+    _tunnels: Option<TestAgent>,
 }
 
 /// Authenticates through the configuration stream, opens the held streams, then keeps
@@ -322,7 +343,7 @@ async fn hold(
 ) -> End {
     // `grpc` lives until the streams end: hyper closes an HTTP/2 connection once every
     // handle to its request sender is gone, open streams or not.
-    let streams = match open_streams(env, &grpc, deadline).await {
+    let streams = match open_streams(env, slot, &grpc, deadline).await {
         Ok(streams) => streams,
         Err(end) => return end,
     };
@@ -339,21 +360,26 @@ async fn hold(
 /// failed connect (counted, and retried with back-off), not a cut.
 async fn open_streams(
     env: &AgentEnv,
+    slot: &Slot,
     grpc: &GrpcConn,
     deadline: Instant,
 ) -> Result<HeldStreams, End> {
-    let config = open_configuration(env, grpc, deadline).await?;
-    let (echo_out, echo_in) = open_echo(env, grpc, deadline).await?;
-    let tunnel = if env.reverse_tunnel {
-        Some(open_tunnel(env, grpc, deadline).await?)
-    } else {
+    let config = open_configuration(env, slot, grpc, deadline).await?;
+    let echo = if env.echo_interval.is_zero() {
         None
+    } else {
+        Some(open_echo(env, slot, grpc, deadline).await?)
     };
+    // The tunnels open in the background, as agentk's do; their failures reach the stats
+    // through the fleet's error hook.
+    let tunnels = env.tunnels.as_ref().map(|t| {
+        let conn = KasConn::new(grpc.service.clone(), grpc.origin.clone());
+        TestAgent::start_in(&t.fleet, conn, &env.token(slot).raw, t.idle)
+    });
     Ok(HeldStreams {
         config,
-        echo_out,
-        echo_in,
-        tunnel,
+        echo,
+        _tunnels: tunnels,
     })
 }
 
@@ -387,13 +413,14 @@ async fn opened<T>(
 /// working connection.
 async fn open_configuration(
     env: &AgentEnv,
+    slot: &Slot,
     grpc: &GrpcConn,
     deadline: Instant,
 ) -> Result<Streaming<ConfigurationResponse>, End> {
     let stats = &env.stats;
     let mut client =
         AgentConfigurationClient::with_origin(grpc.service.clone(), grpc.origin.clone());
-    let request = env.authed(ConfigurationRequest {
+    let request = env.authed(slot, ConfigurationRequest {
         commit_id: String::new(),
         agent_meta: None,
         skip_register: true,
@@ -427,39 +454,19 @@ pub fn receiver_stream<T>(rx: mpsc::Receiver<T>) -> impl futures_util::Stream<It
 /// so the channel holds one), answers come on the returned stream.
 async fn open_echo(
     env: &AgentEnv,
+    slot: &Slot,
     grpc: &GrpcConn,
     deadline: Instant,
 ) -> Result<(mpsc::Sender<PingRequest>, Streaming<PingResponse>), End> {
     let mut client = DiagnosticsClient::with_origin(grpc.service.clone(), grpc.origin.clone());
     let (echo_tx, echo_rx) = mpsc::channel::<PingRequest>(1);
     let outbound = receiver_stream(echo_rx);
-    let opening = async { Ok(client.echo(env.authed(outbound)).await?.into_inner()) };
+    let opening = async { Ok(client.echo(env.authed(slot, outbound)).await?.into_inner()) };
     let echo_in = opened(&env.stats, "echo", deadline, opening, || {
         "Echo stream did not open".into()
     })
     .await?;
     Ok((echo_tx, echo_in))
-}
-
-/// `ReverseTunnel/Connect`: the descriptor, then nothing — the request side stays open
-/// like an idle tunnel.
-async fn open_tunnel(
-    env: &AgentEnv,
-    grpc: &GrpcConn,
-    deadline: Instant,
-) -> Result<Streaming<ConnectResponse>, End> {
-    let mut client = ReverseTunnelClient::with_origin(grpc.service.clone(), grpc.origin.clone());
-    let descriptor = ConnectRequest {
-        msg: Some(connect_request::Msg::Descriptor(Descriptor {
-            agent_descriptor: Some(kas::tunnel::kubernetes_api_descriptor()),
-        })),
-    };
-    let outbound = futures_util::stream::iter([descriptor]).chain(futures_util::stream::pending());
-    let opening = async { Ok(client.connect(env.authed(outbound)).await?.into_inner()) };
-    opened(&env.stats, "tunnel", deadline, opening, || {
-        "ReverseTunnel/Connect did not open".into()
-    })
-    .await
 }
 
 /// The next message of a held stream; its end or an error is the connection's cut, named
@@ -472,26 +479,25 @@ fn still_open<T>(what: &str, message: Result<Option<T>, tonic::Status>) -> Resul
     }
 }
 
-/// The tunnel's next message, or never when the agent holds no tunnel.
-async fn next_tunnel_message(
-    tunnel: &mut Option<Streaming<ConnectResponse>>,
-) -> Result<Option<ConnectResponse>, tonic::Status> {
-    match tunnel.as_mut() {
-        Some(t) => t.message().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Keeps the held streams busy — configuration updates in, one echo per interval out and
 /// back — until one of them breaks; returns why.
 async fn keep_busy(env: &AgentEnv, streams: HeldStreams) -> End {
     let stats = &env.stats;
     let HeldStreams {
         mut config,
-        echo_out,
-        mut echo_in,
-        mut tunnel,
+        echo,
+        _tunnels,
     } = streams;
+    let Some((echo_out, mut echo_in)) = echo else {
+        // The configuration stream alone (and the tunnels, on their own tasks).
+        loop {
+            let m = config.message().await;
+            if let Err(end) = still_open("configuration stream", m) {
+                return end;
+            }
+            stats.inc(&stats.config_messages);
+        }
+    };
     let mut echo = Echoes::new(env.echo_interval, echo_out);
     loop {
         let echo_deadline = echo.answer_deadline();
@@ -501,7 +507,6 @@ async fn keep_busy(env: &AgentEnv, streams: HeldStreams) -> End {
             },
             _ = sleep_until(echo.next_due) => echo.tick(env).await,
             m = echo_in.message() => still_open("echo stream", m).map(|pong| echo.answered(stats, &pong)),
-            m = next_tunnel_message(&mut tunnel) => still_open("tunnel", m).map(drop),
             _ = sleep_until(echo_deadline) => {
                 stats.errors.add("echo: timeout", || format!("no echo within {ECHO_TIMEOUT:?}"));
                 Err(End::Cut("echo timeout".into()))

@@ -25,6 +25,11 @@ pub enum Scenario {
     /// Hold a fleet while attackers (slowloris, floods, silent and stalled clients) hit the
     /// edge from other addresses; the fleet's error rate and the edge's memory and CPU.
     Hostile,
+    /// Agents holding reverse tunnels, and callers sending Kubernetes API requests and
+    /// holding watches through kas's Kubernetes API proxy; latency, errors, tunnels in use.
+    #[value(name = "k8s-proxy")]
+    #[serde(rename = "k8s-proxy")]
+    K8sProxy,
 }
 
 impl Scenario {
@@ -37,6 +42,7 @@ impl Scenario {
             Scenario::Blocklist => "blocklist",
             Scenario::Bulk => "bulk",
             Scenario::Hostile => "hostile",
+            Scenario::K8sProxy => "k8s-proxy",
         }
     }
 
@@ -154,7 +160,9 @@ pub struct Args {
     #[arg(long, conflicts_with = "token_file")]
     pub token: Option<String>,
 
-    /// File holding the agent token (e.g. .dev/demo-agent-token).
+    /// File holding the agent token (e.g. .dev/demo-agent-token), or one token per line:
+    /// agent i then uses line i mod lines (distinct GitLab agents, as kas-loadtest-stack
+    /// writes them).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
 
@@ -171,13 +179,79 @@ pub struct Args {
     #[arg(long)]
     pub tls_resumption: bool,
 
-    /// Interval between Echo messages on each agent's held stream.
+    /// Interval between Echo messages on each agent's held stream; 0: no Echo stream (as
+    /// agentk, which holds its configuration stream and tunnels only).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub echo_interval: Duration,
 
-    /// Also hold a ReverseTunnel/Connect stream per agent, as agentk does.
+    /// Also hold --tunnels idle ReverseTunnel/Connect streams per agent, as agentk does:
+    /// each used one is replaced, and requests routed through them are replayed against
+    /// --kube-api-url. Always on in the k8s-proxy scenario.
     #[arg(long)]
     pub reverse_tunnel: bool,
+
+    /// Idle reverse tunnels per agent (agentk: 2).
+    #[arg(long, default_value_t = 2)]
+    pub tunnels: usize,
+
+    /// The Kubernetes API server the agents replay tunnelled requests against (the local
+    /// stack's stand-in by default).
+    #[arg(long, default_value = "http://127.0.0.1:8182")]
+    pub kube_api_url: String,
+
+    /// k8s-proxy: where callers send Kubernetes API requests: kas's proxy
+    /// (http://127.0.7.1:8154/k8s-proxy/), the edge's route (https://<edge>/k8s-proxy/) or,
+    /// with --agents 0, the API server itself. Repeat one per --target, in the same order,
+    /// when agents go straight to pods.
+    #[arg(long = "k8s-proxy-url")]
+    pub k8s_proxy_urls: Vec<String>,
+
+    /// k8s-proxy: the callers' bearer token, `ci:<agent id>:<job token>`. Repeatable.
+    #[arg(long = "k8s-token")]
+    pub k8s_tokens: Vec<String>,
+
+    /// k8s-proxy: callers' tokens, one per line, line i for the agents of --token-file's
+    /// line i (kas-loadtest-stack writes both).
+    #[arg(long)]
+    pub k8s_token_file: Option<PathBuf>,
+
+    /// k8s-proxy: PEM certificate(s) to trust for https proxy URLs. Default: --ca-file.
+    #[arg(long)]
+    pub k8s_ca_file: Option<PathBuf>,
+
+    /// k8s-proxy: accept any certificate from https proxy URLs (loopback URLs only).
+    #[arg(long)]
+    pub k8s_insecure: bool,
+
+    /// k8s-proxy: GET requests per second (open loop; latency from the scheduled time).
+    #[arg(long, default_value_t = 100.0, value_parser = parse_rate)]
+    pub k8s_rate: f64,
+
+    /// k8s-proxy: instead of --k8s-rate, this many callers each sending their next GET
+    /// when the last is answered (closed loop: the most the path carries).
+    #[arg(long, default_value_t = 0)]
+    pub k8s_concurrency: usize,
+
+    /// k8s-proxy: paths the GETs ask for, in turn (default /api/v1/namespaces/default/pods).
+    #[arg(long = "k8s-path")]
+    pub k8s_paths: Vec<String>,
+
+    /// k8s-proxy: watch streams (pods in namespace default) held for the whole run.
+    #[arg(long, default_value_t = 2)]
+    pub k8s_watches: usize,
+
+    /// k8s-proxy: pods created (and deleted again) per second, so the watches carry
+    /// events; 0: none.
+    #[arg(long, default_value_t = 1.0)]
+    pub k8s_write_rate: f64,
+
+    /// k8s-proxy: a request (or a watch's answer) not there within this is an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub k8s_timeout: Duration,
+
+    /// k8s-proxy: GETs allowed in flight (open loop); when full, sends wait.
+    #[arg(long, default_value_t = 1000)]
+    pub k8s_max_in_flight: usize,
 
     /// Time allowed for connect + TLS + websocket + HTTP/2 + first configuration.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]

@@ -1,17 +1,21 @@
 //! `kas-loadtest`: a fleet of simulated GitLab agents against kas-edge or kas pods.
 //!
 //! [`cli`] (options) → [`run`] (set-up, sampler, report) → [`scenarios`] (what the fleet
-//! does) → [`agent`] (one agent's life) → [`transport`] (TCP/TLS/websocket/HTTP/2). The
-//! [`report`] renders the result; [`probe`] reads the edge's own numbers.
+//! does; [`k8s`] for the Kubernetes API proxy's callers) → [`agent`] (one agent's life) →
+//! [`transport`] (TCP/TLS/websocket/HTTP/2). The [`report`] renders the result; [`probe`]
+//! reads the edge's own numbers. [`stack`] is `kas-loadtest-stack`, the local stack of the
+//! `k8s-proxy` scenario.
 
 pub mod agent;
 pub mod attacks;
 pub mod bulk;
 pub mod cli;
+pub mod k8s;
 pub mod probe;
 pub mod report;
 pub mod scenarios;
 mod schedule;
+pub mod stack;
 pub mod stats;
 pub mod target;
 pub mod transport;
@@ -29,6 +33,8 @@ use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 
+use agent::AgentToken;
+use kas::dev::agent::Fleet as TunnelFleet;
 pub use cli::{Args, Scenario};
 use probe::EdgeProbe;
 use report::{ErrorEntry, LatencySummary, Report, Sample, Totals};
@@ -69,32 +75,41 @@ pub fn raise_nofile_limit() -> anyhow::Result<u64> {
     Ok(limit.rlim_cur as u64)
 }
 
-fn read_token(args: &Args) -> anyhow::Result<String> {
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.trim().to_owned(),
+/// The agent tokens: `--token`, or every non-empty line of `--token-file` (or of the local
+/// stack's token file).
+fn read_tokens(args: &Args) -> anyhow::Result<Vec<String>> {
+    let text = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
         (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --token-file {}", path.display()))?
-            .trim()
-            .to_owned(),
+            .with_context(|| format!("cannot read --token-file {}", path.display()))?,
         (None, None) if Path::new(DEV_TOKEN).exists() => std::fs::read_to_string(DEV_TOKEN)
-            .with_context(|| format!("cannot read {DEV_TOKEN}"))?
-            .trim()
-            .to_owned(),
+            .with_context(|| format!("cannot read {DEV_TOKEN}"))?,
         (None, None) => {
             bail!("no token: give --token or --token-file (the local stack's is {DEV_TOKEN})")
         }
     };
-    if token.is_empty() {
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
         bail!("the agent token is empty");
     }
-    Ok(token)
+    Ok(tokens)
 }
 
 /// Everything a scenario works with.
 pub struct Ctx {
     pub args: Args,
     pub targets: Vec<Target>,
+    /// The first agent token, for the scenarios of a few connections.
     pub token: MetadataValue<Ascii>,
+    /// Every agent token: agent `i` uses `i mod len`.
+    pub tokens: Vec<AgentToken>,
+    /// The agents' reverse tunnels (`--reverse-tunnel`, k8s-proxy): what they share.
+    pub tunnels: Option<Arc<TunnelFleet>>,
     pub ca_file: Option<PathBuf>,
     pub stats: Arc<Stats>,
     pub probe: Arc<EdgeProbe>,
@@ -113,15 +128,21 @@ impl Ctx {
     fn new(
         args: Args,
         targets: Vec<Target>,
-        token: MetadataValue<Ascii>,
+        tokens: Vec<AgentToken>,
         ca_file: Option<PathBuf>,
         probe: Arc<EdgeProbe>,
     ) -> Self {
+        let stats = Arc::new(Stats::new());
+        let tunnels = (args.agents > 0
+            && (args.reverse_tunnel || args.scenario == Scenario::K8sProxy))
+            .then(|| Arc::new(tunnel_fleet(&args.kube_api_url, &stats)));
         Self {
             targets,
-            token,
+            token: tokens[0].header.clone(),
+            tokens,
+            tunnels,
             ca_file,
-            stats: Arc::new(Stats::new()),
+            stats,
             probe,
             phase: Arc::new(Mutex::new("start".into())),
             interrupted: CancellationToken::new(),
@@ -159,6 +180,31 @@ impl Ctx {
     }
 }
 
+/// The `Via` product the loadtest's agents append, as agentk's `gitlab-agent/<version>`.
+const VIA: &str = "gitlab-agent/v16.5.0-kas-loadtest/0000000";
+
+/// The agents' tunnels replaying against `kube_api`, failures counted in `stats` by
+/// kind (`tunnel: grpc <code>`: kas refused or broke an idle tunnel; `tunnel request: grpc
+/// <code>`: a routed request failed in the agent). A request its caller left (a watch
+/// closed) is not a failure.
+fn tunnel_fleet(kube_api: &str, stats: &Arc<Stats>) -> TunnelFleet {
+    let stats = stats.clone();
+    TunnelFleet::new(kube_api, VIA).with_error_hook(Box::new(move |stage, status| {
+        if stage == "request" && status.code() == tonic::Code::Cancelled {
+            stats.inc(&stats.tunnel_requests_cancelled);
+            return;
+        }
+        let kind = if stage == "request" {
+            "tunnel request"
+        } else {
+            "tunnel"
+        };
+        stats
+            .errors
+            .add(&agent::status_kind(kind, status), || status.message().to_owned());
+    }))
+}
+
 fn progress_bar(args: &Args) -> ProgressBar {
     let show = match args.progress.as_str() {
         "always" => true,
@@ -192,6 +238,7 @@ fn spawn_sampler(
     let phase = ctx.phase.clone();
     let every = ctx.args.sample_interval.max(Duration::from_millis(50));
     let rpc = ctx.args.scenario == Scenario::Rpc;
+    let tunnels = ctx.tunnels.clone();
     tokio::spawn(async move {
         let mut timeline = Vec::new();
         let mut sample_tick = interval(every);
@@ -213,6 +260,8 @@ fn spawn_sampler(
                         cuts: Stats::get(&stats.unexpected_cuts) + Stats::get(&stats.expected_cuts),
                         echo_ok: Stats::get(&stats.echo_ok),
                         rpc_ok: Stats::get(&stats.rpc_ok),
+                        k8s_ok: Stats::get(&stats.k8s_ok),
+                        tunnels_busy: tunnels.as_ref().map(|t| t.counters().busy() as u64),
                         edge,
                     });
                 }
@@ -239,13 +288,13 @@ fn spawn_sampler(
 pub async fn run(mut args: Args) -> anyhow::Result<Report> {
     let targets = parse_targets(&mut args)?;
     let ca_file = ca_file(&args, &targets);
-    let token = bearer_token(&args)?;
+    let tokens = agent_tokens(&args)?;
     check_capacity(&args)?;
     let probe = Arc::new(edge_probe(&args)?);
     let started_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let mut ctx = Ctx::new(args, targets, token, ca_file, probe);
+    let mut ctx = Ctx::new(args, targets, tokens, ca_file, probe);
     let (outcome, timeline) = run_sampled(&mut ctx).await;
     if let Err(e) = outcome {
         ctx.check("scenario ran to the end", false, format!("{e:#}"));
@@ -279,19 +328,24 @@ fn ca_file(args: &Args, targets: &[Target]) -> Option<PathBuf> {
     }
 }
 
-/// The token as the `authorization` value every agent sends, checked once here rather
+/// The tokens with the `authorization` value every agent sends, checked once here rather
 /// than failing in every agent.
-fn bearer_token(args: &Args) -> anyhow::Result<MetadataValue<Ascii>> {
-    let token = read_token(args)?;
-    format!("Bearer {token}")
-        .parse()
-        .context("the token has characters not allowed in a header")
+fn agent_tokens(args: &Args) -> anyhow::Result<Vec<AgentToken>> {
+    read_tokens(args)?
+        .into_iter()
+        .map(|raw| {
+            let header = format!("Bearer {raw}")
+                .parse()
+                .context("the token has characters not allowed in a header")?;
+            Ok(AgentToken { header, raw })
+        })
+        .collect()
 }
 
 /// Refuses a run that cannot open its sockets before it starts, instead of as a flood of
 /// errors half-way: raises the open-files limit and checks the connections fit.
 fn check_capacity(args: &Args) -> anyhow::Result<()> {
-    if args.agents == 0 && args.scenario != Scenario::Rpc {
+    if args.agents == 0 && !matches!(args.scenario, Scenario::Rpc | Scenario::K8sProxy) {
         bail!("--agents must be at least 1");
     }
     let nofile = raise_nofile_limit()?;
@@ -299,6 +353,15 @@ fn check_capacity(args: &Args) -> anyhow::Result<()> {
         Scenario::Rpc => args.rpc_connections,
         Scenario::Bulk => 1,
         Scenario::Hostile => args.agents + attacks::Sizing::scaled(args.attack_scale).max_sockets(),
+        // Callers over HTTP/1.1 hold a connection per request in flight.
+        Scenario::K8sProxy => {
+            let callers = if args.k8s_concurrency > 0 {
+                args.k8s_concurrency
+            } else {
+                args.k8s_max_in_flight
+            };
+            args.agents + args.k8s_watches + callers.min(4096)
+        }
         _ => args.agents,
     };
     if (sockets as u64) + 64 > nofile {
@@ -341,6 +404,7 @@ async fn run_sampled(ctx: &mut Ctx) -> (anyhow::Result<()>, Vec<Sample>) {
         Scenario::Blocklist => scenarios::blocklist(ctx).await,
         Scenario::Bulk => bulk::bulk(ctx).await,
         Scenario::Hostile => scenarios::hostile(ctx).await,
+        Scenario::K8sProxy => k8s::k8s_proxy(ctx).await,
     };
     ctx.set_phase("done");
     // One last sample after everything settled.
@@ -355,6 +419,10 @@ async fn run_sampled(ctx: &mut Ctx) -> (anyhow::Result<()>, Vec<Sample>) {
 /// budget.
 fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Report {
     let s = ctx.stats.clone();
+    if let Some(tunnels) = &ctx.tunnels {
+        s.tunnels_opened
+            .store(tunnels.counters().opened(), std::sync::atomic::Ordering::Relaxed);
+    }
     let errors_map = s.errors.snapshot();
     let totals = totals(ctx.args.agents, &s, &errors_map);
     let latency = latency_summaries(&s, &ctx.extra_latency);
@@ -422,6 +490,9 @@ fn totals(agents: usize, s: &Stats, errors_map: &BTreeMap<String, (u64, String)>
         echo_ok: Stats::get(&s.echo_ok),
         rpc_sent: Stats::get(&s.rpc_sent),
         rpc_ok: Stats::get(&s.rpc_ok),
+        k8s_sent: Stats::get(&s.k8s_sent),
+        k8s_ok: Stats::get(&s.k8s_ok),
+        tunnels_opened: Stats::get(&s.tunnels_opened),
         errors,
         operations: s.operations(),
         error_rate,
@@ -460,6 +531,8 @@ fn params(ctx: &Ctx) -> serde_json::Value {
         "ws_fraction": ctx.args.ws_fraction(),
         "echo_interval_s": ctx.args.echo_interval.as_secs_f64(),
         "reverse_tunnel": ctx.args.reverse_tunnel,
+        "tunnels": ctx.tunnels.as_ref().map(|_| ctx.args.tunnels),
+        "agent_tokens": ctx.tokens.len(),
         "tls_resumption": ctx.args.tls_resumption,
         "source_base": ctx.args.source_base.to_string(),
         "agents_per_ip": ctx.args.agents_per_ip,
@@ -473,5 +546,11 @@ fn params(ctx: &Ctx) -> serde_json::Value {
         "block_every": ctx.args.block_every,
         "server_name": ctx.args.server_name,
         "ca_file": ctx.ca_file.as_ref().map(|p| p.display().to_string()),
+        "k8s_proxy_urls": ctx.args.k8s_proxy_urls,
+        "k8s_rate": ctx.args.k8s_rate,
+        "k8s_concurrency": ctx.args.k8s_concurrency,
+        "k8s_watches": ctx.args.k8s_watches,
+        "k8s_write_rate": ctx.args.k8s_write_rate,
+        "kube_api_url": ctx.tunnels.as_ref().map(|_| ctx.args.kube_api_url.clone()),
     })
 }

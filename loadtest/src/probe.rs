@@ -47,6 +47,23 @@ async fn read_body(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
+/// The status code of `GET path` on `addr` (within 2 s), `None` when nothing answers.
+pub async fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let get = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await.ok()?;
+        let text = String::from_utf8_lossy(&head[..n]);
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), get)
+        .await
+        .ok()
+        .flatten()
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions; it only reads a constant of the system.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

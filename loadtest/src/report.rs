@@ -24,6 +24,10 @@ pub struct Sample {
     pub cuts: u64,
     pub echo_ok: u64,
     pub rpc_ok: u64,
+    /// Kubernetes API requests answered with success (k8s-proxy).
+    pub k8s_ok: u64,
+    /// Tunnels carrying a request now, when the agents hold tunnels.
+    pub tunnels_busy: Option<u64>,
     pub edge: Option<EdgeSample>,
 }
 
@@ -107,6 +111,9 @@ pub struct Totals {
     pub echo_ok: u64,
     pub rpc_sent: u64,
     pub rpc_ok: u64,
+    pub k8s_sent: u64,
+    pub k8s_ok: u64,
+    pub tunnels_opened: u64,
     pub errors: u64,
     pub operations: u64,
     pub error_rate: f64,
@@ -355,6 +362,26 @@ impl Report {
                 "#1a7f37",
             ));
         }
+        if self.totals.k8s_sent > 0 {
+            charts.push_str(&bar_series(
+                "Kubernetes API requests answered per second",
+                &rates(&self.timeline, |s| s.k8s_ok),
+                "#1a7f37",
+            ));
+        }
+        let busy: Vec<(f64, f64)> = self
+            .timeline
+            .iter()
+            .filter_map(|s| Some((s.t, s.tunnels_busy? as f64)))
+            .collect();
+        if !busy.is_empty() {
+            charts.push_str(&line_chart(
+                "Tunnels carrying a request",
+                "tunnels",
+                &busy,
+                "#8250df",
+            ));
+        }
         let rss: Vec<(f64, f64)> = self
             .timeline
             .iter()
@@ -457,6 +484,13 @@ fn totals_rows(t: &Totals, rows: &mut Rows) {
         "rpc sent / ok",
         format!("{} / {}", t.rpc_sent, t.rpc_ok),
     );
+    if t.k8s_sent > 0 {
+        let k8s = format!("{} / {}", t.k8s_sent, t.k8s_ok);
+        rows.add("streams", "k8s requests sent / ok", k8s);
+    }
+    if t.tunnels_opened > 0 {
+        rows.add("streams", "tunnels opened", t.tunnels_opened.to_string());
+    }
     let errors = format!("{} / {}", t.errors, t.operations);
     rows.add("errors", "errors / operations", errors);
     rows.add("errors", "error rate", format!("{:.6}", t.error_rate));

@@ -44,18 +44,21 @@ fn payload(len: usize) -> Bytes {
     Bytes::from(vec![b'x'; len])
 }
 
-fn fleet(ctx: &Ctx, cycle_jitter: Duration) -> anyhow::Result<Fleet> {
+pub(crate) fn fleet(ctx: &Ctx, cycle_jitter: Duration) -> anyhow::Result<Fleet> {
     let env = Arc::new(AgentEnv {
         connector: connector(ctx)?,
         targets: ctx.targets.clone(),
-        token: ctx.token.clone(),
+        tokens: ctx.tokens.clone(),
         stats: ctx.stats.clone(),
         stop: ctx.interrupted.child_token(),
         echo_interval: ctx.args.echo_interval,
         connect_timeout: ctx.args.connect_timeout,
         backoff_min: ctx.args.backoff_min,
         backoff_max: ctx.args.backoff_max,
-        reverse_tunnel: ctx.args.reverse_tunnel,
+        tunnels: ctx.tunnels.as_ref().map(|fleet| agent::Tunnels {
+            fleet: fleet.clone(),
+            idle: ctx.args.tunnels,
+        }),
         payload: payload(ctx.args.payload_bytes),
         cycle_jitter,
     });
@@ -71,8 +74,9 @@ fn fleet(ctx: &Ctx, cycle_jitter: Duration) -> anyhow::Result<Fleet> {
     )
 }
 
-/// Ramps the fleet and waits (bounded by --settle) for all of it; records the ramp facts.
-async fn ramp_and_settle(ctx: &mut Ctx, fleet: &mut Fleet) -> bool {
+/// Ramps the fleet and waits (bounded by --settle) for all of it — and for every idle
+/// tunnel, when agents hold them; records the ramp facts.
+pub(crate) async fn ramp_and_settle(ctx: &mut Ctx, fleet: &mut Fleet) -> bool {
     ctx.set_phase("ramp");
     let begin = Instant::now();
     fleet.ramp(ctx.args.rate).await;
@@ -94,11 +98,29 @@ async fn ramp_and_settle(ctx: &mut Ctx, fleet: &mut Fleet) -> bool {
         all,
         format!("{connected}/{n} within the ramp + {:?}", ctx.args.settle),
     );
-    all
+    let Some(tunnels) = ctx.tunnels.clone() else {
+        return all;
+    };
+    // Idle = accepted by kas (it answers a tunnel once it holds it).
+    let want = n * ctx.args.tunnels;
+    let left = (begin + ctx.args.settle).saturating_duration_since(Instant::now());
+    let held = fleet
+        .wait_for(left.max(Duration::from_secs(1)), |_| {
+            tunnels.counters().idle() >= want
+        })
+        .await;
+    let idle = tunnels.counters().idle();
+    ctx.fact("tunnels_idle_after_ramp", idle as u64);
+    ctx.check(
+        "all tunnels held",
+        held,
+        format!("{idle}/{want} idle tunnels within the ramp + {:?}", ctx.args.settle),
+    );
+    all && held
 }
 
 /// The last phase of every fleet scenario: stop the agents, waiting (bounded) for them.
-async fn stop(ctx: &Ctx, fleet: Fleet) {
+pub(crate) async fn stop(ctx: &Ctx, fleet: Fleet) {
     ctx.set_phase("stop");
     fleet.shutdown(Duration::from_secs(10)).await;
 }

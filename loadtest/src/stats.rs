@@ -87,6 +87,16 @@ pub struct Stats {
     pub echo_ok: AtomicU64,
     pub rpc_sent: AtomicU64,
     pub rpc_ok: AtomicU64,
+    /// Kubernetes API requests (GETs, writes, watches) sent and answered with success.
+    pub k8s_sent: AtomicU64,
+    pub k8s_ok: AtomicU64,
+    /// Watch streams open now.
+    pub watches_open: AtomicU64,
+    /// Reverse tunnels the agents opened (counted as operations of the error budget).
+    pub tunnels_opened: AtomicU64,
+    /// Tunnelled requests their caller left before the answer ended (a watch closed):
+    /// not errors.
+    pub tunnel_requests_cancelled: AtomicU64,
     pub connect_latency: Latency,
     pub handshake_latency: Latency,
     pub echo_rtt: Latency,
@@ -111,6 +121,11 @@ impl Stats {
             echo_ok: AtomicU64::new(0),
             rpc_sent: AtomicU64::new(0),
             rpc_ok: AtomicU64::new(0),
+            k8s_sent: AtomicU64::new(0),
+            k8s_ok: AtomicU64::new(0),
+            watches_open: AtomicU64::new(0),
+            tunnels_opened: AtomicU64::new(0),
+            tunnel_requests_cancelled: AtomicU64::new(0),
             connect_latency: Latency::default(),
             handshake_latency: Latency::default(),
             echo_rtt: Latency::default(),
@@ -146,7 +161,11 @@ impl Stats {
 
     /// Operations the error budget is measured against.
     pub fn operations(&self) -> u64 {
-        Self::get(&self.connect_attempts) + Self::get(&self.echo_sent) + Self::get(&self.rpc_sent)
+        Self::get(&self.connect_attempts)
+            + Self::get(&self.echo_sent)
+            + Self::get(&self.rpc_sent)
+            + Self::get(&self.k8s_sent)
+            + Self::get(&self.tunnels_opened)
     }
 }
 

@@ -43,7 +43,12 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(pods: u8) -> Self {
-        let cluster = Cluster::<LoadtestTests>::start(pods).await;
+        Self::start_with(pods, |_| {}).await
+    }
+
+    /// Like [`Stack::start`], each pod's configuration changed by `tweak`.
+    pub async fn start_with(pods: u8, tweak: impl Fn(&mut Config)) -> Self {
+        let cluster = Cluster::<LoadtestTests>::start_with(pods, tweak).await;
         Self {
             subnet: cluster.subnet,
             gitlab: cluster.gitlab,
@@ -129,18 +134,28 @@ impl Stack {
 /// The `kas-edge` binary: $KAS_EDGE_BIN, next to this test's target directory, or the
 /// workspace's target/debug. `None` when it has not been built.
 pub fn find_edge_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KAS_EDGE_BIN").map(PathBuf::from) {
+    find_binary("kas-edge", "KAS_EDGE_BIN")
+}
+
+/// The `kas` binary: $KAS_BIN, next to this test's target directory, or the workspace's
+/// target/debug. `None` when it has not been built.
+pub fn find_kas_binary() -> Option<PathBuf> {
+    find_binary("kas", "KAS_BIN")
+}
+
+fn find_binary(name: &str, env: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env).map(PathBuf::from) {
         return p.exists().then_some(p);
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
-        // target/<profile>/deps/<test> → target/<profile>/kas-edge
+        // target/<profile>/deps/<test> → target/<profile>/<name>
         if let Some(profile_dir) = exe.parent().and_then(|d| d.parent()) {
-            candidates.push(profile_dir.join("kas-edge"));
+            candidates.push(profile_dir.join(name));
         }
     }
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    candidates.push(workspace.join("target/debug/kas-edge"));
-    candidates.push(workspace.join("target/release/kas-edge"));
+    candidates.push(workspace.join("target/debug").join(name));
+    candidates.push(workspace.join("target/release").join(name));
     candidates.into_iter().find(|p| p.exists())
 }

@@ -56,7 +56,7 @@ pub fn spawn_worker(shared: Arc<Shared>) {
                     continue;
                 }
                 Outcome::EndedIdle => {}
-                Outcome::Failed(status) => shared.record_error(status),
+                Outcome::Failed(status) => shared.record_error("tunnel", status).await,
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -81,14 +81,14 @@ struct IdleGuard<'a>(&'a Shared);
 
 impl<'a> IdleGuard<'a> {
     fn new(shared: &'a Shared) -> Self {
-        shared.counters.idle.fetch_add(1, Ordering::SeqCst);
+        shared.counters().idle.fetch_add(1, Ordering::SeqCst);
         Self(shared)
     }
 }
 
 impl Drop for IdleGuard<'_> {
     fn drop(&mut self) {
-        self.0.counters.idle.fetch_sub(1, Ordering::SeqCst);
+        self.0.counters().idle.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -102,12 +102,12 @@ async fn hold(shared: &Arc<Shared>) -> Outcome {
     if tx.send(first).await.is_err() {
         return Outcome::Cancelled;
     }
-    let mut client = ReverseTunnelClient::new(shared.channel.clone())
+    let conn = &shared.conn;
+    let mut client = ReverseTunnelClient::with_origin(conn.service.clone(), conn.origin.clone())
         .max_encoding_message_size(MAX_MESSAGE)
         .max_decoding_message_size(MAX_MESSAGE * 4);
     let request = with_token(ReceiverStream::new(rx), &shared.options.token);
-    shared.counters.opened.fetch_add(1, Ordering::SeqCst);
-    let idle = IdleGuard::new(shared);
+    shared.counters().opened.fetch_add(1, Ordering::SeqCst);
     let response = tokio::select! {
         response = client.connect(request) => response,
         () = shared.cancel.cancelled() => return Outcome::Cancelled,
@@ -116,6 +116,8 @@ async fn hold(shared: &Arc<Shared>) -> Outcome {
         Ok(response) => response.into_inner(),
         Err(status) => return Outcome::Failed(status),
     };
+    // kas answers a tunnel once it holds it: idle from here.
+    let idle = IdleGuard::new(shared);
     let first = tokio::select! {
         first = stream.message() => first,
         () = shared.cancel.cancelled() => return Outcome::Cancelled,
@@ -135,13 +137,17 @@ async fn hold(shared: &Arc<Shared>) -> Outcome {
         }
     };
     drop(idle);
-    shared.counters.busy.fetch_add(1, Ordering::SeqCst);
-    shared.counters.used.fetch_add(1, Ordering::SeqCst);
+    let counters = shared.counters();
+    let busy = counters.busy.fetch_add(1, Ordering::SeqCst) + 1;
+    counters.busy_peak.fetch_max(busy, Ordering::SeqCst);
+    counters.used.fetch_add(1, Ordering::SeqCst);
     spawn_worker(shared.clone());
     let result = serve(shared, info, stream, tx).await;
-    shared.counters.busy.fetch_sub(1, Ordering::SeqCst);
+    counters.busy.fetch_sub(1, Ordering::SeqCst);
     if let Err((code, message)) = result {
-        shared.record_error(tonic::Status::new(code, message));
+        shared
+            .record_error("request", tonic::Status::new(code, message))
+            .await;
     }
     Outcome::Used
 }
@@ -266,14 +272,15 @@ async fn proxy(
         () = abort.cancelled() => return Err(gone()),
     };
     let body = std::mem::replace(&mut inbound.body, mpsc::channel(1).1);
-    let request = shared.upstream.build(&head, body)?;
+    let upstream = &shared.fleet.upstream;
+    let request = upstream.build(&head, body)?;
     let mut response = tokio::select! {
-        response = shared.upstream.send(request) => response?,
+        response = upstream.send(request) => response?,
         () = abort.cancelled() => return Err(gone()),
     };
     let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let on_upgrade = switching.then(|| hyper::upgrade::on(&mut response));
-    let (code, text, header) = shared.upstream.response_head(&response);
+    let (code, text, header) = upstream.response_head(&response);
     if !out.send(wire::response_header(code, text, header)).await {
         return Err(gone());
     }

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use objects::GIT_VERSION;
-pub use record::RecordedRequest;
+pub use record::{RecordedRequest, KEPT_REQUESTS};
 pub use store::PodState;
 
 /// The largest request body the stand-in reads and records; a larger one gets 413.
@@ -125,7 +125,7 @@ impl KubeApi {
         format!("http://{}", self.addr)
     }
 
-    /// Every request received so far, oldest first.
+    /// Every request received so far (the last [`KEPT_REQUESTS`]), oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.recorder.all()
     }

@@ -2,6 +2,7 @@
 //! requests) body, so a test can assert what crossed kas and the agent — the `Impersonate-*`
 //! headers that arrived, the credentials that did not.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -50,24 +51,30 @@ impl RecordedRequest {
     }
 }
 
+/// The requests kept: the most recent ones (a load test sends millions).
+pub const KEPT_REQUESTS: usize = 10_000;
+
 #[derive(Default)]
 pub struct Recorder {
-    requests: Mutex<Vec<RecordedRequest>>,
+    requests: Mutex<VecDeque<RecordedRequest>>,
 }
 
 impl Recorder {
     pub fn push(&self, request: RecordedRequest) {
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(request);
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if requests.len() >= KEPT_REQUESTS {
+            requests.pop_front();
+        }
+        requests.push_back(request);
     }
 
     pub fn all(&self) -> Vec<RecordedRequest> {
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn clear(&self) {

@@ -31,13 +31,18 @@ const CONFIGURATION: &str =
 
 /// A kas pod and an edge with one worker in front of it: one shared pod connection.
 async fn one_shared_pod_connection() -> (Cluster, Edge) {
+    one_shared_pod_connection_with("").await
+}
+
+/// [`one_shared_pod_connection`] with `extra` edge configuration.
+async fn one_shared_pod_connection_with(extra: &str) -> (Cluster, Edge) {
     let cluster = Cluster::start(1).await;
     let options = EdgeOptions {
         threads: 1,
         ..EdgeTests::edge()
     };
     let host = ip(cluster.subnet, 250);
-    let edge = Edge::launch(&options, host, &cluster.endpoints(), "").await;
+    let edge = Edge::launch(&options, host, &cluster.endpoints(), extra).await;
     edge.wait_healthy(1).await;
     (cluster, edge)
 }
@@ -177,6 +182,39 @@ async fn reset_bursts_from_many_clients_never_close_the_shared_pod_connection() 
         0.0,
         "{metrics}"
     );
+}
+
+/// However long a head the edge is configured to take, it never sends a pod a header list
+/// h2 closes the connection over (more than 4 × kas's 16 KiB, as h2 weighs it: 32 bytes a
+/// field on top): it answers itself (431; gRPC: RESOURCE_EXHAUSTED), and the agents on
+/// the connection carry on.
+#[tokio::test]
+async fn a_header_list_a_pod_would_close_its_connection_over_is_answered_by_the_edge() {
+    let extra = "[downstream]\nmax_request_header_bytes = 262144\n";
+    let (cluster, edge) = one_shared_pod_connection_with(extra).await;
+    let mut agent = Agent::connect(&edge).await;
+    let mut send = raw_h2(&edge, ip(cluster.subnet, 140)).await;
+    // 3,000 short fields: 33 KiB as the edge counts a head, 123 KiB as h2 does.
+    let mut request = configuration_request();
+    for i in 0..3000 {
+        let name = http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap();
+        request
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_static("v"));
+    }
+    let (response, _body) = send.send_request(request, true).unwrap();
+    let response = tokio::time::timeout(STEP, response).await.unwrap().unwrap();
+    // gRPC: RESOURCE_EXHAUSTED, the edge's answer to a head over its limit.
+    let status = response.headers().get("grpc-status");
+    assert_eq!(
+        status.map(|s| s.as_bytes()),
+        Some(&b"8"[..]),
+        "{response:?}"
+    );
+    agent
+        .still_served(b"after a long head".to_vec())
+        .await
+        .unwrap();
 }
 
 /// A gRPC channel to the edge from `source` whose streams grant the edge no window: it

@@ -11,6 +11,10 @@
 //! - [`transport`]: the agent port (h2c and the `ws-tunnel` websocket on one listener,
 //!   connection age, pre-auth message limits).
 //! - `services`: the gRPC services, thin — decode, call [`agent`] or [`tunnel`], encode.
+//! - [`private_api`]: the fleet — the private API other pods reach this pod's tunnels on,
+//!   and the router that finds an agent's tunnel on this pod or another.
+//! - [`fleet`]: Redis — which pod holds which agent's tunnels (written as real kas v16
+//!   does), polled once per agent.
 //! - [`tunnel`]: reverse tunnels — per agent the idle tunnels and the requests waiting
 //!   for one, and one call carried through a tunnel with the protocol's message order.
 //! - [`agent`]: what an agent is served — its configuration built from `config.yaml`, the
@@ -35,8 +39,10 @@ pub mod auth;
 pub mod config;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod fleet;
 pub mod gitlab;
 pub mod k8s_proxy;
+pub mod private_api;
 pub mod server;
 mod services;
 pub mod sources;

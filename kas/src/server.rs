@@ -18,6 +18,7 @@ use crate::auth::Authenticator;
 use crate::config::{Config, ConfigurationSourceKind};
 use crate::gitlab::{GitlabClient, SharedSecret};
 use crate::k8s_proxy::{self, auth::ProxyAuthorizer, K8sProxy, K8sProxyMetrics};
+use crate::private_api::Fleet;
 use crate::services::{self, Shared};
 use crate::sources::gitaly::{GitalyConfigSource, GitalyPool};
 use crate::sources::{ConfigSource, GitlabApiSource};
@@ -41,6 +42,8 @@ pub struct BoundKas {
     obs_listener: TcpListener,
     /// The Kubernetes API proxy, when `kubernetes_api.listen` is set.
     k8s_proxy: Option<(TcpListener, Option<TlsAcceptor>, Arc<K8sProxy>)>,
+    /// Redis, the tunnel tracker and the private API (off without `redis`/`private_api`).
+    fleet: Fleet,
     shared: Arc<Shared>,
 }
 
@@ -111,10 +114,13 @@ impl BoundKas {
             Some(addr) => Some(bind(addr, "kubernetes_api.listen").await?),
             None => None,
         };
-        let tunnels = TunnelRegistry::new(
+        let (mut fleet, tracker) = Fleet::bind(&config, &metrics).await?;
+        let tunnels = TunnelRegistry::with_tracker(
             config.reverse_tunnel.limits(),
             TunnelMetrics::new(metrics.registry()),
+            tracker,
         );
+        let router = fleet.router(&tunnels, config.reverse_tunnel.routing_timeout);
         let k8s_proxy_tls = match (
             &config.kubernetes_api.certificate_file,
             &config.kubernetes_api.key_file,
@@ -127,7 +133,7 @@ impl BoundKas {
                 config.k8s_proxy_prefix(),
                 config.external_url(),
                 proxy_authorizer,
-                tunnels.clone(),
+                router,
                 K8sProxyMetrics::new(metrics.registry()),
             );
             (listener, k8s_proxy_tls, Arc::new(proxy))
@@ -162,8 +168,14 @@ impl BoundKas {
             agent_listener,
             obs_listener,
             k8s_proxy,
+            fleet,
             shared,
         })
+    }
+
+    /// The private API's address, when it is configured.
+    pub fn private_api_addr(&self) -> Option<SocketAddr> {
+        self.fleet.private_api_addr()
     }
 
     pub fn agent_addr(&self) -> SocketAddr {
@@ -233,7 +245,9 @@ impl BoundKas {
                 drain.tracker.clone(),
             ))
         });
-        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, "kas serving");
+        let private_api_addr = self.fleet.private_api_addr();
+        let mut fleet = self.fleet.start();
+        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, ?private_api_addr, "kas serving");
 
         shutdown.await;
         let cfg = &self.config.shutdown;
@@ -243,6 +257,7 @@ impl BoundKas {
         tokio::time::sleep(cfg.readiness_delay).await;
 
         stop_accepting.cancel();
+        fleet.begin_drain().await;
         accept_task.await.context("agent listener task failed")?;
         if let Some(task) = k8s_proxy_task {
             task.await.context("k8s-proxy listener task failed")?;
@@ -263,6 +278,7 @@ impl BoundKas {
                 }
             }
         }
+        fleet.stop().await;
         obs_stop.cancel();
         let _ = obs_task.await;
         tracing::info!(%pod, "shutdown complete");

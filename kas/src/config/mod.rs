@@ -2,7 +2,10 @@
 //! once at start so a bad value stops the process with the field's name instead of
 //! surfacing later as a confusing runtime failure.
 
+pub mod fleet;
 pub mod kascfg;
+
+pub use fleet::{ApiConfig, PrivateApiConfig, RedisConfig, RedisNetwork};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,9 @@ pub struct Config {
     pub gitops: GitopsConfig,
     pub reverse_tunnel: ReverseTunnelConfig,
     pub kubernetes_api: KubernetesApiConfig,
+    pub redis: RedisConfig,
+    pub private_api: PrivateApiConfig,
+    pub api: ApiConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -563,6 +569,9 @@ impl Config {
                 ));
             }
         }
+        let mut taken = vec![self.agent.listen, self.observability.listen];
+        taken.extend(self.kubernetes_api.listen);
+        fleet::validate(&self.redis, &self.private_api, &self.api, &taken)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())

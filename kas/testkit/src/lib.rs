@@ -11,14 +11,15 @@
 //! when its tests start the edge.
 
 pub mod clients;
+pub mod configmap_api;
 pub mod edge;
 pub mod gitlab;
 pub mod gitops;
 pub mod kubectl;
-pub mod configmap_api;
 pub mod metrics;
 pub mod net;
 pub mod pods;
+pub mod redis;
 pub mod tls;
 pub mod wait;
 

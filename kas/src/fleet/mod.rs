@@ -1,0 +1,23 @@
+//! The fleet's shared state in Redis, written as real kas v16 writes it so our pods and
+//! real kas pods can share one Redis during a migration.
+//!
+//! - [`redis`]: the connection (lazy, reconnecting; every operation bounded in time and
+//!   counted), key names and the `ExpiringValue` encoding.
+//! - [`tunnel_tracker`]: which pods hold tunnels of which agent — one hash per agent, one
+//!   field per pod, refreshed, unregistered late (the Redis [`crate::tunnel::TunnelTracker`]).
+//! - [`querier`]: where an agent's tunnels are, polled once per agent for every request
+//!   that waits (never a Redis call per request).
+//! - [`jwt`]: the JWTs kas pods (issuer and audience `gitlab-kas`) and GitLab (audience
+//!   `gitlab-kas`) present to kas.
+//!
+//! Redis being down or slow never ends an agent's connection: writes are retried, lookups
+//! fail and callers fall back to this pod's own tunnels.
+
+pub mod jwt;
+pub mod querier;
+pub mod redis;
+pub mod tunnel_tracker;
+
+pub use self::redis::{Redis, RedisMetrics};
+pub use querier::{KasUrlQuerier, Lookup};
+pub use tunnel_tracker::RedisTunnelTracker;

@@ -1,0 +1,286 @@
+//! A kas fleet: pods on their own loopback addresses sharing one real `redis-server`. An
+//! agent's tunnels are on one pod, `kubectl` (the real client) talks to another, and the
+//! call goes through the private API; the Redis keys are read with a plain client and
+//! compared byte for byte with what real kas v16 writes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use prost::Message as _;
+use serde_json::json;
+
+use common::{eventually, KasTests, TOKEN};
+use kas::dev::gitlab_standin::{StandinAllowedAgent, StandinCiJob};
+use kas::gitlab::SharedSecret;
+use kas_proto::redistool::ExpiringValue;
+use kas_testkit::agent::{AgentOptions, TestAgent};
+use kas_testkit::kube_api::KubeApi;
+use kas_testkit::kubectl::Kubectl;
+use kas_testkit::pods::Cluster;
+use kas_testkit::redis::RedisServer;
+
+const JOB_TOKEN: &str = "ci-job-token-fleet";
+const PRIVATE_API_PORT: u16 = 8155;
+const PROXY_PORT: u16 = 8154;
+const RUN: Duration = Duration::from_secs(30);
+
+struct Fleet {
+    cluster: Cluster<KasTests>,
+    redis: RedisServer,
+    kube: KubeApi,
+    ca: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn private_url(pod: SocketAddr) -> String {
+    format!("grpc://{}:{PRIVATE_API_PORT}", pod.ip())
+}
+
+/// The tunnel tracker's key for an agent: prefix, name, then the id as 8 little-endian bytes.
+fn tracker_key(agent_id: i64) -> Vec<u8> {
+    let mut key = b"gitlab-kas:tunnel_tracker2:kas_by_agent_id:".to_vec();
+    key.extend_from_slice(&agent_id.to_le_bytes());
+    key
+}
+
+impl Fleet {
+    async fn start(pods: u8) -> Self {
+        let redis = RedisServer::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = kas_testkit::tls::self_signed(dir.path());
+        let private_secret = dir.path().join("private-api-secret");
+        std::fs::write(&private_secret, SharedSecret::generate().to_base64()).expect("secret");
+        let address = redis.address();
+        let (cert_file, key_file) = (cert.clone(), key);
+        let cluster = Cluster::<KasTests>::start_with(pods, move |c| {
+            let ip = c.agent.listen.ip();
+            c.redis.address = Some(address.clone());
+            c.private_api.listen = Some(SocketAddr::new(ip, PRIVATE_API_PORT));
+            c.private_api.authentication_secret_file = private_secret.clone();
+            c.kubernetes_api.listen = Some(SocketAddr::new(ip, PROXY_PORT));
+            c.kubernetes_api.certificate_file = Some(cert_file.clone());
+            c.kubernetes_api.key_file = Some(key_file.clone());
+            c.kubernetes_api.url_path_prefix = "/k8s-proxy".into();
+            c.reverse_tunnel.routing_timeout = Duration::from_secs(5);
+        })
+        .await;
+        cluster.gitlab.add_ci_job(StandinCiJob {
+            job_token: JOB_TOKEN.into(),
+            job_id: 42,
+            pipeline_id: 41,
+            project_id: 5,
+            group_ids: vec![],
+            username: "ci-user".into(),
+            environment: None,
+            allowed_agents: vec![StandinAllowedAgent {
+                agent_id: cluster.agent.agent_id,
+                config_project_id: 1,
+                access_as: json!({"agent": {}}),
+            }],
+        });
+        let kube = KubeApi::start(([127, 0, 0, 1], 0).into())
+            .await
+            .expect("API stand-in");
+        Self {
+            cluster,
+            redis,
+            kube,
+            ca: cert,
+            dir,
+        }
+    }
+
+    /// The test agent, connected to pod `i`, with its idle tunnels registered there.
+    async fn agent_on(&self, i: usize) -> TestAgent {
+        let options = AgentOptions::new(TOKEN, &self.kube.url());
+        let agent = TestAgent::connect_h2c(self.cluster.pods[i].addr, options)
+            .await
+            .expect("agent connects");
+        assert!(agent.wait_idle(2, RUN).await, "the agent opens its tunnels");
+        agent
+    }
+
+    /// kubectl against pod `i`'s proxy, as the CI job.
+    fn kubectl(&self, i: usize) -> Kubectl {
+        let pod = self.cluster.pods[i].addr.ip();
+        let server = format!("https://{pod}:{PROXY_PORT}/k8s-proxy");
+        let token = format!("ci:{}:{JOB_TOKEN}", self.cluster.agent.agent_id);
+        let config = kas::dev::kubeconfig::kubeconfig(&server, Some(&token), Some(&self.ca))
+            // The certificate names localhost; the pods have addresses of their own.
+            .replace(
+                "    certificate-authority:",
+                "    tls-server-name: localhost\n    certificate-authority:",
+            );
+        let path = self.dir.path().join(format!("kubeconfig-{i}"));
+        std::fs::write(&path, config).expect("kubeconfig");
+        Kubectl::new(path)
+    }
+
+    async fn metrics(&self, i: usize) -> String {
+        kas_testkit::clients::http_get(self.cluster.pods[i].obs_addr, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// The fields of the agent's tunnel-tracker hash: pod URL → raw value.
+    async fn tracked(&self) -> Vec<(String, Vec<u8>)> {
+        let mut redis = self.redis.client().await;
+        let mut fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(tracker_key(self.cluster.agent.agent_id))
+            .query_async(&mut redis)
+            .await
+            .expect("HGETALL");
+        fields.sort();
+        fields
+    }
+
+    async fn wait_tracked(&self, urls: &[String]) {
+        let want: Vec<String> = urls.to_vec();
+        eventually("the tunnel tracker lists the pods", RUN, || {
+            let want = want.clone();
+            async move {
+                let mut got: Vec<String> =
+                    self.tracked().await.into_iter().map(|(u, _)| u).collect();
+                got.sort();
+                got == want
+            }
+        })
+        .await;
+    }
+}
+
+/// The value of `name` (a full series, labels included) in a metrics page; 0 when absent.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+const TO_OTHER: &str = "kas_routed_calls_total{to=\"other\"}";
+const TO_SELF: &str = "kas_routed_calls_total{to=\"self\"}";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn kubectl_on_one_pod_reaches_the_agent_on_another_through_redis_and_the_private_api() {
+    let fleet = Fleet::start(2).await;
+    let _agent = fleet.agent_on(0).await;
+    let pod_a = private_url(fleet.cluster.pods[0].addr);
+    fleet.wait_tracked(std::slice::from_ref(&pod_a)).await;
+
+    // The key and value bytes are real kas v16's.
+    let fields = fleet.tracked().await;
+    let (url, value) = &fields[0];
+    assert_eq!(url, &pod_a);
+    let decoded = ExpiringValue::decode(value.as_slice()).expect("an ExpiringValue");
+    assert!(decoded.value.is_empty());
+    let ttl_left = decoded.expires_at - now();
+    assert!((290..=301).contains(&ttl_left), "expires in {ttl_left} s");
+    assert_eq!(
+        value,
+        &ExpiringValue {
+            expires_at: decoded.expires_at,
+            value: vec![]
+        }
+        .encode_to_vec()
+    );
+    assert_eq!(
+        value[0], 0x08,
+        "field 1, varint; the empty value is not written"
+    );
+    let mut redis = fleet.redis.client().await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(tracker_key(fleet.cluster.agent.agent_id))
+        .query_async(&mut redis)
+        .await
+        .expect("PTTL");
+    assert!((250_000..=300_000).contains(&pttl), "PTTL {pttl}");
+
+    // kubectl talks to pod B; the agent is on pod A.
+    let kubectl = fleet.kubectl(1);
+    let o = kubectl.run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("web-0"), "{}", out(&o));
+    // kubectl's discovery and the list: every call went to pod A.
+    let b = fleet.metrics(1).await;
+    assert!(metric(&b, TO_OTHER) >= 1.0, "{b}");
+    assert_eq!(metric(&b, TO_SELF), 0.0, "{b}");
+    // A request on pod A is served by its own tunnel.
+    let o = fleet.kubectl(0).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    let a = fleet.metrics(0).await;
+    assert!(metric(&a, TO_SELF) >= 1.0, "{a}");
+    assert_eq!(metric(&a, TO_OTHER), 0.0, "{a}");
+    // Pod B never registered: it holds no tunnel.
+    fleet.wait_tracked(&[pod_a]).await;
+}
+
+#[tokio::test]
+async fn the_next_request_follows_the_agent_to_another_pod() {
+    let fleet = Fleet::start(3).await;
+    let agent = fleet.agent_on(0).await;
+    let (pod_a, pod_c) = (
+        private_url(fleet.cluster.pods[0].addr),
+        private_url(fleet.cluster.pods[2].addr),
+    );
+    fleet.wait_tracked(std::slice::from_ref(&pod_a)).await;
+    let kubectl = fleet.kubectl(1);
+    let o = kubectl.run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(agent.used() >= 1, "pod A's tunnel carried the call");
+
+    // The agent moves to pod C.
+    agent.stop();
+    drop(agent);
+    let moved = fleet.agent_on(2).await;
+    let o = kubectl.run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("web-0"), "{}", out(&o));
+    assert!(moved.used() >= 1, "pod C's tunnel carried the call");
+    // Pod A's field goes after the unregistration delay; C's stays.
+    fleet.wait_tracked(&[pod_c]).await;
+    let b = fleet.metrics(1).await;
+    assert_eq!(metric(&b, TO_SELF), 0.0, "{b}");
+}
+
+#[tokio::test]
+async fn the_private_api_refuses_calls_without_a_valid_jwt() {
+    let fleet = Fleet::start(1).await;
+    let addr = SocketAddr::new(fleet.cluster.pods[0].addr.ip(), PRIVATE_API_PORT);
+    let channel = kas_testkit::clients::h2c_channel(addr).await;
+    for token in [None, Some("not-a-jwt")] {
+        let mut client = kas_proto::kubernetes_api::kubernetes_api_client::KubernetesApiClient::new(
+            channel.clone(),
+        );
+        let mut request = tonic::Request::new(futures_util::stream::iter(Vec::<
+            kas_proto::grpctool::HttpRequest,
+        >::new()));
+        request
+            .metadata_mut()
+            .insert("kas-hop-routing-agent-id", "1".parse().unwrap());
+        if let Some(t) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let status = client.make_request(request).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+}

@@ -14,8 +14,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::config_files::ConfigFiles;
+use crate::api::{ApiServer, ApiTasks};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigurationSourceKind};
+use crate::fleet::events::OnPush;
+use crate::fleet::AgentTracker;
 use crate::gitlab::{GitlabClient, SharedSecret};
 use crate::k8s_proxy::{self, auth::ProxyAuthorizer, K8sProxy, K8sProxyMetrics};
 use crate::private_api::Fleet;
@@ -44,6 +47,9 @@ pub struct BoundKas {
     k8s_proxy: Option<(TcpListener, Option<TlsAcceptor>, Arc<K8sProxy>)>,
     /// Redis, the tunnel tracker and the private API (off without `redis`/`private_api`).
     fleet: Fleet,
+    /// The API port GitLab calls (off without `api.listen`), and what a push event wakes.
+    api: Option<ApiServer>,
+    on_push: OnPush,
     shared: Arc<Shared>,
 }
 
@@ -139,16 +145,35 @@ impl BoundKas {
             (listener, k8s_proxy_tls, Arc::new(proxy))
         });
         let end_streams = CancellationToken::new();
+        let head_pollers = HeadPollers::new(
+            config.agent_configuration.poll_interval,
+            end_streams.clone(),
+        );
+        let gitops_pollers = HeadPollers::new(config.gitops.poll_interval, end_streams.clone());
+        let on_push: OnPush = {
+            let (config, gitops) = (head_pollers.clone(), gitops_pollers.clone());
+            Arc::new(move |event| {
+                if let Some(project) = &event.project {
+                    config.wake(&project.full_path);
+                    gitops.wake(&project.full_path);
+                }
+            })
+        };
+        let agent_tracker = AgentTracker::new(fleet.redis.clone(), config.redis.conn_info_ttl);
+        let api = ApiServer::bind(
+            &config,
+            agent_tracker.clone(),
+            fleet.redis.clone(),
+            on_push.clone(),
+        )
+        .await?;
         let shared = Arc::new(Shared {
             auth,
             config_source,
-            head_pollers: HeadPollers::new(
-                config.agent_configuration.poll_interval,
-                end_streams.clone(),
-            ),
+            head_pollers,
             config_files: ConfigFiles::new(CONFIG_FILE_CACHE_BYTES),
             gitaly: gitaly.clone(),
-            gitops_pollers: HeadPollers::new(config.gitops.poll_interval, end_streams.clone()),
+            gitops_pollers,
             gitops_limits: config.gitops.limits(),
             project_info: crate::agent::gitops::ProjectInfoCache::new(
                 config.gitops.project_info_cache_ttl,
@@ -162,6 +187,7 @@ impl BoundKas {
             pod_name: pod_name.to_owned(),
             tunnels,
             end_streams,
+            agent_tracker,
         });
         Ok(Self {
             config,
@@ -169,8 +195,15 @@ impl BoundKas {
             obs_listener,
             k8s_proxy,
             fleet,
+            api,
+            on_push,
             shared,
         })
+    }
+
+    /// The API port's address, when it is configured.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(ApiServer::addr)
     }
 
     /// The private API's address, when it is configured.
@@ -246,8 +279,17 @@ impl BoundKas {
             ))
         });
         let private_api_addr = self.fleet.private_api_addr();
+        let api_addr = self.api.as_ref().and_then(ApiServer::addr);
+        let redis = self.fleet.redis.clone();
         let mut fleet = self.fleet.start();
-        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, ?private_api_addr, "kas serving");
+        let api_tasks = ApiTasks::start(
+            self.api,
+            self.shared.agent_tracker.clone(),
+            redis,
+            self.on_push,
+            &self.config.redis,
+        );
+        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, ?private_api_addr, ?api_addr, "kas serving");
 
         shutdown.await;
         let cfg = &self.config.shutdown;
@@ -279,6 +321,7 @@ impl BoundKas {
             }
         }
         fleet.stop().await;
+        api_tasks.stop().await;
         obs_stop.cancel();
         let _ = obs_task.await;
         tracing::info!(%pod, "shutdown complete");

@@ -25,6 +25,7 @@ use kas_testkit::redis::RedisServer;
 const JOB_TOKEN: &str = "ci-job-token-fleet";
 const PRIVATE_API_PORT: u16 = 8155;
 const PROXY_PORT: u16 = 8154;
+const API_PORT: u16 = 8153;
 const RUN: Duration = Duration::from_secs(30);
 
 struct Fleet {
@@ -32,6 +33,8 @@ struct Fleet {
     redis: RedisServer,
     kube: KubeApi,
     ca: PathBuf,
+    /// The secret GitLab signs its calls to the API port with.
+    api_secret: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -53,6 +56,9 @@ impl Fleet {
         let (cert, key) = kas_testkit::tls::self_signed(dir.path());
         let private_secret = dir.path().join("private-api-secret");
         std::fs::write(&private_secret, SharedSecret::generate().to_base64()).expect("secret");
+        let api_secret = dir.path().join("api-secret");
+        std::fs::write(&api_secret, SharedSecret::generate().to_base64()).expect("secret");
+        let api_secret_file = api_secret.clone();
         let address = redis.address();
         let (cert_file, key_file) = (cert.clone(), key);
         let cluster = Cluster::<KasTests>::start_with(pods, move |c| {
@@ -65,6 +71,10 @@ impl Fleet {
             c.kubernetes_api.key_file = Some(key_file.clone());
             c.kubernetes_api.url_path_prefix = "/k8s-proxy".into();
             c.reverse_tunnel.routing_timeout = Duration::from_secs(5);
+            c.api.listen = Some(SocketAddr::new(ip, API_PORT));
+            c.api.authentication_secret_file = api_secret_file.clone();
+            // As real kas: only a push event makes a change reach agents early.
+            c.agent_configuration.poll_interval = Duration::from_secs(300);
         })
         .await;
         cluster.gitlab.add_ci_job(StandinCiJob {
@@ -89,6 +99,7 @@ impl Fleet {
             redis,
             kube,
             ca: cert,
+            api_secret,
             dir,
         }
     }
@@ -117,6 +128,56 @@ impl Fleet {
         let path = self.dir.path().join(format!("kubeconfig-{i}"));
         std::fs::write(&path, config).expect("kubeconfig");
         Kubectl::new(path)
+    }
+
+    /// GitLab's call to pod `i`'s API port, by Python grpcio (`kas/tests/python/kas_api.py`).
+    async fn gitlab_calls(&self, i: usize, secret: &str, args: &[&str]) -> serde_json::Value {
+        let target = SocketAddr::new(self.cluster.pods[i].addr.ip(), API_PORT).to_string();
+        let script = format!("{}/tests/python/kas_api.py", env!("CARGO_MANIFEST_DIR"));
+        let mut command = std::process::Command::new("python3");
+        command.arg(script).arg(target).arg(secret).args(args);
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("join")
+            .expect("python3 runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+            panic!(
+                "kas_api.py printed no JSON (is grpcio installed? .ci/install)\n{stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+
+    fn api_secret(&self) -> &str {
+        self.api_secret.to_str().expect("UTF-8 path")
+    }
+
+    /// A configuration stream of the demo agent on pod `i`, as agentk opens it.
+    async fn config_stream(
+        &self,
+        i: usize,
+    ) -> tonic::Streaming<kas_proto::agent_configuration::ConfigurationResponse> {
+        use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+        use kas_proto::agent_configuration::ConfigurationRequest;
+        let channel = kas_testkit::clients::h2c_channel(self.cluster.pods[i].addr).await;
+        AgentConfigurationClient::new(channel)
+            .get_configuration(common::with_token(
+                ConfigurationRequest {
+                    agent_meta: Some(kas_proto::entity::AgentMeta {
+                        version: "v16.5.0".into(),
+                        commit_id: "abc123".into(),
+                        pod_namespace: "gitlab-agent".into(),
+                        pod_name: "agentk-7f9c".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                TOKEN,
+            ))
+            .await
+            .expect("GetConfiguration accepted")
+            .into_inner()
     }
 
     async fn metrics(&self, i: usize) -> String {
@@ -282,5 +343,144 @@ async fn the_private_api_refuses_calls_without_a_valid_jwt() {
         }
         let status = client.make_request(request).await.expect_err("refused");
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_push_event_from_gitlab_reaches_the_agent_on_another_pod_at_once() {
+    let fleet = Fleet::start(2).await;
+    let mut stream = fleet.config_stream(0).await;
+    let first = tokio::time::timeout(RUN, stream.message())
+        .await
+        .expect("first configuration in time")
+        .expect("stream ok")
+        .expect("a configuration");
+    // A commit, then GitLab's push event to the *other* pod. The poll period is 300 s:
+    // only the event can bring the commit now.
+    let agent = &fleet.cluster.agent;
+    fleet
+        .cluster
+        .gitlab
+        .write_agent_config(agent, "observability:\n  logging:\n    level: warn\n")
+        .expect("commit");
+    // The subscription on pod A is up once Redis counts a subscriber on kas_events.
+    let mut redis = fleet.redis.client().await;
+    eventually("every pod subscribes to kas_events", RUN, || {
+        let mut redis = redis.clone();
+        async move {
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("kas_events")
+                .query_async(&mut redis)
+                .await
+                .unwrap_or_default();
+            counts.first().is_some_and(|(_, n)| *n >= 2)
+        }
+    })
+    .await;
+    let _ = &mut redis;
+    let sent = std::time::Instant::now();
+    let answer = fleet
+        .gitlab_calls(
+            1,
+            fleet.api_secret(),
+            &["push", &agent.project_id.to_string(), &agent.project_path],
+        )
+        .await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let next = tokio::time::timeout(RUN, stream.message())
+        .await
+        .expect("the new configuration arrives long before the next poll")
+        .expect("stream ok")
+        .expect("a configuration");
+    eprintln!(
+        "push event → new configuration on the other pod: {:?}",
+        sent.elapsed()
+    );
+    assert_ne!(next.commit_id, first.commit_id);
+}
+
+#[tokio::test]
+async fn connected_agents_are_listed_for_gitlab_from_any_pod() {
+    let fleet = Fleet::start(2).await;
+    let agent = fleet.cluster.agent.clone();
+    let mut stream = fleet.config_stream(0).await;
+    tokio::time::timeout(RUN, stream.message())
+        .await
+        .expect("first configuration in time")
+        .expect("stream ok");
+    let by_agent = ["agents", "--agent-id", &agent.agent_id.to_string()];
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..100 {
+        listed = fleet.gitlab_calls(1, fleet.api_secret(), &by_agent).await;
+        if listed["agents"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agents = listed["agents"].as_array().expect("a list");
+    assert_eq!(agents.len(), 1, "{listed}");
+    let a = &agents[0];
+    assert_eq!(a["agent_id"], agent.agent_id);
+    assert_eq!(a["project_id"], agent.project_id);
+    assert_eq!(a["version"], "v16.5.0");
+    assert_eq!(a["pod_name"], "agentk-7f9c");
+    assert_eq!(a["pod_namespace"], "gitlab-agent");
+    assert!(
+        (now() - a["connected_at"].as_i64().unwrap()).abs() < 60,
+        "{a}"
+    );
+    let by_project = fleet
+        .gitlab_calls(
+            0,
+            fleet.api_secret(),
+            &["agents", "--project-id", &agent.project_id.to_string()],
+        )
+        .await;
+    assert_eq!(by_project["agents"], listed["agents"], "{by_project}");
+
+    // The keys are real kas's: le64 ids, decimal connection id, ExpiringValue around
+    // ConnectedAgentInfo.
+    let mut redis = fleet.redis.client().await;
+    let mut key = b"gitlab-kas:agent_tracker2:conn_by_agent_id:".to_vec();
+    key.extend_from_slice(&agent.agent_id.to_le_bytes());
+    let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("HGETALL");
+    assert_eq!(fields.len(), 1);
+    assert_eq!(fields[0].0, a["connection_id"].to_string());
+    let value = ExpiringValue::decode(fields[0].1.as_slice()).expect("ExpiringValue");
+    let info = kas_proto::agent_tracker::ConnectedAgentInfo::decode(value.value.as_slice())
+        .expect("ConnectedAgentInfo");
+    assert_eq!(info.agent_id, agent.agent_id);
+    assert_eq!(info.agent_meta.expect("meta").version, "v16.5.0");
+    let connected: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg("gitlab-kas:agent_tracker2:connected_agents")
+        .query_async(&mut redis)
+        .await
+        .expect("HGETALL");
+    assert_eq!(connected[0].0, agent.agent_id.to_string());
+
+    // The stream ends: the agent is no longer listed.
+    drop(stream);
+    eventually("the entry is removed when the stream ends", RUN, || async {
+        let listed = fleet.gitlab_calls(1, fleet.api_secret(), &by_agent).await;
+        listed["agents"].as_array().is_some_and(|a| a.is_empty())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_api_port_refuses_calls_without_gitlabs_jwt() {
+    let fleet = Fleet::start(1).await;
+    for secret in ["-", "bad"] {
+        let answer = fleet
+            .gitlab_calls(0, secret, &["agents", "--agent-id", "1"])
+            .await;
+        assert_eq!(answer["error"], "UNAUTHENTICATED", "{answer}");
+        let answer = fleet.gitlab_calls(0, secret, &["push", "1", "x/y"]).await;
+        assert_eq!(answer["error"], "UNAUTHENTICATED", "{answer}");
     }
 }

@@ -7,17 +7,22 @@
 //!   field per pod, refreshed, unregistered late (the Redis [`crate::tunnel::TunnelTracker`]).
 //! - [`querier`]: where an agent's tunnels are, polled once per agent for every request
 //!   that waits (never a Redis call per request).
+//! - [`agent_tracker`]: connected agents (`agent_tracker2`), for GitLab's UI.
+//! - [`events`]: push events on the `kas_events` channel, waking every pod's pollers.
 //! - [`jwt`]: the JWTs kas pods (issuer and audience `gitlab-kas`) and GitLab (audience
 //!   `gitlab-kas`) present to kas.
 //!
 //! Redis being down or slow never ends an agent's connection: writes are retried, lookups
 //! fail and callers fall back to this pod's own tunnels.
 
+pub mod agent_tracker;
+pub mod events;
 pub mod jwt;
 pub mod querier;
 pub mod redis;
 pub mod tunnel_tracker;
 
 pub use self::redis::{Redis, RedisMetrics};
+pub use agent_tracker::AgentTracker;
 pub use querier::{KasUrlQuerier, Lookup};
 pub use tunnel_tracker::RedisTunnelTracker;

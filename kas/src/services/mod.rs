@@ -57,6 +57,29 @@ pub struct Shared {
     /// Cancelled at the drain deadline: long-lived streams end with OK so agents
     /// reconnect elsewhere instead of being cut.
     pub end_streams: CancellationToken,
+    /// Connected agents, for GitLab (in Redis with a fleet).
+    pub agent_tracker: crate::fleet::AgentTracker,
+}
+
+/// What the agent tracker records of a connection: its metadata, when, and who.
+fn connected_agent(
+    agent: &Agent,
+    meta: Option<kas_proto::entity::AgentMeta>,
+    connection_id: i64,
+) -> kas_proto::agent_tracker::ConnectedAgentInfo {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    kas_proto::agent_tracker::ConnectedAgentInfo {
+        agent_meta: meta,
+        connected_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+        connection_id,
+        agent_id: agent.info.agent_id,
+        project_id: agent.info.project_id,
+    }
 }
 
 impl Shared {

@@ -180,6 +180,26 @@ impl Fleet {
             .into_inner()
     }
 
+    /// A raw GET through pod `i`'s proxy as the CI job: status and body.
+    async fn proxy_get(&self, i: usize, path: &str) -> (u16, String) {
+        let ca = std::fs::read(&self.ca).expect("certificate");
+        let pod = SocketAddr::new(self.cluster.pods[i].addr.ip(), PROXY_PORT);
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("PEM"))
+            .resolve("localhost", pod)
+            .build()
+            .expect("client");
+        let token = format!("ci:{}:{JOB_TOKEN}", self.cluster.agent.agent_id);
+        let response = client
+            .get(format!("https://localhost:{PROXY_PORT}/k8s-proxy{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the proxy answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
     async fn metrics(&self, i: usize) -> String {
         kas_testkit::clients::http_get(self.cluster.pods[i].obs_addr, "/metrics")
             .await
@@ -483,4 +503,53 @@ async fn the_api_port_refuses_calls_without_gitlabs_jwt() {
         let answer = fleet.gitlab_calls(0, secret, &["push", "1", "x/y"]).await;
         assert_eq!(answer["error"], "UNAUTHENTICATED", "{answer}");
     }
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_agents_and_same_pod_routing_and_heals_by_itself() {
+    let mut fleet = Fleet::start(3).await;
+    let agent = fleet.agent_on(0).await;
+    let pod_a = private_url(fleet.cluster.pods[0].addr);
+    fleet.wait_tracked(std::slice::from_ref(&pod_a)).await;
+    // Pod B has looked the agent up once.
+    assert_eq!(fleet.proxy_get(1, "/version").await.0, 200);
+
+    fleet.redis.kill();
+    // The agent stays, same-pod routing works.
+    assert_eq!(fleet.proxy_get(0, "/version").await.0, 200);
+    let o = fleet.kubectl(0).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    // Pod B still knows where the agent was.
+    assert_eq!(fleet.proxy_get(1, "/version").await.0, 200);
+    // Pod C never looked it up: a clear error after the routing timeout.
+    let (status, body) = fleet.proxy_get(2, "/version").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("Agent connection not found"), "{body}");
+    assert!(body.contains("could not be looked up"), "{body}");
+    assert!(body.contains("Redis"), "{body}");
+    for pod in &fleet.cluster.pods {
+        let (status, _) = kas_testkit::clients::http_get(pod.obs_addr, "/readiness")
+            .await
+            .expect("readiness answers");
+        assert_eq!(status, 200, "{} stays ready without Redis", pod.name);
+    }
+    assert!(agent.idle() >= 1, "the agent keeps its tunnels");
+    let errors = fleet.metrics(2).await;
+    assert!(
+        metric(
+            &errors,
+            "kas_redis_operations_total{op=\"tunnel_lookup\",result=\"error\"}"
+        ) >= 1.0,
+        "{errors}"
+    );
+
+    // Redis comes back empty; pod A writes its state again without waiting for the refresh.
+    fleet.redis.restart().await;
+    fleet.wait_tracked(&[pod_a]).await;
+    eventually("pod C reaches the agent again", RUN, || async {
+        fleet.proxy_get(2, "/version").await.0 == 200
+    })
+    .await;
+    let o = fleet.kubectl(2).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
 }

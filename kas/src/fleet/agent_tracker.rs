@@ -157,10 +157,25 @@ impl AgentTracker {
         // Keys this pod wrote to, for the GC (bounded by the agents and projects it served
         // within one GC period).
         let mut written_keys: HashSet<Vec<u8>> = HashSet::new();
+        // After any Redis error, everything is rewritten once Redis works again (it may
+        // have restarted empty).
+        let mut health = tokio::time::interval(Duration::from_secs(2));
+        let mut seen_errors = redis.error_count();
         loop {
             let mut all = false;
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = health.tick() => {
+                    if !self.inner.lock().local.is_empty() {
+                        redis.probe().await;
+                    }
+                    let errors = redis.error_count();
+                    if errors == seen_errors {
+                        continue;
+                    }
+                    seen_errors = errors;
+                    all = true;
+                }
                 _ = self.inner.notify.notified() => {}
                 _ = refresh.tick() => all = true,
                 _ = sleep_until(retry_at) => { retry_at = None; all = true; }

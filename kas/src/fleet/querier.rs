@@ -26,8 +26,9 @@ pub enum Lookup {
     Pending,
     /// The private API URLs of the pods with ready tunnels of the agent.
     Urls(Arc<[String]>),
-    /// Redis failed; the text says how.
-    Failed(String),
+    /// Redis failed; the text says how. `last` is the last answer it gave (empty if none),
+    /// which callers may still try.
+    Failed { error: String, last: Arc<[String]> },
 }
 
 struct Entry {
@@ -171,7 +172,17 @@ async fn poll(inner: Arc<Inner>, agent_id: i64, tx: watch::Sender<Lookup>) {
                 urls.sort();
                 Lookup::Urls(urls.into())
             }
-            Err(e) => Lookup::Failed(e.to_string()),
+            Err(e) => {
+                let last = match &*tx.borrow() {
+                    Lookup::Urls(urls) => urls.clone(),
+                    Lookup::Failed { last, .. } => last.clone(),
+                    Lookup::Pending => Arc::from(Vec::new()),
+                };
+                Lookup::Failed {
+                    error: e.to_string(),
+                    last,
+                }
+            }
         };
         tx.send_if_modified(|old| {
             if *old == lookup {

@@ -4,6 +4,7 @@
 //! errors, not as stuck requests.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -67,6 +68,12 @@ pub struct Redis {
     dial_timeout: Duration,
     op_timeout: Duration,
     metrics: RedisMetrics,
+    /// Failed operations so far: writers compare it to know that Redis failed since their
+    /// last look, and rewrite their state once it works again (a restarted Redis is empty).
+    errors: AtomicU64,
+    /// The `run_id` of the Redis server last probed: a new one means a restarted (empty)
+    /// or failed-over server.
+    run_id: std::sync::Mutex<Option<String>>,
 }
 
 impl Redis {
@@ -118,6 +125,8 @@ impl Redis {
             dial_timeout: config.dial_timeout,
             op_timeout: config.operation_timeout,
             metrics,
+            errors: AtomicU64::new(0),
+            run_id: std::sync::Mutex::new(None),
         })
     }
 
@@ -192,7 +201,12 @@ impl Redis {
             }
         }
         .await;
-        let label = if result.is_ok() { "ok" } else { "error" };
+        let label = if result.is_ok() {
+            "ok"
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            "error"
+        };
         self.metrics
             .operations
             .with_label_values(&[op, label])
@@ -206,6 +220,42 @@ impl Redis {
             Ok(result) => Ok(result?),
             Err(_) => Err(RedisError::Timeout(self.dial_timeout)),
         }
+    }
+
+    /// Asks the server who it is (`INFO server`); a changed `run_id` counts as an error, so
+    /// writers rewrite their state into the new server. Failures count as errors too.
+    pub async fn probe(&self) {
+        let info = self
+            .run("probe", |mut conn| async move {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async::<String>(&mut conn)
+                    .await
+            })
+            .await;
+        let Ok(info) = info else {
+            return;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+        else {
+            return;
+        };
+        let mut last = self.run_id.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref().is_some_and(|old| *old != id) {
+            tracing::warn!(
+                "Redis restarted or failed over (new run_id); rewriting this pod's entries"
+            );
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        *last = Some(id);
+    }
+
+    /// Failed operations since start (see the field).
+    pub fn error_count(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     pub fn metrics(&self) -> &RedisMetrics {

@@ -10,8 +10,9 @@
 //!   tunnel at once, so an agent under load costs no write per request;
 //! - refresh: every agent with tunnels rewritten every `conn_info_refresh` (240 s) in one
 //!   MULTI/EXEC per batch: steady state costs agents / 240 s operations;
-//! - failed writes are retried (1 s doubling to 30 s), so a Redis restart is repaired in
-//!   seconds, not at the next refresh;
+//! - failed writes are retried (1 s doubling to 30 s), and after any Redis error (anyone's:
+//!   a lookup that failed means Redis may have restarted empty) everything is rewritten
+//!   once Redis works again, so an outage is repaired in seconds, not at the next refresh;
 //! - stop (drain): HDEL of every registered agent within 5 s.
 //!
 //! Nothing here ever blocks the registry or an agent's stream.
@@ -35,6 +36,9 @@ pub const UNREGISTRATION_DELAY: Duration = Duration::from_secs(5);
 const BATCH: usize = 200;
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often the task checks whether Redis failed or restarted since it last wrote
+/// everything (one `INFO server` per period while this pod holds tunnels).
+const HEALTH_CHECK: Duration = Duration::from_secs(2);
 /// How long the drain's HDELs may take together.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Fields read per lookup at most: more pods than this holding one agent is not a fleet.
@@ -168,6 +172,9 @@ impl TrackerTask {
         let mut retry_at: Option<Instant> = None;
         let mut refresh = tokio::time::interval_at(Instant::now() + self.refresh, self.refresh);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut health = tokio::time::interval(HEALTH_CHECK);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_errors = self.redis.error_count();
         loop {
             let next_unregister = unregister_at.values().min().copied();
             let mut write: Vec<i64> = Vec::new();
@@ -206,6 +213,16 @@ impl TrackerTask {
                     let _ = self.unregister(&due).await;
                 }
                 _ = refresh.tick() => write.extend(registered.iter().copied()),
+                _ = health.tick() => {
+                    if !registered.is_empty() {
+                        self.redis.probe().await;
+                    }
+                    let errors = self.redis.error_count();
+                    if errors != seen_errors {
+                        seen_errors = errors;
+                        write.extend(registered.iter().copied());
+                    }
+                }
                 _ = sleep_until(retry_at) => {
                     retry_at = None;
                     write.extend(retry.drain().filter(|id| registered.contains(id)));

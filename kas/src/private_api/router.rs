@@ -136,7 +136,11 @@ impl FleetRouter {
                     redis_error = None;
                     listed = urls.iter().cloned().collect();
                 }
-                Lookup::Failed(e) => redis_error = Some(e.clone()),
+                // Redis is down: the pods it named last are still worth asking.
+                Lookup::Failed { error, last } => {
+                    redis_error = Some(error.clone());
+                    listed.extend(last.iter().cloned());
+                }
                 Lookup::Pending => {}
             }
             let now = Instant::now();

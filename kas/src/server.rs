@@ -188,6 +188,13 @@ impl BoundKas {
             tunnels,
             end_streams,
             agent_tracker,
+            token_limiter: fleet.redis.clone().map(|redis| {
+                crate::fleet::TokenLimiter::new(
+                    redis,
+                    config.agent.connections_per_token_per_minute,
+                    metrics.registry(),
+                )
+            }),
         });
         Ok(Self {
             config,

@@ -51,6 +51,11 @@ fn tracker_key(agent_id: i64) -> Vec<u8> {
 
 impl Fleet {
     async fn start(pods: u8) -> Self {
+        Self::start_with(pods, |_| {}).await
+    }
+
+    /// Like [`Fleet::start`], each pod's configuration changed by `extra` last.
+    async fn start_with(pods: u8, extra: impl Fn(&mut kas::Config) + 'static) -> Self {
         let redis = RedisServer::start().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let (cert, key) = kas_testkit::tls::self_signed(dir.path());
@@ -75,6 +80,7 @@ impl Fleet {
             c.api.authentication_secret_file = api_secret_file.clone();
             // As real kas: only a push event makes a change reach agents early.
             c.agent_configuration.poll_interval = Duration::from_secs(300);
+            extra(c);
         })
         .await;
         cluster.gitlab.add_ci_job(StandinCiJob {
@@ -534,6 +540,12 @@ async fn a_redis_outage_keeps_agents_and_same_pod_routing_and_heals_by_itself() 
         assert_eq!(status, 200, "{} stays ready without Redis", pod.name);
     }
     assert!(agent.idle() >= 1, "the agent keeps its tunnels");
+    // The tunnels the agent opened meanwhile passed the per-token limit uncounted.
+    let a = fleet.metrics(0).await;
+    assert!(
+        metric(&a, "kas_token_limiter_fail_open_total") >= 1.0,
+        "{a}"
+    );
     let errors = fleet.metrics(2).await;
     assert!(
         metric(
@@ -552,4 +564,61 @@ async fn a_redis_outage_keeps_agents_and_same_pod_routing_and_heals_by_itself() 
     .await;
     let o = fleet.kubectl(2).run(&["get", "pods", "-A"], b"", RUN).await;
     assert!(o.status.success(), "{}", out(&o));
+}
+
+#[tokio::test]
+async fn the_per_token_limit_is_counted_across_the_fleet_in_redis() {
+    use kas_proto::agent_registrar::agent_registrar_client::AgentRegistrarClient;
+    use kas_proto::agent_registrar::RegisterRequest;
+    let fleet = Fleet::start_with(2, |c| c.agent.connections_per_token_per_minute = 4).await;
+    // Clear of a minute's end, so all calls count in one minute.
+    let second = now() % 60;
+    if second > 50 {
+        tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
+    }
+    let register = |i: usize| {
+        let addr = fleet.cluster.pods[i].addr;
+        async move {
+            let channel = kas_testkit::clients::h2c_channel(addr).await;
+            AgentRegistrarClient::new(channel)
+                .register(common::with_token(
+                    RegisterRequest {
+                        pod_id: 77,
+                        ..Default::default()
+                    },
+                    TOKEN,
+                ))
+                .await
+        }
+    };
+    // Two calls on each pod: the fleet's four.
+    for i in [0, 1, 0, 1] {
+        register(i).await.expect("within the limit");
+    }
+    for i in [0, 1] {
+        let status = register(i).await.expect_err("over the limit");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("rate limit"), "{status:?}");
+    }
+    // Real kas's key: prefix, SHA-256 of the token's first half, the minute as u16 LE.
+    use sha2::Digest;
+    let minute = ((now() / 60) % 60) as u16;
+    let mut key = b"gitlab-kas:agent_limit:".to_vec();
+    key.extend_from_slice(&sha2::Sha256::digest(&TOKEN.as_bytes()[..TOKEN.len() / 2]));
+    key.push(b':');
+    key.extend_from_slice(&minute.to_le_bytes());
+    let mut redis = fleet.redis.client().await;
+    let count: u64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("the minute's count");
+    assert_eq!(count, 4);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("TTL");
+    assert!((1..=59).contains(&ttl), "TTL {ttl}");
+    assert!(metric(&fleet.metrics(0).await, "kas_token_limiter_refused_total") >= 1.0);
 }

@@ -73,6 +73,10 @@ pub struct AgentListenerConfig {
     /// scaled-out fleet rebalances (real kas: 2 h).
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
+    /// New calls (tunnels included) one agent token may start per minute, counted in Redis
+    /// across the fleet (real kas: 40,000); without Redis the edge's per-token limit is the
+    /// only one.
+    pub connections_per_token_per_minute: u64,
 }
 
 impl Default for AgentListenerConfig {
@@ -83,6 +87,7 @@ impl Default for AgentListenerConfig {
             max_websocket_message_bytes: 10 * 1024 * 1024,
             max_websocket_message_bytes_before_auth: 64 * 1024,
             max_connection_age: Duration::from_secs(2 * 3600),
+            connections_per_token_per_minute: 40_000,
         }
     }
 }
@@ -568,6 +573,12 @@ impl Config {
                     "must differ from agent.listen and observability.listen",
                 ));
             }
+        }
+        if self.agent.connections_per_token_per_minute == 0 {
+            return Err(invalid(
+                "agent.connections_per_token_per_minute",
+                "must be greater than zero",
+            ));
         }
         let mut taken = vec![self.agent.listen, self.observability.listen];
         taken.extend(self.kubernetes_api.listen);

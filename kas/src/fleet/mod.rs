@@ -9,6 +9,7 @@
 //!   that waits (never a Redis call per request).
 //! - [`agent_tracker`]: connected agents (`agent_tracker2`), for GitLab's UI.
 //! - [`events`]: push events on the `kas_events` channel, waking every pod's pollers.
+//! - [`token_limiter`]: new agent calls per token and minute, across the fleet.
 //! - [`jwt`]: the JWTs kas pods (issuer and audience `gitlab-kas`) and GitLab (audience
 //!   `gitlab-kas`) present to kas.
 //!
@@ -20,9 +21,11 @@ pub mod events;
 pub mod jwt;
 pub mod querier;
 pub mod redis;
+pub mod token_limiter;
 pub mod tunnel_tracker;
 
 pub use self::redis::{Redis, RedisMetrics};
 pub use agent_tracker::AgentTracker;
 pub use querier::{KasUrlQuerier, Lookup};
+pub use token_limiter::TokenLimiter;
 pub use tunnel_tracker::RedisTunnelTracker;

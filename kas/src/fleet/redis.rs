@@ -18,8 +18,9 @@ use kas_proto::redistool::ExpiringValue;
 
 use crate::config::{RedisConfig, RedisNetwork};
 
-/// After a failed connect, operations fail at once for this long instead of each waiting
-/// for its own connect to time out.
+/// After a failed connect or operation, operations fail at once for this long instead of
+/// each waiting for its own timeout: agents' calls (the per-token limit) never queue
+/// behind a Redis that is down.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
@@ -74,6 +75,8 @@ pub struct Redis {
     /// The `run_id` of the Redis server last probed: a new one means a restarted (empty)
     /// or failed-over server.
     run_id: std::sync::Mutex<Option<String>>,
+    /// When an operation last failed (the breaker above).
+    last_failure: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Redis {
@@ -127,6 +130,7 @@ impl Redis {
             metrics,
             errors: AtomicU64::new(0),
             run_id: std::sync::Mutex::new(None),
+            last_failure: std::sync::Mutex::new(None),
         })
     }
 
@@ -194,6 +198,13 @@ impl Redis {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let result = async {
+            let failed_at = *self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = failed_at.filter(|at| at.elapsed() < RECONNECT_PAUSE) {
+                return Err(RedisError::Unreachable(
+                    at.elapsed(),
+                    "an operation failed just before".into(),
+                ));
+            }
             let conn = self.connection().await?;
             match tokio::time::timeout(self.op_timeout, f(conn)).await {
                 Ok(result) => result.map_err(RedisError::from),
@@ -205,6 +216,10 @@ impl Redis {
             "ok"
         } else {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+            if !matches!(result, Err(RedisError::Unreachable(..))) || last.is_none() {
+                *last = Some(Instant::now());
+            }
             "error"
         };
         self.metrics

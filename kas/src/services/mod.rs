@@ -59,6 +59,8 @@ pub struct Shared {
     pub end_streams: CancellationToken,
     /// Connected agents, for GitLab (in Redis with a fleet).
     pub agent_tracker: crate::fleet::AgentTracker,
+    /// New calls per token and minute across the fleet (with Redis only).
+    pub token_limiter: Option<crate::fleet::TokenLimiter>,
 }
 
 /// What the agent tracker records of a connection: its metadata, when, and who.
@@ -96,6 +98,15 @@ impl Shared {
     /// Checks the caller's token with GitLab; the first success on a connection lifts its
     /// pre-authentication websocket message limit.
     async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Agent, tonic::Status> {
+        if let Some(limiter) = &self.token_limiter {
+            if let Ok(token) = crate::auth::AgentToken::from_metadata(request.metadata()) {
+                if !limiter.allow(token.expose()).await {
+                    return Err(tonic::Status::resource_exhausted(
+                        "new connection rate limit exhausted for this agent, try again later",
+                    ));
+                }
+            }
+        }
         let agent = self.auth.authenticate(request.metadata()).await?;
         if let Some(conn) = request.extensions().get::<AgentConnection>() {
             conn.authenticated

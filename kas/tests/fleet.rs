@@ -622,3 +622,43 @@ async fn the_per_token_limit_is_counted_across_the_fleet_in_redis() {
     assert!((1..=59).contains(&ttl), "TTL {ttl}");
     assert!(metric(&fleet.metrics(0).await, "kas_token_limiter_refused_total") >= 1.0);
 }
+
+#[tokio::test]
+async fn requests_waiting_for_an_absent_agent_share_one_redis_poller() {
+    let fleet = Fleet::start_with(2, |c| {
+        c.reverse_tunnel.routing_timeout = Duration::from_secs(2);
+    })
+    .await;
+    const REQUESTS: usize = 30;
+    let answers =
+        futures_util::future::join_all((0..REQUESTS).map(|_| fleet.proxy_get(1, "/version"))).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 502, "{body}");
+        assert!(body.contains("Agent connection not found"), "{body}");
+    }
+    // One poller for the agent on pod B: about one HSCAN per 50 ms of waiting (2 s: ~40),
+    // where a poller per request would make ~1,200.
+    let b = fleet.metrics(1).await;
+    let lookups = metric(
+        &b,
+        "kas_redis_operations_total{op=\"tunnel_lookup\",result=\"ok\"}",
+    );
+    assert!((5.0..=150.0).contains(&lookups), "{lookups} lookups\n{b}");
+    let mut redis = fleet.redis.client().await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await
+        .expect("INFO");
+    let hscans: f64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hscan:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("HSCAN calls in INFO commandstats");
+    assert!(
+        hscans <= 150.0,
+        "Redis counted {hscans} HSCANs for {REQUESTS} waiting requests"
+    );
+    eprintln!("{REQUESTS} requests waiting 2 s for an absent agent: {hscans} HSCANs in Redis");
+}

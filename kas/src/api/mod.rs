@@ -79,7 +79,10 @@ impl ApiServer {
             jwt::verify(request.metadata(), &secret, None)?;
             Ok(request)
         };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        // Small frames go out at once (no Nagle wait on the peer's delayed ACK).
+        let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(50)))
             .add_service(AgentTrackerServer::with_interceptor(

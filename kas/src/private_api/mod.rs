@@ -176,7 +176,10 @@ impl Fleet {
                 let stop = stop_api.clone();
                 let age = self.max_connection_age;
                 Some(tokio::spawn(async move {
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    // Small frames go out at once (no Nagle wait on the peer's delayed ACK).
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(Duration::from_secs(60)));
                     let result = tonic::transport::Server::builder()
                         .max_connection_age(age)
                         .http2_keepalive_interval(Some(Duration::from_secs(50)))

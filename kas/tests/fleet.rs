@@ -662,3 +662,41 @@ async fn requests_waiting_for_an_absent_agent_share_one_redis_poller() {
     );
     eprintln!("{REQUESTS} requests waiting 2 s for an absent agent: {hscans} HSCANs in Redis");
 }
+
+/// Without Redis (one pod, `kas dev`): GitLab's push event wakes this pod's pollers directly;
+/// the GitLab stand-in sends it after every commit, as GitLab does.
+#[tokio::test]
+async fn without_redis_a_push_from_the_gitlab_stand_in_wakes_the_pod_itself() {
+    use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+    use kas_proto::agent_configuration::ConfigurationRequest;
+    let api = SocketAddr::new(
+        kas_testkit::net::ip(kas_testkit::net::next_subnet(), 10),
+        API_PORT,
+    );
+    let kas = common::Harness::start_with(move |c| {
+        c.api.listen = Some(api);
+        c.api.authentication_secret_file = c.gitlab.authentication_secret_file.clone();
+        c.agent_configuration.poll_interval = Duration::from_secs(300);
+    })
+    .await;
+    kas.gitlab.set_kas_apis(vec![api]);
+    let mut stream = AgentConfigurationClient::new(kas.h2c_channel().await)
+        .get_configuration(common::with_token(ConfigurationRequest::default(), TOKEN))
+        .await
+        .expect("GetConfiguration accepted")
+        .into_inner();
+    let first = tokio::time::timeout(RUN, stream.message())
+        .await
+        .expect("first configuration in time")
+        .expect("stream ok")
+        .expect("a configuration");
+    kas.gitlab
+        .write_agent_config(&kas.agent, "observability:\n  logging:\n    level: error\n")
+        .expect("commit");
+    let next = tokio::time::timeout(RUN, stream.message())
+        .await
+        .expect("the new configuration arrives long before the next poll")
+        .expect("stream ok")
+        .expect("a configuration");
+    assert_ne!(next.commit_id, first.commit_id);
+}

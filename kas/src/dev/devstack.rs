@@ -17,6 +17,8 @@ use crate::server::BoundKas;
 
 pub const AGENT_PORT: u16 = 8150;
 pub const OBSERVABILITY_PORT: u16 = 8151;
+/// GitLab's calls into kas (real kas's API port).
+pub const API_PORT: u16 = 8153;
 
 #[derive(Debug, Clone)]
 pub struct DevStackOptions {
@@ -106,10 +108,22 @@ impl DevStack {
             config.gitlab.address = gitlab.url();
             config.gitlab.authentication_secret_file = secret_file.clone();
             config.agent_configuration.poll_interval = opts.poll_interval;
+            // GitLab's calls (connected agents, push events): the stand-in signs them with
+            // the shared secret, as GitLab does.
+            config.api.listen = Some(SocketAddr::new(pod_ip(n), API_PORT));
+            config.api.authentication_secret_file = secret_file.clone();
             config.shutdown.readiness_delay = Duration::from_secs(1);
             config.shutdown.drain_deadline = Duration::from_secs(5);
             pods.push(BoundKas::bind(config, &format!("kas-{n}")).await?);
         }
+        // A commit in the demo repository reaches the agent at once: the hook asks the
+        // stand-in, which sends every pod a GitPushEvent (no Redis here to fan it out).
+        gitlab.set_kas_apis(pods.iter().filter_map(BoundKas::api_addr).collect());
+        crate::dev::push_events::install_post_commit_hook(
+            &repo,
+            &gitlab.url(),
+            &agent.project_path,
+        )?;
         Ok(Self {
             gitlab,
             secret_file,

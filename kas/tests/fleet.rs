@@ -700,3 +700,15 @@ async fn without_redis_a_push_from_the_gitlab_stand_in_wakes_the_pod_itself() {
         .expect("a configuration");
     assert_ne!(next.commit_id, first.commit_id);
 }
+
+#[tokio::test]
+async fn a_draining_pod_removes_its_tunnel_entries_at_once() {
+    let mut fleet = Fleet::start(2).await;
+    let _agent = fleet.agent_on(0).await;
+    let pod_a = private_url(fleet.cluster.pods[0].addr);
+    fleet.wait_tracked(std::slice::from_ref(&pod_a)).await;
+    // Drain: readiness 503, then (with the listener) the tracker stops and unregisters —
+    // long before the entry's 300 s TTL.
+    fleet.cluster.pods[0].begin_shutdown();
+    fleet.wait_tracked(&[]).await;
+}

@@ -56,7 +56,16 @@ impl Fleet {
 
     /// Like [`Fleet::start`], each pod's configuration changed by `extra` last.
     async fn start_with(pods: u8, extra: impl Fn(&mut kas::Config) + 'static) -> Self {
-        let redis = RedisServer::start().await;
+        Self::start_on(RedisServer::start().await, pods, extra).await
+    }
+
+    /// Like [`Fleet::start_with`], on `redis` (over TLS when it speaks TLS).
+    async fn start_on(
+        redis: RedisServer,
+        pods: u8,
+        extra: impl Fn(&mut kas::Config) + 'static,
+    ) -> Self {
+        let redis_ca = redis.certificate.clone();
         let dir = tempfile::tempdir().expect("temp dir");
         let (cert, key) = kas_testkit::tls::self_signed(dir.path());
         let private_secret = dir.path().join("private-api-secret");
@@ -69,6 +78,10 @@ impl Fleet {
         let cluster = Cluster::<KasTests>::start_with(pods, move |c| {
             let ip = c.agent.listen.ip();
             c.redis.address = Some(address.clone());
+            if let Some(ca) = &redis_ca {
+                c.redis.tls = true;
+                c.redis.ca_certificate_file = Some(ca.clone());
+            }
             c.private_api.listen = Some(SocketAddr::new(ip, PRIVATE_API_PORT));
             c.private_api.authentication_secret_file = private_secret.clone();
             c.kubernetes_api.listen = Some(SocketAddr::new(ip, PROXY_PORT));
@@ -711,4 +724,25 @@ async fn a_draining_pod_removes_its_tunnel_entries_at_once() {
     // long before the entry's 300 s TTL.
     fleet.cluster.pods[0].begin_shutdown();
     fleet.wait_tracked(&[]).await;
+}
+
+#[tokio::test]
+async fn the_fleet_works_with_redis_over_tls() {
+    let fleet = Fleet::start_on(RedisServer::start_tls().await, 2, |_| {}).await;
+    let _agent = fleet.agent_on(0).await;
+    fleet
+        .wait_tracked(&[private_url(fleet.cluster.pods[0].addr)])
+        .await;
+    let o = fleet.kubectl(1).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    let b = fleet.metrics(1).await;
+    assert!(metric(&b, TO_OTHER) >= 1.0, "{b}");
+    assert_eq!(
+        metric(
+            &b,
+            "kas_redis_operations_total{op=\"tunnel_lookup\",result=\"error\"}"
+        ),
+        0.0,
+        "{b}"
+    );
 }

@@ -31,6 +31,12 @@ pub struct RedisConfig {
     /// File holding the password (trailing newline ignored).
     pub password_file: Option<PathBuf>,
     pub database: i64,
+    /// TLS to Redis (real kas's `redis.tls.enabled`), verified against the system's roots or
+    /// `ca_certificate_file`; a client certificate with `certificate_file` + `key_file`.
+    pub tls: bool,
+    pub ca_certificate_file: Option<PathBuf>,
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// Prefix of every key (real kas: `gitlab-kas`). Pub/sub channels are not prefixed.
     pub key_prefix: String,
     /// Connecting may take this long.
@@ -59,6 +65,10 @@ impl Default for RedisConfig {
             username: None,
             password_file: None,
             database: 0,
+            tls: false,
+            ca_certificate_file: None,
+            certificate_file: None,
+            key_file: None,
             key_prefix: "gitlab-kas".into(),
             dial_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(2),
@@ -133,6 +143,21 @@ pub(super) fn validate(
                 format!("must be host:port with network = \"tcp\", got {address:?}"),
             ));
         }
+    }
+    if redis.certificate_file.is_some() != redis.key_file.is_some() {
+        return Err(invalid(
+            "redis.certificate_file",
+            "certificate_file and key_file go together (a client certificate), or neither",
+        ));
+    }
+    if !redis.tls && (redis.ca_certificate_file.is_some() || redis.certificate_file.is_some()) {
+        return Err(invalid(
+            "redis.tls",
+            "must be true when redis.ca_certificate_file or redis.certificate_file is set",
+        ));
+    }
+    if redis.tls && redis.network == RedisNetwork::Unix {
+        return Err(invalid("redis.tls", "TLS needs network = \"tcp\""));
     }
     if redis.key_prefix.is_empty() {
         return Err(invalid("redis.key_prefix", "must not be empty"));

@@ -376,13 +376,31 @@ impl Reader {
                         .into(),
                 );
             }
-            if let Some(tls) = self.take(&["redis", "tls"]) {
-                if tls.get("enabled").and_then(Value::as_bool).unwrap_or(false) {
-                    return Err(
-                        "redis.tls.enabled: TLS to Redis is not supported by this kas; \
-                                use a TLS-terminating sidecar or a Redis on a private network"
-                            .into(),
-                    );
+            if let Some(enabled) = self.take(&["redis", "tls", "enabled"]) {
+                cfg.redis.tls = enabled
+                    .as_bool()
+                    .ok_or("redis.tls.enabled: expected true or false")?;
+            }
+            set!(["redis", "tls", "ca_certificate_file"], string, |v| cfg
+                .redis
+                .ca_certificate_file =
+                Some(PathBuf::from(v)));
+            set!(["redis", "tls", "certificate_file"], string, |v| cfg
+                .redis
+                .certificate_file =
+                Some(PathBuf::from(v)));
+            set!(["redis", "tls", "key_file"], string, |v| cfg
+                .redis
+                .key_file =
+                Some(PathBuf::from(v)));
+            if self
+                .root
+                .get("redis")
+                .and_then(|r| r.get("tls"))
+                .is_some_and(|t| t.as_mapping().is_some_and(|m| m.is_empty()))
+            {
+                if let Some(Value::Mapping(m)) = self.root.get_mut("redis") {
+                    m.remove("tls");
                 }
             }
             set!(["redis", "password_file"], string, |v| cfg
@@ -577,7 +595,6 @@ mod tests {
             y.ignored
         );
         for (yaml, key) in [
-            ("redis:\n  tls:\n    enabled: true\n", "redis.tls.enabled"),
             (
                 "redis:\n  sentinel:\n    master_name: m\n",
                 "redis.sentinel",

@@ -94,8 +94,20 @@ impl Redis {
                 let port = port
                     .parse()
                     .with_context(|| format!("redis.address: bad port in {address:?}"))?;
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                ConnectionAddr::Tcp(host.to_owned(), port)
+                let host = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                if config.tls {
+                    ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: false,
+                        tls_params: None,
+                    }
+                } else {
+                    ConnectionAddr::Tcp(host, port)
+                }
             }
             RedisNetwork::Unix => ConnectionAddr::Unix(address.into()),
         };
@@ -117,7 +129,32 @@ impl Redis {
             ..RedisConnectionInfo::default()
         };
         let info = ConnectionInfo { addr, redis };
-        let client = redis::Client::open(info).context("redis.address")?;
+        let read = |field: &str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("{field}: cannot read {}", path.display()))
+        };
+        let root_cert = match &config.ca_certificate_file {
+            Some(path) => Some(read("redis.ca_certificate_file", path)?),
+            None => None,
+        };
+        let client_tls = match (&config.certificate_file, &config.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("redis.certificate_file", cert)?,
+                client_key: read("redis.key_file", key)?,
+            }),
+            _ => None,
+        };
+        let client = if root_cert.is_some() || client_tls.is_some() {
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .context("redis.ca_certificate_file / redis.certificate_file")?
+        } else {
+            redis::Client::open(info).context("redis.address")?
+        };
         Ok(Self {
             client,
             conn: tokio::sync::Mutex::new(ConnState {

@@ -1,7 +1,8 @@
 //! A real `redis-server` (Debian's package; `$KAS_REDIS_SERVER` overrides the binary) on a
 //! loopback subnet of this test process's own (so concurrent test binaries never meet),
 //! with its data in a temporary directory, killed when dropped. It can be killed and
-//! started again on the same address, as a Redis outage.
+//! started again on the same address, as a Redis outage. With TLS ([`RedisServer::start_tls`])
+//! kas talks TLS on the usual port and tests read through a plain port beside it.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,12 @@ use crate::wait::eventually;
 pub const REDIS_PORT: u16 = 6379;
 
 pub struct RedisServer {
+    /// Where kas connects (TLS with [`RedisServer::start_tls`]).
     pub addr: SocketAddr,
+    /// A plain port for the tests' own client (the same as `addr` without TLS).
+    plain: SocketAddr,
+    /// The server's certificate (which a client trusts), with TLS.
+    pub certificate: Option<std::path::PathBuf>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -28,8 +34,27 @@ impl RedisServer {
         let addr = SocketAddr::new(ip(next_subnet(), 2), REDIS_PORT);
         let mut server = Self {
             addr,
+            plain: addr,
+            certificate: None,
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Like [`RedisServer::start`], speaking TLS on `addr` with a self-signed certificate
+    /// for its IP ([`RedisServer::certificate`]), and plain on the port after it.
+    pub async fn start_tls() -> Self {
+        let addr = SocketAddr::new(ip(next_subnet(), 2), REDIS_PORT);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, _) = crate::tls::self_signed_for(dir.path(), "redis", &[addr.ip().to_string()]);
+        let mut server = Self {
+            addr,
+            plain: SocketAddr::new(addr.ip(), REDIS_PORT + 1),
+            certificate: Some(cert),
+            child: None,
+            dir,
         };
         server.restart().await;
         server
@@ -51,12 +76,28 @@ impl RedisServer {
     /// Starts it (again) on the same address, empty.
     pub async fn restart(&mut self) {
         self.kill();
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if let Some(cert) = &self.certificate {
+            let key = cert.with_extension("key");
+            command
+                .args([
+                    "--tls-port",
+                    &self.addr.port().to_string(),
+                    "--tls-cert-file",
+                ])
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(cert)
+                .args(["--tls-auth-clients", "no"]);
+        }
+        let child = command
             .args([
                 "--bind",
                 &self.addr.ip().to_string(),
                 "--port",
-                &self.addr.port().to_string(),
+                &self.plain.port().to_string(),
                 "--save",
                 "",
                 "--appendonly",
@@ -79,7 +120,7 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        let addr = self.addr;
+        let addr = self.plain;
         eventually(
             "redis-server answers PING",
             Duration::from_secs(10),
@@ -109,7 +150,7 @@ impl RedisServer {
 
     /// A plain client connection, for tests that read what kas wrote.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
-        Self::connect_to(self.addr)
+        Self::connect_to(self.plain)
             .await
             .expect("connect to the test redis-server")
     }

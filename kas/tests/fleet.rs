@@ -530,10 +530,43 @@ async fn a_redis_outage_keeps_agents_and_same_pod_routing_and_heals_by_itself() 
     let agent = fleet.agent_on(0).await;
     let pod_a = private_url(fleet.cluster.pods[0].addr);
     fleet.wait_tracked(std::slice::from_ref(&pod_a)).await;
-    // Pod B has looked the agent up once.
+    // Pod B has looked the agent up once, and a watch runs through it to pod A's tunnel.
     assert_eq!(fleet.proxy_get(1, "/version").await.0, 200);
+    let mut watch = fleet
+        .kubectl(1)
+        .spawn(&["get", "pods", "-n", "default", "-w", "--no-headers"]);
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        watch.stdout.take().expect("stdout"),
+    ));
+    let first = tokio::time::timeout(RUN, lines.next_line()).await;
+    assert!(
+        matches!(&first, Ok(Ok(Some(l))) if l.contains("web-0")),
+        "{first:?}"
+    );
+    eventually("the watch is open at the cluster", RUN, || async {
+        fleet.kube.open_watches() == 1
+    })
+    .await;
 
     fleet.redis.kill();
+    // The running cross-pod watch goes on: an event after the outage began arrives.
+    fleet.kube.add_pod("default", "during-outage");
+    let event = tokio::time::timeout(RUN, async {
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) if line.contains("during-outage") => return true,
+                Ok(Some(_)) => continue,
+                _ => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        event,
+        Ok(true),
+        "the watch through pod B continues without Redis"
+    );
+    drop(watch);
     // The agent stays, same-pod routing works.
     assert_eq!(fleet.proxy_get(0, "/version").await.0, 200);
     let o = fleet.kubectl(0).run(&["get", "pods", "-A"], b"", RUN).await;

@@ -495,3 +495,7 @@ with open(os.path.join(os.environ["RESULTS"], "latest.md"), "w") as f:
 print("\n".join(lines))
 print(f"\nwrote {out} and {os.path.join(os.environ['RESULTS'], 'latest.md')}")
 PY
+
+# The kas fleet (Redis operations at 10,000 agents, cross-pod vs same-pod proxy latency):
+# its own measurement with its own pods; FLEET_BENCH=0 skips it.
+[ "${FLEET_BENCH:-1}" = 0 ] || bash "$ROOT/loadtest/fleet_bench.sh"

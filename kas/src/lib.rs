@@ -11,6 +11,11 @@
 //! - [`transport`]: the agent port (h2c and the `ws-tunnel` websocket on one listener,
 //!   connection age, pre-auth message limits).
 //! - `services`: the gRPC services, thin — decode, call [`agent`] or [`tunnel`], encode.
+//! - [`api`]: the port GitLab calls — connected agents, push notifications.
+//! - [`private_api`]: the fleet — the private API other pods reach this pod's tunnels on,
+//!   and the router that finds an agent's tunnel on this pod or another.
+//! - [`fleet`]: Redis — which pod holds which agent's tunnels (written as real kas v16
+//!   does), polled once per agent.
 //! - [`tunnel`]: reverse tunnels — per agent the idle tunnels and the requests waiting
 //!   for one, and one call carried through a tunnel with the protocol's message order.
 //! - [`agent`]: what an agent is served — its configuration built from `config.yaml`, the
@@ -26,17 +31,19 @@
 //! - [`dev`] (feature `dev`, off in the container builds): the GitLab and Gitaly stand-ins
 //!   and the local stack behind `kas dev` / `kas-edge dev`.
 //!
-//! Where the next parts go: `k8s_proxy/` (the Kubernetes API proxy on
-//! `agent.kubernetes_api.listen`, a caller of [`tunnel`]) and `api/` (the port GitLab calls:
-//! agent tracker, push notifications), each a folder beside `agent/`, wired in [`server`].
+//! The Kubernetes API proxy ([`k8s_proxy`], on `agent.kubernetes_api.listen`) calls a
+//! [`tunnel::Router`]: the registry alone, or the fleet's ([`private_api`]).
 
 pub mod agent;
+pub mod api;
 pub mod auth;
 pub mod config;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod fleet;
 pub mod gitlab;
 pub mod k8s_proxy;
+pub mod private_api;
 pub mod server;
 mod services;
 pub mod sources;

@@ -120,6 +120,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Check(args)) => {
             let (config, ignored) = args.load()?;
             kas::gitlab::SharedSecret::from_file(&config.gitlab.authentication_secret_file)?;
+            // What the fleet parts read at start: their secrets and Redis's password.
+            if config.api.listen.is_some() {
+                kas::gitlab::SharedSecret::from_file(&config.api.authentication_secret_file)
+                    .context("api.authentication_secret_file")?;
+            }
+            if config.private_api.listen.is_some() {
+                kas::gitlab::SharedSecret::from_file(
+                    &config.private_api.authentication_secret_file,
+                )
+                .context("private_api.authentication_secret_file")?;
+            }
+            if config.redis.address.is_some() {
+                kas::fleet::Redis::new(
+                    &config.redis,
+                    kas::fleet::RedisMetrics::new(&prometheus::Registry::new()),
+                )?;
+            }
             for key in &ignored {
                 println!("ignored (not implemented by this kas): {key}");
             }

@@ -14,10 +14,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::config_files::ConfigFiles;
+use crate::api::{ApiServer, ApiTasks};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigurationSourceKind};
+use crate::fleet::events::OnPush;
+use crate::fleet::AgentTracker;
 use crate::gitlab::{GitlabClient, SharedSecret};
 use crate::k8s_proxy::{self, auth::ProxyAuthorizer, K8sProxy, K8sProxyMetrics};
+use crate::private_api::Fleet;
 use crate::services::{self, Shared};
 use crate::sources::gitaly::{GitalyConfigSource, GitalyPool};
 use crate::sources::{ConfigSource, GitlabApiSource};
@@ -41,6 +45,11 @@ pub struct BoundKas {
     obs_listener: TcpListener,
     /// The Kubernetes API proxy, when `kubernetes_api.listen` is set.
     k8s_proxy: Option<(TcpListener, Option<TlsAcceptor>, Arc<K8sProxy>)>,
+    /// Redis, the tunnel tracker and the private API (off without `redis`/`private_api`).
+    fleet: Fleet,
+    /// The API port GitLab calls (off without `api.listen`), and what a push event wakes.
+    api: Option<ApiServer>,
+    on_push: OnPush,
     shared: Arc<Shared>,
 }
 
@@ -111,10 +120,13 @@ impl BoundKas {
             Some(addr) => Some(bind(addr, "kubernetes_api.listen").await?),
             None => None,
         };
-        let tunnels = TunnelRegistry::new(
+        let (mut fleet, tracker) = Fleet::bind(&config, &metrics).await?;
+        let tunnels = TunnelRegistry::with_tracker(
             config.reverse_tunnel.limits(),
             TunnelMetrics::new(metrics.registry()),
+            tracker,
         );
+        let router = fleet.router(&tunnels, config.reverse_tunnel.routing_timeout);
         let k8s_proxy_tls = match (
             &config.kubernetes_api.certificate_file,
             &config.kubernetes_api.key_file,
@@ -127,22 +139,41 @@ impl BoundKas {
                 config.k8s_proxy_prefix(),
                 config.external_url(),
                 proxy_authorizer,
-                tunnels.clone(),
+                router,
                 K8sProxyMetrics::new(metrics.registry()),
             );
             (listener, k8s_proxy_tls, Arc::new(proxy))
         });
         let end_streams = CancellationToken::new();
+        let head_pollers = HeadPollers::new(
+            config.agent_configuration.poll_interval,
+            end_streams.clone(),
+        );
+        let gitops_pollers = HeadPollers::new(config.gitops.poll_interval, end_streams.clone());
+        let on_push: OnPush = {
+            let (config, gitops) = (head_pollers.clone(), gitops_pollers.clone());
+            Arc::new(move |event| {
+                if let Some(project) = &event.project {
+                    config.wake(&project.full_path);
+                    gitops.wake(&project.full_path);
+                }
+            })
+        };
+        let agent_tracker = AgentTracker::new(fleet.redis.clone(), config.redis.conn_info_ttl);
+        let api = ApiServer::bind(
+            &config,
+            agent_tracker.clone(),
+            fleet.redis.clone(),
+            on_push.clone(),
+        )
+        .await?;
         let shared = Arc::new(Shared {
             auth,
             config_source,
-            head_pollers: HeadPollers::new(
-                config.agent_configuration.poll_interval,
-                end_streams.clone(),
-            ),
+            head_pollers,
             config_files: ConfigFiles::new(CONFIG_FILE_CACHE_BYTES),
             gitaly: gitaly.clone(),
-            gitops_pollers: HeadPollers::new(config.gitops.poll_interval, end_streams.clone()),
+            gitops_pollers,
             gitops_limits: config.gitops.limits(),
             project_info: crate::agent::gitops::ProjectInfoCache::new(
                 config.gitops.project_info_cache_ttl,
@@ -156,14 +187,35 @@ impl BoundKas {
             pod_name: pod_name.to_owned(),
             tunnels,
             end_streams,
+            agent_tracker,
+            token_limiter: fleet.redis.clone().map(|redis| {
+                crate::fleet::TokenLimiter::new(
+                    redis,
+                    config.agent.connections_per_token_per_minute,
+                    metrics.registry(),
+                )
+            }),
         });
         Ok(Self {
             config,
             agent_listener,
             obs_listener,
             k8s_proxy,
+            fleet,
+            api,
+            on_push,
             shared,
         })
+    }
+
+    /// The API port's address, when it is configured.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(ApiServer::addr)
+    }
+
+    /// The private API's address, when it is configured.
+    pub fn private_api_addr(&self) -> Option<SocketAddr> {
+        self.fleet.private_api_addr()
     }
 
     pub fn agent_addr(&self) -> SocketAddr {
@@ -233,7 +285,18 @@ impl BoundKas {
                 drain.tracker.clone(),
             ))
         });
-        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, "kas serving");
+        let private_api_addr = self.fleet.private_api_addr();
+        let api_addr = self.api.as_ref().and_then(ApiServer::addr);
+        let redis = self.fleet.redis.clone();
+        let mut fleet = self.fleet.start();
+        let api_tasks = ApiTasks::start(
+            self.api,
+            self.shared.agent_tracker.clone(),
+            redis,
+            self.on_push,
+            &self.config.redis,
+        );
+        tracing::info!(%pod, %agent_addr, %obs_addr, ?k8s_proxy_addr, ?private_api_addr, ?api_addr, "kas serving");
 
         shutdown.await;
         let cfg = &self.config.shutdown;
@@ -243,6 +306,7 @@ impl BoundKas {
         tokio::time::sleep(cfg.readiness_delay).await;
 
         stop_accepting.cancel();
+        fleet.begin_drain().await;
         accept_task.await.context("agent listener task failed")?;
         if let Some(task) = k8s_proxy_task {
             task.await.context("k8s-proxy listener task failed")?;
@@ -263,6 +327,8 @@ impl BoundKas {
                 }
             }
         }
+        fleet.stop().await;
+        api_tasks.stop().await;
         obs_stop.cancel();
         let _ = obs_task.await;
         tracing::info!(%pod, "shutdown complete");

@@ -143,7 +143,14 @@ mod probe {
 
 /// A kas.yaml shaped like the one the GitLab Helm chart renders (its kas ConfigMap), with
 /// this kas's implemented keys added as an operator's `customConfig` would.
-fn helm_chart_yaml(agent: u16, obs: u16, k8s_proxy: u16, secret: &std::path::Path) -> String {
+fn helm_chart_yaml(
+    agent: u16,
+    obs: u16,
+    k8s_proxy: u16,
+    api: u16,
+    private: u16,
+    secret: &std::path::Path,
+) -> String {
     format!(
         r#"agent:
   listen:
@@ -166,12 +173,12 @@ gitlab:
   authentication_secret_file: {secret:?}
 api:
   listen:
-    address: ":8153"
+    address: "127.0.0.1:{api}"
     authentication_secret_file: {secret:?}
 private_api:
   listen:
-    address: ":8155"
-    authentication_secret_file: "/etc/kas/.gitlab_kas_private_api_secret"
+    address: "127.0.0.1:{private}"
+    authentication_secret_file: {secret:?}
 observability:
   listen:
     address: "127.0.0.1:{obs}"
@@ -196,12 +203,6 @@ gitaly:
 const HELM_IGNORED: &[&str] = &[
     "agent.kubernetes_api.listen.websocket",
     "agent.listen.websocket",
-    "api.listen.address",
-    "api.listen.authentication_secret_file",
-    "private_api.listen.address",
-    "private_api.listen.authentication_secret_file",
-    "redis.password_file",
-    "redis.server.address",
 ];
 
 #[test]
@@ -211,7 +212,13 @@ fn a_real_kas_yaml_is_accepted_and_unimplemented_keys_are_reported_once() {
     std::fs::write(&secret, kas::gitlab::SharedSecret::generate().to_base64()).unwrap();
     let (agent, obs, k8s_proxy) = (free_port(), free_port(), free_port());
     let path = dir.path().join("kas.yaml");
-    std::fs::write(&path, helm_chart_yaml(agent, obs, k8s_proxy, &secret)).unwrap();
+    let redis_password = dir.path().join("redis-password");
+    std::fs::write(&redis_password, "p").unwrap();
+    let yaml = helm_chart_yaml(agent, obs, k8s_proxy, free_port(), free_port(), &secret).replace(
+        "/etc/kas/redis/redis-password",
+        redis_password.to_str().unwrap(),
+    );
+    std::fs::write(&path, yaml).unwrap();
 
     // `check` lists every ignored key and accepts the file.
     let out = kas()

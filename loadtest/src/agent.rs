@@ -19,11 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::Streaming;
 
+use kas::dev::agent::{Fleet as TunnelFleet, KasConn, TestAgent};
 use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::{PingRequest, PingResponse};
-use kas::dev::agent::{Fleet as TunnelFleet, KasConn, TestAgent};
 
 use crate::schedule::Schedule;
 use crate::stats::Stats;
@@ -420,11 +420,14 @@ async fn open_configuration(
     let stats = &env.stats;
     let mut client =
         AgentConfigurationClient::with_origin(grpc.service.clone(), grpc.origin.clone());
-    let request = env.authed(slot, ConfigurationRequest {
-        commit_id: String::new(),
-        agent_meta: None,
-        skip_register: true,
-    });
+    let request = env.authed(
+        slot,
+        ConfigurationRequest {
+            commit_id: String::new(),
+            agent_meta: None,
+            skip_register: true,
+        },
+    );
     let opening = async {
         let mut stream = client.get_configuration(request).await?.into_inner();
         let first = stream.message().await?;

@@ -21,9 +21,7 @@ use clap::Parser;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use kas::dev::gitlab_standin::{
-    GitlabStandin, StandinAgent, StandinAllowedAgent, StandinCiJob,
-};
+use kas::dev::gitlab_standin::{GitlabStandin, StandinAgent, StandinAllowedAgent, StandinCiJob};
 use kas::dev::kube_api::KubeApi;
 use kas::gitlab::SharedSecret;
 
@@ -111,7 +109,11 @@ impl StackInfo {
         let _ = writeln!(out, "AGENT_TARGETS={}", list(&self.agent_targets));
         let _ = writeln!(out, "K8S_PROXY_URLS={}", list(&self.proxy_urls));
         let _ = writeln!(out, "KUBE_API_URL={}", q(&self.kube_api_url));
-        let _ = writeln!(out, "TOKEN_FILE={}", q(&self.token_file.display().to_string()));
+        let _ = writeln!(
+            out,
+            "TOKEN_FILE={}",
+            q(&self.token_file.display().to_string())
+        );
         let _ = writeln!(
             out,
             "CI_TOKEN_FILE={}",
@@ -339,8 +341,9 @@ impl Stack {
             wait_ready(obs, &mut child, Duration::from_secs(30)).await?;
             info.kas_pids.extend(child.id());
             info.agent_targets.push(format!("grpc://{ip}:{AGENT_PORT}"));
-            info.proxy_urls
-                .push(format!("{scheme}://{ip}:{K8S_PROXY_PORT}{K8S_PROXY_PREFIX}"));
+            info.proxy_urls.push(format!(
+                "{scheme}://{ip}:{K8S_PROXY_PORT}{K8S_PROXY_PREFIX}"
+            ));
             info.metrics_urls.push(format!("http://{obs}/metrics"));
             pods.push(child);
         }
@@ -378,7 +381,10 @@ impl Stack {
 pub async fn run(args: StackArgs) -> anyhow::Result<()> {
     let stack = Stack::start(&args).await?;
     let env = std::path::absolute(args.dir.join("stack.env")).unwrap_or(args.dir.join("stack.env"));
-    println!("kas-loadtest-stack ready ({} pods); Ctrl-C stops it", args.pods);
+    println!(
+        "kas-loadtest-stack ready ({} pods); Ctrl-C stops it",
+        args.pods
+    );
     print!("{}", stack.info.env_text());
     println!("wrote {}", env.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -37,6 +37,26 @@ pub mod gitlab {
                 tonic::include_proto!("gitlab.agent.kubernetes_api.rpc");
             }
         }
+        pub mod kas {
+            tonic::include_proto!("gitlab.agent.kas");
+        }
+        pub mod redistool {
+            tonic::include_proto!("gitlab.agent.redistool");
+        }
+        pub mod agent_tracker {
+            tonic::include_proto!("gitlab.agent.agent_tracker");
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.agent_tracker.rpc");
+            }
+        }
+        pub mod event {
+            tonic::include_proto!("gitlab.agent.event");
+        }
+        pub mod notifications {
+            pub mod rpc {
+                tonic::include_proto!("gitlab.agent.notifications.rpc");
+            }
+        }
         pub mod reverse_tunnel {
             pub mod info {
                 tonic::include_proto!("gitlab.agent.reverse_tunnel.info");
@@ -56,12 +76,17 @@ pub mod google {
 
 pub use gitlab::agent::agent_configuration::rpc as agent_configuration;
 pub use gitlab::agent::agent_registrar::rpc as agent_registrar;
+pub use gitlab::agent::agent_tracker;
 pub use gitlab::agent::agentcfg;
 pub use gitlab::agent::entity;
+pub use gitlab::agent::event;
 pub use gitlab::agent::gitops::rpc as gitops;
 pub use gitlab::agent::grpctool;
+pub use gitlab::agent::kas as kasapp;
 pub use gitlab::agent::kubernetes_api::rpc as kubernetes_api;
+pub use gitlab::agent::notifications::rpc as notifications;
 pub use gitlab::agent::prototool;
+pub use gitlab::agent::redistool;
 pub use gitlab::agent::reverse_tunnel::rpc as reverse_tunnel;
 
 pub mod kas_edge {
@@ -85,6 +110,9 @@ pub mod gitaly {
 pub const HEADER_EXTRA_TYPE_URL: &str =
     "type.googleapis.com/gitlab.agent.kubernetes_api.rpc.HeaderExtra";
 
+/// The type URL of `event::GitPushEvent` packed in an `Any` on Redis channel `kas_events`.
+pub const GIT_PUSH_EVENT_TYPE_URL: &str = "type.googleapis.com/gitlab.agent.event.GitPushEvent";
+
 /// gRPC method paths, for routing and per-method metrics without string typos.
 pub mod paths {
     pub const GET_CONFIGURATION: &str =
@@ -101,6 +129,10 @@ pub mod paths {
     pub const KUBERNETES_API_SERVICE: &str = "gitlab.agent.kubernetes_api.rpc.KubernetesApi";
     pub const KUBERNETES_API_METHOD: &str = "MakeRequest";
     pub const GITOPS_GET_OBJECTS: &str = "/gitlab.agent.gitops.rpc.Gitops/GetObjectsToSynchronize";
+    pub const AGENT_TRACKER_GET_CONNECTED_AGENTS: &str =
+        "/gitlab.agent.agent_tracker.rpc.AgentTracker/GetConnectedAgents";
+    pub const NOTIFICATIONS_GIT_PUSH_EVENT: &str =
+        "/gitlab.agent.notifications.rpc.Notifications/GitPushEvent";
     pub const DIAGNOSTICS_PING: &str = "/kas_edge.diagnostics.v1.Diagnostics/Ping";
     pub const DIAGNOSTICS_ECHO: &str = "/kas_edge.diagnostics.v1.Diagnostics/Echo";
     pub const GITALY_FIND_BRANCH: &str = "/gitaly.RefService/FindBranch";

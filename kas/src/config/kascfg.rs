@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use crate::config::{Config, ConfigError, RateLimitConfig};
+use crate::config::{Config, ConfigError, RateLimitConfig, RedisNetwork};
 
 /// A real kas configuration file, read.
 #[derive(Debug)]
@@ -134,6 +134,16 @@ fn usize_value(key: &str, v: &Value) -> Result<usize, String> {
     v.as_u64()
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| format!("{key}: expected a non-negative integer"))
+}
+
+fn u64_value(key: &str, v: &Value) -> Result<u64, String> {
+    v.as_u64()
+        .ok_or_else(|| format!("{key}: expected a non-negative integer"))
+}
+
+fn i64_value(key: &str, v: &Value) -> Result<i64, String> {
+    v.as_i64()
+        .ok_or_else(|| format!("{key}: expected an integer"))
 }
 
 fn rate_limit(key: &str, v: &Value) -> Result<RateLimitConfig, String> {
@@ -306,6 +316,8 @@ impl Reader {
             .level =
             v);
 
+        self.apply_fleet(&mut cfg)?;
+
         set!(["gitaly", "global_api_rate_limit"], rate_limit, |v| {
             cfg.gitaly.global_api_rate_limit = v
         });
@@ -313,6 +325,184 @@ impl Reader {
             cfg.gitaly.per_server_api_rate_limit = v
         });
         self.config = cfg;
+        Ok(())
+    }
+
+    /// `redis`, `api`, `private_api` and the agent settings that go with them.
+    fn apply_fleet(&mut self, cfg: &mut Config) -> Result<(), String> {
+        macro_rules! set {
+            ($path:expr, $parse:expr, |$v:ident| $apply:expr) => {
+                let path: &[&str] = &$path;
+                if let Some(raw) = self.take(path) {
+                    let $v = $parse(&path.join("."), &raw)?;
+                    $apply;
+                }
+            };
+        }
+        set!(
+            ["agent", "listen", "connections_per_token_per_minute"],
+            u64_value,
+            |v| { cfg.agent.connections_per_token_per_minute = v }
+        );
+        set!(["agent", "redis_conn_info_ttl"], duration, |v| cfg
+            .redis
+            .conn_info_ttl =
+            v);
+        set!(["agent", "redis_conn_info_refresh"], duration, |v| cfg
+            .redis
+            .conn_info_refresh =
+            v);
+        set!(["agent", "redis_conn_info_gc"], duration, |v| cfg
+            .redis
+            .conn_info_gc =
+            v);
+
+        if self.root.contains_key("redis") {
+            if let Some(network) = self.take(&["redis", "network"]) {
+                cfg.redis.network = match network.as_str() {
+                    Some("tcp") => RedisNetwork::Tcp,
+                    Some("unix") => RedisNetwork::Unix,
+                    _ => return Err("redis.network: expected \"tcp\" or \"unix\"".into()),
+                };
+            }
+            set!(["redis", "server", "address"], string, |v| cfg
+                .redis
+                .address =
+                Some(v));
+            if self.take(&["redis", "sentinel"]).is_some() {
+                return Err(
+                    "redis.sentinel: Redis Sentinel is not supported by this kas; \
+                            point redis.server.address at the master (or a proxy in front of it)"
+                        .into(),
+                );
+            }
+            if let Some(enabled) = self.take(&["redis", "tls", "enabled"]) {
+                cfg.redis.tls = enabled
+                    .as_bool()
+                    .ok_or("redis.tls.enabled: expected true or false")?;
+            }
+            set!(["redis", "tls", "ca_certificate_file"], string, |v| cfg
+                .redis
+                .ca_certificate_file =
+                Some(PathBuf::from(v)));
+            set!(["redis", "tls", "certificate_file"], string, |v| cfg
+                .redis
+                .certificate_file =
+                Some(PathBuf::from(v)));
+            set!(["redis", "tls", "key_file"], string, |v| cfg
+                .redis
+                .key_file =
+                Some(PathBuf::from(v)));
+            if self
+                .root
+                .get("redis")
+                .and_then(|r| r.get("tls"))
+                .is_some_and(|t| t.as_mapping().is_some_and(|m| m.is_empty()))
+            {
+                if let Some(Value::Mapping(m)) = self.root.get_mut("redis") {
+                    m.remove("tls");
+                }
+            }
+            set!(["redis", "password_file"], string, |v| cfg
+                .redis
+                .password_file =
+                Some(PathBuf::from(v)));
+            set!(["redis", "username"], string, |v| cfg.redis.username =
+                Some(v));
+            set!(["redis", "key_prefix"], string, |v| cfg.redis.key_prefix =
+                v);
+            set!(["redis", "database_index"], i64_value, |v| cfg
+                .redis
+                .database =
+                v);
+            set!(["redis", "dial_timeout"], duration, |v| cfg
+                .redis
+                .dial_timeout =
+                v);
+            set!(["redis", "write_timeout"], duration, |v| cfg
+                .redis
+                .operation_timeout =
+                v);
+            for key in ["pool_size", "read_timeout", "idle_timeout"] {
+                if self.take(&["redis", key]).is_some() {
+                    self.notes.push(format!(
+                        "redis.{key} (this kas keeps one multiplexed connection; each operation is bounded by redis.write_timeout)"
+                    ));
+                }
+            }
+        }
+
+        for (section, default_port) in [("api", 8153u16), ("private_api", 8155)] {
+            if !self.root.contains_key(section) {
+                continue;
+            }
+            let listen_key = |k: &str| format!("{section}.listen.{k}");
+            if let Some(network) = self.take(&[section, "listen", "network"]) {
+                if network.as_str() != Some("tcp") {
+                    return Err(format!(
+                        "{}: only \"tcp\" is supported",
+                        listen_key("network")
+                    ));
+                }
+            }
+            // Real kas's default: loopback (the Helm chart sets the address).
+            let mut listen: SocketAddr = ([127, 0, 0, 1], default_port).into();
+            if let Some(v) = self.take(&[section, "listen", "address"]) {
+                listen = listen_address(&listen_key("address"), &v)?;
+            }
+            let secret = match self.take(&[section, "listen", "authentication_secret_file"]) {
+                Some(v) => PathBuf::from(string(&listen_key("authentication_secret_file"), &v)?),
+                None => PathBuf::new(),
+            };
+            for key in ["certificate_file", "key_file", "ca_certificate_file"] {
+                if self.take(&[section, "listen", key]).is_some() {
+                    return Err(format!(
+                        "{}: TLS on the {section} listener is not supported by this kas \
+                         (it is a cluster-internal port; use a NetworkPolicy, see deploy/)",
+                        listen_key(key)
+                    ));
+                }
+            }
+            if self
+                .take(&[section, "listen", "listen_grace_period"])
+                .is_some()
+            {
+                self.notes.push(format!(
+                    "{} (this kas closes the listener at the drain's end)",
+                    listen_key("listen_grace_period")
+                ));
+            }
+            if section == "api" {
+                cfg.api.listen = Some(listen);
+                cfg.api.authentication_secret_file = secret;
+                if self
+                    .take(&["api", "listen", "max_connection_age"])
+                    .is_some()
+                {
+                    self.notes
+                        .push("api.listen.max_connection_age (GitLab's calls are unary)".into());
+                }
+            } else {
+                cfg.private_api.listen = Some(listen);
+                cfg.private_api.authentication_secret_file = secret;
+                set!(
+                    ["private_api", "listen", "max_connection_age"],
+                    duration,
+                    |v| { cfg.private_api.max_connection_age = v }
+                );
+            }
+            // An emptied section was consumed.
+            if self
+                .root
+                .get(section)
+                .and_then(|s| s.get("listen"))
+                .is_some_and(|l| l.as_mapping().is_some_and(|m| m.is_empty()))
+            {
+                if let Some(Value::Mapping(m)) = self.root.get_mut(section) {
+                    m.remove("listen");
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -367,17 +557,56 @@ mod tests {
         )
         .unwrap();
         assert_eq!(y.config.agent.listen, "0.0.0.0:9150".parse().unwrap());
-        assert_eq!(y.ignored.len(), 3, "{:?}", y.ignored);
-        assert_eq!(
-            y.ignored[0],
-            "agent.listen.connections_per_token_per_minute"
-        );
+        assert_eq!(y.ignored.len(), 1, "{:?}", y.ignored);
         assert!(
-            y.ignored[1].starts_with("agent.listen.websocket (true;"),
+            y.ignored[0].starts_with("agent.listen.websocket (true;"),
             "{:?}",
             y.ignored
         );
-        assert_eq!(y.ignored[2], "redis.server.address");
+        assert_eq!(y.config.agent.connections_per_token_per_minute, 100);
+        assert_eq!(y.config.redis.address.as_deref(), Some("redis:6379"));
+    }
+
+    #[test]
+    fn the_fleet_sections_are_read_as_real_kas_writes_them() {
+        let y = KasYaml::from_yaml(
+            "agent:\n  redis_conn_info_ttl: 120s\n  redis_conn_info_refresh: 60s\n  redis_conn_info_gc: 300s\n\
+             redis:\n  network: tcp\n  server:\n    address: redis.example:6379\n  password_file: /etc/kas/redis\n  \
+             key_prefix: kas-a\n  dial_timeout: 3s\n  write_timeout: 1s\n  pool_size: 10\n  tls:\n    enabled: false\n\
+             api:\n  listen:\n    address: ':8153'\n    authentication_secret_file: /etc/kas/api\n\
+             private_api:\n  listen:\n    address: ':8155'\n    authentication_secret_file: /etc/kas/private\n    \
+             max_connection_age: 1800s\n",
+        )
+        .expect("valid");
+        let c = &y.config;
+        assert_eq!(c.redis.address.as_deref(), Some("redis.example:6379"));
+        assert_eq!(c.redis.key_prefix, "kas-a");
+        assert_eq!(c.redis.password_file, Some(PathBuf::from("/etc/kas/redis")));
+        assert_eq!(c.redis.operation_timeout, Duration::from_secs(1));
+        assert_eq!(c.redis.conn_info_ttl, Duration::from_secs(120));
+        assert_eq!(c.redis.conn_info_refresh, Duration::from_secs(60));
+        assert_eq!(c.api.listen, Some("0.0.0.0:8153".parse().unwrap()));
+        assert_eq!(c.private_api.listen, Some("0.0.0.0:8155".parse().unwrap()));
+        assert_eq!(c.private_api.max_connection_age, Duration::from_secs(1800));
+        assert_eq!(y.ignored.len(), 1, "{:?}", y.ignored);
+        assert!(
+            y.ignored[0].starts_with("redis.pool_size ("),
+            "{:?}",
+            y.ignored
+        );
+        for (yaml, key) in [
+            (
+                "redis:\n  sentinel:\n    master_name: m\n",
+                "redis.sentinel",
+            ),
+            (
+                "private_api:\n  listen:\n    certificate_file: /c\n",
+                "private_api.listen.certificate_file",
+            ),
+        ] {
+            let err = KasYaml::from_yaml(yaml).unwrap_err();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! once at start so a bad value stops the process with the field's name instead of
 //! surfacing later as a confusing runtime failure.
 
+pub mod fleet;
 pub mod kascfg;
+
+pub use fleet::{ApiConfig, PrivateApiConfig, RedisConfig, RedisNetwork};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,9 @@ pub struct Config {
     pub gitops: GitopsConfig,
     pub reverse_tunnel: ReverseTunnelConfig,
     pub kubernetes_api: KubernetesApiConfig,
+    pub redis: RedisConfig,
+    pub private_api: PrivateApiConfig,
+    pub api: ApiConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -67,6 +73,10 @@ pub struct AgentListenerConfig {
     /// scaled-out fleet rebalances (real kas: 2 h).
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
+    /// New calls (tunnels included) one agent token may start per minute, counted in Redis
+    /// across the fleet (real kas: 40,000); without Redis the edge's per-token limit is the
+    /// only one.
+    pub connections_per_token_per_minute: u64,
 }
 
 impl Default for AgentListenerConfig {
@@ -77,6 +87,7 @@ impl Default for AgentListenerConfig {
             max_websocket_message_bytes: 10 * 1024 * 1024,
             max_websocket_message_bytes_before_auth: 64 * 1024,
             max_connection_age: Duration::from_secs(2 * 3600),
+            connections_per_token_per_minute: 40_000,
         }
     }
 }
@@ -563,6 +574,15 @@ impl Config {
                 ));
             }
         }
+        if self.agent.connections_per_token_per_minute == 0 {
+            return Err(invalid(
+                "agent.connections_per_token_per_minute",
+                "must be greater than zero",
+            ));
+        }
+        let mut taken = vec![self.agent.listen, self.observability.listen];
+        taken.extend(self.kubernetes_api.listen);
+        fleet::validate(&self.redis, &self.private_api, &self.api, &taken)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())

@@ -3,8 +3,8 @@
 //! each pod on its own address (127.0.1.N) like pods with their own IPs, with the agent
 //! port, the observability port and the Kubernetes API proxy's port apart; a Kubernetes API
 //! stand-in as the demo agent's cluster, and the demo agent itself holding reverse tunnels
-//! into it — on every pod, since requests reach any pod and tunnels are not yet shared
-//! between pods (the Redis tunnel tracker is issue 21) — and a CI job token GitLab's
+//! into it — on every pod, since requests reach any pod and, without Redis (which the local
+//! stack does not run), pods cannot find each other's tunnels — and a CI job token GitLab's
 //! stand-in accepts for the demo agent, so `kubectl` works through the proxy.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -27,6 +27,8 @@ pub const OBSERVABILITY_PORT: u16 = 8151;
 pub const K8S_PROXY_PORT: u16 = 8154;
 /// The path the proxy serves (as on kas.gitlab.com); the edge passes it on unchanged.
 pub const K8S_PROXY_PREFIX: &str = "/k8s-proxy/";
+/// GitLab's calls into kas (real kas's API port).
+pub const API_PORT: u16 = 8153;
 
 #[derive(Debug, Clone)]
 pub struct DevStackOptions {
@@ -150,12 +152,24 @@ impl DevStack {
             config.gitlab.address = gitlab.url();
             config.gitlab.authentication_secret_file = secret_file.clone();
             config.agent_configuration.poll_interval = opts.poll_interval;
+            // GitLab's calls (connected agents, push events): the stand-in signs them with
+            // the shared secret, as GitLab does.
+            config.api.listen = Some(SocketAddr::new(pod_ip(n), API_PORT));
+            config.api.authentication_secret_file = secret_file.clone();
             config.shutdown.readiness_delay = Duration::from_secs(1);
             config.shutdown.drain_deadline = Duration::from_secs(5);
             config.kubernetes_api.listen = Some(SocketAddr::new(pod_ip(n), K8S_PROXY_PORT));
             config.kubernetes_api.url_path_prefix = K8S_PROXY_PREFIX.into();
             pods.push(BoundKas::bind(config, &format!("kas-{n}")).await?);
         }
+        // A commit in the demo repository reaches the agent at once: the hook asks the
+        // stand-in, which sends every pod a GitPushEvent (no Redis here to fan it out).
+        gitlab.set_kas_apis(pods.iter().filter_map(BoundKas::api_addr).collect());
+        crate::dev::push_events::install_post_commit_hook(
+            &repo,
+            &gitlab.url(),
+            &agent.project_path,
+        )?;
         Ok(Self {
             gitlab,
             secret_file,

@@ -110,6 +110,8 @@ struct State {
     last_jwt: Mutex<Option<String>>,
     agent_info_requests: AtomicU64,
     project_info_requests: AtomicU64,
+    /// kas API ports told about pushes (GitLab's `gitlab_kas.internal_url`).
+    kas_apis: Mutex<Vec<SocketAddr>>,
     /// CI jobs and users of the Kubernetes API proxy.
     proxy_access: ProxyAccess,
 }
@@ -259,6 +261,45 @@ impl State {
             .find(|p| matches(p))
     }
 
+    fn project_by_path(&self, path: &str) -> Option<StandinProject> {
+        let path = path.trim_matches('/');
+        let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let from_agents = agents
+            .values()
+            .map(StandinAgent::project)
+            .find(|p| p.project_path == path);
+        drop(agents);
+        from_agents.or_else(|| {
+            self.projects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|p| p.project_path == path)
+                .cloned()
+        })
+    }
+
+    /// Sends a push event of the project to every kas API port known (in the background;
+    /// failures are logged, as GitLab only logs them).
+    fn notify_kas(&self, id: i64, path: &str) {
+        let apis = self
+            .kas_apis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for api in apis {
+            let (secret, path) = (self.secret.clone(), path.to_owned());
+            runtime.spawn(async move {
+                if let Err(e) = super::push_events::send(api, &secret, id, &path).await {
+                    tracing::warn!(error = %e, "GitLab stand-in: push event not delivered");
+                }
+            });
+        }
+    }
+
     fn bearer_agent(&self, req: &http::request::Parts) -> Option<StandinAgent> {
         let value = req.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
         let token = value.strip_prefix("Bearer ")?;
@@ -272,6 +313,17 @@ impl State {
     fn answer(&self, req: &http::request::Parts, body: &[u8]) -> Response<Full<Bytes>> {
         if self.down.load(Ordering::SeqCst) {
             return message(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable");
+        }
+        if let Some(path) = req.uri.path().strip_prefix("/-/push/") {
+            // The local repositories' post-commit hook: GitLab's own push handling, which
+            // tells kas (no JWT: only the hook on this machine calls it).
+            return match self.project_by_path(path) {
+                Some(project) => {
+                    self.notify_kas(project.project_id, &project.project_path);
+                    message(StatusCode::ACCEPTED, "202 Accepted")
+                }
+                None => message(StatusCode::NOT_FOUND, "404 Project Not Found"),
+            };
         }
         if req.uri.path() == "/api/v4/job/allowed_agents" {
             // Authenticated by the job token alone, without kas's JWT, as on GitLab.
@@ -414,6 +466,7 @@ impl GitlabStandin {
             agent_info_requests: AtomicU64::new(0),
             project_info_requests: AtomicU64::new(0),
             proxy_access: ProxyAccess::default(),
+            kas_apis: Mutex::new(Vec::new()),
         });
         let stop = CancellationToken::new();
         let (st, stop2) = (state.clone(), stop.clone());
@@ -517,7 +570,20 @@ impl GitlabStandin {
                 },
             }
         }
-        commit_all(&dir, &project.default_branch, "kas stand-in commit")
+        let head = commit_all(&dir, &project.default_branch, "kas stand-in commit")?;
+        self.state
+            .notify_kas(project.project_id, &project.project_path);
+        Ok(head)
+    }
+
+    /// Tells these kas API ports about every push from now on (commits made through the
+    /// stand-in, and the local repositories' post-commit hook), as GitLab does.
+    pub fn set_kas_apis(&self, apis: Vec<SocketAddr>) {
+        *self
+            .state
+            .kas_apis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = apis;
     }
 
     /// A project `project_info` answers for (e.g. a GitOps manifest project).

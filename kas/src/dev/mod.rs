@@ -11,4 +11,5 @@ pub mod gitaly_standin;
 pub mod gitlab_standin;
 pub mod kube_api;
 pub mod kubeconfig;
+pub mod push_events;
 mod standin_proxy_access;

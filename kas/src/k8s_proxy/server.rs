@@ -24,7 +24,7 @@ use super::pipe::{self, ClusterRequest};
 use super::status::ProxyError;
 use super::{headers, ProxyBody};
 use crate::transport::next_connection;
-use crate::tunnel::{Meta, TunnelRegistry};
+use crate::tunnel::{Meta, Router};
 
 /// A slow caller may take this long to send its request head (real kas: 10 s).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,7 +62,8 @@ pub struct K8sProxy {
     /// GitLab's external URL: the one `Origin` browsers may call from.
     allowed_origin: String,
     authorizer: ProxyAuthorizer,
-    tunnels: TunnelRegistry,
+    /// This pod's tunnels, or the fleet's (this pod, then the pods Redis names).
+    router: Arc<dyn Router>,
     metrics: K8sProxyMetrics,
 }
 
@@ -71,14 +72,14 @@ impl K8sProxy {
         prefix: String,
         gitlab_external_url: &str,
         authorizer: ProxyAuthorizer,
-        tunnels: TunnelRegistry,
+        router: Arc<dyn Router>,
         metrics: K8sProxyMetrics,
     ) -> Self {
         Self {
             prefix,
             allowed_origin: gitlab_external_url.trim_end_matches('/').to_owned(),
             authorizer,
-            tunnels,
+            router,
             metrics,
         }
     }
@@ -152,7 +153,7 @@ impl K8sProxy {
             upgrade,
         };
         let call = self
-            .tunnels
+            .router
             .route(
                 authorized.agent_id,
                 KUBERNETES_API_MAKE_REQUEST,

@@ -83,9 +83,11 @@ async fn poll_loop(
     let events = &shared.metrics.config_events;
     let agent_id = agent.info.agent_id;
     let mut key = shared.config_source.poll_key(&agent);
-    let mut heads = shared
-        .head_pollers
-        .subscribe(&key, head_poll(&shared, &agent));
+    let mut heads = shared.head_pollers.subscribe_tagged(
+        &key,
+        Some(&agent.info.project_path),
+        head_poll(&shared, &agent),
+    );
     // The token is checked with GitLab again every cache TTL, so a revoked agent's stream
     // ends within about one TTL instead of living until the connection closes.
     let revalidate_every = shared.auth.success_ttl();
@@ -152,7 +154,7 @@ async fn poll_loop(
                             if new_key != key {
                                 tracing::info!(agent_id, "agent repository moved; following it");
                                 key = new_key;
-                                heads = shared.head_pollers.subscribe(&key, head_poll(&shared, &agent));
+                                heads = shared.head_pollers.subscribe_tagged(&key, Some(&agent.info.project_path), head_poll(&shared, &agent));
                             }
                         }
                     }
@@ -184,10 +186,17 @@ impl AgentConfiguration for AgentConfigurationService {
         let end = self.shared.stream_end(&request);
         let request = request.into_inner();
         let guard = self.shared.stream_guard("GetConfiguration");
+        // Listed as connected while the stream lives (connection id: random, as real kas).
+        let tracked = (!request.skip_register).then(|| {
+            let id = rand::random::<i64>() & i64::MAX;
+            let info = super::connected_agent(&agent, request.agent_meta.clone(), id);
+            self.shared.agent_tracker.track(info)
+        });
         let (tx, rx) = mpsc::channel(1);
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            let _tracked = tracked;
             poll_loop(shared, agent, request.commit_id, tx, end).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))

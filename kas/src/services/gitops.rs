@@ -180,11 +180,11 @@ async fn serve_stream(job: StreamJob) {
         Revision::Branch(b) => {
             let branch = if b.is_empty() { &default_branch } else { b };
             let key = format!("gitops|{}|{branch}", location.key());
-            Some(
-                shared
-                    .gitops_pollers
-                    .subscribe(&key, branch_poll(&shared, &location, branch)),
-            )
+            Some(shared.gitops_pollers.subscribe_tagged(
+                &key,
+                Some(&location.repository.gl_project_path),
+                branch_poll(&shared, &location, branch),
+            ))
         }
     };
     loop {

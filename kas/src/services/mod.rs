@@ -57,6 +57,31 @@ pub struct Shared {
     /// Cancelled at the drain deadline: long-lived streams end with OK so agents
     /// reconnect elsewhere instead of being cut.
     pub end_streams: CancellationToken,
+    /// Connected agents, for GitLab (in Redis with a fleet).
+    pub agent_tracker: crate::fleet::AgentTracker,
+    /// New calls per token and minute across the fleet (with Redis only).
+    pub token_limiter: Option<crate::fleet::TokenLimiter>,
+}
+
+/// What the agent tracker records of a connection: its metadata, when, and who.
+fn connected_agent(
+    agent: &Agent,
+    meta: Option<kas_proto::entity::AgentMeta>,
+    connection_id: i64,
+) -> kas_proto::agent_tracker::ConnectedAgentInfo {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    kas_proto::agent_tracker::ConnectedAgentInfo {
+        agent_meta: meta,
+        connected_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+        connection_id,
+        agent_id: agent.info.agent_id,
+        project_id: agent.info.project_id,
+    }
 }
 
 impl Shared {
@@ -73,6 +98,15 @@ impl Shared {
     /// Checks the caller's token with GitLab; the first success on a connection lifts its
     /// pre-authentication websocket message limit.
     async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Agent, tonic::Status> {
+        if let Some(limiter) = &self.token_limiter {
+            if let Ok(token) = crate::auth::AgentToken::from_metadata(request.metadata()) {
+                if !limiter.allow(token.expose()).await {
+                    return Err(tonic::Status::resource_exhausted(
+                        "new connection rate limit exhausted for this agent, try again later",
+                    ));
+                }
+            }
+        }
         let agent = self.auth.authenticate(request.metadata()).await?;
         if let Some(conn) = request.extensions().get::<AgentConnection>() {
             conn.authenticated

@@ -26,6 +26,10 @@ impl AgentRegistrar for AgentRegistrarService {
         let agent = self.shared.authenticate(&request).await?;
         let request = request.into_inner();
         let meta = request.agent_meta.unwrap_or_default();
+        let info = super::connected_agent(&agent, Some(meta.clone()), request.pod_id);
+        if let Err(e) = self.shared.agent_tracker.register_once(&info).await {
+            tracing::warn!(agent_id = agent.info.agent_id, error = %e, "cannot record the agent as connected");
+        }
         tracing::info!(
             agent_id = agent.info.agent_id,
             pod_id = request.pod_id,

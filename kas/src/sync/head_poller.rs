@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// What a poll returns: the head commit (`None`: empty repository) or why there is none.
@@ -26,8 +26,16 @@ const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 pub struct HeadPollers<E> {
     interval: Duration,
-    pollers: Mutex<HashMap<String, watch::Sender<HeadState<E>>>>,
+    pollers: Mutex<HashMap<String, Poller<E>>>,
     stop: CancellationToken,
+}
+
+struct Poller<E> {
+    tx: watch::Sender<HeadState<E>>,
+    /// Polls at once when notified (a push to the project, from GitLab).
+    wake: Arc<Notify>,
+    /// The project path whose pushes wake it.
+    tag: Option<String>,
 }
 
 /// `d` ± 10 %.
@@ -64,17 +72,53 @@ where
         key: &str,
         poll: PollFn<E>,
     ) -> watch::Receiver<HeadState<E>> {
+        self.subscribe_tagged(key, None, poll)
+    }
+
+    /// Like [`Self::subscribe`]; a push to project `tag` ([`Self::wake`]) makes the poller
+    /// poll at once instead of at its next interval.
+    pub fn subscribe_tagged(
+        self: &Arc<Self>,
+        key: &str,
+        tag: Option<&str>,
+        poll: PollFn<E>,
+    ) -> watch::Receiver<HeadState<E>> {
         let mut pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = pollers.get(key) {
-            return tx.subscribe();
+        if let Some(p) = pollers.get(key) {
+            return p.tx.subscribe();
         }
         let (tx, rx) = watch::channel(None);
-        pollers.insert(key.to_owned(), tx.clone());
-        tokio::spawn(self.clone().run(key.to_owned(), tx, poll));
+        let wake = Arc::new(Notify::new());
+        pollers.insert(
+            key.to_owned(),
+            Poller {
+                tx: tx.clone(),
+                wake: wake.clone(),
+                tag: tag.map(str::to_owned),
+            },
+        );
+        tokio::spawn(self.clone().run(key.to_owned(), tx, wake, poll));
         rx
     }
 
-    async fn run(self: Arc<Self>, key: String, tx: watch::Sender<HeadState<E>>, poll: PollFn<E>) {
+    /// Makes every poller tagged `tag` poll now; returns how many there are.
+    pub fn wake(&self, tag: &str) -> usize {
+        let pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut woken = 0;
+        for p in pollers.values().filter(|p| p.tag.as_deref() == Some(tag)) {
+            p.wake.notify_one();
+            woken += 1;
+        }
+        woken
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        key: String,
+        tx: watch::Sender<HeadState<E>>,
+        wake: Arc<Notify>,
+        poll: PollFn<E>,
+    ) {
         let mut backoff = ERROR_BACKOFF_START;
         loop {
             let result = tokio::select! {
@@ -108,6 +152,7 @@ where
             };
             tokio::select! {
                 _ = tokio::time::sleep(jittered(delay)) => {}
+                _ = wake.notified() => {}
                 _ = tx.closed() => {}
                 _ = self.stop.cancelled() => {
                     self.remove(&key, &tx, true);
@@ -127,7 +172,7 @@ where
         if !force && tx.receiver_count() > 0 {
             return false;
         }
-        if pollers.get(key).is_some_and(|t| t.same_channel(tx)) {
+        if pollers.get(key).is_some_and(|p| p.tx.same_channel(tx)) {
             pollers.remove(key);
         }
         true

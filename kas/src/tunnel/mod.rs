@@ -12,6 +12,7 @@
 pub mod forward;
 pub mod metrics;
 pub mod registry;
+pub mod tracker;
 
 use std::collections::HashMap;
 
@@ -22,7 +23,10 @@ use kas_proto::gitlab::agent::prototool::Values;
 use kas_proto::gitlab::agent::reverse_tunnel::info::AgentDescriptor;
 
 pub use metrics::TunnelMetrics;
-pub use registry::{FindError, RegisterError, Registration, RegistryLimits, TunnelRegistry};
+pub use registry::{
+    FindError, RegisterError, Registration, RegistryLimits, Tunnel, TunnelRegistry,
+};
+pub use tracker::{NoTracker, Router, TunnelTracker};
 
 /// The service agentk's tunnels serve in v16: the Kubernetes API proxy's target.
 pub const KUBERNETES_API_SERVICE: &str = "gitlab.agent.kubernetes_api.rpc.KubernetesApi";
@@ -135,6 +139,20 @@ pub struct TunnelCall {
     pub from_agent: mpsc::Receiver<FromAgent>,
 }
 
+impl TunnelCall {
+    /// A call with its two ends apart: the caller's [`TunnelCall`], and what carries it
+    /// (a local tunnel's stream, or a stream to the pod holding the tunnel).
+    pub fn pair() -> (Self, mpsc::Receiver<ToAgent>, mpsc::Sender<FromAgent>) {
+        let (to_tx, to_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (from_tx, from_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let call = TunnelCall {
+            to_agent: CallSender { tx: to_tx },
+            from_agent: from_rx,
+        };
+        (call, to_rx, from_tx)
+    }
+}
+
 /// Sends the call's messages to the agent; [`CallSender::close_send`] consumes it, so
 /// nothing can follow the half-close.
 pub struct CallSender {
@@ -167,8 +185,7 @@ impl TunnelRegistry {
             tonic::Status::invalid_argument(format!("malformed method name {full_method:?}"))
         })?;
         let deadline = tokio::time::Instant::now() + self.limits().find_timeout;
-        let (to_tx, to_rx) = mpsc::channel(CHANNEL_DEPTH);
-        let (from_tx, from_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (call, to_rx, from_tx) = TunnelCall::pair();
         let mut routed = Routed {
             method_name: full_method.to_owned(),
             meta,
@@ -180,12 +197,7 @@ impl TunnelRegistry {
                 .await
                 .map_err(|_| tonic::Status::from(FindError::NotConnected))??;
             match tunnel.start(routed) {
-                Ok(()) => {
-                    return Ok(TunnelCall {
-                        to_agent: CallSender { tx: to_tx },
-                        from_agent: from_rx,
-                    })
-                }
+                Ok(()) => return Ok(call),
                 Err(back) => routed = back,
             }
         }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::metrics::TunnelMetrics;
+use super::tracker::{NoTracker, TunnelTracker};
 use super::{Descriptor, Routed};
 
 /// Limits of one registry.
@@ -124,6 +125,8 @@ struct Inner {
     limits: RegistryLimits,
     next_id: AtomicU64,
     metrics: TunnelMetrics,
+    /// Told when an agent's first ready tunnel arrives and its last one leaves.
+    tracker: Arc<dyn TunnelTracker>,
 }
 
 /// The tunnels of every agent connected to this pod. Cheap to clone.
@@ -134,6 +137,15 @@ pub struct TunnelRegistry {
 
 impl TunnelRegistry {
     pub fn new(limits: RegistryLimits, metrics: TunnelMetrics) -> Self {
+        Self::with_tracker(limits, metrics, Arc::new(NoTracker))
+    }
+
+    /// A registry that tells `tracker` which agents hold ready tunnels here.
+    pub fn with_tracker(
+        limits: RegistryLimits,
+        metrics: TunnelMetrics,
+        tracker: Arc<dyn TunnelTracker>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -144,6 +156,7 @@ impl TunnelRegistry {
                 limits,
                 next_id: AtomicU64::new(1),
                 metrics,
+                tracker,
             }),
         }
     }
@@ -190,7 +203,7 @@ impl TunnelRegistry {
         method: &str,
     ) -> Result<Tunnel, FindError> {
         let started = Instant::now();
-        let result = self.find_inner(agent_id, service, method).await;
+        let result = self.wait_for(agent_id, service, method).await;
         let metrics = &self.inner.metrics;
         let status = if result.is_ok() { "success" } else { "aborted" };
         metrics
@@ -203,7 +216,43 @@ impl TunnelRegistry {
         result
     }
 
-    async fn find_inner(
+    /// A ready tunnel of `agent_id` serving `service`/`method` if there is one now; never
+    /// waits.
+    pub fn find_now(
+        &self,
+        agent_id: i64,
+        service: &str,
+        method: &str,
+    ) -> Result<Option<Tunnel>, FindError> {
+        let mut state = self.inner.lock();
+        if state.shutting_down {
+            return Err(FindError::ShuttingDown);
+        }
+        let Some(agent) = state.agents.get_mut(&agent_id) else {
+            return Ok(None);
+        };
+        let Some(pos) = agent
+            .ready
+            .iter()
+            .position(|t| t.descriptor.supports(service, method) && !t.handoff.is_closed())
+        else {
+            return Ok(None);
+        };
+        let ready = agent.ready.remove(pos).expect("position is in range");
+        if agent.ready.is_empty() {
+            self.inner.tracker.set_has_tunnels(agent_id, false);
+        }
+        if agent.is_empty() {
+            state.agents.remove(&agent_id);
+        }
+        state.ready_total -= 1;
+        self.inner.metrics.ready.dec();
+        Ok(Some(Tunnel { ready }))
+    }
+
+    /// Like [`Self::find`], without the routing metrics: for callers that measure the whole
+    /// routing themselves (the fleet's router, the private API's gateway).
+    pub async fn wait_for(
         &self,
         agent_id: i64,
         service: &str,
@@ -221,6 +270,9 @@ impl TunnelRegistry {
                 .position(|t| t.descriptor.supports(service, method) && !t.handoff.is_closed())
             {
                 let ready = agent.ready.remove(pos).expect("position is in range");
+                if agent.ready.is_empty() {
+                    self.inner.tracker.set_has_tunnels(agent_id, false);
+                }
                 if agent.is_empty() {
                     state.agents.remove(&agent_id);
                 }
@@ -340,6 +392,9 @@ impl Inner {
                 return Err(RegisterError::TotalLimit(self.limits.max_tunnels_total));
             }
         }
+        if agent.ready.is_empty() {
+            self.tracker.set_has_tunnels(agent_id, true);
+        }
         agent.ready.push_back(ready);
         state.ready_total += 1;
         self.metrics.ready.inc();
@@ -354,6 +409,9 @@ impl Inner {
         };
         if let Some(pos) = agent.ready.iter().position(|t| t.id == id) {
             agent.ready.remove(pos);
+            if agent.ready.is_empty() {
+                self.tracker.set_has_tunnels(agent_id, false);
+            }
             let empty = agent.is_empty();
             state.ready_total -= 1;
             self.metrics.ready.dec();

@@ -404,3 +404,32 @@ async fn a_caller_that_goes_away_cancels_the_tunnel() {
     }
     assert_eq!(reg.metrics().busy.get(), 0);
 }
+
+/// Records what the registry tells its tracker.
+#[derive(Default)]
+struct Recording(std::sync::Mutex<Vec<(i64, bool)>>);
+
+impl TunnelTracker for Recording {
+    fn set_has_tunnels(&self, agent_id: i64, has_tunnels: bool) {
+        self.0.lock().unwrap().push((agent_id, has_tunnels));
+    }
+}
+
+#[tokio::test]
+async fn the_tracker_hears_of_the_first_tunnel_and_the_last() {
+    let tracker = Arc::new(Recording::default());
+    let reg = TunnelRegistry::with_tracker(
+        limits(),
+        TunnelMetrics::new(&prometheus::Registry::new()),
+        tracker.clone(),
+    );
+    let first = reg.register(7, k8s()).expect("registered");
+    let second = reg.register(7, k8s()).expect("registered");
+    assert_eq!(*tracker.0.lock().unwrap(), vec![(7, true)]);
+    let taken = reg.find_now(7, K8S, "MakeRequest").expect("no error");
+    assert!(taken.is_some());
+    drop(second);
+    assert_eq!(*tracker.0.lock().unwrap(), vec![(7, true), (7, false)]);
+    drop(taken);
+    drop(first);
+}

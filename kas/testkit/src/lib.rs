@@ -19,6 +19,7 @@ pub mod kubectl;
 pub mod metrics;
 pub mod net;
 pub mod pods;
+pub mod redis;
 pub mod tls;
 pub mod wait;
 

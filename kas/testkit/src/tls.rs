@@ -15,3 +15,18 @@ pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&key_path, key.serialize_pem()).expect("write tls.key");
     (cert_path, key_path)
 }
+
+/// Like [`self_signed`], valid for `names` (host names or IP addresses), written as
+/// `<stem>.crt` and `<stem>.key` into `dir`.
+pub fn self_signed_for(dir: &Path, stem: &str, names: &[String]) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key pair");
+    let params = rcgen::CertificateParams::new(names.to_vec()).expect("certificate parameters");
+    let cert = params.self_signed(&key).expect("self-signed certificate");
+    let (cert_path, key_path) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (cert_path, key_path)
+}

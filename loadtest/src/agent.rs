@@ -19,16 +19,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::Streaming;
 
-use kas::dev::agent::{Fleet as TunnelFleet, KasConn, TestAgent};
-use kas_proto::agent_configuration::agent_configuration_client::AgentConfigurationClient;
+use kas::dev::agent::{Fleet as TunnelFleet, KasConn, SmallCodec, TestAgent};
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
-use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::{PingRequest, PingResponse};
+use kas_proto::paths::{DIAGNOSTICS_ECHO, GET_CONFIGURATION};
 
 use crate::schedule::Schedule;
 use crate::stats::Stats;
 use crate::target::Target;
-use crate::transport::{Connector, GrpcConn, Transport};
+use crate::transport::{Connector, GrpcConn, H2Service, Transport};
 
 /// An Echo not answered within this is a broken stream.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -408,6 +407,22 @@ async fn opened<T>(
     }
 }
 
+/// A gRPC client on the agent's connection, ready for a call. The held streams use it with
+/// [`SmallCodec`]: tonic's default codec keeps 16 KiB of buffers per stream for its whole
+/// life, most of an idle agent's memory in a fleet of thousands.
+async fn grpc_client(grpc: &GrpcConn) -> Result<tonic::client::Grpc<H2Service>, tonic::Status> {
+    let mut client = tonic::client::Grpc::with_origin(grpc.service.clone(), grpc.origin.clone());
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    Ok(client)
+}
+
+fn path(method: &'static str) -> http::uri::PathAndQuery {
+    http::uri::PathAndQuery::from_static(method)
+}
+
 /// `GetConfiguration`, up to its first message. Always the empty commit: kas then sends
 /// the configuration at once, and that first message is the proof of an authenticated,
 /// working connection.
@@ -418,8 +433,6 @@ async fn open_configuration(
     deadline: Instant,
 ) -> Result<Streaming<ConfigurationResponse>, End> {
     let stats = &env.stats;
-    let mut client =
-        AgentConfigurationClient::with_origin(grpc.service.clone(), grpc.origin.clone());
     let request = env.authed(
         slot,
         ConfigurationRequest {
@@ -429,7 +442,11 @@ async fn open_configuration(
         },
     );
     let opening = async {
-        let mut stream = client.get_configuration(request).await?.into_inner();
+        let mut stream = grpc_client(grpc)
+            .await?
+            .server_streaming(request, path(GET_CONFIGURATION), SmallCodec::default())
+            .await?
+            .into_inner();
         let first = stream.message().await?;
         Ok((stream, first))
     };
@@ -461,10 +478,19 @@ async fn open_echo(
     grpc: &GrpcConn,
     deadline: Instant,
 ) -> Result<(mpsc::Sender<PingRequest>, Streaming<PingResponse>), End> {
-    let mut client = DiagnosticsClient::with_origin(grpc.service.clone(), grpc.origin.clone());
     let (echo_tx, echo_rx) = mpsc::channel::<PingRequest>(1);
     let outbound = receiver_stream(echo_rx);
-    let opening = async { Ok(client.echo(env.authed(slot, outbound)).await?.into_inner()) };
+    let opening = async {
+        Ok(grpc_client(grpc)
+            .await?
+            .streaming(
+                env.authed(slot, outbound),
+                path(DIAGNOSTICS_ECHO),
+                SmallCodec::default(),
+            )
+            .await?
+            .into_inner())
+    };
     let echo_in = opened(&env.stats, "echo", deadline, opening, || {
         "Echo stream did not open".into()
     })

@@ -17,6 +17,7 @@
 //!
 //! [`Misbehaviour`] makes it break the protocol on purpose, for kas's error paths.
 
+mod codec;
 mod impersonation;
 mod inbound;
 mod replay;
@@ -35,6 +36,8 @@ use tonic::transport::Channel;
 use tower::ServiceExt as _;
 
 use super::channels;
+
+pub use codec::SmallCodec;
 
 /// How an agent connects and where it replays requests.
 #[derive(Clone, Debug)]

@@ -10,17 +10,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use kas_proto::paths::KUBERNETES_API_MAKE_REQUEST;
-use kas_proto::reverse_tunnel::reverse_tunnel_client::ReverseTunnelClient;
+use kas_proto::paths::{KUBERNETES_API_MAKE_REQUEST, REVERSE_TUNNEL_CONNECT};
 use kas_proto::reverse_tunnel::{connect_response, ConnectRequest, ConnectResponse, RequestInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
 
 use super::inbound::{self, Failure};
-use super::{wire, Misbehaviour, Shared};
+use super::{wire, Misbehaviour, Shared, SmallCodec};
 use crate::dev::channels::with_token;
 
 /// The most a `Data` or `UpgradeData` message carries, as agentk's 32 KiB buffers.
@@ -45,7 +44,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const MIN_IDLE_LIFE: Duration = Duration::from_millis(100);
 
 pub fn spawn_worker(shared: Arc<Shared>) {
-    tokio::spawn(async move {
+    tokio::spawn(worker(shared));
+}
+
+pub(crate) fn worker(shared: Arc<Shared>) -> impl std::future::Future<Output = ()> {
+    async move {
         let mut backoff = BACKOFF_MIN;
         while !shared.cancel.is_cancelled() {
             let opened = Instant::now();
@@ -64,7 +67,7 @@ pub fn spawn_worker(shared: Arc<Shared>) {
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-    });
+    }
 }
 
 enum Outcome {
@@ -92,28 +95,52 @@ impl Drop for IdleGuard<'_> {
     }
 }
 
+/// The request stream of a tunnel: the first message, then — only once a request arrived
+/// and `later` delivers one — what the agent answers on a channel. An idle tunnel holds no
+/// channel (its buffer is most of a tunnel's memory in a fleet of thousands).
+fn outbound(
+    first: ConnectRequest,
+    later: oneshot::Receiver<mpsc::Receiver<ConnectRequest>>,
+) -> impl futures_util::Stream<Item = ConnectRequest> + Send + 'static {
+    use futures_util::StreamExt;
+    let answers = futures_util::stream::once(later)
+        .filter_map(|rx| std::future::ready(rx.ok()))
+        .map(ReceiverStream::new)
+        .flatten();
+    futures_util::stream::once(std::future::ready(first)).chain(answers)
+}
+
+async fn connect(
+    shared: &Shared,
+    request: tonic::Request<impl futures_util::Stream<Item = ConnectRequest> + Send + 'static>,
+) -> Result<Streaming<ConnectResponse>, tonic::Status> {
+    let conn = &shared.conn;
+    let mut grpc = tonic::client::Grpc::with_origin(conn.service.clone(), conn.origin.clone())
+        .max_encoding_message_size(MAX_MESSAGE)
+        .max_decoding_message_size(MAX_MESSAGE * 4);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    let path = http::uri::PathAndQuery::from_static(REVERSE_TUNNEL_CONNECT);
+    let response = grpc.streaming(request, path, SmallCodec::default()).await?;
+    Ok(response.into_inner())
+}
+
 async fn hold(shared: &Arc<Shared>) -> Outcome {
-    let (tx, rx) = mpsc::channel::<ConnectRequest>(8);
     let first = match shared.misbehaviour() {
         Misbehaviour::WrongFirstMessage => wire::header(),
         Misbehaviour::DescriptorWithoutMethod => wire::descriptor(false),
         _ => wire::descriptor(true),
     };
-    if tx.send(first).await.is_err() {
-        return Outcome::Cancelled;
-    }
-    let conn = &shared.conn;
-    let mut client = ReverseTunnelClient::with_origin(conn.service.clone(), conn.origin.clone())
-        .max_encoding_message_size(MAX_MESSAGE)
-        .max_decoding_message_size(MAX_MESSAGE * 4);
-    let request = with_token(ReceiverStream::new(rx), &shared.options.token);
+    let (later_tx, later_rx) = oneshot::channel();
+    let request = with_token(outbound(first, later_rx), &shared.options.token);
     shared.counters().opened.fetch_add(1, Ordering::SeqCst);
     let response = tokio::select! {
-        response = client.connect(request) => response,
+        response = connect(shared, request) => response,
         () = shared.cancel.cancelled() => return Outcome::Cancelled,
     };
     let mut stream = match response {
-        Ok(response) => response.into_inner(),
+        Ok(stream) => stream,
         Err(status) => return Outcome::Failed(status),
     };
     // kas answers a tunnel once it holds it: idle from here.
@@ -142,7 +169,13 @@ async fn hold(shared: &Arc<Shared>) -> Outcome {
     counters.busy_peak.fetch_max(busy, Ordering::SeqCst);
     counters.used.fetch_add(1, Ordering::SeqCst);
     spawn_worker(shared.clone());
-    let result = serve(shared, info, stream, tx).await;
+    let (tx, rx) = mpsc::channel::<ConnectRequest>(8);
+    if later_tx.send(rx).is_err() {
+        counters.busy.fetch_sub(1, Ordering::SeqCst);
+        return Outcome::Used;
+    }
+    // Boxed: an idle worker's task then holds only the idle part of this future.
+    let result = Box::pin(serve(shared, info, stream, tx)).await;
     counters.busy.fetch_sub(1, Ordering::SeqCst);
     if let Err((code, message)) = result {
         shared

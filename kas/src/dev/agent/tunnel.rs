@@ -47,26 +47,24 @@ pub fn spawn_worker(shared: Arc<Shared>) {
     tokio::spawn(worker(shared));
 }
 
-pub(crate) fn worker(shared: Arc<Shared>) -> impl std::future::Future<Output = ()> {
-    async move {
-        let mut backoff = BACKOFF_MIN;
-        while !shared.cancel.is_cancelled() {
-            let opened = Instant::now();
-            match hold(&shared).await {
-                Outcome::Used | Outcome::Cancelled => return,
-                Outcome::EndedIdle if opened.elapsed() >= MIN_IDLE_LIFE => {
-                    backoff = BACKOFF_MIN;
-                    continue;
-                }
-                Outcome::EndedIdle => {}
-                Outcome::Failed(status) => shared.record_error("tunnel", status).await,
+pub(crate) async fn worker(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_MIN;
+    while !shared.cancel.is_cancelled() {
+        let opened = Instant::now();
+        match hold(&shared).await {
+            Outcome::Used | Outcome::Cancelled => return,
+            Outcome::EndedIdle if opened.elapsed() >= MIN_IDLE_LIFE => {
+                backoff = BACKOFF_MIN;
+                continue;
             }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = shared.cancel.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            Outcome::EndedIdle => {}
+            Outcome::Failed(status) => shared.record_error("tunnel", status).await,
         }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shared.cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

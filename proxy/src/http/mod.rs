@@ -26,7 +26,8 @@ use crate::connection::handoff::{Handoff, PendingHandoffs};
 use crate::pingora_compat;
 use crate::policy::Policies;
 use crate::telemetry::metrics::{EdgeMetrics, GaugeGuard};
-use crate::upstream::pool::{Pod, PodGuard, Pool};
+use crate::upstream::connect::{ConnectFailure, PodConnector, Unconnected};
+use crate::upstream::pool::{PodGuard, Pool};
 use crate::upstream::route::Routes;
 use access_log::AccessRecord;
 use refusal::{bad_gateway, bad_request, header_too_large, respond_denied, unavailable, Denial};
@@ -93,8 +94,8 @@ pub struct RequestGate {
     pub policies: Arc<Policies>,
     pub pool: Arc<Pool>,
     pub metrics: EdgeMetrics,
-    /// How many pods a request may try when connecting fails.
-    pub max_connect_attempts: u32,
+    /// Connects requests to pods, trying another when one cannot be reached.
+    pub connect: PodConnector,
     /// `downstream.max_request_header_bytes`.
     pub max_request_header_bytes: usize,
     /// Which port of a pod a path goes to (`upstream.routes`).
@@ -121,15 +122,6 @@ impl RequestGate {
             return Some(unavailable("no healthy kas pod"));
         }
         None
-    }
-
-    /// A pod refused a connection: keep new traffic off it for the passive back-off.
-    fn connect_failed(&self, pod: &Pod) {
-        self.pool.mark_failed(pod);
-        self.metrics
-            .upstream_connect_failures
-            .with_label_values(&[&pod.label])
-            .inc();
     }
 }
 
@@ -259,11 +251,15 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(guard) = &ctx.pod {
-            self.gate.connect_failed(guard.pod());
-        }
-        // Nothing reached the pod yet, so another pod may take the request.
-        if ctx.attempts < self.gate.max_connect_attempts {
+        // pingora drives the retry (back to `upstream_peer`); what a failure means is shared.
+        let again = match &ctx.pod {
+            Some(guard) => self
+                .gate
+                .connect
+                .failed(guard.pod(), ctx.attempts, e.as_ref()),
+            None => ctx.attempts < self.gate.connect.max_attempts(),
+        };
+        if again {
             e.set_retry(true);
         }
         e
@@ -345,6 +341,17 @@ impl ProxyHttp for EdgeProxy {
     }
 }
 
+/// pingora could not connect to the pod: nothing reached it.
+impl ConnectFailure for Error {
+    fn pod_unreachable(&self) -> bool {
+        true
+    }
+
+    fn may_try_another(&self) -> bool {
+        true
+    }
+}
+
 impl EdgeProxy {
     fn record_upstream_latency(&self, ctx: &mut RequestCtx) {
         if !ctx.upstream_latency_recorded {
@@ -368,30 +375,26 @@ impl EdgeProxy {
         };
         let request = session.req_header().clone();
         let route = self.gate.routes.for_path(request.uri.path());
-        let answered = loop {
-            ctx.attempts += 1;
-            ctx.pod = None;
-            let Some(guard) = self.gate.pool.pick() else {
+        let connected = self
+            .gate
+            .connect
+            .connect(&mut ctx.attempts, &mut dialer.upgrade(route, &request))
+            .await;
+        let answered = match connected {
+            Ok((guard, answered)) => {
+                ctx.pod = Some(guard);
+                answered
+            }
+            Err(Unconnected::NoPod) => {
                 respond_denied(session, ctx.protocol, &unavailable("no healthy kas pod")).await;
                 return;
-            };
-            let addr = guard.pod().port(route).addr;
-            let pod = ctx.pod.insert(guard).pod().clone();
-            match dialer.handshake(addr, &request).await {
-                Ok(answered) => break answered,
-                Err(e) if e.is_connect() && ctx.attempts < self.gate.max_connect_attempts => {
-                    tracing::debug!(error = %e, "trying another pod");
-                    self.gate.connect_failed(&pod);
-                }
-                Err(e) => {
-                    if e.is_connect() {
-                        self.gate.connect_failed(&pod);
-                    }
-                    tracing::warn!(error = %e, "websocket upgrade not forwarded");
-                    let denial = bad_gateway("kas did not answer the upgrade");
-                    respond_denied(session, ctx.protocol, &denial).await;
-                    return;
-                }
+            }
+            Err(Unconnected::Failed(guard, e)) => {
+                ctx.pod = Some(guard);
+                tracing::warn!(error = %e, "websocket upgrade not forwarded");
+                let denial = bad_gateway("kas did not answer the upgrade");
+                respond_denied(session, ctx.protocol, &denial).await;
+                return;
             }
         };
         self.record_upstream_latency(ctx);

@@ -335,7 +335,7 @@ fn classify(headers: &HeaderMap) -> Protocol {
     }
 }
 
-/// The bytes a request head takes, counted as [`super::request_head_bytes`] counts them.
+/// The bytes a request head takes, counted as HTTP/1 heads are ([`super::head_bytes`]).
 fn head_bytes(parts: &http::request::Parts) -> usize {
     let line =
         parts.method.as_str().len() + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());

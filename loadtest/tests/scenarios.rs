@@ -295,7 +295,8 @@ async fn refuses_non_loopback_targets() {
 }
 
 /// The scenarios through the real `kas-edge` binary over TLS, with the other scenarios
-/// running in parallel (this once exposed cloudflare/pingora#946, see proxy/src/tunnel.rs).
+/// running in parallel (this once exposed cloudflare/pingora#946, see
+/// proxy/src/http/websocket.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_edge_binary_over_tls() {
     let binary = find_edge_binary().expect(

@@ -2,9 +2,10 @@
 //!
 //! The modules are the layers a connection passes, outside in, wired together in [`app`]:
 //! [`listener`] (accept, PROXY protocol, TLS, ACME) → [`connection`] (one registration per
-//! client connection: limits, closing, tunnels) → [`http`] (pingora's `ProxyHttp`: policies
-//! per request, gRPC over h2c, websocket upgrades) → [`upstream`] (discovery, health, pod
-//! choice). [`policy`] holds the operator's decisions (blocklist, limits, header rules),
+//! client connection: limits, closing, tunnels) → [`http`] (the requests: the edge's own
+//! HTTP/2 forwarder for gRPC and HTTP/1.1 loop, pingora's `ProxyHttp` for what that loop
+//! leaves to it, websocket upgrades, policies per request) → [`upstream`] (discovery,
+//! health, pod choice, connecting to a pod). [`policy`] holds the operator's decisions (blocklist, limits, header rules),
 //! [`admin`] the private admin port and the public plain-HTTP listener, [`telemetry`]
 //! metrics and logs, [`config`] the one typed configuration, [`operator`] the commands that
 //! edit the blocklist every replica enforces (`kas-edge block`).

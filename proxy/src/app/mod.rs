@@ -355,7 +355,11 @@ fn proxy_service(
         policies: policies.clone(),
         pool: state.pool.clone(),
         metrics: state.metrics.clone(),
-        max_connect_attempts: config.upstream.max_connect_attempts,
+        connect: crate::upstream::connect::PodConnector::new(
+            state.pool.clone(),
+            state.metrics.upstream_connect_failures.clone(),
+            config.upstream.max_connect_attempts,
+        ),
         max_request_header_bytes: config.downstream.max_request_header_bytes,
         routes: config.upstream.routes(),
     });

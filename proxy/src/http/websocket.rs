@@ -29,6 +29,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ use tokio::time::Instant;
 
 use super::headers::Hop;
 use crate::pingora_compat;
+use crate::upstream::connect::{Connect, ConnectFailure};
+use crate::upstream::pool::Pod;
+use crate::upstream::route::Route;
 
 /// The largest response head a pod may send for an upgrade.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -109,6 +113,16 @@ impl HandshakeError {
     }
 }
 
+impl ConnectFailure for HandshakeError {
+    fn pod_unreachable(&self) -> bool {
+        self.is_connect()
+    }
+
+    fn may_try_another(&self) -> bool {
+        self.is_connect()
+    }
+}
+
 /// How the edge reaches pods for tunnels.
 #[derive(Clone, Debug)]
 pub struct PodDialer {
@@ -117,6 +131,37 @@ pub struct PodDialer {
     pub response_timeout: Duration,
     /// TCP keepalive idle time: finds pods that vanished under an idle tunnel.
     pub tcp_keepalive: Duration,
+}
+
+/// The upgrade handshake on a pod, on the port `route` goes to.
+pub struct Upgrade<'a> {
+    dialer: &'a PodDialer,
+    route: Route,
+    request: &'a RequestHeader,
+}
+
+impl PodDialer {
+    /// Connecting means doing the upgrade handshake with `request`.
+    pub fn upgrade<'a>(&'a self, route: Route, request: &'a RequestHeader) -> Upgrade<'a> {
+        Upgrade {
+            dialer: self,
+            route,
+            request,
+        }
+    }
+}
+
+impl Connect for Upgrade<'_> {
+    type Connected = PodAnswer;
+    type Error = HandshakeError;
+
+    fn connect(
+        &mut self,
+        pod: &Arc<Pod>,
+    ) -> impl Future<Output = Result<PodAnswer, HandshakeError>> + Send {
+        self.dialer
+            .handshake(pod.port(self.route).addr, self.request)
+    }
 }
 
 /// A pod that answered an upgrade request. `early` holds bytes the pod sent right after its

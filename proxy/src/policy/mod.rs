@@ -197,10 +197,6 @@ impl Policies {
         self.limiter.load().key(ip)
     }
 
-    pub fn proxy_protocol_enabled(&self) -> bool {
-        !self.trusted.is_empty()
-    }
-
     pub(crate) fn blocked(&self, reason: &str, source: &str) {
         self.metrics
             .policy_blocked

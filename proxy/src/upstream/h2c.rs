@@ -104,6 +104,17 @@ pub enum OpenError {
     Abandoned,
 }
 
+impl crate::upstream::connect::ConnectFailure for OpenError {
+    fn pod_unreachable(&self) -> bool {
+        matches!(self, OpenError::Connect(_))
+    }
+
+    /// Anything but a stream the client abandoned may go to another pod: nothing was sent.
+    fn may_try_another(&self) -> bool {
+        !matches!(self, OpenError::Abandoned)
+    }
+}
+
 /// One live connection: the handle to open streams on it, and what it carries now.
 struct Connection {
     send: SendRequest<Bytes>,

@@ -21,6 +21,7 @@
 //! has to arrive within the request-head timeout, and a client that stops reading an
 //! answer is cut after [`CLIENT_WRITE_STALL`].
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp1};
 use crate::pingora_compat::Replayed;
 use crate::telemetry::metrics::GaugeGuard;
+use crate::upstream::connect::{Connect, Unconnected};
 use crate::upstream::idle::still_open;
 use crate::upstream::pool::{Pod, PodGuard};
 
@@ -382,29 +384,26 @@ impl H1Edge {
             let (guard, mut pod) = match kept {
                 Some(kept) => kept,
                 None => {
-                    let Some(guard) = self.gate.pool.pick() else {
-                        let status =
-                            answer_denied(client, &unavailable("no healthy kas pod")).await;
-                        return Err(Unanswered(status, "no healthy kas pod".into()));
-                    };
-                    let pod = guard.pod().clone();
-                    if let Some(stream) = pod.idle_h1.take() {
-                        reused = true;
-                        (guard, PodLink { pod, stream })
-                    } else {
-                        attempts += 1;
-                        match self.dialer.connect(pod.addr).await {
-                            Ok(stream) => (guard, PodLink { pod, stream }),
-                            Err(e) => {
-                                self.gate.connect_failed(&pod);
-                                if attempts < self.gate.max_connect_attempts {
-                                    tracing::debug!(error = %e, "trying another pod");
-                                    continue;
-                                }
-                                let status =
-                                    answer_denied(client, &unavailable("kas is unavailable")).await;
-                                return Err(Unanswered(status, e.to_string()));
-                            }
+                    let connected = self
+                        .gate
+                        .connect
+                        .connect(&mut attempts, &mut Http1Connect(&self.dialer))
+                        .await;
+                    match connected {
+                        Ok((guard, (stream, idle))) => {
+                            reused = idle;
+                            let pod = guard.pod().clone();
+                            (guard, PodLink { pod, stream })
+                        }
+                        Err(Unconnected::NoPod) => {
+                            let status =
+                                answer_denied(client, &unavailable("no healthy kas pod")).await;
+                            return Err(Unanswered(status, "no healthy kas pod".into()));
+                        }
+                        Err(Unconnected::Failed(_, e)) => {
+                            let status =
+                                answer_denied(client, &unavailable("kas is unavailable")).await;
+                            return Err(Unanswered(status, e.to_string()));
                         }
                     }
                 }
@@ -428,6 +427,29 @@ impl H1Edge {
                     let status = answer_denied(client, &bad_gateway("kas did not answer")).await;
                     return Err(Unanswered(status, e.to_string()));
                 }
+            }
+        }
+    }
+}
+
+/// Connecting for an HTTP/1.1 request: the pod's idle connection if it has one (says
+/// `true`: kept alive, so maybe closed by the pod meanwhile), else a new one.
+struct Http1Connect<'a>(&'a PodDialer);
+
+impl Connect for Http1Connect<'_> {
+    type Connected = (TcpStream, bool);
+    type Error = HandshakeError;
+
+    fn connect(
+        &mut self,
+        pod: &Arc<Pod>,
+    ) -> impl Future<Output = Result<(TcpStream, bool), HandshakeError>> + Send {
+        let idle = pod.idle_h1.take();
+        let (dialer, addr) = (self.0, pod.addr);
+        async move {
+            match idle {
+                Some(stream) => Ok((stream, true)),
+                None => Ok((dialer.connect(addr).await?, false)),
             }
         }
     }

@@ -24,7 +24,7 @@
 
 mod relay;
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Waker};
@@ -45,8 +45,11 @@ use super::refusal::{header_too_large, unavailable, Denial, DenialResponse, Grpc
 use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp2};
 use crate::telemetry::metrics::GaugeGuard;
+use crate::upstream::connect::{Connect, Unconnected};
 use crate::upstream::h2c::{H2cSettings, OpenError, PodAnswer, PodStream};
+use crate::upstream::pool::Pod;
 use crate::upstream::pool::PodGuard;
+use crate::upstream::route::Route;
 use relay::{relay, upload, Broken, Stalls, StreamFlow, ToAgent};
 
 /// Streams one agent connection may have open at once (pingora's default, kept).
@@ -332,7 +335,7 @@ fn classify(headers: &HeaderMap) -> Protocol {
     }
 }
 
-/// The bytes a request head takes, counted as [`super::request_head_bytes`] counts them.
+/// The bytes a request head takes, counted as HTTP/1 heads are ([`super::head_bytes`]).
 fn head_bytes(parts: &http::request::Parts) -> usize {
     let line =
         parts.method.as_str().len() + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
@@ -539,34 +542,23 @@ impl H2Edge {
         request_ends: bool,
         abandoned: &mut (dyn FnMut() -> bool + Send),
     ) -> Result<(PodGuard, PodStream), Unopened> {
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let guard = self
-                .gate
-                .pool
-                .pick()
-                .ok_or(Unopened::Unavailable("no healthy kas pod"))?;
-            let pod = guard.pod().clone();
-            let request = pod_request(parts, target);
-            let port = pod.port(self.gate.routes.for_path(parts.uri.path()));
-            let failure = match port
-                .h2c
-                .open(port.addr, &self.upstream, request, request_ends, abandoned)
-                .await
-            {
-                Ok(stream) => return Ok((guard, stream)),
-                Err(OpenError::Abandoned) => return Err(Unopened::Abandoned),
-                Err(e) => e,
-            };
-            if let OpenError::Connect(_) = failure {
-                self.gate.connect_failed(&pod);
+        let mut how = OpenStream {
+            parts,
+            target,
+            route: self.gate.routes.for_path(parts.uri.path()),
+            settings: &self.upstream,
+            request_ends,
+            abandoned,
+        };
+        let opened = self.gate.connect.connect(&mut 0, &mut how).await;
+        match opened {
+            Ok(opened) => Ok(opened),
+            Err(Unconnected::NoPod) => Err(Unopened::Unavailable("no healthy kas pod")),
+            Err(Unconnected::Failed(_, OpenError::Abandoned)) => Err(Unopened::Abandoned),
+            Err(Unconnected::Failed(guard, failure)) => {
+                tracing::warn!(pod = %guard.pod().label, error = %failure, "request not forwarded");
+                Err(Unopened::Unavailable("kas is unavailable"))
             }
-            if attempts >= self.gate.max_connect_attempts {
-                tracing::warn!(pod = %pod.label, error = %failure, "request not forwarded");
-                return Err(Unopened::Unavailable("kas is unavailable"));
-            }
-            tracing::debug!(pod = %pod.label, error = %failure, "trying another pod");
         }
     }
 
@@ -683,5 +675,41 @@ fn cut_short(
         Reason::REFUSED_STREAM => GrpcCode::Unavailable,
         Reason::ENHANCE_YOUR_CALM => GrpcCode::ResourceExhausted,
         _ => GrpcCode::Internal,
+    }
+}
+
+/// Connecting for a gRPC request: a stream on one of the edge's h2c connections to the
+/// pod's port for the request's route.
+struct OpenStream<'a> {
+    parts: &'a http::request::Parts,
+    target: &'a Authority,
+    route: Route,
+    settings: &'a H2cSettings,
+    request_ends: bool,
+    abandoned: &'a mut (dyn FnMut() -> bool + Send),
+}
+
+impl Connect for OpenStream<'_> {
+    type Connected = PodStream;
+    type Error = OpenError;
+
+    fn connect(
+        &mut self,
+        pod: &Arc<Pod>,
+    ) -> impl Future<Output = Result<PodStream, OpenError>> + Send {
+        let request = pod_request(self.parts, self.target);
+        let pod = pod.clone();
+        async move {
+            let port = pod.port(self.route);
+            port.h2c
+                .open(
+                    port.addr,
+                    self.settings,
+                    request,
+                    self.request_ends,
+                    &mut *self.abandoned,
+                )
+                .await
+        }
     }
 }

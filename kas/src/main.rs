@@ -131,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .context("private_api.authentication_secret_file")?;
             }
-            if config.redis.address.is_some() {
+            if config.redis.enabled() {
                 kas::fleet::Redis::new(
                     &config.redis,
                     kas::fleet::RedisMetrics::new(&prometheus::Registry::new()),

@@ -20,7 +20,7 @@ use kas_testkit::agent::{AgentOptions, TestAgent};
 use kas_testkit::kube_api::KubeApi;
 use kas_testkit::kubectl::Kubectl;
 use kas_testkit::pods::Cluster;
-use kas_testkit::redis::RedisServer;
+use kas_testkit::redis::{RedisSentinel, RedisServer};
 
 const JOB_TOKEN: &str = "ci-job-token-fleet";
 const PRIVATE_API_PORT: u16 = 8155;
@@ -778,4 +778,63 @@ async fn the_fleet_works_with_redis_over_tls() {
         0.0,
         "{b}"
     );
+}
+
+#[tokio::test]
+async fn with_sentinel_the_fleet_follows_a_failover() {
+    let master = RedisServer::start().await;
+    let replica = RedisServer::start_replica_of(&master).await;
+    let sentinel = RedisSentinel::start(&master, "kas-test").await;
+    eventually("the sentinel knows the replica", RUN, || async {
+        sentinel.replicas().await == 1
+    })
+    .await;
+    let sentinel_addr = sentinel.addr.to_string();
+    let mut fleet = Fleet::start_on(master, 2, move |c| {
+        c.redis.address = None;
+        c.redis.sentinel = Some(kas::config::SentinelConfig {
+            master_name: "kas-test".into(),
+            addresses: vec![sentinel_addr.clone()],
+            password_file: None,
+        });
+    })
+    .await;
+    let _agent = fleet.agent_on(0).await;
+    fleet
+        .wait_tracked(&[private_url(fleet.cluster.pods[0].addr)])
+        .await;
+    let o = fleet.kubectl(1).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+
+    // The master dies; the sentinel promotes the replica; kas asks the sentinel again.
+    fleet.redis.kill();
+    eventually("the sentinel names the replica as master", RUN, || async {
+        sentinel.master().await == Some(replica.addr)
+    })
+    .await;
+    let registers_before = metric(
+        &fleet.metrics(0).await,
+        "kas_redis_operations_total{op=\"tunnel_register\",result=\"ok\"}",
+    );
+    eventually(
+        "pod A writes its entries to the new master",
+        RUN,
+        || async {
+            metric(
+                &fleet.metrics(0).await,
+                "kas_redis_operations_total{op=\"tunnel_register\",result=\"ok\"}",
+            ) > registers_before
+        },
+    )
+    .await;
+    let mut new_master = replica.client().await;
+    let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(tracker_key(fleet.cluster.agent.agent_id))
+        .query_async(&mut new_master)
+        .await
+        .expect("HGETALL");
+    assert_eq!(fields.len(), 1, "{fields:?}");
+    // A pod that never asked the old master finds the agent through the new one.
+    let o = fleet.kubectl(1).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
 }

@@ -85,6 +85,9 @@ impl ApiServer {
             .with_keepalive(Some(Duration::from_secs(60)));
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(50)))
+            // GitLab's calls are short unary ones (its client gives up after 5 s).
+            .timeout(Duration::from_secs(10))
+            .max_concurrent_streams(Some(100))
             .add_service(AgentTrackerServer::with_interceptor(
                 Api(handler.clone()),
                 auth.clone(),

@@ -19,13 +19,27 @@ pub enum RedisNetwork {
     Unix,
 }
 
-/// Real kas's `redis` section. Without `address` there is no Redis: tunnels are found on
+/// Redis behind Sentinel (real kas's `redis.sentinel`): the master of `master_name` as the
+/// sentinels at `addresses` name it, asked again after every failure (a failover).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelConfig {
+    pub master_name: String,
+    /// `host:port` of each sentinel.
+    pub addresses: Vec<String>,
+    /// The sentinels' own password, if they have one.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Real kas's `redis` section. Without `address` (or `sentinel`) there is no Redis: tunnels are found on
 /// this pod only, connected agents are not tracked, per-token limits are the edge's.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `host:port` (real kas's `redis.server.address`), or a socket path with `network = "unix"`.
     pub address: Option<String>,
+    /// Instead of `address`: the master the sentinels name.
+    pub sentinel: Option<SentinelConfig>,
     pub network: RedisNetwork,
     pub username: Option<String>,
     /// File holding the password (trailing newline ignored).
@@ -57,10 +71,18 @@ pub struct RedisConfig {
     pub conn_info_gc: Duration,
 }
 
+impl RedisConfig {
+    /// Whether kas uses Redis (a server address or sentinels).
+    pub fn enabled(&self) -> bool {
+        self.address.is_some() || self.sentinel.is_some()
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             address: None,
+            sentinel: None,
             network: RedisNetwork::Tcp,
             username: None,
             password_file: None,
@@ -144,6 +166,29 @@ pub(super) fn validate(
             ));
         }
     }
+    if let Some(sentinel) = &redis.sentinel {
+        if redis.address.is_some() {
+            return Err(invalid(
+                "redis.sentinel",
+                "set either redis.address or redis.sentinel, not both",
+            ));
+        }
+        if sentinel.master_name.is_empty() {
+            return Err(invalid("redis.sentinel.master_name", "is required"));
+        }
+        if sentinel.addresses.is_empty() || sentinel.addresses.iter().any(|a| !a.contains(':')) {
+            return Err(invalid(
+                "redis.sentinel.addresses",
+                "needs at least one sentinel, each host:port",
+            ));
+        }
+        if redis.ca_certificate_file.is_some() || redis.certificate_file.is_some() {
+            return Err(invalid(
+                "redis.ca_certificate_file",
+                "is not supported with redis.sentinel (TLS with the system's roots is)",
+            ));
+        }
+    }
     if redis.certificate_file.is_some() != redis.key_file.is_some() {
         return Err(invalid(
             "redis.certificate_file",
@@ -194,7 +239,7 @@ pub(super) fn validate(
                 "is required with private_api.listen (base64 secret shared by the kas pods)",
             ));
         }
-        if redis.address.is_none() {
+        if !redis.enabled() {
             return Err(invalid(
                 "redis.address",
                 "is required with private_api.listen: pods find each other's tunnels in Redis",

@@ -369,12 +369,42 @@ impl Reader {
                 .redis
                 .address =
                 Some(v));
-            if self.take(&["redis", "sentinel"]).is_some() {
-                return Err(
-                    "redis.sentinel: Redis Sentinel is not supported by this kas; \
-                            point redis.server.address at the master (or a proxy in front of it)"
-                        .into(),
+            if self
+                .root
+                .get("redis")
+                .and_then(|r| r.get("sentinel"))
+                .is_some()
+            {
+                let mut sentinel = crate::config::SentinelConfig::default();
+                set!(["redis", "sentinel", "master_name"], string, |v| sentinel
+                    .master_name =
+                    v);
+                if let Some(list) = self.take(&["redis", "sentinel", "addresses"]) {
+                    let items = list
+                        .as_sequence()
+                        .ok_or("redis.sentinel.addresses: expected a list of host:port")?;
+                    for item in items {
+                        sentinel
+                            .addresses
+                            .push(string("redis.sentinel.addresses", item)?);
+                    }
+                }
+                set!(
+                    ["redis", "sentinel", "sentinel_password_file"],
+                    string,
+                    |v| { sentinel.password_file = Some(PathBuf::from(v)) }
                 );
+                if self
+                    .root
+                    .get("redis")
+                    .and_then(|r| r.get("sentinel"))
+                    .is_some_and(|t| t.as_mapping().is_some_and(|m| m.is_empty()))
+                {
+                    if let Some(Value::Mapping(m)) = self.root.get_mut("redis") {
+                        m.remove("sentinel");
+                    }
+                }
+                cfg.redis.sentinel = Some(sentinel);
             }
             if let Some(enabled) = self.take(&["redis", "tls", "enabled"]) {
                 cfg.redis.tls = enabled
@@ -594,19 +624,11 @@ mod tests {
             "{:?}",
             y.ignored
         );
-        for (yaml, key) in [
-            (
-                "redis:\n  sentinel:\n    master_name: m\n",
-                "redis.sentinel",
-            ),
-            (
-                "private_api:\n  listen:\n    certificate_file: /c\n",
-                "private_api.listen.certificate_file",
-            ),
-        ] {
-            let err = KasYaml::from_yaml(yaml).unwrap_err();
-            assert!(err.contains(key), "{yaml}: {err}");
-        }
+        let err =
+            KasYaml::from_yaml("private_api:\n  listen:\n    certificate_file: /c\n").unwrap_err();
+        assert!(err.contains("private_api.listen.certificate_file"), "{err}");
+        let err = KasYaml::from_yaml("redis:\n  sentinel:\n    addresses: 3\n").unwrap_err();
+        assert!(err.contains("redis.sentinel.addresses"), "{err}");
     }
 
     #[test]

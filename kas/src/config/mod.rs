@@ -5,7 +5,7 @@
 pub mod fleet;
 pub mod kascfg;
 
-pub use fleet::{ApiConfig, PrivateApiConfig, RedisConfig, RedisNetwork};
+pub use fleet::{ApiConfig, PrivateApiConfig, RedisConfig, RedisNetwork, SentinelConfig};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -58,12 +58,19 @@ pub enum RedisError {
 }
 
 struct ConnState {
-    conn: Option<ConnectionManager>,
+    /// The connection, and the client it came from (the master's, with Sentinel).
+    conn: Option<(ConnectionManager, redis::Client)>,
     failed: Option<(Instant, String)>,
 }
 
+/// Where the server is: one address, or whatever master the sentinels name now.
+enum Source {
+    Direct(redis::Client),
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
 pub struct Redis {
-    client: redis::Client,
+    source: Source,
     conn: tokio::sync::Mutex<ConnState>,
     key_prefix: String,
     dial_timeout: Duration,
@@ -82,81 +89,14 @@ pub struct Redis {
 impl Redis {
     /// Checks the settings and reads the password file; does not connect.
     pub fn new(config: &RedisConfig, metrics: RedisMetrics) -> anyhow::Result<Self> {
-        let address = config
-            .address
-            .as_deref()
-            .context("redis.address is not set")?;
-        let addr = match config.network {
-            RedisNetwork::Tcp => {
-                let (host, port) = address
-                    .rsplit_once(':')
-                    .context("redis.address: expected host:port")?;
-                let port = port
-                    .parse()
-                    .with_context(|| format!("redis.address: bad port in {address:?}"))?;
-                let host = host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned();
-                if config.tls {
-                    ConnectionAddr::TcpTls {
-                        host,
-                        port,
-                        insecure: false,
-                        tls_params: None,
-                    }
-                } else {
-                    ConnectionAddr::Tcp(host, port)
-                }
+        let source = match &config.sentinel {
+            Some(sentinel) => {
+                Source::Sentinel(tokio::sync::Mutex::new(sentinel_client(config, sentinel)?))
             }
-            RedisNetwork::Unix => ConnectionAddr::Unix(address.into()),
-        };
-        let password = match &config.password_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| {
-                        format!("redis.password_file: cannot read {}", path.display())
-                    })?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
-            None => None,
-        };
-        let redis = RedisConnectionInfo {
-            db: config.database,
-            username: config.username.clone(),
-            password,
-            ..RedisConnectionInfo::default()
-        };
-        let info = ConnectionInfo { addr, redis };
-        let read = |field: &str, path: &std::path::Path| {
-            std::fs::read(path).with_context(|| format!("{field}: cannot read {}", path.display()))
-        };
-        let root_cert = match &config.ca_certificate_file {
-            Some(path) => Some(read("redis.ca_certificate_file", path)?),
-            None => None,
-        };
-        let client_tls = match (&config.certificate_file, &config.key_file) {
-            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                client_cert: read("redis.certificate_file", cert)?,
-                client_key: read("redis.key_file", key)?,
-            }),
-            _ => None,
-        };
-        let client = if root_cert.is_some() || client_tls.is_some() {
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
-            .context("redis.ca_certificate_file / redis.certificate_file")?
-        } else {
-            redis::Client::open(info).context("redis.address")?
+            None => Source::Direct(direct_client(config)?),
         };
         Ok(Self {
-            client,
+            source,
             conn: tokio::sync::Mutex::new(ConnState {
                 conn: None,
                 failed: None,
@@ -170,7 +110,143 @@ impl Redis {
             last_failure: std::sync::Mutex::new(None),
         })
     }
+}
 
+fn read_password(path: &std::path::Path, field: &str) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("{field}: cannot read {}", path.display()))?
+        .trim_end_matches(['\r', '\n'])
+        .to_owned())
+}
+
+fn redis_info(config: &RedisConfig) -> anyhow::Result<RedisConnectionInfo> {
+    let password = match &config.password_file {
+        Some(path) => Some(read_password(path, "redis.password_file")?),
+        None => None,
+    };
+    Ok(RedisConnectionInfo {
+        db: config.database,
+        username: config.username.clone(),
+        password,
+        ..RedisConnectionInfo::default()
+    })
+}
+
+fn sentinel_client(
+    config: &RedisConfig,
+    sentinel: &crate::config::SentinelConfig,
+) -> anyhow::Result<redis::sentinel::SentinelClient> {
+    let sentinel_password = match &sentinel.password_file {
+        Some(path) => Some(read_password(path, "redis.sentinel.password_file")?),
+        None => None,
+    };
+    let mut nodes = Vec::with_capacity(sentinel.addresses.len());
+    for address in &sentinel.addresses {
+        let (host, port) = address
+            .rsplit_once(':')
+            .context("redis.sentinel.addresses: expected host:port")?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("redis.sentinel.addresses: bad port in {address:?}"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let addr = if config.tls {
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host, port)
+        };
+        nodes.push(ConnectionInfo {
+            addr,
+            redis: RedisConnectionInfo {
+                password: sentinel_password.clone(),
+                ..RedisConnectionInfo::default()
+            },
+        });
+    }
+    let node = redis::sentinel::SentinelNodeConnectionInfo {
+        tls_mode: config.tls.then_some(redis::TlsMode::Secure),
+        redis_connection_info: Some(redis_info(config)?),
+    };
+    redis::sentinel::SentinelClient::build(
+        nodes,
+        sentinel.master_name.clone(),
+        Some(node),
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .context("redis.sentinel")
+}
+
+fn direct_client(config: &RedisConfig) -> anyhow::Result<redis::Client> {
+    let address = config
+        .address
+        .as_deref()
+        .context("redis.address is not set")?;
+    let addr = match config.network {
+        RedisNetwork::Tcp => {
+            let (host, port) = address
+                .rsplit_once(':')
+                .context("redis.address: expected host:port")?;
+            let port = port
+                .parse()
+                .with_context(|| format!("redis.address: bad port in {address:?}"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            if config.tls {
+                ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host, port)
+            }
+        }
+        RedisNetwork::Unix => ConnectionAddr::Unix(address.into()),
+    };
+    let info = ConnectionInfo {
+        addr,
+        redis: redis_info(config)?,
+    };
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("{field}: cannot read {}", path.display()))
+    };
+    let root_cert = match &config.ca_certificate_file {
+        Some(path) => Some(read("redis.ca_certificate_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&config.certificate_file, &config.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.certificate_file", cert)?,
+            client_key: read("redis.key_file", key)?,
+        }),
+        _ => None,
+    };
+    let client = if root_cert.is_some() || client_tls.is_some() {
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+        .context("redis.ca_certificate_file / redis.certificate_file")?
+    } else {
+        redis::Client::open(info).context("redis.address")?
+    };
+    Ok(client)
+}
+
+impl Redis {
     pub fn key_prefix(&self) -> &str {
         &self.key_prefix
     }
@@ -188,7 +264,7 @@ impl Redis {
 
     async fn connection(&self) -> Result<ConnectionManager, RedisError> {
         let mut state = self.conn.lock().await;
-        if let Some(conn) = &state.conn {
+        if let Some((conn, _)) = &state.conn {
             return Ok(conn.clone());
         }
         if let Some((at, error)) = &state.failed {
@@ -201,14 +277,15 @@ impl Redis {
             .set_response_timeout(self.op_timeout)
             .set_number_of_retries(2)
             .set_max_delay(1000);
-        let result = tokio::time::timeout(
-            self.dial_timeout + self.op_timeout,
-            self.client.get_connection_manager_with_config(config),
-        )
+        let result = tokio::time::timeout(self.dial_timeout + self.op_timeout, async {
+            let client = self.client().await?;
+            let conn = client.get_connection_manager_with_config(config).await?;
+            Ok::<_, redis::RedisError>((conn, client))
+        })
         .await;
         match result {
-            Ok(Ok(conn)) => {
-                state.conn = Some(conn.clone());
+            Ok(Ok((conn, client))) => {
+                state.conn = Some((conn.clone(), client));
                 state.failed = None;
                 Ok(conn)
             }
@@ -224,6 +301,14 @@ impl Redis {
                 ));
                 Err(RedisError::Timeout(timeout))
             }
+        }
+    }
+
+    /// The server's client: the configured one, or the master's the sentinels name now.
+    async fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.source {
+            Source::Direct(client) => Ok(client.clone()),
+            Source::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
         }
     }
 
@@ -253,9 +338,17 @@ impl Redis {
             "ok"
         } else {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
-            if !matches!(result, Err(RedisError::Unreachable(..))) || last.is_none() {
-                *last = Some(Instant::now());
+            {
+                let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+                if !matches!(result, Err(RedisError::Unreachable(..))) || last.is_none() {
+                    *last = Some(Instant::now());
+                }
+            }
+            // With Sentinel a failure may be a failover: ask the sentinels again next time.
+            if matches!(self.source, Source::Sentinel(_))
+                && !matches!(result, Err(RedisError::Unreachable(..)))
+            {
+                self.conn.lock().await.conn = None;
             }
             "error"
         };
@@ -268,7 +361,8 @@ impl Redis {
 
     /// A dedicated pub/sub connection (pub/sub cannot share the multiplexed one).
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, RedisError> {
-        match tokio::time::timeout(self.dial_timeout, self.client.get_async_pubsub()).await {
+        let pubsub = async { self.client().await?.get_async_pubsub().await };
+        match tokio::time::timeout(self.dial_timeout, pubsub).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(RedisError::Timeout(self.dial_timeout)),
         }

@@ -39,6 +39,8 @@ pub use gateway::Gateway;
 pub use own_url::own_url;
 pub use router::FleetRouter;
 
+/// Streams one other pod may have open on this pod's private API.
+const MAX_STREAMS_PER_PEER: u32 = 2000;
 /// Agents looked up in Redis (polled or cached) at once on one pod.
 const MAX_LOOKED_UP_AGENTS: usize = 100_000;
 
@@ -80,12 +82,13 @@ impl Fleet {
         config: &Config,
         metrics: &Metrics,
     ) -> anyhow::Result<(Self, Arc<dyn TunnelTracker>)> {
-        let redis = match &config.redis.address {
-            Some(_) => Some(Arc::new(Redis::new(
+        let redis = if config.redis.enabled() {
+            Some(Arc::new(Redis::new(
                 &config.redis,
                 RedisMetrics::new(metrics.registry()),
-            )?)),
-            None => None,
+            )?))
+        } else {
+            None
         };
         let mut fleet = Self {
             redis: redis.clone(),
@@ -183,6 +186,9 @@ impl Fleet {
                     let result = tonic::transport::Server::builder()
                         .max_connection_age(age)
                         .http2_keepalive_interval(Some(Duration::from_secs(50)))
+                        // Calls one peer pod may route here at once (each holds a tunnel or
+                        // waits for one; the registry bounds waiters per agent too).
+                        .max_concurrent_streams(Some(MAX_STREAMS_PER_PEER))
                         .add_service(gateway)
                         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                         .await;

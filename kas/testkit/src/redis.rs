@@ -20,6 +20,8 @@ pub struct RedisServer {
     plain: SocketAddr,
     /// The server's certificate (which a client trusts), with TLS.
     pub certificate: Option<std::path::PathBuf>,
+    /// The master this one replicates, for a replica.
+    replica_of: Option<SocketAddr>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -36,6 +38,7 @@ impl RedisServer {
             addr,
             plain: addr,
             certificate: None,
+            replica_of: None,
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
         };
@@ -53,6 +56,7 @@ impl RedisServer {
             addr,
             plain: SocketAddr::new(addr.ip(), REDIS_PORT + 1),
             certificate: Some(cert),
+            replica_of: None,
             child: None,
             dir,
         };
@@ -63,6 +67,21 @@ impl RedisServer {
     /// `host:port`, as `redis.address` takes it.
     pub fn address(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// A replica of `master` (plain, on a subnet of its own), which Sentinel can promote.
+    pub async fn start_replica_of(master: &RedisServer) -> Self {
+        let addr = SocketAddr::new(ip(next_subnet(), 2), REDIS_PORT);
+        let mut server = Self {
+            addr,
+            plain: addr,
+            certificate: None,
+            replica_of: Some(master.addr),
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        server.restart().await;
+        server
     }
 
     /// Kills the server (SIGKILL): connections drop at once, nothing is saved.
@@ -91,6 +110,16 @@ impl RedisServer {
                 .arg("--tls-ca-cert-file")
                 .arg(cert)
                 .args(["--tls-auth-clients", "no"]);
+        }
+        if let Some(master) = self.replica_of {
+            // Announced as its own address (its connection to the master may come from
+            // another loopback address), so the sentinel can promote it.
+            command
+                .arg("--replicaof")
+                .arg(master.ip().to_string())
+                .arg(master.port().to_string())
+                .arg("--replica-announce-ip")
+                .arg(self.addr.ip().to_string());
         }
         let child = command
             .args([
@@ -159,5 +188,104 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A real Redis Sentinel (`redis-server --sentinel`) watching one master with quorum 1 and
+/// short timeouts (down after 500 ms), so a killed master fails over within seconds.
+pub struct RedisSentinel {
+    pub addr: SocketAddr,
+    pub master_name: String,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+pub const SENTINEL_PORT: u16 = 26379;
+
+impl RedisSentinel {
+    pub async fn start(master: &RedisServer, master_name: &str) -> Self {
+        let addr = SocketAddr::new(ip(next_subnet(), 3), SENTINEL_PORT);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind {ip}\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {name} {mip} {mport} 1\n\
+                 sentinel down-after-milliseconds {name} 500\n\
+                 sentinel failover-timeout {name} 2000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                port = addr.port(),
+                ip = addr.ip(),
+                dir = dir.path().display(),
+                name = master_name,
+                mip = master.addr.ip(),
+                mport = master.addr.port(),
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new(binary())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let sentinel = Self {
+            addr,
+            master_name: master_name.to_owned(),
+            child: Some(child),
+            _dir: dir,
+        };
+        eventually(
+            "the sentinel answers PING",
+            Duration::from_secs(10),
+            || async move {
+                match RedisServer::connect_to(addr).await {
+                    Some(mut c) => redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok(),
+                    None => false,
+                }
+            },
+        )
+        .await;
+        sentinel
+    }
+
+    /// The master's address as the sentinel names it now.
+    pub async fn master(&self) -> Option<SocketAddr> {
+        let mut c = RedisServer::connect_to(self.addr).await?;
+        let (host, port): (String, String) = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        format!("{host}:{port}").parse().ok()
+    }
+
+    /// How many replicas the sentinel knows of the master.
+    pub async fn replicas(&self) -> usize {
+        let Some(mut c) = RedisServer::connect_to(self.addr).await else {
+            return 0;
+        };
+        redis::cmd("SENTINEL")
+            .arg("replicas")
+            .arg(&self.master_name)
+            .query_async::<Vec<redis::Value>>(&mut c)
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::Streaming;
 
+use kas::dev::agent::{Fleet as TunnelFleet, KasConn, SmallCodec, TestAgent};
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
 use kas_proto::diagnostics::{PingRequest, PingResponse};
-use kas::dev::agent::{Fleet as TunnelFleet, KasConn, SmallCodec, TestAgent};
 use kas_proto::paths::{DIAGNOSTICS_ECHO, GET_CONFIGURATION};
 
 use crate::schedule::Schedule;
@@ -433,11 +433,14 @@ async fn open_configuration(
     deadline: Instant,
 ) -> Result<Streaming<ConfigurationResponse>, End> {
     let stats = &env.stats;
-    let request = env.authed(slot, ConfigurationRequest {
-        commit_id: String::new(),
-        agent_meta: None,
-        skip_register: true,
-    });
+    let request = env.authed(
+        slot,
+        ConfigurationRequest {
+            commit_id: String::new(),
+            agent_meta: None,
+            skip_register: true,
+        },
+    );
     let opening = async {
         let mut stream = grpc_client(grpc)
             .await?
@@ -480,7 +483,11 @@ async fn open_echo(
     let opening = async {
         Ok(grpc_client(grpc)
             .await?
-            .streaming(env.authed(slot, outbound), path(DIAGNOSTICS_ECHO), SmallCodec::default())
+            .streaming(
+                env.authed(slot, outbound),
+                path(DIAGNOSTICS_ECHO),
+                SmallCodec::default(),
+            )
             .await?
             .into_inner())
     };

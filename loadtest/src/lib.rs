@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 
 use agent::AgentToken;
-use kas::dev::agent::Fleet as TunnelFleet;
 pub use cli::{Args, Scenario};
+use kas::dev::agent::Fleet as TunnelFleet;
 use probe::EdgeProbe;
 use report::{ErrorEntry, LatencySummary, Report, Sample, Totals};
 use stats::Stats;
@@ -84,6 +84,10 @@ fn read_tokens(args: &Args) -> anyhow::Result<Vec<String>> {
             .with_context(|| format!("cannot read --token-file {}", path.display()))?,
         (None, None) if Path::new(DEV_TOKEN).exists() => std::fs::read_to_string(DEV_TOKEN)
             .with_context(|| format!("cannot read {DEV_TOKEN}"))?,
+        // Callers alone (k8s-proxy with no fleet): no agent, no token.
+        (None, None) if args.agents == 0 && args.scenario == Scenario::K8sProxy => {
+            "no-agent".to_owned()
+        }
         (None, None) => {
             bail!("no token: give --token or --token-file (the local stack's is {DEV_TOKEN})")
         }
@@ -199,9 +203,9 @@ fn tunnel_fleet(kube_api: &str, stats: &Arc<Stats>) -> TunnelFleet {
         } else {
             "tunnel"
         };
-        stats
-            .errors
-            .add(&agent::status_kind(kind, status), || status.message().to_owned());
+        stats.errors.add(&agent::status_kind(kind, status), || {
+            status.message().to_owned()
+        });
     }))
 }
 
@@ -420,8 +424,10 @@ async fn run_sampled(ctx: &mut Ctx) -> (anyhow::Result<()>, Vec<Sample>) {
 fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Report {
     let s = ctx.stats.clone();
     if let Some(tunnels) = &ctx.tunnels {
-        s.tunnels_opened
-            .store(tunnels.counters().opened(), std::sync::atomic::Ordering::Relaxed);
+        s.tunnels_opened.store(
+            tunnels.counters().opened(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
     let errors_map = s.errors.snapshot();
     let totals = totals(ctx.args.agents, &s, &errors_map);

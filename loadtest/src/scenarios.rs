@@ -114,7 +114,10 @@ pub(crate) async fn ramp_and_settle(ctx: &mut Ctx, fleet: &mut Fleet) -> bool {
     ctx.check(
         "all tunnels held",
         held,
-        format!("{idle}/{want} idle tunnels within the ramp + {:?}", ctx.args.settle),
+        format!(
+            "{idle}/{want} idle tunnels within the ramp + {:?}",
+            ctx.args.settle
+        ),
     );
     all && held
 }

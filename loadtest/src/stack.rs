@@ -1,6 +1,6 @@
 //! `kas-loadtest-stack`: what the `k8s-proxy` scenario needs, on loopback, until Ctrl-C or
 //! SIGTERM — a GitLab stand-in knowing `--agents` agents (their tokens in
-//! `<dir>/agent-tokens`) and one CI job allowed to use every one of them (`ci:<agent
+//! `<dir>/agent-tokens`; distinct ids, one configuration project and file) and one CI job allowed to use every one of them (`ci:<agent
 //! id>:<job token>` per agent in `<dir>/ci-tokens`, line for line), the Kubernetes API
 //! stand-in the agents replay requests against, and `--pods` real `kas` processes with the
 //! Kubernetes API proxy on. The pods are separate processes, so their memory is kas's
@@ -21,9 +21,7 @@ use clap::Parser;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use kas::dev::gitlab_standin::{
-    GitlabStandin, StandinAgent, StandinAllowedAgent, StandinCiJob,
-};
+use kas::dev::gitlab_standin::{GitlabStandin, StandinAgent, StandinAllowedAgent, StandinCiJob};
 use kas::dev::kube_api::KubeApi;
 use kas::gitlab::SharedSecret;
 
@@ -40,6 +38,8 @@ const KUBE_API_PORT: u16 = 8182;
 const JOB_TOKEN: &str = "glcbt-loadtest-job";
 /// The project every agent's configuration lives in (one repository: kas polls it once).
 const PROJECT_PATH: &str = "loadtest/agents";
+/// Every agent's name, so every agent's configuration file.
+const AGENT_NAME: &str = "loadtest";
 const AGENT_CONFIG: &str = "observability:\n  logging:\n    level: warn\n";
 
 /// The local stack for the `k8s-proxy` scenario.
@@ -111,7 +111,11 @@ impl StackInfo {
         let _ = writeln!(out, "AGENT_TARGETS={}", list(&self.agent_targets));
         let _ = writeln!(out, "K8S_PROXY_URLS={}", list(&self.proxy_urls));
         let _ = writeln!(out, "KUBE_API_URL={}", q(&self.kube_api_url));
-        let _ = writeln!(out, "TOKEN_FILE={}", q(&self.token_file.display().to_string()));
+        let _ = writeln!(
+            out,
+            "TOKEN_FILE={}",
+            q(&self.token_file.display().to_string())
+        );
         let _ = writeln!(
             out,
             "CI_TOKEN_FILE={}",
@@ -197,7 +201,9 @@ async fn gitlab(args: &StackArgs, dir: &Path) -> anyhow::Result<(GitlabStandin, 
         let agent = StandinAgent {
             token: format!("glagent-loadtest-{i}"),
             agent_id: i as i64 + 1,
-            agent_name: format!("lt-{i}"),
+            // One configuration file for all: kas reads it once per commit, and the
+            // Gitaly stand-in (a git process per read) does not set the connect rate.
+            agent_name: AGENT_NAME.into(),
             project_id: 1,
             project_path: PROJECT_PATH.into(),
             ..StandinAgent::demo("")
@@ -339,8 +345,9 @@ impl Stack {
             wait_ready(obs, &mut child, Duration::from_secs(30)).await?;
             info.kas_pids.extend(child.id());
             info.agent_targets.push(format!("grpc://{ip}:{AGENT_PORT}"));
-            info.proxy_urls
-                .push(format!("{scheme}://{ip}:{K8S_PROXY_PORT}{K8S_PROXY_PREFIX}"));
+            info.proxy_urls.push(format!(
+                "{scheme}://{ip}:{K8S_PROXY_PORT}{K8S_PROXY_PREFIX}"
+            ));
             info.metrics_urls.push(format!("http://{obs}/metrics"));
             pods.push(child);
         }
@@ -378,7 +385,10 @@ impl Stack {
 pub async fn run(args: StackArgs) -> anyhow::Result<()> {
     let stack = Stack::start(&args).await?;
     let env = std::path::absolute(args.dir.join("stack.env")).unwrap_or(args.dir.join("stack.env"));
-    println!("kas-loadtest-stack ready ({} pods); Ctrl-C stops it", args.pods);
+    println!(
+        "kas-loadtest-stack ready ({} pods); Ctrl-C stops it",
+        args.pods
+    );
     print!("{}", stack.info.env_text());
     println!("wrote {}", env.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kas_testkit::clients::tls_connect;
-use kas_testkit::edge::{Edge, EdgeOptions, EdgeStdout};
 use kas_testkit::configmap_api::ConfigMapApi;
+use kas_testkit::edge::{Edge, EdgeOptions, EdgeStdout};
 use kas_testkit::net::ip;
 use kas_testkit::pods::Cluster;
 

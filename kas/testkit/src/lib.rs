@@ -11,11 +11,11 @@
 //! when its tests start the edge.
 
 pub mod clients;
+pub mod configmap_api;
 pub mod edge;
 pub mod gitlab;
 pub mod gitops;
 pub mod kubectl;
-pub mod configmap_api;
 pub mod metrics;
 pub mod net;
 pub mod pods;

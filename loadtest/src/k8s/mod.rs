@@ -71,14 +71,15 @@ impl Callers {
             }
         };
         let url = &self.urls[url % self.urls.len()];
-        let token = (!self.tokens.is_empty()).then(|| self.tokens[token % self.tokens.len()].as_str());
+        let token =
+            (!self.tokens.is_empty()).then(|| self.tokens[token % self.tokens.len()].as_str());
         (url, token)
     }
 }
 
 fn read_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -162,7 +163,9 @@ async fn exchange(
     let request = match request {
         Ok(r) => r,
         Err(e) => {
-            stats.errors.add(&format!("k8s {what}: request"), || format!("{e:#}"));
+            stats
+                .errors
+                .add(&format!("k8s {what}: request"), || format!("{e:#}"));
             return false;
         }
     };
@@ -204,7 +207,13 @@ async fn get(callers: &Callers, k: u64, since: Instant, latency: &Latency) {
 }
 
 /// [`get`] on a task of its own, holding `permit` until answered.
-fn spawn_get(callers: &Arc<Callers>, k: u64, due: Instant, latency: &Arc<Latency>, permit: OwnedSemaphorePermit) {
+fn spawn_get(
+    callers: &Arc<Callers>,
+    k: u64,
+    due: Instant,
+    latency: &Arc<Latency>,
+    permit: OwnedSemaphorePermit,
+) {
     let (callers, latency) = (callers.clone(), latency.clone());
     tokio::spawn(async move {
         get(&callers, k, due, &latency).await;
@@ -330,9 +339,7 @@ async fn watch(
 ) -> bool {
     let stats = &callers.stats;
     let (base, token) = callers.pick(j);
-    let path = format!(
-        "/api/v1/namespaces/{NAMESPACE}/pods?watch=1&timeoutSeconds={open_secs}"
-    );
+    let path = format!("/api/v1/namespaces/{NAMESPACE}/pods?watch=1&timeoutSeconds={open_secs}");
     stats.inc(&stats.k8s_sent);
     let request = match ProxyClient::request(Method::GET, &join(base, &path), token, None) {
         Ok(r) => r,
@@ -387,9 +394,9 @@ async fn watch(
                 break false;
             }
             None => {
-                stats
-                    .errors
-                    .add("watch: ended early", || "the watch ended before the run".into());
+                stats.errors.add("watch: ended early", || {
+                    "the watch ended before the run".into()
+                });
                 break false;
             }
         };
@@ -465,7 +472,12 @@ async fn writer(
             .unwrap_or_else(|p| p.into_inner())
             .add(name.clone());
         let t0 = Instant::now();
-        let request = ProxyClient::request(Method::POST, &url, token, Some(Bytes::from(body.to_string())));
+        let request = ProxyClient::request(
+            Method::POST,
+            &url,
+            token,
+            Some(Bytes::from(body.to_string())),
+        );
         if exchange(&callers, "POST", request).await {
             latency.record(t0.elapsed());
             written += 1;
@@ -484,7 +496,13 @@ async fn delete(callers: &Callers, name: &str, k: u64, latency: &Latency) {
     let (base, token) = callers.pick(k);
     let url = join(base, &format!("/api/v1/namespaces/{NAMESPACE}/pods/{name}"));
     let t0 = Instant::now();
-    if exchange(callers, "DELETE", ProxyClient::request(Method::DELETE, &url, token, None)).await {
+    if exchange(
+        callers,
+        "DELETE",
+        ProxyClient::request(Method::DELETE, &url, token, None),
+    )
+    .await
+    {
         latency.record(t0.elapsed());
     }
 }
@@ -499,6 +517,7 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
         None
     };
     let base = ctx.probe.sample().await;
+    let own_ticks = crate::probe::read_cpu_ticks(std::process::id());
     ctx.set_phase("load");
     let stop = CancellationToken::new();
     let creates = Arc::new(Mutex::new(Creates::default()));
@@ -545,6 +564,9 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
         open_loop(ctx, &callers, &gets).await
     };
     let loaded = ctx.probe.sample().await;
+    let own_cpu = own_ticks
+        .zip(crate::probe::read_cpu_ticks(std::process::id()))
+        .map(|(a, b)| b.saturating_sub(a) as f64 / crate::probe::clock_ticks());
     let watches_at_end = Stats::get(&ctx.stats.watches_open);
     stop.cancel();
     let written = match writer_task {
@@ -561,6 +583,11 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
             held += 1;
         }
     }
+    let answered = gets.snapshot().len();
+    ctx.fact(
+        "k8s_gets_ok_per_s",
+        crate::scenarios::round3(answered as f64 / sent.secs.max(1e-3)),
+    );
     record(ctx, &sent, &tally, held, watches_at_end, written);
     if let Some(tunnels) = ctx.tunnels.clone() {
         let c = tunnels.counters();
@@ -568,17 +595,36 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
         ctx.fact("tunnels_used", c.used());
         ctx.fact("tunnels_busy_peak", c.busy_peak() as u64);
         ctx.fact("tunnels_idle_at_end", c.idle() as u64);
-        ctx.fact("tunnel_requests_cancelled", Stats::get(&ctx.stats.tunnel_requests_cancelled));
+        // Requests the agent saw cancelled: a watch its caller closed, or kas ending the
+        // stream once the answer was through.
+        ctx.fact(
+            "tunnel_requests_cancelled",
+            Stats::get(&ctx.stats.tunnel_requests_cancelled),
+        );
+    }
+    let ok = Stats::get(&ctx.stats.k8s_ok).max(1) as f64;
+    if let Some(cpu) = own_cpu {
+        // This process: the callers, and the agents' side of every tunnelled request.
+        ctx.fact(
+            "loadtest_cpu_us_per_request",
+            crate::scenarios::round3(cpu * 1e6 / ok),
+        );
     }
     if ctx.probe.is_active() {
         ctx.fact("probed_rss_before_load_bytes", base.rss_bytes);
         ctx.fact("probed_rss_after_load_bytes", loaded.rss_bytes);
         if let (Some(a), Some(b)) = (base.cpu_seconds, loaded.cpu_seconds) {
-            let ok = Stats::get(&ctx.stats.k8s_ok).max(1);
-            ctx.fact("probed_cpu_us_per_request", crate::scenarios::round3((b - a) * 1e6 / ok as f64));
+            ctx.fact(
+                "probed_cpu_us_per_request",
+                crate::scenarios::round3((b - a) * 1e6 / ok),
+            );
         }
     }
-    for (name, l) in [("k8s GET", gets), ("k8s write", writes), ("watch event delay", event_delay)] {
+    for (name, l) in [
+        ("k8s GET", gets),
+        ("k8s write", writes),
+        ("watch event delay", event_delay),
+    ] {
         let h = l.snapshot();
         if !h.is_empty() {
             ctx.extra_latency.push((name.to_owned(), h));
@@ -590,7 +636,14 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn record(ctx: &mut Ctx, sent: &Sent, tally: &WatchTally, held: u64, watches_at_end: u64, written: u64) {
+fn record(
+    ctx: &mut Ctx,
+    sent: &Sent,
+    tally: &WatchTally,
+    held: u64,
+    watches_at_end: u64,
+    written: u64,
+) {
     let ok = Stats::get(&ctx.stats.k8s_ok);
     let a = &ctx.args;
     let (watches, closed) = (a.k8s_watches as u64, a.k8s_concurrency > 0);

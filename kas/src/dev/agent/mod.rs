@@ -270,8 +270,7 @@ impl Shared {
     /// Counts and reports a failure, unless the agent was stopped or its connection
     /// closed: then the failure is the stop's or the connection's, not the agent's.
     async fn record_error(&self, stage: &'static str, status: tonic::Status) {
-        if self.cancel.is_cancelled() || !self.conn.usable().await || self.cancel.is_cancelled()
-        {
+        if self.cancel.is_cancelled() || !self.conn.usable().await || self.cancel.is_cancelled() {
             return;
         }
         if let Some(hook) = &self.fleet.on_error {
@@ -279,7 +278,10 @@ impl Shared {
         }
         let counters = self.counters();
         counters.failed.fetch_add(1, Ordering::SeqCst);
-        *counters.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+        *counters
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(status);
     }
 }
 

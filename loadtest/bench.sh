@@ -35,12 +35,38 @@
 # Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
 # proxy costs on top of reaching kas at all.
 #
+# The Kubernetes API proxy (K8S=1, the default), on a stack of its own started by
+# kas-loadtest-stack (three kas processes with the proxy on, 127.0.7.1-3:8154, plaintext
+# as behind the edge; the GitLab stand-in with $K8S_AGENTS distinct agents and a CI job
+# allowed all of them; the Kubernetes API stand-in on 127.0.7.200:8182):
+#   k8s_kas_mem_bytes  kas memory per connected agent holding 2 idle tunnels and its
+#                      configuration stream (no Echo stream: what agentk holds), at
+#                      $K8S_AGENTS agents with distinct tokens (kas-loadtest idle; the kas
+#                      processes' RSS growth per agent)
+#   k8s_p50_ms, k8s_p99_ms
+#                      GET /api/v1/namespaces/default/pods at $K8S_RATE/s open loop
+#                      (kas-loadtest k8s-proxy): straight to the API stand-in, and through
+#                      kas's proxy → a tunnel of one of $K8S_LOAD_AGENTS agents → the agent's
+#                      replay to the stand-in; the added latency is through − direct
+#   k8s_rps            the same GET from $K8S_CONC callers back to back (closed loop)
+#   k8s_watch_delay_p99_ms
+#                      from a pod's create (through the path) to its ADDED event on each of
+#                      $K8S_WATCHES watches held through the path
+# K8S_EDGE=1 adds the path through kas-edge (127.0.5.4:8443, in front of the same pods):
+# agents over wss:// through it, callers to https://127.0.5.4:8443/k8s-proxy/ — the edge
+# must route /k8s-proxy/ to the pods' port 8154; K8S_EDGE_TOML is appended to its
+# configuration for that. Through the edge all agents are one GitLab agent (requests land on
+# any pod, and each pod then holds tunnels of it), and the edge's memory per agent with its
+# tunnels is measured too (k8s_edge_mem_bytes).
+#
 # Knobs (environment): DURATION (s per throughput measurement, default 10), H1_CONNS (64),
 # BULK_BYTES (268435456), STORM_AGENTS (5000),
 # GRPC_CONNS (8), GRPC_STREAMS (16), NEWCONN_CONNS (16), RPC_RATE (1000), WS_RATE (ramp
 # agents/s, 300), WS_AGENTS
 # (10000, lowered to what the open-files limit allows: a proxy needs two descriptors per
-# tunnel), PATHS ("direct edge nginx haproxy"), SKIP_BUILD=1 to use existing binaries.
+# tunnel), PATHS ("direct edge nginx haproxy"; empty: the Kubernetes API proxy rows alone),
+# K8S (1), K8S_AGENTS (2000), K8S_LOAD_AGENTS (100), K8S_RATE (500), K8S_CONC (16),
+# K8S_WATCHES (20), K8S_EDGE (0), K8S_EDGE_TOML (""), SKIP_BUILD=1 to use existing binaries.
 # Everything listens on loopback: pods 127.0.1.1-3:8150 (health :8151), GitLab stand-in
 # 127.0.0.1:8180, proxies 127.0.5.1 (kas-edge), 127.0.5.2 (nginx), 127.0.5.3 (HAProxy).
 set -euo pipefail
@@ -58,7 +84,15 @@ WS_AGENTS=${WS_AGENTS:-10000}
 WS_RATE=${WS_RATE:-300}
 BULK_BYTES=${BULK_BYTES:-268435456}
 STORM_AGENTS=${STORM_AGENTS:-5000}
-PATHS=${PATHS:-direct edge nginx haproxy}
+PATHS=${PATHS-direct edge nginx haproxy}
+K8S=${K8S:-1}
+K8S_AGENTS=${K8S_AGENTS:-2000}
+K8S_LOAD_AGENTS=${K8S_LOAD_AGENTS:-100}
+K8S_RATE=${K8S_RATE:-500}
+K8S_CONC=${K8S_CONC:-16}
+K8S_WATCHES=${K8S_WATCHES:-20}
+K8S_EDGE=${K8S_EDGE:-0}
+K8S_EDGE_TOML=${K8S_EDGE_TOML:-}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release
 
@@ -67,10 +101,12 @@ die() { log "$*"; exit 1; }
 
 # --- prerequisites ------------------------------------------------------------------------
 missing=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v h2load >/dev/null || missing+=(nghttp2-client)
+if [ -n "$PATHS" ]; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v h2load >/dev/null || missing+=(nghttp2-client)
+fi
 command -v curl >/dev/null || missing+=(curl)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
@@ -85,9 +121,14 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building release binaries (kas, kas-edge, kas-loadtest)"
   cargo build --release -p kas -p kas-edge -p kas-loadtest
 fi
-for b in kas kas-edge kas-loadtest; do [ -x "$BIN/$b" ] || die "$BIN/$b missing"; done
+needed=(kas kas-loadtest kas-loadtest-stack)
+if [ -n "$PATHS" ] || [ "$K8S_EDGE" = 1 ]; then needed+=(kas-edge); fi
+for b in "${needed[@]}"; do [ -x "$BIN/$b" ] || die "$BIN/$b missing"; done
 
-for addr in 127.0.1.1:8150 127.0.1.2:8150 127.0.1.3:8150 127.0.0.1:8180 127.0.5.1:8443 127.0.5.2:8443 127.0.5.3:8443; do
+busy_addrs=()
+[ -n "$PATHS" ] && busy_addrs+=(127.0.1.1:8150 127.0.1.2:8150 127.0.1.3:8150 127.0.0.1:8180 127.0.5.1:8443 127.0.5.2:8443 127.0.5.3:8443)
+[ "$K8S" = 1 ] && busy_addrs+=(127.0.7.1:8150 127.0.7.2:8150 127.0.7.3:8150 127.0.7.200:8180 127.0.7.200:8182 127.0.5.4:8443)
+for addr in "${busy_addrs[@]}"; do
   if ss -ltnH "( sport = :${addr##*:} )" | awk '{print $4}' | grep -qx "$addr"; then
     die "$addr is already in use (a local stack running?); stop it first"
   fi
@@ -125,6 +166,7 @@ wait_for() { # what, command...
 }
 answers_tls() { [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "https://$1/")" != 000 ]; }
 
+if [ -n "$PATHS" ]; then
 # --- kas pods and the GitLab stand-in (one process) ---------------------------------------
 log "starting kas pods"
 (cd "$WORK" && exec "$BIN/kas" dev --dir "$WORK/dev" >"$WORK/kas.log" 2>&1) &
@@ -275,7 +317,9 @@ upstream_conns() { # pids...
   echo "$n"
 }
 
-LT=("$BIN/kas-loadtest" --token "$TOKEN" --progress never)
+fi
+
+LT=("$BIN/kas-loadtest" --token "${TOKEN:-}" --progress never)
 for p in $PATHS; do
   if [ "$p" = direct ]; then
     h1_url=http://127.0.1.1:8150/
@@ -332,8 +376,106 @@ for p in $PATHS; do
   with_cost "$p-storm" "$(pids_of "$p")" run_storm
 done
 
+# --- the Kubernetes API proxy ----------------------------------------------------------------
+if [ "$K8S" = 1 ]; then
+  log "k8s: starting kas-loadtest-stack ($K8S_AGENTS agents, 3 kas pods with the proxy)"
+  "$BIN/kas-loadtest-stack" --dir "$WORK/k8s" --agents "$K8S_AGENTS" --kas-bin "$BIN/kas" \
+    >"$WORK/k8s-stack.log" 2>&1 &
+  STACK_PID=$!
+  PIDS+=("$STACK_PID")
+  K8S_EDGE_PID=""
+  wait_for "kas-loadtest-stack" test -s "$WORK/k8s/stack.env"
+  # shellcheck disable=SC1091
+  . "$WORK/k8s/stack.env"
+  k8s_targets=(); for t in $AGENT_TARGETS; do k8s_targets+=(--target "$t"); done
+  k8s_urls=(); for u in $K8S_PROXY_URLS; do k8s_urls+=(--k8s-proxy-url "$u"); done
+  kas_pids=(); for pid in $KAS_PIDS; do kas_pids+=(--edge-pid "$pid"); done
+  # Agents as agentk: the configuration stream and 2 idle tunnels, no Echo stream.
+  LTK=("$BIN/kas-loadtest" --progress never --kube-api-url "$KUBE_API_URL" --echo-interval 0)
+  fleet=(--ws-fraction 0 "${k8s_targets[@]}" --token-file "$TOKEN_FILE")
+  callers=("${k8s_urls[@]}" --k8s-token-file "$CI_TOKEN_FILE")
+  direct=(--agents 0 --k8s-proxy-url "$KUBE_API_URL/")
+  quiet=(--k8s-watches 0 --k8s-write-rate 0)
+  watching=(--k8s-rate "$(( K8S_RATE / 5 ))" --k8s-watches "$K8S_WATCHES" --k8s-write-rate 5)
+  run_k8s() { # name args...
+    local name=$1; shift
+    "${LTK[@]}" --scenario k8s-proxy --duration "${DURATION}s" "$@" --json "$RAW/k8s-$name.json" \
+      >"$RAW/k8s-$name.txt" 2>&1 || log "k8s: $name reported failures (see the JSON)"
+  }
+  ticks() { # pids... → their utime + stime, in clock ticks
+    local t=0 pid
+    for pid in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0) )); done
+    echo "$t"
+  }
+  # run_k8s, with the CPU of the kas pods, the stand-ins' process and the edge around it
+  # in $RAW/k8s-<name>.cpu (the load generator reports its own).
+  run_k8s_cpu() { # name args...
+    local name=$1 before
+    # shellcheck disable=SC2086
+    before="$(ticks $KAS_PIDS) $(ticks "$STACK_PID") $(ticks $K8S_EDGE_PID)"
+    run_k8s "$@"
+    # shellcheck disable=SC2086
+    echo "$before $(ticks $KAS_PIDS) $(ticks "$STACK_PID") $(ticks $K8S_EDGE_PID) $(getconf CLK_TCK)" >"$RAW/k8s-$name.cpu"
+  }
+  log "k8s: kas memory per agent ($K8S_AGENTS agents, 2 idle tunnels and the configuration stream each)"
+  "${LTK[@]}" --scenario idle --agents "$K8S_AGENTS" --rate "$WS_RATE" --settle 180s --duration 10s \
+    --reverse-tunnel "${fleet[@]}" "${kas_pids[@]}" --json "$RAW/k8s-mem.json" >"$RAW/k8s-mem.txt" 2>&1 \
+    || log "k8s: the memory run reported failures (see the JSON)"
+  sleep 2
+  log "k8s: GET straight to the API stand-in ($K8S_RATE/s; $K8S_CONC callers; watches)"
+  run_k8s direct-rate "${direct[@]}" --k8s-rate "$K8S_RATE" "${quiet[@]}"
+  run_k8s_cpu direct-conc "${direct[@]}" --k8s-concurrency "$K8S_CONC" "${quiet[@]}"
+  run_k8s direct-watch "${direct[@]}" "${watching[@]}"
+  log "k8s: the same through kas's proxy and $K8S_LOAD_AGENTS agents' tunnels"
+  run_k8s kas-rate --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" --k8s-rate "$K8S_RATE" "${quiet[@]}"
+  run_k8s_cpu kas-conc --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" --k8s-concurrency "$K8S_CONC" "${quiet[@]}"
+  run_k8s kas-watch --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" "${watching[@]}"
+  if [ "$K8S_EDGE" = 1 ]; then
+    cat >"$WORK/k8s-edge.toml" <<EOF
+[listen]
+https = "127.0.5.4:8443"
+admin = "127.0.5.4:8081"
+threads = 2
+[tls]
+self_signed = true
+hosts = ["localhost"]
+self_signed_dir = "$WORK/k8s-edge-tls"
+[discovery]
+kind = "static"
+endpoints = ["127.0.7.1:8150", "127.0.7.2:8150", "127.0.7.3:8150"]
+[health]
+port = 8151
+[log]
+level = "warn"
+$K8S_EDGE_TOML
+EOF
+    log "k8s: starting kas-edge in front of the stack's pods"
+    "$BIN/kas-edge" run --config "$WORK/k8s-edge.toml" >"$WORK/k8s-edge.log" 2>&1 &
+    K8S_EDGE_PID=$!
+    PIDS+=("$K8S_EDGE_PID")
+    k8s_edge_healthy() { [ "$(curl -fs http://127.0.5.4:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
+    wait_for "kas-edge (k8s)" k8s_edge_healthy
+    # One GitLab agent for the whole fleet: the edge spreads agents and requests over the
+    # pods, and until kas routes between pods each pod must hold tunnels of the agent asked.
+    efleet=(--ws-fraction 1 --target wss://127.0.5.4:8443/ --ca-file "$WORK/k8s-edge-tls/tls.crt"
+      --token "$(head -1 "$TOKEN_FILE")")
+    ecallers=(--k8s-proxy-url https://127.0.5.4:8443/k8s-proxy/ --k8s-insecure --k8s-token "$(head -1 "$CI_TOKEN_FILE")")
+    log "k8s: edge memory per agent ($K8S_AGENTS agents over wss://, 2 idle tunnels each)"
+    "${LTK[@]}" --scenario idle --agents "$K8S_AGENTS" --rate "$WS_RATE" --settle 180s --duration 10s \
+      --reverse-tunnel "${efleet[@]}" --edge-pid "$K8S_EDGE_PID" --json "$RAW/k8s-edge-mem.json" \
+      >"$RAW/k8s-edge-mem.txt" 2>&1 || log "k8s: the edge memory run reported failures (see the JSON)"
+    sleep 2
+    log "k8s: GETs through the edge's /k8s-proxy/ route"
+    run_k8s edge-rate --agents "$K8S_LOAD_AGENTS" "${efleet[@]}" "${ecallers[@]}" --k8s-rate "$K8S_RATE" "${quiet[@]}"
+    run_k8s_cpu edge-conc --agents "$K8S_LOAD_AGENTS" "${efleet[@]}" "${ecallers[@]}" --k8s-concurrency "$K8S_CONC" "${quiet[@]}"
+    run_k8s edge-watch --agents "$K8S_LOAD_AGENTS" "${efleet[@]}" "${ecallers[@]}" "${watching[@]}"
+  fi
+fi
+
 DATE=$(date -u +%Y-%m-%dT%H-%M-%SZ)
 NGINX_VERSION=$(nginx -v 2>&1 | head -1) HAPROXY_VERSION=$(haproxy -v 2>&1 | head -1) \
+K8S=$K8S K8S_EDGE=$K8S_EDGE K8S_AGENTS=$K8S_AGENTS K8S_LOAD_AGENTS=$K8S_LOAD_AGENTS K8S_RATE=$K8S_RATE \
+K8S_CONC=$K8S_CONC K8S_WATCHES=$K8S_WATCHES \
 RAW=$RAW RESULTS=$RESULTS DATE=$DATE PATHS=$PATHS WS_AGENTS=$WS_AGENTS DURATION=$DURATION \
 H1_CONNS=$H1_CONNS GRPC_CONNS=$GRPC_CONNS GRPC_STREAMS=$GRPC_STREAMS NEWCONN_CONNS=$NEWCONN_CONNS \
 RPC_RATE=$RPC_RATE BULK_BYTES=$BULK_BYTES STORM_AGENTS=$STORM_AGENTS python3 - <<'PY'
@@ -443,6 +585,60 @@ for p in paths:
         d, t = results.get("direct", {}).get(key), results[p].get(key)
         ratios[p][key] = round(t / d, 3) if d and t is not None else None
 
+def k8s_rows():
+    """The Kubernetes API proxy rows: per path (direct, kas, edge) latency, requests/s and
+    watch delay, kas's (and the edge's) memory per agent, and the targets."""
+    def run(name):
+        return load_json(f"k8s-{name}.json") or {}
+    def lat(doc, name, q):
+        return ((doc.get("latency") or {}).get(name) or {}).get(q)
+    k8s_paths = ["direct", "kas"] + (["edge"] if os.environ["K8S_EDGE"] == "1" else [])
+    res = {}
+    for p in k8s_paths:
+        rate, conc, watch = run(f"{p}-rate"), run(f"{p}-conc"), run(f"{p}-watch")
+        errors = {}
+        for r in (rate, conc, watch):
+            for e in r.get("errors") or []:
+                errors[e["kind"]] = errors.get(e["kind"], 0) + e["count"]
+        ok = (conc.get("facts") or {}).get("k8s_requests_ok") or 0
+        cpu = read(f"k8s-{p}-conc.cpu").split()
+        per = {}
+        if len(cpu) == 7 and ok:
+            k0, s0, e0, k1, s1, e1, hz = map(int, cpu)
+            per = {name: round((b - a) / hz * 1e6 / ok, 1) for name, a, b in
+                   (("kas", k0, k1), ("standins", s0, s1), ("edge", e0, e1))}
+        res[p] = {
+            "cpu_us_per_get_kas": per.get("kas") if p != "direct" else None,
+            "cpu_us_per_get_standins": per.get("standins"),
+            "cpu_us_per_get_edge": per.get("edge") if p == "edge" else None,
+            "cpu_us_per_get_loadtest": (conc.get("facts") or {}).get("loadtest_cpu_us_per_request"),
+            "k8s_p50_ms": lat(rate, "k8s GET", "p50_ms"),
+            "k8s_p99_ms": lat(rate, "k8s GET", "p99_ms"),
+            "k8s_rps": (conc.get("facts") or {}).get("k8s_gets_ok_per_s") if conc.get("passed") else None,
+            "k8s_watch_delay_p99_ms": lat(watch, "watch event delay", "p99_ms"),
+            "tunnels_busy_peak": (conc.get("facts") or {}).get("tunnels_busy_peak"),
+            "passed": {"rate": rate.get("passed"), "conc": conc.get("passed"), "watch": watch.get("passed")},
+            "errors": errors,
+        }
+    mem = run("mem")
+    res["kas"]["k8s_kas_mem_bytes"] = (mem.get("edge") or {}).get("rss_per_connection_bytes") if mem.get("passed") else None
+    res["kas"]["k8s_mem_agents"] = (mem.get("totals") or {}).get("peak_connected")
+    res["kas"]["k8s_mem_errors"] = {e["kind"]: e["count"] for e in mem.get("errors") or []}
+    if "edge" in res:
+        emem = run("edge-mem")
+        res["edge"]["k8s_edge_mem_bytes"] = (emem.get("edge") or {}).get("rss_per_connection_bytes") if emem.get("passed") else None
+        res["edge"]["k8s_mem_errors"] = {e["kind"]: e["count"] for e in emem.get("errors") or []}
+    d = res["direct"]
+    for p in k8s_paths[1:]:
+        r = res[p]
+        for q in ("p50", "p99"):
+            a, b = d[f"k8s_{q}_ms"], r[f"k8s_{q}_ms"]
+            r[f"k8s_added_{q}_ms"] = round(b - a, 3) if a is not None and b is not None else None
+        r["k8s_rps_ratio"] = round(r["k8s_rps"] / d["k8s_rps"], 3) if d["k8s_rps"] and r["k8s_rps"] is not None else None
+    return res
+
+k8s = k8s_rows() if os.environ["K8S"] == "1" else None
+
 doc = {
     "date": os.environ["DATE"],
     "machine": {"cpus": os.cpu_count()},
@@ -450,7 +646,10 @@ doc = {
     "params": {k.lower(): os.environ[k] for k in ["DURATION", "H1_CONNS", "GRPC_CONNS", "GRPC_STREAMS", "NEWCONN_CONNS", "RPC_RATE", "WS_AGENTS"]},
     "results": results,
     "ratios_through_over_direct": ratios,
+    "k8s_proxy": k8s,
 }
+if k8s is not None:
+    doc["params"].update({k.lower(): os.environ[k] for k in ["K8S_AGENTS", "K8S_LOAD_AGENTS", "K8S_RATE", "K8S_CONC", "K8S_WATCHES"]})
 out = os.path.join(os.environ["RESULTS"], os.environ["DATE"] + ".json")
 with open(out, "w") as f:
     json.dump(doc, f, indent=2)
@@ -460,40 +659,104 @@ def fmt(v):
         return "n/a"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
-names = {"direct": "direct (pod)", "edge": "kas-edge", "nginx": "nginx", "haproxy": "HAProxy"}
-through = [p for p in paths if p != "direct"]
-lines = [
-    f"# kas-loadtest bench {os.environ['DATE']}",
-    "",
-    "Same workload straight to kas pods (plaintext) and through each TLS-terminating proxy, one machine "
-    f"({os.cpu_count()} CPUs), everything on loopback. Ratios are through / direct.",
-    "",
-    "| metric | " + " | ".join(names[p] for p in paths) + " | " + " | ".join(f"{names[p]} / direct" for p in through) + " |",
-    "|---|" + "---:|" * (len(paths) + len(through)),
-]
-for key, label, better in metrics:
-    row = [fmt(results[p].get(key)) for p in paths]
-    row += [("n/a" if ratios[p][key] is None else f"{ratios[p][key]:.3f}") for p in through]
-    lines.append(f"| {label} ({better}) | " + " | ".join(row) + " |")
-lines += [
-    "",
-    "Notes: direct has no TLS (pods speak plaintext), so the ratios include the TLS cost. Memory per tunnel is "
-    "the proxy's own RSS growth divided by tunnels (for direct: the kas process's growth). "
-    f"{os.environ.get('NGINX_VERSION')}; {os.environ.get('HAPROXY_VERSION')}.",
-    "",
-    "Errors: " + "; ".join(
-        f"{names[p]}: idle {results[p]['ws_errors']} errors ({results[p]['ws_connected']} connected), "
-        f"h1 socket errors {results[p]['h1_socket_errors']}, new-conn socket errors {results[p]['new_conn_socket_errors']}, "
-        f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
-        f"storm passed {results[p]['storm_passed']}"
-        + (f" ({results[p]['storm_failures']})" if results[p]['storm_failures'] else "")
-        + (f", bulk failures {results[p]['bulk_failures']}" if results[p]['bulk_failures'] else "")
-        for p in paths),
-]
-with open(os.path.join(os.environ["RESULTS"], "latest.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-print("\n".join(lines))
-print(f"\nwrote {out} and {os.path.join(os.environ['RESULTS'], 'latest.md')}")
+written = [out]
+if paths:
+    names = {"direct": "direct (pod)", "edge": "kas-edge", "nginx": "nginx", "haproxy": "HAProxy"}
+    through = [p for p in paths if p != "direct"]
+    lines = [
+        f"# kas-loadtest bench {os.environ['DATE']}",
+        "",
+        "Same workload straight to kas pods (plaintext) and through each TLS-terminating proxy, one machine "
+        f"({os.cpu_count()} CPUs), everything on loopback. Ratios are through / direct.",
+        "",
+        "| metric | " + " | ".join(names[p] for p in paths) + " | " + " | ".join(f"{names[p]} / direct" for p in through) + " |",
+        "|---|" + "---:|" * (len(paths) + len(through)),
+    ]
+    for key, label, better in metrics:
+        row = [fmt(results[p].get(key)) for p in paths]
+        row += [("n/a" if ratios[p][key] is None else f"{ratios[p][key]:.3f}") for p in through]
+        lines.append(f"| {label} ({better}) | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Notes: direct has no TLS (pods speak plaintext), so the ratios include the TLS cost. Memory per tunnel is "
+        "the proxy's own RSS growth divided by tunnels (for direct: the kas process's growth). "
+        f"{os.environ.get('NGINX_VERSION')}; {os.environ.get('HAPROXY_VERSION')}.",
+        "",
+        "Errors: " + "; ".join(
+            f"{names[p]}: idle {results[p]['ws_errors']} errors ({results[p]['ws_connected']} connected), "
+            f"h1 socket errors {results[p]['h1_socket_errors']}, new-conn socket errors {results[p]['new_conn_socket_errors']}, "
+            f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
+            f"storm passed {results[p]['storm_passed']}"
+            + (f" ({results[p]['storm_failures']})" if results[p]['storm_failures'] else "")
+            + (f", bulk failures {results[p]['bulk_failures']}" if results[p]['bulk_failures'] else "")
+            for p in paths),
+    ]
+    with open(os.path.join(os.environ["RESULTS"], "latest.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    written.append(os.path.join(os.environ["RESULTS"], "latest.md"))
+
+def k8s_md(res):
+    """The Kubernetes API proxy rows as a table, with the targets."""
+    cols = [p for p in ("direct", "kas", "edge") if p in res]
+    head = {"direct": "API stand-in, direct", "kas": "kas proxy → tunnel → agent", "edge": "kas-edge → kas → tunnel → agent"}
+    def cell(p, key, unit=""):
+        v = res[p].get(key)
+        return "n/a" if v is None else (f"{v:,.0f}{unit}" if abs(v) >= 100 else f"{v:.3f}{unit}")
+    def target(ok):
+        return "met" if ok else "missed"
+    k = res["kas"]
+    rows = [
+        ("GET p50 ms (open loop, %s/s)" % os.environ["K8S_RATE"], "k8s_p50_ms", ""),
+        ("GET p99 ms", "k8s_p99_ms", ""),
+        ("added p50 ms (vs direct)", "k8s_added_p50_ms", ""),
+        ("added p99 ms (vs direct)", "k8s_added_p99_ms", ""),
+        ("GETs/s, %s callers back to back" % os.environ["K8S_CONC"], "k8s_rps", ""),
+        ("GETs/s ratio (vs direct)", "k8s_rps_ratio", ""),
+        ("watch event delay p99 ms (%s watches, 5 creates/s)" % os.environ["K8S_WATCHES"], "k8s_watch_delay_p99_ms", ""),
+        ("tunnels carrying a request at once (peak)", "tunnels_busy_peak", ""),
+        ("CPU µs per GET (closed loop): kas pods", "cpu_us_per_get_kas", ""),
+        ("CPU µs per GET: the load generator (callers; on tunnel paths also the agents)", "cpu_us_per_get_loadtest", ""),
+        ("CPU µs per GET: the stand-ins' process (Kubernetes API, GitLab)", "cpu_us_per_get_standins", ""),
+    ]
+    if "edge" in res:
+        rows.append(("CPU µs per GET: kas-edge", "cpu_us_per_get_edge", ""))
+    lines = [
+        f"# kas-loadtest bench {os.environ['DATE']}: Kubernetes API proxy",
+        "",
+        f"One machine ({os.cpu_count()} CPUs), loopback, three kas processes (kas-loadtest-stack), the "
+        "proxy in plaintext as behind the edge; the same GET /api/v1/namespaces/default/pods straight to the "
+        "Kubernetes API stand-in and through the proxy path.",
+        "",
+        "| metric | " + " | ".join(head[p] for p in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for label, key, unit in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(p, key, unit) for p in cols) + " |")
+    mem_row = [("n/a" if p != "kas" else cell("kas", "k8s_kas_mem_bytes")) for p in cols]
+    lines.append("| kas memory per agent, 2 idle tunnels + configuration stream (bytes, %s agents) | " % os.environ["K8S_AGENTS"] + " | ".join(mem_row) + " |")
+    if "edge" in res:
+        emem = [("n/a" if p != "edge" else cell("edge", "k8s_edge_mem_bytes")) for p in cols]
+        lines.append("| edge memory per agent, same (bytes) | " + " | ".join(emem) + " |")
+    added, ratio, mem = k.get("k8s_added_p50_ms"), k.get("k8s_rps_ratio"), k.get("k8s_kas_mem_bytes")
+    lines += [
+        "",
+        "Targets (kas path): added p50 ≤ 1 ms: " + ("n/a" if added is None else f"{added:.3f} ms, {target(added <= 1.0)}")
+        + "; kas memory per idle agent ≤ 32 KiB: " + ("n/a" if mem is None else f"{mem / 1024:.1f} KiB, {target(mem <= 32768)}")
+        + "; GETs/s ≥ 0.5 of direct: " + ("n/a" if ratio is None else f"{ratio:.3f}, {target(ratio >= 0.5)}") + ".",
+        "",
+        "Runs passed / errors: " + "; ".join(f"{p}: {res[p]['passed']} {res[p]['errors'] or ''}".rstrip() for p in cols)
+        + f"; memory run errors: {k.get('k8s_mem_errors') or 'none'}.",
+    ]
+    return lines
+
+if k8s is not None:
+    k8s_lines = k8s_md(k8s)
+    with open(os.path.join(os.environ["RESULTS"], "latest-k8s.md"), "w") as f:
+        f.write("\n".join(k8s_lines) + "\n")
+    print("\n".join(k8s_lines))
+    written.append(os.path.join(os.environ["RESULTS"], "latest-k8s.md"))
+print("\nwrote " + " and ".join(written))
 PY
 
 # The kas fleet (Redis operations at 10,000 agents, cross-pod vs same-pod proxy latency):

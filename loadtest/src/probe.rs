@@ -64,7 +64,8 @@ pub async fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
         .flatten()
 }
 
-fn clock_ticks() -> f64 {
+/// Clock ticks per second, the unit of [`read_cpu_ticks`].
+pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions; it only reads a constant of the system.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {

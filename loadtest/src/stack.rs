@@ -1,6 +1,6 @@
 //! `kas-loadtest-stack`: what the `k8s-proxy` scenario needs, on loopback, until Ctrl-C or
 //! SIGTERM — a GitLab stand-in knowing `--agents` agents (their tokens in
-//! `<dir>/agent-tokens`) and one CI job allowed to use every one of them (`ci:<agent
+//! `<dir>/agent-tokens`; distinct ids, one configuration project and file) and one CI job allowed to use every one of them (`ci:<agent
 //! id>:<job token>` per agent in `<dir>/ci-tokens`, line for line), the Kubernetes API
 //! stand-in the agents replay requests against, and `--pods` real `kas` processes with the
 //! Kubernetes API proxy on. The pods are separate processes, so their memory is kas's
@@ -38,6 +38,8 @@ const KUBE_API_PORT: u16 = 8182;
 const JOB_TOKEN: &str = "glcbt-loadtest-job";
 /// The project every agent's configuration lives in (one repository: kas polls it once).
 const PROJECT_PATH: &str = "loadtest/agents";
+/// Every agent's name, so every agent's configuration file.
+const AGENT_NAME: &str = "loadtest";
 const AGENT_CONFIG: &str = "observability:\n  logging:\n    level: warn\n";
 
 /// The local stack for the `k8s-proxy` scenario.
@@ -199,7 +201,9 @@ async fn gitlab(args: &StackArgs, dir: &Path) -> anyhow::Result<(GitlabStandin, 
         let agent = StandinAgent {
             token: format!("glagent-loadtest-{i}"),
             agent_id: i as i64 + 1,
-            agent_name: format!("lt-{i}"),
+            // One configuration file for all: kas reads it once per commit, and the
+            // Gitaly stand-in (a git process per read) does not set the connect rate.
+            agent_name: AGENT_NAME.into(),
             project_id: 1,
             project_path: PROJECT_PATH.into(),
             ..StandinAgent::demo("")

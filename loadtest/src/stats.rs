@@ -94,8 +94,8 @@ pub struct Stats {
     pub watches_open: AtomicU64,
     /// Reverse tunnels the agents opened (counted as operations of the error budget).
     pub tunnels_opened: AtomicU64,
-    /// Tunnelled requests their caller left before the answer ended (a watch closed):
-    /// not errors.
+    /// Tunnelled requests the agent saw cancelled (a watch its caller closed, kas ending
+    /// the stream once the answer was through): not errors.
     pub tunnel_requests_cancelled: AtomicU64,
     pub connect_latency: Latency,
     pub handshake_latency: Latency,

@@ -517,6 +517,7 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
         None
     };
     let base = ctx.probe.sample().await;
+    let own_ticks = crate::probe::read_cpu_ticks(std::process::id());
     ctx.set_phase("load");
     let stop = CancellationToken::new();
     let creates = Arc::new(Mutex::new(Creates::default()));
@@ -563,6 +564,9 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
         open_loop(ctx, &callers, &gets).await
     };
     let loaded = ctx.probe.sample().await;
+    let own_cpu = own_ticks
+        .zip(crate::probe::read_cpu_ticks(std::process::id()))
+        .map(|(a, b)| b.saturating_sub(a) as f64 / crate::probe::clock_ticks());
     let watches_at_end = Stats::get(&ctx.stats.watches_open);
     stop.cancel();
     let written = match writer_task {
@@ -579,6 +583,11 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
             held += 1;
         }
     }
+    let answered = gets.snapshot().len();
+    ctx.fact(
+        "k8s_gets_ok_per_s",
+        crate::scenarios::round3(answered as f64 / sent.secs.max(1e-3)),
+    );
     record(ctx, &sent, &tally, held, watches_at_end, written);
     if let Some(tunnels) = ctx.tunnels.clone() {
         let c = tunnels.counters();
@@ -586,19 +595,28 @@ pub async fn k8s_proxy(ctx: &mut Ctx) -> anyhow::Result<()> {
         ctx.fact("tunnels_used", c.used());
         ctx.fact("tunnels_busy_peak", c.busy_peak() as u64);
         ctx.fact("tunnels_idle_at_end", c.idle() as u64);
+        // Requests the agent saw cancelled: a watch its caller closed, or kas ending the
+        // stream once the answer was through.
         ctx.fact(
             "tunnel_requests_cancelled",
             Stats::get(&ctx.stats.tunnel_requests_cancelled),
+        );
+    }
+    let ok = Stats::get(&ctx.stats.k8s_ok).max(1) as f64;
+    if let Some(cpu) = own_cpu {
+        // This process: the callers, and the agents' side of every tunnelled request.
+        ctx.fact(
+            "loadtest_cpu_us_per_request",
+            crate::scenarios::round3(cpu * 1e6 / ok),
         );
     }
     if ctx.probe.is_active() {
         ctx.fact("probed_rss_before_load_bytes", base.rss_bytes);
         ctx.fact("probed_rss_after_load_bytes", loaded.rss_bytes);
         if let (Some(a), Some(b)) = (base.cpu_seconds, loaded.cpu_seconds) {
-            let ok = Stats::get(&ctx.stats.k8s_ok).max(1);
             ctx.fact(
                 "probed_cpu_us_per_request",
-                crate::scenarios::round3((b - a) * 1e6 / ok as f64),
+                crate::scenarios::round3((b - a) * 1e6 / ok),
             );
         }
     }

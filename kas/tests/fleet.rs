@@ -838,3 +838,27 @@ async fn with_sentinel_the_fleet_follows_a_failover() {
     let o = fleet.kubectl(1).run(&["get", "pods", "-A"], b"", RUN).await;
     assert!(o.status.success(), "{}", out(&o));
 }
+
+#[tokio::test]
+async fn the_private_api_works_over_tls_with_a_shared_server_name() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    // One certificate for every pod, for the name they check each other for (pods are
+    // dialled by IP): real kas's OWN_PRIVATE_API_HOST.
+    let (cert, key) =
+        kas_testkit::tls::self_signed_for(certs.path(), "private", &["kas-private.test".into()]);
+    let fleet = Fleet::start_with(2, move |c| {
+        c.private_api.certificate_file = Some(cert.clone());
+        c.private_api.key_file = Some(key.clone());
+        c.private_api.ca_certificate_file = Some(cert.clone());
+        c.private_api.tls_server_name = Some("kas-private.test".into());
+    })
+    .await;
+    let _agent = fleet.agent_on(0).await;
+    let pod_a = fleet.cluster.pods[0].addr.ip();
+    fleet
+        .wait_tracked(&[format!("grpcs://{pod_a}:{PRIVATE_API_PORT}")])
+        .await;
+    let o = fleet.kubectl(1).run(&["get", "pods", "-A"], b"", RUN).await;
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(metric(&fleet.metrics(1).await, TO_OTHER) >= 1.0);
+}

@@ -32,6 +32,7 @@ use crate::gitlab::SharedSecret;
 /// The API port, bound.
 pub struct ApiServer {
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     secret: SharedSecret,
     tracker: AgentTracker,
     redis: Option<Arc<Redis>>,
@@ -51,11 +52,17 @@ impl ApiServer {
         };
         let secret = SharedSecret::from_file(&config.api.authentication_secret_file)
             .context("api.authentication_secret_file")?;
+        let tls = crate::private_api::server_tls(
+            "api",
+            &config.api.certificate_file,
+            &config.api.key_file,
+        )?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on api.listen = {listen}"))?;
         Ok(Some(Self {
             listener,
+            tls,
             secret,
             tracker,
             redis,
@@ -83,7 +90,17 @@ impl ApiServer {
         let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            match builder.tls_config(tls) {
+                Ok(b) => builder = b,
+                Err(e) => {
+                    tracing::error!(error = %e, "API port TLS configuration");
+                    return;
+                }
+            }
+        }
+        let result = builder
             .http2_keepalive_interval(Some(Duration::from_secs(50)))
             // GitLab's calls are short unary ones (its client gives up after 5 s).
             .timeout(Duration::from_secs(10))

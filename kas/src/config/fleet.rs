@@ -117,6 +117,16 @@ pub struct PrivateApiConfig {
     /// How long another pod's connection may live before it is asked to reconnect.
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
+    /// TLS for the private API (both or neither): this pod's certificate and key. Pods
+    /// then advertise `grpcs://` URLs.
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The CA other pods' certificates are checked against (default: the system's roots).
+    pub ca_certificate_file: Option<PathBuf>,
+    /// The name other pods' certificates are checked for (real kas's
+    /// `OWN_PRIVATE_API_HOST`, which overrides it): pods are dialled by IP, so their
+    /// certificates carry one shared name.
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for PrivateApiConfig {
@@ -126,6 +136,10 @@ impl Default for PrivateApiConfig {
             authentication_secret_file: PathBuf::new(),
             own_url: None,
             max_connection_age: Duration::from_secs(2 * 3600),
+            certificate_file: None,
+            key_file: None,
+            ca_certificate_file: None,
+            tls_server_name: None,
         }
     }
 }
@@ -138,6 +152,9 @@ pub struct ApiConfig {
     pub listen: Option<SocketAddr>,
     /// Base64 secret (32 bytes) GitLab signs its JWTs (audience `gitlab-kas`) with.
     pub authentication_secret_file: PathBuf,
+    /// TLS for the API port (both or neither), for GitLab's `grpcs://` internal URL.
+    pub certificate_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -145,6 +162,8 @@ impl Default for ApiConfig {
         Self {
             listen: None,
             authentication_secret_file: PathBuf::new(),
+            certificate_file: None,
+            key_file: None,
         }
     }
 }
@@ -249,6 +268,21 @@ pub(super) fn validate(
             return Err(invalid(
                 "private_api.listen",
                 "must differ from the other listeners",
+            ));
+        }
+    }
+    for (field, cert, key) in [
+        (
+            "private_api.certificate_file",
+            &private_api.certificate_file,
+            &private_api.key_file,
+        ),
+        ("api.certificate_file", &api.certificate_file, &api.key_file),
+    ] {
+        if cert.is_some() != key.is_some() {
+            return Err(invalid(
+                field,
+                "certificate_file and key_file go together: set both for TLS, or neither",
             ));
         }
     }

@@ -484,14 +484,29 @@ impl Reader {
                 Some(v) => PathBuf::from(string(&listen_key("authentication_secret_file"), &v)?),
                 None => PathBuf::new(),
             };
-            for key in ["certificate_file", "key_file", "ca_certificate_file"] {
-                if self.take(&[section, "listen", key]).is_some() {
-                    return Err(format!(
-                        "{}: TLS on the {section} listener is not supported by this kas \
-                         (it is a cluster-internal port; use a NetworkPolicy, see deploy/)",
-                        listen_key(key)
-                    ));
+            let mut files: [Option<PathBuf>; 3] = [None, None, None];
+            for (i, key) in ["certificate_file", "key_file", "ca_certificate_file"]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(v) = self.take(&[section, "listen", key]) {
+                    if section == "api" && key == "ca_certificate_file" {
+                        return Err(format!(
+                            "{}: client certificates on the API port are not supported",
+                            listen_key(key)
+                        ));
+                    }
+                    files[i] = Some(PathBuf::from(string(&listen_key(key), &v)?));
                 }
+            }
+            let [cert, key, ca] = files;
+            if section == "api" {
+                cfg.api.certificate_file = cert;
+                cfg.api.key_file = key;
+            } else {
+                cfg.private_api.certificate_file = cert;
+                cfg.private_api.key_file = key;
+                cfg.private_api.ca_certificate_file = ca;
             }
             if self
                 .take(&[section, "listen", "listen_grace_period"])
@@ -624,9 +639,20 @@ mod tests {
             "{:?}",
             y.ignored
         );
-        let err =
-            KasYaml::from_yaml("private_api:\n  listen:\n    certificate_file: /c\n").unwrap_err();
-        assert!(err.contains("private_api.listen.certificate_file"), "{err}");
+        let tls = KasYaml::from_yaml(
+            "private_api:\n  listen:\n    certificate_file: /c\n    key_file: /k\n    ca_certificate_file: /ca\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            tls.config.private_api.certificate_file,
+            Some(PathBuf::from("/c"))
+        );
+        assert_eq!(
+            tls.config.private_api.ca_certificate_file,
+            Some(PathBuf::from("/ca"))
+        );
+        let err = KasYaml::from_yaml("api:\n  listen:\n    ca_certificate_file: /c\n").unwrap_err();
+        assert!(err.contains("api.listen.ca_certificate_file"), "{err}");
         let err = KasYaml::from_yaml("redis:\n  sentinel:\n    addresses: 3\n").unwrap_err();
         assert!(err.contains("redis.sentinel.addresses"), "{err}");
     }

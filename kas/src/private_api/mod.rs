@@ -64,6 +64,29 @@ pub struct Fleet {
     max_connection_age: Duration,
     gateway: Option<Gateway>,
     metrics: Metrics,
+    /// The private API's TLS identity, and how this pod checks the others'.
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    peer_ca: Option<Vec<u8>>,
+    peer_name: Option<String>,
+}
+
+/// A server TLS identity from a certificate and key file pair (`<section>.certificate_file`).
+pub fn server_tls(
+    section: &str,
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(None);
+    };
+    let cert = std::fs::read(cert)
+        .with_context(|| format!("{section}.certificate_file: cannot read {}", cert.display()))?;
+    let key = std::fs::read(key)
+        .with_context(|| format!("{section}.key_file: cannot read {}", key.display()))?;
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key)),
+    ))
 }
 
 /// The running fleet tasks: the tracker stops at the drain's start (unregistering this
@@ -99,6 +122,9 @@ impl Fleet {
             max_connection_age: config.private_api.max_connection_age,
             gateway: None,
             metrics: metrics.clone(),
+            tls: None,
+            peer_ca: None,
+            peer_name: None,
         };
         let (Some(listen), Some(redis)) = (config.private_api.listen, redis) else {
             return Ok((fleet, Arc::new(NoTracker)));
@@ -118,6 +144,21 @@ impl Fleet {
             config.redis.conn_info_ttl,
             config.redis.conn_info_refresh,
         );
+        let private = &config.private_api;
+        fleet.tls = server_tls("private_api", &private.certificate_file, &private.key_file)?;
+        fleet.peer_ca = match &private.ca_certificate_file {
+            Some(path) => Some(std::fs::read(path).with_context(|| {
+                format!(
+                    "private_api.ca_certificate_file: cannot read {}",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
+        fleet.peer_name = std::env::var("OWN_PRIVATE_API_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| private.tls_server_name.clone());
         fleet.own_url = Some(url);
         fleet.tracker = Some(task);
         fleet.listener = Some(listener);
@@ -156,7 +197,7 @@ impl Fleet {
             tunnels: tunnels.clone(),
             querier: KasUrlQuerier::new(redis, MAX_LOOKED_UP_AGENTS),
             own_url,
-            pool: pool::KasPool::new(),
+            pool: pool::KasPool::new(self.peer_ca.clone(), self.peer_name.clone()),
             secret,
             timeout,
             metrics: RoutingMetrics {
@@ -178,12 +219,23 @@ impl Fleet {
             (Some(listener), Some(gateway)) => {
                 let stop = stop_api.clone();
                 let age = self.max_connection_age;
+                let tls = self.tls;
                 Some(tokio::spawn(async move {
                     // Small frames go out at once (no Nagle wait on the peer's delayed ACK).
                     let incoming = tonic::transport::server::TcpIncoming::from(listener)
                         .with_nodelay(Some(true))
                         .with_keepalive(Some(Duration::from_secs(60)));
-                    let result = tonic::transport::Server::builder()
+                    let mut builder = tonic::transport::Server::builder();
+                    if let Some(tls) = tls {
+                        match builder.tls_config(tls) {
+                            Ok(b) => builder = b,
+                            Err(e) => {
+                                tracing::error!(error = %e, "private API TLS configuration");
+                                return;
+                            }
+                        }
+                    }
+                    let result = builder
                         .max_connection_age(age)
                         .http2_keepalive_interval(Some(Duration::from_secs(50)))
                         // Calls one peer pod may route here at once (each holds a tunnel or

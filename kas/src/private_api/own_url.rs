@@ -24,7 +24,12 @@ pub fn own_url(
         }
         return Ok(url);
     }
-    let scheme = env("OWN_PRIVATE_API_SCHEME").unwrap_or_else(|| "grpc".into());
+    let default_scheme = if config.certificate_file.is_some() {
+        "grpcs"
+    } else {
+        "grpc"
+    };
+    let scheme = env("OWN_PRIVATE_API_SCHEME").unwrap_or_else(|| default_scheme.into());
     if scheme != "grpc" && scheme != "grpcs" {
         return Err(format!(
             "OWN_PRIVATE_API_SCHEME must be grpc or grpcs, got {scheme:?}"

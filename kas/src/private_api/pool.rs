@@ -6,25 +6,25 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const MAX_CHANNELS: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct KasPool {
     channels: Mutex<HashMap<String, Channel>>,
-}
-
-impl Default for KasPool {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// For `grpcs://` pods: the CA (PEM; none: the system's roots) and the name their
+    /// certificates carry (none: the URL's host).
+    ca: Option<Vec<u8>>,
+    server_name: Option<String>,
 }
 
 impl KasPool {
-    pub fn new() -> Self {
+    pub fn new(ca: Option<Vec<u8>>, server_name: Option<String>) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
+            ca,
+            server_name,
         }
     }
 
@@ -47,8 +47,15 @@ impl KasPool {
             .http2_keep_alive_interval(Duration::from_secs(55))
             .keep_alive_while_idle(true);
         if tls {
+            let mut config = match &self.ca {
+                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
+            if let Some(name) = &self.server_name {
+                config = config.domain_name(name.clone());
+            }
             endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_native_roots())
+                .tls_config(config)
                 .map_err(|e| format!("TLS for {url:?}: {e}"))?;
         }
         let channel = endpoint.connect_lazy();

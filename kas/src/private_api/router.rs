@@ -171,7 +171,16 @@ impl FleetRouter {
                     Err(e) => return Err(e.into()),
                 },
                 Some(attempt) = attempts.next() => match attempt {
-                    Attempt::Ready(ready) => return Ok((self.start_remote(*ready).await?, "other")),
+                    Attempt::Ready(ready) => {
+                        let url = ready.url.clone();
+                        match self.start_remote(*ready).await {
+                            Ok(call) => return Ok((call, "other")),
+                            // The pod went away between ready and start: ask it again later.
+                            Err(_) => {
+                                tried.insert(url, Some(Instant::now() + RETRY_MIN));
+                            }
+                        }
+                    }
                     Attempt::Failed(url, status) => {
                         tracing::debug!(%url, agent_id, code = ?status.code(), message = status.message(), "routing: a pod's private API failed");
                         let delay = backoff.entry(url.clone()).or_insert(RETRY_MIN);

@@ -43,30 +43,31 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// ends tunnels at once does not make the agent spin.
 const MIN_IDLE_LIFE: Duration = Duration::from_millis(100);
 
+/// One tunnel slot: holds a tunnel, replacing it when kas ends it idle (at once) or breaks
+/// it (after a backoff), until a request uses it (the replacement is a new worker) or the
+/// agent stops.
 pub fn spawn_worker(shared: Arc<Shared>) {
     tokio::spawn(worker(shared));
 }
 
-pub(crate) fn worker(shared: Arc<Shared>) -> impl std::future::Future<Output = ()> {
-    async move {
-        let mut backoff = BACKOFF_MIN;
-        while !shared.cancel.is_cancelled() {
-            let opened = Instant::now();
-            match hold(&shared).await {
-                Outcome::Used | Outcome::Cancelled => return,
-                Outcome::EndedIdle if opened.elapsed() >= MIN_IDLE_LIFE => {
-                    backoff = BACKOFF_MIN;
-                    continue;
-                }
-                Outcome::EndedIdle => {}
-                Outcome::Failed(status) => shared.record_error("tunnel", status).await,
+async fn worker(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_MIN;
+    while !shared.cancel.is_cancelled() {
+        let opened = Instant::now();
+        match hold(&shared).await {
+            Outcome::Used | Outcome::Cancelled => return,
+            Outcome::EndedIdle if opened.elapsed() >= MIN_IDLE_LIFE => {
+                backoff = BACKOFF_MIN;
+                continue;
             }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = shared.cancel.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            Outcome::EndedIdle => {}
+            Outcome::Failed(status) => shared.record_error("tunnel", status).await,
         }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shared.cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

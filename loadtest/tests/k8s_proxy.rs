@@ -253,3 +253,109 @@ async fn a_proxy_without_tunnels_fails_the_run_with_its_errors() {
     );
     assert!(kinds.contains(&"k8s GET: HTTP 502"), "{kinds:?}");
 }
+
+/// `kas-loadtest-stack`'s stack (real kas processes, distinct agents) serves the scenario
+/// it is for: agents with their own tokens on both pods, callers with their `ci:` tokens
+/// on the proxy of each agent's pod; SIGTERM then ends the pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_stack_serves_the_scenario() {
+    let kas = find_kas_binary().expect(
+        "kas binary not found: run the tests with `cargo test --workspace` (which builds it) or \
+         point KAS_BIN at it",
+    );
+    let (subnet, sources) = (
+        kas_testkit::net::next_subnet(),
+        kas_testkit::net::next_subnet(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ip_base = ip(subnet, 10).to_string();
+    let standin_ip = ip(subnet, 200).to_string();
+    let stack_args = <kas_loadtest::stack::StackArgs as clap::Parser>::try_parse_from([
+        "kas-loadtest-stack",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--pods",
+        "2",
+        "--agents",
+        "4",
+        "--ip-base",
+        &ip_base,
+        "--standin-ip",
+        &standin_ip,
+        "--kas-bin",
+        kas.to_str().unwrap(),
+    ])
+    .unwrap();
+    let stack = kas_loadtest::stack::Stack::start(&stack_args)
+        .await
+        .unwrap();
+    let info = &stack.info;
+    assert_eq!((info.kas_pids.len(), info.proxy_urls.len()), (2, 2));
+    let env = std::fs::read_to_string(dir.path().join("stack.env")).unwrap();
+    assert!(env.contains("K8S_PROXY_URLS="), "{env}");
+
+    let source_base = ip(sources, 1).to_string();
+    let (token_file, ci_file) = (
+        info.token_file.to_str().unwrap().to_owned(),
+        info.ci_token_file.to_str().unwrap().to_owned(),
+    );
+    let mut argv: Vec<String> = [
+        "kas-loadtest",
+        "--scenario",
+        "k8s-proxy",
+        "--progress",
+        "never",
+        "--source-base",
+        &source_base,
+        "--agents",
+        "8",
+        "--ws-fraction",
+        "0.5",
+        "--echo-interval",
+        "0",
+        "--token-file",
+        &token_file,
+        "--k8s-token-file",
+        &ci_file,
+        "--kube-api-url",
+        &info.kube_api_url,
+        "--k8s-rate",
+        "20",
+        "--k8s-watches",
+        "2",
+        "--k8s-write-rate",
+        "2",
+        "--duration",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (target, url) in info.agent_targets.iter().zip(&info.proxy_urls) {
+        argv.extend([
+            "--target".into(),
+            target.clone(),
+            "--k8s-proxy-url".into(),
+            url.clone(),
+        ]);
+    }
+    let args = <kas_loadtest::Args as clap::Parser>::try_parse_from(argv).unwrap();
+    let report = kas_loadtest::run(args).await.unwrap();
+    assert!(
+        report.passed && report.totals.errors == 0,
+        "{}",
+        report.summary_table()
+    );
+    assert_eq!(fact_u64(&report, "k8s_gets_sent"), 40);
+    assert_eq!(report.params["agent_tokens"], 4);
+    let pids = info.kas_pids.clone();
+    stack.stop().await;
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z")),
+            "kas {pid} still runs"
+        );
+    }
+}

@@ -238,7 +238,27 @@ pub struct ProxyClient {
 /// One answer read to its end.
 pub struct Answer {
     pub status: StatusCode,
+    /// The `Content-Type`, empty when there was none.
+    pub content_type: String,
     pub body: Bytes,
+}
+
+/// Whether an answer can be the Kubernetes API's: it names its type (JSON, or text for
+/// logs), and that type is not gRPC. A path nothing routes to the proxy can still come
+/// back 200 — from kas's agent port answering `grpc-status: 12` — and must not count as a
+/// success.
+pub fn is_kubernetes_answer(content_type: &str) -> bool {
+    !content_type.is_empty() && !content_type.starts_with("application/grpc")
+}
+
+/// The `Content-Type` of `response`, empty when there is none.
+pub fn content_type<B>(response: &Response<B>) -> String {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 impl ProxyClient {
@@ -289,13 +309,18 @@ impl ProxyClient {
         use http_body_util::BodyExt;
         let response = self.send(request).await?;
         let status = response.status();
+        let content_type = content_type(&response);
         let body = response
             .into_body()
             .collect()
             .await
             .context("reading the body")?
             .to_bytes();
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+        })
     }
 }
 
@@ -333,6 +358,15 @@ mod tests {
         assert!(check_urls(&["https://10.0.0.1/".into()], true, true).is_err());
         assert!(check_urls(&["https://10.0.0.1/".into()], true, false).is_ok());
         assert!(check_urls(&["ftp://127.0.0.1/".into()], false, false).is_err());
+    }
+
+    #[test]
+    fn grpc_is_not_a_kubernetes_answer() {
+        assert!(is_kubernetes_answer("application/json"));
+        assert!(is_kubernetes_answer("text/plain"));
+        assert!(!is_kubernetes_answer("application/grpc"));
+        assert!(!is_kubernetes_answer("application/grpc+proto"));
+        assert!(!is_kubernetes_answer(""));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::schedule::Schedule;
 use crate::stats::{Latency, Stats};
 use crate::Ctx;
-use client::{join, status_message, ProxyClient, Trust};
+use client::{content_type, is_kubernetes_answer, join, status_message, ProxyClient, Trust};
 
 /// The namespace the watches follow and the writes create pods in.
 const NAMESPACE: &str = "default";
@@ -170,9 +170,23 @@ async fn exchange(
         }
     };
     match timeout(callers.timeout, callers.client.fetch(request)).await {
-        Ok(Ok(answer)) if answer.status.is_success() => {
+        Ok(Ok(answer))
+            if answer.status.is_success() && is_kubernetes_answer(&answer.content_type) =>
+        {
             stats.inc(&stats.k8s_ok);
             true
+        }
+        Ok(Ok(answer)) if answer.status.is_success() => {
+            stats
+                .errors
+                .add(&format!("k8s {what}: not a Kubernetes answer"), || {
+                    format!(
+                        "HTTP {} with content-type {:?}",
+                        answer.status.as_u16(),
+                        answer.content_type
+                    )
+                });
+            false
         }
         Ok(Ok(answer)) => {
             stats.errors.add(
@@ -349,7 +363,17 @@ async fn watch(
         }
     };
     let response = match timeout(callers.timeout, callers.client.send(request)).await {
-        Ok(Ok(r)) if r.status().is_success() => r,
+        Ok(Ok(r)) if r.status().is_success() && is_kubernetes_answer(&content_type(&r)) => r,
+        Ok(Ok(r)) if r.status().is_success() => {
+            stats.errors.add("watch: not a Kubernetes answer", || {
+                format!(
+                    "HTTP {} with content-type {:?}",
+                    r.status().as_u16(),
+                    content_type(&r)
+                )
+            });
+            return false;
+        }
         Ok(Ok(r)) => {
             let code = r.status().as_u16();
             let body = timeout(Duration::from_secs(2), r.into_body().collect())

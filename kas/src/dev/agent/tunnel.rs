@@ -43,11 +43,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// ends tunnels at once does not make the agent spin.
 const MIN_IDLE_LIFE: Duration = Duration::from_millis(100);
 
+/// One tunnel slot: holds a tunnel, replacing it when kas ends it idle (at once) or breaks
+/// it (after a backoff), until a request uses it (the replacement is a new worker) or the
+/// agent stops.
 pub fn spawn_worker(shared: Arc<Shared>) {
     tokio::spawn(worker(shared));
 }
 
-pub(crate) async fn worker(shared: Arc<Shared>) {
+async fn worker(shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     while !shared.cancel.is_cancelled() {
         let opened = Instant::now();

@@ -3,9 +3,9 @@
 //! - [`TunnelTracker`]: told when an agent gets its first ready tunnel on this pod and when
 //!   its last one is gone. The in-process default ([`NoTracker`]) tells nobody: a single
 //!   process (`kas dev`, tests) routes to its own tunnels only. The Redis tracker
-//!   (`crate::fleet`) publishes it for the other pods.
+//!   (the `fleet` part) publishes it for the other pods.
 //! - [`Router`]: what the Kubernetes API proxy calls to reach an agent. The registry itself
-//!   is one (this pod's tunnels only); `crate::private_api` has the fleet's (this pod, then
+//!   is one (this pod's tunnels only); the `private_api` part has the fleet's (this pod, then
 //!   the pods Redis names).
 
 use tonic::Status;

@@ -149,21 +149,7 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        let addr = self.plain;
-        eventually(
-            "redis-server answers PING",
-            Duration::from_secs(10),
-            || async move {
-                match Self::connect_to(addr).await {
-                    Some(mut c) => redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok(),
-                    None => false,
-                }
-            },
-        )
-        .await;
+        wait_for_ping(self.plain, "redis-server answers PING").await;
     }
 
     async fn connect_to(addr: SocketAddr) -> Option<redis::aio::MultiplexedConnection> {
@@ -237,20 +223,7 @@ impl RedisSentinel {
             child: Some(child),
             _dir: dir,
         };
-        eventually(
-            "the sentinel answers PING",
-            Duration::from_secs(10),
-            || async move {
-                match RedisServer::connect_to(addr).await {
-                    Some(mut c) => redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok(),
-                    None => false,
-                }
-            },
-        )
-        .await;
+        wait_for_ping(addr, "the sentinel answers PING").await;
         sentinel
     }
 
@@ -288,4 +261,18 @@ impl Drop for RedisSentinel {
             let _ = child.wait();
         }
     }
+}
+
+/// Waits (bounded, 10 s) until the Redis server or sentinel at `addr` answers PING.
+async fn wait_for_ping(addr: SocketAddr, what: &str) {
+    eventually(what, Duration::from_secs(10), || async move {
+        match RedisServer::connect_to(addr).await {
+            Some(mut c) => redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok(),
+            None => false,
+        }
+    })
+    .await;
 }

@@ -5,10 +5,12 @@
 //! client connection: limits, closing, tunnels) → [`http`] (the requests: the edge's own
 //! HTTP/2 forwarder for gRPC and HTTP/1.1 loop, pingora's `ProxyHttp` for what that loop
 //! leaves to it, websocket upgrades, policies per request) → [`upstream`] (discovery,
-//! health, pod choice, connecting to a pod). [`policy`] holds the operator's decisions (blocklist, limits, header rules),
-//! [`admin`] the private admin port and the public plain-HTTP listener, [`telemetry`]
-//! metrics and logs, [`config`] the one typed configuration, [`operator`] the commands that
-//! edit the blocklist every replica enforces (`kas-edge block`).
+//! health, pod choice, connecting to a pod). [`policy`] holds the operator's decisions
+//! (blocklist, limits, header rules), [`admin`] the private admin port and the public
+//! plain-HTTP listener, [`telemetry`] metrics and logs, [`config`] the one typed
+//! configuration, [`operator`] the commands that edit the blocklist every replica enforces
+//! (`kas-edge block`), [`support`] small helpers several layers share (the byte duplex
+//! that carries websocket tunnels among them).
 
 pub mod admin;
 pub mod app;

@@ -5,6 +5,8 @@
 //! same [`RequestGate`] (refusals before any pod, the pods they go to).
 
 mod access_log;
+mod dial;
+mod framing;
 mod gate;
 pub mod h1;
 pub mod h2;

@@ -1,5 +1,6 @@
 //! Small helpers several layers need, each with one home.
 
+pub mod duplex;
 pub mod filewatch;
 pub mod fs;
 pub mod http_client;

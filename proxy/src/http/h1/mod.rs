@@ -34,12 +34,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::access_log::{AccessRecord, HotMetrics};
+use super::dial::{encode_head_into, read_response_head, HandshakeError, PodDialer};
+use super::framing::{strip_hop_by_hop, ChunkedBody, ResponseFraming};
 use super::headers::{self, Hop};
 use super::refusal::{bad_gateway, bad_request, unavailable, Denial, DenialResponse};
-use super::websocket::{
-    encode_head_into, read_response_head, strip_hop_by_hop, ChunkedBody, HandshakeError, PodDialer,
-    ResponseFraming,
-};
 use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp1};
 use crate::pingora_compat::Replayed;

@@ -4,12 +4,11 @@
 //! validation request may reach one that does not run ACME: it relays the challenge.
 
 mod common;
-#[path = "support/pebble.rs"]
-mod pebble;
 
 use common::*;
 use kas_proto::diagnostics::diagnostics_client::DiagnosticsClient;
 use kas_proto::diagnostics::PingRequest;
+use kas_testkit::pebble;
 
 const HOST: &str = "kas.edge.test";
 

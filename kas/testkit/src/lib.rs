@@ -4,7 +4,7 @@
 //! of them with a generated self-signed certificate ([`edge`]) and the clients agents use
 //! ([`clients`], [`gitops`]), a Kubernetes API stand-in ([`kube_api`]) with real `kubectl`
 //! to drive it ([`kubectl`]), and an agentk stand-in that holds reverse tunnels and replays
-//! requests through them ([`agent`]).
+//! requests through them ([`agent`]), and a local ACME CA ([`pebble`]).
 //!
 //! What differs between the crates' tests (their token, pod timings) is a [`Profile`] each
 //! test crate defines once in its `tests/common/mod.rs`, with an [`edge::EdgeProfile`]
@@ -18,6 +18,7 @@ pub mod gitops;
 pub mod kubectl;
 pub mod metrics;
 pub mod net;
+pub mod pebble;
 pub mod pods;
 pub mod redis;
 pub mod tls;

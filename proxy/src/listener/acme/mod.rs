@@ -512,13 +512,9 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-#[path = "../../../tests/support/pebble.rs"]
-mod pebble_support;
-
-#[cfg(test)]
 mod tests {
-    use super::pebble_support::*;
     use super::*;
+    use kas_testkit::pebble::*;
     use std::convert::Infallible;
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;

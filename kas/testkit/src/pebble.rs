@@ -1,7 +1,6 @@
 //! A local ACME server for tests: Let's Encrypt's `pebble` test CA and its fake DNS
 //! server as child processes on loopback, stopped (and their logs shown on failure) however
-//! the test ends. Shared by the ACME module's unit tests and the edge's end-to-end test.
-#![allow(dead_code)]
+//! the test ends. Shared by the edge's ACME unit tests and its end-to-end ACME test.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

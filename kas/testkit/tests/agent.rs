@@ -200,6 +200,34 @@ enum Got {
     Descriptor,
 }
 
+/// Whether kas half-closes the call after the request (an upgraded request keeps it open
+/// for its bytes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    CloseSend,
+    KeepOpen,
+}
+
+impl Tunnel {
+    /// Sends kas's side of one request, as kas does: the request info, `head`, `body` in
+    /// one Data message per chunk, the trailer, then `then`.
+    async fn send_request(&self, head: http_request::Message, body: &[&[u8]], then: Then) {
+        let data = body.iter().map(|chunk| {
+            http_request::Message::Data(http_request::Data {
+                data: chunk.to_vec(),
+            })
+        });
+        let messages = std::iter::once(head)
+            .chain(data)
+            .chain([http_request::Message::Trailer(http_request::Trailer {})])
+            .map(to_agent_message);
+        let close = (then == Then::CloseSend).then(close_send);
+        for m in std::iter::once(request_info()).chain(messages).chain(close) {
+            self.to_agent.send(Ok(m)).await.unwrap();
+        }
+    }
+}
+
 async fn next(tunnel: &mut Tunnel) -> Option<Got> {
     let msg = tokio::time::timeout(STEP, tunnel.from_agent.message())
         .await
@@ -247,20 +275,14 @@ async fn replays_a_get_with_impersonation_in_agentk_order() {
             }],
         }),
     };
-    for m in [
-        request_info(),
-        to_agent_message(head(
-            "GET",
-            "/api/v1/namespaces/default/pods",
-            &[("limit", &["500"])],
-            &[("Accept", &["application/json"])],
-            Some(extra),
-        )),
-        to_agent_message(http_request::Message::Trailer(http_request::Trailer {})),
-        close_send(),
-    ] {
-        t.to_agent.send(Ok(m)).await.unwrap();
-    }
+    let get = head(
+        "GET",
+        "/api/v1/namespaces/default/pods",
+        &[("limit", &["500"])],
+        &[("Accept", &["application/json"])],
+        Some(extra),
+    );
+    t.send_request(get, &[], Then::CloseSend).await;
 
     assert!(matches!(next(&mut t).await, Some(Got::Header)));
     let Some(Got::Http(http_response::Message::Header(h))) = next(&mut t).await else {
@@ -325,20 +347,14 @@ async fn replays_a_get_with_impersonation_in_agentk_order() {
 async fn a_watch_streams_events_as_they_happen_and_stops_with_the_call() {
     let f = fixture(Misbehaviour::None).await;
     let mut t = f.tunnel().await;
-    for m in [
-        request_info(),
-        to_agent_message(head(
-            "GET",
-            "/api/v1/namespaces/default/pods",
-            &[("watch", &["1"])],
-            &[],
-            None,
-        )),
-        to_agent_message(http_request::Message::Trailer(http_request::Trailer {})),
-        close_send(),
-    ] {
-        t.to_agent.send(Ok(m)).await.unwrap();
-    }
+    let watch = head(
+        "GET",
+        "/api/v1/namespaces/default/pods",
+        &[("watch", &["1"])],
+        &[],
+        None,
+    );
+    t.send_request(watch, &[], Then::CloseSend).await;
     assert!(matches!(next(&mut t).await, Some(Got::Header)));
     assert!(matches!(
         next(&mut t).await,
@@ -378,32 +394,27 @@ async fn a_watch_streams_events_as_they_happen_and_stops_with_the_call() {
 async fn an_exec_upgrade_carries_bytes_both_ways() {
     let f = fixture(Misbehaviour::None).await;
     let mut t = f.tunnel().await;
-    for m in [
-        request_info(),
-        to_agent_message(head(
-            "GET",
-            "/api/v1/namespaces/default/pods/web-0/exec",
-            &[
-                ("command", &["cat"]),
-                ("stdin", &["true"]),
-                ("stdout", &["true"]),
-            ],
-            &[
-                ("Connection", &["Upgrade"]),
-                ("Upgrade", &["websocket"]),
-                ("Sec-Websocket-Version", &["13"]),
-                ("Sec-Websocket-Key", &["dGhlIHNhbXBsZSBub25jZQ=="]),
-                (
-                    "Sec-Websocket-Protocol",
-                    &["v5.channel.k8s.io, v4.channel.k8s.io"],
-                ),
-            ],
-            None,
-        )),
-        to_agent_message(http_request::Message::Trailer(http_request::Trailer {})),
-    ] {
-        t.to_agent.send(Ok(m)).await.unwrap();
-    }
+    let exec = head(
+        "GET",
+        "/api/v1/namespaces/default/pods/web-0/exec",
+        &[
+            ("command", &["cat"]),
+            ("stdin", &["true"]),
+            ("stdout", &["true"]),
+        ],
+        &[
+            ("Connection", &["Upgrade"]),
+            ("Upgrade", &["websocket"]),
+            ("Sec-Websocket-Version", &["13"]),
+            ("Sec-Websocket-Key", &["dGhlIHNhbXBsZSBub25jZQ=="]),
+            (
+                "Sec-Websocket-Protocol",
+                &["v5.channel.k8s.io, v4.channel.k8s.io"],
+            ),
+        ],
+        None,
+    );
+    t.send_request(exec, &[], Then::KeepOpen).await;
     assert!(matches!(next(&mut t).await, Some(Got::Header)));
     let Some(Got::Http(http_response::Message::Header(h))) = next(&mut t).await else {
         panic!("the response head");
@@ -538,14 +549,12 @@ async fn a_descriptor_without_the_method_is_sent() {
 /// the stream's error.
 async fn answer_to_get(f: &Fixture) -> (Vec<Got>, Option<Status>) {
     let mut t = f.tunnel().await;
-    for m in [
-        request_info(),
-        to_agent_message(head("GET", "/version", &[], &[], None)),
-        to_agent_message(http_request::Message::Trailer(http_request::Trailer {})),
-        close_send(),
-    ] {
-        t.to_agent.send(Ok(m)).await.unwrap();
-    }
+    t.send_request(
+        head("GET", "/version", &[], &[], None),
+        &[],
+        Then::CloseSend,
+    )
+    .await;
     let mut got = Vec::new();
     loop {
         match tokio::time::timeout(STEP, t.from_agent.message())
@@ -599,20 +608,7 @@ async fn misbehaviours_on_a_request() {
 /// returns the status code and everything the agent sent.
 async fn exchange(f: &Fixture, head: http_request::Message, chunks: &[&[u8]]) -> (i32, Vec<Got>) {
     let mut t = f.tunnel().await;
-    t.to_agent.send(Ok(request_info())).await.unwrap();
-    t.to_agent.send(Ok(to_agent_message(head))).await.unwrap();
-    for chunk in chunks {
-        let data = http_request::Message::Data(http_request::Data {
-            data: chunk.to_vec(),
-        });
-        t.to_agent.send(Ok(to_agent_message(data))).await.unwrap();
-    }
-    let trailer = http_request::Message::Trailer(http_request::Trailer {});
-    t.to_agent
-        .send(Ok(to_agent_message(trailer)))
-        .await
-        .unwrap();
-    t.to_agent.send(Ok(close_send())).await.unwrap();
+    t.send_request(head, chunks, Then::CloseSend).await;
     let mut got = Vec::new();
     while let Some(g) = next(&mut t).await {
         got.push(g);

@@ -4,10 +4,11 @@
 //! does; [`k8s`] for the Kubernetes API proxy's callers) → [`agent`] (one agent's life) →
 //! [`transport`] (TCP/TLS/websocket/HTTP/2). The [`report`] renders the result; [`probe`]
 //! reads the edge's own numbers. [`stack`] is `kas-loadtest-stack`, the local stack of the
-//! `k8s-proxy` scenario.
+//! `k8s-proxy` scenario. [`binary`] is what both programs do alike around their work.
 
 pub mod agent;
 pub mod attacks;
+pub mod binary;
 pub mod bulk;
 pub mod cli;
 pub mod k8s;

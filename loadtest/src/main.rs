@@ -2,35 +2,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use kas_loadtest::Args;
+use kas_loadtest::{binary, Args};
+
+const PROGRAM: &str = "kas-loadtest";
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("loadtest")
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kas-loadtest: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+    let runtime = match binary::start(PROGRAM, "loadtest") {
+        Ok(runtime) => runtime,
+        Err(status) => return status,
     };
     let (json, html) = (args.json.clone(), args.html.clone());
     let report = match runtime.block_on(kas_loadtest::run(args)) {
         Ok(report) => report,
-        Err(e) => {
-            eprintln!("kas-loadtest: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return binary::failed(PROGRAM, &e),
     };
     // Agents' tasks may still be parked on sockets; do not wait for them.
     runtime.shutdown_background();
@@ -50,10 +35,7 @@ fn main() -> ExitCode {
         if let Some(path) = path {
             match write(&report, &path) {
                 Ok(()) => println!("wrote {}", path.display()),
-                Err(e) => {
-                    eprintln!("kas-loadtest: {e:#}");
-                    status = ExitCode::from(2);
-                }
+                Err(e) => status = binary::failed(PROGRAM, &e),
             }
         }
     }

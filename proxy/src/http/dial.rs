@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use pingora::http::ResponseHeader;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use super::headers::Hop;
 use crate::upstream::connect::ConnectFailure;
 
 /// The largest response head a pod may send.
@@ -78,18 +80,26 @@ impl PodDialer {
     }
 }
 
-/// Appends an HTTP/1.1 request head: `method target HTTP/1.1`, the headers, the blank line.
-pub(super) fn encode_head_into<'a>(
+/// Appends the head a pod gets for a forwarded request: `method target HTTP/1.1`, the
+/// client's end-to-end headers (its hop-by-hop ones dropped: [`super::headers`]), this
+/// hop's own `extra` headers, the blank line. Plain requests and websocket upgrades alike.
+pub(super) fn encode_forwarded_head<'a>(
     out: &mut Vec<u8>,
     method: &str,
     target: &str,
-    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    headers: &'a HeaderMap,
+    extra: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
 ) {
+    let hop_by_hop = super::headers::hop_by_hop(headers, Hop::Http1);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    let end_to_end = headers
+        .iter()
+        .filter(|(name, _)| !hop_by_hop.contains(name))
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    for (name, value) in end_to_end.chain(extra) {
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);

@@ -34,9 +34,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::access_log::{AccessRecord, HotMetrics};
-use super::dial::{encode_head_into, read_response_head, HandshakeError, PodDialer};
+use super::dial::{encode_forwarded_head, read_response_head, HandshakeError, PodDialer};
 use super::framing::{strip_hop_by_hop, ChunkedBody, ResponseFraming};
-use super::headers::{self, Hop};
+use super::headers;
 use super::refusal::{bad_gateway, bad_request, unavailable, Denial, DenialResponse};
 use super::{Protocol, RequestGate};
 use crate::connection::{ClientConnection, ServeHttp1};
@@ -295,16 +295,12 @@ impl H1Edge {
         }
         let mut out = Vec::with_capacity(total + 64);
         let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
-        let hop_by_hop = headers::hop_by_hop(&request.headers, Hop::Http1);
-        encode_head_into(
+        encode_forwarded_head(
             &mut out,
             request.method.as_str(),
             target,
-            request
-                .headers
-                .iter()
-                .filter(|(name, _)| !hop_by_hop.contains(name))
-                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+            &request.headers,
+            [],
         );
         out.extend_from_slice(&raw[request.head_len..]);
         drop(raw);

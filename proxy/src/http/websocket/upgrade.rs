@@ -13,8 +13,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::http::dial::{encode_head_into, read_response_head, HandshakeError, PodDialer};
-use crate::http::headers::{self, Hop};
+use crate::http::dial::{encode_forwarded_head, read_response_head, HandshakeError, PodDialer};
 use crate::upstream::connect::Connect;
 use crate::upstream::pool::Pod;
 use crate::upstream::route::Route;
@@ -91,22 +90,18 @@ pub(super) fn encode_request_head(request: &RequestHeader) -> Vec<u8> {
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let hop_by_hop = headers::hop_by_hop(&request.headers, Hop::Http1);
     let upgrade = request
         .headers
         .get(http::header::UPGRADE)
         .map(|v| (&b"upgrade"[..], v.as_bytes()));
     let mut head = Vec::with_capacity(256);
-    encode_head_into(
+    encode_forwarded_head(
         &mut head,
         request.method.as_str(),
         target,
-        request
-            .headers
-            .iter()
-            .filter(|(name, _)| !hop_by_hop.contains(name))
-            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
-            .chain([(&b"connection"[..], &b"upgrade"[..])])
+        &request.headers,
+        [(&b"connection"[..], &b"upgrade"[..])]
+            .into_iter()
             .chain(upgrade),
     );
     head

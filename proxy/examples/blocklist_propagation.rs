@@ -7,7 +7,7 @@
 //! ```
 //!
 //! It starts what the integration tests start (a GitLab stand-in and a kas pod, the
-//! Kubernetes API stand-in of `kas_testkit::configmap_api`, three `kas-edge run` replicas watching
+//! Kubernetes API stand-in of `kas_testkit::kube_api`, three `kas-edge run` replicas watching
 //! the blocklist ConfigMap through it, all on a loopback subnet of its own), then, per round,
 //! runs `kas-edge block` for a new address and probes every replica with TLS handshakes from
 //! that address every 2 ms until each refuses it. It prints, per round and summarised, the
@@ -19,8 +19,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kas_testkit::clients::tls_connect;
-use kas_testkit::configmap_api::ConfigMapApi;
 use kas_testkit::edge::{Edge, EdgeOptions, EdgeStdout};
+use kas_testkit::kube_api::KubeApi;
+use kas_testkit::kubectl::kubeconfig_file;
 use kas_testkit::net::ip;
 use kas_testkit::pods::Cluster;
 
@@ -74,8 +75,11 @@ async fn main() {
     );
     let cluster = Cluster::<Bench>::start(1).await;
     let subnet = cluster.subnet;
-    let api = ConfigMapApi::start(ip(subnet, 240)).await;
-    api.put(
+    let api = KubeApi::start((ip(subnet, 240), 0).into())
+        .await
+        .expect("the Kubernetes API stand-in starts");
+    let kubeconfig = kubeconfig_file(&api.url());
+    api.put_configmap(
         "kas",
         "kas-edge-blocklist",
         &[("blocklist.txt", "# bench\n")],
@@ -83,7 +87,7 @@ async fn main() {
     let extra = format!(
         "[policies.blocklist_configmap]\nnamespace = \"kas\"\nname = \"kas-edge-blocklist\"\n\
          kubeconfig = {:?}\n",
-        api.kubeconfig()
+        &*kubeconfig
     );
     let mut options = EdgeOptions::new(&binary);
     options.stdout = EdgeStdout::Null;
@@ -114,7 +118,7 @@ async fn main() {
         command
             .args(["block", &client.to_string(), "--reason", "benchmark"])
             .args(["--configmap", "kas/kas-edge-blocklist", "--kubeconfig"])
-            .arg(api.kubeconfig());
+            .arg(&kubeconfig);
         let command = async move {
             let output = command.output().await.expect("kas-edge block runs");
             (output, started.elapsed())

@@ -1,5 +1,5 @@
 //! The blocklist in a ConfigMap, watched through the Kubernetes API: real `kas-edge`
-//! replicas against the Kubernetes API stand-in (`kas_testkit::configmap_api`), edited with the
+//! replicas against the Kubernetes API stand-in (`kas_testkit::kube_api`), edited with the
 //! real `kas-edge block` command. Every replica takes an update and cuts the newly blocked
 //! client's open tunnel; a watch cut mid-stream or an API outage does not leave a replica
 //! on an old list; a bad edit is rejected everywhere with the last good list kept;
@@ -8,12 +8,15 @@
 mod common;
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use common::*;
 use kas_edge::policy::blocklist::content_digest;
 use kas_proto::diagnostics::PingRequest;
-use kas_testkit::configmap_api::ConfigMapApi;
+use kas_testkit::kube_api::KubeApi;
+use kas_testkit::kubectl::kubeconfig_file;
+use tempfile::TempPath;
 
 const NS: &str = "kas";
 const NAME: &str = "kas-edge-blocklist";
@@ -23,7 +26,9 @@ const WATCH_UP: &str = "edge_blocklist_watch_up{configmap=\"kas/kas-edge-blockli
 /// kas pods, the API stand-in with the blocklist ConfigMap holding `initial`, and `n` edge
 /// replicas watching it.
 struct Replicas {
-    api: ConfigMapApi,
+    api: KubeApi,
+    /// The stand-in's kubeconfig, which the replicas and `kas-edge block` use.
+    kubeconfig: TempPath,
     edges: Vec<Edge>,
     cluster: Cluster,
 }
@@ -31,12 +36,12 @@ struct Replicas {
 impl Replicas {
     async fn start(n: u8, initial: &str) -> Self {
         let cluster = Cluster::start(1).await;
-        let api = ConfigMapApi::start(ip(cluster.subnet, 240)).await;
-        api.put(NS, NAME, &[(KEY, initial)]);
+        let (api, kubeconfig) = start_api(ip(cluster.subnet, 240)).await;
+        api.put_configmap(NS, NAME, &[(KEY, initial)]);
         let extra = format!(
             "[policies.blocklist_configmap]\nnamespace = \"{NS}\"\nname = \"{NAME}\"\n\
              kubeconfig = {:?}\n",
-            api.kubeconfig()
+            &*kubeconfig
         );
         let mut edges = Vec::new();
         for i in 0..n {
@@ -48,6 +53,7 @@ impl Replicas {
         }
         Self {
             api,
+            kubeconfig,
             edges,
             cluster,
         }
@@ -59,7 +65,7 @@ impl Replicas {
 
     /// The hash of the ConfigMap's value now, as the replicas should show it.
     fn expected_hash(&self) -> f64 {
-        let text = self.api.value(NS, NAME, KEY).unwrap_or_default();
+        let text = self.api.configmap_value(NS, NAME, KEY).unwrap_or_default();
         content_digest(text.as_bytes()) as f64
     }
 
@@ -103,9 +109,9 @@ fn configmap_hash(metrics: &str) -> f64 {
 }
 
 /// Runs `kas-edge ARGS… --kubeconfig <stand-in>` to completion; its exit status and output.
-async fn kas_edge(api: &ConfigMapApi, args: &[&str]) -> (bool, String) {
+async fn kas_edge(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kas-edge"));
-    command.args(args).arg("--kubeconfig").arg(api.kubeconfig());
+    command.args(args).arg("--kubeconfig").arg(kubeconfig);
     let output = tokio::time::timeout(STEP, command.output())
         .await
         .expect("kas-edge finished within a step")
@@ -120,9 +126,28 @@ async fn kas_edge(api: &ConfigMapApi, args: &[&str]) -> (bool, String) {
 
 const CONFIGMAP: &str = "kas/kas-edge-blocklist";
 
-async fn block(api: &ConfigMapApi, address: &str, reason: &str) -> String {
+/// Waits (a step at most) for a line of `edge`'s log that holds every one of `parts`: the
+/// edge writes its log from a thread of its own, so a line may land a little after the
+/// event the test already saw.
+async fn wait_for_log_line(edge: &Edge, parts: &[&str], what: &str) {
+    eventually(what, STEP, || async {
+        edge.log()
+            .lines()
+            .any(|line| parts.iter().all(|part| line.contains(part)))
+    })
+    .await;
+}
+
+/// The Kubernetes API stand-in on `host` (a port the system picks) and a kubeconfig for it.
+async fn start_api(host: IpAddr) -> (KubeApi, TempPath) {
+    let api = KubeApi::start((host, 0).into()).await.unwrap();
+    let kubeconfig = kubeconfig_file(&api.url());
+    (api, kubeconfig)
+}
+
+async fn block(kubeconfig: &Path, address: &str, reason: &str) -> String {
     let (ok, out) = kas_edge(
-        api,
+        kubeconfig,
         &[
             "block",
             address,
@@ -151,7 +176,7 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
 
     let started = Instant::now();
     let out = block(
-        &replicas.api,
+        &replicas.kubeconfig,
         &victim.to_string(),
         "INC-22 credential stuffing",
     )
@@ -191,18 +216,17 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
         );
         assert_eq!(metric_value(&metrics, WATCH_UP), Some(1.0), "replica {i}");
         let victim_tunnel = format!("\"client\":\"{victim}\"");
-        let log = edge.log();
-        assert!(
-            log.lines()
-                .any(|l| l.contains(&victim_tunnel)
-                    && l.contains("\"tunnel_end\":\"closed_by_edge\"")),
-            "replica {i}: no access line for the cut tunnel"
-        );
+        wait_for_log_line(
+            edge,
+            &[&victim_tunnel, "\"tunnel_end\":\"closed_by_edge\""],
+            &format!("replica {i}: an access line for the cut tunnel"),
+        )
+        .await;
     }
     replicas.wait_in_step().await;
 
     // The list as written: the reason with who and when, then the entry.
-    let text = replicas.api.value(NS, NAME, KEY).unwrap();
+    let text = replicas.api.configmap_value(NS, NAME, KEY).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(
@@ -213,7 +237,7 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
     assert_eq!(lines[2], format!("{victim}  # INC-22 credential stuffing"));
     // `blocklist show` prints the same hash the replicas export.
     let (ok, shown) = kas_edge(
-        &replicas.api,
+        &replicas.kubeconfig,
         &["blocklist", "show", "--configmap", CONFIGMAP],
     )
     .await;
@@ -227,13 +251,13 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
 
     // And back: unblock admits it again everywhere.
     let (ok, out) = kas_edge(
-        &replicas.api,
+        &replicas.kubeconfig,
         &["unblock", &victim.to_string(), "--configmap", CONFIGMAP],
     )
     .await;
     assert!(ok && out.contains(&format!("unblocked {victim}")), "{out}");
     assert_eq!(
-        replicas.api.value(NS, NAME, KEY).unwrap(),
+        replicas.api.configmap_value(NS, NAME, KEY).unwrap(),
         "# incident blocks\n"
     );
     replicas.wait_all(victim, false).await;
@@ -243,13 +267,13 @@ async fn a_block_reaches_every_replica_and_cuts_the_clients_tunnel_on_each() {
 #[tokio::test]
 async fn an_edge_is_not_ready_before_it_has_read_the_configmap() {
     let cluster = Cluster::start(1).await;
-    let api = ConfigMapApi::start(ip(cluster.subnet, 240)).await;
-    api.put(NS, NAME, &[(KEY, "192.0.2.1\n")]);
+    let (api, kubeconfig) = start_api(ip(cluster.subnet, 240)).await;
+    api.put_configmap(NS, NAME, &[(KEY, "192.0.2.1\n")]);
     api.set_outage(true);
     let extra = format!(
         "[policies.blocklist_configmap]\nnamespace = \"{NS}\"\nname = \"{NAME}\"\n\
          kubeconfig = {:?}\n",
-        api.kubeconfig()
+        &*kubeconfig
     );
     let host = ip(cluster.subnet, 250);
     let admin = std::net::SocketAddr::new(host, 8081);
@@ -282,7 +306,7 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
     let (first, second) = (replicas.client(66), replicas.client(68));
     let watching = || async {
         eventually("a watch per replica", STEP, || async {
-            api.counts().open_watches >= replicas.edges.len()
+            api.configmap_counts().open_watches >= replicas.edges.len()
         })
         .await
     };
@@ -290,22 +314,22 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
 
     // Every watch connection cut mid-stream, and a change right after: each replica lists
     // again and applies it.
-    let lists = api.counts().lists;
-    assert_eq!(api.drop_watches(), 2);
-    api.put(NS, NAME, &[(KEY, &format!("{first}\n"))]);
+    let lists = api.configmap_counts().lists;
+    assert_eq!(api.drop_configmap_watches(), 2);
+    api.put_configmap(NS, NAME, &[(KEY, &format!("{first}\n"))]);
     replicas.wait_all(first, true).await;
     replicas.wait_in_step().await;
     assert!(
-        api.counts().lists >= lists + 2,
+        api.configmap_counts().lists >= lists + 2,
         "every replica relisted after its watch was cut: {:?}",
-        api.counts()
+        api.configmap_counts()
     );
     watching().await;
 
     // The API away, a change made meanwhile: the replicas keep their list and stay ready,
     // say the watch is down, and take the change as soon as the API answers again.
     api.set_outage(true);
-    api.put(NS, NAME, &[(KEY, &format!("{first}\n{second}\n"))]);
+    api.put_configmap(NS, NAME, &[(KEY, &format!("{first}\n{second}\n"))]);
     for edge in &replicas.edges {
         wait_watch_up(edge, 0.0).await;
         assert!(
@@ -336,11 +360,11 @@ async fn a_cut_watch_and_an_api_outage_do_not_leave_a_replica_on_an_old_list() {
     // The watches ask for bookmarks, and a watch that got some still applies the next change.
     watching().await;
     eventually("a bookmark on the open watches", STEP, || async {
-        api.counts().bookmarks >= replicas.edges.len()
+        api.configmap_counts().bookmarks >= replicas.edges.len()
     })
     .await;
     let third = replicas.client(70);
-    api.put(NS, NAME, &[(KEY, &format!("{first}\n{second}\n{third}\n"))]);
+    api.put_configmap(NS, NAME, &[(KEY, &format!("{first}\n{second}\n{third}\n"))]);
     replicas.wait_all(third, true).await;
 }
 
@@ -350,13 +374,13 @@ async fn an_invalid_edit_is_rejected_on_every_replica_and_the_last_good_list_sta
     let (blocked, added) = (replicas.client(66), replicas.client(69));
     replicas
         .api
-        .put(NS, NAME, &[(KEY, &format!("{blocked}  # INC-1\n"))]);
+        .put_configmap(NS, NAME, &[(KEY, &format!("{blocked}  # INC-1\n"))]);
     replicas.wait_all(blocked, true).await;
     replicas.wait_in_step().await;
     let good_hash = replicas.expected_hash();
 
     // As `kubectl edit` could leave it: one good new line, one bad.
-    replicas.api.put(
+    replicas.api.put_configmap(
         NS,
         NAME,
         &[(KEY, &format!("# new version\n{added}\n10.0.0.300\n"))],
@@ -384,15 +408,16 @@ async fn an_invalid_edit_is_rejected_on_every_replica_and_the_last_good_list_sta
             good_hash,
             "replica {i}"
         );
-        let log = edge.log();
-        assert!(
-            log.contains("configmap:kas/kas-edge-blocklist/blocklist.txt:3: \\\"10.0.0.300\\\" is not an IP address or CIDR"),
-            "replica {i}: the log names the ConfigMap key and line:\n{log}"
-        );
+        wait_for_log_line(
+            edge,
+            &["configmap:kas/kas-edge-blocklist/blocklist.txt:3: \\\"10.0.0.300\\\" is not an IP address or CIDR"],
+            &format!("replica {i}: the log names the ConfigMap key and line"),
+        )
+        .await;
     }
     // `block` refuses to build on a list that does not parse.
     let (ok, out) = kas_edge(
-        &replicas.api,
+        &replicas.kubeconfig,
         &[
             "block",
             "192.0.2.1",
@@ -408,7 +433,7 @@ async fn an_invalid_edit_is_rejected_on_every_replica_and_the_last_good_list_sta
     // Fixed: applied everywhere.
     replicas
         .api
-        .put(NS, NAME, &[(KEY, &format!("# new version\n{added}\n"))]);
+        .put_configmap(NS, NAME, &[(KEY, &format!("# new version\n{added}\n"))]);
     replicas.wait_all(added, true).await;
     replicas.wait_all(blocked, false).await;
     replicas.wait_in_step().await;
@@ -417,16 +442,16 @@ async fn an_invalid_edit_is_rejected_on_every_replica_and_the_last_good_list_sta
 #[tokio::test]
 async fn concurrent_blocks_all_land_in_the_configmap_and_in_a_file() {
     let subnet = next_subnet();
-    let api = ConfigMapApi::start(ip(subnet, 240)).await;
-    api.put(NS, NAME, &[(KEY, "# incident blocks\n")]);
+    let (api, kubeconfig) = start_api(ip(subnet, 240)).await;
+    api.put_configmap(NS, NAME, &[(KEY, "# incident blocks\n")]);
     // All three read the same resourceVersion: two updates are refused and made again.
-    api.gather_gets(3);
+    api.gather_configmap_gets(3);
     let addresses = ["192.0.2.10", "192.0.2.11", "2001:db8::/48"];
     let runs = addresses
         .iter()
-        .map(|a| block(&api, a, "INC-22 concurrent"));
+        .map(|a| block(&kubeconfig, a, "INC-22 concurrent"));
     futures_util::future::join_all(runs).await;
-    let text = api.value(NS, NAME, KEY).unwrap();
+    let text = api.configmap_value(NS, NAME, KEY).unwrap();
     let list = kas_edge::policy::blocklist::Blocklist::parse("cm", &text).unwrap();
     assert_eq!(list.len(), 3, "{text}");
     for a in ["192.0.2.10", "192.0.2.11", "2001:db8::1"] {
@@ -436,20 +461,24 @@ async fn concurrent_blocks_all_land_in_the_configmap_and_in_a_file() {
         );
     }
     assert!(
-        api.counts().conflicts >= 2,
+        api.configmap_counts().conflicts >= 2,
         "the writers collided: {:?}",
-        api.counts()
+        api.configmap_counts()
     );
-    assert_eq!(api.counts().updates, 3);
+    assert_eq!(api.configmap_counts().updates, 3);
 
     // The same against a plain file.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("blocklist.txt");
     std::fs::write(&file, "# blocks\n").unwrap();
     let path = file.to_str().unwrap();
-    let api = &api;
+    let kubeconfig = &kubeconfig;
     let runs = addresses.iter().map(|a| async move {
-        let (ok, out) = kas_edge(api, &["block", a, "--reason", "INC-22", "--file", path]).await;
+        let (ok, out) = kas_edge(
+            kubeconfig,
+            &["block", a, "--reason", "INC-22", "--file", path],
+        )
+        .await;
         assert!(ok, "{out}");
     });
     futures_util::future::join_all(runs).await;

@@ -12,6 +12,14 @@ use tokio::process::{Child, Command};
 
 pub use kas::dev::kubeconfig::kubeconfig;
 
+/// A kubeconfig file for `server` without credentials (e.g. [`crate::kube_api::KubeApi::url`]),
+/// for clients that take a file (`kubectl`, `kas-edge`); removed when the path is dropped.
+pub fn kubeconfig_file(server: &str) -> tempfile::TempPath {
+    let file = tempfile::NamedTempFile::new().expect("a temporary kubeconfig file");
+    std::fs::write(file.path(), kubeconfig(server, None, None)).expect("kubeconfig written");
+    file.into_temp_path()
+}
+
 /// The kubectl binary the tests run.
 pub fn binary() -> PathBuf {
     std::env::var_os("KAS_KUBECTL").map_or_else(|| PathBuf::from("kubectl"), PathBuf::from)

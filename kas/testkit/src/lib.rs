@@ -11,7 +11,6 @@
 //! when its tests start the edge.
 
 pub mod clients;
-pub mod configmap_api;
 pub mod edge;
 pub mod gitlab;
 pub mod gitops;
@@ -27,7 +26,9 @@ pub mod wait;
 use kas::Config;
 
 /// The agentk and Kubernetes API stand-ins live in `kas::dev`, which the local stack runs
-/// too; the tests reach them here.
+/// too; the tests reach them here. The Kubernetes API stand-in is the only one: pods, watch,
+/// logs, exec for kubectl and the agent, ConfigMaps with resourceVersions for the edge's
+/// blocklist watch and `kas-edge block`.
 pub use kas::dev::{agent, kube_api};
 
 /// What one crate's tests want of the fixtures.

@@ -1,6 +1,7 @@
 //! The Kubernetes API stand-in on odd input and raw upgrades, over real sockets: errors are
 //! `Status` answers (never a panic or a hang), an upgrade it does not serve gets a non-101
-//! answer, and `/upgrade-echo` carries raw bytes both ways after its 101.
+//! answer, `/upgrade-echo` carries raw bytes both ways after its 101, and ConfigMaps keep
+//! resourceVersions (409 on a stale update, watches that resume).
 
 use kas_testkit::clients::read_http_head;
 use kas_testkit::kube_api::KubeApi;
@@ -109,4 +110,58 @@ async fn upgrades_echo_or_are_refused_without_101() {
     assert_eq!(n, 0, "the echo ends with its client");
     let recorded = kube.last_request("/upgrade-echo").unwrap();
     assert_eq!(recorded.header("upgrade"), Some("SPDY/3.1"));
+}
+
+/// ConfigMaps keep resourceVersions as the API server does: a stale update is refused with
+/// 409, and a watch from a version replays only what came after it, in order.
+#[tokio::test]
+async fn configmaps_refuse_stale_updates_and_watches_resume_after_a_version() {
+    let kube = KubeApi::start(LOCALHOST_ANY_PORT).await.unwrap();
+    let first = kube.put_configmap("kas", "list", &[("k", "one")]);
+    let second = kube.put_configmap("kas", "list", &[("k", "two")]);
+    assert!(
+        first.parse::<u64>().unwrap() < second.parse::<u64>().unwrap(),
+        "{first} then {second}"
+    );
+    let path = "/api/v1/namespaces/kas/configmaps/list";
+    let update = |version: &str, value: &str| {
+        format!(
+            r#"{{"metadata":{{"name":"list","resourceVersion":"{version}"}},"data":{{"k":"{value}"}}}}"#
+        )
+        .into_bytes()
+    };
+    let (status, text) = request(&kube, reqwest::Method::PUT, path, update(&first, "stale")).await;
+    assert_eq!(status, 409, "{text}");
+    assert_eq!(
+        kube.configmap_value("kas", "list", "k").as_deref(),
+        Some("two")
+    );
+    let (status, text) = request(&kube, reqwest::Method::PUT, path, update(&second, "three")).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(kube.configmap_counts().conflicts, 1);
+    assert_eq!(kube.configmap_counts().updates, 1);
+
+    // From the first version: the two later changes, then nothing more until the timeout.
+    let watch = format!(
+        "{}/api/v1/namespaces/kas/configmaps?watch=true&resourceVersion={first}&timeoutSeconds=1",
+        kube.url()
+    );
+    let events = reqwest::Client::new()
+        .get(watch)
+        .timeout(STEP)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let values: Vec<String> = events
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(event["type"], "MODIFIED", "{line}");
+            event["object"]["data"]["k"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(values, ["two", "three"]);
 }

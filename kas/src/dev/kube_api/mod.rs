@@ -2,38 +2,49 @@
 //! `kubectl` needs for `get` (legacy discovery, `/version`, pods and namespaces, server-side
 //! printed tables), `get -w` (chunked watch events pushed by the test while the call is
 //! open), `logs -f` (lines pushed over time), `create` (a POST echoed back), `exec` over
-//! websocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and a raw upgrade echo.
+//! websocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`) and a raw upgrade echo; and
+//! ConfigMaps with resourceVersions as the edge's blocklist watch and `kas-edge block` need
+//! them ([`configmaps`]: resumable watches, bookmarks, 409 on a stale update), with an
+//! outage switch ([`KubeApi::set_outage`]).
 //!
 //! It records every request ([`RecordedRequest`]), which is the point: the agent's replay
 //! of a request that crossed the edge, kas and a reverse tunnel ends here, and a test asserts
 //! what arrived (`Impersonate-*`, `Via`) and what must not (`Authorization`, `Cookie`).
 //!
 //! It is a test fixture, not a cluster: no auth, no admission, one API group (core `v1`).
-//! Odd input gets a `Status` error, never a panic.
+//! Odd input gets a `Status` error, never a panic. It is the one Kubernetes API stand-in of
+//! the workspace: kas's and the agent's tests, the local stack and the edge's tests use it
+//! (the edge's through `kas-testkit`); other fakes of the API in tests reuse its wire
+//! helpers ([`serve`], [`response`], [`query`]).
 
+mod configmaps;
 mod echo;
 mod exec;
 mod objects;
 mod openapi;
-mod query;
+pub mod query;
 mod record;
-mod response;
+pub mod response;
 mod routes;
 mod store;
 mod stream;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use configmaps::{ConfigMapCounts, BOOKMARK_EVERY, GATHER_LIMIT};
 pub use objects::GIT_VERSION;
 pub use record::{RecordedRequest, KEPT_REQUESTS};
 pub use store::PodState;
@@ -54,6 +65,9 @@ pub const CONTAINER: &str = "main";
 
 pub(crate) struct State {
     store: store::Store,
+    configmaps: configmaps::ConfigMaps,
+    /// While set, every request is answered 503 ([`KubeApi::set_outage`]).
+    outage: AtomicBool,
     recorder: record::Recorder,
     /// `host:port` the stand-in listens on, reported in discovery.
     server_address: String,
@@ -97,6 +111,8 @@ impl KubeApi {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             store: store::Store::new(),
+            configmaps: configmaps::ConfigMaps::default(),
+            outage: AtomicBool::new(false),
             recorder: record::Recorder::default(),
             server_address: addr.to_string(),
             watches: AtomicUsize::new(0),
@@ -112,7 +128,11 @@ impl KubeApi {
             state.store.log(ns, name, &format!("{name} started"));
             state.store.log(ns, name, &format!("{name} ready"));
         }
-        let task = tokio::spawn(serve(listener, state.clone()));
+        tokio::spawn(send_bookmarks(state.clone()));
+        let routed = state.clone();
+        let task = serve(listener, state.shutdown.clone(), move |req| {
+            routes::handle(routed.clone(), req)
+        });
         Ok(Self { addr, state, task })
     }
 
@@ -175,7 +195,49 @@ impl KubeApi {
 
     /// An object created through the API (`POST`), e.g. `("configmaps", "default", "cm1")`.
     pub fn object(&self, resource: &str, namespace: &str, name: &str) -> Option<serde_json::Value> {
-        self.state.store.object(resource, namespace, name)
+        match resource {
+            "configmaps" => self.state.configmaps.get(namespace, name),
+            _ => self.state.store.object(resource, namespace, name),
+        }
+    }
+
+    /// Creates or replaces ConfigMap `namespace/name` with `data`, as `kubectl apply` or
+    /// `kubectl edit` would; returns its new resourceVersion.
+    pub fn put_configmap(&self, namespace: &str, name: &str, data: &[(&str, &str)]) -> String {
+        self.state
+            .configmaps
+            .put(&self.state.store, namespace, name, data)
+    }
+
+    /// The value of `key` in ConfigMap `namespace/name`.
+    pub fn configmap_value(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        let object = self.state.configmaps.get(namespace, name)?;
+        object["data"][key].as_str().map(str::to_owned)
+    }
+
+    /// Cuts every open ConfigMap watch mid-stream; returns how many there were.
+    pub fn drop_configmap_watches(&self) -> usize {
+        self.state.configmaps.drop_watches()
+    }
+
+    /// While on, every request is answered 503 and open ConfigMap watches are cut.
+    pub fn set_outage(&self, on: bool) {
+        self.state.outage.store(on, Ordering::SeqCst);
+        if on {
+            self.state.configmaps.drop_watches();
+        }
+    }
+
+    /// The next `n` GETs of a single ConfigMap wait for one another (at most
+    /// [`GATHER_LIMIT`]) and then all read the same resourceVersion: the updates of clients
+    /// that read, modify and write collide, and all but one are refused with 409.
+    pub fn gather_configmap_gets(&self, n: usize) {
+        self.state.configmaps.gather_gets(n);
+    }
+
+    /// What clients did with ConfigMaps so far.
+    pub fn configmap_counts(&self) -> ConfigMapCounts {
+        self.state.configmaps.counts()
     }
 
     /// Open watch streams now.
@@ -209,38 +271,62 @@ impl Drop for KubeApi {
     }
 }
 
-/// Accepts until shutdown; each connection is served until its client closes it or the
-/// stand-in stops.
-async fn serve(listener: TcpListener, state: Arc<State>) {
+/// BOOKMARKs to the ConfigMap watches that asked for them, every [`BOOKMARK_EVERY`], until
+/// the stand-in stops.
+async fn send_bookmarks(state: Arc<State>) {
+    let mut every = tokio::time::interval(BOOKMARK_EVERY);
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        tokio::select! {
+            _ = every.tick() => {}
             () = state.shutdown.cancelled() => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            // Out of descriptors or similar: back off briefly instead of spinning.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = {
-                let state = state.clone();
-                service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(routes::handle(state, req).await) }
-                })
-            };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::select! {
-                _ = conn => {}
-                () = state.shutdown.cancelled() => {}
-            }
-        });
+        }
+        state
+            .configmaps
+            .send_bookmarks(state.store.resource_version());
     }
+}
+
+/// Serves HTTP/1.1 (upgrades included) on `listener`, every request answered by `handle`,
+/// until `shutdown`: it stops accepting and ends the connections it serves. The stand-in
+/// runs on it, and so can other fakes of the API in tests.
+pub fn serve<F, Fut>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    handle: F,
+) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<response::Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = shutdown.cancelled() => return,
+            };
+            let Ok((stream, _)) = accepted else {
+                // Out of descriptors or similar: back off briefly instead of spinning.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let handle = handle.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::select! {
+                    _ = conn => {}
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
+    })
 }

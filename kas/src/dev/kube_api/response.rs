@@ -1,7 +1,8 @@
 //! Building answers: JSON documents, `Status` errors, and streamed bodies whose chunks go
-//! out as they are produced (a watch event is one chunk, flushed at once).
+//! out as they are produced (a watch event is one chunk, flushed at once). Other fakes of
+//! the API in tests (the edge's EndpointSlice discovery tests) answer with these too.
 
-use std::convert::Infallible;
+use std::io;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
@@ -14,13 +15,19 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::objects;
 
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// An answer's body. Its error type lets a streamed answer be cut mid-stream (an error
+/// ends the connection without the last chunk), as when an API server goes away.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// The sending end of a streamed body: each `send` is one chunk on the wire.
-pub type ChunkSender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+pub type ChunkSender = mpsc::Sender<Result<Frame<Bytes>, io::Error>>;
 
 pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *response.status_mut() = status;
     if let Ok(v) = content_type.parse() {
         response.headers_mut().insert(header::CONTENT_TYPE, v);

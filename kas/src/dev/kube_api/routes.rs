@@ -1,5 +1,6 @@
 //! Which answer a request gets: discovery, pods (list, watch, get, log, exec), namespaces,
-//! created objects, the upgrade echo. Every request is recorded first.
+//! created objects, ConfigMaps, the upgrade echo. Every request is recorded first (during an
+//! outage it is answered 503 before anything else).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +13,19 @@ use serde_json::Value;
 
 use super::record::RecordedRequest;
 use super::response::{self, Body};
-use super::{echo, exec, objects, openapi, query, stream, State, MAX_BODY};
+use super::{configmaps, echo, exec, objects, openapi, query, stream, State, MAX_BODY};
 
 /// How long a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    if state.outage.load(std::sync::atomic::Ordering::SeqCst) {
+        return response::failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "outage",
+        );
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let raw_query = req.uri().query().unwrap_or_default().to_owned();
@@ -123,6 +131,30 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         }
         (&Method::GET | &Method::POST, ["api", "v1", "namespaces", ns, "pods", name, "exec"]) => {
             exec::handle(state.clone(), ns, name, &raw_query, req)
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "configmaps"]) if watch => {
+            configmaps::watch(&state, ns, &raw_query)
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "configmaps"]) => {
+            configmaps::list(&state, Some(ns), &raw_query)
+        }
+        (&Method::GET, ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            configmaps::get(&state, ns, name).await
+        }
+        (&Method::POST, ["api", "v1", "namespaces", ns, "configmaps"]) => {
+            match parse_object(&body) {
+                Ok((object, name)) => configmaps::create(&state, ns, &name, object),
+                Err(response) => *response,
+            }
+        }
+        (&Method::PUT, ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            match parse_object(&body) {
+                Ok((object, _)) => configmaps::update(&state, ns, name, object),
+                Err(response) => *response,
+            }
+        }
+        (&Method::DELETE, ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            configmaps::delete(&state, ns, name)
         }
         (&Method::POST, ["api", "v1", "namespaces", ns, resource]) => {
             create_object(&state, resource, ns, &body)
@@ -260,7 +292,6 @@ fn create_object(state: &State, resource: &str, ns: &str, body: &[u8]) -> Respon
 
 fn list_objects(state: &State, resource: &str, ns: Option<&str>) -> Response<Body> {
     let kind = match resource {
-        "configmaps" => "ConfigMapList",
         "secrets" => "SecretList",
         _ => return response::not_found(&format!("resource {resource}")),
     };

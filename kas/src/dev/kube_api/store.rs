@@ -81,6 +81,15 @@ impl Store {
         self.lock().resource_version
     }
 
+    /// The next resourceVersion, for a change made elsewhere (ConfigMaps keep their own
+    /// objects, [`super::configmaps`]): one counter for the whole cluster, as the API
+    /// server has.
+    pub fn next_resource_version(&self) -> u64 {
+        let mut c = self.lock();
+        c.resource_version += 1;
+        c.resource_version
+    }
+
     pub fn add_namespace(&self, name: &str) {
         self.lock().namespaces.insert(name.to_owned());
     }

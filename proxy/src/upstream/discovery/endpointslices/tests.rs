@@ -1,5 +1,6 @@
 use super::*;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -10,9 +11,11 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-// The same wire helpers as the ConfigMap stand-in the integration tests use.
-use kas_testkit::configmap_api::{json_response, parse_query, serve, status_response, Body};
+// The wire helpers of the Kubernetes API stand-in the integration tests use.
+use kas_testkit::kube_api::response::{self, Body};
+use kas_testkit::kube_api::{query, serve};
 
 const NS: &str = "gitlab-agent";
 const SVC: &str = "kas";
@@ -57,7 +60,7 @@ impl FakeApi {
         let (opened_tx, watches_opened) = watch::channel(0);
         let opened_tx = Arc::new(opened_tx);
         let server_state = state.clone();
-        let server = serve(listener, move |req| {
+        let server = serve(listener, CancellationToken::new(), move |req| {
             let response = handle(&server_state, &opened_tx, req);
             async move { response }
         });
@@ -121,7 +124,9 @@ fn handle(
     // Only these parameters matter; others (limit, timeoutSeconds,
     // allowWatchBookmarks, sendInitialEvents, ...) are ignored like a real
     // server would honour them without changing what this test serves.
-    let query = parse_query(req.uri().query().unwrap_or(""));
+    let query: HashMap<String, String> = query::pairs(req.uri().query().unwrap_or(""))
+        .into_iter()
+        .collect();
     let selector = format!("{SERVICE_NAME_LABEL}={SVC}");
     if query.get("labelSelector") != Some(&selector) {
         return status(StatusCode::BAD_REQUEST, "BadRequest");
@@ -143,7 +148,7 @@ fn handle(
             "metadata": { "resourceVersion": state.resource_version },
             "items": state.items,
         });
-        return json_response(StatusCode::OK, &list);
+        return response::json(StatusCode::OK, &list);
     }
 
     if !query.contains_key("resourceVersion") {
@@ -160,12 +165,12 @@ fn handle(
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")
-        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .body(BodyExt::boxed_unsync(StreamBody::new(frames)))
         .unwrap()
 }
 
 fn status(code: StatusCode, reason: &str) -> Response<Body> {
-    status_response(code, reason, &format!("fake apiserver: {reason}"))
+    response::failure(code, reason, &format!("fake apiserver: {reason}"))
 }
 
 // ---- fixtures ------------------------------------------------------------

@@ -72,6 +72,7 @@ impl BoundKas {
             secret,
             config.gitlab.api_timeout,
             metrics.gitlab_api_latency.clone(),
+            metrics.gitlab_api_errors.clone(),
         )?;
         let gitaly = Arc::new(GitalyPool::new(
             config.gitaly.limits(),

@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use prometheus::HistogramVec;
+use prometheus::{HistogramVec, IntCounterVec};
 use serde::Deserialize;
 
 use super::jwt::{sign_api_request_jwt, JWT_HEADER};
@@ -88,6 +88,8 @@ pub struct GitlabClient {
     base: String,
     secret: SharedSecret,
     latency: HistogramVec,
+    /// Failures that are GitLab's (unreachable, slow, 5xx), by endpoint and kind.
+    errors: IntCounterVec,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +173,7 @@ impl GitlabClient {
         secret: SharedSecret,
         timeout: Duration,
         latency: HistogramVec,
+        errors: IntCounterVec,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -182,6 +185,7 @@ impl GitlabClient {
             base: base.trim_end_matches('/').to_owned(),
             secret,
             latency,
+            errors,
         })
     }
 
@@ -232,29 +236,51 @@ impl GitlabClient {
         let result = Self::send_inner(request).await;
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(e) => e.outcome_label(),
+            Err((e, kind)) => {
+                if let Some(kind) = kind {
+                    self.errors.with_label_values(&[endpoint, kind]).inc();
+                }
+                e.outcome_label()
+            }
         };
         self.latency
             .with_label_values(&[endpoint, outcome])
             .observe(started.elapsed().as_secs_f64());
-        result
+        result.map_err(|(e, _)| e)
     }
 
-    async fn send_inner(request: reqwest::RequestBuilder) -> Result<bytes::Bytes, GitlabError> {
-        let response = request
-            .send()
-            .await
-            // reqwest's error text names the URL but never headers, so no token leaks.
-            .map_err(|e| GitlabError::Unavailable(e.without_url().to_string()))?;
+    /// The request's answer, or the error with, when it is GitLab's fault, its kind.
+    async fn send_inner(
+        request: reqwest::RequestBuilder,
+    ) -> Result<bytes::Bytes, (GitlabError, Option<&'static str>)> {
+        // reqwest's error text names the URL but never headers, so no token leaks.
+        let transport = |e: reqwest::Error| {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "transport"
+            };
+            (
+                GitlabError::Unavailable(e.without_url().to_string()),
+                Some(kind),
+            )
+        };
+        let response = request.send().await.map_err(transport)?;
         match response.status().as_u16() {
-            200..=299 => response
-                .bytes()
-                .await
-                .map_err(|e| GitlabError::Unavailable(e.without_url().to_string())),
-            401 => Err(GitlabError::Unauthenticated),
-            403 => Err(GitlabError::PermissionDenied),
-            404 => Err(GitlabError::NotFound),
-            status => Err(GitlabError::Unavailable(format!("HTTP status {status}"))),
+            200..=299 => response.bytes().await.map_err(transport),
+            401 => Err((GitlabError::Unauthenticated, None)),
+            403 => Err((GitlabError::PermissionDenied, None)),
+            404 => Err((GitlabError::NotFound, None)),
+            status => Err((
+                GitlabError::Unavailable(format!("HTTP status {status}")),
+                Some(if status >= 500 {
+                    "http_5xx"
+                } else {
+                    "http_other"
+                }),
+            )),
         }
     }
 

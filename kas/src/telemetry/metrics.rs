@@ -101,6 +101,11 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        // Every result exists from the start at 0, so the first deferred re-check is an
+        // increase that rate() and the alert see, not a new series.
+        for result in ["ok", "rejected", "deferred"] {
+            token_revalidations.with_label_values(&[result]);
+        }
         let config_events = register(
             &registry,
             IntCounterVec::new(

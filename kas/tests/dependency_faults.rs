@@ -280,6 +280,39 @@ async fn a_slow_gitlab_is_bounded_by_the_api_timeout_and_asked_once_per_token() 
     assert_eq!(kas.gitlab.requests_received() - asked, 1);
 }
 
+#[tokio::test]
+async fn a_slow_gitlab_sees_at_most_max_concurrent_requests_calls_from_a_pod() {
+    const AGENTS: i64 = 8;
+    let kas = Harness::start_with(|c| {
+        c.gitlab.max_concurrent_requests = 2;
+        // Room for all of them to be served one slot after another.
+        c.gitlab.api_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let tokens: Vec<String> = (0..AGENTS).map(|i| format!("glagent-many-{i}")).collect();
+    for (i, token) in tokens.iter().enumerate() {
+        kas.gitlab.add_agent(StandinAgent {
+            token: token.clone(),
+            agent_id: 10 + i as i64,
+            ..StandinAgent::demo(token)
+        });
+    }
+    kas.gitlab
+        .set_fault(GitlabFault::Slow(Duration::from_millis(300)));
+    // Eight new agents at once, each its own token: GitLab gets two calls at a time, and
+    // the others wait for a slot instead of being refused.
+    let results = join_all(tokens.iter().map(|t| register(&kas, t))).await;
+    for r in results {
+        r.expect("served once a slot is free");
+    }
+    assert_eq!(kas.gitlab.requests_received(), AGENTS as u64);
+    let most = kas.gitlab.max_requests_in_flight();
+    assert!(
+        (1..=2).contains(&most),
+        "at most gitlab.max_concurrent_requests calls at once, saw {most}"
+    );
+}
+
 // ---- Gitaly down -------------------------------------------------------------------
 
 #[tokio::test]

@@ -124,6 +124,9 @@ struct State {
     last_jwt: Mutex<Option<String>>,
     /// Every request, counted when it arrives (before a [`GitlabFault::Slow`] delay).
     requests_received: AtomicU64,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     agent_info_requests: AtomicU64,
     project_info_requests: AtomicU64,
     /// kas API ports told about pushes (GitLab's `gitlab_kas.internal_url`).
@@ -453,6 +456,24 @@ impl State {
     }
 }
 
+/// Counts one request in [`State::in_flight`] while it lives (dropped when the answer is
+/// ready or the client went away).
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a State) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl GitlabStandin {
     /// Starts serving on `addr` (use port 0 in tests).
     pub async fn start(
@@ -484,6 +505,8 @@ impl GitlabStandin {
             fault: Mutex::new(GitlabFault::None),
             last_jwt: Mutex::new(None),
             requests_received: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             agent_info_requests: AtomicU64::new(0),
             project_info_requests: AtomicU64::new(0),
             proxy_access: ProxyAccess::default(),
@@ -509,6 +532,7 @@ impl GitlabStandin {
                             let st = st.clone();
                             async move {
                                 st.requests_received.fetch_add(1, Ordering::SeqCst);
+                                let _answering = InFlight::enter(&st);
                                 if let GitlabFault::Slow(delay) = st.fault() {
                                     tokio::time::sleep(delay).await;
                                 }
@@ -674,6 +698,12 @@ impl GitlabStandin {
     /// Requests of any kind, counted as they arrive (a slow answer is counted at once).
     pub fn requests_received(&self) -> u64 {
         self.state.requests_received.load(Ordering::SeqCst)
+    }
+
+    /// The most requests the stand-in was answering at once (a slow GitLab's view of how
+    /// many calls kas keeps waiting on it).
+    pub fn max_requests_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// `agent_info` requests answered (counted when answered, after any delay).

@@ -1,8 +1,10 @@
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use prometheus::{HistogramVec, IntCounterVec};
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 
 use super::jwt::{sign_api_request_jwt, JWT_HEADER};
 use super::SharedSecret;
@@ -90,6 +92,10 @@ pub struct GitlabClient {
     latency: HistogramVec,
     /// Failures that are GitLab's (unreachable, slow, 5xx), by endpoint and kind.
     errors: IntCounterVec,
+    /// Bounds the calls in flight (`gitlab.max_concurrent_requests`).
+    slots: Arc<Semaphore>,
+    /// The whole of a call, the wait for a slot included (`gitlab.api_timeout`).
+    timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +178,7 @@ impl GitlabClient {
         base: &str,
         secret: SharedSecret,
         timeout: Duration,
+        max_concurrent: usize,
         latency: HistogramVec,
         errors: IntCounterVec,
     ) -> anyhow::Result<Self> {
@@ -186,6 +193,8 @@ impl GitlabClient {
             secret,
             latency,
             errors,
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            timeout,
         })
     }
 
@@ -233,7 +242,21 @@ impl GitlabClient {
         request: reqwest::RequestBuilder,
     ) -> Result<bytes::Bytes, GitlabError> {
         let started = Instant::now();
-        let result = Self::send_inner(request).await;
+        let result = match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
+            Ok(Ok(_slot)) => {
+                // The call gets what is left of the timeout after the wait for a slot.
+                let left = self.timeout.saturating_sub(started.elapsed());
+                Self::send_inner(request.timeout(left)).await
+            }
+            _ => Err((
+                GitlabError::Unavailable(format!(
+                    "no free slot for a GitLab call within {:?} \
+                     (gitlab.max_concurrent_requests calls in flight)",
+                    self.timeout
+                )),
+                Some("saturated"),
+            )),
+        };
         let outcome = match &result {
             Ok(_) => "ok",
             Err((e, kind)) => {

@@ -71,7 +71,9 @@ impl BoundKas {
             &config.gitlab.address,
             secret,
             config.gitlab.api_timeout,
+            config.gitlab.max_concurrent_requests,
             metrics.gitlab_api_latency.clone(),
+            metrics.gitlab_api_errors.clone(),
         )?;
         let gitaly = Arc::new(GitalyPool::new(
             config.gitaly.limits(),

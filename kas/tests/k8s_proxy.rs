@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use common::{eventually, Harness, TOKEN};
-use kas::dev::gitlab_standin::{StandinAllowedAgent, StandinCiJob, StandinProxyUser};
+use kas::dev::gitlab_standin::{GitlabFault, StandinAllowedAgent, StandinCiJob, StandinProxyUser};
 use kas_testkit::agent::{AgentOptions, Misbehaviour, TestAgent};
 use kas_testkit::kube_api::KubeApi;
 use kas_testkit::kubectl::{kubeconfig, Kubectl};
@@ -356,6 +356,42 @@ async fn refusals_are_status_objects_with_the_right_codes() {
         .await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("(Forbidden)"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn gitlab_down_is_a_503_status_not_a_401() {
+    let stack = Stack::start(json!({"agent": {}})).await;
+    let _agent = stack.agent(Misbehaviour::None).await;
+    stack.kas.gitlab.set_fault(GitlabFault::Unavailable);
+    // Neither credential can be checked: the caller is told to retry, not that it is
+    // refused (kubectl and CI scripts must not read an outage as bad credentials).
+    for token in [
+        format!("ci:{AGENT_ID}:{JOB_TOKEN}"),
+        format!("pat:{AGENT_ID}:{PAT}"),
+    ] {
+        let r = stack.raw("/k8s-proxy/api/v1/pods", Some(&token)).await;
+        assert_eq!(r.status(), 503, "{token}");
+        assert!(r.headers().get("gitlab-unauthorized").is_none());
+        let body: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(body["kind"], "Status");
+        assert_eq!(body["code"], 503);
+        assert_eq!(body["reason"], "ServiceUnavailable");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("GitLab is unavailable")),
+            "{body}"
+        );
+    }
+    // The outage is not remembered: GitLab back, the same job gets through at once.
+    stack.kas.gitlab.set_fault(GitlabFault::None);
+    let r = stack
+        .raw(
+            "/k8s-proxy/api/v1/pods",
+            Some(&format!("ci:{AGENT_ID}:{JOB_TOKEN}")),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]

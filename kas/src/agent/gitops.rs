@@ -51,6 +51,15 @@ pub enum GitopsError {
     Gitaly(#[from] GitalyError),
 }
 
+impl GitopsError {
+    /// Gitaly unreachable, overloaded or too slow: worth trying again later on the same
+    /// stream, rather than ending it (the agent would only reconnect to meet the same
+    /// outage).
+    pub fn is_passing(&self) -> bool {
+        matches!(self, GitopsError::Gitaly(GitalyError::Unavailable(_)))
+    }
+}
+
 impl From<GitopsError> for tonic::Status {
     fn from(e: GitopsError) -> Self {
         match e {

@@ -104,9 +104,23 @@ impl Authenticator {
     }
 
     /// Checks an already authenticated agent's token again (through the cache), so long
-    /// streams notice a token GitLab has since revoked.
+    /// streams notice a token GitLab has since revoked. Only a definite answer
+    /// ([`GitlabError::is_definite`]: 401, 403, 404) should end a stream: when GitLab is
+    /// unreachable, slow or answers 5xx the stream keeps running on the token's last good
+    /// check and asks again one TTL later (counted as `deferred`), so a GitLab outage does
+    /// not disconnect the fleet.
     pub async fn revalidate(&self, token: &AgentToken) -> Result<Arc<AgentInfo>, GitlabError> {
-        self.agent_info(token).await
+        let result = self.agent_info(token).await;
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.is_definite() => "rejected",
+            Err(_) => "deferred",
+        };
+        self.metrics
+            .token_revalidations
+            .with_label_values(&[label])
+            .inc();
+        result
     }
 
     fn count(&self, outcome: &str) {

@@ -128,6 +128,10 @@ pub struct GitlabConfig {
     pub auth_cache_error_ttl: Duration,
     /// Upper bound on remembered tokens, so a flood of random tokens cannot grow memory.
     pub auth_cache_max_entries: usize,
+    /// GitLab API calls one pod has in flight at most; more wait for a slot (within
+    /// `api_timeout`), so a slow GitLab sees a bounded number of calls from kas however
+    /// many new agents wait, instead of one more connection per agent.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for GitlabConfig {
@@ -140,6 +144,7 @@ impl Default for GitlabConfig {
             auth_cache_ttl: Duration::from_secs(300),
             auth_cache_error_ttl: Duration::from_secs(10),
             auth_cache_max_entries: 100_000,
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -513,6 +518,12 @@ impl Config {
         if self.gitlab.auth_cache_max_entries == 0 {
             return Err(invalid(
                 "gitlab.auth_cache_max_entries",
+                "must be at least 1",
+            ));
+        }
+        if self.gitlab.max_concurrent_requests == 0 {
+            return Err(invalid(
+                "gitlab.max_concurrent_requests",
                 "must be at least 1",
             ));
         }

@@ -1,8 +1,10 @@
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use prometheus::HistogramVec;
+use prometheus::{HistogramVec, IntCounterVec};
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 
 use super::jwt::{sign_api_request_jwt, JWT_HEADER};
 use super::SharedSecret;
@@ -88,6 +90,12 @@ pub struct GitlabClient {
     base: String,
     secret: SharedSecret,
     latency: HistogramVec,
+    /// Failures that are GitLab's (unreachable, slow, 5xx), by endpoint and kind.
+    errors: IntCounterVec,
+    /// Bounds the calls in flight (`gitlab.max_concurrent_requests`).
+    slots: Arc<Semaphore>,
+    /// The whole of a call, the wait for a slot included (`gitlab.api_timeout`).
+    timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -170,7 +178,9 @@ impl GitlabClient {
         base: &str,
         secret: SharedSecret,
         timeout: Duration,
+        max_concurrent: usize,
         latency: HistogramVec,
+        errors: IntCounterVec,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -182,6 +192,9 @@ impl GitlabClient {
             base: base.trim_end_matches('/').to_owned(),
             secret,
             latency,
+            errors,
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            timeout,
         })
     }
 
@@ -229,32 +242,68 @@ impl GitlabClient {
         request: reqwest::RequestBuilder,
     ) -> Result<bytes::Bytes, GitlabError> {
         let started = Instant::now();
-        let result = Self::send_inner(request).await;
+        let result = match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
+            Ok(Ok(_slot)) => {
+                // The call gets what is left of the timeout after the wait for a slot.
+                let left = self.timeout.saturating_sub(started.elapsed());
+                Self::send_inner(request.timeout(left)).await
+            }
+            _ => Err((
+                GitlabError::Unavailable(format!(
+                    "no free slot for a GitLab call within {:?} \
+                     (gitlab.max_concurrent_requests calls in flight)",
+                    self.timeout
+                )),
+                Some("saturated"),
+            )),
+        };
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(e) => e.outcome_label(),
+            Err((e, kind)) => {
+                if let Some(kind) = kind {
+                    self.errors.with_label_values(&[endpoint, kind]).inc();
+                }
+                e.outcome_label()
+            }
         };
         self.latency
             .with_label_values(&[endpoint, outcome])
             .observe(started.elapsed().as_secs_f64());
-        result
+        result.map_err(|(e, _)| e)
     }
 
-    async fn send_inner(request: reqwest::RequestBuilder) -> Result<bytes::Bytes, GitlabError> {
-        let response = request
-            .send()
-            .await
-            // reqwest's error text names the URL but never headers, so no token leaks.
-            .map_err(|e| GitlabError::Unavailable(e.without_url().to_string()))?;
+    /// The request's answer, or the error with, when it is GitLab's fault, its kind.
+    async fn send_inner(
+        request: reqwest::RequestBuilder,
+    ) -> Result<bytes::Bytes, (GitlabError, Option<&'static str>)> {
+        // reqwest's error text names the URL but never headers, so no token leaks.
+        let transport = |e: reqwest::Error| {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "transport"
+            };
+            (
+                GitlabError::Unavailable(e.without_url().to_string()),
+                Some(kind),
+            )
+        };
+        let response = request.send().await.map_err(transport)?;
         match response.status().as_u16() {
-            200..=299 => response
-                .bytes()
-                .await
-                .map_err(|e| GitlabError::Unavailable(e.without_url().to_string())),
-            401 => Err(GitlabError::Unauthenticated),
-            403 => Err(GitlabError::PermissionDenied),
-            404 => Err(GitlabError::NotFound),
-            status => Err(GitlabError::Unavailable(format!("HTTP status {status}"))),
+            200..=299 => response.bytes().await.map_err(transport),
+            401 => Err((GitlabError::Unauthenticated, None)),
+            403 => Err((GitlabError::PermissionDenied, None)),
+            404 => Err((GitlabError::NotFound, None)),
+            status => Err((
+                GitlabError::Unavailable(format!("HTTP status {status}")),
+                Some(if status >= 500 {
+                    "http_5xx"
+                } else {
+                    "http_other"
+                }),
+            )),
         }
     }
 

@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,7 +15,7 @@ use kas_proto::gitops::{ObjectsToSynchronizeRequest, ObjectsToSynchronizeRespons
 use tokio::time::Instant;
 
 use super::Shared;
-use crate::agent::gitops::{read_manifests, ManifestGlob, ManifestPath};
+use crate::agent::gitops::{read_manifests, GitopsError, ManifestGlob, ManifestPath};
 use crate::auth::Agent;
 use crate::gitlab::GitalyLocation;
 use crate::sources::gitaly::{branch_head, GitalyError};
@@ -141,6 +142,79 @@ async fn send_batch(
         .map_err(drop)
 }
 
+/// Manifests that could not be read for a passing reason (Gitaly down or slow) are tried
+/// again this soon (or at the poll interval, if shorter); the stream stays open meanwhile.
+const READ_RETRY: Duration = Duration::from_secs(10);
+
+/// How one attempt to send the batch of a head ended.
+enum Attempt {
+    /// Sent, or ended the stream with a definite error: the stream is over.
+    Done,
+    /// Gitaly could not answer now: keep the stream and try again later.
+    RetryLater(GitopsError),
+}
+
+/// Reads the manifests at `head` and sends them, or the definite error that ends the
+/// stream.
+async fn send_head(
+    shared: &Shared,
+    location: &GitalyLocation,
+    project_id: i64,
+    wanted: &Wanted,
+    head: &str,
+    tx: &Tx,
+) -> Attempt {
+    // A pinned commit must exist: listing a missing one reads as "no files", and an empty
+    // batch would make the agent remove everything it applied.
+    if let Revision::Commit(c) = &wanted.revision {
+        match shared.gitaly.find_commit(location, c).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let _ = tx
+                    .send(Err(Status::failed_precondition(format!(
+                        "commit {c} does not exist in the manifest project"
+                    ))))
+                    .await;
+                return Attempt::Done;
+            }
+            Err(e) => {
+                let e = GitopsError::from(e);
+                if e.is_passing() {
+                    return Attempt::RetryLater(e);
+                }
+                let _ = tx.send(Err(e.into())).await;
+                return Attempt::Done;
+            }
+        }
+    }
+    let events = &shared.metrics.config_events;
+    match read_manifests(
+        &shared.gitaly,
+        location,
+        head,
+        &wanted.paths,
+        shared.gitops_limits,
+    )
+    .await
+    {
+        Ok(objects) => {
+            let n = objects.len();
+            if send_batch(tx, head, project_id, objects).await.is_ok() {
+                events.with_label_values(&["gitops_sent"]).inc();
+                tracing::info!(project_id, commit_id = %head, objects = n, "sent GitOps manifests");
+            }
+            Attempt::Done
+        }
+        Err(e) if e.is_passing() => Attempt::RetryLater(e),
+        Err(e) => {
+            events.with_label_values(&["gitops_rejected"]).inc();
+            tracing::info!(project_id, commit_id = %head, error = %e, "GitOps manifests refused");
+            let _ = tx.send(Err(e.into())).await;
+            Attempt::Done
+        }
+    }
+}
+
 /// Waits for a head other than `known`, then sends its batch and returns. Ends without a
 /// message when the connection is rotated or the pod drains (nothing to do: the agent
 /// asks again).
@@ -193,6 +267,7 @@ async fn serve_stream(job: StreamJob) {
             (_, Some(heads)) => match heads.borrow_and_update().clone().as_deref() {
                 Some(Ok(head)) => head.clone(),
                 Some(Err(e)) => {
+                    events.with_label_values(&["gitops_poll_failed"]).inc();
                     tracing::warn!(project_id, error = %e, "cannot poll GitOps manifest project");
                     None
                 }
@@ -200,44 +275,17 @@ async fn serve_stream(job: StreamJob) {
             },
             _ => None,
         };
+        let mut retry_at: Option<Instant> = None;
         if let Some(head) = head.filter(|h| *h != known) {
-            // A pinned commit must exist: listing a missing one reads as "no files", and
-            // an empty batch would make the agent remove everything it applied.
-            if let Revision::Commit(c) = &wanted.revision {
-                match shared.gitaly.find_commit(&location, c).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        let _ = tx
-                            .send(Err(Status::failed_precondition(format!(
-                                "commit {c} does not exist in the manifest project"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(crate::agent::gitops::GitopsError::from(e).into()))
-                            .await;
-                        return;
-                    }
+            match send_head(&shared, &location, project_id, &wanted, &head, &tx).await {
+                Attempt::Done => return,
+                Attempt::RetryLater(e) => {
+                    events.with_label_values(&["gitops_read_failed"]).inc();
+                    tracing::warn!(project_id, commit_id = %head, error = %e, "cannot read GitOps manifests; will retry");
+                    let every = READ_RETRY.min(shared.gitops_pollers.interval());
+                    retry_at = Some(Instant::now() + jittered(every));
                 }
             }
-            let limits = shared.gitops_limits;
-            match read_manifests(&shared.gitaly, &location, &head, &wanted.paths, limits).await {
-                Ok(objects) => {
-                    let n = objects.len();
-                    if send_batch(&tx, &head, project_id, objects).await.is_ok() {
-                        events.with_label_values(&["gitops_sent"]).inc();
-                        tracing::info!(project_id, commit_id = %head, objects = n, "sent GitOps manifests");
-                    }
-                }
-                Err(e) => {
-                    events.with_label_values(&["gitops_rejected"]).inc();
-                    tracing::info!(project_id, commit_id = %head, error = %e, "GitOps manifests refused");
-                    let _ = tx.send(Err(e.into())).await;
-                }
-            }
-            return;
         }
         let changed = async {
             match heads.as_mut() {
@@ -248,6 +296,7 @@ async fn serve_stream(job: StreamJob) {
         };
         tokio::select! {
             changed = changed => if !changed { return },
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
             _ = tokio::time::sleep_until(revalidate_at) => {
                 revalidate_at = Instant::now() + jittered(revalidate_every);
                 match shared.auth.revalidate(&agent.token).await {

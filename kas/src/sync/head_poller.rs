@@ -56,6 +56,11 @@ where
         })
     }
 
+    /// The poll interval (without jitter).
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// Number of running pollers.
     pub fn len(&self) -> usize {
         self.pollers.lock().unwrap_or_else(|p| p.into_inner()).len()

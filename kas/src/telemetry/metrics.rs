@@ -16,6 +16,12 @@ pub struct Metrics {
     pub auth_results: IntCounterVec,
     /// GitLab API latency by endpoint and outcome.
     pub gitlab_api_latency: HistogramVec,
+    /// GitLab API calls that failed as "unavailable", by endpoint and kind (`timeout`,
+    /// `connect`, `http_5xx`, `http_other`, `transport`): what an outage looks like.
+    pub gitlab_api_errors: IntCounterVec,
+    /// Re-checks of long streams' tokens by result: `ok`, `rejected` (the stream ends),
+    /// `deferred` (GitLab unavailable: the stream stays, asked again one TTL later).
+    pub token_revalidations: IntCounterVec,
     /// Configuration messages sent to agents, and failures to produce one.
     pub config_events: IntCounterVec,
     /// Gitaly calls by RPC and outcome (`ok`, `not_found`, `unavailable`, ...).
@@ -73,6 +79,33 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let gitlab_api_errors = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "kas_gitlab_api_errors_total",
+                    "GitLab API calls that failed for GitLab's reasons, by endpoint and kind (timeout, connect, http_5xx, http_other, transport).",
+                ),
+                &["endpoint", "kind"],
+            )
+            .expect("valid metric"),
+        );
+        let token_revalidations = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "kas_agent_token_revalidations_total",
+                    "Re-checks of long streams' agent tokens by result (ok, rejected: the stream ends, deferred: GitLab unavailable, the stream stays).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        // Every result exists from the start at 0, so the first deferred re-check is an
+        // increase that rate() and the alert see, not a new series.
+        for result in ["ok", "rejected", "deferred"] {
+            token_revalidations.with_label_values(&[result]);
+        }
         let config_events = register(
             &registry,
             IntCounterVec::new(
@@ -117,6 +150,8 @@ impl Metrics {
             streams,
             auth_results,
             gitlab_api_latency,
+            gitlab_api_errors,
+            token_revalidations,
             config_events,
             gitaly_requests,
             config_file_reads,

@@ -132,6 +132,13 @@ fn exit_when_drained(
                 .map(|p| metrics.active.with_label_values(&[p]).get())
                 .sum();
             if open == 0 {
+                // The connections those streams were on are closing (final GOAWAY, TLS
+                // close): an exit now would cut that short with a reset.
+                let connections_until =
+                    (Instant::now() + CONNECTIONS_CLOSE_AFTER_STREAMS).min(until);
+                while metrics.open_connections.get() > 0 && Instant::now() < connections_until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 tracing::info!("shutdown: all streams drained, exiting");
                 run_hook(&on_drained);
                 log_writer::flush_stdout(LOG_FLUSH_AT_EXIT);
@@ -169,6 +176,10 @@ fn stop_own_listeners_once_handed_over(
         }
     });
 }
+
+/// How long a drained edge waits for its connections to finish closing after their last
+/// stream ended (HTTP/2 connections linger until the client closes its side).
+const CONNECTIONS_CLOSE_AFTER_STREAMS: Duration = Duration::from_secs(3);
 
 fn run_hook(hook: &std::sync::Mutex<Option<DrainedHook>>) {
     if let Some(hook) = lock(hook).take() {

@@ -391,9 +391,11 @@ async fn an_upgrade_takes_the_sockets_over_without_refusing_a_connection_and_the
         "agents all left the old process within {:?} ({breaks:?})",
         *last - *first
     );
+    // (A break is when the agent noticed it, up to a round trip after the cut: no bound
+    // against the exit, which the test notices as late.)
     assert!(
-        *last <= exited_after,
-        "an agent was cut after the old process exited?"
+        *first + Duration::from_secs(1) < exited_after,
+        "the first agent left the old process only as it exited ({breaks:?}, exit after {exited_after:?})"
     );
 
     drop(new);

@@ -121,15 +121,18 @@ impl H2Edge {
 
 #[async_trait]
 impl ServeHttp2 for H2Edge {
-    async fn serve(&self, stream: Stream, connection: ClientConnection) {
-        let mut conn = match self.server().handshake::<_, Bytes>(stream).await {
+    async fn serve(&self, mut stream: Stream, connection: ClientConnection) {
+        // h2 works on a borrow, so the socket is still here after h2 is done with it.
+        let mut conn = match self.server().handshake::<_, Bytes>(&mut stream).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::debug!(error = %e, "HTTP/2 handshake failed");
                 return;
             }
         };
-        let mut shutdown = connection.shutdown.clone();
+        // GOAWAY at this connection's moment in a drain, not every connection's at once.
+        let goaway = connection.drain.reached();
+        tokio::pin!(goaway);
         let mut draining = false;
         let mut malformed = 0u32;
         let mut cancels = CancelWindow::default();
@@ -137,11 +140,10 @@ impl ServeHttp2 for H2Edge {
         // Set once the connection was told to calm down: it is dropped then.
         let mut cut_at: Option<tokio::time::Instant> = None;
         let mut streams = FuturesUnordered::new();
+        // h2 ended the connection itself: after its last stream in a drain (GOAWAY
+        // NO_ERROR sent, TLS closed), or the client closed it.
+        let mut ended_cleanly = false;
         loop {
-            if !draining && *shutdown.borrow() {
-                conn.graceful_shutdown();
-                draining = true;
-            }
             tokio::select! {
                 biased;
                 Some(end) = streams.next(), if !streams.is_empty() => {
@@ -158,9 +160,7 @@ impl ServeHttp2 for H2Edge {
                     cut_at = Some(tokio::time::Instant::now() + CALM_DOWN_GRACE);
                 }
                 _ = sleep_until(cut_at) => break,
-                changed = shutdown.changed(), if !draining => {
-                    // A dropped sender (the server is gone) is a drain as well.
-                    let _ = changed;
+                _ = &mut goaway, if !draining => {
                     conn.graceful_shutdown();
                     draining = true;
                 }
@@ -202,13 +202,19 @@ impl ServeHttp2 for H2Edge {
                         }
                         break;
                     }
-                    None => break,
+                    None => {
+                        ended_cleanly = true;
+                        break;
+                    }
                 },
             }
         }
         // Streams still open lose their connection with it: each sees that at once and
         // ends, so every one still gets its access-log line and metrics.
         drop(conn);
+        if ended_cleanly {
+            linger(&mut stream).await;
+        }
         let ended = async { while streams.next().await.is_some() {} };
         if tokio::time::timeout(STREAMS_AFTER_CLOSE, ended)
             .await
@@ -217,6 +223,26 @@ impl ServeHttp2 for H2Edge {
             tracing::debug!(client = %connection.client, "streams outlived their closed connection; dropped");
         }
     }
+}
+
+/// How long a connection h2 has closed (its GOAWAY and TLS close_notify sent) is kept
+/// open to read what the client still sends, until the client closes its side.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads and discards what the client still sends until it closes its side (at most
+/// [`LINGER`]). Closing a socket with unread bytes in it makes the kernel answer with a
+/// reset, and a reset makes the client's kernel discard what it has not read yet — the
+/// final GOAWAY among it, so the agent sees a broken connection instead of a clean end.
+/// Whether a client's last frames arrive before the close is a race that a faster (release)
+/// build loses more often.
+async fn linger(stream: &mut Stream) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 1024];
+    let drained = async {
+        // Bounded by LINGER, and by what a client sends in that time.
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(LINGER, drained).await;
 }
 
 /// Sleeps until `at`; never resolves without one.

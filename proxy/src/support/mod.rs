@@ -5,6 +5,7 @@ pub mod fs;
 pub mod http_client;
 pub mod keepalive;
 pub mod kubernetes;
+pub mod memory;
 pub mod net;
 pub mod status;
 pub mod sync;

@@ -11,7 +11,9 @@
 #   storm    STORM_AGENTS (5000) wss agents reconnecting at once: seconds until all are
 #            back, connects the edge refused for its handshake cap
 #            (edge_policy_blocked_total{reason="handshakes_in_progress"}), fleet errors
-# STEPS chooses ("idle rpc hostile storm"). One line per run on stdout (tab-separated) and
+# STEPS chooses ("idle rpc hostile storm"); EDGE_TOML is appended to the edge's
+# configuration (e.g. '[downstream]\nmax_handshakes = 256' for a storm over the cap on a
+# machine too slow to reach the default cap). One line per run on stdout (tab-separated) and
 # in $OUT (loadtest/results/edge-ab-<time>.tsv), each run's JSON report in $JSON_DIR
 # (/tmp/edge-ab-<time>/). Runs in a network namespace of its own
 # (unshare -n, root), so nothing else on the machine shares its loopback addresses.
@@ -90,6 +92,7 @@ port = 8151
 [log]
 level = "warn"
 EOF
+  printf '%b\n' "${EDGE_TOML:-}" >>"$WORK/edge.toml"
   "$1" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
   EDGE_PID=$!
   PIDS+=("$EDGE_PID")

@@ -213,6 +213,8 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // The allocator: glibc's malloc, with what bursts freed handed back periodically.
+    kas_edge::support::memory::return_freed_memory_periodically();
     let result = match Cli::parse().command {
         Command::Check { config } => check(&config),
         Command::Block(BlockArgs {

@@ -45,6 +45,7 @@ use crate::http::websocket::PodDialer;
 use crate::http::{EdgeProxy, RequestGate};
 use crate::listener::accept::{AcceptFilter, SelfProbes};
 use crate::listener::handshake::{HandshakeLayer, HandshakeLimits};
+use crate::listener::handshake_slots::HandshakeSlots;
 use crate::listener::tls;
 use crate::policy::Policies;
 use crate::support::keepalive;
@@ -519,6 +520,11 @@ fn proxy_service(
                 max_per_client: config.downstream.max_handshakes_per_client,
             },
             metrics: state.metrics.clone(),
+            slots: HandshakeSlots::new(
+                config.downstream.max_handshakes,
+                config.downstream.max_handshake_queue,
+                state.metrics.handshakes_queued.clone(),
+            ),
         }));
     let mut tls_settings = TlsSettings::with_callbacks(tls.handshake_callbacks())
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;

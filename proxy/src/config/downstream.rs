@@ -44,6 +44,10 @@ pub struct DownstreamConfig {
     pub h2_idle_timeout: Duration,
     /// Connections in their TLS handshake from all clients together.
     pub max_handshakes: usize,
+    /// Connections waiting for one of those slots (a reconnect storm queues instead of
+    /// being refused; `listener/handshake_slots.rs`). A waiting connection holds a socket
+    /// and a small task, no TLS state yet.
+    pub max_handshake_queue: usize,
     /// Request line (or pseudo-headers) plus header names and values, in bytes; larger
     /// requests are refused with 431 (gRPC: RESOURCE_EXHAUSTED) and never reach a pod.
     /// Agents send well under 1 KiB; the default leaves room for proxies and tracing.
@@ -66,6 +70,7 @@ impl Default for DownstreamConfig {
             keepalive_timeout: Duration::from_secs(60),
             h2_idle_timeout: Duration::from_secs(180),
             max_handshakes: 4096,
+            max_handshake_queue: 16384,
             max_handshakes_per_client: 64,
             max_request_header_bytes: 32 * 1024,
         }

@@ -11,6 +11,12 @@
 //! client's slot back the moment pingora drops its socket
 //! ([`pingora_compat::on_socket_dropped`]), so a broken client behind a NAT does not hold
 //! the slots of the agents sharing its address.
+//!
+//! The global cap is a queue ([`HandshakeSlots`]): a connection that finds every slot taken
+//! waits for one while handshakes keep completing (a reconnect storm), and is refused only
+//! when the table stops moving (connections that hold their slots: a flood). A waiting
+//! connection is registered already — it counts against its client's cap, a blocklist edit
+//! reaches it, and its wait is part of its handshake deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +27,7 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::{Error, ErrorType};
 
 use crate::connection::registry::ConnectionRegistry;
+use crate::listener::handshake_slots::{HandshakeSlots, NoSlot};
 use crate::pingora_compat;
 use crate::policy::Policies;
 use crate::telemetry::metrics::EdgeMetrics;
@@ -31,7 +38,7 @@ pub struct HandshakeLimits {
     /// From accept (after a PROXY header) to the end of the TLS handshake.
     pub timeout: Duration,
     /// Connections in handshake from every client together: protects the edge when many
-    /// addresses attack at once.
+    /// addresses attack at once. More wait for a slot ([`HandshakeSlots`]).
     pub max_total: usize,
     /// Connections in handshake from one client.
     pub max_per_client: usize,
@@ -43,6 +50,8 @@ pub struct HandshakeLayer {
     pub registry: Arc<ConnectionRegistry>,
     pub limits: HandshakeLimits,
     pub metrics: EdgeMetrics,
+    /// `limits.max_total` slots, shared by every connection on the port.
+    pub slots: HandshakeSlots,
 }
 
 impl HandshakeLayer {
@@ -52,6 +61,22 @@ impl HandshakeLayer {
             ErrorType::ConnectRefused,
             format!("client {client} refused: {reason}"),
         )
+    }
+
+    fn no_slot(&self, no_slot: NoSlot, client: std::net::SocketAddr) -> Box<Error> {
+        match no_slot {
+            NoSlot::Stalled | NoSlot::QueueFull => self.refuse("handshakes_in_progress", client),
+            NoSlot::Deadline => {
+                self.metrics
+                    .timeouts
+                    .with_label_values(&["tls_handshake"])
+                    .inc();
+                Error::explain(
+                    ErrorType::ConnectTimedout,
+                    format!("client {client}: handshake deadline passed waiting for a slot"),
+                )
+            }
+        }
     }
 }
 
@@ -71,9 +96,7 @@ impl PreTlsProcess for HandshakeLayer {
             peer
         };
         let ip = client.ip();
-        if self.registry.handshakes() >= self.limits.max_total {
-            return Err(self.refuse("handshakes_in_progress", client));
-        }
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
         if self.registry.handshakes_from(ip) >= self.limits.max_per_client {
             return Err(self.refuse("client_handshakes_in_progress", client));
         }
@@ -94,15 +117,33 @@ impl PreTlsProcess for HandshakeLayer {
         pingora_compat::on_socket_dropped(stream, move || {
             registry.abandon_handshake(socket);
         });
+        let slot = tokio::select! {
+            slot = self.slots.take(deadline) => slot,
+            () = ticket.cancelled.cancelled() => {
+                self.registry.abandon_handshake(socket);
+                return Err(Error::explain(
+                    ErrorType::ConnectRefused,
+                    format!("client {client} blocked while waiting for a handshake slot"),
+                ));
+            }
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(no_slot) => {
+                self.registry.abandon_handshake(socket);
+                return Err(self.no_slot(no_slot, client));
+            }
+        };
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
-        let timeout = self.limits.timeout;
         let fd = pingora_compat::raw_fd(stream);
         tokio::spawn(async move {
+            // Held exactly as long as this handshake: this task ends when it does.
+            let _slot = slot;
             let reason = tokio::select! {
                 // Completed, failed or abandoned: nothing left to bound.
                 _ = ticket.over.cancelled() => return,
-                _ = tokio::time::sleep(timeout) => "tls_handshake",
+                _ = tokio::time::sleep_until(deadline) => "tls_handshake",
                 _ = ticket.cancelled.cancelled() => "blocked",
             };
             if registry.abandon_handshake(socket) {

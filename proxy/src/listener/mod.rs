@@ -5,5 +5,6 @@
 pub mod accept;
 pub mod acme;
 pub mod handshake;
+pub mod handshake_slots;
 pub mod proxy_protocol;
 pub mod tls;

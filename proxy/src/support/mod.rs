@@ -6,6 +6,7 @@ pub mod fs;
 pub mod http_client;
 pub mod keepalive;
 pub mod kubernetes;
+pub mod memory;
 pub mod net;
 pub mod service_manager;
 pub mod status;

@@ -47,6 +47,8 @@ pub struct EdgeMetrics {
     /// Connections in their TLS handshake now, and the configured cap on them.
     pub handshakes_in_progress: IntGauge,
     pub handshakes_limit: IntGauge,
+    /// Of those, the ones waiting for a slot under the cap (a reconnect storm queues).
+    pub handshakes_queued: IntGauge,
     /// Connections the edge closed because a stage took too long, by stage.
     pub timeouts: IntCounterVec,
     /// The same connections by negotiated ALPN protocol (`h2`: grpcs agents, `http/1.1`:
@@ -251,7 +253,15 @@ impl EdgeMetrics {
                 &r,
                 IntGauge::new(
                     "edge_connections_in_handshake",
-                    "Connections accepted whose TLS handshake has not completed yet.",
+                    "Connections accepted whose TLS handshake has not completed yet (those queued for a handshake slot included).",
+                )
+                .expect("valid metric"),
+            ),
+            handshakes_queued: register(
+                &r,
+                IntGauge::new(
+                    "edge_connections_queued_for_handshake",
+                    "Connections waiting for a handshake slot because edge_connections_in_handshake_limit handshakes are running.",
                 )
                 .expect("valid metric"),
             ),

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# kas-edge binaries compared on one workload, back to back in one session (the machine's
+# noise is the same for each): `loadtest/edge-ab.sh OLD-BIN NEW-BIN`. For each round
+# (ROUNDS, default 2) and each binary, every step runs against a fresh `kas dev` (pods and
+# GitLab stand-in) and a fresh `kas-edge run` configured as bench.sh configures it:
+#   idle     memory per idle wss tunnel: edge RSS growth / IDLE_AGENTS (2000) agents
+#   rpc      edge CPU per gRPC Ping: /proc CPU time over a RPC_SECS (20) open-loop run at
+#            RPC_RATE (1000)/s over 4 grpcs connections, divided by the requests sent
+#   hostile  edge RSS before the attacks, peak during, and ATTACK_SETTLE (60s) after
+#            ATTACK_SECS (30s) of `--scenario hostile` with HOSTILE_AGENTS (1000) holding
+#   storm    STORM_AGENTS (5000) wss agents reconnecting at once: seconds until all are
+#            back, connects the edge refused for its handshake cap
+#            (edge_policy_blocked_total{reason="handshakes_in_progress"}), fleet errors
+# STEPS chooses ("idle rpc hostile storm"); EDGE_TOML is appended to the edge's
+# configuration (e.g. '[downstream]\nmax_handshakes = 256' for a storm over the cap on a
+# machine too slow to reach the default cap). One line per run on stdout (tab-separated) and
+# in $OUT (loadtest/results/edge-ab-<time>.tsv), each run's JSON report in $JSON_DIR
+# (/tmp/edge-ab-<time>/). Runs in a network namespace of its own
+# (unshare -n, root), so nothing else on the machine shares its loopback addresses.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+if [ -z "${EDGE_AB_NETNS:-}" ]; then
+  exec env EDGE_AB_NETNS=1 unshare -n -- "$0" "$@"
+fi
+ip link set lo up
+
+BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+ROUNDS=${ROUNDS:-2}
+STEPS=${STEPS:-idle rpc hostile storm}
+IDLE_AGENTS=${IDLE_AGENTS:-2000}
+RPC_RATE=${RPC_RATE:-1000}
+RPC_SECS=${RPC_SECS:-20}
+HOSTILE_AGENTS=${HOSTILE_AGENTS:-1000}
+ATTACK_SECS=${ATTACK_SECS:-30}
+ATTACK_SETTLE=${ATTACK_SETTLE:-60}
+STORM_AGENTS=${STORM_AGENTS:-5000}
+OUT=${OUT:-$ROOT/loadtest/results/edge-ab-$(date -u +%Y%m%dT%H%M).tsv}
+EDGES=("$@")
+[ "${#EDGES[@]}" -gt 0 ] || EDGES=("$BIN/kas-edge")
+for b in "${EDGES[@]}" "$BIN/kas" "$BIN/kas-loadtest"; do
+  [ -x "$b" ] || { echo "edge-ab: $b missing (cargo build --release -p kas -p kas-loadtest -p kas-edge)" >&2; exit 2; }
+done
+ulimit -n "$(ulimit -Hn)"
+JSON_DIR=${JSON_DIR:-/tmp/edge-ab-$(date -u +%Y%m%dT%H%M)}
+mkdir -p "$(dirname "$OUT")" "$JSON_DIR"
+
+WORK=$(mktemp -d /tmp/kas-edge-ab.XXXXXX)
+PIDS=()
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+trap 'stop_all; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+log() { echo "edge-ab: $*" >&2; }
+wait_for() { # what, command...
+  local what=$1; shift
+  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  log "$what did not come up"; return 1
+}
+
+# A fresh kas dev and edge; sets EDGE_PID, TOKEN, CA.
+start_stack() { # edge-binary
+  stop_all
+  rm -rf "$WORK/dev" "$WORK/tls"
+  (cd "$WORK" && exec "$BIN/kas" dev --dir "$WORK/dev" >"$WORK/kas.log" 2>&1) &
+  PIDS+=("$!")
+  for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readiness"; done
+  TOKEN=$(cat "$WORK/dev/demo-agent-token")
+  cat >"$WORK/edge.toml" <<EOF
+[listen]
+https = "127.0.5.1:8443"
+http = "127.0.5.1:8080"
+admin = "127.0.5.1:8081"
+threads = 2
+[tls]
+self_signed = true
+hosts = ["localhost"]
+self_signed_dir = "$WORK/tls"
+[discovery]
+kind = "static"
+endpoints = ["127.0.1.1:8150", "127.0.1.2:8150", "127.0.1.3:8150"]
+[health]
+port = 8151
+[log]
+level = "warn"
+EOF
+  printf '%b\n' "${EDGE_TOML:-}" >>"$WORK/edge.toml"
+  "$1" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
+  EDGE_PID=$!
+  PIDS+=("$EDGE_PID")
+  edge_healthy() { [ "$(curl -fs http://127.0.5.1:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
+  wait_for "kas-edge" edge_healthy
+  CA=$WORK/tls/tls.crt
+  sleep 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+refused() { curl -fs http://127.0.5.1:8081/metrics | awk '/^edge_policy_blocked_total\{.*reason="handshakes_in_progress"/ {s += $NF} END {print s + 0}'; }
+json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$@"; }
+
+printf 'round\tbinary\tstep\tresult\n' | tee "$OUT"
+for round in $(seq 1 "$ROUNDS"); do
+  for edge in "${EDGES[@]}"; do
+    name=$(basename "$edge")
+    LT=("$BIN/kas-loadtest" --progress never)
+    for step in $STEPS; do
+      start_stack "$edge"
+      j=$WORK/$step.json
+      case $step in
+        idle)
+          "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario idle \
+            --agents "$IDLE_AGENTS" --rate 500 --settle 60s --duration 10s --echo-interval 60s \
+            --max-error-rate 0.001 --edge-pid "$EDGE_PID" --json "$j" >/dev/null 2>&1 || true
+          result=$(json "$j" '"%.0f B per tunnel (%d agents, rss %.1f -> %.1f MiB)" % (d["edge"]["rss_per_connection_bytes"], d["facts"]["connected_after_ramp"], d["edge"]["baseline_rss_bytes"]/2**20, d["edge"]["loaded_rss_bytes"]/2**20)')
+          ;;
+        rpc)
+          before=$(cpu_ticks "$EDGE_PID")
+          "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target grpcs://127.0.5.1:8443 --scenario rpc \
+            --ws-fraction 0 --rpc-rate "$RPC_RATE" --rpc-connections 4 --duration "${RPC_SECS}s" \
+            --max-error-rate 0.001 --json "$j" >/dev/null 2>&1 || true
+          after=$(cpu_ticks "$EDGE_PID")
+          cpu_s=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" 'BEGIN {print t / hz}')
+          result=$(json "$j" '"%.1f us CPU per request (%d sent, %d errors, p99 %.2f ms)" % ('"$cpu_s"' * 1e6 / d["totals"]["rpc_sent"], d["totals"]["rpc_sent"], d["totals"]["errors"], d["latency"]["rpc"]["p99_ms"])')
+          ;;
+        hostile)
+          "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario hostile \
+            --agents "$HOSTILE_AGENTS" --rate 500 --duration "${ATTACK_SECS}s" \
+            --attack-settle "${ATTACK_SETTLE}s" --edge-pid "$EDGE_PID" \
+            --edge-admin http://127.0.5.1:8081/metrics --json "$j" >/dev/null 2>&1 || true
+          result=$(json "$j" '"rss before %.1f / peak %.1f / %ss after %.1f MiB (after/before %.3f); passed %s, legit errors %d/%d" % (d["edge"]["rss_before_attack_bytes"]/2**20, d["edge"]["rss_peak_attack_bytes"]/2**20, '"$ATTACK_SETTLE"', d["edge"]["rss_after_attack_bytes"]/2**20, d["edge"]["rss_after_attack_bytes"]/d["edge"]["rss_before_attack_bytes"], d["passed"], d["facts"]["legit_errors"], d["facts"]["legit_operations"])')
+          ;;
+        storm)
+          "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario storm \
+            --agents "$STORM_AGENTS" --rate 1000 --settle 120s --duration 120s --echo-interval 60s \
+            --max-error-rate 0.001 --json "$j" >/dev/null 2>&1 || true
+          result=$(json "$j" '"all back in %ss (%s/%s), refused by the cap %s, fleet errors %d/%d %s; passed %s" % (d["facts"].get("storm_time_until_all_back_s"), d["facts"].get("storm_reconnected"), d["facts"].get("storm_agents"), '"$(refused)"', d["totals"]["errors"], d["totals"]["operations"], {e["kind"]: e["count"] for e in d["errors"]}, d["passed"])')
+          ;;
+      esac
+      printf '%s\t%s\t%s\t%s\n' "$round" "$name" "$step" "$result" | tee -a "$OUT"
+      cp "$j" "$JSON_DIR/$round-$name-$step.json"
+    done
+  done
+done
+stop_all

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (json, html) = (args.json.clone(), args.html.clone());
+    let (json, html, markdown) = (args.json.clone(), args.html.clone(), args.markdown.clone());
     let report = match runtime.block_on(kas_loadtest::run(args)) {
         Ok(report) => report,
         Err(e) => {
@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             kas_loadtest::report::Report::write_json as fn(&_, &_) -> _,
         ),
         (html, kas_loadtest::report::Report::write_html),
+        (markdown, kas_loadtest::report::Report::write_markdown),
     ] {
         if let Some(path) = path {
             match write(&report, &path) {

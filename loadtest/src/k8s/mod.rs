@@ -311,6 +311,43 @@ async fn closed_loop(ctx: &Ctx, callers: &Arc<Callers>, latency: &Arc<Latency>) 
     }
 }
 
+/// GETs at `--k8s-rate` (open loop, each holding a permit of `--k8s-max-in-flight` until
+/// answered) from now until `stop`, and at most for `limit`: the background traffic of a
+/// scenario that does other things meanwhile (faults). Returns the latency it records and
+/// the task, which ends with the number sent once every request is answered or given up.
+pub(crate) fn steady_gets(
+    ctx: &Ctx,
+    stop: CancellationToken,
+    limit: Duration,
+) -> anyhow::Result<(Arc<Latency>, tokio::task::JoinHandle<u64>)> {
+    let callers = Arc::new(callers(ctx)?);
+    let latency = Arc::new(Latency::default());
+    let rate = ctx.args.k8s_rate;
+    let total = ((rate * limit.as_secs_f64()).ceil() as u64).min(50_000_000);
+    let permits = ctx.args.k8s_max_in_flight.clamp(1, 1 << 20);
+    let drain = ctx.args.k8s_timeout + Duration::from_secs(2);
+    let recorded = latency.clone();
+    let task = tokio::spawn(async move {
+        let in_flight = Arc::new(Semaphore::new(permits));
+        let schedule = Schedule::new(Instant::now(), rate);
+        let mut sent = 0;
+        for k in 0..total {
+            let Some(due) = schedule.wait(k, &stop).await else {
+                break;
+            };
+            let permit = tokio::select! {
+                p = in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.cancelled() => break,
+            };
+            sent += 1;
+            spawn_get(&callers, k, due, &recorded, permit);
+        }
+        let _ = timeout(drain, in_flight.acquire_many(permits as u32)).await;
+        sent
+    });
+    Ok((latency, task))
+}
+
 /// Pods the writer created and when, so watches can tell how late their `ADDED` came.
 #[derive(Default)]
 struct Creates {

@@ -6,16 +6,22 @@
 //! FindBranch returns.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_util::sync::CancellationToken;
+use tokio_stream::StreamExt;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::{Connected, Router};
 use tonic::{Request, Response, Status};
 
 use kas_proto::gitaly::commit_service_server::{CommitService, CommitServiceServer};
@@ -35,6 +41,9 @@ pub const STORAGE: &str = "default";
 const GIT_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNK: usize = 64 * 1024;
 const ENTRIES_PER_MESSAGE: usize = 100;
+/// How long [`GitalyStandin::set_down`]`(false)` keeps trying to listen on the address again.
+const REBIND_ATTEMPTS: u32 = 100;
+const REBIND_PAUSE: Duration = Duration::from_millis(50);
 
 struct State {
     root: PathBuf,
@@ -46,6 +55,10 @@ pub struct GitalyStandin {
     addr: SocketAddr,
     state: Arc<State>,
     stop: CancellationToken,
+    /// `true` while the stand-in plays a stopped Gitaly ([`GitalyStandin::set_down`]).
+    down: watch::Sender<bool>,
+    /// Whether the listener is open right now (follows `down` a moment later).
+    listening: watch::Receiver<bool>,
 }
 
 impl Drop for GitalyStandin {
@@ -88,17 +101,38 @@ impl GitalyStandin {
             ))
             .add_service(CommitServiceServer::with_interceptor(service, check));
         let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
-                .await
-            {
-                tracing::warn!(error = %e, "Gitaly stand-in stopped");
-            }
-        });
-        Ok(Self { addr, state, stop })
+        let (down, down_rx) = watch::channel(false);
+        let (listening_tx, listening) = watch::channel(true);
+        tokio::spawn(serve_until_stopped(
+            router,
+            listener,
+            down_rx,
+            listening_tx,
+            stop.clone(),
+        ));
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            down,
+            listening,
+        })
+    }
+
+    /// Plays a stopped Gitaly server while `down`: the listener closes (new connections are
+    /// refused) and every open connection is cut (its calls fail as on a server crash).
+    /// `set_down(false)` listens again on the same address, as a restarted Gitaly does.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+
+    /// Waits until the listener is closed (`false`) or open again (`true`) after
+    /// [`GitalyStandin::set_down`], at most `limit`; returns whether it got there.
+    pub async fn wait_listening(&self, listening: bool, limit: Duration) -> bool {
+        let mut rx = self.listening.clone();
+        tokio::time::timeout(limit, rx.wait_for(|l| *l == listening))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -123,6 +157,149 @@ impl GitalyStandin {
             .get(rpc)
             .copied()
             .unwrap_or(0)
+    }
+}
+
+/// Serves `router` on `listener` until `stop`, closing the listener and cutting every
+/// connection whenever `down` turns `true`, and listening again on the same address when it
+/// turns `false`.
+async fn serve_until_stopped(
+    router: Router,
+    listener: TcpListener,
+    mut down: watch::Receiver<bool>,
+    listening: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let Ok(addr) = listener.local_addr() else {
+        return;
+    };
+    let mut listener = Some(listener);
+    loop {
+        let Some(current) = listener.take() else {
+            return;
+        };
+        listening.send_replace(true);
+        // One "up" period: ends when `down` turns true (or the stand-in is dropped).
+        let up = stop.child_token();
+        let watcher = {
+            let (up, mut down) = (up.clone(), down.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = down.wait_for(|d| *d) => up.cancel(),
+                    _ = up.cancelled() => {}
+                }
+            })
+        };
+        let cut = up.clone();
+        let incoming = TcpListenerStream::new(current)
+            .map(move |accepted| accepted.map(|io| Severable::new(io, cut.clone())));
+        // Tonic drops `incoming` (closing the listener) as soon as `up` is cancelled, then
+        // waits for the connections, which `Severable` has already cut.
+        if let Err(e) = router
+            .clone()
+            .serve_with_incoming_shutdown(incoming, up.clone().cancelled_owned())
+            .await
+        {
+            tracing::warn!(error = %e, "Gitaly stand-in stopped");
+        }
+        up.cancel();
+        let _ = watcher.await;
+        listening.send_replace(false);
+        if stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = down.wait_for(|d| !*d) => {}
+            _ = stop.cancelled() => return,
+        }
+        listener = rebind(addr).await;
+    }
+}
+
+/// Listens on `addr` again (the port may take a moment to be free), or gives up.
+async fn rebind(addr: SocketAddr) -> Option<TcpListener> {
+    for _ in 0..REBIND_ATTEMPTS {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Some(listener),
+            Err(e) => {
+                tracing::debug!(error = %e, %addr, "Gitaly stand-in: cannot listen again yet");
+                tokio::time::sleep(REBIND_PAUSE).await;
+            }
+        }
+    }
+    tracing::warn!(%addr, "Gitaly stand-in: cannot listen again; it stays down");
+    None
+}
+
+/// A server-side connection that fails every read and write once `cut` is cancelled, as
+/// a connection to a process that died does.
+struct Severable {
+    io: TcpStream,
+    cut: CancellationToken,
+    cut_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Severable {
+    fn new(io: TcpStream, cut: CancellationToken) -> Self {
+        let cut_wait = Box::pin(cut.clone().cancelled_owned());
+        Self { io, cut, cut_wait }
+    }
+
+    /// Whether the connection is cut; registers the task to be woken when it is.
+    fn is_cut(&mut self, cx: &mut Context<'_>) -> bool {
+        self.cut.is_cancelled() || self.cut_wait.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn severed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "Gitaly stand-in is down",
+    )
+}
+
+impl AsyncRead for Severable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Severable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(severed()));
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Severable {
+    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
     }
 }
 

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::gitaly_standin::{commit_all, GitalyStandin, STORAGE};
 use base64::Engine;
@@ -76,6 +77,19 @@ impl StandinAgent {
     }
 }
 
+/// A GitLab outage the stand-in plays, for tests and the faults scenario
+/// ([`GitlabStandin::set_fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GitlabFault {
+    /// Answers normally.
+    #[default]
+    None,
+    /// Every call answers 503, like GitLab behind its load balancer during an outage.
+    Unavailable,
+    /// Every call answers (normally) only after this delay, like an overloaded GitLab.
+    Slow(Duration),
+}
+
 /// The Gitaly server `agent_info` and `project_info` name.
 #[derive(Debug, Clone)]
 struct GitalyTarget {
@@ -105,9 +119,11 @@ struct State {
     projects: Mutex<Vec<StandinProject>>,
     gitaly: Mutex<GitalyTarget>,
     api_token: String,
-    /// When set, every request gets a 503, like GitLab in an outage.
-    down: AtomicBool,
+    /// The outage being played, if any.
+    fault: Mutex<GitlabFault>,
     last_jwt: Mutex<Option<String>>,
+    /// Every request, counted when it arrives (before a [`GitlabFault::Slow`] delay).
+    requests_received: AtomicU64,
     agent_info_requests: AtomicU64,
     project_info_requests: AtomicU64,
     /// kas API ports told about pushes (GitLab's `gitlab_kas.internal_url`).
@@ -189,6 +205,10 @@ fn git_output(repo: &Path, args: &[&str]) -> Option<Vec<u8>> {
 }
 
 impl State {
+    fn fault(&self) -> GitlabFault {
+        *self.fault.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn repo_dir(&self, project: &StandinProject) -> Option<PathBuf> {
         let relative = project.relative_path();
         safe_relative(relative).then(|| self.repo_root.join(relative))
@@ -311,7 +331,7 @@ impl State {
     }
 
     fn answer(&self, req: &http::request::Parts, body: &[u8]) -> Response<Full<Bytes>> {
-        if self.down.load(Ordering::SeqCst) {
+        if self.fault() == GitlabFault::Unavailable {
             return message(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable");
         }
         if let Some(path) = req.uri.path().strip_prefix("/-/push/") {
@@ -461,8 +481,9 @@ impl GitlabStandin {
                 token: gitaly_token,
             }),
             api_token: format!("glpat-standin-{}", random_hex(10)),
-            down: AtomicBool::new(false),
+            fault: Mutex::new(GitlabFault::None),
             last_jwt: Mutex::new(None),
+            requests_received: AtomicU64::new(0),
             agent_info_requests: AtomicU64::new(0),
             project_info_requests: AtomicU64::new(0),
             proxy_access: ProxyAccess::default(),
@@ -487,6 +508,10 @@ impl GitlabStandin {
                         service_fn(move |req: Request<Incoming>| {
                             let st = st.clone();
                             async move {
+                                st.requests_received.fetch_add(1, Ordering::SeqCst);
+                                if let GitlabFault::Slow(delay) = st.fault() {
+                                    tokio::time::sleep(delay).await;
+                                }
                                 let (parts, body) = req.into_parts();
                                 // GitLab's request bodies here are small JSON objects.
                                 let body = http_body_util::Limited::new(body, 64 * 1024)
@@ -622,8 +647,19 @@ impl GitlabStandin {
         &self.state.api_token
     }
 
+    /// Plays an outage from the next call on (calls already waiting keep the delay they
+    /// started with); [`GitlabFault::None`] ends it.
+    pub fn set_fault(&self, fault: GitlabFault) {
+        *self.state.fault.lock().unwrap_or_else(|p| p.into_inner()) = fault;
+    }
+
+    /// `set_fault(Unavailable)` while `down`, `set_fault(None)` after.
     pub fn set_down(&self, down: bool) {
-        self.state.down.store(down, Ordering::SeqCst);
+        self.set_fault(if down {
+            GitlabFault::Unavailable
+        } else {
+            GitlabFault::None
+        });
     }
 
     /// The last `Gitlab-Kas-Api-Request` header received, for tests to verify.
@@ -635,6 +671,12 @@ impl GitlabStandin {
             .clone()
     }
 
+    /// Requests of any kind, counted as they arrive (a slow answer is counted at once).
+    pub fn requests_received(&self) -> u64 {
+        self.state.requests_received.load(Ordering::SeqCst)
+    }
+
+    /// `agent_info` requests answered (counted when answered, after any delay).
     pub fn agent_info_requests(&self) -> u64 {
         self.state.agent_info_requests.load(Ordering::SeqCst)
     }

@@ -94,5 +94,9 @@ pub fn run(dir: PathBuf) -> anyhow::Result<()> {
             rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), stack_task).await });
         println!("local stack stopped");
     };
-    crate::app::run_checked(crate::app::preflight::check(config)?, Box::new(stop))
+    crate::app::run_checked(
+        crate::app::preflight::check(config)?,
+        crate::app::upgrade::Start::Fresh,
+        Box::new(stop),
+    )
 }

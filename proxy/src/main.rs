@@ -20,6 +20,11 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listening sockets from the edge running with this configuration
+        /// instead of binding them: start this, then send SIGQUIT to the running one,
+        /// which hands its sockets over and drains (`shutdown.upgrade_socket`).
+        #[arg(long, short)]
+        upgrade: bool,
     },
     /// Validate a configuration file (and the files it names) and exit.
     Check {
@@ -232,13 +237,18 @@ fn main() -> ExitCode {
             kas_common::logging::init_with_writer("info", log_writer::stdout());
             kas_edge::dev::run(dir)
         }
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             kas_edge::app::preflight::from_file(&config).and_then(|checked| {
                 kas_common::logging::init_with_writer(
                     &checked.config.log.level,
                     log_writer::stdout(),
                 );
-                kas_edge::app::run_checked(checked, Box::new(|| {}))
+                let start = if upgrade {
+                    kas_edge::app::upgrade::Start::Upgrade
+                } else {
+                    kas_edge::app::upgrade::Start::Fresh
+                };
+                kas_edge::app::run_checked(checked, start, Box::new(|| {}))
             })
         }
     };

@@ -19,6 +19,7 @@
 //!   priority (nice 10), so it cannot take the CPU from them either.
 
 pub mod preflight;
+pub mod upgrade;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 
@@ -53,29 +54,49 @@ use crate::telemetry::metrics::EdgeMetrics;
 use crate::upstream::discovery;
 use crate::upstream::h2c::{self, H2cSettings};
 use crate::upstream::pool::Pool;
+use upgrade::{HandOver, OwnListeners, Start};
 
 /// SIGTERM: readiness 503 first, listeners close only after `readiness_delay`.
 /// SIGINT: the same, without the delay (an operator at a terminal wants it gone).
+/// SIGQUIT: graceful upgrade (see [`upgrade`]): the edge's own listeners go to the new
+/// process waiting with `--upgrade`, then pingora sends its TLS port and the drain
+/// starts. With no new process waiting, the edge logs it and keeps serving.
 struct EdgeSignals {
     state: Arc<AdminState>,
     readiness_delay: Duration,
+    hand_over: Arc<HandOver>,
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for EdgeSignals {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
         ) else {
             tracing::error!("cannot install signal handlers; waiting forever");
             std::future::pending::<()>().await;
             return ShutdownSignal::FastShutdown;
         };
-        let delay = tokio::select! {
-            _ = term.recv() => self.readiness_delay,
-            _ = int.recv() => Duration::ZERO,
+        let delay = loop {
+            tokio::select! {
+                _ = term.recv() => break self.readiness_delay,
+                _ = int.recv() => break Duration::ZERO,
+                _ = quit.recv() => {
+                    tracing::info!("upgrade: SIGQUIT; sending the listeners to the new process");
+                    let hand_over = self.hand_over.clone();
+                    match tokio::task::spawn_blocking(move || hand_over.send()).await {
+                        Ok(Ok(())) => {
+                            tracing::info!("upgrade: own listeners sent; pingora sends the TLS port next, then this process drains");
+                            return ShutdownSignal::GracefulUpgrade;
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "upgrade failed; still serving"),
+                        Err(e) => tracing::error!(error = %e, "upgrade failed; still serving"),
+                    }
+                }
+            }
         };
         self.state.set_ready(false);
         tracing::info!(delay = ?delay, "shutdown: readiness is now 503; listeners close after the delay");
@@ -122,6 +143,33 @@ fn exit_when_drained(
     });
 }
 
+/// Once pingora has sent its listening sockets to the new process: this process is no
+/// longer ready, and stops accepting on its own listeners (the new process accepts on the
+/// same sockets), so a load balancer's probes and `:80` reach only the new process.
+/// Connections already accepted finish.
+fn stop_own_listeners_once_handed_over(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    state: Arc<AdminState>,
+    serving: Vec<tokio::task::AbortHandle>,
+) {
+    std::thread::spawn(move || loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::GracefulUpgradeCloseTimeout) => {
+                state.set_ready(false);
+                for task in &serving {
+                    task.abort();
+                }
+                tracing::info!(
+                    "upgrade: sockets handed over; readiness 503, own listeners closed, draining"
+                );
+                return;
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        }
+    });
+}
+
 fn run_hook(hook: &std::sync::Mutex<Option<DrainedHook>>) {
     if let Some(hook) = lock(hook).take() {
         hook();
@@ -131,12 +179,17 @@ fn run_hook(hook: &std::sync::Mutex<Option<DrainedHook>>) {
 /// Checks everything the configuration names, then runs the edge until a signal ends it.
 /// Blocks the calling thread.
 pub fn run(config: EdgeConfig) -> anyhow::Result<()> {
-    run_checked(preflight::check(config)?, Box::new(|| {}))
+    run_checked(preflight::check(config)?, Start::Fresh, Box::new(|| {}))
 }
 
-/// Runs a checked configuration, calling `on_drained` once the drain is over (the local
-/// stack uses it to stop its kas pods before the process ends).
-pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> anyhow::Result<()> {
+/// Runs a checked configuration, its listeners bound or taken from the running edge
+/// (`start`), calling `on_drained` once the drain is over (the local stack uses it to
+/// stop its kas pods before the process ends).
+pub fn run_checked(
+    checked: preflight::Preflight,
+    start: Start,
+    on_drained: DrainedHook,
+) -> anyhow::Result<()> {
     let preflight::Preflight {
         config,
         policy_files,
@@ -206,23 +259,52 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         acme_relay: config.tls.acme_challenge_relay.clone(),
     });
     control.spawn(policies.clone().evict_idle_keys());
-    start_listeners(&control, public_http.as_ref(), &config, &state, &policies)?;
+    // Health checks run while an upgrading process waits for the old one's sockets, so
+    // it knows its pods by the time it accepts.
     start_control_plane(&control, &config, &state)?;
+    let own = match start {
+        Start::Fresh => OwnListeners::bind(&config, &control)?,
+        Start::Upgrade => OwnListeners::receive(&config, &control)?,
+    };
+    let hand_over = Arc::new(own.duplicate(&config)?);
 
     let conf = ServerConf {
         threads: config.listen.threads,
         work_stealing: config.listen.work_stealing,
         grace_period_seconds: Some(config.shutdown.drain_deadline.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(2),
+        upgrade_sock: config
+            .shutdown
+            .upgrade_socket
+            .to_str()
+            .context("shutdown.upgrade_socket is not UTF-8")?
+            .to_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: start == Start::Upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // Upgrading: takes the TLS port from the old process (which sends it right after the
+    // listeners above); the process exits if it never comes.
     server.bootstrap();
+    // Served only now: an upgrading process must not answer `/readyz` with 503 (or `:80`)
+    // next to the old one before it has the TLS port.
+    let serving = start_listeners(
+        &control,
+        public_http.as_ref(),
+        own,
+        &config,
+        &state,
+        &policies,
+    )?;
 
     let probes = Arc::new(SelfProbes::default());
     let service = proxy_service(&server, &config, &tls, policies, registry, &state, &probes)?;
     server.add_service(service);
 
+    stop_own_listeners_once_handed_over(server.watch_execution_phase(), state.clone(), serving);
     exit_when_drained(
         server.watch_execution_phase(),
         metrics,
@@ -240,6 +322,7 @@ pub fn run_checked(checked: preflight::Preflight, on_drained: DrainedHook) -> an
         shutdown_signal: Box::new(EdgeSignals {
             state,
             readiness_delay: config.shutdown.readiness_delay,
+            hand_over,
         }),
     });
     drop(tls);
@@ -277,38 +360,45 @@ fn yield_cpu_to_the_rest() {
     }
 }
 
-/// Binds the admin port (served on the control runtime) and the public `listen.http`
-/// (served on its own runtime, admitted like the TLS port and capped by
-/// `[public_http]`). Ports are bound here, before pingora takes over, so a busy port
-/// fails start-up with a clear message.
+/// Serves the admin port (on the control runtime) and the public `listen.http` (on its
+/// own runtime, admitted like the TLS port and capped by `[public_http]`). Returns their
+/// accept loops, to stop once a new process has taken the sockets over.
 fn start_listeners(
     control: &tokio::runtime::Runtime,
     public_http: Option<&tokio::runtime::Runtime>,
+    own: OwnListeners,
     config: &EdgeConfig,
     state: &Arc<AdminState>,
     policies: &Arc<Policies>,
-) -> anyhow::Result<()> {
-    let admin_listener = control.block_on(async {
-        let admin_listener = admin::bind(config.listen.admin, "listen.admin").await?;
-        drop(admin::bind(config.listen.https, "listen.https").await?);
-        anyhow::Ok(admin_listener)
-    })?;
-    control.spawn(admin::serve(
-        admin_listener,
-        admin::private::admin_handler(state.clone()),
-        admin::private::limits(),
-        state.metrics.clone(),
-    ));
-    if let (Some(addr), Some(rt)) = (config.listen.http, public_http) {
-        let listener = rt.block_on(admin::bind(addr, "listen.http"))?;
-        rt.spawn(admin::serve(
-            listener,
-            admin::public::redirect_handler(state.clone()),
-            admin::public::limits(&config.public_http, policies.clone()),
+) -> anyhow::Result<Vec<tokio::task::AbortHandle>> {
+    let admin_listener = {
+        let _in = control.enter();
+        tokio::net::TcpListener::from_std(own.admin).context("listen.admin")?
+    };
+    let mut serving = vec![control
+        .spawn(admin::serve(
+            admin_listener,
+            admin::private::admin_handler(state.clone()),
+            admin::private::limits(),
             state.metrics.clone(),
-        ));
+        ))
+        .abort_handle()];
+    if let (Some(listener), Some(rt)) = (own.http, public_http) {
+        let listener = {
+            let _in = rt.enter();
+            tokio::net::TcpListener::from_std(listener).context("listen.http")?
+        };
+        serving.push(
+            rt.spawn(admin::serve(
+                listener,
+                admin::public::redirect_handler(state.clone()),
+                admin::public::limits(&config.public_http, policies.clone()),
+                state.metrics.clone(),
+            ))
+            .abort_handle(),
+        );
     }
-    Ok(())
+    Ok(serving)
 }
 
 /// Discovery feeding the pool, and health checks: on the control runtime, so they keep
@@ -474,5 +564,7 @@ fn ready_once_accepting(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         state.set_ready(true);
+        // systemd (`Type=notify`): ready, and after an upgrade this is the main process.
+        crate::support::service_manager::notify_ready();
     });
 }

@@ -260,6 +260,26 @@ mod tests {
     }
 
     #[test]
+    fn the_upgrade_socket_is_an_absolute_unix_socket_path() {
+        let with = |value: &str| format!("{}[shutdown]\nupgrade_socket = {value:?}\n", minimal());
+        let default = parse(&minimal()).unwrap();
+        assert_eq!(
+            default.shutdown.upgrade_socket,
+            std::path::Path::new(shutdown::DEFAULT_UPGRADE_SOCKET)
+        );
+        let set = parse(&with("/run/kas-edge/upgrade.sock")).unwrap();
+        assert_eq!(
+            set.shutdown.own_listeners_socket(),
+            std::path::Path::new("/run/kas-edge/upgrade.sock.listeners")
+        );
+        let too_long = format!("/{}", "a".repeat(100));
+        for bad in ["upgrade.sock", "/run/kas-edge/", too_long.as_str()] {
+            let err = parse(&with(bad)).unwrap_err();
+            assert!(err.contains("shutdown.upgrade_socket"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn acme_challenge_relay_must_be_host_and_port() {
         let with = |relay: &str| {
             format!("[listen]\nhttp = \"127.0.0.1:8080\"\n[tls]\nself_signed = true\nacme_challenge_relay = \"{relay}\"\n{STATIC}")

@@ -49,8 +49,65 @@ pub struct ClientConnection {
     pub client: std::net::IpAddr,
     /// Stopped while a stream is open (see [`activity`]).
     pub activity: Arc<Activity>,
-    /// Flips when the edge starts draining: time for GOAWAY.
+    /// Flips when the edge starts draining (an HTTP/1 connection closes after the
+    /// request in flight).
     pub shutdown: ShutdownWatch,
+    /// This connection's moment in the drain: time for its GOAWAY.
+    pub drain: DrainMoment,
+}
+
+/// When, in a drain, a connection is asked to leave: at a random moment within the drain
+/// spread, chosen per connection, so agents reconnect (to the other replicas, or to the
+/// process that took the sockets over) a few at a time across the drain instead of all at
+/// once. An HTTP/2 connection gets its GOAWAY then (new calls go to a new connection; the
+/// open streams get [`STREAMS_AFTER_GOAWAY`]); a tunnel is closed then. With no spread,
+/// every connection's moment is the drain's start (GOAWAY at once, nothing forced to
+/// close before the drain deadline).
+#[derive(Clone)]
+pub struct DrainMoment {
+    shutdown: ShutdownWatch,
+    delay: std::time::Duration,
+    spread: bool,
+}
+
+/// How long the streams of an HTTP/2 connection that got its GOAWAY in a spread drain
+/// may continue before the connection is closed: in-flight calls finish; agents' long
+/// streams (configuration watches, tunnels) are then re-opened on their new connection.
+pub const STREAMS_AFTER_GOAWAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl DrainMoment {
+    /// A random moment within `spread` after the drain begins.
+    pub fn pick(shutdown: ShutdownWatch, spread: std::time::Duration) -> Self {
+        Self {
+            shutdown,
+            delay: spread.mul_f64(rand::random::<f64>()),
+            spread: !spread.is_zero(),
+        }
+    }
+
+    /// Resolves at this connection's moment; never before the drain begins (never at all
+    /// if the server goes away without one).
+    pub async fn reached(&self) {
+        let mut shutdown = self.shutdown.clone();
+        while !*shutdown.borrow_and_update() {
+            if shutdown.changed().await.is_err() {
+                // The server is gone: that is a drain as well.
+                break;
+            }
+        }
+        tokio::time::sleep(self.delay).await;
+    }
+
+    /// Resolves when the edge closes the connection itself, `after` its moment; never
+    /// without a spread (the drain deadline ends what is left).
+    async fn closes(self, after: std::time::Duration) {
+        if !self.spread {
+            return std::future::pending().await;
+        }
+        self.reached().await;
+        tokio::time::sleep(after).await;
+        tracing::debug!("closing a connection during the drain");
+    }
 }
 
 /// Serves the requests of one connection that chose HTTP/2 in its TLS handshake, until
@@ -130,22 +187,6 @@ fn closed_by_edge(
     }
 }
 
-/// Resolves at a random moment within `spread` after the drain begins: closing every open
-/// agent connection at the drain deadline would make thousands of agents reconnect to the
-/// other replicas in the same second. Never resolves with a zero spread.
-async fn closed_by_drain(mut shutdown: ShutdownWatch, spread: std::time::Duration) {
-    if spread.is_zero() {
-        return std::future::pending().await;
-    }
-    while !*shutdown.borrow_and_update() {
-        if shutdown.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
-    tokio::time::sleep(spread.mul_f64(rand::random::<f64>())).await;
-    tracing::debug!("closing a connection during the drain");
-}
-
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
     async fn process_new(
@@ -195,11 +236,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
         // Either server returns only when the connection is done with it: after the last
         // keep-alive request, the last HTTP/2 stream, or a request that handed its
         // connection over (a websocket tunnel). pingora never returns a stream to reuse.
+        // Closing every open agent connection at the drain deadline would make thousands
+        // of agents reconnect in the same second: each has its own moment.
+        let drain = DrainMoment::pick(shutdown.clone(), self.drain_spread);
         let served = async {
             let connection = ClientConnection {
                 client,
                 activity: activity.clone(),
                 shutdown: shutdown.clone(),
+                drain: drain.clone(),
             };
             if h2 {
                 self.h2.serve(stream, connection).await;
@@ -215,7 +260,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
                 drop(self.handoffs.take(id));
                 return None;
             }
-            _ = closed_by_drain(shutdown.clone(), self.drain_spread) => {
+            _ = drain.clone().closes(if h2 { STREAMS_AFTER_GOAWAY } else { std::time::Duration::ZERO }) => {
                 drop(self.handoffs.take(id));
                 return None;
             }
@@ -235,7 +280,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionLayer<A> {
             // pingora's request is over and its state freed; the tunnel continues in a
             // task of its own that holds just what it needs, registration included.
             let by_edge = closed_by_edge(guard.as_ref(), deadline);
-            let by_drain = closed_by_drain(shutdown.clone(), self.drain_spread);
+            let by_drain = drain.closes(std::time::Duration::ZERO);
             let stop = Box::pin(async move {
                 tokio::select! {
                     _ = by_edge => {}

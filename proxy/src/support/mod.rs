@@ -6,5 +6,6 @@ pub mod http_client;
 pub mod keepalive;
 pub mod kubernetes;
 pub mod net;
+pub mod service_manager;
 pub mod status;
 pub mod sync;

@@ -129,7 +129,9 @@ impl ServeHttp2 for H2Edge {
                 return;
             }
         };
-        let mut shutdown = connection.shutdown.clone();
+        // GOAWAY at this connection's moment in a drain, not every connection's at once.
+        let goaway = connection.drain.reached();
+        tokio::pin!(goaway);
         let mut draining = false;
         let mut malformed = 0u32;
         let mut cancels = CancelWindow::default();
@@ -138,10 +140,6 @@ impl ServeHttp2 for H2Edge {
         let mut cut_at: Option<tokio::time::Instant> = None;
         let mut streams = FuturesUnordered::new();
         loop {
-            if !draining && *shutdown.borrow() {
-                conn.graceful_shutdown();
-                draining = true;
-            }
             tokio::select! {
                 biased;
                 Some(end) = streams.next(), if !streams.is_empty() => {
@@ -158,9 +156,7 @@ impl ServeHttp2 for H2Edge {
                     cut_at = Some(tokio::time::Instant::now() + CALM_DOWN_GRACE);
                 }
                 _ = sleep_until(cut_at) => break,
-                changed = shutdown.changed(), if !draining => {
-                    // A dropped sender (the server is gone) is a drain as well.
-                    let _ = changed;
+                _ = &mut goaway, if !draining => {
                     conn.graceful_shutdown();
                     draining = true;
                 }

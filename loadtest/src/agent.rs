@@ -107,6 +107,8 @@ pub struct Slot {
     pub epoch: watch::Sender<u64>,
     /// The commit of the last configuration kas sent this agent ("" before the first).
     pub config_commit: Mutex<String>,
+    /// Microseconds after the run's start when that commit first reached the agent.
+    pub commit_at_us: AtomicU64,
 }
 
 impl Slot {
@@ -122,10 +124,12 @@ impl Slot {
             .clone()
     }
 
-    fn configured(&self, message: &ConfigurationResponse) {
+    /// A configuration arrived (at `now_us` after the run's start).
+    fn configured(&self, message: &ConfigurationResponse, now_us: u64) {
         let mut commit = self.config_commit.lock().unwrap_or_else(|p| p.into_inner());
         if *commit != message.commit_id {
             commit.clone_from(&message.commit_id);
+            self.commit_at_us.store(now_us, Ordering::SeqCst);
         }
     }
 }
@@ -483,7 +487,7 @@ async fn open_configuration(
         });
         return Err(End::ConnectFailed);
     };
-    slot.configured(&first);
+    slot.configured(&first, stats.micros());
     stats.inc(&stats.config_messages);
     Ok(stream)
 }
@@ -546,7 +550,7 @@ async fn keep_busy(env: &AgentEnv, slot: &Slot, streams: HeldStreams) -> End {
         loop {
             let m = config.message().await;
             match still_open("configuration stream", m) {
-                Ok(message) => slot.configured(&message),
+                Ok(message) => slot.configured(&message, stats.micros()),
                 Err(end) => return end,
             }
             stats.inc(&stats.config_messages);
@@ -558,7 +562,7 @@ async fn keep_busy(env: &AgentEnv, slot: &Slot, streams: HeldStreams) -> End {
         let step = tokio::select! {
             m = config.message() => {
                 still_open("configuration stream", m).map(|message| {
-                    slot.configured(&message);
+                    slot.configured(&message, stats.micros());
                     stats.inc(&stats.config_messages);
                 })
             },
@@ -692,6 +696,7 @@ impl Fleet {
                 expect_cut: AtomicBool::new(false),
                 epoch: watch::channel(0).0,
                 config_commit: Mutex::new(String::new()),
+                commit_at_us: AtomicU64::new(0),
             }));
         }
         Ok(Self {

@@ -129,7 +129,7 @@ async fn soak(ctx: &mut Ctx, rig: &mut Rig, kinds: &[FaultKind]) -> anyhow::Resu
     let mut commits = Commits::default();
     if ramped {
         // A first commit of our own, so "the latest" is one the run made.
-        commits.make(rig, "start")?;
+        commits.make(ctx, rig, "start")?;
         let all = commits
             .wait_everywhere(&fleet, ctx.args.fault_recovery)
             .await;
@@ -282,15 +282,16 @@ async fn stop_fleet(ctx: &Ctx, fleet: Fleet) {
 struct Commits {
     latest: String,
     made: u32,
-    at: Option<Instant>,
+    /// Microseconds after the run's start when the latest was made.
+    at_us: u64,
 }
 
 impl Commits {
-    fn make(&mut self, rig: &Rig, label: &str) -> anyhow::Result<()> {
+    fn make(&mut self, ctx: &Ctx, rig: &Rig, label: &str) -> anyhow::Result<()> {
         self.made += 1;
         let revision = format!("{} {label}", self.made);
+        self.at_us = ctx.stats.micros();
         self.latest = rig.stack.commit_agent_config(&revision)?;
-        self.at = Some(Instant::now());
         Ok(())
     }
 
@@ -303,13 +304,19 @@ impl Commits {
     }
 
     /// Waits (bounded) until every agent holds the latest commit; how long after the
-    /// commit that was, or `None`.
+    /// commit the last agent got it, or `None`.
     async fn wait_everywhere(&self, fleet: &Fleet, within: Duration) -> Option<f64> {
         let n = fleet.slots.len();
-        fleet
-            .wait_for(within, |f| self.holding(f) == n)
-            .await
-            .then(|| self.at.map_or(0.0, |at| round3(at.elapsed().as_secs_f64())))
+        if !fleet.wait_for(within, |f| self.holding(f) == n).await {
+            return None;
+        }
+        let last = fleet
+            .slots
+            .iter()
+            .map(|s| s.commit_at_us.load(std::sync::atomic::Ordering::SeqCst))
+            .max()
+            .unwrap_or(0);
+        Some(round3(last.saturating_sub(self.at_us) as f64 / 1e6))
     }
 }
 
@@ -384,35 +391,32 @@ async fn inject(
     Ok(match kind {
         FaultKind::KillPod => {
             // The commit first: the restarted pod must serve it, the others push it.
-            commits.make(rig, label)?;
+            commits.make(ctx, rig, label)?;
             (rig.kill_pod().await?, None)
         }
         FaultKind::Rollout => {
-            commits.make(rig, label)?;
+            commits.make(ctx, rig, label)?;
             (rig.rollout().await?, None)
         }
         FaultKind::Gitlab => {
             rig::gitlab_unavailable(&rig.stack, true);
-            commits.make(rig, label)?;
+            commits.make(ctx, rig, label)?;
             ctx.pause(window).await;
-            rig::gitlab_unavailable(&rig.stack, false);
-            let pending = rig::gitlab_slow(&rig.stack, Some(ctx.args.gitlab_slow));
-            if pending.is_none() {
-                ctx.pause(window).await;
-                rig::gitlab_slow(&rig.stack, None);
-            }
+            rig::gitlab_slow(&rig.stack, Some(ctx.args.gitlab_slow));
+            ctx.pause(window).await;
+            rig::gitlab_slow(&rig.stack, None);
             let how = format!(
                 "GitLab answered 503 for {window:?}, then every call took {:?} for {window:?}",
                 ctx.args.gitlab_slow
             );
-            (how, pending)
+            (how, None)
         }
         FaultKind::Gitaly => {
-            let pending = rig::gitaly_down(&rig.stack, true);
-            commits.make(rig, label)?;
+            rig::gitaly_down(&rig.stack, true);
+            commits.make(ctx, rig, label)?;
             ctx.pause(window).await;
             rig::gitaly_down(&rig.stack, false);
-            (format!("Gitaly stopped for {window:?}"), pending)
+            (format!("Gitaly stopped for {window:?}"), None)
         }
         FaultKind::Blocklist => {
             let every = ctx
@@ -423,7 +427,7 @@ async fn inject(
             for k in 0..edits {
                 rig.edit_blocklist(k)?;
                 if k == edits / 2 {
-                    commits.make(rig, label)?;
+                    commits.make(ctx, rig, label)?;
                 }
                 ctx.pause(every).await;
             }
@@ -434,14 +438,14 @@ async fn inject(
             )
         }
         FaultKind::CertRotation => {
-            commits.make(rig, label)?;
+            commits.make(ctx, rig, label)?;
             (rig.rotate_certificate().await?, None)
         }
         FaultKind::EdgeRestart => {
-            commits.make(rig, label)?;
+            commits.make(ctx, rig, label)?;
             let how = rig.restart_edge().await?;
             let pending = (!rig.edge.can_upgrade).then(|| {
-                "this kas-edge has no graceful upgrade yet (branch edge-restart): stopped and started"
+                "this kas-edge has no graceful upgrade (run --upgrade): stopped and started"
                     .to_owned()
             });
             (how, pending)

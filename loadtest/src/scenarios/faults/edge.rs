@@ -114,7 +114,8 @@ impl EdgeProcess {
         let blocklist = dir.join("blocklist.txt");
         write_atomically(&blocklist, "# kas-loadtest faults: nothing blocked\n")?;
         let can_upgrade = supports_upgrade(binary).await;
-        let upgrade_socket = dir.join("edge-upgrade.sock");
+        // Short (a Unix socket path has 107 bytes), absolute, one per edge address.
+        let upgrade_socket = std::env::temp_dir().join(format!("kas-loadtest-edge-{ip}.sock"));
         let config = dir.join("edge.toml");
         let text = edge_config(EdgeFiles {
             ip,
@@ -182,6 +183,14 @@ impl EdgeProcess {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", self.binary.display()))
+    }
+
+    /// Where the new process takes the edge's own listeners (admin): the upgrade socket's
+    /// path + `.listeners`.
+    fn own_listeners_socket(&self) -> PathBuf {
+        let mut path = self.upgrade_socket.as_os_str().to_owned();
+        path.push(".listeners");
+        PathBuf::from(path)
     }
 
     /// The admin port's metrics page, within 2 s.
@@ -267,11 +276,15 @@ impl EdgeProcess {
             bail!("the edge is not running");
         };
         let how = if self.can_upgrade {
+            let own = self.own_listeners_socket();
             let _ = std::fs::remove_file(&self.upgrade_socket);
+            let _ = std::fs::remove_file(&own);
             let new = self.spawn(true)?;
-            // The new process waits on the upgrade socket for the listeners.
+            // The new process waits on the upgrade sockets for the listeners.
             let socket_deadline = Instant::now() + Duration::from_secs(10);
-            while !self.upgrade_socket.exists() && Instant::now() < socket_deadline {
+            while !(self.upgrade_socket.exists() && own.exists())
+                && Instant::now() < socket_deadline
+            {
                 sleep(Duration::from_millis(50)).await;
             }
             watched.set_edge(old.id().into_iter().chain(new.id()).collect());

@@ -181,6 +181,11 @@ fn chart(title: &str, unit: &str, x_max: f64, marks: &Marks, series: &[Series<'_
     );
     for (start, end, label) in marks {
         let (x0, x1) = (x(*start), x(*end));
+        // A narrow window shows its number alone; the table names it.
+        let label = match label.split_once(' ') {
+            Some((number, _)) if x1 - x0 < 70.0 => number,
+            _ => label.as_str(),
+        };
         let _ = write!(
             s,
             "<rect x=\"{x0:.1}\" y=\"{TOP}\" width=\"{:.1}\" height=\"{plot_h}\" fill=\"#fff1e5\" stroke=\"#fb8f44\" stroke-dasharray=\"3 2\"/>\

@@ -21,27 +21,33 @@ const POD_TERMINATION_GRACE: Duration = Duration::from_secs(15);
 /// this (plus the read), unless Gitaly is down.
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The stand-ins' fault switches, as they stand in this tree.
+/// The stand-ins' fault switches.
 mod switches {
     use std::time::Duration;
+
+    use kas::dev::gitlab_standin::GitlabFault;
 
     use crate::stack::Stack;
 
     /// GitLab answers 503 (`true`) or normally again.
     pub fn gitlab_unavailable(stack: &Stack, on: bool) {
-        stack.gitlab.set_down(on);
+        stack.gitlab.set_fault(if on {
+            GitlabFault::Unavailable
+        } else {
+            GitlabFault::None
+        });
     }
 
-    /// GitLab answers slowly, every call taking `delay`; `None`: done. Returns why it
-    /// cannot when the stand-in has no such switch.
-    pub fn gitlab_slow(_stack: &Stack, _delay: Option<Duration>) -> Option<String> {
-        Some("the GitLab stand-in has no slow mode yet (branch dep-faults)".into())
+    /// GitLab answers slowly, every call taking `delay`; `None`: normally again.
+    pub fn gitlab_slow(stack: &Stack, delay: Option<Duration>) {
+        stack
+            .gitlab
+            .set_fault(delay.map_or(GitlabFault::None, GitlabFault::Slow));
     }
 
-    /// The Gitaly stand-in stops answering (`true`) or answers again. Returns why it
-    /// cannot when the stand-in has no such switch.
-    pub fn gitaly_down(_stack: &Stack, _on: bool) -> Option<String> {
-        Some("the Gitaly stand-in cannot be stopped yet (branch dep-faults)".into())
+    /// The Gitaly stand-in stops (connections refused, open ones cut) or serves again.
+    pub fn gitaly_down(stack: &Stack, on: bool) {
+        stack.gitlab.gitaly().set_down(on);
     }
 }
 

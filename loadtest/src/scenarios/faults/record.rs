@@ -297,3 +297,97 @@ impl FaultsReport {
 fn short(commit: &str) -> &str {
     commit.get(..12).unwrap_or(commit)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: &str, cut: usize, back: Option<f64>) -> FaultRecord {
+        FaultRecord {
+            kind: kind.into(),
+            how: "a | b".into(),
+            start_s: 10.0,
+            end_s: 12.0,
+            closed_s: 15.0,
+            agents_disconnected: cut,
+            all_back_after_s: back,
+            back_within_budget: back.is_some(),
+            requests_sent: 20,
+            requests_failed: 1,
+            errors: BTreeMap::from([("cut".to_owned(), cut as u64)]),
+            commit: Some("0123456789abcdef".into()),
+            commits_missed: 0,
+            commit_everywhere_after_s: Some(1.5),
+            edge_rss_before_bytes: None,
+            edge_rss_peak_bytes: None,
+            kas_rss_peak_bytes: None,
+            pending: None,
+        }
+    }
+
+    #[test]
+    fn error_delta_keeps_what_grew() {
+        let before = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 1)]);
+        let now = BTreeMap::from([
+            ("a".to_owned(), 5),
+            ("b".to_owned(), 1),
+            ("c".to_owned(), 2),
+        ]);
+        assert_eq!(
+            error_delta(&before, &now),
+            BTreeMap::from([("a".to_owned(), 2), ("c".to_owned(), 2)])
+        );
+    }
+
+    #[test]
+    fn memory_peaks_come_from_the_window() {
+        let sample = |t: f64, edge: u64, kas: u64| ProcSample {
+            t,
+            connected: 1,
+            errors: 0,
+            edge_rss_bytes: edge,
+            edge_cpu_cores: 0.0,
+            kas_rss_bytes: kas,
+            kas_cpu_cores: 0.0,
+        };
+        let timeline = [
+            sample(9.0, 100, 1000),
+            sample(11.0, 300, 900),
+            sample(14.0, 200, 1100),
+            sample(16.0, 900, 9000),
+        ];
+        let mut r = record("kill-pod", 3, Some(2.0));
+        r.add_memory(&timeline);
+        assert_eq!(
+            (
+                r.edge_rss_before_bytes,
+                r.edge_rss_peak_bytes,
+                r.kas_rss_peak_bytes
+            ),
+            (Some(100), Some(300), Some(1100))
+        );
+    }
+
+    #[test]
+    fn markdown_has_a_row_per_fault_and_no_stray_pipes() {
+        let report = FaultsReport {
+            faults: vec![record("kill-pod", 3, Some(2.0)), record("rollout", 5, None)],
+            backoff_budget_s: 19.0,
+            quiet_errors: BTreeMap::new(),
+            quiet_operations: 100,
+            latest_commit: "0123456789abcdef".into(),
+            agents: 5,
+            agents_on_latest_commit: 5,
+            timeline: Vec::new(),
+        };
+        let md = report.markdown();
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(rows.len(), 3, "{md}");
+        // Every row has as many cells as the header.
+        let cells = |l: &str| l.matches('|').count();
+        assert!(rows.iter().all(|r| cells(r) == cells(rows[0])), "{md}");
+        assert!(rows[2].contains("| not all | NO |"), "{md}");
+        assert!(md.contains("0123456789ab held by 5/5"));
+        assert_eq!(report.rows().len(), 4);
+    }
+}

@@ -33,6 +33,7 @@ pub use timeline::ProcSample;
 
 use crate::agent::{AgentToken, Fleet};
 use crate::cli::FaultKind;
+use crate::k8s::SteadyGets;
 use crate::target::Target;
 use crate::Ctx;
 use record::{error_counts, error_delta, round3, WindowStart};
@@ -144,7 +145,7 @@ async fn soak(ctx: &mut Ctx, rig: &mut Rig, kinds: &[FaultKind]) -> anyhow::Resu
         );
     }
     let requests_stop = CancellationToken::new();
-    let (k8s_latency, requests) =
+    let requests =
         crate::k8s::steady_gets(ctx, requests_stop.clone(), soak_bound(ctx, kinds.len()))?;
 
     let soak_errors = error_counts(&ctx.stats);
@@ -159,7 +160,7 @@ async fn soak(ctx: &mut Ctx, rig: &mut Rig, kinds: &[FaultKind]) -> anyhow::Resu
         if ctx.interrupted.is_cancelled() || !ramped {
             break;
         }
-        match one_fault(ctx, rig, &fleet, &mut commits, *kind, i).await {
+        match one_fault(ctx, rig, &fleet, &requests, &mut commits, *kind, i).await {
             Ok((record, ops)) => {
                 window_ops += ops;
                 for (k, n) in &record.errors {
@@ -176,9 +177,10 @@ async fn soak(ctx: &mut Ctx, rig: &mut Rig, kinds: &[FaultKind]) -> anyhow::Resu
 
     ctx.set_phase("end");
     requests_stop.cancel();
-    let sent = requests.await.unwrap_or(0);
+    let sent = requests.task.await.unwrap_or(0);
+    let k8s_latency = requests.latency.snapshot();
     ctx.extra_latency
-        .push(("k8s GET through the edge".into(), k8s_latency.snapshot()));
+        .push(("k8s GET through the edge".into(), k8s_latency));
     ctx.fact("k8s_requests_sent", sent);
     let n = fleet.slots.len();
     let all_connected = fleet
@@ -321,12 +323,14 @@ impl Commits {
 }
 
 /// Fault `kind`: injected (a configuration commit in the middle of it), its window closed
-/// when every agent it cut is back (bounded by the budget), then the recovery time, in
+/// when every agent it cut is back (bounded by the budget) and no request sent in it is
+/// still waiting, then the recovery time, in
 /// which the commit must reach everyone. Returns the record and the window's operations.
 async fn one_fault(
     ctx: &mut Ctx,
     rig: &mut Rig,
     fleet: &Fleet,
+    requests: &SteadyGets,
     commits: &mut Commits,
     kind: FaultKind,
     index: usize,
@@ -341,6 +345,14 @@ async fn one_fault(
     // Cuts from the fault's last moments land a little after it: let them happen.
     ctx.pause(Duration::from_millis(500)).await;
     fleet.wait_for(budget, |f| f.connected() == n).await;
+    // A request sent in the window counts there, even if it fails a timeout later: the
+    // window closes once none is in flight (at the request rate, a moment of none comes
+    // often; a hung one holds it up to its timeout).
+    fleet
+        .wait_for(ctx.args.k8s_timeout + Duration::from_secs(1), |_| {
+            requests.in_flight() == 0
+        })
+        .await;
     let cost = window.close(&ctx.stats, fleet, end_s, budget.as_secs_f64());
     let closed_s = ctx.stats.elapsed_secs();
     ctx.set_phase(&format!("recovery {}", index + 1));

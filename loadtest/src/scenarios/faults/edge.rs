@@ -309,8 +309,10 @@ impl EdgeProcess {
         Ok(how)
     }
 
-    /// SIGTERM, then waits (bounded) for the edge to exit.
+    /// SIGTERM, then waits (bounded) for the edge to exit; removes the upgrade sockets.
     pub async fn stop(mut self) {
+        let _ = std::fs::remove_file(&self.upgrade_socket);
+        let _ = std::fs::remove_file(self.own_listeners_socket());
         if let Some(mut child) = self.child.take() {
             signal(&child, libc::SIGTERM);
             if timeout(DRAIN_DEADLINE + Duration::from_secs(5), child.wait())

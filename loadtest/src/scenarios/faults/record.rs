@@ -198,16 +198,13 @@ impl FaultRecord {
             .rev()
             .find(|s| s.t < start && s.edge_rss_bytes > 0)
             .map(|s| s.edge_rss_bytes);
-        self.edge_rss_peak_bytes = timeline
-            .iter()
-            .filter(within)
-            .map(|s| s.edge_rss_bytes)
-            .max();
-        self.kas_rss_peak_bytes = timeline
-            .iter()
-            .filter(within)
-            .map(|s| s.kas_rss_bytes)
-            .max();
+        // A window shorter than the sample interval: the first sample after its start.
+        let mut window: Vec<&ProcSample> = timeline.iter().filter(within).collect();
+        if window.is_empty() {
+            window.extend(timeline.iter().find(|s| s.t >= start));
+        }
+        self.edge_rss_peak_bytes = window.iter().map(|s| s.edge_rss_bytes).max();
+        self.kas_rss_peak_bytes = window.iter().map(|s| s.kas_rss_bytes).max();
     }
 }
 

@@ -183,7 +183,7 @@ fn chart(title: &str, unit: &str, x_max: f64, marks: &Marks, series: &[Series<'_
         let (x0, x1) = (x(*start), x(*end));
         // A narrow window shows its number alone; the table names it.
         let label = match label.split_once(' ') {
-            Some((number, _)) if x1 - x0 < 70.0 => number,
+            Some((number, _)) if x1 - x0 < 6.0 * label.chars().count() as f64 + 4.0 => number,
             _ => label.as_str(),
         };
         let _ = write!(

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -96,6 +96,8 @@ pub struct Slot {
     pub connected: AtomicBool,
     /// 1 + the reconnect epoch in force when the agent last became ready; 0 = never.
     pub ready_epoch: AtomicU64,
+    /// Microseconds after the run's start when the agent last became ready; 0 = never.
+    pub ready_at_us: AtomicU64,
     /// Microseconds after the run's start of the last cut we did not ask for; 0 = none.
     pub cut_at_us: AtomicU64,
     pub cuts: AtomicU64,
@@ -103,11 +105,32 @@ pub struct Slot {
     pub expect_cut: AtomicBool,
     /// Bumping it makes the agent drop its connection and reconnect at once.
     pub epoch: watch::Sender<u64>,
+    /// The commit of the last configuration kas sent this agent ("" before the first).
+    pub config_commit: Mutex<String>,
+    /// Microseconds after the run's start when that commit first reached the agent.
+    pub commit_at_us: AtomicU64,
 }
 
 impl Slot {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
+    }
+
+    /// The commit of the configuration the agent holds now.
+    pub fn commit(&self) -> String {
+        self.config_commit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A configuration arrived (at `now_us` after the run's start).
+    fn configured(&self, message: &ConfigurationResponse, now_us: u64) {
+        let mut commit = self.config_commit.lock().unwrap_or_else(|p| p.into_inner());
+        if *commit != message.commit_id {
+            commit.clone_from(&message.commit_id);
+            self.commit_at_us.store(now_us, Ordering::SeqCst);
+        }
     }
 }
 
@@ -350,9 +373,13 @@ async fn hold(
     stats.connect_latency.record(t0.elapsed());
     stats.inc(&stats.connects_ok);
     slot.ready_epoch.store(epoch + 1, Ordering::SeqCst);
+    slot.ready_at_us.store(
+        (stats.start.elapsed().as_micros() as u64).max(1),
+        Ordering::SeqCst,
+    );
     ready.store(true, Ordering::SeqCst);
     let _up = UpGuard::new(stats, slot);
-    keep_busy(env, streams).await
+    keep_busy(env, slot, streams).await
 }
 
 /// Opens every held stream within the connect deadline; a stream that does not open is a
@@ -454,12 +481,13 @@ async fn open_configuration(
         format!("no configuration within {:?}", env.connect_timeout)
     })
     .await?;
-    if first.is_none() {
+    let Some(first) = first else {
         stats.errors.add("configuration: empty stream", || {
             "GetConfiguration ended before the first configuration".into()
         });
         return Err(End::ConnectFailed);
-    }
+    };
+    slot.configured(&first, stats.micros());
     stats.inc(&stats.config_messages);
     Ok(stream)
 }
@@ -510,7 +538,7 @@ fn still_open<T>(what: &str, message: Result<Option<T>, tonic::Status>) -> Resul
 
 /// Keeps the held streams busy — configuration updates in, one echo per interval out and
 /// back — until one of them breaks; returns why.
-async fn keep_busy(env: &AgentEnv, streams: HeldStreams) -> End {
+async fn keep_busy(env: &AgentEnv, slot: &Slot, streams: HeldStreams) -> End {
     let stats = &env.stats;
     let HeldStreams {
         mut config,
@@ -521,8 +549,9 @@ async fn keep_busy(env: &AgentEnv, streams: HeldStreams) -> End {
         // The configuration stream alone (and the tunnels, on their own tasks).
         loop {
             let m = config.message().await;
-            if let Err(end) = still_open("configuration stream", m) {
-                return end;
+            match still_open("configuration stream", m) {
+                Ok(message) => slot.configured(&message, stats.micros()),
+                Err(end) => return end,
             }
             stats.inc(&stats.config_messages);
         }
@@ -532,7 +561,10 @@ async fn keep_busy(env: &AgentEnv, streams: HeldStreams) -> End {
         let echo_deadline = echo.answer_deadline();
         let step = tokio::select! {
             m = config.message() => {
-                still_open("configuration stream", m).map(|_| stats.inc(&stats.config_messages))
+                still_open("configuration stream", m).map(|message| {
+                    slot.configured(&message, stats.micros());
+                    stats.inc(&stats.config_messages);
+                })
             },
             _ = sleep_until(echo.next_due) => echo.tick(env).await,
             m = echo_in.message() => still_open("echo stream", m).map(|pong| echo.answered(stats, &pong)),
@@ -658,10 +690,13 @@ impl Fleet {
                 transport,
                 connected: AtomicBool::new(false),
                 ready_epoch: AtomicU64::new(0),
+                ready_at_us: AtomicU64::new(0),
                 cut_at_us: AtomicU64::new(0),
                 cuts: AtomicU64::new(0),
                 expect_cut: AtomicBool::new(false),
                 epoch: watch::channel(0).0,
+                config_commit: Mutex::new(String::new()),
+                commit_at_us: AtomicU64::new(0),
             }));
         }
         Ok(Self {

@@ -30,6 +30,11 @@ pub enum Scenario {
     #[value(name = "k8s-proxy")]
     #[serde(rename = "k8s-proxy")]
     K8sProxy,
+    /// Start kas pods and kas-edge, hold a fleet (configuration, Echo, reverse tunnels and
+    /// Kubernetes API requests through the edge) and inject faults one after another: pod
+    /// killed, rollout, GitLab and Gitaly down or slow, blocklist edits, certificate
+    /// rotation, edge restart; per fault, who was cut and how soon they were back.
+    Faults,
 }
 
 impl Scenario {
@@ -43,6 +48,7 @@ impl Scenario {
             Scenario::Bulk => "bulk",
             Scenario::Hostile => "hostile",
             Scenario::K8sProxy => "k8s-proxy",
+            Scenario::Faults => "faults",
         }
     }
 
@@ -61,7 +67,7 @@ impl Args {
     /// `--ws-fraction`, or the scenario's default share.
     pub fn ws_fraction(&self) -> f64 {
         self.ws_fraction_arg.unwrap_or(match self.scenario {
-            Scenario::Hostile => 0.5,
+            Scenario::Hostile | Scenario::Faults => 0.5,
             _ => 1.0,
         })
     }
@@ -70,6 +76,51 @@ impl Args {
     pub fn error_budget(&self) -> f64 {
         self.max_error_rate
             .unwrap_or_else(|| self.scenario.default_error_budget())
+    }
+}
+
+/// One fault of the faults scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// `kill -9` of a kas pod, restarted at once.
+    KillPod,
+    /// SIGTERM to each kas pod in turn, each replaced and ready before the next.
+    Rollout,
+    /// GitLab answers 503 for --fault-window, then slowly (--gitlab-slow) for as long.
+    Gitlab,
+    /// The Gitaly stand-in stopped for --fault-window.
+    Gitaly,
+    /// The edge's blocklist rewritten every --blocklist-edit-every for --fault-window,
+    /// with entries none of the fleet's addresses match.
+    Blocklist,
+    /// New certificate and key files, hot-reloaded by the edge.
+    CertRotation,
+    /// The edge restarted by graceful upgrade (the new process takes the sockets).
+    EdgeRestart,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::KillPod,
+        FaultKind::Rollout,
+        FaultKind::Gitlab,
+        FaultKind::Gitaly,
+        FaultKind::Blocklist,
+        FaultKind::CertRotation,
+        FaultKind::EdgeRestart,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillPod => "kill-pod",
+            FaultKind::Rollout => "rollout",
+            FaultKind::Gitlab => "gitlab",
+            FaultKind::Gitaly => "gitaly",
+            FaultKind::Blocklist => "blocklist",
+            FaultKind::CertRotation => "cert-rotation",
+            FaultKind::EdgeRestart => "edge-restart",
+        }
     }
 }
 
@@ -152,7 +203,7 @@ pub struct Args {
 
     /// Share of agents using the websocket transport; the rest use gRPC over HTTP/2.
     /// Default: 1, or 0.5 for hostile (whose attacks on the edge's shared pod connections
-    /// aim at the gRPC agents).
+    /// aim at the gRPC agents) and faults.
     #[arg(long = "ws-fraction", value_parser = parse_fraction)]
     pub ws_fraction_arg: Option<f64>,
 
@@ -294,12 +345,17 @@ pub struct Args {
     #[arg(long)]
     pub json: Option<PathBuf>,
 
+    /// faults: write the per-fault table as Markdown.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+
     /// Write an HTML report with charts (self-contained, no network at view time).
     #[arg(long)]
     pub html: Option<PathBuf>,
 
     /// Highest tolerated error rate (errors / operations); exceeding it fails the run.
-    /// Default: 0, or 0.001 for hostile (where only the legitimate agents' count).
+    /// Default: 0, or 0.001 for hostile (where only the legitimate agents' count). For
+    /// faults it applies outside the fault windows.
     #[arg(long, value_parser = parse_fraction)]
     pub max_error_rate: Option<f64>,
 
@@ -371,6 +427,55 @@ pub struct Args {
     /// hostile: after the attacks stop, how long to wait before the "after" sample.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub attack_settle: Duration,
+
+    /// faults: the faults to inject, in this order (default: all, in the order listed).
+    #[arg(long = "fault", value_enum)]
+    pub faults: Vec<FaultKind>,
+
+    /// faults: kas pods (processes) the edge spreads the fleet over.
+    #[arg(long, default_value_t = 3)]
+    pub kas_pods: u8,
+
+    /// faults: the `kas` binary. Default: `kas` next to this program.
+    #[arg(long)]
+    pub kas_bin: Option<PathBuf>,
+
+    /// faults: the `kas-edge` binary. Default: `kas-edge` next to this program.
+    #[arg(long)]
+    pub edge_bin: Option<PathBuf>,
+
+    /// faults: directory for the stack's and the edge's files and logs.
+    #[arg(long, default_value = ".loadtest-faults")]
+    pub faults_dir: PathBuf,
+
+    /// faults: loopback address of pod 1; pod n gets the n-th from here, the stand-ins
+    /// this /24's .200 and the edge its .250.
+    #[arg(long, default_value = "127.0.9.1")]
+    pub faults_ip_base: Ipv4Addr,
+
+    /// faults: how long GitLab answers 503 (and then how long it is slow), Gitaly is
+    /// down and the blocklist is edited.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub fault_window: Duration,
+
+    /// faults: quiet time after each fault (its recovery and the observation that nothing
+    /// else goes wrong), also before the first.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub fault_recovery: Duration,
+
+    /// faults: GitLab's answer time while it is slow.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub gitlab_slow: Duration,
+
+    /// faults: time between blocklist edits in the blocklist fault.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub blocklist_edit_every: Duration,
+
+    /// faults: how long after a fault ends every agent cut by it must be back. Default:
+    /// 2 × --backoff-max + --connect-timeout (a failed retry at the longest back-off, then
+    /// a connect).
+    #[arg(long, value_parser = parse_duration)]
+    pub backoff_budget: Option<Duration>,
 
     /// Progress bar: auto (only when stderr is a terminal), always, never.
     #[arg(long, default_value = "auto")]

@@ -89,6 +89,8 @@ fn read_tokens(args: &Args) -> anyhow::Result<Vec<String>> {
         (None, None) if args.agents == 0 && args.scenario == Scenario::K8sProxy => {
             "no-agent".to_owned()
         }
+        // The faults scenario starts its own stack, which writes the tokens.
+        (None, None) if args.scenario == Scenario::Faults => "from-the-stack".to_owned(),
         (None, None) => {
             bail!("no token: give --token or --token-file (the local stack's is {DEV_TOKEN})")
         }
@@ -126,6 +128,9 @@ pub struct Ctx {
     pub edge: Option<report::EdgeSummary>,
     pub extra_latency: Vec<(String, hdrhistogram::Histogram<u64>)>,
     pub attacks: Vec<report::AttackSummary>,
+    /// faults: every fault injected, what it cost and the timeline with the processes'
+    /// memory and CPU.
+    pub faults: Option<scenarios::faults::FaultsReport>,
 }
 
 impl Ctx {
@@ -156,6 +161,7 @@ impl Ctx {
             edge: None,
             extra_latency: Vec::new(),
             attacks: Vec::new(),
+            faults: None,
             args,
         }
     }
@@ -192,7 +198,7 @@ const VIA: &str = "gitlab-agent/v16.5.0-kas-loadtest/0000000";
 /// kind (`tunnel: grpc <code>`: kas refused or broke an idle tunnel; `tunnel request: grpc
 /// <code>`: a routed request failed in the agent). A request its caller left (a watch
 /// closed) is not a failure.
-fn tunnel_fleet(kube_api: &str, stats: &Arc<Stats>) -> TunnelFleet {
+pub(crate) fn tunnel_fleet(kube_api: &str, stats: &Arc<Stats>) -> TunnelFleet {
     let stats = stats.clone();
     TunnelFleet::new(kube_api, VIA).with_error_hook(Box::new(move |stage, status| {
         if stage == "request" && status.code() == tonic::Code::Cancelled {
@@ -367,6 +373,9 @@ fn check_capacity(args: &Args) -> anyhow::Result<()> {
             };
             args.agents + args.k8s_watches + callers.min(4096)
         }
+        // Agents, their Kubernetes API callers, and the stack's own sockets (pods' and
+        // stand-ins' ends of every connection run in this process or its children).
+        Scenario::Faults => 2 * args.agents + args.k8s_max_in_flight.min(4096) + 256,
         _ => args.agents,
     };
     if (sockets as u64) + 64 > nofile {
@@ -410,6 +419,7 @@ async fn run_sampled(ctx: &mut Ctx) -> (anyhow::Result<()>, Vec<Sample>) {
         Scenario::Bulk => bulk::bulk(ctx).await,
         Scenario::Hostile => scenarios::hostile(ctx).await,
         Scenario::K8sProxy => k8s::k8s_proxy(ctx).await,
+        Scenario::Faults => scenarios::faults::faults(ctx).await,
     };
     ctx.set_phase("done");
     // One last sample after everything settled.
@@ -448,7 +458,11 @@ fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Re
     } else {
         "error budget"
     };
-    ctx.check(name, budget_ok, detail);
+    // Faults cause errors by design: that scenario applies the budget outside its fault
+    // windows itself.
+    if ctx.args.scenario != Scenario::Faults {
+        ctx.check(name, budget_ok, detail);
+    }
     let passed = ctx.checks.iter().all(|c| c.ok);
     Report {
         tool: format!("kas-loadtest {}", env!("CARGO_PKG_VERSION")),
@@ -470,6 +484,7 @@ fn build_report(mut ctx: Ctx, started_unix_ms: u64, timeline: Vec<Sample>) -> Re
         facts: ctx.facts,
         edge: ctx.edge,
         attacks: ctx.attacks,
+        faults: ctx.faults,
         checks: ctx.checks,
         passed,
         timeline,

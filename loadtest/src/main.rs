@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(status) => return status,
     };
-    let (json, html) = (args.json.clone(), args.html.clone());
+    let (json, html, markdown) = (args.json.clone(), args.html.clone(), args.markdown.clone());
     let report = match runtime.block_on(kas_loadtest::run(args)) {
         Ok(report) => report,
         Err(e) => return binary::failed(PROGRAM, &e),
@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             kas_loadtest::report::Report::write_json as fn(&_, &_) -> _,
         ),
         (html, kas_loadtest::report::Report::write_html),
+        (markdown, kas_loadtest::report::Report::write_markdown),
     ] {
         if let Some(path) = path {
             match write(&report, &path) {

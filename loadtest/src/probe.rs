@@ -26,7 +26,7 @@ pub struct EdgeProbe {
 }
 
 /// Plain HTTP/1.0 GET: enough for a Prometheus text endpoint, no client stack needed.
-async fn read_body(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+pub(crate) async fn read_body(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;

@@ -202,6 +202,9 @@ pub struct Report {
     /// hostile: the attacks, one per kind.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub attacks: Vec<AttackSummary>,
+    /// faults: the faults injected, their cost, and the processes over time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<crate::scenarios::faults::FaultsReport>,
     pub checks: Vec<Check>,
     pub passed: bool,
     pub timeline: Vec<Sample>,
@@ -268,6 +271,11 @@ impl Report {
         for a in &self.attacks {
             attack_rows(a, &mut rows);
         }
+        if let Some(faults) = &self.faults {
+            for (name, value) in faults.rows() {
+                rows.add("faults", name, value);
+            }
+        }
         if let Some(e) = &self.edge {
             edge_rows(e, &mut rows);
         }
@@ -309,6 +317,16 @@ impl Report {
         write_file(path, &text)
     }
 
+    /// The faults scenario's table in Markdown; for other scenarios the summary in a code
+    /// block.
+    pub fn write_markdown(&self, path: &Path) -> anyhow::Result<()> {
+        let text = match &self.faults {
+            Some(faults) => faults.markdown(),
+            None => format!("```\n{}```\n", self.summary_table()),
+        };
+        write_file(path, &text)
+    }
+
     pub fn write_html(&self, path: &Path) -> anyhow::Result<()> {
         write_file(path, &self.html())
     }
@@ -316,6 +334,9 @@ impl Report {
     /// The page: verdict, charts over time, latency histograms, then the summary table.
     pub fn html(&self) -> String {
         let mut body = self.html_heading();
+        if let Some(faults) = &self.faults {
+            body.push_str(&faults.html());
+        }
         body.push_str(&self.timeline_charts());
         body.push_str(&self.latency_charts());
         body.push_str(&self.html_table());
@@ -579,7 +600,7 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -610,7 +631,7 @@ const TOP: f64 = 30.0;
 const BOTTOM: f64 = 40.0;
 
 /// A "nice" axis maximum (1, 2, 2.5, 5 × 10^k) at or above `v`.
-fn nice_max(v: f64) -> f64 {
+pub(crate) fn nice_max(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
         return 1.0;
     }
@@ -623,7 +644,7 @@ fn nice_max(v: f64) -> f64 {
     10.0 * exp
 }
 
-fn fmt_tick(v: f64) -> String {
+pub(crate) fn fmt_tick(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v >= 1e4 {

@@ -26,6 +26,7 @@ use crate::stats::{new_histogram, Stats};
 use crate::transport::{Connection, Connector, GrpcConn, H2Service};
 use crate::Ctx;
 
+pub mod faults;
 mod hostile;
 pub use hostile::hostile;
 

@@ -33,6 +33,8 @@ pub const K8S_PROXY_PORT: u16 = 8154;
 pub const K8S_PROXY_PREFIX: &str = "/k8s-proxy/";
 const GITLAB_PORT: u16 = 8180;
 const KUBE_API_PORT: u16 = 8182;
+const REDIS_PORT: u16 = 6379;
+pub const PRIVATE_API_PORT: u16 = 8155;
 
 /// The CI job token every `ci:` token of the stack carries.
 const JOB_TOKEN: &str = "glcbt-loadtest-job";
@@ -87,6 +89,17 @@ pub struct StackArgs {
     /// kas's log level.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
+
+    /// Run the pods as a fleet: a `redis-server` (on the stand-ins' address, :6379) they
+    /// share, and each pod's private API (:8155), so a Kubernetes API request landing on
+    /// any pod reaches the agent's tunnels wherever they are (as behind the edge).
+    #[arg(long)]
+    pub redis: bool,
+
+    /// How often kas checks the agents' configuration branch for a new commit (kas's
+    /// default, 5 minutes, when not given).
+    #[arg(long, value_parser = parse_duration)]
+    pub config_poll_interval: Option<Duration>,
 }
 
 /// The stack's files and addresses, as `stack.env` lists them.
@@ -133,12 +146,33 @@ impl StackInfo {
 }
 
 /// The running stack: stand-ins in this process, pods as children. Dropping it kills the
-/// pods (`kill_on_drop`); [`Stack::stop`] lets them drain first.
+/// pods (`kill_on_drop`); [`Stack::stop`] lets them drain first. The faults scenario
+/// kills, stops and restarts pods one by one ([`Stack::kill_pod`], [`Stack::terminate_pod`],
+/// [`Stack::start_pod`]) and switches the stand-ins' faults through [`Stack::gitlab`].
 pub struct Stack {
     pub info: StackInfo,
-    _gitlab: GitlabStandin,
+    pub gitlab: GitlabStandin,
     _kube: KubeApi,
-    pods: Vec<Child>,
+    /// Pod n (from 1) is `pods[n - 1]`; `None` while it is down.
+    pods: Vec<Option<Child>>,
+    launch: PodLaunch,
+    fleet: Option<Fleet>,
+}
+
+/// What starting pod n again needs.
+struct PodLaunch {
+    kas: PathBuf,
+    dir: PathBuf,
+    ips: Vec<IpAddr>,
+}
+
+/// The configuration every agent of the stack reads: `AGENT_CONFIG`, and a comment line
+/// when `revision` is given, so each revision is a new commit with the same meaning.
+pub fn agent_config(revision: Option<&str>) -> String {
+    match revision {
+        Some(r) => format!("{AGENT_CONFIG}# revision {r}\n"),
+        None => AGENT_CONFIG.to_owned(),
+    }
 }
 
 fn pod_ip(base: Ipv4Addr, n: u8) -> anyhow::Result<IpAddr> {
@@ -186,6 +220,19 @@ pub fn self_signed(dir: &Path, ips: &[IpAddr]) -> anyhow::Result<(PathBuf, PathB
     Ok((cert_path, key_path))
 }
 
+/// Agent `i` of the stack. One configuration file for all: kas reads it once per commit,
+/// and the Gitaly stand-in (a git process per read) does not set the connect rate.
+fn standin_agent(i: usize) -> StandinAgent {
+    StandinAgent {
+        token: format!("glagent-loadtest-{i}"),
+        agent_id: i as i64 + 1,
+        agent_name: AGENT_NAME.into(),
+        project_id: 1,
+        project_path: PROJECT_PATH.into(),
+        ..StandinAgent::demo("")
+    }
+}
+
 /// The GitLab stand-in with `n` agents sharing one configuration project, and a CI job
 /// allowed to use all of them; writes the token files.
 async fn gitlab(args: &StackArgs, dir: &Path) -> anyhow::Result<(GitlabStandin, PathBuf)> {
@@ -198,16 +245,7 @@ async fn gitlab(args: &StackArgs, dir: &Path) -> anyhow::Result<(GitlabStandin, 
         .with_context(|| format!("cannot start the GitLab stand-in on {addr}"))?;
     let (mut tokens, mut ci_tokens, mut allowed) = (String::new(), String::new(), Vec::new());
     for i in 0..args.agents.max(1) {
-        let agent = StandinAgent {
-            token: format!("glagent-loadtest-{i}"),
-            agent_id: i as i64 + 1,
-            // One configuration file for all: kas reads it once per commit, and the
-            // Gitaly stand-in (a git process per read) does not set the connect rate.
-            agent_name: AGENT_NAME.into(),
-            project_id: 1,
-            project_path: PROJECT_PATH.into(),
-            ..StandinAgent::demo("")
-        };
+        let agent = standin_agent(i);
         if i == 0 {
             gitlab
                 .write_agent_config(&agent, AGENT_CONFIG)
@@ -244,7 +282,16 @@ fn pod_config(
     gitlab_url: &str,
     secret_file: &Path,
     tls: Option<&(PathBuf, PathBuf)>,
+    fleet: Option<&Fleet>,
 ) -> String {
+    let fleet = fleet.map_or(String::new(), |f| {
+        format!(
+            "[redis]\naddress = \"{}\"\n\n[private_api]\nlisten = \"{}\"\nauthentication_secret_file = {:?}\n\n",
+            f.redis_addr,
+            SocketAddr::new(ip, PRIVATE_API_PORT),
+            f.private_secret_file.display().to_string()
+        )
+    });
     let tls = tls.map_or(String::new(), |(cert, key)| {
         format!(
             "certificate_file = {:?}\nkey_file = {:?}\n",
@@ -260,13 +307,78 @@ fn pod_config(
          max_tunnels_total = {total}\n\n\
          [kubernetes_api]\nlisten = \"{ip}:{K8S_PROXY_PORT}\"\nurl_path_prefix = {K8S_PROXY_PREFIX:?}\n{tls}\n\
          [shutdown]\nreadiness_delay = \"0s\"\ndrain_deadline = \"5s\"\n\n\
-         [log]\nlevel = {level:?}\n",
+         {poll}{fleet}[log]\nlevel = {level:?}\n",
         secret = secret_file.display().to_string(),
         routing = args.routing_timeout.as_millis(),
         max = args.max_tunnels_per_agent,
         total = args.max_tunnels_per_agent.max(1_000_000),
         level = args.log_level,
+        poll = args.config_poll_interval.map_or(String::new(), |d| format!(
+            "[agent_configuration]\npoll_interval = \"{}ms\"\n\n",
+            d.as_millis().max(1)
+        )),
     )
+}
+
+/// What the pods share as a fleet: Redis, and the private API's secret.
+struct Fleet {
+    redis: Child,
+    redis_addr: SocketAddr,
+    private_secret_file: PathBuf,
+}
+
+/// Starts `redis-server` on `addr` (nothing saved, nothing appended) and waits (bounded)
+/// until it answers PING.
+async fn start_redis(addr: SocketAddr, dir: &Path) -> anyhow::Result<Child> {
+    let log_path = dir.join("redis.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut child = Command::new("redis-server")
+        .args([
+            "--bind",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start redis-server (apt-get install redis-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "redis-server on {addr} exited at start ({status}); see {}",
+                log_path.display()
+            );
+        }
+        if redis_pong(addr).await {
+            return Ok(child);
+        }
+        if Instant::now() >= deadline {
+            bail!("redis-server on {addr} did not answer PING within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn redis_pong(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ping = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut answer = [0u8; 7];
+        stream.read_exact(&mut answer).await.ok()?;
+        Some(&answer == b"+PONG\r\n")
+    };
+    tokio::time::timeout(Duration::from_secs(1), ping)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// Waits (bounded) until `addr` answers `GET /readiness` with 200.
@@ -308,8 +420,20 @@ impl Stack {
         } else {
             None
         };
-        let mut pods = Vec::new();
-        let mut info = StackInfo {
+        let fleet = if args.redis {
+            let redis_addr = SocketAddr::new(IpAddr::V4(args.standin_ip), REDIS_PORT);
+            let redis = start_redis(redis_addr, &dir).await?;
+            let private_secret_file = dir.join("private_api_secret");
+            write(&private_secret_file, &SharedSecret::generate().to_base64())?;
+            Some(Fleet {
+                redis,
+                redis_addr,
+                private_secret_file,
+            })
+        } else {
+            None
+        };
+        let info = StackInfo {
             agent_targets: Vec::new(),
             proxy_urls: Vec::new(),
             kube_api_url: kube.url(),
@@ -319,50 +443,154 @@ impl Stack {
             kas_pids: Vec::new(),
             metrics_urls: Vec::new(),
         };
+        let mut stack = Self {
+            info,
+            gitlab,
+            _kube: kube,
+            pods: (0..args.pods).map(|_| None).collect(),
+            launch: PodLaunch {
+                kas,
+                dir: dir.clone(),
+                ips: ips.clone(),
+            },
+            fleet,
+        };
         let scheme = if args.tls { "https" } else { "http" };
         for (n, ip) in (1..=args.pods).zip(&ips) {
-            let config_path = dir.join(format!("kas-{n}.toml"));
             write(
-                &config_path,
-                &pod_config(args, *ip, &gitlab.url(), &secret_file, tls.as_ref()),
+                &stack.config_path(n),
+                &pod_config(
+                    args,
+                    *ip,
+                    &stack.gitlab.url(),
+                    &secret_file,
+                    tls.as_ref(),
+                    stack.fleet.as_ref(),
+                ),
             )?;
-            let log_path = dir.join(format!("kas-{n}.log"));
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("cannot create {}", log_path.display()))?;
-            let err = log.try_clone().context("log file handle")?;
-            let mut child = Command::new(&kas)
-                .arg("--config")
-                .arg(&config_path)
-                .arg("--pod-name")
-                .arg(format!("kas-{n}"))
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(err)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start {}", kas.display()))?;
+            stack.start_pod(n).await?;
             let obs = SocketAddr::new(*ip, OBSERVABILITY_PORT);
-            wait_ready(obs, &mut child, Duration::from_secs(30)).await?;
-            info.kas_pids.extend(child.id());
-            info.agent_targets.push(format!("grpc://{ip}:{AGENT_PORT}"));
-            info.proxy_urls.push(format!(
+            stack
+                .info
+                .agent_targets
+                .push(format!("grpc://{ip}:{AGENT_PORT}"));
+            stack.info.proxy_urls.push(format!(
                 "{scheme}://{ip}:{K8S_PROXY_PORT}{K8S_PROXY_PREFIX}"
             ));
-            info.metrics_urls.push(format!("http://{obs}/metrics"));
-            pods.push(child);
+            stack
+                .info
+                .metrics_urls
+                .push(format!("http://{obs}/metrics"));
         }
-        write(&dir.join("stack.env"), &info.env_text())?;
-        Ok(Self {
-            info,
-            _gitlab: gitlab,
-            _kube: kube,
-            pods,
-        })
+        stack.info.kas_pids = stack.pod_pids();
+        write(&dir.join("stack.env"), &stack.info.env_text())?;
+        Ok(stack)
+    }
+
+    /// Commits [`agent_config`] of `revision` as every agent's configuration (they share
+    /// one file); returns the new commit id, which kas hands the agents at its next poll.
+    pub fn commit_agent_config(&self, revision: &str) -> anyhow::Result<String> {
+        let agent = standin_agent(0);
+        let path = kas::sources::config_file_path(&agent.agent_name);
+        let yaml = agent_config(Some(revision));
+        self.gitlab
+            .commit_files(&agent.project(), &[(&path, Some(yaml.as_bytes()))])
+            .context("cannot commit the agents' configuration")
+    }
+
+    fn config_path(&self, n: u8) -> PathBuf {
+        self.launch.dir.join(format!("kas-{n}.toml"))
+    }
+
+    /// Pod n's address (from 1).
+    pub fn pod_addr(&self, n: u8) -> Option<IpAddr> {
+        self.launch.ips.get(usize::from(n).checked_sub(1)?).copied()
+    }
+
+    /// How many pods the stack has (running or not).
+    pub fn pod_count(&self) -> u8 {
+        self.pods.len() as u8
+    }
+
+    /// The running pods' process ids, in pod order.
+    pub fn pod_pids(&self) -> Vec<u32> {
+        self.pods.iter().flatten().filter_map(Child::id).collect()
+    }
+
+    fn slot(&mut self, n: u8) -> anyhow::Result<&mut Option<Child>> {
+        let count = self.pods.len();
+        usize::from(n)
+            .checked_sub(1)
+            .and_then(|i| self.pods.get_mut(i))
+            .with_context(|| format!("no pod {n} (the stack has {count})"))
+    }
+
+    /// Starts pod n (from 1) with its configuration, its log appended to, and waits
+    /// (bounded) until it is ready. Refused while it runs.
+    pub async fn start_pod(&mut self, n: u8) -> anyhow::Result<()> {
+        let ip = self.pod_addr(n).with_context(|| format!("no pod {n}"))?;
+        let config_path = self.config_path(n);
+        let log_path = self.launch.dir.join(format!("kas-{n}.log"));
+        let kas = self.launch.kas.clone();
+        if self.slot(n)?.is_some() {
+            bail!("pod {n} is running");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let err = log.try_clone().context("log file handle")?;
+        let mut child = Command::new(&kas)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--pod-name")
+            .arg(format!("kas-{n}"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", kas.display()))?;
+        let obs = SocketAddr::new(ip, OBSERVABILITY_PORT);
+        wait_ready(obs, &mut child, Duration::from_secs(30)).await?;
+        *self.slot(n)? = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` of pod n: gone at once, nothing drained. Waits for the process.
+    pub async fn kill_pod(&mut self, n: u8) -> anyhow::Result<()> {
+        if let Some(mut child) = self.slot(n)?.take() {
+            child
+                .kill()
+                .await
+                .with_context(|| format!("kill -9 of pod {n}"))?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to pod n, as Kubernetes ends a pod: it drains and exits; waits up to
+    /// `within`, then kills it. Returns whether it exited by itself.
+    pub async fn terminate_pod(&mut self, n: u8, within: Duration) -> anyhow::Result<bool> {
+        let Some(mut child) = self.slot(n)?.take() else {
+            return Ok(true);
+        };
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) with the pid of a child we started and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(within, child.wait()).await.is_ok() {
+            return Ok(true);
+        }
+        let _ = child.kill().await;
+        Ok(false)
     }
 
     /// SIGTERM to every pod, then waits (bounded) for them; the rest are killed.
     pub async fn stop(mut self) {
-        for child in &self.pods {
+        for child in self.pods.iter().flatten() {
             if let Some(pid) = child.id() {
                 // SAFETY: kill(2) with a pid of a child we started and still own.
                 unsafe {
@@ -370,13 +598,16 @@ impl Stack {
                 }
             }
         }
-        for child in &mut self.pods {
+        for child in self.pods.iter_mut().flatten() {
             if tokio::time::timeout(Duration::from_secs(10), child.wait())
                 .await
                 .is_err()
             {
                 let _ = child.kill().await;
             }
+        }
+        if let Some(mut fleet) = self.fleet.take() {
+            let _ = fleet.redis.kill().await;
         }
     }
 }

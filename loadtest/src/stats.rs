@@ -105,6 +105,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Microseconds since the run started.
+    pub fn micros(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
     pub fn new() -> Self {
         Self {
             start: Instant::now(),

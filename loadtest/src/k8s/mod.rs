@@ -311,6 +311,64 @@ async fn closed_loop(ctx: &Ctx, callers: &Arc<Callers>, latency: &Arc<Latency>) 
     }
 }
 
+/// Background GETs ([`steady_gets`]): their latency, how many are in flight, and the task.
+pub(crate) struct SteadyGets {
+    pub latency: Arc<Latency>,
+    in_flight: Arc<Semaphore>,
+    permits: usize,
+    /// Ends with the number sent once every request is answered or given up.
+    pub task: tokio::task::JoinHandle<u64>,
+}
+
+impl SteadyGets {
+    /// Requests sent and not yet answered or given up.
+    pub fn in_flight(&self) -> usize {
+        self.permits
+            .saturating_sub(self.in_flight.available_permits())
+    }
+}
+
+/// GETs at `--k8s-rate` (open loop, each holding a permit of `--k8s-max-in-flight` until
+/// answered) from now until `stop`, and at most for `limit`: the background traffic of a
+/// scenario that does other things meanwhile (faults).
+pub(crate) fn steady_gets(
+    ctx: &Ctx,
+    stop: CancellationToken,
+    limit: Duration,
+) -> anyhow::Result<SteadyGets> {
+    let callers = Arc::new(callers(ctx)?);
+    let latency = Arc::new(Latency::default());
+    let rate = ctx.args.k8s_rate;
+    let total = ((rate * limit.as_secs_f64()).ceil() as u64).min(50_000_000);
+    let permits = ctx.args.k8s_max_in_flight.clamp(1, 1 << 20);
+    let in_flight = Arc::new(Semaphore::new(permits));
+    let drain = ctx.args.k8s_timeout + Duration::from_secs(2);
+    let (recorded, semaphore) = (latency.clone(), in_flight.clone());
+    let task = tokio::spawn(async move {
+        let schedule = Schedule::new(Instant::now(), rate);
+        let mut sent = 0;
+        for k in 0..total {
+            let Some(due) = schedule.wait(k, &stop).await else {
+                break;
+            };
+            let permit = tokio::select! {
+                p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.cancelled() => break,
+            };
+            sent += 1;
+            spawn_get(&callers, k, due, &recorded, permit);
+        }
+        let _ = timeout(drain, semaphore.acquire_many(permits as u32)).await;
+        sent
+    });
+    Ok(SteadyGets {
+        latency,
+        in_flight,
+        permits,
+        task,
+    })
+}
+
 /// Pods the writer created and when, so watches can tell how late their `ADDED` came.
 #[derive(Default)]
 struct Creates {

@@ -291,6 +291,44 @@ async fn a_post_with_a_body_reaches_the_cluster() {
 }
 
 #[tokio::test]
+async fn a_get_whose_tunnel_is_lost_before_the_answer_goes_through_another_tunnel() {
+    let stack = Stack::start(json!({"agent": {}})).await;
+    let agent = stack.agent(Misbehaviour::None).await;
+    let replayed = |n: u32| format!("kas_k8s_proxy_requests_replayed_total {n}");
+
+    // kubectl's GET: the tunnel kas picked is reset before answering (the agent's
+    // connection cut under it); the request goes through the agent's other tunnel.
+    agent.set_misbehaviour(Misbehaviour::ResetNextRequestUnanswered);
+    let out = stack
+        .ci()
+        .run(&["get", "pods", "-A", "-o", "name"], b"", RUN)
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("pod/"), "{}", stdout(&out));
+    let metrics = stack.kas.http_get("/metrics").await.1;
+    assert!(metrics.contains(&replayed(1)), "{metrics}");
+
+    // A POST could change the cluster twice: never sent again, its caller gets the 502.
+    stack.wait_ready_tunnels(2).await;
+    agent.set_misbehaviour(Misbehaviour::ResetNextRequestUnanswered);
+    let manifest =
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: once\n  namespace: default\n";
+    let r = stack
+        .client()
+        .post(stack.url("/k8s-proxy/api/v1/namespaces/default/configmaps"))
+        .bearer_auth(format!("ci:{AGENT_ID}:{JOB_TOKEN}"))
+        .header("content-type", "application/yaml")
+        .body(manifest.to_vec())
+        .send()
+        .await
+        .expect("the proxy answers");
+    assert_eq!(r.status(), 502);
+    assert!(stack.kube.object("configmaps", "default", "once").is_none());
+    let metrics = stack.kas.http_get("/metrics").await.1;
+    assert!(metrics.contains(&replayed(1)), "{metrics}");
+}
+
+#[tokio::test]
 async fn a_personal_access_token_runs_as_the_user() {
     let stack = Stack::start(json!({"agent": {}})).await;
     let _agent = stack.agent(Misbehaviour::None).await;

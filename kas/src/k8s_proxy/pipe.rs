@@ -73,12 +73,71 @@ fn header_message(req: &ClusterRequest, content_length: i64) -> Bytes {
     }))
 }
 
+/// Why a request got no answer from the cluster.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// The tunnel went away before the agent's answer began (the agent's connection was
+    /// cut, its pod or edge drained it): the request may not have reached the cluster, and
+    /// whether it did cannot be known.
+    TunnelLost(ProxyError),
+    /// Anything else: the agent's explicit error, a broken protocol.
+    Failed(ProxyError),
+}
+
+impl Unanswered {
+    pub fn into_error(self) -> ProxyError {
+        match self {
+            Unanswered::TunnelLost(e) | Unanswered::Failed(e) => e,
+        }
+    }
+}
+
+/// Whether a request may be sent again through another tunnel when its tunnel is lost
+/// before the answer began: idempotent methods (RFC 9110 section 9.2.2) with no body and
+/// no upgrade, which is what kubectl's get, list and watch requests are. Sending such a
+/// request twice cannot change the cluster; anything else could, so its caller gets the
+/// 502 and decides.
+pub fn replayable(request: &http::Request<Incoming>, upgrade: bool) -> bool {
+    let idempotent = matches!(
+        *request.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    );
+    idempotent && !upgrade && hyper::body::Body::size_hint(request.body()).exact() == Some(0)
+}
+
+/// Sends a request without a body (see [`replayable`]) and answers with the agent's
+/// response; the caller's request stays with the caller, so it can be sent again.
+pub async fn forward_bodiless(
+    call: TunnelCall,
+    cluster: &ClusterRequest,
+) -> Result<Response<ProxyBody>, Unanswered> {
+    let TunnelCall {
+        to_agent,
+        mut from_agent,
+    } = call;
+    let sent = async {
+        to_agent.send(header_message(cluster, 0)).await
+            && to_agent
+                .send(encode_request(http_request::Message::Trailer(
+                    http_request::Trailer {},
+                )))
+                .await
+    };
+    if !sent.await {
+        return Err(tunnel_closed());
+    }
+    to_agent.close_send().await;
+    let head = read_response_head(&mut from_agent).await?;
+    let (response, _) = respond(head, from_agent, None)?;
+    Ok(response)
+}
+
 /// Sends the request to the agent and answers with the agent's response.
 pub async fn forward(
     call: TunnelCall,
     mut request: http::Request<Incoming>,
-    cluster: ClusterRequest,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    cluster: &ClusterRequest,
+) -> Result<Response<ProxyBody>, Unanswered> {
     let on_upgrade = cluster.upgrade.then(|| hyper::upgrade::on(&mut request));
     let body = request.into_body();
     let content_length = match hyper::body::Body::size_hint(&body).exact() {
@@ -89,11 +148,8 @@ pub async fn forward(
         to_agent,
         mut from_agent,
     } = call;
-    if !to_agent
-        .send(header_message(&cluster, content_length))
-        .await
-    {
-        return Err(ProxyError::bad_gateway("the agent's tunnel closed"));
+    if !to_agent.send(header_message(cluster, content_length)).await {
+        return Err(tunnel_closed());
     }
     // Where the upgraded connection's read half goes once the cluster said 101.
     let (upgraded_tx, upgraded_rx) = oneshot::channel();
@@ -103,27 +159,54 @@ pub async fn forward(
         cluster.upgrade,
         upgraded_rx,
     ));
-
     let head = read_response_head(&mut from_agent).await?;
+    let (response, from_agent) = respond(head, from_agent, on_upgrade.map(|u| (u, upgraded_tx)))?;
+    if let Some((on_upgrade, from_agent, upgraded_tx)) = from_agent {
+        tokio::spawn(pipe_upgraded(on_upgrade, from_agent, upgraded_tx));
+    }
+    Ok(response)
+}
+
+fn tunnel_closed() -> Unanswered {
+    Unanswered::TunnelLost(ProxyError::bad_gateway("the agent's tunnel closed"))
+}
+
+type ReadHalfSender = oneshot::Sender<tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>>;
+type UpgradePipe = (
+    hyper::upgrade::OnUpgrade,
+    mpsc::Receiver<FromAgent>,
+    ReadHalfSender,
+);
+
+/// The caller's response from the agent's response head. The body streams from a task of
+/// its own; a 101 answer to an upgrade request hands the tunnel back for the byte pipe.
+fn respond(
+    head: prototool::HttpResponse,
+    from_agent: mpsc::Receiver<FromAgent>,
+    upgrade: Option<(hyper::upgrade::OnUpgrade, ReadHalfSender)>,
+) -> Result<(Response<ProxyBody>, Option<UpgradePipe>), Unanswered> {
     let status =
         StatusCode::from_u16(u16::try_from(head.status_code).unwrap_or(0)).map_err(|_| {
-            ProxyError::bad_gateway(format!("the cluster answered status {}", head.status_code))
+            Unanswered::Failed(ProxyError::bad_gateway(format!(
+                "the cluster answered status {}",
+                head.status_code
+            )))
         })?;
     let upgraded = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut response = Response::new(super::empty_body());
     *response.status_mut() = status;
     *response.headers_mut() = headers::response_headers(&head.header, upgraded);
-    match on_upgrade {
-        Some(on_upgrade) if upgraded => {
-            tokio::spawn(pipe_upgraded(on_upgrade, from_agent, upgraded_tx));
+    match upgrade {
+        Some((on_upgrade, read_half)) if upgraded => {
+            Ok((response, Some((on_upgrade, from_agent, read_half))))
         }
         _ => {
             let (tx, rx) = mpsc::channel(BODY_DEPTH);
             tokio::spawn(send_response_body(from_agent, tx));
             *response.body_mut() = super::stream_body(rx);
+            Ok((response, None))
         }
     }
-    Ok(response)
 }
 
 /// The request body as `Data` messages, then `Trailer`; then, for an upgrade, the client's
@@ -177,52 +260,75 @@ async fn send_request_body(
     to_agent.close_send().await;
 }
 
-/// The next `HttpResponse` from the agent; `Ok(None)` at a clean end of the tunnel.
-async fn next_response(
-    from_agent: &mut mpsc::Receiver<FromAgent>,
-) -> Result<Option<http_response::Message>, ProxyError> {
+/// The agent's next event that matters to the caller: the gRPC header and trailer of
+/// MakeRequest carry nothing for it. `None` at the end of the tunnel.
+async fn next_event(from_agent: &mut mpsc::Receiver<FromAgent>) -> Option<FromAgent> {
     loop {
         match from_agent.recv().await {
-            None => return Ok(None),
-            // The gRPC header and trailer of MakeRequest carry nothing for the caller.
             Some(FromAgent::Header(_)) | Some(FromAgent::Trailer(_)) => continue,
-            Some(FromAgent::Message(data)) => {
-                let message = HttpResponse::decode(data)
-                    .map_err(|e| {
-                        ProxyError::bad_gateway(format!(
-                            "the agent sent an invalid response message: {e}"
-                        ))
-                    })?
-                    .message
-                    .ok_or_else(|| {
-                        ProxyError::bad_gateway("the agent sent an empty response message")
-                    })?;
-                return Ok(Some(message));
-            }
-            Some(FromAgent::Error(status)) => {
-                return Err(ProxyError::bad_gateway(format!(
-                    "HTTP->gRPC: failed to read gRPC response: rpc error: code = {:?} desc = {}",
-                    status.code(),
-                    status.message()
-                )))
-            }
+            other => return other,
         }
     }
 }
 
+/// The `HttpResponse` an event carries; `Ok(None)` at a clean end of the tunnel.
+fn decode_response(event: Option<FromAgent>) -> Result<Option<http_response::Message>, ProxyError> {
+    match event {
+        None | Some(FromAgent::Header(_)) | Some(FromAgent::Trailer(_)) => Ok(None),
+        Some(FromAgent::Message(data)) => HttpResponse::decode(data)
+            .map_err(|e| {
+                ProxyError::bad_gateway(format!("the agent sent an invalid response message: {e}"))
+            })?
+            .message
+            .map(Some)
+            .ok_or_else(|| ProxyError::bad_gateway("the agent sent an empty response message")),
+        Some(FromAgent::Error(status)) => Err(grpc_failure(&status)),
+    }
+}
+
+/// A gRPC error of the tunnel, worded as real kas words it.
+fn grpc_failure(status: &tonic::Status) -> ProxyError {
+    ProxyError::bad_gateway(format!(
+        "HTTP->gRPC: failed to read gRPC response: rpc error: code = {:?} desc = {}",
+        status.code(),
+        status.message()
+    ))
+}
+
+/// The next `HttpResponse` from the agent; `Ok(None)` at a clean end of the tunnel.
+async fn next_response(
+    from_agent: &mut mpsc::Receiver<FromAgent>,
+) -> Result<Option<http_response::Message>, ProxyError> {
+    decode_response(next_event(from_agent).await)
+}
+
+/// The agent's response head. A tunnel that ends before it, or that kas's side reports
+/// lost (UNAVAILABLE: the agent's connection or stream failed or closed before
+/// answering), is [`Unanswered::TunnelLost`].
 async fn read_response_head(
     from_agent: &mut mpsc::Receiver<FromAgent>,
-) -> Result<prototool::HttpResponse, ProxyError> {
-    match next_response(from_agent).await? {
-        Some(http_response::Message::Header(h)) => h.response.ok_or_else(|| {
-            ProxyError::bad_gateway("the agent sent a response header without a response")
-        }),
-        Some(_) => Err(ProxyError::bad_gateway(
-            "the agent's response did not start with its header",
-        )),
-        None => Err(ProxyError::bad_gateway(
+) -> Result<prototool::HttpResponse, Unanswered> {
+    let lost_before_answer = || {
+        Unanswered::TunnelLost(ProxyError::bad_gateway(
             "the agent's tunnel closed before the response",
-        )),
+        ))
+    };
+    match next_event(from_agent).await {
+        None => Err(lost_before_answer()),
+        Some(FromAgent::Error(status)) if status.code() == tonic::Code::Unavailable => {
+            Err(Unanswered::TunnelLost(grpc_failure(&status)))
+        }
+        event => match decode_response(event).map_err(Unanswered::Failed)? {
+            Some(http_response::Message::Header(h)) => h.response.ok_or_else(|| {
+                Unanswered::Failed(ProxyError::bad_gateway(
+                    "the agent sent a response header without a response",
+                ))
+            }),
+            Some(_) => Err(Unanswered::Failed(ProxyError::bad_gateway(
+                "the agent's response did not start with its header",
+            ))),
+            None => Err(lost_before_answer()),
+        },
     }
 }
 

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -20,14 +20,18 @@ use kas_common::metrics::register;
 use kas_proto::paths::KUBERNETES_API_MAKE_REQUEST;
 
 use super::auth::{Credential, ProxyAuthorizer};
-use super::pipe::{self, ClusterRequest};
+use super::pipe::{self, ClusterRequest, Unanswered};
 use super::status::ProxyError;
 use super::{headers, ProxyBody};
 use crate::transport::next_connection;
-use crate::tunnel::{Meta, Router};
+use crate::tunnel::{Meta, Router, TunnelCall};
 
 /// A slow caller may take this long to send its request head (real kas: 10 s).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times a replayable request (see [`pipe::replayable`]) is sent again after
+/// losing its tunnel before the answer: once covers an agent's connection closing under it;
+/// a second loss in a row means something is wrong and the caller should hear of it.
+const MAX_REPLAYS: u32 = 1;
 /// CORS preflight answers are cached by browsers for a day (as real kas).
 const CORS_MAX_AGE: &str = "86400";
 const CORS_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH";
@@ -36,6 +40,8 @@ const CORS_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRAC
 pub struct K8sProxyMetrics {
     /// Answers by status code (the cluster's, or the proxy's own errors).
     pub responses: IntCounterVec,
+    /// Requests sent again through another tunnel after theirs was lost before the answer.
+    pub replayed: IntCounter,
 }
 
 impl K8sProxyMetrics {
@@ -49,6 +55,14 @@ impl K8sProxyMetrics {
                         "Kubernetes API proxy answers by HTTP status code and by who answered (cluster, proxy).",
                     ),
                     &["code", "source"],
+                )
+                .expect("valid metric"),
+            ),
+            replayed: register(
+                registry,
+                IntCounter::new(
+                    "kas_k8s_proxy_requests_replayed_total",
+                    "Idempotent requests without a body sent again through another tunnel because theirs was lost before the cluster's answer began (an agent reconnecting, a pod or edge draining).",
                 )
                 .expect("valid metric"),
             ),
@@ -152,13 +166,37 @@ impl K8sProxy {
             impersonation: authorized.impersonation,
             upgrade,
         };
-        let call = self
-            .router
-            .route(
-                authorized.agent_id,
-                KUBERNETES_API_MAKE_REQUEST,
-                Meta::new(),
-            )
+        // A request kubectl can safely send twice goes through another tunnel if its own is
+        // lost before the answer began: agents reconnect all the time (their pod or edge
+        // drains, their connection reaches its age), and an idle tunnel of a connection
+        // about to close is as likely to be picked as any.
+        let mut replays_left = if pipe::replayable(&request, upgrade) {
+            MAX_REPLAYS
+        } else {
+            0
+        };
+        loop {
+            let call = self.route(authorized.agent_id).await?;
+            if replays_left == 0 {
+                return pipe::forward(call, request, &cluster)
+                    .await
+                    .map_err(Unanswered::into_error);
+            }
+            match pipe::forward_bodiless(call, &cluster).await {
+                Err(Unanswered::TunnelLost(e)) => {
+                    replays_left -= 1;
+                    self.metrics.replayed.inc();
+                    tracing::debug!(message = %e.message, "k8s-proxy request replayed through another tunnel");
+                }
+                answered => return answered.map_err(Unanswered::into_error),
+            }
+        }
+    }
+
+    /// A tunnel of the agent, from this pod or another (waiting up to the routing timeout).
+    async fn route(&self, agent_id: i64) -> Result<TunnelCall, ProxyError> {
+        self.router
+            .route(agent_id, KUBERNETES_API_MAKE_REQUEST, Meta::new())
             .await
             .map_err(|status| {
                 ProxyError::bad_gateway(format!(
@@ -166,8 +204,7 @@ impl K8sProxy {
                     status.code(),
                     status.message()
                 ))
-            })?;
-        pipe::forward(call, request, cluster).await
+            })
     }
 }
 

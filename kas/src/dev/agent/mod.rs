@@ -86,6 +86,9 @@ pub enum Misbehaviour {
     /// On a request: the response head is sent, then the stream is reset (RST_STREAM), as
     /// when an agent dies mid-request.
     DisconnectMidRequest,
+    /// On the next request only: the stream is reset before any answer, as when the agent's
+    /// connection is cut under a tunnel kas just picked; then the agent behaves again.
+    ResetNextRequestUnanswered,
 }
 
 /// What the agent's tunnels (or a [`Fleet`]'s) did; every count since start.
@@ -261,6 +264,16 @@ pub(crate) struct Shared {
 impl Shared {
     fn misbehaviour(&self) -> Misbehaviour {
         *self.misbehaviour.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The misbehaviour for this request: a one-shot one is used up by taking it.
+    fn take_misbehaviour(&self) -> Misbehaviour {
+        let mut current = self.misbehaviour.lock().unwrap_or_else(|e| e.into_inner());
+        let now = *current;
+        if now == Misbehaviour::ResetNextRequestUnanswered {
+            *current = Misbehaviour::None;
+        }
+        now
     }
 
     fn counters(&self) -> &Counters {

@@ -238,8 +238,12 @@ async fn serve(
         tx,
         header_sent: false,
     };
-    let misbehaviour = shared.misbehaviour();
+    let misbehaviour = shared.take_misbehaviour();
     match misbehaviour {
+        Misbehaviour::ResetNextRequestUnanswered => {
+            abort.cancel();
+            return Err((Code::Aborted, "misbehaved: reset before answering".into()));
+        }
         Misbehaviour::MessageBeforeHeader => {
             out.header_sent = true; // skip it
             let _ = out.send(wire::response_trailer()).await;

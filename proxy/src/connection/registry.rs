@@ -12,6 +12,7 @@ use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::policy::ClientConnections;
+use crate::support::memory::shrink_after_burst;
 use crate::support::net::{ClientKey, KeyPrefixes, SharedKeyPrefixes};
 
 #[derive(Default)]
@@ -75,6 +76,7 @@ impl Drop for ConnectionGuard {
             }
             if entry.tokens.is_empty() {
                 by_client.remove(&self.key);
+                shrink_after_burst(&mut by_client);
             }
         }
         drop(by_client);
@@ -165,8 +167,7 @@ impl ConnectionRegistry {
     /// The registration of a socket whose TLS handshake completed, now counted as open.
     /// `None` when its handshake was abandoned meanwhile (deadline or block).
     pub fn finish_handshake(&self, socket: u64) -> Option<ConnectionGuard> {
-        let Handshake { mut guard, over } =
-            crate::support::sync::lock(&self.handshakes).remove(&socket)?;
+        let Handshake { mut guard, over } = self.take_handshake(socket)?;
         over.cancel();
         if let Some(entry) = self.lock().get_mut(&guard.key) {
             entry.handshaking = entry.handshaking.saturating_sub(1);
@@ -179,14 +180,22 @@ impl ConnectionRegistry {
 
     /// Forgets a handshake that will not complete; true if it was still waiting.
     pub fn abandon_handshake(&self, socket: u64) -> bool {
-        let removed = crate::support::sync::lock(&self.handshakes).remove(&socket);
-        match removed {
+        match self.take_handshake(socket) {
             Some(handshake) => {
                 handshake.over.cancel();
                 true
             }
             None => false,
         }
+    }
+
+    /// Removes a socket's waiting handshake; the table gives back what a flood of
+    /// handshakes made it grow to once the flood is over.
+    fn take_handshake(&self, socket: u64) -> Option<Handshake> {
+        let mut handshakes = crate::support::sync::lock(&self.handshakes);
+        let handshake = handshakes.remove(&socket);
+        shrink_after_burst(&mut handshakes);
+        handshake
     }
 
     /// Connections in their TLS handshake now, from every client.

@@ -20,6 +20,8 @@
 //! back and the next burst needs again are faulted in once per interval at most. (This
 //! machine, glibc 2.36.)
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::time::Duration;
 
 /// How often freed memory is handed back.
@@ -43,11 +45,62 @@ pub fn return_freed_memory_periodically() {
     }
 }
 
+/// Below this capacity a table keeps what it has: shrinking it would save less than a page
+/// or two and cost a rehash on the next few inserts.
+pub const MIN_SHRINK_CAPACITY: usize = 256;
+
+/// Gives back the capacity a burst left in a table keyed by connections or clients, once
+/// the burst's entries are gone: a `HashMap` never shrinks by itself, so after an attack's
+/// thousands of handshakes it would keep their buckets for the life of the process (and
+/// `malloc_trim` cannot return memory still allocated). Shrinks to twice the entries left
+/// when fewer than a quarter of the buckets are in use: a table must halve again or double
+/// before the next rehash, so the cost per insert or removal stays O(1) amortized. Call it
+/// after a removal, with the table's lock held.
+pub fn shrink_after_burst<K: Eq + Hash, V, S: BuildHasher>(table: &mut HashMap<K, V, S>) {
+    let capacity = table.capacity();
+    if capacity > MIN_SHRINK_CAPACITY && table.len() < capacity / 4 {
+        table.shrink_to((2 * table.len()).max(MIN_SHRINK_CAPACITY / 2));
+    }
+}
+
 /// Hands every whole free page of every malloc arena back; true if any was.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn trim() -> bool {
     // SAFETY: malloc_trim takes no pointers; it walks glibc's own arenas under their locks.
     unsafe { libc::malloc_trim(0) == 1 }
+}
+
+#[cfg(test)]
+mod shrink_tests {
+    use super::*;
+
+    /// A burst of 10,000 connections, then all but 10 gone: the table gives back almost
+    /// all of its buckets, and a table that stays full keeps them.
+    #[test]
+    fn a_table_shrinks_after_a_bursts_entries_are_removed() {
+        let mut table: HashMap<u64, u64> = HashMap::new();
+        for i in 0..10_000 {
+            table.insert(i, i);
+        }
+        let burst_capacity = table.capacity();
+        assert!(burst_capacity >= 10_000);
+        for i in 10..10_000 {
+            table.remove(&i);
+            shrink_after_burst(&mut table);
+        }
+        assert_eq!(table.len(), 10);
+        assert!(
+            table.capacity() <= 2 * MIN_SHRINK_CAPACITY,
+            "capacity {} after the burst, {burst_capacity} during it",
+            table.capacity()
+        );
+        assert!((0..10).all(|i| table.get(&i) == Some(&i)));
+
+        let mut full: HashMap<u64, u64> = (0..10_000).map(|i| (i, i)).collect();
+        let capacity = full.capacity();
+        shrink_after_burst(&mut full);
+        assert_eq!(full.capacity(), capacity);
+    }
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]

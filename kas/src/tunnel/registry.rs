@@ -1,9 +1,12 @@
 //! Which idle reverse tunnels each agent holds on this pod, and who waits for one.
 //!
 //! Per agent: a set of ready tunnels and a FIFO of requests waiting for a tunnel that
-//! serves their gRPC method. A request takes the first ready tunnel whose descriptor names
-//! its service and method exactly; a tunnel that arrives while requests wait goes straight
-//! to the oldest one it can serve. A taken tunnel that is never used (its taker dropped it)
+//! serves their gRPC method. A request takes the newest ready tunnel whose descriptor names
+//! its service and method exactly — an agent whose connection is being drained (its edge
+//! or pod restarting, its connection's age) has reconnected and holds its newest tunnels on
+//! its new connection, so requests go there and not to a tunnel about to close under them;
+//! a tunnel that arrives while requests wait goes straight to the oldest request it can
+//! serve. A taken tunnel that is never used (its taker dropped it)
 //! comes back as ready, so a request that gave up costs the agent nothing.
 //!
 //! Everything is bounded — ready tunnels per agent and in total, waiting requests per
@@ -228,17 +231,24 @@ impl TunnelRegistry {
         if state.shutting_down {
             return Err(FindError::ShuttingDown);
         }
-        let Some(agent) = state.agents.get_mut(&agent_id) else {
-            return Ok(None);
-        };
-        let Some(pos) = agent
+        Ok(self.take_newest_ready(&mut state, agent_id, service, method))
+    }
+
+    /// Takes the newest ready tunnel of `agent_id` serving `service`/`method` (the module
+    /// doc says why the newest), keeping the counts and the tracker right.
+    fn take_newest_ready(
+        &self,
+        state: &mut State,
+        agent_id: i64,
+        service: &str,
+        method: &str,
+    ) -> Option<Tunnel> {
+        let agent = state.agents.get_mut(&agent_id)?;
+        let pos = agent
             .ready
             .iter()
-            .position(|t| t.descriptor.supports(service, method) && !t.handoff.is_closed())
-        else {
-            return Ok(None);
-        };
-        let ready = agent.ready.remove(pos).expect("position is in range");
+            .rposition(|t| t.descriptor.supports(service, method) && !t.handoff.is_closed())?;
+        let ready = agent.ready.remove(pos)?;
         if agent.ready.is_empty() {
             self.inner.tracker.set_has_tunnels(agent_id, false);
         }
@@ -247,7 +257,7 @@ impl TunnelRegistry {
         }
         state.ready_total -= 1;
         self.inner.metrics.ready.dec();
-        Ok(Some(Tunnel { ready }))
+        Some(Tunnel { ready })
     }
 
     /// Like [`Self::find`], without the routing metrics: for callers that measure the whole
@@ -263,23 +273,10 @@ impl TunnelRegistry {
             if state.shutting_down {
                 return Err(FindError::ShuttingDown);
             }
-            let agent = state.agents.entry(agent_id).or_default();
-            if let Some(pos) = agent
-                .ready
-                .iter()
-                .position(|t| t.descriptor.supports(service, method) && !t.handoff.is_closed())
-            {
-                let ready = agent.ready.remove(pos).expect("position is in range");
-                if agent.ready.is_empty() {
-                    self.inner.tracker.set_has_tunnels(agent_id, false);
-                }
-                if agent.is_empty() {
-                    state.agents.remove(&agent_id);
-                }
-                state.ready_total -= 1;
-                self.inner.metrics.ready.dec();
-                return Ok(Tunnel { ready });
+            if let Some(tunnel) = self.take_newest_ready(&mut state, agent_id, service, method) {
+                return Ok(tunnel);
             }
+            let agent = state.agents.entry(agent_id).or_default();
             if agent.waiting.len() >= self.inner.limits.max_waiting_per_agent {
                 if agent.is_empty() {
                     state.agents.remove(&agent_id);

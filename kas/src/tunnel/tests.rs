@@ -207,10 +207,31 @@ async fn an_unused_tunnel_offers_itself_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_newest_tunnel_is_taken_first() {
+    // An agent reconnecting while its old connection drains: its old tunnel is still
+    // ready, its new one arrived since. Requests go to the new one.
+    let reg = registry(limits());
+    let mut old = reg.register(7, k8s()).expect("registered");
+    let mut new = reg.register(7, k8s()).expect("registered");
+    let tunnel = reg.find(7, K8S, "MakeRequest").await.expect("found");
+    let (call, _to, _from) = routed();
+    tunnel.start(call).map_err(|_| "start").expect("started");
+    let routed_to_new = tokio::time::timeout(Duration::from_secs(1), new.routed()).await;
+    assert!(routed_to_new.is_ok(), "the newest tunnel got the request");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), old.routed())
+            .await
+            .is_err(),
+        "the old tunnel stays idle"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_tunnel_whose_stream_ended_is_skipped() {
     let reg = registry(limits());
-    let gone = reg.register(7, k8s()).expect("registered");
     let mut live = reg.register(7, k8s()).expect("registered");
+    // The newest tunnel is taken first.
+    let gone = reg.register(7, k8s()).expect("registered");
     let first = reg.find(7, K8S, "MakeRequest").await.expect("found");
     drop(gone);
     let (call, _to, _from) = routed();
@@ -426,10 +447,11 @@ async fn the_tracker_hears_of_the_first_tunnel_and_the_last() {
     let first = reg.register(7, k8s()).expect("registered");
     let second = reg.register(7, k8s()).expect("registered");
     assert_eq!(*tracker.0.lock().unwrap(), vec![(7, true)]);
+    // The newest (second) is taken; the first one leaving empties the ready set.
     let taken = reg.find_now(7, K8S, "MakeRequest").expect("no error");
     assert!(taken.is_some());
-    drop(second);
+    drop(first);
     assert_eq!(*tracker.0.lock().unwrap(), vec![(7, true), (7, false)]);
     drop(taken);
-    drop(first);
+    drop(second);
 }

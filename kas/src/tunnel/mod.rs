@@ -193,9 +193,19 @@ impl TunnelRegistry {
             from_agent: from_tx,
         };
         loop {
-            let tunnel = tokio::time::timeout_at(deadline, self.find(agent_id, service, method))
-                .await
-                .map_err(|_| tonic::Status::from(FindError::NotConnected))??;
+            let started = std::time::Instant::now();
+            let tunnel =
+                match tokio::time::timeout_at(deadline, self.find(agent_id, service, method)).await
+                {
+                    Ok(found) => found?,
+                    // This deadline and the find's own timeout end together; whichever fires
+                    // first, the timeout is counted once.
+                    Err(_) => {
+                        let timed_out: Result<(), FindError> = Err(FindError::NotConnected);
+                        self.count_routing(started, &timed_out);
+                        return Err(FindError::NotConnected.into());
+                    }
+                };
             match tunnel.start(routed) {
                 Ok(()) => return Ok(call),
                 Err(back) => routed = back,

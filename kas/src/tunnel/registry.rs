@@ -207,6 +207,13 @@ impl TunnelRegistry {
     ) -> Result<Tunnel, FindError> {
         let started = Instant::now();
         let result = self.wait_for(agent_id, service, method).await;
+        self.count_routing(started, &result);
+        result
+    }
+
+    /// The routing metrics of one find that ended with `result` (also for a caller whose
+    /// own deadline ended the find first).
+    pub(crate) fn count_routing<T>(&self, started: Instant, result: &Result<T, FindError>) {
         let metrics = &self.inner.metrics;
         let status = if result.is_ok() { "success" } else { "aborted" };
         metrics
@@ -216,7 +223,6 @@ impl TunnelRegistry {
         if matches!(result, Err(FindError::NotConnected)) {
             metrics.routing_timeouts.inc();
         }
-        result
     }
 
     /// A ready tunnel of `agent_id` serving `service`/`method` if there is one now; never

@@ -132,7 +132,7 @@ async fn poll_loop(
             }
             Some(Err(e)) => {
                 events.with_label_values(&["poll_failed"]).inc();
-                tracing::warn!(agent_id, error = %e, "cannot poll agent configuration");
+                tracing::debug!(agent_id, error = %e, "cannot poll agent configuration (the poller logs it once)");
             }
             None => {}
         }

@@ -268,7 +268,7 @@ async fn serve_stream(job: StreamJob) {
                 Some(Ok(head)) => head.clone(),
                 Some(Err(e)) => {
                     events.with_label_values(&["gitops_poll_failed"]).inc();
-                    tracing::warn!(project_id, error = %e, "cannot poll GitOps manifest project");
+                    tracing::debug!(project_id, error = %e, "cannot poll GitOps manifest project (the poller logs it once)");
                     None
                 }
                 None => None,

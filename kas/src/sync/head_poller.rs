@@ -46,7 +46,7 @@ pub fn jittered(d: Duration) -> Duration {
 
 impl<E> HeadPollers<E>
 where
-    E: PartialEq + Send + Sync + 'static,
+    E: PartialEq + std::fmt::Display + Send + Sync + 'static,
 {
     pub fn new(interval: Duration, stop: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
@@ -143,6 +143,14 @@ where
             tx.send_if_modified(|current| {
                 if current.as_deref() == Some(&result) {
                     return false;
+                }
+                // Logged here, once per key and change, not by each subscribed stream: an
+                // outage of the source would otherwise log a line per stream at once.
+                let was_failing = matches!(current.as_deref(), Some(Err(_)));
+                match &result {
+                    Err(e) => tracing::warn!(key = %key, error = %e, "head poll failing; retrying with back-off"),
+                    Ok(_) if was_failing => tracing::info!(key = %key, "head poll recovered"),
+                    Ok(_) => {}
                 }
                 *current = Some(Arc::new(result));
                 true

@@ -115,21 +115,12 @@ pub async fn forward_bodiless(
         to_agent,
         mut from_agent,
     } = call;
-    let sent = async {
-        to_agent.send(header_message(cluster, 0)).await
-            && to_agent
-                .send(encode_request(http_request::Message::Trailer(
-                    http_request::Trailer {},
-                )))
-                .await
-    };
-    if !sent.await {
+    if !(to_agent.send(header_message(cluster, 0)).await && send_trailer(&to_agent).await) {
         return Err(tunnel_closed());
     }
     to_agent.close_send().await;
     let head = read_response_head(&mut from_agent).await?;
-    let (response, _) = respond(head, from_agent, None)?;
-    Ok(response)
+    respond(head, from_agent, None)
 }
 
 /// Sends the request to the agent and answers with the agent's response.
@@ -160,11 +151,7 @@ pub async fn forward(
         upgraded_rx,
     ));
     let head = read_response_head(&mut from_agent).await?;
-    let (response, from_agent) = respond(head, from_agent, on_upgrade.map(|u| (u, upgraded_tx)))?;
-    if let Some((on_upgrade, from_agent, upgraded_tx)) = from_agent {
-        tokio::spawn(pipe_upgraded(on_upgrade, from_agent, upgraded_tx));
-    }
-    Ok(response)
+    respond(head, from_agent, on_upgrade.map(|u| (u, upgraded_tx)))
 }
 
 fn tunnel_closed() -> Unanswered {
@@ -172,19 +159,14 @@ fn tunnel_closed() -> Unanswered {
 }
 
 type ReadHalfSender = oneshot::Sender<tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>>;
-type UpgradePipe = (
-    hyper::upgrade::OnUpgrade,
-    mpsc::Receiver<FromAgent>,
-    ReadHalfSender,
-);
 
 /// The caller's response from the agent's response head. The body streams from a task of
-/// its own; a 101 answer to an upgrade request hands the tunnel back for the byte pipe.
+/// its own; a 101 answer to an upgrade request turns the tunnel into the byte pipe.
 fn respond(
     head: prototool::HttpResponse,
     from_agent: mpsc::Receiver<FromAgent>,
     upgrade: Option<(hyper::upgrade::OnUpgrade, ReadHalfSender)>,
-) -> Result<(Response<ProxyBody>, Option<UpgradePipe>), Unanswered> {
+) -> Result<Response<ProxyBody>, Unanswered> {
     let status =
         StatusCode::from_u16(u16::try_from(head.status_code).unwrap_or(0)).map_err(|_| {
             Unanswered::Failed(ProxyError::bad_gateway(format!(
@@ -198,15 +180,21 @@ fn respond(
     *response.headers_mut() = headers::response_headers(&head.header, upgraded);
     match upgrade {
         Some((on_upgrade, read_half)) if upgraded => {
-            Ok((response, Some((on_upgrade, from_agent, read_half))))
+            tokio::spawn(pipe_upgraded(on_upgrade, from_agent, read_half));
         }
         _ => {
             let (tx, rx) = mpsc::channel(BODY_DEPTH);
             tokio::spawn(send_response_body(from_agent, tx));
             *response.body_mut() = super::stream_body(rx);
-            Ok((response, None))
         }
     }
+    Ok(response)
+}
+
+/// The request's end (`Trailer`); `false` once the tunnel is gone.
+async fn send_trailer(to_agent: &CallSender) -> bool {
+    let trailer = http_request::Message::Trailer(http_request::Trailer {});
+    to_agent.send(encode_request(trailer)).await
 }
 
 /// The request body as `Data` messages, then `Trailer`; then, for an upgrade, the client's
@@ -234,8 +222,7 @@ async fn send_request_body(
             }
         }
     }
-    let trailer = http_request::Message::Trailer(http_request::Trailer {});
-    if !to_agent.send(encode_request(trailer)).await {
+    if !send_trailer(&to_agent).await {
         return;
     }
     if upgrade {
@@ -286,8 +273,8 @@ fn decode_response(event: Option<FromAgent>) -> Result<Option<http_response::Mes
     }
 }
 
-/// A gRPC error of the tunnel, worded as real kas words it.
-fn grpc_failure(status: &tonic::Status) -> ProxyError {
+/// A gRPC error of the tunnel or of routing to it, worded as real kas words it.
+pub(super) fn grpc_failure(status: &tonic::Status) -> ProxyError {
     ProxyError::bad_gateway(format!(
         "HTTP->gRPC: failed to read gRPC response: rpc error: code = {:?} desc = {}",
         status.code(),

@@ -198,13 +198,7 @@ impl K8sProxy {
         self.router
             .route(agent_id, KUBERNETES_API_MAKE_REQUEST, Meta::new())
             .await
-            .map_err(|status| {
-                ProxyError::bad_gateway(format!(
-                    "HTTP->gRPC: failed to read gRPC response: rpc error: code = {:?} desc = {}",
-                    status.code(),
-                    status.message()
-                ))
-            })
+            .map_err(|status| pipe::grpc_failure(&status))
     }
 }
 

@@ -73,6 +73,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# shellcheck source=loadtest/edge-config.sh
+. "$ROOT/loadtest/edge-config.sh"
 RESULTS=$ROOT/loadtest/results
 DURATION=${DURATION:-10}
 H1_CONNS=${H1_CONNS:-64}
@@ -176,24 +178,7 @@ for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readin
 TOKEN=$(cat "$WORK/dev/demo-agent-token")
 
 # --- kas-edge (it also generates the certificate everyone uses) ---------------------------
-cat >"$WORK/edge.toml" <<EOF
-[listen]
-https = "127.0.5.1:8443"
-http = "127.0.5.1:8080"
-admin = "127.0.5.1:8081"
-threads = 2
-[tls]
-self_signed = true
-hosts = ["localhost"]
-self_signed_dir = "$WORK/tls"
-[discovery]
-kind = "static"
-endpoints = ["127.0.1.1:8150", "127.0.1.2:8150", "127.0.1.3:8150"]
-[health]
-port = 8151
-[log]
-level = "warn"
-EOF
+edge_toml 127.0.5.1:8443 127.0.5.1:8081 127.0.5.1:8080 "$WORK/tls" 127.0.1 >"$WORK/edge.toml"
 log "starting kas-edge"
 "$BIN/kas-edge" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
 EDGE_PID=$!
@@ -431,24 +416,10 @@ if [ "$K8S" = 1 ]; then
   run_k8s_cpu kas-conc --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" --k8s-concurrency "$K8S_CONC" "${quiet[@]}"
   run_k8s kas-watch --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" "${watching[@]}"
   if [ "$K8S_EDGE" = 1 ]; then
-    cat >"$WORK/k8s-edge.toml" <<EOF
-[listen]
-https = "127.0.5.4:8443"
-admin = "127.0.5.4:8081"
-threads = 2
-[tls]
-self_signed = true
-hosts = ["localhost"]
-self_signed_dir = "$WORK/k8s-edge-tls"
-[discovery]
-kind = "static"
-endpoints = ["127.0.7.1:8150", "127.0.7.2:8150", "127.0.7.3:8150"]
-[health]
-port = 8151
-[log]
-level = "warn"
-$K8S_EDGE_TOML
-EOF
+    {
+      edge_toml 127.0.5.4:8443 127.0.5.4:8081 "" "$WORK/k8s-edge-tls" 127.0.7
+      echo "$K8S_EDGE_TOML"
+    } >"$WORK/k8s-edge.toml"
     log "k8s: starting kas-edge in front of the stack's pods"
     "$BIN/kas-edge" run --config "$WORK/k8s-edge.toml" >"$WORK/k8s-edge.log" 2>&1 &
     K8S_EDGE_PID=$!

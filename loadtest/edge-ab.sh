@@ -21,6 +21,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# shellcheck source=loadtest/edge-config.sh
+. "$ROOT/loadtest/edge-config.sh"
 if [ -z "${EDGE_AB_NETNS:-}" ]; then
   exec env EDGE_AB_NETNS=1 unshare -n -- "$0" "$@"
 fi
@@ -74,25 +76,7 @@ start_stack() { # edge-binary
   PIDS+=("$!")
   for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readiness"; done
   TOKEN=$(cat "$WORK/dev/demo-agent-token")
-  cat >"$WORK/edge.toml" <<EOF
-[listen]
-https = "127.0.5.1:8443"
-http = "127.0.5.1:8080"
-admin = "127.0.5.1:8081"
-threads = 2
-[tls]
-self_signed = true
-hosts = ["localhost"]
-self_signed_dir = "$WORK/tls"
-[discovery]
-kind = "static"
-endpoints = ["127.0.1.1:8150", "127.0.1.2:8150", "127.0.1.3:8150"]
-[health]
-port = 8151
-[log]
-level = "warn"
-EOF
-  printf '%b\n' "${EDGE_TOML:-}" >>"$WORK/edge.toml"
+  edge_toml 127.0.5.1:8443 127.0.5.1:8081 127.0.5.1:8080 "$WORK/tls" 127.0.1 "${EDGE_TOML:-}" >"$WORK/edge.toml"
   "$1" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
   EDGE_PID=$!
   PIDS+=("$EDGE_PID")

@@ -142,28 +142,8 @@ fn sentinel_client(
     };
     let mut nodes = Vec::with_capacity(sentinel.addresses.len());
     for address in &sentinel.addresses {
-        let (host, port) = address
-            .rsplit_once(':')
-            .context("redis.sentinel.addresses: expected host:port")?;
-        let port: u16 = port
-            .parse()
-            .with_context(|| format!("redis.sentinel.addresses: bad port in {address:?}"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let addr = if config.tls {
-            ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            ConnectionAddr::Tcp(host, port)
-        };
         nodes.push(ConnectionInfo {
-            addr,
+            addr: tcp_addr(address, config.tls, "redis.sentinel.addresses")?,
             redis: RedisConnectionInfo {
                 password: sentinel_password.clone(),
                 ..RedisConnectionInfo::default()
@@ -183,34 +163,38 @@ fn sentinel_client(
     .context("redis.sentinel")
 }
 
+/// A `host:port` (IPv6 hosts in brackets) from the configuration's `field`, over TLS if
+/// `tls`: the Redis server's address and each Sentinel's are written the same way.
+fn tcp_addr(address: &str, tls: bool, field: &str) -> anyhow::Result<ConnectionAddr> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .with_context(|| format!("{field}: expected host:port"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{field}: bad port in {address:?}"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok(if tls {
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    })
+}
+
 fn direct_client(config: &RedisConfig) -> anyhow::Result<redis::Client> {
     let address = config
         .address
         .as_deref()
         .context("redis.address is not set")?;
     let addr = match config.network {
-        RedisNetwork::Tcp => {
-            let (host, port) = address
-                .rsplit_once(':')
-                .context("redis.address: expected host:port")?;
-            let port = port
-                .parse()
-                .with_context(|| format!("redis.address: bad port in {address:?}"))?;
-            let host = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            if config.tls {
-                ConnectionAddr::TcpTls {
-                    host,
-                    port,
-                    insecure: false,
-                    tls_params: None,
-                }
-            } else {
-                ConnectionAddr::Tcp(host, port)
-            }
-        }
+        RedisNetwork::Tcp => tcp_addr(address, config.tls, "redis.address")?,
         RedisNetwork::Unix => ConnectionAddr::Unix(address.into()),
     };
     let info = ConnectionInfo {

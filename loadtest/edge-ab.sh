@@ -8,6 +8,12 @@
 #            RPC_RATE (1000)/s over 4 grpcs connections, divided by the requests sent
 #   hostile  edge RSS before the attacks, peak during, and ATTACK_SETTLE (60s) after
 #            ATTACK_SECS (30s) of `--scenario hostile` with HOSTILE_AGENTS (1000) holding
+#            (the "before" sample after ATTACK_WARMUP (30) s of the fleet's own traffic);
+#            ATTACK_SCALE (1) sizes the attacks (0.001: one connection of each kind, a
+#            control run that shows what the fleet alone does to the edge's RSS)
+#   soak     SOAK_AGENTS (2000) wss agents with Echo streams, SOAK_CHURN (50) of them
+#            reconnecting per second for SOAK_SECS (1800): is the edge's RSS flat?
+#            (loadtest/rss-trend.py on the run's timeline; not in the default STEPS)
 #   storm    STORM_AGENTS (5000) wss agents reconnecting at once: seconds until all are
 #            back, connects the edge refused for its handshake cap
 #            (edge_policy_blocked_total{reason="handshakes_in_progress"}), fleet errors
@@ -37,7 +43,12 @@ RPC_SECS=${RPC_SECS:-20}
 HOSTILE_AGENTS=${HOSTILE_AGENTS:-1000}
 ATTACK_SECS=${ATTACK_SECS:-30}
 ATTACK_SETTLE=${ATTACK_SETTLE:-60}
+ATTACK_SCALE=${ATTACK_SCALE:-1}
+ATTACK_WARMUP=${ATTACK_WARMUP:-30}
 STORM_AGENTS=${STORM_AGENTS:-5000}
+SOAK_AGENTS=${SOAK_AGENTS:-2000}
+SOAK_CHURN=${SOAK_CHURN:-50}
+SOAK_SECS=${SOAK_SECS:-1800}
 OUT=${OUT:-$ROOT/loadtest/results/edge-ab-$(date -u +%Y%m%dT%H%M).tsv}
 EDGES=("$@")
 [ "${#EDGES[@]}" -gt 0 ] || EDGES=("$BIN/kas-edge")
@@ -116,9 +127,15 @@ for round in $(seq 1 "$ROUNDS"); do
         hostile)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario hostile \
             --agents "$HOSTILE_AGENTS" --rate 500 --duration "${ATTACK_SECS}s" \
-            --attack-settle "${ATTACK_SETTLE}s" --edge-pid "$EDGE_PID" \
+            --attack-settle "${ATTACK_SETTLE}s" --attack-scale "$ATTACK_SCALE" --attack-warmup "${ATTACK_WARMUP}s" --edge-pid "$EDGE_PID" \
             --edge-admin http://127.0.5.1:8081/metrics --json "$j" >/dev/null 2>&1 || true
-          result=$(json "$j" '"rss before %.1f / peak %.1f / %ss after %.1f MiB (after/before %.3f); passed %s, legit errors %d/%d" % (d["edge"]["rss_before_attack_bytes"]/2**20, d["edge"]["rss_peak_attack_bytes"]/2**20, '"$ATTACK_SETTLE"', d["edge"]["rss_after_attack_bytes"]/2**20, d["edge"]["rss_after_attack_bytes"]/d["edge"]["rss_before_attack_bytes"], d["passed"], d["facts"]["legit_errors"], d["facts"]["legit_operations"])')
+          result=$(json "$j" '"rss connected %.1f, before %.1f / peak %.1f / %ss after %.1f MiB (after/before %.3f); passed %s, legit errors %d/%d" % (d["edge"]["rss_fleet_connected_bytes"]/2**20, d["edge"]["rss_before_attack_bytes"]/2**20, d["edge"]["rss_peak_attack_bytes"]/2**20, '"$ATTACK_SETTLE"', d["edge"]["rss_after_attack_bytes"]/2**20, d["edge"]["rss_after_attack_bytes"]/d["edge"]["rss_before_attack_bytes"], d["passed"], d["facts"]["legit_errors"], d["facts"]["legit_operations"])')
+          ;;
+        soak)
+          "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario churn \
+            --agents "$SOAK_AGENTS" --rate 500 --churn-rate "$SOAK_CHURN" --duration "${SOAK_SECS}s" \
+            --echo-interval 10s --max-error-rate 0.001 --edge-pid "$EDGE_PID" --json "$j" >/dev/null 2>&1 || true
+          result="$("$ROOT/loadtest/rss-trend.py" "$j" --phase churn --skip 60 || true); $(json "$j" '"%d reconnects, fleet errors %d/%d; passed %s" % (d["facts"].get("churn_reconnects_done", 0), d["totals"]["errors"], d["totals"]["operations"], d["passed"])')"
           ;;
         storm)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario storm \

@@ -424,6 +424,14 @@ pub struct Args {
     #[arg(long, default_value = "127.0.6.1")]
     pub attack_source_base: Ipv4Addr,
 
+    /// hostile: how long the connected fleet runs its normal traffic (Echo rounds,
+    /// configuration) before the "before" sample. Sampled right after the ramp, the edge's
+    /// RSS still lacks what the fleet's first rounds of traffic touch, and still holds what
+    /// the ramp's handshakes freed until the next trim: neither is the level an attack
+    /// should be compared with.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub attack_warmup: Duration,
+
     /// hostile: after the attacks stop, how long to wait before the "after" sample.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub attack_settle: Duration,

@@ -139,8 +139,10 @@ pub struct EdgeSummary {
     pub cpu_us_per_connection_per_s: Option<f64>,
     pub open_connections: Option<f64>,
     pub active_streams: Option<f64>,
-    /// hostile: before the attacks, the highest while they ran, and after they stopped
-    /// and a settle.
+    /// hostile: right after the fleet connected (before its warm-up), before the
+    /// attacks, the highest while they ran, and after they stopped and a settle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_fleet_connected_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_before_attack_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -549,6 +551,11 @@ fn edge_rows(e: &EdgeSummary, rows: &mut Rows) {
             mib(e.rss_after_attack_bytes)
         );
         rows.add("edge", "rss before / peak during / after attacks", rss);
+        rows.add(
+            "edge",
+            "rss when the fleet had connected (before its warm-up)",
+            mib(e.rss_fleet_connected_bytes),
+        );
         let cpu = or_dash(e.cpu_cores_attack, |c| {
             format!("{:.1} % of a core", c * 100.0)
         });

@@ -472,6 +472,8 @@ async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
             "0.02",
             "--attack-source-base",
             &attackers,
+            "--attack-warmup",
+            "1s",
             "--attack-settle",
             "1s",
             "--edge-pid",
@@ -553,6 +555,7 @@ async fn hostile_attacks_through_the_edge_leave_the_fleet_alone() {
         e.rss_after_attack_bytes.unwrap(),
     );
     assert!(before > 0 && peak >= before && after > 0, "{e:?}");
+    assert!(e.rss_fleet_connected_bytes.is_some_and(|b| b > 0), "{e:?}");
     assert!(e.cpu_cores_attack.is_some(), "{e:?}");
     let parsed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

@@ -77,6 +77,7 @@ fn spawn_peak_sampler(
 /// The edge's cost under attack: memory before, peak during, after; CPU during.
 fn attack_edge_summary(
     ctx: &Ctx,
+    connected: &EdgeSample,
     before: &EdgeSample,
     attack_end: &EdgeSample,
     after: &EdgeSample,
@@ -93,6 +94,7 @@ fn attack_edge_summary(
         cpu_cores_hold: cpu,
         open_connections: attack_end.open_connections,
         active_streams: attack_end.active_streams,
+        rss_fleet_connected_bytes: connected.rss_bytes,
         rss_before_attack_bytes: before.rss_bytes,
         rss_peak_attack_bytes: peak.into_iter().chain(attack_end.rss_bytes).max(),
         rss_after_attack_bytes: after.rss_bytes,
@@ -109,7 +111,10 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
     ramp_and_settle(ctx, &mut fleet).await;
     ctx.pause(Duration::from_secs(1)).await;
     let n = fleet.slots.len();
+    let connected = ctx.probe.sample().await;
 
+    ctx.set_phase("warm-up");
+    ctx.pause(ctx.args.attack_warmup).await;
     ctx.set_phase("before");
     let before = ctx.probe.sample().await;
     let errors_before = ctx.stats.errors.total();
@@ -243,6 +248,7 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
     if ctx.probe.is_active() {
         ctx.edge = Some(attack_edge_summary(
             ctx,
+            &connected,
             &before,
             &attack_end,
             &after,

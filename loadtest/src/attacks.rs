@@ -389,17 +389,39 @@ impl Shared {
 
 /// Runs every attack at once until `env.stop` (the flood attacks) or until each
 /// connection is closed or stopped; returns each kind's summary and close-time histogram.
-pub async fn run_all(env: Arc<AttackEnv>) -> Vec<(AttackSummary, Histogram<u64>)> {
+pub async fn run_all(
+    env: Arc<AttackEnv>,
+    kinds: &[String],
+) -> Vec<(AttackSummary, Histogram<u64>)> {
     let mut set = JoinSet::new();
-    set.spawn(silent_tcp(env.clone()));
-    set.spawn(slow_tls(env.clone()));
-    set.spawn(idle_h2(env.clone()));
-    set.spawn(conn_flood(env.clone()));
-    set.spawn(request_flood(env.clone()));
-    set.spawn(stalled_reader(env.clone()));
-    set.spawn(unique_sources(env.clone()));
-    set.spawn(shared_pods::reset_burst(env.clone()));
-    set.spawn(shared_pods::zero_window(env.clone()));
+    let chosen = |kind: &str| kinds.is_empty() || kinds.iter().any(|k| k == kind);
+    if chosen(KINDS[0]) {
+        set.spawn(silent_tcp(env.clone()));
+    }
+    if chosen(KINDS[1]) {
+        set.spawn(slow_tls(env.clone()));
+    }
+    if chosen(KINDS[2]) {
+        set.spawn(idle_h2(env.clone()));
+    }
+    if chosen(KINDS[3]) {
+        set.spawn(conn_flood(env.clone()));
+    }
+    if chosen(KINDS[4]) {
+        set.spawn(request_flood(env.clone()));
+    }
+    if chosen(KINDS[5]) {
+        set.spawn(stalled_reader(env.clone()));
+    }
+    if chosen(KINDS[6]) {
+        set.spawn(unique_sources(env.clone()));
+    }
+    if chosen(KINDS[7]) {
+        set.spawn(shared_pods::reset_burst(env.clone()));
+    }
+    if chosen(KINDS[8]) {
+        set.spawn(shared_pods::zero_window(env.clone()));
+    }
     let mut out = Vec::new();
     while let Some(done) = set.join_next().await {
         if let Ok(result) = done {

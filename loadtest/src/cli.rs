@@ -156,6 +156,17 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_attack_kind(s: &str) -> Result<String, String> {
+    if crate::attacks::KINDS.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "unknown attack {s:?} (one of {})",
+            crate::attacks::KINDS.join(", ")
+        ))
+    }
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if v.is_finite() && v > 0.0 {
@@ -418,6 +429,12 @@ pub struct Args {
     /// flooding addresses at 1).
     #[arg(long, default_value_t = 1.0, value_parser = parse_rate)]
     pub attack_scale: f64,
+
+    /// hostile: run only these attacks (comma-separated names as in the report, e.g.
+    /// `conn_flood,unique_sources`); all nine when not given. For finding which attack
+    /// costs what (memory, CPU); the verdict then checks only the attacks chosen.
+    #[arg(long, value_delimiter = ',', value_parser = parse_attack_kind)]
+    pub attack_kinds: Vec<String>,
 
     /// hostile: first attacker source address; the attacks take consecutive addresses
     /// from here (about 2,013 at scale 1), which must not overlap the fleet's.

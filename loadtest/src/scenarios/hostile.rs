@@ -124,7 +124,8 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
     let begin = Instant::now();
     let peak_stop = CancellationToken::new();
     let peak = spawn_peak_sampler(ctx.probe.clone(), peak_stop.clone());
-    let running = tokio::spawn(attacks::run_all(env));
+    let kinds = ctx.args.attack_kinds.clone();
+    let running = tokio::spawn(async move { attacks::run_all(env, &kinds).await });
     // Hold, watching the fleet: the lowest count connected is the attacks' damage.
     let mut min_connected = fleet.connected();
     while begin.elapsed() < ctx.args.duration && !ctx.interrupted.is_cancelled() {
@@ -187,9 +188,11 @@ pub async fn hostile(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.fact("legit_connected_end_of_attack", connected_end_of_attack);
     ctx.fact("legit_connected_after", connected_after);
 
+    let chosen = &ctx.args.attack_kinds;
     let missing: Vec<&str> = attacks::KINDS
         .iter()
         .copied()
+        .filter(|k| chosen.is_empty() || chosen.iter().any(|c| c == k))
         .filter(|k| !results.iter().any(|(s, _)| s.kind == *k && s.attempts > 0))
         .collect();
     ctx.check(

@@ -351,6 +351,7 @@ async fn gitlab_api_calls_are_paced_by_the_rate_limit_and_every_agent_gets_in() 
         .into_iter()
         .filter_map(|at| at.checked_duration_since(started))
         .collect();
+    eprintln!("agent_info arrivals after the burst started: {arrivals:?}");
     assert_eq!(arrivals.len(), AGENTS, "one agent_info call per new agent");
     // The bucket at once, one more at 200 ms; a margin of one for the scheduler.
     let early = arrivals

@@ -16,7 +16,8 @@
 #    offline schema; they are still yamllinted and rendered);
 # 5. checks invariants a schema cannot see (no subPath on hot-reloaded mounts, policies
 #    ConfigMap without hash suffix, the blocklist ConfigMap without data and its Roles,
-#    headless kas Service, grace periods vs [shutdown],
+#    headless kas Service, grace periods vs [shutdown], kas's probe paths vs the edge's
+#    health checks and the kubelet's probes,
 #    PodMonitors that select the Deployments' pods and name ports they have, the
 #    PrometheusRule equal to deploy/monitoring/rules/kas-edge.rules.yaml);
 # 6. hadolint on the Dockerfiles, shellcheck on this script and deploy/monitoring/test.sh.
@@ -226,8 +227,25 @@ def check_grace(dep, cfg, label):
         errors.append(f"{label}: terminationGracePeriodSeconds {have} < preStop {sleep} + "
                       f"readiness_delay + drain_deadline = {need} (+5 s margin)")
 
+kas_cfg = toml_from("kas-config", "kas.toml")
 check_grace(edge, edge_cfg, "kas-edge")
-check_grace(kas, toml_from("kas-config", "kas.toml"), "kas")
+check_grace(kas, kas_cfg, "kas")
+
+# kas's observability paths (observability.*.url_path, real kas's defaults) against who asks
+# for them: the edge's health checks and the kubelet's probes; a mismatch would mark every
+# pod unhealthy.
+if kas_cfg is not None and edge_cfg is not None:
+    obs = kas_cfg.get("observability", {})
+    path = lambda key, default: (obs.get(key) or {}).get("url_path", default)
+    readiness, liveness = path("readiness_probe", "/readiness"), path("liveness_probe", "/liveness")
+    edge_path = edge_cfg.get("health", {}).get("path", "/readiness")
+    if edge_path != readiness:
+        errors.append(f"edge.toml [health] path {edge_path!r} is not kas's readiness path {readiness!r}")
+    c = kas["spec"]["template"]["spec"]["containers"][0]
+    for probe, want in (("readinessProbe", readiness), ("livenessProbe", liveness)):
+        got = c.get(probe, {}).get("httpGet", {}).get("path")
+        if got is not None and got != want:
+            errors.append(f"kas {probe} path {got!r} is not kas.toml's {want!r}")
 
 # Prometheus operator objects: each PodMonitor selects the pods of one of the two
 # Deployments and scrapes a named port those pods have; the job label comes from a pod

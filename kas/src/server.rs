@@ -67,14 +67,7 @@ impl BoundKas {
         let secret = SharedSecret::from_file(&config.gitlab.authentication_secret_file)
             .context("gitlab.authentication_secret_file")?;
         let metrics = Metrics::new();
-        let gitlab = GitlabClient::new(
-            &config.gitlab.address,
-            secret,
-            config.gitlab.api_timeout,
-            config.gitlab.max_concurrent_requests,
-            metrics.gitlab_api_latency.clone(),
-            metrics.gitlab_api_errors.clone(),
-        )?;
+        let gitlab = GitlabClient::new(&config.gitlab, secret, &metrics)?;
         let gitaly = Arc::new(GitalyPool::new(
             config.gitaly.limits(),
             metrics.gitaly_requests.clone(),
@@ -232,6 +225,12 @@ impl BoundKas {
             .unwrap_or(self.config.observability.listen)
     }
 
+    /// The readiness probe's path on the observability port
+    /// (`observability.readiness_probe.url_path`).
+    pub fn readiness_path(&self) -> &str {
+        &self.config.observability.readiness_probe.url_path
+    }
+
     /// The Kubernetes API proxy's address, when it is configured.
     pub fn k8s_proxy_addr(&self) -> Option<SocketAddr> {
         self.k8s_proxy
@@ -251,10 +250,7 @@ impl BoundKas {
         metrics.ready.set(1);
 
         let obs_stop = CancellationToken::new();
-        let obs = Observability {
-            ready: ready.clone(),
-            metrics: metrics.clone(),
-        };
+        let obs = Observability::new(&self.config.observability, ready.clone(), metrics.clone());
         let obs_task = tokio::spawn(obs.serve(self.obs_listener, obs_stop.clone()));
 
         let stop_accepting = CancellationToken::new();

@@ -345,6 +345,35 @@ async fn observability_port_reports_health_and_metrics() {
     }
 }
 
+/// Real kas's `observability.*.url_path`: the probes and the metrics answer where the
+/// configuration puts them, the default paths are 404, and the readiness probe still turns
+/// 503 at shutdown.
+#[tokio::test]
+async fn observability_paths_follow_the_configuration() {
+    let mut kas = Harness::start_with(|cfg| {
+        cfg.observability.liveness_probe.url_path = "/-/live".into();
+        cfg.observability.readiness_probe.url_path = "/-/ready".into();
+        cfg.observability.prometheus.url_path = "/-/prometheus".into();
+    })
+    .await;
+    assert_eq!(kas.http_get("/-/live").await, (200, "ok\n".into()));
+    assert_eq!(kas.http_get("/-/ready").await, (200, "ready\n".into()));
+    let (status, metrics) = kas.http_get("/-/prometheus").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("kas_ready 1"), "{metrics}");
+    for default in ["/liveness", "/readiness", "/metrics"] {
+        let (status, body) = kas.http_get(default).await;
+        assert_eq!(status, 404, "{default}");
+        assert!(body.contains("/-/ready"), "the 404 names the paths: {body}");
+    }
+    kas.begin_shutdown();
+    eventually("the custom readiness path turns 503", STEP, || async {
+        kas.http_get("/-/ready").await.0 == 503
+    })
+    .await;
+    assert_eq!(kas.http_get("/-/live").await.0, 200);
+}
+
 #[tokio::test]
 async fn websocket_needs_the_ws_tunnel_subprotocol_and_plain_http_is_refused() {
     let kas = Harness::start().await;

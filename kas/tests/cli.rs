@@ -171,6 +171,9 @@ gitlab:
   address: "http://127.0.0.1:1"
   external_url: "https://gitlab.example.com"
   authentication_secret_file: {secret:?}
+  api_rate_limit:
+    refill_rate_per_second: 50.0
+    bucket_size: 250
 api:
   listen:
     address: "127.0.0.1:{api}"
@@ -184,6 +187,12 @@ observability:
     address: "127.0.0.1:{obs}"
   logging:
     level: info
+  liveness_probe:
+    url_path: "/liveness"
+  readiness_probe:
+    url_path: "/readiness"
+  prometheus:
+    url_path: "/metrics"
 redis:
   server:
     address: "gitlab-redis-master.default.svc:6379"
@@ -218,7 +227,7 @@ fn a_real_kas_yaml_is_accepted_and_unimplemented_keys_are_reported_once() {
         "/etc/kas/redis/redis-password",
         redis_password.to_str().unwrap(),
     );
-    std::fs::write(&path, yaml).unwrap();
+    std::fs::write(&path, &yaml).unwrap();
 
     // `check` lists every ignored key and accepts the file.
     let out = kas()
@@ -274,6 +283,38 @@ fn a_real_kas_yaml_is_accepted_and_unimplemented_keys_are_reported_once() {
             .filter(|l| l.contains("configuration key ignored") && l.contains(&format!("\"{key}")))
             .count();
         assert_eq!(lines, 1, "{key} reported {lines} times in:\n{log}");
+    }
+
+    // A value kas refuses names the key.
+    for (from, to, key) in [
+        (
+            "bucket_size: 250",
+            "bucket_size: 0",
+            "gitlab.api_rate_limit.bucket_size",
+        ),
+        (
+            "refill_rate_per_second: 50.0",
+            "refill_rate_per_second: -1",
+            "gitlab.api_rate_limit.refill_rate_per_second",
+        ),
+        (
+            "url_path: \"/metrics\"",
+            "url_path: \"/readiness\"",
+            "observability.prometheus.url_path",
+        ),
+    ] {
+        assert!(yaml.contains(from), "{from}");
+        std::fs::write(&path, yaml.replace(from, to)).unwrap();
+        let out = kas()
+            .args(["check", "--configuration-file"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(key),
+            "{to}: {stderr}"
+        );
     }
 
     // A bad value names the file and the key; a TOML flag and the YAML flag conflict.

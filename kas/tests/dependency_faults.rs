@@ -313,6 +313,72 @@ async fn a_slow_gitlab_sees_at_most_max_concurrent_requests_calls_from_a_pod() {
     );
 }
 
+/// `gitlab.api_rate_limit`: a burst of new agents reaches GitLab paced by the token
+/// bucket — the bucket's worth at once, then one call per refill — and every agent still
+/// gets in, since a call waits for a token (within `gitlab.api_timeout`) instead of failing.
+#[tokio::test]
+async fn gitlab_api_calls_are_paced_by_the_rate_limit_and_every_agent_gets_in() {
+    const AGENTS: usize = 12;
+    const BUCKET: u32 = 2;
+    const PER_SECOND: f64 = 5.0;
+    let kas = Harness::start_with(|c| {
+        c.gitlab.api_rate_limit = kas::config::RateLimitConfig {
+            refill_rate_per_second: PER_SECOND,
+            bucket_size: BUCKET,
+        };
+        // Room for all of them: 10 calls beyond the bucket take 2 s.
+        c.gitlab.api_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let tokens: Vec<String> = (0..AGENTS).map(|i| format!("glagent-paced-{i}")).collect();
+    for (i, token) in tokens.iter().enumerate() {
+        kas.gitlab.add_agent(StandinAgent {
+            token: token.clone(),
+            agent_id: 100 + i as i64,
+            ..StandinAgent::demo(token)
+        });
+    }
+    // A full bucket to start from.
+    tokio::time::sleep(Duration::from_secs_f64(f64::from(BUCKET) / PER_SECOND)).await;
+    let started = std::time::Instant::now();
+    let results = join_all(tokens.iter().map(|t| register(&kas, t))).await;
+    for r in results {
+        r.expect("a rate-limited call waits for its token and the agent gets in");
+    }
+    let arrivals: Vec<Duration> = kas
+        .gitlab
+        .request_arrivals()
+        .into_iter()
+        .filter_map(|at| at.checked_duration_since(started))
+        .collect();
+    eprintln!("agent_info arrivals after the burst started: {arrivals:?}");
+    assert_eq!(arrivals.len(), AGENTS, "one agent_info call per new agent");
+    // The bucket at once, one more at 200 ms; a margin of one for the scheduler.
+    let early = arrivals
+        .iter()
+        .filter(|t| **t < Duration::from_millis(300))
+        .count();
+    assert!(
+        early <= BUCKET as usize + 2,
+        "{early} calls reached GitLab in the first 300 ms: {arrivals:?}"
+    );
+    // 10 calls beyond the bucket at 5/s: the last cannot start before ~2 s.
+    let last = arrivals.iter().max().copied().unwrap_or_default();
+    assert!(
+        last >= Duration::from_millis(1500),
+        "the last call arrived after {last:?}: {arrivals:?}"
+    );
+    let text = metrics(&kas).await;
+    assert!(
+        metric(
+            &text,
+            "kas_gitlab_api_rate_limited_total{endpoint=\"agent_info\"}"
+        ) >= 8.0,
+        "{text}"
+    );
+    assert!(metric(&text, "kas_gitlab_api_rate_limit_wait_seconds_total") > 1.0);
+}
+
 // ---- Gitaly down -------------------------------------------------------------------
 
 #[tokio::test]

@@ -141,6 +141,17 @@ fn u64_value(key: &str, v: &Value) -> Result<u64, String> {
         .ok_or_else(|| format!("{key}: expected a non-negative integer"))
 }
 
+fn u32_value(key: &str, v: &Value) -> Result<u32, String> {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("{key}: expected an integer from 0 to {}", u32::MAX))
+}
+
+fn f64_value(key: &str, v: &Value) -> Result<f64, String> {
+    v.as_f64()
+        .ok_or_else(|| format!("{key}: expected a number"))
+}
+
 fn i64_value(key: &str, v: &Value) -> Result<i64, String> {
     v.as_i64()
         .ok_or_else(|| format!("{key}: expected an integer"))
@@ -182,6 +193,17 @@ impl Reader {
         set!(["gitlab", "authentication_secret_file"], string, |v| {
             cfg.gitlab.authentication_secret_file = PathBuf::from(v)
         });
+        // Field by field: a key left out keeps real kas's default, as in its protobuf.
+        set!(
+            ["gitlab", "api_rate_limit", "refill_rate_per_second"],
+            f64_value,
+            |v| { cfg.gitlab.api_rate_limit.refill_rate_per_second = v }
+        );
+        set!(
+            ["gitlab", "api_rate_limit", "bucket_size"],
+            u32_value,
+            |v| { cfg.gitlab.api_rate_limit.bucket_size = v }
+        );
 
         if let Some(network) = self.take(&["agent", "listen", "network"]) {
             if network.as_str() != Some("tcp") {
@@ -315,6 +337,19 @@ impl Reader {
             .log
             .level =
             v);
+        set!(
+            ["observability", "liveness_probe", "url_path"],
+            string,
+            |v| { cfg.observability.liveness_probe.url_path = v }
+        );
+        set!(
+            ["observability", "readiness_probe", "url_path"],
+            string,
+            |v| { cfg.observability.readiness_probe.url_path = v }
+        );
+        set!(["observability", "prometheus", "url_path"], string, |v| {
+            cfg.observability.prometheus.url_path = v
+        });
 
         self.apply_fleet(&mut cfg)?;
 
@@ -657,6 +692,58 @@ mod tests {
         assert!(err.contains("redis.sentinel.addresses"), "{err}");
     }
 
+    /// The keys of upstream's `config_example.yaml` this kas used to list as ignored.
+    #[test]
+    fn probe_paths_and_the_gitlab_api_rate_limit_are_applied() {
+        let y = KasYaml::from_yaml(
+            "gitlab:\n  address: https://gitlab.example.com\n  authentication_secret_file: /s\n  \
+             api_rate_limit:\n    refill_rate_per_second: 5\n    bucket_size: 2\n\
+             observability:\n  liveness_probe:\n    url_path: /-/live\n  \
+             readiness_probe:\n    url_path: /-/ready\n  prometheus:\n    url_path: /-/metrics\n",
+        )
+        .expect("valid");
+        assert!(y.ignored.is_empty(), "{:?}", y.ignored);
+        let c = &y.config;
+        assert_eq!(c.gitlab.api_rate_limit.refill_rate_per_second, 5.0);
+        assert_eq!(c.gitlab.api_rate_limit.bucket_size, 2);
+        assert_eq!(c.observability.liveness_probe.url_path, "/-/live");
+        assert_eq!(c.observability.readiness_probe.url_path, "/-/ready");
+        assert_eq!(c.observability.prometheus.url_path, "/-/metrics");
+        c.validate().expect("valid");
+
+        // A key left out keeps real kas's default.
+        let y = KasYaml::from_yaml("gitlab:\n  api_rate_limit:\n    bucket_size: 9\n").unwrap();
+        assert_eq!(y.config.gitlab.api_rate_limit.refill_rate_per_second, 50.0);
+        assert_eq!(y.config.gitlab.api_rate_limit.bucket_size, 9);
+
+        // Values a YAML file can hold but kas refuses, by the key's name.
+        for (yaml, key) in [
+            (
+                "api_rate_limit:\n    refill_rate_per_second: 0\n",
+                "gitlab.api_rate_limit.refill_rate_per_second",
+            ),
+            (
+                "api_rate_limit:\n    refill_rate_per_second: -2.5\n",
+                "gitlab.api_rate_limit.refill_rate_per_second",
+            ),
+            (
+                "api_rate_limit:\n    bucket_size: 0\n",
+                "gitlab.api_rate_limit.bucket_size",
+            ),
+        ] {
+            let text = format!(
+                "gitlab:\n  address: https://gitlab.example.com\n  authentication_secret_file: /s\n  {yaml}"
+            );
+            let err = KasYaml::from_yaml(&text)
+                .expect("parses")
+                .config
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
     #[test]
     fn bad_values_name_the_key() {
         for (yaml, key) in [
@@ -675,6 +762,18 @@ mod tests {
             (
                 "agent:\n  listen:\n    network: unix\n",
                 "agent.listen.network",
+            ),
+            (
+                "gitlab:\n  api_rate_limit:\n    bucket_size: -1\n",
+                "gitlab.api_rate_limit.bucket_size",
+            ),
+            (
+                "gitlab:\n  api_rate_limit:\n    refill_rate_per_second: fast\n",
+                "gitlab.api_rate_limit.refill_rate_per_second",
+            ),
+            (
+                "observability:\n  readiness_probe:\n    url_path: 3\n",
+                "observability.readiness_probe.url_path",
             ),
         ] {
             let err = KasYaml::from_yaml(yaml).unwrap_err();

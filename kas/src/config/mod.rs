@@ -95,16 +95,88 @@ impl Default for AgentListenerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObservabilityConfig {
-    /// `/liveness`, `/readiness` and `/metrics` live here, apart from agent traffic, so a
-    /// health checker measures the pod without competing with agents.
+    /// The probes and `/metrics` live here, apart from agent traffic, so a health checker
+    /// measures the pod without competing with agents.
     pub listen: SocketAddr,
+    /// Where the kubelet's liveness probe asks (real kas: `/liveness`).
+    pub liveness_probe: UrlPathConfig,
+    /// Where the kubelet and the edge's health checks ask (real kas: `/readiness`); the
+    /// edge's `health.path` must name the same path.
+    pub readiness_probe: UrlPathConfig,
+    /// Where Prometheus scrapes (real kas: `/metrics`).
+    pub prometheus: UrlPathConfig,
+}
+
+/// One path served on the observability port (real kas's `url_path`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UrlPathConfig {
+    pub url_path: String,
+}
+
+impl UrlPathConfig {
+    fn new(path: &str) -> Self {
+        Self {
+            url_path: path.to_owned(),
+        }
+    }
 }
 
 impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
             listen: ([0, 0, 0, 0], 8151).into(),
+            liveness_probe: UrlPathConfig::new("/liveness"),
+            readiness_probe: UrlPathConfig::new("/readiness"),
+            prometheus: UrlPathConfig::new("/metrics"),
         }
+    }
+}
+
+impl ObservabilityConfig {
+    /// The three paths with their fields' names, for validation and error messages.
+    fn paths(&self) -> [(&'static str, &str); 3] {
+        [
+            (
+                "observability.liveness_probe.url_path",
+                &self.liveness_probe.url_path,
+            ),
+            (
+                "observability.readiness_probe.url_path",
+                &self.readiness_probe.url_path,
+            ),
+            (
+                "observability.prometheus.url_path",
+                &self.prometheus.url_path,
+            ),
+        ]
+    }
+
+    /// Each path is a plain absolute path (requests are matched on the path alone, so a
+    /// query or fragment could never match) and the three differ.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let paths = self.paths();
+        for (i, &(field, path)) in paths.iter().enumerate() {
+            if !path.starts_with('/') {
+                return Err(invalid(field, format!("must start with /, got {path:?}")));
+            }
+            if path.contains(['?', '#']) {
+                return Err(invalid(
+                    field,
+                    format!("must be a path without a query or fragment, got {path:?}"),
+                ));
+            }
+            if http::uri::PathAndQuery::try_from(path).is_err() {
+                return Err(invalid(field, format!("is not a valid URL path: {path:?}")));
+            }
+            if let Some((other, _)) = paths[..i].iter().find(|(_, p)| *p == path) {
+                return Err(invalid(
+                    field,
+                    format!("{path:?} is already {other}: each path must differ"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -132,6 +204,10 @@ pub struct GitlabConfig {
     /// `api_timeout`), so a slow GitLab sees a bounded number of calls from kas however
     /// many new agents wait, instead of one more connection per agent.
     pub max_concurrent_requests: usize,
+    /// A token bucket in front of every GitLab API call of this pod (real kas: 50/s, burst
+    /// 250): a call waits for a token (within `api_timeout`) rather than failing, so a
+    /// storm of new agents reaches GitLab at a rate it was sized for.
+    pub api_rate_limit: RateLimitConfig,
 }
 
 impl Default for GitlabConfig {
@@ -145,6 +221,10 @@ impl Default for GitlabConfig {
             auth_cache_error_ttl: Duration::from_secs(10),
             auth_cache_max_entries: 100_000,
             max_concurrent_requests: 256,
+            api_rate_limit: RateLimitConfig {
+                refill_rate_per_second: 50.0,
+                bucket_size: 250,
+            },
         }
     }
 }
@@ -191,6 +271,48 @@ impl Default for AgentConfigurationConfig {
 pub struct RateLimitConfig {
     pub refill_rate_per_second: f64,
     pub bucket_size: u32,
+}
+
+impl RateLimitConfig {
+    /// Fastest refill accepted: one token per nanosecond, the bucket's clock resolution.
+    const MAX_RATE: f64 = 1e9;
+
+    /// The bucket as `governor` counts it. Out-of-range values (refused by validation)
+    /// are clamped rather than panicking.
+    pub fn quota(&self) -> governor::Quota {
+        let rate = self.refill_rate_per_second;
+        let per_second = if rate.is_nan() {
+            0.001
+        } else {
+            rate.clamp(0.001, Self::MAX_RATE)
+        };
+        let period = Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1));
+        let burst =
+            std::num::NonZeroU32::new(self.bucket_size).unwrap_or(std::num::NonZeroU32::MIN);
+        governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MIN))
+            .allow_burst(burst)
+    }
+
+    /// `refill_rate_per_second` in (0, 1e9] and `bucket_size` at least 1; an error names
+    /// the offending key.
+    fn validate(
+        &self,
+        refill_field: &'static str,
+        bucket_field: &'static str,
+    ) -> Result<(), ConfigError> {
+        let rate = self.refill_rate_per_second;
+        if !(rate > 0.0 && rate <= Self::MAX_RATE) {
+            return Err(invalid(
+                refill_field,
+                format!("must be greater than zero and at most 1e9, got {rate}"),
+            ));
+        }
+        if self.bucket_size == 0 {
+            return Err(invalid(bucket_field, "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -492,26 +614,19 @@ impl Config {
                 "must be greater than zero",
             ));
         }
-        for (field, limit) in [
-            (
-                "gitaly.global_api_rate_limit",
-                self.gitaly.global_api_rate_limit,
-            ),
-            (
-                "gitaly.per_server_api_rate_limit",
-                self.gitaly.per_server_api_rate_limit,
-            ),
-        ] {
-            if limit.refill_rate_per_second.is_nan()
-                || limit.refill_rate_per_second <= 0.0
-                || limit.bucket_size == 0
-            {
-                return Err(invalid(
-                    field,
-                    "refill_rate_per_second and bucket_size must be greater than zero",
-                ));
-            }
-        }
+        self.gitaly.global_api_rate_limit.validate(
+            "gitaly.global_api_rate_limit.refill_rate_per_second",
+            "gitaly.global_api_rate_limit.bucket_size",
+        )?;
+        self.gitaly.per_server_api_rate_limit.validate(
+            "gitaly.per_server_api_rate_limit.refill_rate_per_second",
+            "gitaly.per_server_api_rate_limit.bucket_size",
+        )?;
+        self.gitlab.api_rate_limit.validate(
+            "gitlab.api_rate_limit.refill_rate_per_second",
+            "gitlab.api_rate_limit.bucket_size",
+        )?;
+        self.observability.validate()?;
         if self.gitaly.call_timeout.is_zero() {
             return Err(invalid("gitaly.call_timeout", "must be greater than zero"));
         }
@@ -698,5 +813,106 @@ mod tests {
         assert_eq!(cfg.gitaly.limits().global_burst, 7);
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("gitaly.per_server_api_rate_limit"), "{err}");
+    }
+
+    fn valid() -> Config {
+        Config::from_toml(
+            "[gitlab]\naddress = \"https://gitlab.example.com\"\nauthentication_secret_file = \"/s\"\n",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn the_gitlab_api_rate_limit_defaults_to_real_kas_and_bad_values_name_the_key() {
+        let cfg = valid();
+        assert_eq!(cfg.gitlab.api_rate_limit.refill_rate_per_second, 50.0);
+        assert_eq!(cfg.gitlab.api_rate_limit.bucket_size, 250);
+        cfg.validate().unwrap();
+        for (rate, bucket, key) in [
+            (0.0, 10, "gitlab.api_rate_limit.refill_rate_per_second"),
+            (-1.0, 10, "gitlab.api_rate_limit.refill_rate_per_second"),
+            (f64::NAN, 10, "gitlab.api_rate_limit.refill_rate_per_second"),
+            (
+                f64::INFINITY,
+                10,
+                "gitlab.api_rate_limit.refill_rate_per_second",
+            ),
+            (5.0, 0, "gitlab.api_rate_limit.bucket_size"),
+        ] {
+            let mut cfg = valid();
+            cfg.gitlab.api_rate_limit = RateLimitConfig {
+                refill_rate_per_second: rate,
+                bucket_size: bucket,
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{rate}/{bucket}: {err}");
+        }
+        let toml = Config::from_toml(
+            "[gitlab]\napi_rate_limit = { refill_rate_per_second = 5.0, bucket_size = 2 }\n",
+        )
+        .expect("valid");
+        assert_eq!(toml.gitlab.api_rate_limit.bucket_size, 2);
+    }
+
+    #[test]
+    fn a_rate_limit_quota_never_panics_on_extreme_values() {
+        for rate in [1e-300, 0.0, -5.0, 1e9, 1e12, f64::INFINITY, f64::NAN] {
+            let quota = RateLimitConfig {
+                refill_rate_per_second: rate,
+                bucket_size: 0,
+            }
+            .quota();
+            assert_eq!(quota.burst_size().get(), 1, "{rate}");
+        }
+    }
+
+    #[test]
+    fn observability_paths_are_checked_and_name_their_key() {
+        let cfg = Config::from_toml(
+            "[observability.liveness_probe]\nurl_path = \"/-/live\"\n\
+             [observability.readiness_probe]\nurl_path = \"/-/ready\"\n",
+        )
+        .expect("valid");
+        assert_eq!(cfg.observability.liveness_probe.url_path, "/-/live");
+        assert_eq!(cfg.observability.prometheus.url_path, "/metrics");
+        for (liveness, readiness, metrics, key) in [
+            ("live", "/readiness", "/metrics", "liveness_probe.url_path"),
+            (
+                "/liveness",
+                "/ready?x=1",
+                "/metrics",
+                "readiness_probe.url_path",
+            ),
+            ("/liveness", "/readiness", "/m#top", "prometheus.url_path"),
+            (
+                "/liveness",
+                "/liveness",
+                "/metrics",
+                "readiness_probe.url_path",
+            ),
+            (
+                "/liveness",
+                "/readiness",
+                "/readiness",
+                "prometheus.url_path",
+            ),
+            (
+                "/liveness",
+                "/ready ness",
+                "/metrics",
+                "readiness_probe.url_path",
+            ),
+            ("", "/readiness", "/metrics", "liveness_probe.url_path"),
+        ] {
+            let mut cfg = valid();
+            cfg.observability.liveness_probe.url_path = liveness.into();
+            cfg.observability.readiness_probe.url_path = readiness.into();
+            cfg.observability.prometheus.url_path = metrics.into();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("observability.{key}")),
+                "{liveness} {readiness} {metrics}: {err}"
+            );
+        }
     }
 }

@@ -192,9 +192,10 @@ impl DevStack {
         ));
         for pod in &self.pods {
             out.push_str(&format!(
-                "kas pod:          grpc://{a}  ws://{a}/  health http://{o}/readiness\n",
+                "kas pod:          grpc://{a}  ws://{a}/  health http://{o}{r}\n",
                 a = pod.agent_addr(),
-                o = pod.observability_addr()
+                o = pod.observability_addr(),
+                r = pod.readiness_path()
             ));
             if let Some(proxy) = pod.k8s_proxy_addr() {
                 out.push_str(&format!(

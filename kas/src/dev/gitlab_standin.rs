@@ -10,13 +10,13 @@
 //! Like GitLab, the REST repository API refuses agent tokens and takes only an API token
 //! (`PRIVATE-TOKEN`, [`GitlabStandin::api_token`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::gitaly_standin::{commit_all, GitalyStandin, STORAGE};
 use base64::Engine;
@@ -124,6 +124,8 @@ struct State {
     last_jwt: Mutex<Option<String>>,
     /// Every request, counted when it arrives (before a [`GitlabFault::Slow`] delay).
     requests_received: AtomicU64,
+    /// When the latest [`ARRIVALS_KEPT`] requests arrived: how kas paced its calls.
+    arrivals: Mutex<VecDeque<Instant>>,
     /// Requests being answered now, and the most there ever were at once.
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
@@ -134,6 +136,10 @@ struct State {
     /// CI jobs and users of the Kubernetes API proxy.
     proxy_access: ProxyAccess,
 }
+
+/// Arrival times kept: a test's burst of calls, while a long-running local stack's memory
+/// stays bounded.
+const ARRIVALS_KEPT: usize = 4096;
 
 /// A running stand-in. Dropping it stops the server.
 pub struct GitlabStandin {
@@ -208,6 +214,14 @@ fn git_output(repo: &Path, args: &[&str]) -> Option<Vec<u8>> {
 }
 
 impl State {
+    fn arrived(&self, at: Instant) {
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        if arrivals.len() == ARRIVALS_KEPT {
+            arrivals.pop_front();
+        }
+        arrivals.push_back(at);
+    }
+
     fn fault(&self) -> GitlabFault {
         *self.fault.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -505,6 +519,7 @@ impl GitlabStandin {
             fault: Mutex::new(GitlabFault::None),
             last_jwt: Mutex::new(None),
             requests_received: AtomicU64::new(0),
+            arrivals: Mutex::new(VecDeque::new()),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             agent_info_requests: AtomicU64::new(0),
@@ -532,6 +547,7 @@ impl GitlabStandin {
                             let st = st.clone();
                             async move {
                                 st.requests_received.fetch_add(1, Ordering::SeqCst);
+                                st.arrived(Instant::now());
                                 let _answering = InFlight::enter(&st);
                                 if let GitlabFault::Slow(delay) = st.fault() {
                                     tokio::time::sleep(delay).await;
@@ -698,6 +714,16 @@ impl GitlabStandin {
     /// Requests of any kind, counted as they arrive (a slow answer is counted at once).
     pub fn requests_received(&self) -> u64 {
         self.state.requests_received.load(Ordering::SeqCst)
+    }
+
+    /// When requests of any kind arrived (the latest 4096), oldest first.
+    pub fn request_arrivals(&self) -> Vec<Instant> {
+        let arrivals = self
+            .state
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        arrivals.iter().copied().collect()
     }
 
     /// The most requests the stand-in was answering at once (a slow GitLab's view of how

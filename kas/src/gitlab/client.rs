@@ -2,9 +2,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use prometheus::{HistogramVec, IntCounterVec};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
+use prometheus::{Counter, HistogramVec, IntCounterVec};
 use serde::Deserialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant as TokioInstant;
 
 use super::jwt::{sign_api_request_jwt, JWT_HEADER};
 use super::SharedSecret;
@@ -94,9 +96,18 @@ pub struct GitlabClient {
     errors: IntCounterVec,
     /// Bounds the calls in flight (`gitlab.max_concurrent_requests`).
     slots: Arc<Semaphore>,
-    /// The whole of a call, the wait for a slot included (`gitlab.api_timeout`).
+    /// Paces the calls started (`gitlab.api_rate_limit`), shared by every clone.
+    rate: Arc<DefaultDirectRateLimiter>,
+    /// Calls that waited for a token, by endpoint, and the seconds they waited.
+    rate_limited: IntCounterVec,
+    rate_limit_wait: Counter,
+    /// The whole of a call, the waits for a token and a slot included (`gitlab.api_timeout`).
     timeout: Duration,
 }
+
+/// Why a call did not get to GitLab, or what GitLab answered, with the kind counted in
+/// `kas_gitlab_api_errors_total` when it is GitLab's (or the limits') fault.
+type CallError = (GitlabError, Option<&'static str>);
 
 #[derive(Deserialize)]
 struct AgentInfoBody {
@@ -174,14 +185,14 @@ pub(crate) fn encode_segment(s: &str) -> String {
 }
 
 impl GitlabClient {
+    /// A client for `config.address` with `config`'s timeout and limits, counting into
+    /// `metrics`.
     pub fn new(
-        base: &str,
+        config: &crate::config::GitlabConfig,
         secret: SharedSecret,
-        timeout: Duration,
-        max_concurrent: usize,
-        latency: HistogramVec,
-        errors: IntCounterVec,
+        metrics: &crate::telemetry::metrics::Metrics,
     ) -> anyhow::Result<Self> {
+        let timeout = config.api_timeout;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -189,11 +200,14 @@ impl GitlabClient {
             .build()?;
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            base: config.address.trim_end_matches('/').to_owned(),
             secret,
-            latency,
-            errors,
-            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            latency: metrics.gitlab_api_latency.clone(),
+            errors: metrics.gitlab_api_errors.clone(),
+            slots: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
+            rate: Arc::new(RateLimiter::direct(config.api_rate_limit.quota())),
+            rate_limited: metrics.gitlab_api_rate_limited.clone(),
+            rate_limit_wait: metrics.gitlab_api_rate_limit_wait.clone(),
             timeout,
         })
     }
@@ -242,20 +256,13 @@ impl GitlabClient {
         request: reqwest::RequestBuilder,
     ) -> Result<bytes::Bytes, GitlabError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
-            Ok(Ok(_slot)) => {
-                // The call gets what is left of the timeout after the wait for a slot.
+        let result = match self.admit(endpoint, started).await {
+            Ok(_slot) => {
+                // The call gets what is left of the timeout after the waits.
                 let left = self.timeout.saturating_sub(started.elapsed());
                 Self::send_inner(request.timeout(left)).await
             }
-            _ => Err((
-                GitlabError::Unavailable(format!(
-                    "no free slot for a GitLab call within {:?} \
-                     (gitlab.max_concurrent_requests calls in flight)",
-                    self.timeout
-                )),
-                Some("saturated"),
-            )),
+            Err(e) => Err(e),
         };
         let outcome = match &result {
             Ok(_) => "ok",
@@ -272,10 +279,45 @@ impl GitlabClient {
         result.map_err(|(e, _)| e)
     }
 
+    /// Waits for a token of `gitlab.api_rate_limit`, then for a free slot of
+    /// `gitlab.max_concurrent_requests`, both within `gitlab.api_timeout` from `started`:
+    /// a limited call is delayed, and fails only when the wait outlasts the timeout.
+    async fn admit(
+        &self,
+        endpoint: &'static str,
+        started: Instant,
+    ) -> Result<SemaphorePermit<'_>, CallError> {
+        let deadline = TokioInstant::from_std(started) + self.timeout;
+        if self.rate.check().is_err() {
+            self.rate_limited.with_label_values(&[endpoint]).inc();
+            let waiting = Instant::now();
+            let ready = tokio::time::timeout_at(deadline, self.rate.until_ready()).await;
+            self.rate_limit_wait.inc_by(waiting.elapsed().as_secs_f64());
+            if ready.is_err() {
+                return Err((
+                    GitlabError::Unavailable(format!(
+                        "no GitLab API call allowed within {:?} (gitlab.api_rate_limit)",
+                        self.timeout
+                    )),
+                    Some("rate_limited"),
+                ));
+            }
+        }
+        match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err((
+                GitlabError::Unavailable(format!(
+                    "no free slot for a GitLab call within {:?} \
+                     (gitlab.max_concurrent_requests calls in flight)",
+                    self.timeout
+                )),
+                Some("saturated"),
+            )),
+        }
+    }
+
     /// The request's answer, or the error with, when it is GitLab's fault, its kind.
-    async fn send_inner(
-        request: reqwest::RequestBuilder,
-    ) -> Result<bytes::Bytes, (GitlabError, Option<&'static str>)> {
+    async fn send_inner(request: reqwest::RequestBuilder) -> Result<bytes::Bytes, CallError> {
         // reqwest's error text names the URL but never headers, so no token leaks.
         let transport = |e: reqwest::Error| {
             let kind = if e.is_timeout() {

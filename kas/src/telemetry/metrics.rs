@@ -2,7 +2,8 @@
 //! pods can run in one process (the local stack, tests) without mixing their numbers.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Clone)]
@@ -19,6 +20,11 @@ pub struct Metrics {
     /// GitLab API calls that failed as "unavailable", by endpoint and kind (`timeout`,
     /// `connect`, `http_5xx`, `http_other`, `transport`): what an outage looks like.
     pub gitlab_api_errors: IntCounterVec,
+    /// GitLab API calls that found `gitlab.api_rate_limit`'s bucket empty and waited, by
+    /// endpoint: how often the limit shapes traffic.
+    pub gitlab_api_rate_limited: IntCounterVec,
+    /// Seconds GitLab API calls spent waiting for a token, all together.
+    pub gitlab_api_rate_limit_wait: Counter,
     /// Re-checks of long streams' tokens by result: `ok`, `rejected` (the stream ends),
     /// `deferred` (GitLab unavailable: the stream stays, asked again one TTL later).
     pub token_revalidations: IntCounterVec,
@@ -90,6 +96,25 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let gitlab_api_rate_limited = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "kas_gitlab_api_rate_limited_total",
+                    "GitLab API calls that waited for a token of gitlab.api_rate_limit, by endpoint.",
+                ),
+                &["endpoint"],
+            )
+            .expect("valid metric"),
+        );
+        let gitlab_api_rate_limit_wait = register(
+            &registry,
+            Counter::new(
+                "kas_gitlab_api_rate_limit_wait_seconds_total",
+                "Seconds GitLab API calls waited for a token of gitlab.api_rate_limit.",
+            )
+            .expect("valid metric"),
+        );
         let token_revalidations = register(
             &registry,
             IntCounterVec::new(
@@ -151,6 +176,8 @@ impl Metrics {
             auth_results,
             gitlab_api_latency,
             gitlab_api_errors,
+            gitlab_api_rate_limited,
+            gitlab_api_rate_limit_wait,
             token_revalidations,
             config_events,
             gitaly_requests,

@@ -1,6 +1,8 @@
-//! The observability port: `/liveness`, `/readiness`, `/metrics`. It is separate from the
-//! agent port so health checkers and scrapers never queue behind agent traffic, and it
-//! stays up through a drain so the edge can watch readiness go 503.
+//! The observability port: the liveness and readiness probes and the metrics
+//! (`/liveness`, `/readiness`, `/metrics` unless `observability.*.url_path` says
+//! otherwise). It is separate from the agent port so health checkers and scrapers never
+//! queue behind agent traffic, and it stays up through a drain so the edge can watch
+//! readiness go 503.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,12 +17,23 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ObservabilityConfig;
 use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone)]
 pub(crate) struct Observability {
-    pub ready: Arc<AtomicBool>,
-    pub metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    metrics: Metrics,
+    paths: Arc<Paths>,
+}
+
+/// The configured paths (validated: distinct, absolute, no query).
+struct Paths {
+    liveness: String,
+    readiness: String,
+    metrics: String,
+    /// The 404's body, naming the three.
+    not_found: Bytes,
 }
 
 fn respond(
@@ -38,30 +51,51 @@ fn respond(
 }
 
 impl Observability {
+    pub fn new(config: &ObservabilityConfig, ready: Arc<AtomicBool>, metrics: Metrics) -> Self {
+        let (liveness, readiness, metrics_path) = (
+            config.liveness_probe.url_path.clone(),
+            config.readiness_probe.url_path.clone(),
+            config.prometheus.url_path.clone(),
+        );
+        let not_found = format!("not found: try {liveness}, {readiness} or {metrics_path}\n");
+        Self {
+            ready,
+            metrics,
+            paths: Arc::new(Paths {
+                liveness,
+                readiness,
+                metrics: metrics_path,
+                not_found: Bytes::from(not_found),
+            }),
+        }
+    }
+
     fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
         }
-        match req.uri().path() {
-            "/liveness" => respond(StatusCode::OK, "text/plain", "ok\n"),
-            "/readiness" if self.ready.load(Ordering::SeqCst) => {
+        let path = req.uri().path();
+        let paths = &self.paths;
+        if path == paths.liveness {
+            respond(StatusCode::OK, "text/plain", "ok\n")
+        } else if path == paths.readiness {
+            if self.ready.load(Ordering::SeqCst) {
                 respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "shutting down\n",
+                )
             }
-            "/readiness" => respond(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "shutting down\n",
-            ),
-            "/metrics" => respond(
+        } else if path == paths.metrics {
+            respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
                 self.metrics.render(),
-            ),
-            _ => respond(
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "not found: try /liveness, /readiness or /metrics\n",
-            ),
+            )
+        } else {
+            respond(StatusCode::NOT_FOUND, "text/plain", paths.not_found.clone())
         }
     }
 

@@ -10,8 +10,9 @@ use super::FieldError;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
-    /// kas serves `/readiness` on its observability port, not the traffic port.
+    /// kas serves its readiness probe on its observability port, not the traffic port.
     pub port: u16,
+    /// kas's `observability.readiness_probe.url_path` (both default to `/readiness`).
     pub path: String,
     #[serde(with = "humantime_serde")]
     pub interval: Duration,

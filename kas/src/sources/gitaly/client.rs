@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -113,11 +112,11 @@ impl Default for GitalyLimits {
 }
 
 fn quota(per_second: f64, burst: u32) -> Quota {
-    let period = Duration::from_secs_f64(1.0 / per_second.max(0.001));
-    let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    Quota::with_period(period)
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(burst)
+    crate::config::RateLimitConfig {
+        refill_rate_per_second: per_second,
+        bucket_size: burst,
+    }
+    .quota()
 }
 
 /// One entry of a tree listing.

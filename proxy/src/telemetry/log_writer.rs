@@ -26,6 +26,8 @@ use crate::support::sync::lock;
 /// The queue's bound: about 3,000 access lines of typical length, a burst of reconnecting
 /// agents, while the consumer catches up.
 pub const QUEUE_BYTES: usize = 1024 * 1024;
+/// What the drain thread's spare buffer keeps between batches.
+const SPARE_BYTES: usize = 64 * 1024;
 /// The longest a single line may be; longer ones are dropped (and counted) whole.
 pub const MAX_LINE: usize = 64 * 1024;
 /// At most one "lines dropped" warning per this interval.
@@ -93,6 +95,11 @@ impl LineQueue {
         true
     }
 
+    #[cfg(test)]
+    fn pending_capacity(&self) -> usize {
+        lock(&self.state).pending.capacity()
+    }
+
     /// Waits until everything queued so far has been written, for at most `timeout`;
     /// `false` if it had not. For an orderly exit.
     pub fn flush(&self, timeout: Duration) -> bool {
@@ -135,8 +142,11 @@ impl LineQueue {
                 self.dropped.inc_by(lines as u64);
             }
             batch.clear();
-            // A burst may have grown the spare buffer; keep at most one queue's worth.
-            batch.shrink_to(self.capacity);
+            // A burst may have grown the spare buffer (up to the whole queue, 1 MiB, and
+            // its twin `pending` as much): keep what a quiet edge needs, so a burst of
+            // lines (a reconnect storm, a request flood) is not held for the life of the
+            // process. Growing again costs a few reallocations per burst.
+            batch.shrink_to(SPARE_BYTES);
             let dropped = self.dropped.get();
             if dropped > dropped_seen
                 && warned_at.is_none_or(|at| at.elapsed() >= DROP_WARNING_INTERVAL)
@@ -307,6 +317,40 @@ mod tests {
         let text = String::from_utf8(text).unwrap();
         let numbers: Vec<usize> = text.lines().map(|l| l[5..9].parse().unwrap()).collect();
         assert_eq!(numbers, (0..=kept).collect::<Vec<_>>());
+    }
+
+    /// A burst fills the queue to nearly its 1 MiB; once it is written, neither buffer
+    /// the queue swaps keeps that size (the spare one is what `pending` becomes next).
+    #[test]
+    fn a_burst_of_lines_leaves_no_megabyte_buffers_behind() {
+        let (open_gate, gate) = mpsc::channel();
+        let (out, _written) = mpsc::channel();
+        let queue = LineQueue::start(
+            "test-log-writer",
+            QUEUE_BYTES,
+            Stuck { gate, out },
+            counter(),
+        )
+        .unwrap();
+        assert!(queue.push(b"first\n"));
+        std::thread::sleep(Duration::from_millis(100));
+        let line = format!("{}\n", "x".repeat(1023));
+        let kept = (0..900).filter(|_| queue.push(line.as_bytes())).count();
+        assert_eq!(kept, 900);
+        assert!(queue.pending_capacity() >= 900 * 1024);
+        for _ in 0..10 {
+            let _ = open_gate.send(());
+        }
+        assert!(queue.flush(Duration::from_secs(5)));
+        // The next line goes into the buffer the drain thread wrote the burst from.
+        assert!(queue.push(b"after\n"));
+        let _ = open_gate.send(());
+        assert!(queue.flush(Duration::from_secs(5)));
+        assert!(
+            queue.pending_capacity() <= SPARE_BYTES,
+            "{} bytes kept",
+            queue.pending_capacity()
+        );
     }
 
     #[test]

@@ -73,8 +73,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-# shellcheck source=loadtest/edge-config.sh
-. "$ROOT/loadtest/edge-config.sh"
+# shellcheck source=loadtest/stack.sh
+. "$ROOT/loadtest/stack.sh"
 RESULTS=$ROOT/loadtest/results
 DURATION=${DURATION:-10}
 H1_CONNS=${H1_CONNS:-64}
@@ -148,43 +148,20 @@ fi
 WORK=$(mktemp -d /tmp/kas-bench.XXXXXX)
 RAW=$WORK/raw
 mkdir -p "$RAW" "$RESULTS"
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 
-wait_for() { # what, command...
-  local what=$1; shift
-  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  die "$what did not come up"
-}
 answers_tls() { [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "https://$1/")" != 000 ]; }
 
 if [ -n "$PATHS" ]; then
 # --- kas pods and the GitLab stand-in (one process) ---------------------------------------
 log "starting kas pods"
-(cd "$WORK" && exec "$BIN/kas" dev --dir "$WORK/dev" >"$WORK/kas.log" 2>&1) &
-KAS_PID=$!
-PIDS+=("$KAS_PID")
-for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readiness"; done
-TOKEN=$(cat "$WORK/dev/demo-agent-token")
+start_kas_dev "$BIN/kas" "$WORK"
 
 # --- kas-edge (it also generates the certificate everyone uses) ---------------------------
 edge_toml 127.0.5.1:8443 127.0.5.1:8081 127.0.5.1:8080 "$WORK/tls" 127.0.1 >"$WORK/edge.toml"
 log "starting kas-edge"
-"$BIN/kas-edge" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
-EDGE_PID=$!
-PIDS+=("$EDGE_PID")
-edge_healthy() { [ "$(curl -fs http://127.0.5.1:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
-wait_for "kas-edge" edge_healthy
+start_edge "$BIN/kas-edge" "$WORK/edge.toml" 127.0.5.1:8081
 CA=$WORK/tls/tls.crt
 cat "$WORK/tls/tls.crt" "$WORK/tls/tls.key" >"$WORK/tls/combined.pem"
 
@@ -286,8 +263,9 @@ cost_snapshot() { # pids...
 # Runs a command, recording the cost of the process set around it in $RAW/<name>.cost.
 with_cost() { # name pids-string command...
   local name=$1 pids=$2; shift 2
+  local before after
   # shellcheck disable=SC2086
-  local before after; before=$(cost_snapshot $pids)
+  before=$(cost_snapshot $pids)
   "$@" || true
   # shellcheck disable=SC2086
   after=$(cost_snapshot $pids)
@@ -374,7 +352,9 @@ if [ "$K8S" = 1 ]; then
   . "$WORK/k8s/stack.env"
   k8s_targets=(); for t in $AGENT_TARGETS; do k8s_targets+=(--target "$t"); done
   k8s_urls=(); for u in $K8S_PROXY_URLS; do k8s_urls+=(--k8s-proxy-url "$u"); done
-  kas_pids=(); for pid in $KAS_PIDS; do kas_pids+=(--edge-pid "$pid"); done
+  kas_pids=()
+  # shellcheck disable=SC2153 # KAS_PIDS comes from stack.env
+  for pid in $KAS_PIDS; do kas_pids+=(--edge-pid "$pid"); done
   # Agents as agentk: the configuration stream and 2 idle tunnels, no Echo stream.
   LTK=("$BIN/kas-loadtest" --progress never --kube-api-url "$KUBE_API_URL" --echo-interval 0)
   fleet=(--ws-fraction 0 "${k8s_targets[@]}" --token-file "$TOKEN_FILE")
@@ -421,11 +401,8 @@ if [ "$K8S" = 1 ]; then
       echo "$K8S_EDGE_TOML"
     } >"$WORK/k8s-edge.toml"
     log "k8s: starting kas-edge in front of the stack's pods"
-    "$BIN/kas-edge" run --config "$WORK/k8s-edge.toml" >"$WORK/k8s-edge.log" 2>&1 &
-    K8S_EDGE_PID=$!
-    PIDS+=("$K8S_EDGE_PID")
-    k8s_edge_healthy() { [ "$(curl -fs http://127.0.5.4:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
-    wait_for "kas-edge (k8s)" k8s_edge_healthy
+    start_edge "$BIN/kas-edge" "$WORK/k8s-edge.toml" 127.0.5.4:8081
+    K8S_EDGE_PID=$EDGE_PID
     # One GitLab agent for the whole fleet: the edge spreads agents and requests over the
     # pods, and until kas routes between pods each pod must hold tunnels of the agent asked.
     efleet=(--ws-fraction 1 --target wss://127.0.5.4:8443/ --ca-file "$WORK/k8s-edge-tls/tls.crt"

@@ -32,6 +32,11 @@
 #                  a reconnect storm: $STORM_AGENTS agents connected (wss), all dropped at
 #                  once, time until every one is back (kas-loadtest storm) and the proxy's
 #                  (direct: the pods') CPU per returning agent
+#   storm_refused  connects the edge refused during the storm run for its handshake cap
+#                  (edge_policy_blocked_total{reason="handshakes_in_progress"}; since the
+#                  cap queues, 0 is the target; nginx and HAProxy count no such thing)
+#   storm_errors   the fleet's errors over the storm run (refused or failed connects,
+#                  timeouts), kinds in the JSON
 # Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
 # proxy costs on top of reaching kas at all.
 #
@@ -336,7 +341,11 @@ for p in $PATHS; do
       --echo-interval 60s --max-error-rate 0.001 "${ws_targets[@]}" \
       --json "$RAW/$p-storm.json" >"$RAW/$p-storm.txt" 2>&1 || log "$p: storm reported failures (see JSON)"
   }
+  # The edge counts the connects it refuses for its handshake cap (slots and queue full);
+  # for nginx and HAProxy a refused connect shows only among the fleet's errors.
+  if [ "$p" = edge ]; then handshake_refusals 127.0.5.1:8081 >"$RAW/$p-storm.refused"; fi
   with_cost "$p-storm" "$(pids_of "$p")" run_storm
+  if [ "$p" = edge ]; then handshake_refusals 127.0.5.1:8081 >>"$RAW/$p-storm.refused"; fi
 done
 
 # --- the Kubernetes API proxy ----------------------------------------------------------------
@@ -479,6 +488,7 @@ for p in paths:
     storm_facts = storm.get("facts") or {}
     # The storm's cost covers its ramp too: two connects per agent.
     storm_cpu, _ = cost(f"{p}-storm", 2 * int(os.environ["STORM_AGENTS"]))
+    refused = read(f"{p}-storm.refused").split()
     results[p] = {
         "bulk_ws_mbps": (bulk["ws"].get("facts") or {}).get("bulk_mb_per_s") if bulk["ws"].get("passed") else None,
         "bulk_grpc_mbps": (bulk["grpc"].get("facts") or {}).get("bulk_mb_per_s") if bulk["grpc"].get("passed") else None,
@@ -488,6 +498,14 @@ for p in paths:
         if storm_facts.get("storm_reconnected") == storm_facts.get("storm_agents") else None,
         "storm_cpu_ms_per_agent": round(storm_cpu / 1000, 3) if storm_cpu is not None else None,
         "storm_passed": storm.get("passed"),
+        # Connects the edge refused during the storm run (its ramp included) for its
+        # handshake cap: the delta of edge_policy_blocked_total{reason="handshakes_in_progress"}.
+        "storm_refused": int(refused[1]) - int(refused[0]) if len(refused) == 2 else None,
+        # The fleet's errors over the storm run (ramp included): refused or failed connects,
+        # configuration and Echo timeouts, by kind.
+        "storm_errors": (storm.get("totals") or {}).get("errors"),
+        "storm_operations": (storm.get("totals") or {}).get("operations"),
+        "storm_error_kinds": {e["kind"]: e["count"] for e in storm.get("errors") or []},
         "storm_failures": [c["detail"] for c in storm.get("checks") or [] if not c.get("ok")],
         "bulk_failures": {t: [c["detail"] for c in b.get("checks") or [] if not c.get("ok")]
                           for t, b in bulk.items() if b.get("passed") is False},
@@ -523,6 +541,8 @@ metrics = [
     ("bulk_grpc_mbps", f"MB/s echoed through one gRPC stream ({int(os.environ['BULK_BYTES']) >> 20} MiB)", "higher is better"),
     ("storm_s", f"reconnect storm: s until all {os.environ['STORM_AGENTS']} agents are back", "lower is better"),
     ("storm_cpu_ms_per_agent", "reconnect storm: CPU ms per agent connect (proxy; direct: pods)", "lower is better"),
+    ("storm_refused", "reconnect storm: connects refused by the edge's handshake cap", "0 is the target"),
+    ("storm_errors", "reconnect storm: the fleet's errors (ramp and storm)", "lower is better"),
 ]
 ratios = {}
 for p in paths:
@@ -605,6 +625,8 @@ with open(out, "w") as f:
 def fmt(v):
     if v is None:
         return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
 written = [out]
@@ -636,6 +658,7 @@ if paths:
             f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
             f"storm passed {results[p]['storm_passed']}"
             + (f" ({results[p]['storm_failures']})" if results[p]['storm_failures'] else "")
+            + (f", errors {results[p]['storm_error_kinds']} of {results[p]['storm_operations']} operations" if results[p]['storm_error_kinds'] else "")
             + (f", bulk failures {results[p]['bulk_failures']}" if results[p]['bulk_failures'] else "")
             for p in paths),
     ]

@@ -64,7 +64,6 @@ start_stack() { # edge-binary
   sleep 1
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-refused() { curl -fs http://127.0.5.1:8081/metrics | awk '/^edge_policy_blocked_total\{.*reason="handshakes_in_progress"/ {s += $NF} END {print s + 0}'; }
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$@"; }
 
 printf 'round\tbinary\tstep\tresult\n' | tee "$OUT"
@@ -102,7 +101,7 @@ for round in $(seq 1 "$ROUNDS"); do
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario storm \
             --agents "$STORM_AGENTS" --rate 1000 --settle 120s --duration 120s --echo-interval 60s \
             --max-error-rate 0.001 --json "$j" >/dev/null 2>&1 || true
-          result=$(json "$j" '"all back in %ss (%s/%s), refused by the cap %s, fleet errors %d/%d %s; passed %s" % (d["facts"].get("storm_time_until_all_back_s"), d["facts"].get("storm_reconnected"), d["facts"].get("storm_agents"), '"$(refused)"', d["totals"]["errors"], d["totals"]["operations"], {e["kind"]: e["count"] for e in d["errors"]}, d["passed"])')
+          result=$(json "$j" '"all back in %ss (%s/%s), refused by the cap %s, fleet errors %d/%d %s; passed %s" % (d["facts"].get("storm_time_until_all_back_s"), d["facts"].get("storm_reconnected"), d["facts"].get("storm_agents"), '"$(handshake_refusals 127.0.5.1:8081)"', d["totals"]["errors"], d["totals"]["operations"], {e["kind"]: e["count"] for e in d["errors"]}, d["passed"])')
           ;;
       esac
       printf '%s\t%s\t%s\t%s\n' "$round" "$name" "$step" "$result" | tee -a "$OUT"

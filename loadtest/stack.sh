@@ -35,6 +35,13 @@ edge_healthy() { # admin-address
   [ "$(curl -fs "http://$1/metrics" | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]
 }
 
+# Connects the edge at this admin address refused because its handshake slots and their
+# queue were full (edge_policy_blocked_total{reason="handshakes_in_progress"}), so far.
+handshake_refusals() { # admin-address
+  curl -fs "http://$1/metrics" |
+    awk '/^edge_policy_blocked_total\{.*reason="handshakes_in_progress"/ {s += $NF} END {print s + 0}'
+}
+
 # Starts `kas dev` in DIR (state in DIR/dev, log DIR/kas.log) and waits until its three pods
 # are ready; sets KAS_PID and TOKEN (the demo agent's).
 start_kas_dev() { # kas-binary dir

@@ -59,8 +59,8 @@
 #                      $K8S_WATCHES watches held through the path
 # K8S_EDGE=1 adds the path through kas-edge (127.0.5.4:8443, in front of the same pods):
 # agents over wss:// through it, callers to https://127.0.5.4:8443/k8s-proxy/ — the edge
-# must route /k8s-proxy/ to the pods' port 8154; K8S_EDGE_TOML is appended to its
-# configuration for that. Through the edge all agents are one GitLab agent (requests land on
+# routes /k8s-proxy/ to the pods' port 8154 ([[upstream.routes]]); K8S_EDGE_TOML is appended
+# to its configuration (printf %b: '\n' starts a line). Through the edge all agents are one GitLab agent (requests land on
 # any pod, and each pod then holds tunnels of it), and the edge's memory per agent with its
 # tunnels is measured too (k8s_edge_mem_bytes).
 #
@@ -100,6 +100,8 @@ K8S_CONC=${K8S_CONC:-16}
 K8S_WATCHES=${K8S_WATCHES:-20}
 K8S_EDGE=${K8S_EDGE:-0}
 K8S_EDGE_TOML=${K8S_EDGE_TOML:-}
+# The edge's route to the pods' Kubernetes API proxy port, as in README's configuration.
+K8S_ROUTE='[[upstream.routes]]\npath_prefix = "/k8s-proxy/"\nport = 8154'
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release
 
@@ -405,10 +407,8 @@ if [ "$K8S" = 1 ]; then
   run_k8s_cpu kas-conc --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" --k8s-concurrency "$K8S_CONC" "${quiet[@]}"
   run_k8s kas-watch --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" "${watching[@]}"
   if [ "$K8S_EDGE" = 1 ]; then
-    {
-      edge_toml 127.0.5.4:8443 127.0.5.4:8081 "" "$WORK/k8s-edge-tls" 127.0.7
-      echo "$K8S_EDGE_TOML"
-    } >"$WORK/k8s-edge.toml"
+    edge_toml 127.0.5.4:8443 127.0.5.4:8081 "" "$WORK/k8s-edge-tls" 127.0.7 \
+      "$K8S_ROUTE${K8S_EDGE_TOML:+\n$K8S_EDGE_TOML}" >"$WORK/k8s-edge.toml"
     log "k8s: starting kas-edge in front of the stack's pods"
     start_edge "$BIN/kas-edge" "$WORK/k8s-edge.toml" 127.0.5.4:8081
     K8S_EDGE_PID=$EDGE_PID

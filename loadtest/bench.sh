@@ -35,6 +35,9 @@
 #   storm_refused  connects the edge refused during the storm run for its handshake cap
 #                  (edge_policy_blocked_total{reason="handshakes_in_progress"}; since the
 #                  cap queues, 0 is the target; nginx and HAProxy count no such thing)
+#   storm_peak_in_handshake, storm_peak_queued
+#                  the edge's connections in handshake and queued for a slot, peaks sampled
+#                  every 0.2 s over the storm run: whether the storm reached the cap at all
 #   storm_errors   the fleet's errors over the storm run (refused or failed connects,
 #                  timeouts), kinds in the JSON
 # Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
@@ -345,9 +348,19 @@ for p in $PATHS; do
   }
   # The edge counts the connects it refuses for its handshake cap (slots and queue full);
   # for nginx and HAProxy a refused connect shows only among the fleet's errors.
-  if [ "$p" = edge ]; then handshake_refusals 127.0.5.1:8081 >"$RAW/$p-storm.refused"; fi
+  # Whether the storm reached the cap at all: the peaks of connections in handshake and of
+  # those queued for a slot, sampled while it runs.
+  if [ "$p" = edge ]; then
+    handshake_refusals 127.0.5.1:8081 >"$RAW/$p-storm.refused"
+    handshake_peaks 127.0.5.1:8081 "$RAW/$p-storm.peaks" "$RAW/$p-storm.done" &
+    peaks_pid=$!
+  fi
   with_cost "$p-storm" "$(pids_of "$p")" run_storm
-  if [ "$p" = edge ]; then handshake_refusals 127.0.5.1:8081 >>"$RAW/$p-storm.refused"; fi
+  if [ "$p" = edge ]; then
+    handshake_refusals 127.0.5.1:8081 >>"$RAW/$p-storm.refused"
+    touch "$RAW/$p-storm.done"
+    wait "$peaks_pid" || true
+  fi
 done
 
 # --- the Kubernetes API proxy ----------------------------------------------------------------
@@ -489,6 +502,7 @@ for p in paths:
     # The storm's cost covers its ramp too: two connects per agent.
     storm_cpu, _ = cost(f"{p}-storm", 2 * int(os.environ["STORM_AGENTS"]))
     refused = read(f"{p}-storm.refused").split()
+    peaks = read(f"{p}-storm.peaks").split()
     results[p] = {
         "bulk_ws_mbps": (bulk["ws"].get("facts") or {}).get("bulk_mb_per_s") if bulk["ws"].get("passed") else None,
         "bulk_grpc_mbps": (bulk["grpc"].get("facts") or {}).get("bulk_mb_per_s") if bulk["grpc"].get("passed") else None,
@@ -501,6 +515,10 @@ for p in paths:
         # Connects the edge refused during the storm run (its ramp included) for its
         # handshake cap: the delta of edge_policy_blocked_total{reason="handshakes_in_progress"}.
         "storm_refused": int(refused[1]) - int(refused[0]) if len(refused) == 2 else None,
+        # The most connections in handshake (queued ones included) and queued for a slot at
+        # once, sampled every 0.2 s: whether the storm reached the cap.
+        "storm_peak_in_handshake": int(peaks[0]) if len(peaks) == 2 else None,
+        "storm_peak_queued": int(peaks[1]) if len(peaks) == 2 else None,
         # The fleet's errors over the storm run (ramp included): refused or failed connects,
         # configuration and Echo timeouts, by kind.
         "storm_errors": (storm.get("totals") or {}).get("errors"),
@@ -542,6 +560,8 @@ metrics = [
     ("storm_s", f"reconnect storm: s until all {os.environ['STORM_AGENTS']} agents are back", "lower is better"),
     ("storm_cpu_ms_per_agent", "reconnect storm: CPU ms per agent connect (proxy; direct: pods)", "lower is better"),
     ("storm_refused", "reconnect storm: connects refused by the edge's handshake cap", "0 is the target"),
+    ("storm_peak_in_handshake", "reconnect storm: edge connections in handshake at once, peak (cap 4,096)", "sampled every 0.2 s"),
+    ("storm_peak_queued", "reconnect storm: edge connections queued for a handshake slot, peak", "sampled every 0.2 s"),
     ("storm_errors", "reconnect storm: the fleet's errors (ramp and storm)", "lower is better"),
 ]
 ratios = {}
@@ -551,7 +571,9 @@ for p in paths:
     ratios[p] = {}
     for key, _, _ in metrics:
         d, t = results.get("direct", {}).get(key), results[p].get(key)
-        ratios[p][key] = round(t / d, 3) if d and t is not None else None
+        # A count of connections is compared as it is, not as a ratio to the pods'.
+        counted = key == "grpc_upstream_conns" or key.startswith("storm_") and key not in ("storm_s", "storm_cpu_ms_per_agent")
+        ratios[p][key] = round(t / d, 3) if d and t is not None and not counted else None
 
 def k8s_rows():
     """The Kubernetes API proxy rows: per path (direct, kas, edge) latency, requests/s and

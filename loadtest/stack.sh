@@ -42,6 +42,21 @@ handshake_refusals() { # admin-address
     awk '/^edge_policy_blocked_total\{.*reason="handshakes_in_progress"/ {s += $NF} END {print s + 0}'
 }
 
+# Samples the edge's connections in handshake (queued ones included) and those queued for a
+# slot every 0.2 s until STOP exists (at most 10 min); writes the two peaks to OUT.
+handshake_peaks() { # admin-address out stop
+  local in=0 queued=0 i q
+  for _ in $(seq 1 3000); do
+    [ -e "$3" ] && break
+    read -r i q < <(curl -fs --max-time 1 "http://$1/metrics" |
+      awk '/^edge_connections_in_handshake / {i = $2} /^edge_connections_queued_for_handshake / {q = $2} END {print i + 0, q + 0}')
+    [ "${i:-0}" -gt "$in" ] && in=$i
+    [ "${q:-0}" -gt "$queued" ] && queued=$q
+    sleep 0.2
+  done
+  echo "$in $queued" >"$2"
+}
+
 # Starts `kas dev` in DIR (state in DIR/dev, log DIR/kas.log) and waits until its three pods
 # are ready; sets KAS_PID and TOKEN (the demo agent's).
 start_kas_dev() { # kas-binary dir

@@ -32,6 +32,14 @@
 #                  a reconnect storm: $STORM_AGENTS agents connected (wss), all dropped at
 #                  once, time until every one is back (kas-loadtest storm) and the proxy's
 #                  (direct: the pods') CPU per returning agent
+#   storm_refused  connects the edge refused during the storm run for its handshake cap
+#                  (edge_policy_blocked_total{reason="handshakes_in_progress"}; since the
+#                  cap queues, 0 is the target; nginx and HAProxy count no such thing)
+#   storm_peak_in_handshake, storm_peak_queued
+#                  the edge's connections in handshake and queued for a slot, peaks sampled
+#                  every 0.2 s over the storm run: whether the storm reached the cap at all
+#   storm_errors   the fleet's errors over the storm run (refused or failed connects,
+#                  timeouts), kinds in the JSON
 # Direct means plaintext to a pod (pods do not speak TLS), so the ratios show what the
 # proxy costs on top of reaching kas at all.
 #
@@ -54,8 +62,8 @@
 #                      $K8S_WATCHES watches held through the path
 # K8S_EDGE=1 adds the path through kas-edge (127.0.5.4:8443, in front of the same pods):
 # agents over wss:// through it, callers to https://127.0.5.4:8443/k8s-proxy/ — the edge
-# must route /k8s-proxy/ to the pods' port 8154; K8S_EDGE_TOML is appended to its
-# configuration for that. Through the edge all agents are one GitLab agent (requests land on
+# routes /k8s-proxy/ to the pods' port 8154 ([[upstream.routes]]); K8S_EDGE_TOML is appended
+# to its configuration (printf %b: '\n' starts a line). Through the edge all agents are one GitLab agent (requests land on
 # any pod, and each pod then holds tunnels of it), and the edge's memory per agent with its
 # tunnels is measured too (k8s_edge_mem_bytes).
 #
@@ -73,8 +81,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-# shellcheck source=loadtest/edge-config.sh
-. "$ROOT/loadtest/edge-config.sh"
+# shellcheck source=loadtest/stack.sh
+. "$ROOT/loadtest/stack.sh"
 RESULTS=$ROOT/loadtest/results
 DURATION=${DURATION:-10}
 H1_CONNS=${H1_CONNS:-64}
@@ -95,6 +103,8 @@ K8S_CONC=${K8S_CONC:-16}
 K8S_WATCHES=${K8S_WATCHES:-20}
 K8S_EDGE=${K8S_EDGE:-0}
 K8S_EDGE_TOML=${K8S_EDGE_TOML:-}
+# The edge's route to the pods' Kubernetes API proxy port, as in README's configuration.
+K8S_ROUTE='[[upstream.routes]]\npath_prefix = "/k8s-proxy/"\nport = 8154'
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$CARGO_TARGET_DIR/release
 
@@ -148,43 +158,20 @@ fi
 WORK=$(mktemp -d /tmp/kas-bench.XXXXXX)
 RAW=$WORK/raw
 mkdir -p "$RAW" "$RESULTS"
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 
-wait_for() { # what, command...
-  local what=$1; shift
-  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  die "$what did not come up"
-}
 answers_tls() { [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "https://$1/")" != 000 ]; }
 
 if [ -n "$PATHS" ]; then
 # --- kas pods and the GitLab stand-in (one process) ---------------------------------------
 log "starting kas pods"
-(cd "$WORK" && exec "$BIN/kas" dev --dir "$WORK/dev" >"$WORK/kas.log" 2>&1) &
-KAS_PID=$!
-PIDS+=("$KAS_PID")
-for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readiness"; done
-TOKEN=$(cat "$WORK/dev/demo-agent-token")
+start_kas_dev "$BIN/kas" "$WORK"
 
 # --- kas-edge (it also generates the certificate everyone uses) ---------------------------
 edge_toml 127.0.5.1:8443 127.0.5.1:8081 127.0.5.1:8080 "$WORK/tls" 127.0.1 >"$WORK/edge.toml"
 log "starting kas-edge"
-"$BIN/kas-edge" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
-EDGE_PID=$!
-PIDS+=("$EDGE_PID")
-edge_healthy() { [ "$(curl -fs http://127.0.5.1:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
-wait_for "kas-edge" edge_healthy
+start_edge "$BIN/kas-edge" "$WORK/edge.toml" 127.0.5.1:8081
 CA=$WORK/tls/tls.crt
 cat "$WORK/tls/tls.crt" "$WORK/tls/tls.key" >"$WORK/tls/combined.pem"
 
@@ -286,8 +273,9 @@ cost_snapshot() { # pids...
 # Runs a command, recording the cost of the process set around it in $RAW/<name>.cost.
 with_cost() { # name pids-string command...
   local name=$1 pids=$2; shift 2
+  local before after
   # shellcheck disable=SC2086
-  local before after; before=$(cost_snapshot $pids)
+  before=$(cost_snapshot $pids)
   "$@" || true
   # shellcheck disable=SC2086
   after=$(cost_snapshot $pids)
@@ -358,7 +346,21 @@ for p in $PATHS; do
       --echo-interval 60s --max-error-rate 0.001 "${ws_targets[@]}" \
       --json "$RAW/$p-storm.json" >"$RAW/$p-storm.txt" 2>&1 || log "$p: storm reported failures (see JSON)"
   }
+  # The edge counts the connects it refuses for its handshake cap (slots and queue full);
+  # for nginx and HAProxy a refused connect shows only among the fleet's errors.
+  # Whether the storm reached the cap at all: the peaks of connections in handshake and of
+  # those queued for a slot, sampled while it runs.
+  if [ "$p" = edge ]; then
+    handshake_refusals 127.0.5.1:8081 >"$RAW/$p-storm.refused"
+    handshake_peaks 127.0.5.1:8081 "$RAW/$p-storm.peaks" "$RAW/$p-storm.done" &
+    peaks_pid=$!
+  fi
   with_cost "$p-storm" "$(pids_of "$p")" run_storm
+  if [ "$p" = edge ]; then
+    handshake_refusals 127.0.5.1:8081 >>"$RAW/$p-storm.refused"
+    touch "$RAW/$p-storm.done"
+    wait "$peaks_pid" || true
+  fi
 done
 
 # --- the Kubernetes API proxy ----------------------------------------------------------------
@@ -374,7 +376,9 @@ if [ "$K8S" = 1 ]; then
   . "$WORK/k8s/stack.env"
   k8s_targets=(); for t in $AGENT_TARGETS; do k8s_targets+=(--target "$t"); done
   k8s_urls=(); for u in $K8S_PROXY_URLS; do k8s_urls+=(--k8s-proxy-url "$u"); done
-  kas_pids=(); for pid in $KAS_PIDS; do kas_pids+=(--edge-pid "$pid"); done
+  kas_pids=()
+  # shellcheck disable=SC2153 # KAS_PIDS comes from stack.env
+  for pid in $KAS_PIDS; do kas_pids+=(--edge-pid "$pid"); done
   # Agents as agentk: the configuration stream and 2 idle tunnels, no Echo stream.
   LTK=("$BIN/kas-loadtest" --progress never --kube-api-url "$KUBE_API_URL" --echo-interval 0)
   fleet=(--ws-fraction 0 "${k8s_targets[@]}" --token-file "$TOKEN_FILE")
@@ -416,16 +420,11 @@ if [ "$K8S" = 1 ]; then
   run_k8s_cpu kas-conc --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" --k8s-concurrency "$K8S_CONC" "${quiet[@]}"
   run_k8s kas-watch --agents "$K8S_LOAD_AGENTS" "${fleet[@]}" "${callers[@]}" "${watching[@]}"
   if [ "$K8S_EDGE" = 1 ]; then
-    {
-      edge_toml 127.0.5.4:8443 127.0.5.4:8081 "" "$WORK/k8s-edge-tls" 127.0.7
-      echo "$K8S_EDGE_TOML"
-    } >"$WORK/k8s-edge.toml"
+    edge_toml 127.0.5.4:8443 127.0.5.4:8081 "" "$WORK/k8s-edge-tls" 127.0.7 \
+      "$K8S_ROUTE${K8S_EDGE_TOML:+\n$K8S_EDGE_TOML}" >"$WORK/k8s-edge.toml"
     log "k8s: starting kas-edge in front of the stack's pods"
-    "$BIN/kas-edge" run --config "$WORK/k8s-edge.toml" >"$WORK/k8s-edge.log" 2>&1 &
-    K8S_EDGE_PID=$!
-    PIDS+=("$K8S_EDGE_PID")
-    k8s_edge_healthy() { [ "$(curl -fs http://127.0.5.4:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
-    wait_for "kas-edge (k8s)" k8s_edge_healthy
+    start_edge "$BIN/kas-edge" "$WORK/k8s-edge.toml" 127.0.5.4:8081
+    K8S_EDGE_PID=$EDGE_PID
     # One GitLab agent for the whole fleet: the edge spreads agents and requests over the
     # pods, and until kas routes between pods each pod must hold tunnels of the agent asked.
     efleet=(--ws-fraction 1 --target wss://127.0.5.4:8443/ --ca-file "$WORK/k8s-edge-tls/tls.crt"
@@ -502,6 +501,8 @@ for p in paths:
     storm_facts = storm.get("facts") or {}
     # The storm's cost covers its ramp too: two connects per agent.
     storm_cpu, _ = cost(f"{p}-storm", 2 * int(os.environ["STORM_AGENTS"]))
+    refused = read(f"{p}-storm.refused").split()
+    peaks = read(f"{p}-storm.peaks").split()
     results[p] = {
         "bulk_ws_mbps": (bulk["ws"].get("facts") or {}).get("bulk_mb_per_s") if bulk["ws"].get("passed") else None,
         "bulk_grpc_mbps": (bulk["grpc"].get("facts") or {}).get("bulk_mb_per_s") if bulk["grpc"].get("passed") else None,
@@ -511,6 +512,18 @@ for p in paths:
         if storm_facts.get("storm_reconnected") == storm_facts.get("storm_agents") else None,
         "storm_cpu_ms_per_agent": round(storm_cpu / 1000, 3) if storm_cpu is not None else None,
         "storm_passed": storm.get("passed"),
+        # Connects the edge refused during the storm run (its ramp included) for its
+        # handshake cap: the delta of edge_policy_blocked_total{reason="handshakes_in_progress"}.
+        "storm_refused": int(refused[1]) - int(refused[0]) if len(refused) == 2 else None,
+        # The most connections in handshake (queued ones included) and queued for a slot at
+        # once, sampled every 0.2 s: whether the storm reached the cap.
+        "storm_peak_in_handshake": int(peaks[0]) if len(peaks) == 2 else None,
+        "storm_peak_queued": int(peaks[1]) if len(peaks) == 2 else None,
+        # The fleet's errors over the storm run (ramp included): refused or failed connects,
+        # configuration and Echo timeouts, by kind.
+        "storm_errors": (storm.get("totals") or {}).get("errors"),
+        "storm_operations": (storm.get("totals") or {}).get("operations"),
+        "storm_error_kinds": {e["kind"]: e["count"] for e in storm.get("errors") or []},
         "storm_failures": [c["detail"] for c in storm.get("checks") or [] if not c.get("ok")],
         "bulk_failures": {t: [c["detail"] for c in b.get("checks") or [] if not c.get("ok")]
                           for t, b in bulk.items() if b.get("passed") is False},
@@ -546,6 +559,10 @@ metrics = [
     ("bulk_grpc_mbps", f"MB/s echoed through one gRPC stream ({int(os.environ['BULK_BYTES']) >> 20} MiB)", "higher is better"),
     ("storm_s", f"reconnect storm: s until all {os.environ['STORM_AGENTS']} agents are back", "lower is better"),
     ("storm_cpu_ms_per_agent", "reconnect storm: CPU ms per agent connect (proxy; direct: pods)", "lower is better"),
+    ("storm_refused", "reconnect storm: connects refused by the edge's handshake cap", "0 is the target"),
+    ("storm_peak_in_handshake", "reconnect storm: edge connections in handshake at once, peak (cap 4,096)", "sampled every 0.2 s"),
+    ("storm_peak_queued", "reconnect storm: edge connections queued for a handshake slot, peak", "sampled every 0.2 s"),
+    ("storm_errors", "reconnect storm: the fleet's errors (ramp and storm)", "lower is better"),
 ]
 ratios = {}
 for p in paths:
@@ -554,7 +571,9 @@ for p in paths:
     ratios[p] = {}
     for key, _, _ in metrics:
         d, t = results.get("direct", {}).get(key), results[p].get(key)
-        ratios[p][key] = round(t / d, 3) if d and t is not None else None
+        # A count of connections is compared as it is, not as a ratio to the pods'.
+        counted = key == "grpc_upstream_conns" or key.startswith("storm_") and key not in ("storm_s", "storm_cpu_ms_per_agent")
+        ratios[p][key] = round(t / d, 3) if d and t is not None and not counted else None
 
 def k8s_rows():
     """The Kubernetes API proxy rows: per path (direct, kas, edge) latency, requests/s and
@@ -628,6 +647,8 @@ with open(out, "w") as f:
 def fmt(v):
     if v is None:
         return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
 written = [out]
@@ -659,6 +680,7 @@ if paths:
             f"h2load {results[p]['grpc_requests']}, rpc passed {results[p]['rpc_passed']}, "
             f"storm passed {results[p]['storm_passed']}"
             + (f" ({results[p]['storm_failures']})" if results[p]['storm_failures'] else "")
+            + (f", errors {results[p]['storm_error_kinds']} of {results[p]['storm_operations']} operations" if results[p]['storm_error_kinds'] else "")
             + (f", bulk failures {results[p]['bulk_failures']}" if results[p]['bulk_failures'] else "")
             for p in paths),
     ]

@@ -28,8 +28,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-# shellcheck source=loadtest/edge-config.sh
-. "$ROOT/loadtest/edge-config.sh"
+# shellcheck source=loadtest/stack.sh
+. "$ROOT/loadtest/stack.sh"
 if [ -z "${EDGE_AB_NETNS:-}" ]; then
   exec env EDGE_AB_NETNS=1 unshare -n -- "$0" "$@"
 fi
@@ -62,44 +62,21 @@ JSON_DIR=${JSON_DIR:-/tmp/edge-ab-$(date -u +%Y%m%dT%H%M)}
 mkdir -p "$(dirname "$OUT")" "$JSON_DIR"
 
 WORK=$(mktemp -d /tmp/kas-edge-ab.XXXXXX)
-PIDS=()
-stop_all() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
 trap 'stop_all; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 log() { echo "edge-ab: $*" >&2; }
-wait_for() { # what, command...
-  local what=$1; shift
-  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  log "$what did not come up"; return 1
-}
 
 # A fresh kas dev and edge; sets EDGE_PID, TOKEN, CA.
 start_stack() { # edge-binary
   stop_all
-  rm -rf "$WORK/dev" "$WORK/tls"
-  (cd "$WORK" && exec "$BIN/kas" dev --dir "$WORK/dev" >"$WORK/kas.log" 2>&1) &
-  PIDS+=("$!")
-  for n in 1 2 3; do wait_for "kas pod $n" curl -fs "http://127.0.1.$n:8151/readiness"; done
-  TOKEN=$(cat "$WORK/dev/demo-agent-token")
+  rm -rf "${WORK:?}/dev" "${WORK:?}/tls"
+  start_kas_dev "$BIN/kas" "$WORK"
   edge_toml 127.0.5.1:8443 127.0.5.1:8081 127.0.5.1:8080 "$WORK/tls" 127.0.1 "${EDGE_TOML:-}" >"$WORK/edge.toml"
-  "$1" run --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
-  EDGE_PID=$!
-  PIDS+=("$EDGE_PID")
-  edge_healthy() { [ "$(curl -fs http://127.0.5.1:8081/metrics | grep -c '^edge_upstream_healthy{.*} 1$')" = 3 ]; }
-  wait_for "kas-edge" edge_healthy
+  start_edge "$1" "$WORK/edge.toml" 127.0.5.1:8081
   CA=$WORK/tls/tls.crt
   sleep 1
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-refused() { curl -fs http://127.0.5.1:8081/metrics | awk '/^edge_policy_blocked_total\{.*reason="handshakes_in_progress"/ {s += $NF} END {print s + 0}'; }
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$@"; }
 
 printf 'round\tbinary\tstep\tresult\n' | tee "$OUT"
@@ -143,7 +120,7 @@ for round in $(seq 1 "$ROUNDS"); do
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario storm \
             --agents "$STORM_AGENTS" --rate 1000 --settle 120s --duration 120s --echo-interval 60s \
             --max-error-rate 0.001 --json "$j" >/dev/null 2>&1 || true
-          result=$(json "$j" '"all back in %ss (%s/%s), refused by the cap %s, fleet errors %d/%d %s; passed %s" % (d["facts"].get("storm_time_until_all_back_s"), d["facts"].get("storm_reconnected"), d["facts"].get("storm_agents"), '"$(refused)"', d["totals"]["errors"], d["totals"]["operations"], {e["kind"]: e["count"] for e in d["errors"]}, d["passed"])')
+          result=$(json "$j" '"all back in %ss (%s/%s), refused by the cap %s, fleet errors %d/%d %s; passed %s" % (d["facts"].get("storm_time_until_all_back_s"), d["facts"].get("storm_reconnected"), d["facts"].get("storm_agents"), '"$(handshake_refusals 127.0.5.1:8081)"', d["totals"]["errors"], d["totals"]["operations"], {e["kind"]: e["count"] for e in d["errors"]}, d["passed"])')
           ;;
       esac
       printf '%s\t%s\t%s\t%s\n' "$round" "$name" "$step" "$result" | tee -a "$OUT"

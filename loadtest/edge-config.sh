@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Sourced by bench.sh and edge-ab.sh: the kas-edge configuration both benchmarks run, in
-# front of three kas pods on loopback, so the numbers they report are of the same edge.
+# Sourced (through stack.sh) by bench.sh and edge-ab.sh: the kas-edge configuration both
+# benchmarks run, in front of three kas pods on loopback, so the numbers they report are of
+# the same edge.
 #
 # edge_toml HTTPS ADMIN HTTP TLS_DIR POD_PREFIX [EXTRA]
 #   HTTPS, ADMIN, HTTP: listen addresses (HTTP empty: no plain-HTTP listener);

@@ -38,6 +38,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // ReverseTunnel has an RPC named `Connect`, which clashes with the generated
         // `Client::connect(endpoint)` constructor; clients are built from a Channel instead.
         .build_transport(false)
+        // Small initial buffers per stream (see src/codec.rs).
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! Package, service, method and field numbers follow GitLab's `gitlab-agent` project so a
 //! real agent talks to our kas unchanged. The module tree mirrors the proto packages.
 
+pub mod codec;
+
 pub mod gitlab {
     pub mod agent {
         pub mod entity {

@@ -22,10 +22,7 @@ mod tls;
 use std::io;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
-use hyper::body::Frame;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use http_body_util::{BodyExt, Empty, Full};
 
 pub use server::{serve, K8sProxy, K8sProxyMetrics};
 pub use status::ProxyError;
@@ -40,8 +37,4 @@ fn full_body(bytes: Bytes) -> ProxyBody {
 
 fn empty_body() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
-}
-
-fn stream_body(rx: mpsc::Receiver<Result<Frame<Bytes>, io::Error>>) -> ProxyBody {
-    StreamBody::new(ReceiverStream::new(rx)).boxed()
 }

@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -32,8 +34,6 @@ use crate::tunnel::{CallSender, FromAgent, TunnelCall};
 
 /// Request bodies and upgraded bytes travel in messages of at most this size (as real kas).
 const CHUNK: usize = 32 * 1024;
-/// Response chunks queued towards a slow caller before the tunnel waits.
-const BODY_DEPTH: usize = 4;
 
 /// What the caller asked, already cleaned for the cluster.
 pub struct ClusterRequest {
@@ -183,9 +183,11 @@ fn respond(
             tokio::spawn(pipe_upgraded(on_upgrade, from_agent, read_half));
         }
         _ => {
-            let (tx, rx) = mpsc::channel(BODY_DEPTH);
-            tokio::spawn(send_response_body(from_agent, tx));
-            *response.body_mut() = super::stream_body(rx);
+            *response.body_mut() = TunnelBody {
+                from_agent,
+                done: false,
+            }
+            .boxed();
         }
     }
     Ok(response)
@@ -319,26 +321,49 @@ async fn read_response_head(
     }
 }
 
-/// The response body, chunk by chunk as the agent sends it. An error after the head has
-/// gone out aborts the response (the caller must not take a cut body for a whole one); a
-/// clean end of the tunnel (kas draining) ends it cleanly.
-async fn send_response_body(
-    mut from_agent: mpsc::Receiver<FromAgent>,
-    body: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
-) {
-    loop {
-        let frame = match next_response(&mut from_agent).await {
-            Ok(Some(http_response::Message::Data(d))) => Ok(Frame::data(Bytes::from(d.data))),
-            Ok(Some(http_response::Message::Trailer(_))) | Ok(None) => return,
-            Ok(Some(_)) => Err(io::Error::other(
-                "the agent's response broke the message order",
-            )),
-            Err(e) => Err(io::Error::other(e.message)),
-        };
-        let failed = frame.is_err();
-        if body.send(frame).await.is_err() || failed {
-            return;
+/// The response body, chunk by chunk as the agent sends it, read from the tunnel by the
+/// caller's connection as it writes (no task or channel of its own in between: the
+/// tunnel's channel is the only queue, so a slow caller stops the tunnel). An error after
+/// the head has gone out aborts the response (the caller must not take a cut body for a
+/// whole one); a clean end of the tunnel (kas draining) ends it cleanly.
+struct TunnelBody {
+    from_agent: mpsc::Receiver<FromAgent>,
+    done: bool,
+}
+
+impl hyper::body::Body for TunnelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
         }
+        let event = loop {
+            match ready!(self.from_agent.poll_recv(cx)) {
+                Some(FromAgent::Header(_)) | Some(FromAgent::Trailer(_)) => continue,
+                other => break other,
+            }
+        };
+        let frame = match decode_response(event) {
+            Ok(Some(http_response::Message::Data(d))) => {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(d.data)))))
+            }
+            Ok(Some(http_response::Message::Trailer(_))) | Ok(None) => None,
+            Ok(Some(_)) => Some(Err(io::Error::other(
+                "the agent's response broke the message order",
+            ))),
+            Err(e) => Some(Err(io::Error::other(e.message))),
+        };
+        self.done = true;
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 

@@ -1,9 +1,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures_util::stream::BoxStream;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -14,6 +13,7 @@ use super::Shared;
 use crate::agent::configuration::build_configuration_limited;
 use crate::auth::Agent;
 use crate::sources::ConfigSourceError;
+use crate::sync::driven::{driven, Yielder};
 use crate::sync::head_poller::{jittered, PollFn};
 
 /// A configuration that could not be read for a passing reason is tried again this soon
@@ -77,7 +77,7 @@ async fn poll_loop(
     shared: Arc<Shared>,
     mut agent: Agent,
     mut last_commit: String,
-    tx: mpsc::Sender<Result<ConfigurationResponse, Status>>,
+    tx: Yielder<Result<ConfigurationResponse, Status>>,
     end: CancellationToken,
 ) {
     let events = &shared.metrics.config_events;
@@ -99,9 +99,7 @@ async fn poll_loop(
             Some(Ok(Some(head))) if *head != last_commit => {
                 match read_configuration(&shared, &agent, head).await {
                     Ok(response) => {
-                        if tx.send(Ok(response)).await.is_err() {
-                            return;
-                        }
+                        tx.send(Ok(response)).await;
                         events.with_label_values(&["sent"]).inc();
                         tracing::info!(agent_id, commit_id = %head, "sent agent configuration");
                         last_commit = head.clone();
@@ -109,7 +107,7 @@ async fn poll_loop(
                     Err(e) if e.is_final() => {
                         events.with_label_values(&["rejected"]).inc();
                         tracing::warn!(agent_id, commit_id = %head, error = %e, "agent configuration rejected; the stream ends with it");
-                        let _ = tx.send(Err(e.into())).await;
+                        tx.send(Err(e.into())).await;
                         return;
                     }
                     Err(e) => {
@@ -127,7 +125,7 @@ async fn poll_loop(
             }
             Some(Err(e)) if e.is_final() => {
                 events.with_label_values(&["rejected"]).inc();
-                let _ = tx.send(Err(e.clone().into())).await;
+                tx.send(Err(e.clone().into())).await;
                 return;
             }
             Some(Err(e)) => {
@@ -161,14 +159,13 @@ async fn poll_loop(
                     Err(e) if e.is_definite() => {
                         events.with_label_values(&["token_revoked"]).inc();
                         tracing::info!(agent_id, outcome = e.outcome_label(), "agent token no longer accepted; ending its configuration stream");
-                        let _ = tx.send(Err(e.into())).await;
+                        tx.send(Err(e.into())).await;
                         return;
                     }
                     // GitLab unreachable: keep the stream, ask again later.
                     Err(_) => {}
                 }
             }
-            _ = tx.closed() => return,
             _ = end.cancelled() => return,
         }
     }
@@ -176,7 +173,7 @@ async fn poll_loop(
 
 #[tonic::async_trait]
 impl AgentConfiguration for AgentConfigurationService {
-    type GetConfigurationStream = ReceiverStream<Result<ConfigurationResponse, Status>>;
+    type GetConfigurationStream = BoxStream<'static, Result<ConfigurationResponse, Status>>;
 
     async fn get_configuration(
         &self,
@@ -192,13 +189,13 @@ impl AgentConfiguration for AgentConfigurationService {
             let info = super::connected_agent(&agent, request.agent_meta.clone(), id);
             self.shared.agent_tracker.track(info)
         });
-        let (tx, rx) = mpsc::channel(1);
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        // No task and no channel per agent: the response stream runs the poll loop (the
+        // stream's end, the client going away, drops it where it waits).
+        Ok(Response::new(Box::pin(driven(move |tx| async move {
             let _guard = guard;
             let _tracked = tracked;
             poll_loop(shared, agent, request.commit_id, tx, end).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        }))))
     }
 }

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures_util::stream::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use kas_proto::reverse_tunnel::connect_request::Msg;
@@ -13,7 +12,7 @@ use kas_proto::reverse_tunnel::reverse_tunnel_server::ReverseTunnel;
 use kas_proto::reverse_tunnel::{ConnectRequest, ConnectResponse};
 
 use super::Shared;
-use crate::tunnel::forward::{run_tunnel, TunnelEnd};
+use crate::tunnel::forward::tunnel_stream;
 use crate::tunnel::Descriptor;
 
 pub struct ReverseTunnelService {
@@ -28,7 +27,7 @@ impl ReverseTunnelService {
 
 #[tonic::async_trait]
 impl ReverseTunnel for ReverseTunnelService {
-    type ConnectStream = ReceiverStream<Result<ConnectResponse, Status>>;
+    type ConnectStream = BoxStream<'static, Result<ConnectResponse, Status>>;
 
     async fn connect(
         &self,
@@ -62,17 +61,13 @@ impl ReverseTunnel for ReverseTunnelService {
             .register(agent_id, Arc::new(descriptor))?;
         let guard = self.shared.stream_guard("Connect");
         let busy = self.shared.tunnels.metrics().busy.clone();
-        let (tx, rx) = mpsc::channel::<Result<ConnectResponse, Status>>(1);
-        tokio::spawn(async move {
-            let _guard = guard;
-            match run_tunnel(registration, inbound, tx.clone(), end, busy).await {
-                TunnelEnd::Ok => tracing::debug!(agent_id, "reverse tunnel ended"),
-                TunnelEnd::Status(status) => {
-                    tracing::info!(agent_id, code = ?status.code(), message = status.message(), "reverse tunnel ended with an error");
-                    let _ = tx.send(Err(status)).await;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // No task and no channel: the response stream is the tunnel (see `tunnel_stream`).
+        Ok(Response::new(Box::pin(tunnel_stream(
+            registration,
+            inbound,
+            end,
+            busy,
+            guard,
+        ))))
     }
 }

@@ -95,132 +95,274 @@ pub enum TunnelEnd {
     Status(Status),
 }
 
-/// Runs one registered tunnel until it ends. `inbound` is the agent's stream after the
-/// descriptor; `outbound` the stream to the agent; `end` fires at the connection's age or
-/// the pod's drain deadline; `busy` is held while a call runs.
+/// One registered tunnel as the stream of what kas sends the agent: `inbound` is the
+/// agent's stream after the descriptor; `end` fires at the connection's age or the pod's
+/// drain deadline; `busy` is held while a call runs; `hold` lives as long as the tunnel.
+///
+/// The stream *is* the tunnel: the HTTP/2 stream sending it to the agent polls it, and
+/// polling it reads the agent's messages too. An idle tunnel is therefore no task and no
+/// channel of its own — only its registration, parked in the registry — and a call's
+/// messages to the agent go from the caller's channel straight into the HTTP/2 stream.
+/// It ends with OK (the stream ends) or with the status the tunnel ends with (an `Err`
+/// item, then the end). If it is dropped before it ended (the agent reset the stream or
+/// its connection broke), a call it carries hears that the tunnel closed.
+pub fn tunnel_stream<S, H>(
+    registration: Registration,
+    inbound: S,
+    end: CancellationToken,
+    busy: prometheus::IntGauge,
+    hold: H,
+) -> impl Stream<Item = Result<ConnectResponse, Status>> + Send + 'static
+where
+    S: Stream<Item = Result<ConnectRequest, Status>> + Unpin + Send + 'static,
+    H: Send + 'static,
+{
+    let driver = Driver {
+        agent_id: registration.agent_id(),
+        inbound,
+        end,
+        phase: Phase::Idle { registration, busy },
+        _hold: hold,
+    };
+    futures_util::stream::unfold(driver, |mut driver| async move {
+        let item = driver.next().await?;
+        Some((item, driver))
+    })
+}
+
+/// Runs one registered tunnel until it ends, sending what goes to the agent into
+/// `outbound` (for tests that drive a tunnel by hand; kas serves [`tunnel_stream`]).
 pub async fn run_tunnel<S>(
-    mut registration: Registration,
-    mut inbound: S,
+    registration: Registration,
+    inbound: S,
     outbound: mpsc::Sender<Result<ConnectResponse, Status>>,
     end: CancellationToken,
     busy: prometheus::IntGauge,
 ) -> TunnelEnd
 where
-    S: Stream<Item = Result<ConnectRequest, Status>> + Unpin,
+    S: Stream<Item = Result<ConnectRequest, Status>> + Unpin + Send + 'static,
 {
-    let routed = tokio::select! {
-        // A call that has arrived wins over an end that arrives at the same time.
-        biased;
-        routed = registration.routed() => routed,
-        msg = inbound.next() => return match msg {
-            Some(Ok(_)) => TunnelEnd::Status(Status::invalid_argument(
-                "tunnel message out of order: the agent sent a message on an idle tunnel",
-            )),
-            // The agent left.
-            Some(Err(_)) | None => TunnelEnd::Ok,
-        },
-        _ = end.cancelled() => return TunnelEnd::Ok,
-        _ = outbound.closed() => return TunnelEnd::Ok,
-    };
-    drop(registration);
-    let _busy = GaugeGuard::hold(busy);
-    carry(routed, inbound, outbound, end).await
+    let stream = tunnel_stream(registration, inbound, end, busy, ());
+    tokio::pin!(stream);
+    loop {
+        tokio::select! {
+            item = stream.next() => match item {
+                Some(Ok(msg)) => {
+                    if outbound.send(Ok(msg)).await.is_err() {
+                        return TunnelEnd::Ok;
+                    }
+                }
+                Some(Err(status)) => return TunnelEnd::Status(status),
+                None => return TunnelEnd::Ok,
+            },
+            _ = outbound.closed() => return TunnelEnd::Ok,
+        }
+    }
 }
 
-async fn carry<S>(
-    routed: Routed,
-    mut inbound: S,
-    outbound: mpsc::Sender<Result<ConnectResponse, Status>>,
+struct Driver<S, H> {
+    agent_id: i64,
+    inbound: S,
     end: CancellationToken,
-) -> TunnelEnd
+    phase: Phase,
+    _hold: H,
+}
+
+enum Phase {
+    /// Registered, waiting for a call.
+    Idle {
+        registration: Registration,
+        busy: prometheus::IntGauge,
+    },
+    Carrying(Carry),
+    Done,
+}
+
+/// What the next poll of a carrying tunnel gives the agent's stream.
+enum Step {
+    Send(ToAgentMsg),
+    End(TunnelEnd),
+}
+
+impl<S, H> Driver<S, H>
 where
     S: Stream<Item = Result<ConnectRequest, Status>> + Unpin,
 {
-    let Routed {
-        method_name,
-        meta,
-        to_agent,
-        from_agent,
-    } = routed;
-    let fail = |status: Status| {
-        let from_agent = from_agent.clone();
-        async move {
-            let _ = from_agent.send(FromAgent::Error(status)).await;
-        }
-    };
-    let info = ConnectResponse {
-        msg: Some(ToAgentMsg::RequestInfo(RequestInfo { method_name, meta })),
-    };
-    if outbound.send(Ok(info)).await.is_err() {
-        fail(Status::unavailable("the agent's tunnel closed")).await;
-        return TunnelEnd::Ok;
+    /// The next message for the agent; `None` once the tunnel ended.
+    async fn next(&mut self) -> Option<Result<ConnectResponse, Status>> {
+        let Driver {
+            inbound,
+            end,
+            phase,
+            ..
+        } = self;
+        let routed = match phase {
+            Phase::Done => return None,
+            Phase::Carrying(carry) => {
+                return match carry.step(inbound, end).await {
+                    Step::Send(msg) => Some(Ok(ConnectResponse { msg: Some(msg) })),
+                    Step::End(how) => self.finish(how),
+                };
+            }
+            Phase::Idle { registration, .. } => {
+                tokio::select! {
+                    // A call that has arrived wins over an end that arrives at the same time.
+                    biased;
+                    routed = registration.routed() => routed,
+                    msg = inbound.next() => return self.finish(match msg {
+                        Some(Ok(_)) => TunnelEnd::Status(Status::invalid_argument(
+                            "tunnel message out of order: the agent sent a message on an idle tunnel",
+                        )),
+                        // The agent left.
+                        Some(Err(_)) | None => TunnelEnd::Ok,
+                    }),
+                    _ = end.cancelled() => return self.finish(TunnelEnd::Ok),
+                }
+            }
+        };
+        // Withdraws the registration.
+        let Phase::Idle { busy, .. } = std::mem::replace(phase, Phase::Done) else {
+            unreachable!("matched Idle above");
+        };
+        let Routed {
+            method_name,
+            meta,
+            to_agent,
+            from_agent,
+        } = routed;
+        *phase = Phase::Carrying(Carry {
+            from_agent,
+            to_agent: Some(to_agent),
+            stage: Stage::Started,
+            settled: false,
+            _busy: GaugeGuard::hold(busy),
+        });
+        Some(Ok(ConnectResponse {
+            msg: Some(ToAgentMsg::RequestInfo(RequestInfo { method_name, meta })),
+        }))
     }
-    let mut to_agent = Some(to_agent);
-    let mut stage = Stage::Started;
-    loop {
-        tokio::select! {
-            msg = inbound.next() => match msg {
-                Some(Ok(ConnectRequest { msg })) => match stage.accept(msg) {
-                    Ok((next, event)) => {
-                        stage = next;
-                        if from_agent.send(event).await.is_err() && !stage.may_end() {
-                            return TunnelEnd::Status(Status::cancelled("the request was cancelled"));
+
+    fn finish(&mut self, how: TunnelEnd) -> Option<Result<ConnectResponse, Status>> {
+        self.phase = Phase::Done;
+        let agent_id = self.agent_id;
+        match how {
+            TunnelEnd::Ok => {
+                tracing::debug!(agent_id, "reverse tunnel ended");
+                None
+            }
+            TunnelEnd::Status(status) => {
+                tracing::info!(agent_id, code = ?status.code(), message = status.message(), "reverse tunnel ended with an error");
+                Some(Err(status))
+            }
+        }
+    }
+}
+
+/// A call on its way through the tunnel.
+struct Carry {
+    from_agent: mpsc::Sender<FromAgent>,
+    /// `None` once the caller half-closed (or went away after the agent's last message).
+    to_agent: Option<mpsc::Receiver<ToAgent>>,
+    stage: Stage,
+    /// The caller knows how the call ended (or did not need to be told).
+    settled: bool,
+    _busy: GaugeGuard,
+}
+
+impl Carry {
+    /// Reads the agent's messages, passing them to the caller, until the caller has
+    /// something for the agent or the tunnel ends.
+    async fn step<S>(&mut self, inbound: &mut S, end: &CancellationToken) -> Step
+    where
+        S: Stream<Item = Result<ConnectRequest, Status>> + Unpin,
+    {
+        let how = loop {
+            tokio::select! {
+                msg = inbound.next() => match msg {
+                    Some(Ok(ConnectRequest { msg })) => match self.stage.accept(msg) {
+                        Ok((next, event)) => {
+                            self.stage = next;
+                            if self.from_agent.send(event).await.is_err() && !self.stage.may_end() {
+                                break TunnelEnd::Status(Status::cancelled("the request was cancelled"));
+                            }
                         }
-                    }
-                    Err(status) => {
-                        fail(Status::unavailable(format!(
-                            "the agent broke the tunnel protocol: {}",
+                        Err(status) => {
+                            self.fail(Status::unavailable(format!(
+                                "the agent broke the tunnel protocol: {}",
+                                status.message()
+                            )))
+                            .await;
+                            break TunnelEnd::Status(status);
+                        }
+                    },
+                    Some(Err(status)) => {
+                        self.fail(Status::unavailable(format!(
+                            "the agent's tunnel failed: {}",
                             status.message()
                         )))
                         .await;
-                        return TunnelEnd::Status(status);
+                        break TunnelEnd::Ok;
+                    }
+                    None if self.stage.may_end() => break TunnelEnd::Ok,
+                    None => {
+                        self.fail(Status::unavailable(
+                            "the agent closed its tunnel before finishing the answer",
+                        ))
+                        .await;
+                        break TunnelEnd::Ok;
                     }
                 },
-                Some(Err(status)) => {
-                    fail(Status::unavailable(format!(
-                        "the agent's tunnel failed: {}",
-                        status.message()
-                    )))
-                    .await;
-                    return TunnelEnd::Ok;
-                }
-                None if stage.may_end() => return TunnelEnd::Ok,
-                None => {
-                    fail(Status::unavailable(
-                        "the agent closed its tunnel before finishing the answer",
-                    ))
-                    .await;
-                    return TunnelEnd::Ok;
-                }
-            },
-            cmd = recv(&mut to_agent) => {
-                let msg = match cmd {
-                    Some(ToAgent::Message(data)) => ToAgentMsg::Message(Message { data: data.into() }),
+                cmd = recv(&mut self.to_agent) => match cmd {
+                    Some(ToAgent::Message(data)) => {
+                        return Step::Send(ToAgentMsg::Message(Message { data: data.into() }));
+                    }
                     Some(ToAgent::CloseSend) => {
-                        to_agent = None;
-                        ToAgentMsg::CloseSend(CloseSend {})
+                        self.to_agent = None;
+                        return Step::Send(ToAgentMsg::CloseSend(CloseSend {}));
                     }
                     // The caller went away before it half-closed.
                     None => {
-                        to_agent = None;
-                        if stage.may_end() {
+                        self.to_agent = None;
+                        if self.stage.may_end() {
                             continue;
                         }
-                        return TunnelEnd::Status(Status::cancelled("the request was cancelled"));
+                        break TunnelEnd::Status(Status::cancelled("the request was cancelled"));
                     }
-                };
-                if outbound.send(Ok(ConnectResponse { msg: Some(msg) })).await.is_err() {
-                    fail(Status::unavailable("the agent's tunnel closed")).await;
-                    return TunnelEnd::Ok;
+                },
+                _ = self.from_agent.closed(), if !self.stage.may_end() => {
+                    break TunnelEnd::Status(Status::cancelled("the request was cancelled"));
                 }
+                // The connection's age or the pod's drain: the call ends cleanly here (the
+                // caller sees its answer end without an error) rather than being cut when the
+                // connection closes.
+                _ = end.cancelled() => break TunnelEnd::Ok,
             }
-            _ = from_agent.closed(), if !stage.may_end() => {
-                return TunnelEnd::Status(Status::cancelled("the request was cancelled"));
+        };
+        self.settled = true;
+        Step::End(how)
+    }
+
+    async fn fail(&self, status: Status) {
+        let _ = self.from_agent.send(FromAgent::Error(status)).await;
+    }
+}
+
+impl Drop for Carry {
+    /// Dropped before it ended: the agent's HTTP/2 stream was reset or its connection
+    /// broke. The caller must not take what it got for a whole answer.
+    fn drop(&mut self) {
+        if self.settled || self.stage.may_end() {
+            return;
+        }
+        let lost = FromAgent::Error(Status::unavailable("the agent's tunnel closed"));
+        if let Err(mpsc::error::TrySendError::Full(lost)) = self.from_agent.try_send(lost) {
+            // The caller has not read what came before; it gets this after them.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let from_agent = self.from_agent.clone();
+                runtime.spawn(async move {
+                    let _ = from_agent.send(lost).await;
+                });
             }
-            // The connection's age or the pod's drain: the call ends cleanly here (the
-            // caller sees its answer end without an error) rather than being cut when the
-            // connection closes.
-            _ = end.cancelled() => return TunnelEnd::Ok,
         }
     }
 }

@@ -459,6 +459,11 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// The agent whose tunnel this is.
+    pub fn agent_id(&self) -> i64 {
+        self.agent_id
+    }
+
     /// Resolves with the request routed to this tunnel. Pending forever if none is (the
     /// caller selects it against the stream's end).
     pub async fn routed(&mut self) -> Routed {

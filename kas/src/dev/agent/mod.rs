@@ -17,7 +17,6 @@
 //!
 //! [`Misbehaviour`] makes it break the protocol on purpose, for kas's error paths.
 
-mod codec;
 mod impersonation;
 mod inbound;
 mod replay;
@@ -37,7 +36,8 @@ use tower::ServiceExt as _;
 
 use super::channels;
 
-pub use codec::SmallCodec;
+/// The small-buffer codec (generated clients use it too); named for the load generator.
+pub use kas_proto::codec::LeanCodec as SmallCodec;
 
 /// How an agent connects and where it replays requests.
 #[derive(Clone, Debug)]

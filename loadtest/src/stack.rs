@@ -538,20 +538,15 @@ impl Stack {
         if self.slot(n)?.is_some() {
             bail!("pod {n} is running");
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let err = log.try_clone().context("log file handle")?;
-        let mut child = Command::new(&kas)
+        let mut command = Command::new(&kas);
+        command
             .arg("--config")
             .arg(&config_path)
             .arg("--pod-name")
-            .arg(format!("kas-{n}"))
+            .arg(format!("kas-{n}"));
+        log_to(&mut command, &log_path)?;
+        let mut child = command
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", kas.display()))?;
@@ -632,6 +627,19 @@ pub async fn run(args: StackArgs) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     stack.stop().await;
+    Ok(())
+}
+
+/// Sends a process's stdout and stderr to the end of `path` (created if missing), so a
+/// restarted process's lines follow its predecessor's.
+pub(crate) fn log_to(command: &mut Command, path: &Path) -> anyhow::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let err = log.try_clone().context("log file handle")?;
+    command.stdout(log).stderr(err);
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use tokio::time::{sleep, timeout, Instant};
 
 use super::timeline::Watched;
 use crate::probe::{http_get_status, read_body};
-use crate::stack::{AGENT_PORT, K8S_PROXY_PORT, K8S_PROXY_PREFIX, OBSERVABILITY_PORT};
+use crate::stack::{log_to, AGENT_PORT, K8S_PROXY_PORT, K8S_PROXY_PREFIX, OBSERVABILITY_PORT};
 
 pub const HTTPS_PORT: u16 = 8443;
 pub const ADMIN_PORT: u16 = 8081;
@@ -163,14 +163,8 @@ impl EdgeProcess {
 
     fn spawn(&mut self, upgrade: bool) -> anyhow::Result<Child> {
         self.starts += 1;
-        let log_path = self.dir.join("edge.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let err = log.try_clone().context("log file handle")?;
         let mut command = Command::new(&self.binary);
+        log_to(&mut command, &self.dir.join("edge.log"))?;
         command.arg("run").arg("--config").arg(&self.config);
         if upgrade {
             command.arg("--upgrade");
@@ -178,8 +172,6 @@ impl EdgeProcess {
         command
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", self.binary.display()))

@@ -438,6 +438,12 @@ fn start_control_plane(
         config.health.clone(),
         state.metrics.clone(),
     ));
+    control.spawn(
+        state
+            .pool
+            .clone()
+            .retire_idle_connections(h2c_settings(config)),
+    );
     Ok(())
 }
 

@@ -13,6 +13,8 @@ pub struct PodSample {
     pub label: String,
     pub healthy: bool,
     pub in_flight: usize,
+    /// HTTP/2 connections open to the pod (all its ports).
+    pub h2_connections: usize,
 }
 
 #[derive(Clone)]
@@ -31,6 +33,7 @@ pub struct EdgeMetrics {
     pub upstream_latency: HistogramVec,
     pub upstream_healthy: IntGaugeVec,
     pub upstream_in_flight: IntGaugeVec,
+    pub upstream_h2_connections: IntGaugeVec,
     pub upstream_connect_failures: IntCounterVec,
     pub health_check_failures: IntCounterVec,
     /// TLS handshakes by result (`started` at ClientHello, `completed`).
@@ -187,6 +190,12 @@ impl EdgeMetrics {
                 &r,
                 "edge_upstream_in_flight",
                 "Streams open to the pod.",
+                &["pod"],
+            ),
+            upstream_h2_connections: gauge(
+                &r,
+                "edge_upstream_h2_connections",
+                "HTTP/2 connections open to the pod, shared by its gRPC streams.",
                 &["pod"],
             ),
             upstream_connect_failures: counter(
@@ -444,7 +453,11 @@ impl EdgeMetrics {
         }
         self.upstream_healthy.reset();
         self.upstream_in_flight.reset();
+        self.upstream_h2_connections.reset();
         for pod in pods {
+            self.upstream_h2_connections
+                .with_label_values(&[&pod.label])
+                .set(pod.h2_connections as i64);
             self.upstream_healthy
                 .with_label_values(&[&pod.label])
                 .set(i64::from(pod.healthy));
@@ -510,6 +523,7 @@ mod tests {
             label: label.to_owned(),
             healthy: true,
             in_flight: 1,
+            h2_connections: 1,
         }
     }
 
@@ -540,6 +554,7 @@ mod tests {
         for name in [
             "edge_upstream_healthy",
             "edge_upstream_in_flight",
+            "edge_upstream_h2_connections",
             "edge_upstream_connect_failures_total",
             "edge_health_check_failures_total",
         ] {

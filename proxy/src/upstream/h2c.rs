@@ -9,7 +9,11 @@
 //! streams for hours, so a stream must never wait for a slot on a full connection.
 //! Dialling is single-flight per pod: a burst of streams to a new pod dials once, and
 //! when that dial fails every stream that waited for it fails at once instead of dialling
-//! again (and waiting `connect_timeout` again) in turn.
+//! again (and waiting `connect_timeout` again) in turn. A connection dialled beyond those
+//! one per worker is closed once it carried no stream for a [`RETIRE_SWEEP`]
+//! ([`PodConnections::retire_idle`]): a burst (a rollout's reconnects, an attack's streams)
+//! must not leave the edge and the pod holding its connections, and their buffers, for
+//! as long as both run.
 //!
 //! Because every agent's streams share these connections, nothing one agent does may make
 //! a pod close one, nor hold one back for the others:
@@ -115,17 +119,61 @@ impl crate::upstream::connect::ConnectFailure for OpenError {
     }
 }
 
+/// How often idle connections beyond the pod's one per worker are looked for: one that
+/// opened no stream since the last look and carries none is closed, so an idle extra goes
+/// within one to two of these.
+pub const RETIRE_SWEEP: Duration = Duration::from_secs(10);
+
+/// Set in [`Connection::streams`] once the connection is retired: its count is then never
+/// below the limit, and a stream that raced the retirement sees the bit and goes elsewhere.
+const RETIRED: usize = 1 << (usize::BITS - 2);
+
 /// One live connection: the handle to open streams on it, and what it carries now.
 struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Streams open now (and [`RETIRED`] once retired).
     streams: Arc<AtomicUsize>,
+    /// Streams ever opened, and that count at the last sweep: equal means none since.
+    opened: AtomicU64,
+    opened_at_sweep: AtomicU64,
     settling: Arc<Settling>,
 }
 
 impl Connection {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new stream; `None` when the connection was retired meanwhile.
+    fn count_stream(&self) -> Option<StreamCount> {
+        let before = self.streams.fetch_add(1, Ordering::SeqCst);
+        let counted = StreamCount(self.streams.clone());
+        if before & RETIRED != 0 {
+            return None;
+        }
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Some(counted)
+    }
+
+    /// Retires the connection if it opened no stream since the last sweep and carries
+    /// none now: no stream can be counted on it afterwards. The caller drops it from the
+    /// list; h2 then ends it with GOAWAY once the last handle goes.
+    fn retire_if_idle(&self) -> bool {
+        let opened = self.opened.load(Ordering::Relaxed);
+        let quiet = self.opened_at_sweep.swap(opened, Ordering::Relaxed) == opened;
+        if !quiet
+            || self
+                .streams
+                .compare_exchange(0, RETIRED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return false;
+        }
+        self.closed.store(true, Ordering::Relaxed);
+        // The prober holds a handle too: let it see `closed` and go.
+        self.settling.want_probe.notify_one();
+        true
     }
 
     fn has_room(&self, settings: &H2cSettings) -> bool {
@@ -353,12 +401,22 @@ impl PodConnections {
         end_of_stream: bool,
         abandoned: &mut (dyn FnMut() -> bool + Send),
     ) -> Result<PodStream, OpenError> {
-        let connection = match self.with_room(settings) {
-            Some(c) => c,
-            None => self.dial_once(addr, settings).await?,
+        // A connection retired between being chosen and counting the stream is skipped;
+        // the retired one has left the list, so the next choice is another (or a dial).
+        let mut choice = 0;
+        let (connection, counted) = loop {
+            let connection = match self.with_room(settings) {
+                Some(c) => c,
+                None => self.dial_once(addr, settings).await?,
+            };
+            if let Some(counted) = connection.count_stream() {
+                break (connection, counted);
+            }
+            choice += 1;
+            if choice >= 3 {
+                return Err(OpenError::Full);
+            }
         };
-        connection.streams.fetch_add(1, Ordering::Relaxed);
-        let counted = StreamCount(connection.streams.clone());
         let mut send = match connection.send.clone().ready().await {
             Ok(send) => send,
             Err(e) => {
@@ -448,6 +506,28 @@ impl PodConnections {
         }
     }
 
+    /// Closes the connections beyond the first `settings.connections` open ones that
+    /// opened no stream since the last call and carry none; called every
+    /// [`RETIRE_SWEEP`]. Returns how many it closed.
+    pub fn retire_idle(&self, settings: &H2cSettings) -> usize {
+        let list = self.live.load();
+        let retired: Vec<&Arc<Connection>> = list
+            .iter()
+            .filter(|c| !c.is_closed())
+            .skip(settings.connections.max(1))
+            .filter(|c| c.retire_if_idle())
+            .collect();
+        for connection in &retired {
+            self.forget(connection);
+        }
+        retired.len()
+    }
+
+    /// Connections open now (for the pod's metrics).
+    pub fn open_connections(&self) -> usize {
+        self.live.load().iter().filter(|c| !c.is_closed()).count()
+    }
+
     /// Drops `connection` from the pod's list.
     fn forget(&self, connection: &Arc<Connection>) {
         self.live.rcu(|list| {
@@ -520,6 +600,8 @@ async fn dial(addr: SocketAddr, settings: &H2cSettings) -> Result<Connection, Op
         send,
         closed,
         streams: Arc::new(AtomicUsize::new(0)),
+        opened: AtomicU64::new(0),
+        opened_at_sweep: AtomicU64::new(0),
         settling,
     })
 }
@@ -607,5 +689,191 @@ async fn keep_alive(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/2 server standing in for a pod: allows `max_streams` streams per
+    /// connection, answers probes at once and other streams once `release` is true, and
+    /// counts the connections it accepted and saw end.
+    struct FakePod {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        ended: Arc<AtomicUsize>,
+        release: tokio::sync::watch::Sender<bool>,
+    }
+
+    async fn fake_pod(max_streams: u32) -> FakePod {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, e) = (accepted.clone(), ended.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let (ended, released) = (e.clone(), released.clone());
+                tokio::spawn(async move {
+                    let handshake = h2::server::Builder::new()
+                        .max_concurrent_streams(max_streams)
+                        .handshake::<_, Bytes>(tcp);
+                    if let Ok(mut connection) = handshake.await {
+                        while let Some(Ok((request, mut respond))) = connection.accept().await {
+                            let mut released = released.clone();
+                            tokio::spawn(async move {
+                                if request.uri().path() != "/grpc.health.v1.Health/Check" {
+                                    let _ = released.wait_for(|go| *go).await;
+                                }
+                                let _ = respond.send_response(http::Response::new(()), true);
+                            });
+                        }
+                    }
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        FakePod {
+            addr,
+            accepted,
+            ended,
+            release,
+        }
+    }
+
+    fn settings() -> H2cSettings {
+        H2cSettings {
+            connect_timeout: Duration::from_secs(5),
+            tcp_keepalive: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(60),
+            max_streams: 100,
+            connections: 1,
+            stream_window: 65_535,
+        }
+    }
+
+    async fn open(pod: &PodConnections, addr: SocketAddr) -> PodStream {
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("http://{addr}/test"))
+            .body(())
+            .unwrap();
+        pod.open(addr, &settings(), request, true, &mut || false)
+            .await
+            .expect("a stream on the pod")
+    }
+
+    /// Waits (bounded) until `counter` reaches `n`; its value then.
+    async fn reaches(counter: &AtomicUsize, n: usize) -> usize {
+        for _ in 0..500 {
+            if counter.load(Ordering::SeqCst) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        counter.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn connections_a_burst_added_close_once_idle_and_the_usual_one_stays() {
+        // Two streams per connection (the pod allows 3, one slot kept for a probe).
+        let pod = fake_pod(3).await;
+        let connections = PodConnections::default();
+        let mut burst = Vec::new();
+        for _ in 0..5 {
+            burst.push(open(&connections, pod.addr).await);
+        }
+        assert_eq!(
+            connections.open_connections(),
+            3,
+            "5 streams need 3 connections"
+        );
+        assert_eq!(pod.accepted.load(Ordering::SeqCst), 3);
+
+        // While they carry streams, nothing is closed however often the sweep runs.
+        for _ in 0..3 {
+            assert_eq!(connections.retire_idle(&settings()), 0);
+        }
+        pod.release.send(true).unwrap();
+        for stream in &mut burst {
+            stream.parts().0.head().await.expect("the pod's answer");
+        }
+        drop(burst);
+
+        // No stream opened since the last sweep and none left: both extras go.
+        assert_eq!(
+            connections.retire_idle(&settings()),
+            2,
+            "both extras were idle"
+        );
+        assert_eq!(connections.open_connections(), 1);
+        assert_eq!(
+            reaches(&pod.ended, 2).await,
+            2,
+            "the pod sees both extra connections end"
+        );
+        // The usual connection still serves, without a dial.
+        let mut again = open(&connections, pod.addr).await;
+        again
+            .parts()
+            .0
+            .head()
+            .await
+            .expect("an answer on the kept connection");
+        assert_eq!(pod.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(pod.ended.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            connections.retire_idle(&settings()),
+            0,
+            "never the last one"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_extra_connection_with_a_stream_or_a_recent_one_stays() {
+        let pod = fake_pod(3).await;
+        let connections = PodConnections::default();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(open(&connections, pod.addr).await);
+        }
+        assert_eq!(connections.open_connections(), 2);
+        // The extra carries a stream: it stays.
+        assert_eq!(connections.retire_idle(&settings()), 0);
+        assert_eq!(connections.retire_idle(&settings()), 0);
+        pod.release.send(true).unwrap();
+        let last = held.pop().unwrap();
+        drop(last);
+        // Quiet now, but a stream came and went since the last sweep: it stays once more.
+        let mut third = open(&connections, pod.addr).await;
+        third.parts().0.head().await.unwrap();
+        drop(third);
+        assert_eq!(connections.retire_idle(&settings()), 0);
+        assert_eq!(connections.retire_idle(&settings()), 1);
+        assert_eq!(reaches(&pod.ended, 1).await, 1);
+        // The streams on the usual connection were not touched.
+        for stream in &mut held {
+            stream
+                .parts()
+                .0
+                .head()
+                .await
+                .expect("answered on the kept connection");
+        }
+    }
+
+    #[test]
+    fn a_retired_connection_counts_no_stream() {
+        let streams = Arc::new(AtomicUsize::new(0));
+        assert!(streams
+            .compare_exchange(0, RETIRED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok());
+        // What `count_stream` sees for a stream that raced the retirement.
+        let before = streams.fetch_add(1, Ordering::SeqCst);
+        drop(StreamCount(streams.clone()));
+        assert_ne!(before & RETIRED, 0);
+        assert_eq!(streams.load(Ordering::SeqCst), RETIRED);
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::telemetry::metrics::PodSample;
 use crate::upstream::discovery::Endpoint;
-use crate::upstream::h2c::PodConnections;
+use crate::upstream::h2c::{H2cSettings, PodConnections, RETIRE_SWEEP};
 use crate::upstream::idle::IdleConnections;
 use crate::upstream::route::Route;
 
@@ -114,6 +114,11 @@ impl Pod {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Every port's HTTP/2 connections to the pod.
+    fn h2c_ports(&self) -> impl Iterator<Item = &PodConnections> {
+        std::iter::once(&self.h2c).chain(self.routes.iter().map(|port| &port.h2c))
+    }
+
     fn nanos_since_created(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.created).as_nanos()).unwrap_or(u64::MAX)
     }
@@ -188,8 +193,23 @@ impl Pool {
                 label: pod.label.clone(),
                 healthy: pod.is_healthy(),
                 in_flight: pod.in_flight(),
+                h2_connections: pod.h2c_ports().map(|c| c.open_connections()).sum(),
             })
             .collect()
+    }
+
+    /// Closes, every [`RETIRE_SWEEP`], the idle HTTP/2 connections a burst made the edge
+    /// dial beyond each pod's usual ones ([`PodConnections::retire_idle`]).
+    pub async fn retire_idle_connections(self: Arc<Self>, settings: H2cSettings) {
+        loop {
+            tokio::time::sleep(RETIRE_SWEEP).await;
+            for pod in self.pods().iter() {
+                let closed: usize = pod.h2c_ports().map(|c| c.retire_idle(&settings)).sum();
+                if closed > 0 {
+                    tracing::debug!(pod = %pod.label, closed, "closed idle pod connections");
+                }
+            }
+        }
     }
 
     /// Applies a discovery snapshot. Known pods keep their health and counters; new pods
@@ -302,6 +322,7 @@ mod tests {
             label: label.to_owned(),
             healthy,
             in_flight,
+            h2_connections: 0,
         };
         assert_eq!(
             pool.samples(),

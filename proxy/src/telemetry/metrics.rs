@@ -545,12 +545,12 @@ mod tests {
         }
         let before = metrics.render(&pods);
         for pod in [staying, leaving] {
-            assert_eq!(series_of(&before, pod).len(), 4, "{before}");
+            assert_eq!(series_of(&before, pod).len(), 5, "{before}");
         }
 
         let after = metrics.render(&pods[..1]);
         assert_eq!(series_of(&after, leaving), Vec::<&str>::new(), "{after}");
-        assert_eq!(series_of(&after, staying).len(), 4, "{after}");
+        assert_eq!(series_of(&after, staying).len(), 5, "{after}");
         for name in [
             "edge_upstream_healthy",
             "edge_upstream_in_flight",

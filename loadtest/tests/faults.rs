@@ -86,9 +86,9 @@ async fn short_faults_run_brings_every_agent_and_commit_back() {
     let all: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
     assert_eq!(kinds, all, "{table}");
     for f in &faults.faults {
-        assert!(f.back_within_budget && f.commits_missed == 0, "{f:?}");
+        assert!(f.cost.back_within_budget && f.commits_missed == 0, "{f:?}");
         assert!(
-            f.requests_sent > 0,
+            f.cost.requests_sent > 0,
             "no Kubernetes API request in {}: {f:?}",
             f.kind
         );
@@ -102,10 +102,16 @@ async fn short_faults_run_brings_every_agent_and_commit_back() {
             .unwrap()
     };
     // A killed pod and a rollout cut the agents on those pods; the edits cut nobody.
-    assert!(fault(FaultKind::KillPod).agents_disconnected > 0, "{table}");
-    assert!(fault(FaultKind::Rollout).agents_disconnected > 0, "{table}");
+    assert!(
+        fault(FaultKind::KillPod).cost.agents_disconnected > 0,
+        "{table}"
+    );
+    assert!(
+        fault(FaultKind::Rollout).cost.agents_disconnected > 0,
+        "{table}"
+    );
     assert_eq!(
-        fault(FaultKind::Blocklist).agents_disconnected,
+        fault(FaultKind::Blocklist).cost.agents_disconnected,
         0,
         "{table}"
     );

@@ -163,7 +163,7 @@ async fn soak(ctx: &mut Ctx, rig: &mut Rig, kinds: &[FaultKind]) -> anyhow::Resu
         match one_fault(ctx, rig, &fleet, &requests, &mut commits, *kind, i).await {
             Ok((record, ops)) => {
                 window_ops += ops;
-                for (k, n) in &record.errors {
+                for (k, n) in &record.cost.errors {
                     *window_errors.entry(k.clone()).or_default() += n;
                 }
                 records.push(record);
@@ -248,11 +248,12 @@ fn check_faults(ctx: &mut Ctx, records: &[FaultRecord]) {
         let name = format!("fault {} {}", i + 1, r.kind);
         ctx.check(
             &format!("{name}: every agent back within the back-off budget"),
-            r.back_within_budget,
+            r.cost.back_within_budget,
             format!(
                 "{} cut, all back after {} s",
-                r.agents_disconnected,
-                r.all_back_after_s
+                r.cost.agents_disconnected,
+                r.cost
+                    .all_back_after_s
                     .map_or("never".into(), |s| format!("{s:.1}"))
             ),
         );
@@ -267,8 +268,8 @@ fn check_faults(ctx: &mut Ctx, records: &[FaultRecord]) {
         if r.kind == FaultKind::Blocklist.name() {
             ctx.check(
                 &format!("{name}: no agent cut by the edits"),
-                r.agents_disconnected == 0,
-                format!("{} agents cut", r.agents_disconnected),
+                r.cost.agents_disconnected == 0,
+                format!("{} agents cut", r.cost.agents_disconnected),
             );
         }
     }
@@ -373,12 +374,7 @@ async fn one_fault(
         start_s: round3(window.at_s),
         end_s: round3(end_s),
         closed_s: round3(closed_s),
-        agents_disconnected: cost.agents_disconnected,
-        all_back_after_s: cost.all_back_after_s,
-        back_within_budget: cost.back_within_budget,
-        requests_sent: cost.requests_sent,
-        requests_failed: cost.requests_failed,
-        errors: cost.errors,
+        cost,
         commit: Some(commits.latest.clone()),
         commits_missed,
         commit_everywhere_after_s: everywhere,
@@ -387,7 +383,8 @@ async fn one_fault(
         kas_rss_peak_bytes: None,
         pending,
     };
-    Ok((record, cost.operations))
+    let operations = record.cost.operations;
+    Ok((record, operations))
 }
 
 /// Makes the fault, with a commit while it lasts; returns what was done and, when part of

@@ -125,9 +125,10 @@ impl FaultsReport {
                 None => f.how.clone(),
             };
             let back = f
+                .cost
                 .all_back_after_s
                 .map_or("not all".into(), |s| format!("{s:.1} s"));
-            let budget = if f.back_within_budget {
+            let budget = if f.cost.back_within_budget {
                 "yes"
             } else {
                 "<b style=\"color:#cf222e\">NO</b>"
@@ -139,10 +140,10 @@ impl FaultsReport {
                 i + 1,
                 esc(&f.kind),
                 esc(&how),
-                f.agents_disconnected,
+                f.cost.agents_disconnected,
                 back,
-                f.requests_failed,
-                f.requests_sent,
+                f.cost.requests_failed,
+                f.cost.requests_sent,
                 f.commits_missed,
                 mib(f.edge_rss_before_bytes),
                 mib(f.edge_rss_peak_bytes),

@@ -24,16 +24,10 @@ pub struct FaultRecord {
     pub start_s: f64,
     pub end_s: f64,
     pub closed_s: f64,
-    /// Agents cut (or not connected) during the window.
-    pub agents_disconnected: usize,
-    /// From the fault's start until the last of them was back; `None` if one was not.
-    pub all_back_after_s: Option<f64>,
-    /// Every one back within the back-off budget after the fault ended.
-    pub back_within_budget: bool,
-    pub requests_sent: u64,
-    pub requests_failed: u64,
-    /// Errors inside the window, by kind.
-    pub errors: BTreeMap<String, u64>,
+    /// Who was cut, the requests and errors inside the window (its fields sit at the top
+    /// level of the JSON record).
+    #[serde(flatten)]
+    pub cost: WindowCost,
     /// The configuration commit made during the fault.
     pub commit: Option<String>,
     /// Agents not holding the latest commit at the end of the recovery time after it.
@@ -74,13 +68,19 @@ pub struct WindowStart {
 }
 
 /// The counters' difference when the window closed.
+#[derive(Debug, Clone, Serialize)]
 pub struct WindowCost {
+    /// Agents cut (or not connected) during the window.
     pub agents_disconnected: usize,
+    /// From the fault's start until the last of them was back; `None` if one was not.
     pub all_back_after_s: Option<f64>,
+    /// Every one back within the back-off budget after the fault ended.
     pub back_within_budget: bool,
     pub requests_sent: u64,
     pub requests_failed: u64,
+    /// Errors inside the window, by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Fleet operations inside the window.
     pub operations: u64,
 }
 
@@ -179,10 +179,11 @@ fn secs(v: Option<f64>) -> String {
 impl FaultRecord {
     /// The errors of the window in one cell: `kind ×n, ...`.
     pub fn errors_text(&self) -> String {
-        if self.errors.is_empty() {
+        if self.cost.errors.is_empty() {
             return "none".into();
         }
-        self.errors
+        self.cost
+            .errors
             .iter()
             .map(|(k, n)| format!("{k} ×{n}"))
             .collect::<Vec<_>>()
@@ -221,11 +222,11 @@ impl FaultsReport {
                 f.kind.clone(),
                 format!(
                     "{} cut, all back after {} s ({}), {} of {} requests failed, {} missed commit; errors: {}{pending}",
-                    f.agents_disconnected,
-                    secs(f.all_back_after_s),
-                    if f.back_within_budget { "in budget" } else { "OVER BUDGET" },
-                    f.requests_failed,
-                    f.requests_sent,
+                    f.cost.agents_disconnected,
+                    secs(f.cost.all_back_after_s),
+                    if f.cost.back_within_budget { "in budget" } else { "OVER BUDGET" },
+                    f.cost.requests_failed,
+                    f.cost.requests_sent,
                     f.commits_missed,
                     f.errors_text(),
                 ),
@@ -264,11 +265,15 @@ impl FaultsReport {
                 "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} → {} | {} | {} |",
                 f.kind,
                 how.replace('|', "/"),
-                f.agents_disconnected,
-                secs(f.all_back_after_s),
-                if f.back_within_budget { "yes" } else { "NO" },
-                f.requests_failed,
-                f.requests_sent,
+                f.cost.agents_disconnected,
+                secs(f.cost.all_back_after_s),
+                if f.cost.back_within_budget {
+                    "yes"
+                } else {
+                    "NO"
+                },
+                f.cost.requests_failed,
+                f.cost.requests_sent,
                 f.commits_missed,
                 secs(f.commit_everywhere_after_s),
                 mib(f.edge_rss_before_bytes),
@@ -306,12 +311,15 @@ mod tests {
             start_s: 10.0,
             end_s: 12.0,
             closed_s: 15.0,
-            agents_disconnected: cut,
-            all_back_after_s: back,
-            back_within_budget: back.is_some(),
-            requests_sent: 20,
-            requests_failed: 1,
-            errors: BTreeMap::from([("cut".to_owned(), cut as u64)]),
+            cost: WindowCost {
+                agents_disconnected: cut,
+                all_back_after_s: back,
+                back_within_budget: back.is_some(),
+                requests_sent: 20,
+                requests_failed: 1,
+                errors: BTreeMap::from([("cut".to_owned(), cut as u64)]),
+                operations: 40,
+            },
             commit: Some("0123456789abcdef".into()),
             commits_missed: 0,
             commit_everywhere_after_s: Some(1.5),

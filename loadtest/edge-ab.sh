@@ -12,7 +12,9 @@
 #            ATTACK_SCALE (1) sizes the attacks (0.001: one connection of each kind, a
 #            control run that shows what the fleet alone does to the edge's RSS);
 #            ATTACK_KINDS (all) runs only the attacks named (comma-separated);
-#            HOSTILE_WS_FRACTION (the scenario's 0.5) of the fleet on wss://, the rest grpcs://
+#            HOSTILE_WS_FRACTION (the scenario's 0.5) of the fleet on wss://, the rest grpcs://;
+#            ATTACK_SOURCE_BASE (127.0.6.1) where the attackers' addresses start: beyond the
+#            fleet's (127.0.2.1 on) for more than ~1,000 agents, e.g. 127.0.40.1
 #   soak     SOAK_AGENTS (2000) wss agents with Echo streams, SOAK_CHURN (50) of them
 #            reconnecting per second for SOAK_SECS (1800): is the edge's RSS flat?
 #            (loadtest/rss-trend.py on the run's timeline; not in the default STEPS)
@@ -49,6 +51,7 @@ ATTACK_SCALE=${ATTACK_SCALE:-1}
 ATTACK_WARMUP=${ATTACK_WARMUP:-30}
 ATTACK_KINDS=${ATTACK_KINDS:-}
 HOSTILE_WS_FRACTION=${HOSTILE_WS_FRACTION:-}
+ATTACK_SOURCE_BASE=${ATTACK_SOURCE_BASE:-}
 STORM_AGENTS=${STORM_AGENTS:-5000}
 SOAK_AGENTS=${SOAK_AGENTS:-2000}
 SOAK_CHURN=${SOAK_CHURN:-50}
@@ -114,7 +117,8 @@ for round in $(seq 1 "$ROUNDS"); do
         hostile)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario hostile \
             --agents "$HOSTILE_AGENTS" --rate 500 --duration "${ATTACK_SECS}s" \
-            --attack-settle "${ATTACK_SETTLE}s" --attack-scale "$ATTACK_SCALE" --attack-warmup "${ATTACK_WARMUP}s" ${ATTACK_KINDS:+--attack-kinds "$ATTACK_KINDS"} ${HOSTILE_WS_FRACTION:+--ws-fraction "$HOSTILE_WS_FRACTION"} --edge-pid "$EDGE_PID" \
+            --attack-settle "${ATTACK_SETTLE}s" --attack-scale "$ATTACK_SCALE" --attack-warmup "${ATTACK_WARMUP}s" ${ATTACK_KINDS:+--attack-kinds "$ATTACK_KINDS"} ${HOSTILE_WS_FRACTION:+--ws-fraction "$HOSTILE_WS_FRACTION"} \
+            ${ATTACK_SOURCE_BASE:+--attack-source-base "$ATTACK_SOURCE_BASE"} --edge-pid "$EDGE_PID" \
             --edge-admin http://127.0.5.1:8081/metrics --json "$j" >"$JSON_DIR/$round-$name-$step.log" 2>&1 || true
           result=$(json "$j" '"rss connected %.1f, before %.1f / peak %.1f / %ss after %.1f MiB (after/before %.3f); passed %s, legit errors %d/%d" % (d["edge"]["rss_fleet_connected_bytes"]/2**20, d["edge"]["rss_before_attack_bytes"]/2**20, d["edge"]["rss_peak_attack_bytes"]/2**20, '"$ATTACK_SETTLE"', d["edge"]["rss_after_attack_bytes"]/2**20, d["edge"]["rss_after_attack_bytes"]/d["edge"]["rss_before_attack_bytes"], d["passed"], d["facts"]["legit_errors"], d["facts"]["legit_operations"])')
           ;;

@@ -9,9 +9,10 @@ test loads it into Prometheus. The PrometheusRule carries the same `groups`, cop
 (comments included) under `spec:`. Standard library only.
 """
 
-import argparse
 import os
 import sys
+
+from generated_file import write_or_check
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RULES = os.path.join(HERE, "rules", "kas-edge.rules.yaml")
@@ -45,26 +46,5 @@ def render():
     return HEADER + "\n".join(body) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the PrometheusRule differs")
-    args = parser.parse_args()
-    text = render()
-    rel = os.path.relpath(OUT)
-    if args.check:
-        try:
-            with open(OUT, encoding="utf-8") as f:
-                current = f.read()
-        except FileNotFoundError:
-            current = ""
-        if current != text:
-            sys.exit(f"{rel} is out of date: run python3 {os.path.relpath(__file__)}")
-        print(f"ok: {rel} matches the rules file")
-        return
-    with open(OUT, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(f"wrote {rel}")
-
-
 if __name__ == "__main__":
-    main()
+    write_or_check(__doc__.splitlines()[0], OUT, render)

@@ -10,12 +10,13 @@ JSON, so the layout stays computed and the e2e test (deploy/monitoring/e2e_test.
 the same queries. Standard library only.
 """
 
-import argparse
 import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from generated_file import write_or_check  # noqa: E402  (deploy/monitoring/)
 OUT = os.path.join(HERE, "kas-edge.json")
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -344,25 +345,5 @@ def render():
     return json.dumps(build(), indent=2, sort_keys=False) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if kas-edge.json differs from what this writes")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        try:
-            with open(OUT, encoding="utf-8") as f:
-                current = f.read()
-        except FileNotFoundError:
-            current = ""
-        if current != text:
-            sys.exit(f"{OUT} is out of date: run python3 {os.path.relpath(__file__)}")
-        print(f"ok: {os.path.relpath(OUT)} is up to date")
-        return
-    with open(OUT, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(f"wrote {os.path.relpath(OUT)}")
-
-
 if __name__ == "__main__":
-    main()
+    write_or_check(__doc__.splitlines()[0], OUT, render)

@@ -172,8 +172,12 @@ ROWS = [
                    [q(f"min by (pod) (edge_upstream_healthy{{{E}}})", "{{pod}}")], minimum=0),
         timeseries("Healthy kas pods per edge replica", "0 = that replica answers UNAVAILABLE/503.",
                    [q(f"instance:edge_upstream_healthy_pods:sum{{{E}}}", "{{instance}}")], minimum=0),
-        timeseries("In-flight streams per kas pod", "Streams open from the edge to each kas pod (what balancing looks at).",
-                   [q(f"sum by (pod) (edge_upstream_in_flight{{{E}}})", "{{pod}}")]),
+        timeseries("In-flight streams and HTTP/2 connections per kas pod",
+                   "Streams open from the edge to each kas pod (what balancing looks at), and the HTTP/2 "
+                   "connections their gRPC streams share: one per edge worker, more while those are full "
+                   "(idle extras close after 10-20 s).",
+                   [q(f"sum by (pod) (edge_upstream_in_flight{{{E}}})", "streams {{pod}}"),
+                    q(f"sum by (pod) (edge_upstream_h2_connections{{{E}}})", "h2 connections {{pod}}")]),
         timeseries("Health check and connect failures", "Failed /readiness checks and failed connects per kas pod.",
                    [q(f"sum by (pod) (rate(edge_health_check_failures_total{{{E}}}[{RI}]))", "health {{pod}}"),
                     q(f"sum by (pod) (rate(edge_upstream_connect_failures_total{{{E}}}[{RI}]))", "connect {{pod}}")],

@@ -694,6 +694,8 @@ async fn keep_alive(
 
 #[cfg(test)]
 mod tests {
+    use kas_testkit::wait::eventually;
+
     use super::*;
 
     /// An HTTP/2 server standing in for a pod: allows `max_streams` streams per
@@ -765,15 +767,22 @@ mod tests {
             .expect("a stream on the pod")
     }
 
-    /// Waits (bounded) until `counter` reaches `n`; its value then.
-    async fn reaches(counter: &AtomicUsize, n: usize) -> usize {
-        for _ in 0..500 {
-            if counter.load(Ordering::SeqCst) >= n {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    /// `n` streams opened one after another.
+    async fn open_many(pod: &PodConnections, addr: SocketAddr, n: usize) -> Vec<PodStream> {
+        let mut streams = Vec::with_capacity(n);
+        for _ in 0..n {
+            streams.push(open(pod, addr).await);
         }
-        counter.load(Ordering::SeqCst)
+        streams
+    }
+
+    /// Waits (at most 5 s) until the pod saw `n` of its connections end.
+    async fn pod_sees_ends(pod: &FakePod, n: usize) {
+        let what = format!("the pod sees {n} connections end");
+        eventually(&what, Duration::from_secs(5), || async {
+            pod.ended.load(Ordering::SeqCst) >= n
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -781,10 +790,7 @@ mod tests {
         // Two streams per connection (the pod allows 3, one slot kept for a probe).
         let pod = fake_pod(3).await;
         let connections = PodConnections::default();
-        let mut burst = Vec::new();
-        for _ in 0..5 {
-            burst.push(open(&connections, pod.addr).await);
-        }
+        let mut burst = open_many(&connections, pod.addr, 5).await;
         assert_eq!(
             connections.open_connections(),
             3,
@@ -809,11 +815,8 @@ mod tests {
             "both extras were idle"
         );
         assert_eq!(connections.open_connections(), 1);
-        assert_eq!(
-            reaches(&pod.ended, 2).await,
-            2,
-            "the pod sees both extra connections end"
-        );
+        pod_sees_ends(&pod, 2).await;
+        assert_eq!(pod.ended.load(Ordering::SeqCst), 2, "both extras, no more");
         // The usual connection still serves, without a dial.
         let mut again = open(&connections, pod.addr).await;
         again
@@ -835,10 +838,7 @@ mod tests {
     async fn an_extra_connection_with_a_stream_or_a_recent_one_stays() {
         let pod = fake_pod(3).await;
         let connections = PodConnections::default();
-        let mut held = Vec::new();
-        for _ in 0..3 {
-            held.push(open(&connections, pod.addr).await);
-        }
+        let mut held = open_many(&connections, pod.addr, 3).await;
         assert_eq!(connections.open_connections(), 2);
         // The extra carries a stream: it stays.
         assert_eq!(connections.retire_idle(&settings()), 0);
@@ -852,7 +852,8 @@ mod tests {
         drop(third);
         assert_eq!(connections.retire_idle(&settings()), 0);
         assert_eq!(connections.retire_idle(&settings()), 1);
-        assert_eq!(reaches(&pod.ended, 1).await, 1);
+        pod_sees_ends(&pod, 1).await;
+        assert_eq!(pod.ended.load(Ordering::SeqCst), 1);
         // The streams on the usual connection were not touched.
         for stream in &mut held {
             stream

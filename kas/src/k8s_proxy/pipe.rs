@@ -252,10 +252,18 @@ async fn send_request_body(
 /// The agent's next event that matters to the caller: the gRPC header and trailer of
 /// MakeRequest carry nothing for it. `None` at the end of the tunnel.
 async fn next_event(from_agent: &mut mpsc::Receiver<FromAgent>) -> Option<FromAgent> {
+    std::future::poll_fn(|cx| poll_next_event(from_agent, cx)).await
+}
+
+/// [`next_event`] for a poll (the response body's).
+fn poll_next_event(
+    from_agent: &mut mpsc::Receiver<FromAgent>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<FromAgent>> {
     loop {
-        match from_agent.recv().await {
+        match ready!(from_agent.poll_recv(cx)) {
             Some(FromAgent::Header(_)) | Some(FromAgent::Trailer(_)) => continue,
-            other => return other,
+            other => return Poll::Ready(other),
         }
     }
 }
@@ -342,12 +350,7 @@ impl hyper::body::Body for TunnelBody {
         if self.done {
             return Poll::Ready(None);
         }
-        let event = loop {
-            match ready!(self.from_agent.poll_recv(cx)) {
-                Some(FromAgent::Header(_)) | Some(FromAgent::Trailer(_)) => continue,
-                other => break other,
-            }
-        };
+        let event = ready!(poll_next_event(&mut self.from_agent, cx));
         let frame = match decode_response(event) {
             Ok(Some(http_response::Message::Data(d))) => {
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(d.data)))))

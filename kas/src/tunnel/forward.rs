@@ -132,7 +132,8 @@ where
 
 /// Runs one registered tunnel until it ends, sending what goes to the agent into
 /// `outbound` (for tests that drive a tunnel by hand; kas serves [`tunnel_stream`]).
-pub async fn run_tunnel<S>(
+#[cfg(test)]
+pub(super) async fn run_tunnel<S>(
     registration: Registration,
     inbound: S,
     outbound: mpsc::Sender<Result<ConnectResponse, Status>>,

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::Streaming;
 
-use kas::dev::agent::{Fleet as TunnelFleet, KasConn, SmallCodec, TestAgent};
+use kas::dev::agent::{Fleet as TunnelFleet, KasConn, TestAgent};
 use kas_proto::agent_configuration::{ConfigurationRequest, ConfigurationResponse};
+use kas_proto::codec::LeanCodec;
 use kas_proto::diagnostics::{PingRequest, PingResponse};
 use kas_proto::paths::{DIAGNOSTICS_ECHO, GET_CONFIGURATION};
 
@@ -435,7 +436,7 @@ async fn opened<T>(
 }
 
 /// A gRPC client on the agent's connection, ready for a call. The held streams use it with
-/// [`SmallCodec`]: tonic's default codec keeps 16 KiB of buffers per stream for its whole
+/// [`LeanCodec`]: tonic's default codec keeps 16 KiB of buffers per stream for its whole
 /// life, most of an idle agent's memory in a fleet of thousands.
 async fn grpc_client(grpc: &GrpcConn) -> Result<tonic::client::Grpc<H2Service>, tonic::Status> {
     let mut client = tonic::client::Grpc::with_origin(grpc.service.clone(), grpc.origin.clone());
@@ -471,7 +472,7 @@ async fn open_configuration(
     let opening = async {
         let mut stream = grpc_client(grpc)
             .await?
-            .server_streaming(request, path(GET_CONFIGURATION), SmallCodec::default())
+            .server_streaming(request, path(GET_CONFIGURATION), LeanCodec::default())
             .await?
             .into_inner();
         let first = stream.message().await?;
@@ -514,7 +515,7 @@ async fn open_echo(
             .streaming(
                 env.authed(slot, outbound),
                 path(DIAGNOSTICS_ECHO),
-                SmallCodec::default(),
+                LeanCodec::default(),
             )
             .await?
             .into_inner())

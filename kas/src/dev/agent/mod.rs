@@ -36,9 +36,6 @@ use tower::ServiceExt as _;
 
 use super::channels;
 
-/// The small-buffer codec (generated clients use it too); named for the load generator.
-pub use kas_proto::codec::LeanCodec as SmallCodec;
-
 /// How an agent connects and where it replays requests.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
+use kas_proto::codec::LeanCodec;
 use kas_proto::paths::{KUBERNETES_API_MAKE_REQUEST, REVERSE_TUNNEL_CONNECT};
 use kas_proto::reverse_tunnel::{connect_response, ConnectRequest, ConnectResponse, RequestInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
 
 use super::inbound::{self, Failure};
-use super::{wire, Misbehaviour, Shared, SmallCodec};
+use super::{wire, Misbehaviour, Shared};
 use crate::dev::channels::with_token;
 
 /// The most a `Data` or `UpgradeData` message carries, as agentk's 32 KiB buffers.
@@ -123,7 +124,7 @@ async fn connect(
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
     let path = http::uri::PathAndQuery::from_static(REVERSE_TUNNEL_CONNECT);
-    let response = grpc.streaming(request, path, SmallCodec::default()).await?;
+    let response = grpc.streaming(request, path, LeanCodec::default()).await?;
     Ok(response.into_inner())
 }
 

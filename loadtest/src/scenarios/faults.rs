@@ -161,8 +161,8 @@ async fn soak(ctx: &mut Ctx, rig: &mut Rig, kinds: &[FaultKind]) -> anyhow::Resu
             break;
         }
         match one_fault(ctx, rig, &fleet, &requests, &mut commits, *kind, i).await {
-            Ok((record, ops)) => {
-                window_ops += ops;
+            Ok(record) => {
+                window_ops += record.cost.operations;
                 for (k, n) in &record.cost.errors {
                     *window_errors.entry(k.clone()).or_default() += n;
                 }
@@ -326,7 +326,7 @@ impl Commits {
 /// Fault `kind`: injected (a configuration commit in the middle of it), its window closed
 /// when every agent it cut is back (bounded by the budget) and no request sent in it is
 /// still waiting, then the recovery time, in
-/// which the commit must reach everyone. Returns the record and the window's operations.
+/// which the commit must reach everyone. Returns its record (the window's operations in it).
 async fn one_fault(
     ctx: &mut Ctx,
     rig: &mut Rig,
@@ -335,7 +335,7 @@ async fn one_fault(
     commits: &mut Commits,
     kind: FaultKind,
     index: usize,
-) -> anyhow::Result<(FaultRecord, u64)> {
+) -> anyhow::Result<FaultRecord> {
     ctx.set_phase(kind.name());
     let window = WindowStart::now(&ctx.stats, fleet);
     let label = format!("during {}", kind.name());
@@ -368,7 +368,7 @@ async fn one_fault(
             .saturating_sub(recovery_begin.elapsed()),
     )
     .await;
-    let record = FaultRecord {
+    Ok(FaultRecord {
         kind: kind.name().to_owned(),
         how,
         start_s: round3(window.at_s),
@@ -382,9 +382,7 @@ async fn one_fault(
         edge_rss_peak_bytes: None,
         kas_rss_peak_bytes: None,
         pending,
-    };
-    let operations = record.cost.operations;
-    Ok((record, operations))
+    })
 }
 
 /// Makes the fault, with a commit while it lasts; returns what was done and, when part of

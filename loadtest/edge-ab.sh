@@ -86,7 +86,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # the A/B goes on) instead of ending the whole comparison.
 json() {
   python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$@" 2>/dev/null ||
-    echo "no result: see $JSON_DIR/$round-$name-$step.{json,log}"
+    echo "no result: see $kept.{json,log}"
 }
 
 printf 'round\tbinary\tstep\tresult\n' | tee "$OUT"
@@ -98,18 +98,20 @@ for round in $(seq 1 "$ROUNDS"); do
       start_stack "$edge"
       j=$WORK/$step.json
       rm -f "$j"
+      # Where the run's output and report are kept: $kept.log, $kept.json.
+      kept=$JSON_DIR/$round-$name-$step
       case $step in
         idle)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario idle \
             --agents "$IDLE_AGENTS" --rate 500 --settle 60s --duration 10s --echo-interval 60s \
-            --max-error-rate 0.001 --edge-pid "$EDGE_PID" --json "$j" >"$JSON_DIR/$round-$name-$step.log" 2>&1 || true
+            --max-error-rate 0.001 --edge-pid "$EDGE_PID" --json "$j" >"$kept.log" 2>&1 || true
           result=$(json "$j" '"%.0f B per tunnel (%d agents, rss %.1f -> %.1f MiB)" % (d["edge"]["rss_per_connection_bytes"], d["facts"]["connected_after_ramp"], d["edge"]["baseline_rss_bytes"]/2**20, d["edge"]["loaded_rss_bytes"]/2**20)')
           ;;
         rpc)
           before=$(cpu_ticks "$EDGE_PID")
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target grpcs://127.0.5.1:8443 --scenario rpc \
             --ws-fraction 0 --rpc-rate "$RPC_RATE" --rpc-connections 4 --duration "${RPC_SECS}s" \
-            --max-error-rate 0.001 --json "$j" >"$JSON_DIR/$round-$name-$step.log" 2>&1 || true
+            --max-error-rate 0.001 --json "$j" >"$kept.log" 2>&1 || true
           after=$(cpu_ticks "$EDGE_PID")
           cpu_s=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" 'BEGIN {print t / hz}')
           result=$(json "$j" '"%.1f us CPU per request (%d sent, %d errors, p99 %.2f ms)" % ('"$cpu_s"' * 1e6 / d["totals"]["rpc_sent"], d["totals"]["rpc_sent"], d["totals"]["errors"], d["latency"]["rpc"]["p99_ms"])')
@@ -119,24 +121,24 @@ for round in $(seq 1 "$ROUNDS"); do
             --agents "$HOSTILE_AGENTS" --rate 500 --duration "${ATTACK_SECS}s" \
             --attack-settle "${ATTACK_SETTLE}s" --attack-scale "$ATTACK_SCALE" --attack-warmup "${ATTACK_WARMUP}s" ${ATTACK_KINDS:+--attack-kinds "$ATTACK_KINDS"} ${HOSTILE_WS_FRACTION:+--ws-fraction "$HOSTILE_WS_FRACTION"} \
             ${ATTACK_SOURCE_BASE:+--attack-source-base "$ATTACK_SOURCE_BASE"} --edge-pid "$EDGE_PID" \
-            --edge-admin http://127.0.5.1:8081/metrics --json "$j" >"$JSON_DIR/$round-$name-$step.log" 2>&1 || true
+            --edge-admin http://127.0.5.1:8081/metrics --json "$j" >"$kept.log" 2>&1 || true
           result=$(json "$j" '"rss connected %.1f, before %.1f / peak %.1f / %ss after %.1f MiB (after/before %.3f); passed %s, legit errors %d/%d" % (d["edge"]["rss_fleet_connected_bytes"]/2**20, d["edge"]["rss_before_attack_bytes"]/2**20, d["edge"]["rss_peak_attack_bytes"]/2**20, '"$ATTACK_SETTLE"', d["edge"]["rss_after_attack_bytes"]/2**20, d["edge"]["rss_after_attack_bytes"]/d["edge"]["rss_before_attack_bytes"], d["passed"], d["facts"]["legit_errors"], d["facts"]["legit_operations"])')
           ;;
         soak)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario churn \
             --agents "$SOAK_AGENTS" --rate 500 --churn-rate "$SOAK_CHURN" --duration "${SOAK_SECS}s" \
-            --echo-interval 10s --max-error-rate 0.001 --edge-pid "$EDGE_PID" --json "$j" >"$JSON_DIR/$round-$name-$step.log" 2>&1 || true
+            --echo-interval 10s --max-error-rate 0.001 --edge-pid "$EDGE_PID" --json "$j" >"$kept.log" 2>&1 || true
           result="$("$ROOT/loadtest/rss-trend.py" "$j" --phase churn --skip 60 || true); $(json "$j" '"%d reconnects, fleet errors %d/%d; passed %s" % (d["facts"].get("churn_reconnects_done", 0), d["totals"]["errors"], d["totals"]["operations"], d["passed"])')"
           ;;
         storm)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario storm \
             --agents "$STORM_AGENTS" --rate 1000 --settle 120s --duration 120s --echo-interval 60s \
-            --max-error-rate 0.001 --json "$j" >"$JSON_DIR/$round-$name-$step.log" 2>&1 || true
+            --max-error-rate 0.001 --json "$j" >"$kept.log" 2>&1 || true
           result=$(json "$j" '"all back in %ss (%s/%s), refused by the cap %s, fleet errors %d/%d %s; passed %s" % (d["facts"].get("storm_time_until_all_back_s"), d["facts"].get("storm_reconnected"), d["facts"].get("storm_agents"), '"$(handshake_refusals 127.0.5.1:8081)"', d["totals"]["errors"], d["totals"]["operations"], {e["kind"]: e["count"] for e in d["errors"]}, d["passed"])')
           ;;
       esac
       printf '%s\t%s\t%s\t%s\n' "$round" "$name" "$step" "$result" | tee -a "$OUT"
-      cp "$j" "$JSON_DIR/$round-$name-$step.json" 2>/dev/null || true
+      cp "$j" "$kept.json" 2>/dev/null || true
     done
   done
 done

@@ -89,10 +89,24 @@ json() {
     echo "no result: see $kept.{json,log}"
 }
 
+# A binary's name in the lines and kept files: its file name, or its folder's and file name
+# when two binaries share a file name (e.g. old/kas-edge new/kas-edge), so no run overwrites
+# another's output and every line says which binary it measured.
+label() { # edge-binary
+  local other
+  for other in "${EDGES[@]}"; do
+    if [ "$other" != "$1" ] && [ "$(basename "$other")" = "$(basename "$1")" ]; then
+      echo "$(basename "$(dirname "$1")")-$(basename "$1")"
+      return
+    fi
+  done
+  basename "$1"
+}
+
 printf 'round\tbinary\tstep\tresult\n' | tee "$OUT"
 for round in $(seq 1 "$ROUNDS"); do
   for edge in "${EDGES[@]}"; do
-    name=$(basename "$edge")
+    name=$(label "$edge")
     LT=("$BIN/kas-loadtest" --progress never)
     for step in $STEPS; do
       start_stack "$edge"

@@ -6,6 +6,10 @@
 #   idle     memory per idle wss tunnel: edge RSS growth / IDLE_AGENTS (2000) agents
 #   rpc      edge CPU per gRPC Ping: /proc CPU time over a RPC_SECS (20) open-loop run at
 #            RPC_RATE (1000)/s over 4 grpcs connections, divided by the requests sent
+#   rps      requests/s at saturation, as bench.sh measures them: TLS HTTP/1.1 keep-alive
+#            (wrk, 64 connections) and gRPC Pings (h2load, 8 connections × 16 streams),
+#            RPS_SECS (10) each, with the edge's CPU per request; whether a change holds
+#            the edge back when it is the bottleneck (the rpc step's rate never makes it one)
 #   hostile  edge RSS before the attacks, peak during, and ATTACK_SETTLE (60s) after
 #            ATTACK_SECS (30s) of `--scenario hostile` with HOSTILE_AGENTS (1000) holding
 #            (the "before" sample after ATTACK_WARMUP (30) s of the fleet's own traffic);
@@ -21,7 +25,7 @@
 #   storm    STORM_AGENTS (5000) wss agents reconnecting at once: seconds until all are
 #            back, connects the edge refused for its handshake cap
 #            (edge_policy_blocked_total{reason="handshakes_in_progress"}), fleet errors
-# STEPS chooses ("idle rpc hostile storm"); EDGE_TOML is appended to the edge's
+# STEPS chooses ("idle rpc rps hostile storm"); EDGE_TOML is appended to the edge's
 # configuration (e.g. '[downstream]\nmax_handshakes = 256' for a storm over the cap on a
 # machine too slow to reach the default cap). One line per run on stdout (tab-separated) and
 # in $OUT (loadtest/results/edge-ab-<time>.tsv), each run's JSON report in $JSON_DIR
@@ -40,10 +44,11 @@ ip link set lo up
 
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
 ROUNDS=${ROUNDS:-2}
-STEPS=${STEPS:-idle rpc hostile storm}
+STEPS=${STEPS:-idle rpc rps hostile storm}
 IDLE_AGENTS=${IDLE_AGENTS:-2000}
 RPC_RATE=${RPC_RATE:-1000}
 RPC_SECS=${RPC_SECS:-20}
+RPS_SECS=${RPS_SECS:-10}
 HOSTILE_AGENTS=${HOSTILE_AGENTS:-1000}
 ATTACK_SECS=${ATTACK_SECS:-30}
 ATTACK_SETTLE=${ATTACK_SETTLE:-60}
@@ -59,6 +64,11 @@ SOAK_SECS=${SOAK_SECS:-1800}
 OUT=${OUT:-$ROOT/loadtest/results/edge-ab-$(date -u +%Y%m%dT%H%M).tsv}
 EDGES=("$@")
 [ "${#EDGES[@]}" -gt 0 ] || EDGES=("$BIN/kas-edge")
+case " $STEPS " in
+  *" rps "*) for tool in wrk h2load; do
+      command -v "$tool" >/dev/null || { echo "edge-ab: the rps step needs $tool (apt-get install wrk nghttp2-client)" >&2; exit 2; }
+    done ;;
+esac
 for b in "${EDGES[@]}" "$BIN/kas" "$BIN/kas-loadtest"; do
   [ -x "$b" ] || { echo "edge-ab: $b missing (cargo build --release -p kas -p kas-loadtest -p kas-edge)" >&2; exit 2; }
 done
@@ -82,6 +92,19 @@ start_stack() { # edge-binary
   sleep 1
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Requests/s of `command...` at saturation and the edge's CPU per request over it:
+# "<req/s> req/s, <µs> us CPU per request". wrk and h2load each print their rate on a line
+# of their own ("Requests/sec:", "finished in …, N req/s").
+saturate() { # output-file command...
+  local out=$1 before after rate
+  shift
+  before=$(cpu_ticks "$EDGE_PID")
+  "$@" >"$out" 2>&1 || true
+  after=$(cpu_ticks "$EDGE_PID")
+  rate=$(awk '/^Requests\/sec:/ {print $2} /^finished in/ {for (i = 1; i < NF; i++) if ($(i + 1) ~ /^req\/s/) print $i}' "$out" | head -1)
+  awk -v r="${rate:-0}" -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v s="$RPS_SECS" \
+    'BEGIN { if (r > 0) printf "%.0f req/s, %.1f us CPU per request", r, t / hz * 1e6 / (r * s); else printf "no rate" }'
+}
 # A field of a run's JSON report; a run that ended without one gets a line that says so (and
 # the A/B goes on) instead of ending the whole comparison.
 json() {
@@ -129,6 +152,14 @@ for round in $(seq 1 "$ROUNDS"); do
           after=$(cpu_ticks "$EDGE_PID")
           cpu_s=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" 'BEGIN {print t / hz}')
           result=$(json "$j" '"%.1f us CPU per request (%d sent, %d errors, p99 %.2f ms)" % ('"$cpu_s"' * 1e6 / d["totals"]["rpc_sent"], d["totals"]["rpc_sent"], d["totals"]["errors"], d["latency"]["rpc"]["p99_ms"])')
+          ;;
+        rps)
+          printf '\0\0\0\0\0' >"$WORK/ping.bin" # one gRPC message: an empty PingRequest
+          h1=$(saturate "$kept-h1.txt" wrk -t2 -c64 -d"${RPS_SECS}s" https://127.0.5.1:8443/)
+          grpc=$(saturate "$kept-grpc.txt" h2load -D "$RPS_SECS" -c 8 -m 16 -d "$WORK/ping.bin" \
+            -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $TOKEN" \
+            https://127.0.5.1:8443/kas_edge.diagnostics.v1.Diagnostics/Ping)
+          result="h1 $h1; grpc $grpc"
           ;;
         hostile)
           "${LT[@]}" --token "$TOKEN" --ca-file "$CA" --target wss://127.0.5.1:8443/ --scenario hostile \

@@ -213,9 +213,15 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    // The allocator: glibc's malloc, with what bursts freed handed back periodically.
+    let cli = Cli::parse();
+    // The allocator: glibc's malloc set up for bursts (the edge starts itself again with
+    // its settings, before any thread exists), and what bursts freed handed back
+    // periodically.
+    if matches!(cli.command, Command::Run { .. }) {
+        kas_edge::support::memory::use_burst_friendly_malloc();
+    }
     kas_edge::support::memory::return_freed_memory_periodically();
-    let result = match Cli::parse().command {
+    let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Block(BlockArgs {
             address,

@@ -9,14 +9,16 @@
 //!
 //! - `malloc_trim(0)` every [`TRIM_INTERVAL`] releases every whole free page of every
 //!   arena (`madvise(MADV_DONTNEED)`), wherever it lies ([`return_freed_memory_periodically`]).
-//! - `kas-edge run` runs with one malloc arena and no per-thread caches
-//!   ([`use_burst_friendly_malloc`]). What a trim cannot return is pages a few live blocks
-//!   keep resident among freed ones; with an arena per worker thread and each thread's
-//!   cache of recently freed blocks, the attacks spread such blocks over three heaps and
-//!   keep cached blocks looking used. One shared arena reuses the space one thread freed
-//!   for another's blocks. Measured (README, "Memory comes back after attacks"): 60 s after
-//!   the hostile scenario's attacks RSS is 1.08–1.09 × its level before them instead of
-//!   1.11; memory per idle tunnel, CPU per request and requests/s at saturation level.
+//! - `kas-edge run` runs with no per-thread caches of freed blocks (glibc's tcache:
+//!   [`use_burst_friendly_malloc`]). What a trim cannot return is pages that blocks it sees
+//!   as used keep resident among freed ones; up to 7 freed blocks of each of 64 sizes per
+//!   thread sit in that thread's cache, look used to the trim, and pin the pages they lie
+//!   on across the worker threads' arenas. Measured (README, "Memory comes back after
+//!   attacks"): 60 s after the hostile scenario's attacks RSS is 1.09 × its level before
+//!   them instead of 1.11; memory per idle tunnel, CPU per request and requests/s at
+//!   saturation level. One arena for all threads as well (`arena_max=1`) left less
+//!   (1.085) but cost 8–15 % of the requests/s at saturation: the worker threads then wait
+//!   on each other's allocations.
 //!
 //! Chosen over another allocator: no new dependency, and the allocator the request path is
 //! tuned on stays (mimalloc, tried before, cost 30 % more CPU per HTTP/1 request and more
@@ -57,12 +59,8 @@ pub fn return_freed_memory_periodically() {
 }
 
 /// glibc's malloc settings `kas-edge run` runs with (glibc reads them only at start, from
-/// `GLIBC_TUNABLES`): one arena for every thread, no per-thread caches of freed blocks.
-/// Why: the module's doc.
-pub const EDGE_MALLOC_TUNABLES: [(&str, &str); 2] = [
-    ("glibc.malloc.arena_max", "1"),
-    ("glibc.malloc.tcache_count", "0"),
-];
+/// `GLIBC_TUNABLES`): no per-thread caches of freed blocks. Why: the module's doc.
+pub const EDGE_MALLOC_TUNABLES: [(&str, &str); 1] = [("glibc.malloc.tcache_count", "0")];
 
 /// Marks the process as started again by [`use_burst_friendly_malloc`], so it never
 /// starts itself a second time (if glibc ignored the variable, say).
@@ -70,8 +68,7 @@ const RESTARTED: &str = "KAS_EDGE_MALLOC_TUNED";
 
 /// `GLIBC_TUNABLES` with [`EDGE_MALLOC_TUNABLES`] added to what the caller set, or `None`
 /// when the caller's value already names every one of them: a setting the caller made
-/// wins (how an operator, or an A/B run, chooses glibc's defaults again, e.g.
-/// `glibc.malloc.arena_max=64:glibc.malloc.tcache_count=7`).
+/// wins (how an operator, or an A/B run, chooses glibc's defaults again: `glibc.malloc.tcache_count=7`).
 pub fn tunables_with_edge_malloc(caller: Option<&str>) -> Option<String> {
     let caller = caller.unwrap_or("").trim_matches(':');
     let named: Vec<&str> = caller
@@ -157,32 +154,24 @@ mod shrink_tests {
 
     #[test]
     fn the_edges_malloc_settings_join_the_callers_and_never_override_them() {
-        let ours = "glibc.malloc.arena_max=1:glibc.malloc.tcache_count=0";
+        let ours = "glibc.malloc.tcache_count=0";
         assert_eq!(tunables_with_edge_malloc(None).as_deref(), Some(ours));
         assert_eq!(tunables_with_edge_malloc(Some("")).as_deref(), Some(ours));
         assert_eq!(
-            tunables_with_edge_malloc(Some("glibc.malloc.check=3")).as_deref(),
-            Some("glibc.malloc.check=3:glibc.malloc.arena_max=1:glibc.malloc.tcache_count=0")
+            tunables_with_edge_malloc(Some("glibc.malloc.check=3:")).as_deref(),
+            Some("glibc.malloc.check=3:glibc.malloc.tcache_count=0")
         );
         assert_eq!(
-            tunables_with_edge_malloc(Some("glibc.malloc.tcache_count=7:")).as_deref(),
-            Some("glibc.malloc.tcache_count=7:glibc.malloc.arena_max=1")
-        );
-        assert_eq!(
-            tunables_with_edge_malloc(Some(
-                "glibc.malloc.arena_max=64:glibc.malloc.tcache_count=7"
-            )),
+            tunables_with_edge_malloc(Some("glibc.malloc.arena_max=2:glibc.malloc.tcache_count=7")),
             None
         );
         // A name that merely starts like ours is another setting.
         assert_eq!(
-            tunables_with_edge_malloc(Some("glibc.malloc.arena_max_x=2")).as_deref(),
-            Some("glibc.malloc.arena_max_x=2:glibc.malloc.arena_max=1:glibc.malloc.tcache_count=0")
+            tunables_with_edge_malloc(Some("glibc.malloc.tcache_count_x=2")).as_deref(),
+            Some("glibc.malloc.tcache_count_x=2:glibc.malloc.tcache_count=0")
         );
     }
 
-    /// A burst of 10,000 connections, then all but 10 gone: the table gives back almost
-    /// all of its buckets, and a table that stays full keeps them.
     #[test]
     fn a_table_shrinks_after_a_bursts_entries_are_removed() {
         let mut table: HashMap<u64, u64> = HashMap::new();

@@ -68,7 +68,8 @@ const RESTARTED: &str = "KAS_EDGE_MALLOC_TUNED";
 
 /// `GLIBC_TUNABLES` with [`EDGE_MALLOC_TUNABLES`] added to what the caller set, or `None`
 /// when the caller's value already names every one of them: a setting the caller made
-/// wins (how an operator, or an A/B run, chooses glibc's defaults again: `glibc.malloc.tcache_count=7`).
+/// wins (how an operator, or an A/B run, chooses glibc's defaults again:
+/// `glibc.malloc.tcache_count=7`).
 pub fn tunables_with_edge_malloc(caller: Option<&str>) -> Option<String> {
     let caller = caller.unwrap_or("").trim_matches(':');
     let named: Vec<&str> = caller
@@ -106,7 +107,14 @@ pub fn use_burst_friendly_malloc() {
         if std::env::var_os(RESTARTED).is_some() {
             return;
         }
-        let caller = std::env::var("GLIBC_TUNABLES").ok();
+        let caller = match std::env::var_os("GLIBC_TUNABLES") {
+            None => None,
+            Some(set) => match set.into_string() {
+                Ok(set) => Some(set),
+                // Not text: not ours to rewrite; glibc makes of it what it can.
+                Err(_) => return,
+            },
+        };
         let Some(tunables) = tunables_with_edge_malloc(caller.as_deref()) else {
             return;
         };

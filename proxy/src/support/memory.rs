@@ -15,8 +15,9 @@
 //!   thread sit in that thread's cache, look used to the trim, and pin the pages they lie
 //!   on across the worker threads' arenas. Measured (README, "Memory comes back after
 //!   attacks"): 60 s after the hostile scenario's attacks RSS is 1.09–1.10 × its level
-//!   before them instead of 1.11; memory per idle tunnel, CPU per request and requests/s
-//!   at saturation level. One arena for all threads as well (`arena_max=1`) left less
+//!   before them instead of 1.11; memory per idle tunnel, and requests/s and CPU per
+//!   request at saturation, level; CPU per request at 1,000/s +3 %, inside that
+//!   measurement's scatter. One arena for all threads as well (`arena_max=1`) left less
 //!   (1.085) but cost 8–15 % of the requests/s at saturation: the worker threads then wait
 //!   on each other's allocations.
 //!

@@ -158,7 +158,7 @@ pub fn trim() -> bool {
 }
 
 #[cfg(test)]
-mod shrink_tests {
+mod tunables_tests {
     use super::*;
 
     #[test]
@@ -180,7 +180,14 @@ mod shrink_tests {
             Some("glibc.malloc.tcache_count_x=2:glibc.malloc.tcache_count=0")
         );
     }
+}
 
+#[cfg(test)]
+mod shrink_tests {
+    use super::*;
+
+    /// A burst of 10,000 connections, then all but 10 gone: the table gives back almost
+    /// all of its buckets, and a table that stays full keeps them.
     #[test]
     fn a_table_shrinks_after_a_bursts_entries_are_removed() {
         let mut table: HashMap<u64, u64> = HashMap::new();

@@ -258,7 +258,6 @@ wait_for "HAProxy" answers_tls 127.0.5.3:8443
 
 addr_of() { case $1 in edge) echo 127.0.5.1:8443 ;; nginx) echo 127.0.5.2:8443 ;; haproxy) echo 127.0.5.3:8443 ;; esac; }
 pids_of() { case $1 in direct) echo "$KAS_PID" ;; edge) echo "$EDGE_PID" ;; nginx) echo "$NGINX_PIDS" ;; haproxy) echo "$HAPROXY_PID" ;; esac; }
-printf '\0\0\0\0\0' >"$WORK/ping.bin" # one gRPC message: uncompressed, empty PingRequest
 
 # CPU ticks (utime+stime, all threads) and context switches (all threads) of a process set.
 cost_snapshot() { # pids...
@@ -319,9 +318,7 @@ for p in $PATHS; do
   with_cost "$p-h1" "$(pids_of "$p")" run_wrk
   log "$p: gRPC unary requests/s"
   run_h2load() {
-    h2load -D "$DURATION" -c "$GRPC_CONNS" -m "$GRPC_STREAMS" -d "$WORK/ping.bin" \
-      -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $TOKEN" \
-      "$grpc_url" >"$RAW/$p-grpc.txt" 2>&1
+    grpc_ping_load "$WORK" "$DURATION" "$GRPC_CONNS" "$GRPC_STREAMS" "$TOKEN" "$grpc_url" >"$RAW/$p-grpc.txt" 2>&1
   }
   # shellcheck disable=SC2046
   (sleep "$(( DURATION / 2 ))"; upstream_conns $(pids_of "$p") >"$RAW/$p-grpc.conns") &

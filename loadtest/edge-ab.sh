@@ -154,10 +154,8 @@ for round in $(seq 1 "$ROUNDS"); do
           result=$(json "$j" '"%.1f us CPU per request (%d sent, %d errors, p99 %.2f ms)" % ('"$cpu_s"' * 1e6 / d["totals"]["rpc_sent"], d["totals"]["rpc_sent"], d["totals"]["errors"], d["latency"]["rpc"]["p99_ms"])')
           ;;
         rps)
-          printf '\0\0\0\0\0' >"$WORK/ping.bin" # one gRPC message: an empty PingRequest
           h1=$(saturate "$kept-h1.txt" wrk -t2 -c64 -d"${RPS_SECS}s" https://127.0.5.1:8443/)
-          grpc=$(saturate "$kept-grpc.txt" h2load -D "$RPS_SECS" -c 8 -m 16 -d "$WORK/ping.bin" \
-            -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $TOKEN" \
+          grpc=$(saturate "$kept-grpc.txt" grpc_ping_load "$WORK" "$RPS_SECS" 8 16 "$TOKEN" \
             https://127.0.5.1:8443/kas_edge.diagnostics.v1.Diagnostics/Ping)
           result="h1 $h1; grpc $grpc"
           ;;

@@ -77,3 +77,12 @@ start_edge() { # kas-edge-binary config admin-address
   PIDS+=("$EDGE_PID")
   wait_for "kas-edge ($2)" edge_healthy "$3"
 }
+
+# gRPC Diagnostics/Ping requests as fast as the target answers them (h2load, an empty
+# PingRequest each, its report on stdout): the load both benchmarks measure gRPC
+# requests/s with, so they send the same requests.
+grpc_ping_load() { # work-dir secs connections streams-per-connection token url
+  printf '\0\0\0\0\0' >"$1/ping.bin" # one gRPC message: uncompressed, empty PingRequest
+  h2load -D "$2" -c "$3" -m "$4" -d "$1/ping.bin" \
+    -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $5" "$6"
+}
